@@ -1,0 +1,1 @@
+"""Code generation with Apache TVM (CPU via LLVM, CUDA via nvcc)."""

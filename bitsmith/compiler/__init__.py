@@ -1,0 +1,1 @@
+"""Compiler: IR, frontends, the pass pipeline, artifact writing and the CLI."""

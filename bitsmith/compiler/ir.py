@@ -1,0 +1,197 @@
+"""The IR: typed SSA values, nodes, functions (prefill/decode) and a module sharing named weights."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from bitsmith.errors import BitsmithError
+
+IR_VERSION = 1
+DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "uint32", "uint8", "int8", "bool")
+
+# A dimension is a concrete size or a symbolic name ("seq", "ctx", ...) bound at run time.
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class TensorType:
+    shape: tuple[Dim, ...]
+    dtype: str
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise BitsmithError(f"unknown dtype {self.dtype!r}", fix=f"use one of {DTYPES}")
+        object.__setattr__(self, "shape", tuple(self.shape))
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def __str__(self) -> str:
+        return f"{self.dtype}[{', '.join(str(d) for d in self.shape)}]"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TensorType":
+        return cls(tuple(data["shape"]), data["dtype"])
+
+
+@dataclass(frozen=True)
+class Node:
+    """One op application. `outputs` are fresh SSA names; `attrs` are JSON-serialisable."""
+
+    op: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.outputs[0]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.op, "inputs": list(self.inputs), "outputs": list(self.outputs), "attrs": self.attrs}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Node":
+        return cls(data["op"], tuple(data["inputs"]), tuple(data["outputs"]), dict(data.get("attrs", {})))
+
+
+@dataclass(frozen=True)
+class Function:
+    """An entry point: named typed inputs, nodes in a valid order, named outputs."""
+
+    name: str
+    inputs: tuple[tuple[str, TensorType], ...]
+    nodes: tuple[Node, ...]
+    outputs: tuple[str, ...]
+    types: dict[str, TensorType]  # every value (inputs and node outputs) -> its type
+
+    def node_of(self, value: str) -> Node | None:
+        for node in self.nodes:
+            if value in node.outputs:
+                return node
+        return None
+
+    def replace(self, **changes: Any) -> "Function":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "inputs": [[n, t.to_json()] for n, t in self.inputs],
+            "nodes": [n.to_json() for n in self.nodes],
+            "outputs": list(self.outputs),
+            "types": {k: v.to_json() for k, v in self.types.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Function":
+        return cls(
+            name=data["name"],
+            inputs=tuple((n, TensorType.from_json(t)) for n, t in data["inputs"]),
+            nodes=tuple(Node.from_json(n) for n in data["nodes"]),
+            outputs=tuple(data["outputs"]),
+            types={k: TensorType.from_json(v) for k, v in data["types"].items()},
+        )
+
+
+@dataclass(frozen=True)
+class Module:
+    """Entry functions (`prefill`, `decode`) sharing `weights` (name -> type), plus free-form metadata."""
+
+    functions: dict[str, Function]
+    weights: dict[str, TensorType]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Function:
+        try:
+            return self.functions[name]
+        except KeyError:
+            raise BitsmithError(f"module has no entry point {name!r}", fix=f"use one of {sorted(self.functions)}")
+
+    def replace(self, **changes: Any) -> "Module":
+        return dataclasses.replace(self, **changes)
+
+    def with_function(self, fn: Function) -> "Module":
+        return self.replace(functions={**self.functions, fn.name: fn})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ir_version": IR_VERSION,
+            "functions": {k: f.to_json() for k, f in self.functions.items()},
+            "weights": {k: t.to_json() for k, t in self.weights.items()},
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Module":
+        if data.get("ir_version") != IR_VERSION:
+            raise BitsmithError(
+                f"IR version {data.get('ir_version')!r} is not {IR_VERSION}", fix="recompile the model with this bitsmith"
+            )
+        return cls(
+            functions={k: Function.from_json(f) for k, f in data["functions"].items()},
+            weights={k: TensorType.from_json(t) for k, t in data["weights"].items()},
+            meta=dict(data.get("meta", {})),
+        )
+
+
+class FunctionBuilder:
+    """Appends nodes with fresh SSA names, inferring each output type from the op definition."""
+
+    def __init__(self, name: str, weights: dict[str, TensorType]):
+        self.name = name
+        self.weights = weights
+        self._inputs: list[tuple[str, TensorType]] = []
+        self._nodes: list[Node] = []
+        self._types: dict[str, TensorType] = {}
+        self._weight_values: dict[str, str] = {}
+        self._counter = 0
+
+    def _fresh(self, hint: str) -> str:
+        self._counter += 1
+        return f"{hint}.{self._counter}" if hint else f"v{self._counter}"
+
+    def input(self, name: str, ttype: TensorType) -> str:
+        if name in self._types:
+            raise BitsmithError(f"duplicate input {name!r}", where=f"function {self.name}")
+        self._inputs.append((name, ttype))
+        self._types[name] = ttype
+        return name
+
+    def weight(self, name: str) -> str:
+        """A value holding the named module weight (one `weight` node per name and function)."""
+        if name not in self._weight_values:
+            self._weight_values[name] = self.op("weight", [], name=name, hint=name)
+        return self._weight_values[name]
+
+    def op(self, op: str, inputs: list[str], hint: str = "", **attrs: Any) -> str:
+        return self.op_multi(op, inputs, hint=hint, **attrs)[0]
+
+    def op_multi(self, op: str, inputs: list[str], hint: str = "", **attrs: Any) -> list[str]:
+        from bitsmith.compiler.ops import infer_types
+
+        in_types = [self._types[i] for i in inputs]
+        out_types = infer_types(op, in_types, attrs, self.weights, where=f"{self.name}/{hint or op}")
+        outs = [self._fresh(hint or op) for _ in out_types]
+        self._nodes.append(Node(op, tuple(inputs), tuple(outs), attrs))
+        for name, t in zip(outs, out_types):
+            self._types[name] = t
+        return outs
+
+    def type_of(self, value: str) -> TensorType:
+        return self._types[value]
+
+    def finish(self, outputs: list[str]) -> Function:
+        return Function(self.name, tuple(self._inputs), tuple(self._nodes), tuple(outputs), dict(self._types))
+
+
+def iter_values(fn: Function) -> Iterator[str]:
+    yield from (name for name, _ in fn.inputs)
+    for node in fn.nodes:
+        yield from node.outputs

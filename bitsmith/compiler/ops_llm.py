@@ -1,0 +1,179 @@
+"""LLM-level IR ops: embedding, linear, rmsnorm, layernorm, rope and attention over an explicit KV cache."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from bitsmith.compiler.ir import TensorType
+from bitsmith.compiler.ops import COMPUTE_DTYPE, _check, _float, register
+
+# ---------------------------------------------------------------- embedding / linear
+
+
+def _embedding_infer(in_types, attrs, weights):
+    table, ids = in_types
+    _check(table.rank == 2, f"embedding table must be 2-D, got {table.shape}")
+    _check(ids.dtype in ("int64", "int32"), f"embedding ids must be integers, got {ids.dtype}")
+    return [TensorType(ids.shape + (table.shape[1],), COMPUTE_DTYPE)]
+
+
+def _embedding_ref(xs, attrs, ctx):
+    table, ids = xs
+    if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
+        raise IndexError(f"token id out of range [0, {table.shape[0]})")
+    return [_float(table[ids])]
+
+
+register("embedding", (2, 2), _embedding_infer, _embedding_ref)
+
+
+def _linear_infer(in_types, attrs, weights):
+    x, w = in_types[:2]
+    _check(w.rank == 2, f"linear weight must be 2-D [out, in], got {w.shape}")
+    _check(x.shape[-1] == w.shape[1], f"linear input has {x.shape[-1]} features, weight expects {w.shape[1]}")
+    if len(in_types) == 3:
+        _check(in_types[2].shape == (w.shape[0],), f"linear bias shape {in_types[2].shape} != ({w.shape[0]},)")
+    return [TensorType(x.shape[:-1] + (w.shape[0],), COMPUTE_DTYPE)]
+
+
+def _linear_ref(xs, attrs, ctx):
+    y = _float(xs[0]) @ _float(xs[1]).T  # x[..., in] @ W[out, in]^T
+    if len(xs) == 3:
+        y = y + _float(xs[2])
+    return [y]
+
+
+register("linear", (2, 3), _linear_infer, _linear_ref)
+
+# ---------------------------------------------------------------- norms
+
+
+def _norm_infer(in_types, attrs, weights):
+    x = in_types[0]
+    for p in in_types[1:]:
+        _check(p.shape == (x.shape[-1],), f"norm parameter {p.shape} does not match features {x.shape[-1]}")
+    return [TensorType(x.shape, COMPUTE_DTYPE)]
+
+
+def _rmsnorm_ref(xs, attrs, ctx):
+    x = _float(xs[0])
+    var = np.mean(x * x, axis=-1, keepdims=True)
+    y = x / np.sqrt(var + np.float32(attrs["eps"]))
+    return [y * _float(xs[1]) if len(xs) > 1 else y]
+
+
+def _layernorm_ref(xs, attrs, ctx):
+    x = _float(xs[0])
+    mu = np.mean(x, axis=-1, keepdims=True)
+    var = np.mean((x - mu) ** 2, axis=-1, keepdims=True)
+    y = (x - mu) / np.sqrt(var + np.float32(attrs["eps"]))
+    if len(xs) > 1:
+        y = y * _float(xs[1])
+    if len(xs) > 2:
+        y = y + _float(xs[2])
+    return [y]
+
+
+register("rmsnorm", (1, 2), _norm_infer, _rmsnorm_ref)
+register("layernorm", (1, 3), _norm_infer, _layernorm_ref)
+
+# ---------------------------------------------------------------- rope
+
+
+def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict[str, Any] | None) -> np.ndarray:
+    """Inverse frequencies [rotary_dim/2], float32 as transformers computes them."""
+    inv = (1.0 / (np.float32(theta) ** (np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / rotary_dim)))
+    inv = inv.astype(np.float32)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "linear":
+        inv = inv / np.float32(scaling["factor"])
+    elif kind == "llama3":
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old_ctx / lo, inv / factor, inv)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def _rope_infer(in_types, attrs, weights):
+    x, pos = in_types
+    _check(x.rank == 3, f"rope expects x[seq, heads, head_dim], got {x.shape}")
+    _check(pos.rank == 1 and pos.dtype in ("int64", "int32"), "rope positions must be int[seq]")
+    _check(attrs.get("style", "half") in ("half", "interleaved"), f"unknown rope style {attrs.get('style')}")
+    rot = attrs.get("rotary_dim", x.shape[2])
+    _check(isinstance(x.shape[2], int) and rot % 2 == 0 and rot <= x.shape[2], f"bad rotary_dim {rot}")
+    return [TensorType(x.shape, COMPUTE_DTYPE)]
+
+
+def _rope_ref(xs, attrs, ctx):
+    x, pos = _float(xs[0]), xs[1]
+    rot = attrs.get("rotary_dim", x.shape[2])
+    inv = rope_inv_freq(rot, attrs["theta"], attrs.get("scaling"))
+    freqs = pos.astype(np.float32)[:, None] * inv[None, :]  # [seq, rot/2]
+    cos, sin = np.cos(freqs)[:, None, :], np.sin(freqs)[:, None, :]  # [seq, 1, rot/2]
+    xr, rest = x[..., :rot], x[..., rot:]
+    if attrs.get("style", "half") == "half":
+        # pairs (i, i + rot/2): HF rotate_half layout
+        a, b = xr[..., : rot // 2], xr[..., rot // 2:]
+        out = np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+    else:
+        # pairs (2i, 2i+1): llama2.c / GGUF interleaved layout
+        a, b = xr[..., 0::2], xr[..., 1::2]
+        out = np.stack([a * cos - b * sin, b * cos + a * sin], axis=-1).reshape(xr.shape)
+    return [np.concatenate([out, rest], axis=-1) if rest.shape[-1] else out]
+
+
+register("rope", (2, 2), _rope_infer, _rope_ref)
+
+# ---------------------------------------------------------------- attention
+# KV cache layout (one tensor for the whole model, threaded through every attention node):
+#   cache[layer, 0, slot, kv_head, :] = key of the token at position `slot`
+#   cache[layer, 1, slot, kv_head, :] = value
+# shape [layers, 2, ctx, kv_heads, head_dim]; a sequence's token at position p lives in slot p.
+
+
+def _attention_infer(in_types, attrs, weights):
+    q, k, v, pos, cache = in_types
+    _check(q.rank == 3 and k.rank == 3 and v.rank == 3, "attention expects q/k/v as [seq, heads, head_dim]")
+    _check(k.shape == v.shape, f"attention k {k.shape} and v {v.shape} differ")
+    _check(q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2], f"attention q {q.shape} vs k {k.shape}")
+    _check(isinstance(q.shape[1], int) and q.shape[1] % k.shape[1] == 0, "query heads must be a multiple of kv heads")
+    _check(cache.rank == 5 and cache.shape[1] == 2, f"kv cache must be [layers, 2, ctx, kv_heads, head_dim], got {cache.shape}")
+    _check(cache.shape[3:] == k.shape[1:], f"kv cache {cache.shape} does not match k {k.shape}")
+    _check(isinstance(cache.shape[0], int) and 0 <= attrs["layer"] < cache.shape[0], f"layer {attrs['layer']} out of range")
+    return [TensorType(q.shape, COMPUTE_DTYPE), cache]
+
+
+def _attention_ref(xs, attrs, ctx):
+    q, k, v, pos, cache = _float(xs[0]), _float(xs[1]), _float(xs[2]), xs[3], xs[4]
+    layer = attrs["layer"]
+    if pos.size and pos.max() >= cache.shape[2]:
+        raise IndexError(f"position {int(pos.max())} exceeds the KV cache ({cache.shape[2]} slots)")
+    cache[layer, 0, pos] = k  # the reference updates the cache in place; the IR threads it as a value
+    cache[layer, 1, pos] = v
+    span = int(pos.max()) + 1 if pos.size else 0
+    keys, values = cache[layer, 0, :span], cache[layer, 1, :span]  # [span, kv, d]
+    seq, heads, d = q.shape
+    kv = keys.shape[1]
+    qg = q.reshape(seq, kv, heads // kv, d)
+    scores = np.einsum("tkgd,skd->tkgs", qg, keys) * np.float32(attrs["scale"])
+    slots = np.arange(span)
+    visible = slots[None, :] <= pos[:, None]  # causal: a token sees every slot up to its own position
+    if attrs.get("sliding_window"):
+        visible &= slots[None, :] > pos[:, None] - attrs["sliding_window"]
+    scores = np.where(visible[:, None, None, :], scores, -np.inf)
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    probs = np.exp(scores)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    out = np.einsum("tkgs,skd->tkgd", probs, values).reshape(seq, heads, d)
+    return [out.astype(np.float32), cache]
+
+
+register("attention", (5, 5), _attention_infer, _attention_ref)

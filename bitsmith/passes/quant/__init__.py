@@ -1,0 +1,1 @@
+"""Pure quantization math (no IR imports)."""

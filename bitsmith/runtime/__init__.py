@@ -1,0 +1,1 @@
+"""Runtime: loads artifacts and runs them with numpy (and the TVM runtime); never imports torch or the compiler."""
