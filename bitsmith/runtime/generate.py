@@ -1,0 +1,41 @@
+"""The single-sequence generation loop: prefill the prompt, then decode until EOS or max_tokens."""
+
+from __future__ import annotations
+
+from typing import Iterator, Protocol
+
+import numpy as np
+
+from bitsmith.errors import BitsmithError
+from bitsmith.runtime.sampling import SamplingParams, sample_token
+
+
+class Session(Protocol):
+    max_context: int
+
+    def prefill(self, tokens: list[int]) -> np.ndarray: ...  # logits [len(tokens), vocab]
+
+    def decode(self, token: int) -> np.ndarray: ...  # logits [vocab]
+
+
+def generate(session: Session, prompt: list[int], max_tokens: int, params: SamplingParams,
+             stop_ids: tuple[int, ...] = ()) -> Iterator[int]:
+    """Yield generated token ids one at a time; a stop id ends the stream (and is not yielded)."""
+    if not prompt:
+        raise BitsmithError("the prompt encodes to no tokens", fix="pass a non-empty prompt or a model that adds BOS")
+    if max_tokens < 0:
+        raise BitsmithError(f"max_tokens {max_tokens} is negative", fix="pass --max-tokens 0 or more")
+    if len(prompt) + max_tokens > session.max_context:
+        raise BitsmithError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceed the context of "
+                            f"{session.max_context}", fix="shorten the prompt or lower --max-tokens")
+    if max_tokens == 0:
+        return
+    rng = np.random.default_rng(params.seed)
+    logits = session.prefill(prompt)[-1]
+    for step in range(max_tokens):
+        token = sample_token(logits, params, rng)
+        if token in stop_ids:
+            return
+        yield token
+        if step + 1 < max_tokens:
+            logits = session.decode(token)
