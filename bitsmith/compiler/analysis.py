@@ -16,10 +16,10 @@ def to_networkx(fn: Function) -> nx.DiGraph:
         producer[name] = f"in:{name}"
     for index, node in enumerate(fn.nodes):
         graph.add_node(index, op=node.op)
+        producer.update({value: index for value in node.outputs})
+    for index, node in enumerate(fn.nodes):
         for value in node.inputs:
             graph.add_edge(producer[value], index, value=value)
-        for value in node.outputs:
-            producer[value] = index
     graph.graph["producer"] = producer
     return graph
 
