@@ -1,0 +1,148 @@
+"""The CLI end to end on tiny models, and bad input: one `error:` line, exit code 2, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bitsmith.compiler.ir import Module
+from bitsmith.compiler.reference import ReferenceSession
+from bitsmith.runtime.artifact import load_artifact
+from conftest import save_tiny_hf_model
+
+
+def bitsmith(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bitsmith.compiler.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    save_tiny_hf_model(root / "model", "llama")
+    proc = bitsmith("compile", root / "model", "-o", root / "art", "--dtype", "float16", "--dump-ir", root / "ir")
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
+def test_compile_writes_a_valid_artifact(tiny_artifact):
+    artifact = load_artifact(tiny_artifact / "art")
+    m = artifact.manifest
+    assert m["schema_version"] == 1 and m["provenance"]["tvm_version"] == "0.27.0.post1"
+    assert m["weights"]["bytes_by_dtype"].keys() == {"float16"}
+    assert set(m["files"]) == {"weights.safetensors"}  # tiny model: no tokenizer
+    assert sorted(p.name for p in (tiny_artifact / "ir").iterdir())[0] == "00-input.ir"
+    assert not [p for p in tiny_artifact.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_run_json_matches_the_reference(tiny_artifact, tmp_path):
+    # The tiny model has no tokenizer: give it one that maps characters to ids.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({chr(97 + i): i + 3 for i in range(26)} | {"<unk>": 0}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    art = tiny_artifact / "art"
+    manifest = json.loads((art / "manifest.json").read_text())
+    tok.save(str(art / "tokenizer.json"))
+    manifest["tokenizer"] = {"kind": "hf", "files": ["tokenizer.json"], "bos_token_id": None, "eos_token_ids": [],
+                             "add_bos": False, "chat_template": None}
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    proc = bitsmith("run", art, "hello", "--max-tokens", "6", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    artifact = load_artifact(art)
+    session = ReferenceSession(Module.from_json(manifest["ir"]), artifact.weights, 16)
+    logits = session.prefill([10, 7, 14, 14, 17])  # "hello"
+    expected = [int(np.argmax(logits[-1]))]
+    for _ in range(5):
+        expected.append(int(np.argmax(session.decode(expected[-1]))))
+    assert out["token_ids"] == expected
+    assert out["text"] == tok.decode(expected, skip_special_tokens=False)
+
+
+def test_inspect_json_model_and_artifact(tiny_artifact):
+    for path in (tiny_artifact / "model", tiny_artifact / "art"):
+        proc = bitsmith("inspect", path, "--json")
+        assert proc.returncode == 0, proc.stderr
+        summary = json.loads(proc.stdout)
+        assert summary["architecture"] == "llama"
+        assert summary["ir"]["decode"]["ops"]["attention"] == 2
+    proc = bitsmith("inspect", tiny_artifact / "art", "--ir")
+    assert "func @decode(%tokens: int64[1]" in proc.stdout
+
+
+def test_help_explains_every_command():
+    for command in ("compile", "inspect", "run"):
+        proc = bitsmith(command, "--help")
+        assert proc.returncode == 0 and "Usage:" in proc.stdout and len(proc.stdout.splitlines()) > 5
+
+
+def test_missing_model_path(tmp_path):
+    proc = bitsmith("compile", tmp_path / "nope", "-o", tmp_path / "out")
+    assert_clean_error(proc, "does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_safetensors_leaves_nothing(tmp_path):
+    save_tiny_hf_model(tmp_path / "m", "qwen2")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    proc = bitsmith("compile", tmp_path / "m", "-o", tmp_path / "out")
+    assert_clean_error(proc, "model.safetensors", "truncated")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_corrupt_gguf(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    assert_clean_error(bitsmith("compile", bad, "-o", tmp_path / "out"), "bad.gguf")
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_over_a_foreign_directory_is_refused(tiny_artifact, tmp_path):
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    proc = bitsmith("compile", tiny_artifact / "model", "-o", tmp_path / "precious")
+    assert_clean_error(proc, "not a bitsmith artifact")
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+
+
+def _copy_artifact(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_wrong_schema_version(tiny_artifact, tmp_path):
+    art = _copy_artifact(tiny_artifact / "art", tmp_path / "art")
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    assert_clean_error(bitsmith("run", art, "hi"), "schema version 99", "recompile")
+
+
+def test_missing_and_modified_files(tiny_artifact, tmp_path):
+    art = _copy_artifact(tiny_artifact / "art", tmp_path / "art")
+    weights = art / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert_clean_error(bitsmith("run", art, "hi"), "sha256")
+    weights.unlink()
+    assert_clean_error(bitsmith("run", art, "hi"), "weights.safetensors is missing")
+    assert_clean_error(bitsmith("run", tmp_path / "nothing", "hi"), "does not exist")
