@@ -64,3 +64,33 @@ def test_smollm2_gguf_greedy_equals_transformers(shared_data, tmp_path):
     os.symlink(gguf, work / gguf.name)
     expected = transformers_greedy(work, prompt, 24, gguf_file=gguf.name)
     assert ids == expected[: len(ids)] and len(ids) >= 8
+
+
+@pytest.mark.slow
+def test_smollm2_chat_template_matches_transformers(shared_data, tmp_path):
+    import os
+
+    from transformers import AutoTokenizer
+
+    from bitsmith.compiler.default_model import default_model_path
+    from bitsmith.compiler.frontends.gguf import load_gguf
+    from bitsmith.compiler.run import encode_prompt
+    from bitsmith.runtime.artifact import Artifact
+
+    try:
+        gguf = default_model_path()
+    except BitsmithError as exc:
+        pytest.skip(f"SmolLM2 GGUF unavailable: {exc}")
+    spec = load_gguf(gguf).tokenizer
+    for name, data in spec.files.items():
+        (tmp_path / name).write_bytes(data)
+    artifact = Artifact(tmp_path, {"tokenizer": spec.manifest_entry(), "model": {}})
+    ours = encode_prompt(artifact, "What is 2+2?", chat=True)
+    work = tmp_path / "hf"
+    work.mkdir()
+    os.symlink(gguf, work / gguf.name)
+    tok = AutoTokenizer.from_pretrained(work, gguf_file=gguf.name)
+    theirs = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True,
+                                     tokenize=True)
+    theirs = theirs["input_ids"] if isinstance(theirs, dict) or hasattr(theirs, "keys") else theirs
+    assert ours == list(theirs)

@@ -165,10 +165,12 @@ def _canonical_name(gguf_name: str, path: Path) -> str:
 def _weights(reader: Any, config: ModelConfig, path: Path) -> tuple[dict[str, np.ndarray], Counter]:
     """Dequantize every tensor to float32 (out, in); un-permute q/k rows. Also count the tensor types."""
     from gguf.quants import dequantize
+    from tqdm import tqdm
 
     weights: dict[str, np.ndarray] = {}
     types: Counter = Counter()
-    for tensor in reader.tensors:
+    bar = tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", leave=False, disable=len(reader.tensors) < 64)
+    for tensor in bar:
         name = _canonical_name(tensor.name, path)
         types[tensor.tensor_type.name] += 1
         shape = tuple(int(d) for d in reversed(tensor.shape))

@@ -1,0 +1,109 @@
+"""Decode speed of the numpy reference executor next to transformers eager fp32, same model, same run.
+
+The reference executor is the correctness oracle, not the fast path (that is TVM codegen); this
+table is the baseline later kernels are measured against. Prints a markdown table; --json prints JSON.
+
+    python bench/reference_decode.py [--tokens 32] [--repeats 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def read_bandwidth_gbs(mib: int = 1024, repeats: int = 5) -> float:
+    """Read bandwidth of a multithreaded BLAS mat-vec over a buffer far larger than the caches."""
+    buf = np.ones((mib << 8, 1024), dtype=np.float32)
+    vec = np.ones(1024, dtype=np.float32)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf @ vec
+        times.append(time.perf_counter() - t0)
+    return buf.nbytes / statistics.median(times) / 1e9
+
+
+def ours_tok_s(model_path: Path, prompt: list[int], tokens: int) -> float:
+    from bitsmith.compiler.loader import load_model
+    from bitsmith.compiler.reference import ReferenceSession
+
+    model = load_model(model_path)
+    session = ReferenceSession(model.module, model.weights, len(prompt) + tokens + 1)
+    session.prefill(prompt)
+    token = prompt[-1]
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        token = int(np.argmax(session.decode(token)))
+    return tokens / (time.perf_counter() - t0)
+
+
+def transformers_tok_s(model, prompt: list[int], tokens: int) -> float:
+    import torch
+
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            out = model(token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return tokens / (time.perf_counter() - t0)
+
+
+def load_transformers(name: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if name == "tinystories-656k":
+        return AutoModelForCausalLM.from_pretrained(DATA / name, dtype=torch.float32).eval()
+    from bitsmith.compiler.default_model import default_model_path
+
+    gguf = default_model_path()
+    return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                config=str(DATA / "smollm2-135m-instruct-q4_1")).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        sys.exit(f"error: {DATA} not found (the real models live in ../shared/data)")
+    from bitsmith.compiler.default_model import default_model_path
+
+    models = {"tinystories-656k": DATA / "tinystories-656k", "smollm2-135m": default_model_path()}
+    bandwidth = read_bandwidth_gbs()
+    prompt = [1, 5, 9, 13, 17, 21, 25, 29]
+    rows = {}
+    for name, path in models.items():
+        peer = load_transformers(name)
+        weight_bytes = sum(p.numel() * 4 for p in peer.parameters())
+        ours = statistics.median(ours_tok_s(path, prompt, args.tokens) for _ in range(args.repeats))
+        theirs = statistics.median(transformers_tok_s(peer, prompt, args.tokens) for _ in range(args.repeats))
+        rows[name] = {"ours_tok_s": round(ours, 1), "transformers_tok_s": round(theirs, 1),
+                      "ratio": round(ours / theirs, 2), "limit_tok_s": round(bandwidth * 1e9 / weight_bytes, 1)}
+    if args.json:
+        print(json.dumps({"read_bandwidth_gbs": round(bandwidth, 1), "models": rows}))
+        return
+    print(f"fp32 decode, batch 1, {args.tokens} tokens, median of {args.repeats}; "
+          f"BLAS mat-vec read bandwidth {bandwidth:.1f} GB/s (limit = bandwidth / fp32 weight bytes)\n")
+    print("| model | bitsmith reference tok/s | transformers eager tok/s | ratio | limit tok/s |")
+    print("|---|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['ours_tok_s']} | {r['transformers_tok_s']} | {r['ratio']} | {r['limit_tok_s']} |")
+
+
+if __name__ == "__main__":
+    main()
