@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from bitsmith.compiler.config import ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("BITSMITH_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -66,3 +69,28 @@ def tiny_hf_dir(request, tmp_path):
     directory = tmp_path / request.param
     model = save_tiny_hf_model(directory, request.param)
     return request.param, directory, model
+
+
+def random_model(config, seed: int = 0):
+    """(module, float32 weights) for a ModelConfig, with random values of realistic scale."""
+    from bitsmith.compiler.config import expected_weight_shapes
+    from bitsmith.compiler.frontends.llama import build_llama_module
+
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, shape in expected_weight_shapes(config).items():
+        scale = 1.0 if len(shape) == 1 else 0.3
+        weights[name] = (1.0 + 0.1 * rng.standard_normal(shape) if len(shape) == 1
+                         else scale * rng.standard_normal(shape)).astype(np.float32)
+    return build_llama_module(config, {}), weights
+
+
+RANDOM_CONFIGS = {
+    "gqa": ModelConfig(architecture="llama", vocab_size=40, hidden_size=32, intermediate_size=40, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=8),
+    "qwen3-interleaved": ModelConfig(architecture="qwen3", vocab_size=40, hidden_size=24, intermediate_size=40,
+                                     num_layers=3, num_heads=3, num_kv_heads=1, head_dim=8, qk_norm=True,
+                                     rope_style="interleaved", tie_word_embeddings=True),
+    "window": ModelConfig(architecture="mistral", vocab_size=40, hidden_size=32, intermediate_size=40, num_layers=1,
+                          num_heads=2, num_kv_heads=2, head_dim=16, sliding_window=4),
+}
