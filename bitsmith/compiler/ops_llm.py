@@ -177,3 +177,6 @@ def _attention_ref(xs, attrs, ctx):
 
 
 register("attention", (5, 5), _attention_infer, _attention_ref)
+
+# Quantized variants (qlinear) live in ops_quant.py; importing it registers them.
+from bitsmith.compiler import ops_quant  # noqa: E402,F401

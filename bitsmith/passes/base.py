@@ -15,6 +15,7 @@ class PassContext:
     """Mutable state passes share: the weight arrays (name -> array) and notes for the manifest."""
 
     weights: dict[str, np.ndarray]
+    calibration: np.ndarray | None = None  # int64 [samples, seqlen] token ids, when a pass needs them
     notes: dict[str, Any] = field(default_factory=dict)
 
 

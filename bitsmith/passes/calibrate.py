@@ -16,7 +16,7 @@ import numpy as np
 from bitsmith.compiler.ir import Function, Module, Node
 from bitsmith.compiler.ops import OPS, RefContext, bind
 
-LinearObserver = Callable[[str, np.ndarray], None]  # (weight name, input activations [tokens, in])
+ValueObserver = Callable[[str, np.ndarray], None]  # (value name, activations [tokens, features])
 
 
 def _weight_layer(name: str, num_layers: int) -> int:
@@ -71,18 +71,29 @@ def split_by_layer(module: Module, entry: str = "prefill") -> list[Segment]:
     return segments
 
 
+def linear_inputs(fn: Function, seg: Segment) -> dict[str, str]:
+    """weight name -> the value a `linear` node of this segment multiplies it with."""
+    weight_of = {n.outputs[0]: n.attrs["name"] for n in fn.nodes if n.op == "weight"}
+    return {weight_of[n.inputs[1]]: n.inputs[0] for n in seg.nodes
+            if n.op == "linear" and n.inputs[1] in weight_of}
+
+
 def run_segment(fn: Function, seg: Segment, env: dict[str, np.ndarray], weights: Mapping[str, np.ndarray],
-                observe: LinearObserver | None = None, observed: set[str] | None = None) -> dict[str, np.ndarray]:
-    """Run one segment on one sample; returns the values it must hand to later segments."""
+                observe: ValueObserver | None = None, observed: set[str] | None = None) -> dict[str, np.ndarray]:
+    """Run one segment on one sample, calling `observe` once for each value in `observed`.
+
+    Returns the values the segment must hand to later segments.
+    """
     ctx = RefContext(weights, {"seq": int(env["tokens"].shape[0]), "ctx": int(env["kv_cache"].shape[2])})
     values = dict(env)
-    weight_of = {n.outputs[0]: n.attrs["name"] for n in seg.nodes if n.op == "weight"}
+    pending = set(observed or ())
     for node in seg.nodes:
         args = [values[v] for v in node.inputs]
-        if observe and node.op == "linear" and weight_of.get(node.inputs[1]) in (observed or ()):
-            observe(weight_of[node.inputs[1]], args[0].reshape(-1, args[0].shape[-1]))
         for name, value in zip(node.outputs, OPS[node.op].ref(args, node.attrs, ctx)):
             values[name] = value
+            if observe and name in pending:
+                pending.discard(name)
+                observe(name, value.reshape(-1, value.shape[-1]))
     return {k: values[k] for k in seg.live_out if k in values} | {
         k: env[k] for k in ("tokens", "positions", "kv_cache")}
 

@@ -54,6 +54,16 @@ def load_tokenizer(directory: str | Path, entry: dict[str, Any]) -> Tokenizer:
     raise BitsmithError(f"unknown tokenizer kind {kind!r}", where=str(directory), fix="rebuild the artifact")
 
 
+def tokenizer_from_spec(spec: Any) -> Tokenizer:
+    """A tokenizer from a compile-time TokenizerSpec (files held in memory), via a temporary directory."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bitsmith-tok-") as tmp:
+        for name, data in spec.files.items():
+            (Path(tmp) / name).write_bytes(data)
+        return load_tokenizer(tmp, spec.manifest_entry())
+
+
 def render_chat(template: str | None, messages: list[dict[str, str]], tokenizer: Tokenizer) -> str:
     """Apply the model's Jinja chat template; fall back to plain concatenation when there is none."""
     if not template:

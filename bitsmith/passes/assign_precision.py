@@ -1,0 +1,96 @@
+"""Precision assignment: decide a scheme (or 16-bit) for every linear weight; the plan goes into module.meta."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+from bitsmith.compiler.ir import Module
+from bitsmith.errors import BitsmithError
+from bitsmith.passes.base import PassContext
+from bitsmith.passes.quant.scheme import QuantScheme, parse_scheme
+
+KEEP = None  # plan value for "stay 16-bit"
+
+
+def linear_weights(module: Module) -> list[str]:
+    """Weights read as the matrix of a `linear` node and by nothing else, in module order.
+
+    A tied embedding (read by `embedding` too) is not quantizable here: it must stay dense for the lookup.
+    """
+    uses: dict[str, set[str]] = {}
+    for fn in module.functions.values():
+        producer = {n.outputs[0]: n.attrs["name"] for n in fn.nodes if n.op == "weight"}
+        for node in fn.nodes:
+            for slot, value in enumerate(node.inputs):
+                if value in producer:
+                    uses.setdefault(producer[value], set()).add(f"{node.op}:{slot}")
+    return [name for name in module.weights if uses.get(name) == {"linear:1"}]
+
+
+def override_scheme(text: str, default: QuantScheme) -> QuantScheme:
+    """A scheme string where the options it leaves out (group, symmetry, method) come from `default`."""
+    parsed = parse_scheme(text)
+    tokens = text.strip().lower().split("-")[1:]
+    given_group = any(t == "pc" or (t.startswith("g") and t[1:].isdigit()) for t in tokens)
+    given_sym = any(t in ("sym", "asym") for t in tokens)
+    given_method = any(t in ("rtn", "gptq", "awq") for t in tokens)
+    return QuantScheme(
+        bits=parsed.bits,
+        group_size=parsed.group_size if given_group else default.group_size,
+        sym=parsed.sym if given_sym else default.sym,
+        method=parsed.method if given_method else default.method,
+    )
+
+
+def _layer_index(name: str) -> int | None:
+    match = re.match(r"layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def _matches(pattern: str, name: str) -> bool:
+    """Glob on the weight name, with or without its `.weight` suffix; a bare suffix matches anywhere."""
+    stem = name.removesuffix(".weight")
+    return any(fnmatch.fnmatchcase(candidate, p) for candidate in (name, stem)
+               for p in (pattern, f"*.{pattern}", f"*{pattern}"))
+
+
+@dataclass(frozen=True)
+class AssignPrecision:
+    """Default policy: keep lm_head and the first and last decoder layers 16-bit, quantize the rest."""
+
+    default: QuantScheme
+    keep_default: bool = True
+    keep: tuple[str, ...] = ()  # patterns forced to 16-bit
+    overrides: tuple[tuple[str, str], ...] = ()  # (pattern, scheme string), later wins
+    name: str = "assign_precision"
+
+    def plan(self, module: Module) -> dict[str, QuantScheme | None]:
+        candidates = linear_weights(module)
+        layers = [i for n in module.weights if (i := _layer_index(n)) is not None]
+        edge = {min(layers), max(layers)} if layers else set()
+        plan: dict[str, QuantScheme | None] = {}
+        for name in candidates:
+            is_edge = _layer_index(name) in edge or _layer_index(name) is None  # lm_head has no layer
+            plan[name] = KEEP if self.keep_default and is_edge else self.default
+        for pattern in self.keep:
+            self._apply(plan, pattern, KEEP)
+        for pattern, scheme in self.overrides:
+            self._apply(plan, pattern, KEEP if scheme in ("16", "fp16", "keep") else override_scheme(scheme, self.default))
+        return plan
+
+    def _apply(self, plan: dict[str, QuantScheme | None], pattern: str, value: QuantScheme | None) -> None:
+        hits = [name for name in plan if _matches(pattern, name)]
+        if not hits:
+            raise BitsmithError(f"pattern {pattern!r} matches no quantizable weight", where=f"pass {self.name}",
+                                fix="see `bitsmith inspect MODEL --json` for weight names, e.g. 'layers.0.*' "
+                                    "or 'mlp.down_proj'")
+        for name in hits:
+            plan[name] = value
+
+    def run(self, module: Module, ctx: PassContext) -> Module:
+        plan = self.plan(module)
+        meta = dict(module.meta)
+        meta["precision_plan"] = {k: (v.to_json() if v else None) for k, v in plan.items()}
+        return module.replace(meta=meta)

@@ -1,0 +1,75 @@
+"""Packing: store each quantized weight as uint32 codes + fp16 scales (+ zeros) and rewrite linear -> qlinear."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bitsmith.compiler.ir import Function, Module, Node, TensorType
+from bitsmith.passes.base import PassContext
+from bitsmith.passes.quant.packing import pack
+from bitsmith.passes.quant.scheme import QuantizedWeight
+
+# weight "layers.0.mlp.down_proj.weight" becomes
+#   "layers.0.mlp.down_proj.qweight"  uint32 [out, words]   (layout: passes/quant/packing.py)
+#   "layers.0.mlp.down_proj.scales"   float16 [out, groups]
+#   "layers.0.mlp.down_proj.zeros"    float16 [out, groups]  (asymmetric schemes only)
+
+
+def packed_names(weight: str) -> tuple[str, str, str]:
+    stem = weight.removesuffix(".weight")
+    return f"{stem}.qweight", f"{stem}.scales", f"{stem}.zeros"
+
+
+def qlinear_attrs(qw: QuantizedWeight) -> dict:
+    return {"bits": qw.scheme.bits, "group_size": qw.scheme.group_size, "in_features": qw.in_features,
+            "sym": qw.scheme.sym}
+
+
+def _rewrite(fn: Function, quantized: dict[str, QuantizedWeight], weights: dict[str, TensorType]) -> Function:
+    types = dict(fn.types)
+    parts: dict[str, tuple[str, ...]] = {}  # old weight value -> its packed part values
+    source: dict[str, str] = {}  # old weight value -> weight name
+    nodes: list[Node] = []
+    for node in fn.nodes:
+        if node.op == "weight" and node.attrs["name"] in quantized:
+            name = node.attrs["name"]
+            qw = quantized[name]
+            names = packed_names(name)[: 2 if qw.scheme.sym else 3]
+            values = tuple(f"{node.outputs[0]}.{n.rsplit('.', 1)[1]}" for n in names)
+            for n, v in zip(names, values):
+                nodes.append(Node("weight", (), (v,), {"name": n}))
+                types[v] = weights[n]
+            parts[node.outputs[0]], source[node.outputs[0]] = values, name
+            types.pop(node.outputs[0], None)
+        elif node.op == "linear" and node.inputs[1] in parts:
+            attrs = qlinear_attrs(quantized[source[node.inputs[1]]]) | {"has_bias": len(node.inputs) == 3}
+            nodes.append(Node("qlinear", (node.inputs[0], *parts[node.inputs[1]], *node.inputs[2:]), node.outputs,
+                              attrs))
+        else:
+            nodes.append(node)
+    return fn.replace(nodes=tuple(nodes), types=types)
+
+
+@dataclass(frozen=True)
+class PackWeights:
+    name: str = "pack_weights"
+
+    def run(self, module: Module, ctx: PassContext) -> Module:
+        quantized: dict[str, QuantizedWeight] = ctx.notes.get("quantized", {})
+        if not quantized:
+            return module
+        weights = {k: t for k, t in module.weights.items() if k not in quantized}
+        for name, qw in quantized.items():
+            qname, sname, zname = packed_names(name)
+            ctx.weights[qname] = pack(qw.q, qw.scheme.bits)
+            ctx.weights[sname] = np.asarray(qw.scales, dtype=np.float16)
+            if not qw.scheme.sym:
+                ctx.weights[zname] = np.asarray(qw.zeros, dtype=np.float16)
+            del ctx.weights[name]
+            for n in (qname, sname, zname):
+                if n in ctx.weights:
+                    weights[n] = TensorType(ctx.weights[n].shape, str(ctx.weights[n].dtype))
+        functions = {k: _rewrite(f, quantized, weights) for k, f in module.functions.items()}
+        return module.replace(functions=functions, weights=weights)

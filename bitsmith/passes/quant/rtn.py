@@ -1,0 +1,118 @@
+"""Round-to-nearest group quantization, plus the scale/zero-point math that GPTQ and AWQ reuse."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bitsmith.errors import BitsmithError
+from bitsmith.passes.quant.scheme import QuantizedWeight, QuantScheme, group_index, group_starts
+
+# Symmetric scale choice (documented for the kernels and the tests):
+#   s = max(max(w) / (2^(b-1) - 1), -min(w) / 2^(b-1))
+# The codes q - 2^(b-1) span [-2^(b-1), 2^(b-1) - 1]. This s is the smallest one that covers the
+# group without clipping on either side, so it uses the extra negative code whenever the group's
+# largest magnitude is negative, and never clips otherwise (the plain absmax / 2^(b-1) choice clips
+# the positive side; absmax / (2^(b-1) - 1) wastes the most negative code). With no clipping the
+# dequantization error of every weight is at most half a step, s / 2.
+#
+# Asymmetric: s = (max - min) / (2^b - 1), z = round(-min / s) clamped to [0, 2^b - 1]; the range
+# is widened to include 0 so that z is a valid code and 0 is exactly representable.
+
+
+def as_weight(w: np.ndarray, where: str) -> np.ndarray:
+    """float32 [out, in] copy-free view of `w`, rejecting other ranks and non-finite values."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2 or w.size == 0:
+        raise BitsmithError(f"expected a non-empty 2-D weight [out, in], got shape {w.shape}", where=where,
+                            fix="reshape the weight to [out_features, in_features]")
+    if not np.isfinite(w).all():
+        raise BitsmithError("weight contains NaN or Inf", where=where, fix="check the checkpoint")
+    return w
+
+
+def round_up_fp16(s: np.ndarray) -> np.ndarray:
+    """The smallest float16 >= s, elementwise (s >= 0).
+
+    Rounding the scale UP keeps the range covered after storing it as fp16, so the half-step
+    bound survives; a scale that underflows fp16 becomes the smallest subnormal, not 0.
+    """
+    s16 = np.asarray(s, dtype=np.float32).astype(np.float16)
+    low = s16.astype(np.float32) < s
+    s16[low] = np.nextafter(s16[low], np.float16(np.inf))
+    if not np.isfinite(s16).all():
+        raise BitsmithError("a quantization scale exceeds the float16 range (65504)", where="quant scales",
+                            fix="the weights are too large for fp16 scales; check the checkpoint")
+    return s16
+
+
+def scale_zero_from_range(wmax: np.ndarray, wmin: np.ndarray, scheme: QuantScheme,
+                          clip_ratio: np.ndarray | float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
+    """fp16 scales and (asym) fp16 zeros from per-group max/min, any matching shapes.
+
+    clip_ratio (scalar or broadcastable) shrinks the range before the scale is taken (AWQ clip).
+    Zeros are computed from the already fp16-rounded scale so that q and dequantization agree.
+    """
+    wmax = np.maximum(wmax, 0.0) * clip_ratio
+    wmin = np.minimum(wmin, 0.0) * clip_ratio
+    if scheme.sym:
+        half = 1 << (scheme.bits - 1)
+        s = np.maximum(wmax / (half - 1), -wmin / half)
+    else:
+        s = (wmax - wmin) / scheme.qmax
+    # an all-zero group has no range: any positive scale dequantizes its codes back to 0
+    s = round_up_fp16(np.where(s > 0, s, 1.0).astype(np.float32))
+    if scheme.sym:
+        return s, None
+    z = np.clip(np.rint(-wmin / s.astype(np.float32)), 0, scheme.qmax)
+    return s, z.astype(np.float16)
+
+
+def group_params(w: np.ndarray, scheme: QuantScheme,
+                 clip_ratio: np.ndarray | float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scales (and zeros) float16 [out, n_groups] from each group's min/max of w [out, in]."""
+    starts = group_starts(w.shape[1], scheme)
+    # reduceat over the group starts: the last group simply runs to the end (partial group)
+    wmax = np.maximum.reduceat(w, starts, axis=1)
+    wmin = np.minimum.reduceat(w, starts, axis=1)
+    return scale_zero_from_range(wmax, wmin, scheme, clip_ratio)
+
+
+def zero_points(zeros: np.ndarray | None, shape: tuple[int, ...], scheme: QuantScheme) -> np.ndarray:
+    """float32 zero points of `shape`: the stored ones, or 2^(bits-1) when symmetric."""
+    if zeros is None:
+        return np.full(shape, 1 << (scheme.bits - 1), dtype=np.float32)
+    return zeros.astype(np.float32)
+
+
+def quantize_codes(w: np.ndarray, s: np.ndarray, z: np.ndarray, scheme: QuantScheme) -> np.ndarray:
+    """uint8 codes clip(round(w / s) + z, 0, 2^b - 1); s, z float32 broadcastable to w."""
+    return np.clip(np.rint(w / s) + z, 0, scheme.qmax).astype(np.uint8)
+
+
+def quantize_with_params(w: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
+                         scheme: QuantScheme) -> QuantizedWeight:
+    """Quantize w [out, in] with given fp16 group scales/zeros [out, n_groups]."""
+    gidx = group_index(w.shape[1], scheme)
+    s = scales.astype(np.float32)[:, gidx]
+    z = zero_points(zeros, scales.shape, scheme)[:, gidx]
+    q = quantize_codes(w, s, z, scheme)
+    return QuantizedWeight(q=q, scales=scales, zeros=zeros, scheme=scheme, in_features=w.shape[1])
+
+
+def quantize_rtn(w: np.ndarray, scheme: QuantScheme,
+                 clip_ratio: np.ndarray | float = 1.0) -> QuantizedWeight:
+    """Round-to-nearest quantization of w [out, in].
+
+    clip_ratio: a scalar or an array [out, n_groups] (from `search_awq_clip`) that shrinks each
+    group's range; 1.0 means no clipping and an error of at most half a step per weight.
+    """
+    w = as_weight(w, f"quantize_rtn {scheme.name}")
+    ratio = np.asarray(clip_ratio, dtype=np.float32)
+    if ratio.ndim not in (0, 2) or (ratio.ndim == 2 and ratio.shape != (w.shape[0], scheme.n_groups(w.shape[1]))):
+        raise BitsmithError(f"clip_ratio has shape {ratio.shape}", where=f"quantize_rtn {scheme.name}",
+                            fix=f"give a scalar or an array of shape ({w.shape[0]}, {scheme.n_groups(w.shape[1])})")
+    if not np.all((ratio > 0) & (ratio <= 1)):
+        raise BitsmithError("clip_ratio must be in (0, 1]", where=f"quantize_rtn {scheme.name}",
+                            fix="use ratios from search_awq_clip or 1.0")
+    scales, zeros = group_params(w, scheme, ratio)
+    return quantize_with_params(w, scales, zeros, scheme)
