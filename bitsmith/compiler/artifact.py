@@ -17,6 +17,7 @@ from tqdm import tqdm
 import bitsmith
 from bitsmith.compiler.frontends.base import TokenizerSpec
 from bitsmith.compiler.ir import Module
+from bitsmith.compiler.weight_stats import summarize, weight_table
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.artifact import (
     ARTIFACT_FORMAT, MANIFEST, SCHEMA_VERSION, WEIGHTS, is_artifact, sha256_of,
@@ -69,13 +70,17 @@ def write_artifact(out: str | Path, module: Module, weights: Mapping[str, np.nda
         bytes_by_dtype: dict[str, int] = {}
         for n in names:
             bytes_by_dtype[str(weights[n].dtype)] = bytes_by_dtype.get(str(weights[n].dtype), 0) + weights[n].nbytes
+        table = weight_table(module, {n: weights[n].nbytes for n in names})
+        totals = summarize(table)
         manifest = {
             "format": ARTIFACT_FORMAT,
             "schema_version": SCHEMA_VERSION,
             "model": config,
             "ir": module.to_json(),
             "weights": {"file": WEIGHTS, "count": len(names), "bytes_by_dtype": bytes_by_dtype,
-                        "parameters": int(sum(weights[n].size for n in names))},
+                        "parameters": totals["parameters"], "bytes": totals["bytes"],
+                        "bits_per_weight": totals["bits_per_weight"],
+                        "table": {k: {"params": v["params"], "bytes": v["bytes"]} for k, v in table.items()}},
             "tokenizer": tokenizer.manifest_entry() if tokenizer else None,
             "compile": compile_options,
             "files": files,

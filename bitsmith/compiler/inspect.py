@@ -2,17 +2,48 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from bitsmith.compiler.ir import Module
 from bitsmith.compiler.printer import op_histogram
+from bitsmith.compiler.weight_stats import summarize
+from bitsmith.passes.quant.scheme import QuantScheme
 from bitsmith.runtime.artifact import is_artifact, load_artifact
 
 
 def _module_summary(module: Module) -> dict[str, Any]:
     return {name: {"nodes": len(fn.nodes), "inputs": {n: str(t) for n, t in fn.inputs}, "ops": op_histogram(fn)}
             for name, fn in sorted(module.functions.items())}
+
+
+def _scheme_name(scheme: dict | None) -> str:
+    if not scheme:
+        return "16-bit"
+    return QuantScheme.from_json(scheme).name
+
+
+def precision_summary(module: Module, table: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """The precision plan with bytes and bits per weight, per weight and per decoder layer."""
+    plan = module.meta["precision_plan"]
+    weights = {name: {"scheme": _scheme_name(plan.get(name)), "bytes": row["bytes"], "params": row["params"],
+                      "bits_per_weight": round(8 * row["bytes"] / max(row["params"], 1), 3)}
+               for name, row in table.items()}
+    layers: dict[str, dict[str, Any]] = {}
+    for name, row in weights.items():
+        match = re.match(r"(layers\.\d+)\.", name)
+        key = match.group(1) if match else "other"
+        entry = layers.setdefault(key, {"bytes": 0, "params": 0, "schemes": set()})
+        entry["bytes"] += row["bytes"]
+        entry["params"] += row["params"]
+        if name in plan:
+            entry["schemes"].add(row["scheme"])
+    for entry in layers.values():
+        entry["schemes"] = sorted(entry["schemes"])
+        entry["bits_per_weight"] = round(8 * entry["bytes"] / max(entry["params"], 1), 3)
+    totals = summarize({k: {**v, "scheme": plan.get(k)} for k, v in table.items()})
+    return {"weights": weights, "layers": layers, **totals}
 
 
 def describe(path: str | Path) -> tuple[dict[str, Any], Module]:
@@ -33,6 +64,8 @@ def describe(path: str | Path) -> tuple[dict[str, Any], Module]:
             "provenance": m["provenance"],
             "ir": _module_summary(module),
         }
+        if module.meta.get("precision_plan") is not None:
+            summary["precision"] = precision_summary(module, m["weights"]["table"])
         return summary, module
     from bitsmith.compiler.loader import load_model
 
@@ -70,4 +103,18 @@ def format_summary(summary: dict[str, Any]) -> str:
     for name, info in summary["ir"].items():
         ops = ", ".join(f"{op}×{n}" for op, n in info["ops"].items())
         lines.append(f"IR {name}: {info['nodes']} nodes ({ops})")
+    if "precision" in summary:
+        p = summary["precision"]
+        q_bpw = p["quantized_bits_per_weight"]
+        lines.append(f"precision plan: {p['bytes'] / 2**20:.2f} MiB, {p['bits_per_weight']:.3f} bits/weight overall"
+                     + (f", {q_bpw:.3f} on the {p['quantized_parameters']:,} quantized weights" if q_bpw else ""))
+        lines.append(f"  {'layer':<12} {'bytes':>12} {'bits/w':>7}  schemes")
+        for layer, row in sorted(p["layers"].items(), key=lambda kv: _layer_key(kv[0])):
+            lines.append(f"  {layer:<12} {row['bytes']:>12,} {row['bits_per_weight']:>7.3f}  "
+                         f"{', '.join(row['schemes']) or '-'}")
     return "\n".join(lines)
+
+
+def _layer_key(name: str) -> tuple[int, int]:
+    match = re.match(r"layers\.(\d+)", name)
+    return (0, int(match.group(1))) if match else (1, 0)
