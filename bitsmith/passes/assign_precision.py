@@ -74,10 +74,10 @@ class AssignPrecision:
         for name in candidates:
             is_edge = _layer_index(name) in edge or _layer_index(name) is None  # lm_head has no layer
             plan[name] = KEEP if self.keep_default and is_edge else self.default
-        for pattern in self.keep:
-            self._apply(plan, pattern, KEEP)
         for pattern, scheme in self.overrides:
             self._apply(plan, pattern, KEEP if scheme in ("16", "fp16", "keep") else override_scheme(scheme, self.default))
+        for pattern in self.keep:  # an explicit --keep wins over any --scheme
+            self._apply(plan, pattern, KEEP)
         return plan
 
     def _apply(self, plan: dict[str, QuantScheme | None], pattern: str, value: QuantScheme | None) -> None:
