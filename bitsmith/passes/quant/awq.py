@@ -45,18 +45,19 @@ def search_awq_scales(weights: list[np.ndarray], x: np.ndarray, scheme: QuantSch
     x = _activations(x, in_f, where)
     # clamp so a channel that is always 0 does not get a 0 (non-invertible) scale
     x_mag = np.maximum(np.abs(x).mean(axis=0), 1e-4)
-    refs = [x @ w.T for w in ws]  # [tokens, out_i] float outputs
+    # ||x W^T - (x/s) Q(W s)^T||^2 = ||x D^T||^2 with D = W - Q(W s) / s; with more tokens than
+    # channels the quadratic form D G D^T on the Gram matrix G = x^T x [in, in] is cheaper
+    gram = x.T.astype(np.float64) @ x if x.shape[0] > in_f else None
 
     best_err, best_s = np.inf, np.ones(in_f, dtype=np.float32)
     for step in range(grid):
         alpha = step / grid
         s = x_mag ** alpha
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-        xs = x / s
         err = 0.0
-        for w, ref in zip(ws, refs):
-            wq = dequantize(quantize_rtn(w * s, scheme))
-            err += float(np.sum((ref - xs @ wq.T) ** 2))
+        for w in ws:
+            d = w - dequantize(quantize_rtn(w * s, scheme)) / s  # [out, in]
+            err += float(np.sum((d @ gram) * d) if gram is not None else np.sum((x @ d.T) ** 2))
         if err < best_err:
             best_err, best_s = err, s
     return best_s

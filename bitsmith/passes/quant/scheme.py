@@ -99,6 +99,9 @@ class QuantScheme:
 def parse_scheme(text: str) -> QuantScheme:
     """Parse a short scheme string; the grammar is SCHEME_GRAMMAR (e.g. "int4-g32-asym")."""
     where = f"scheme {text!r}"
+    if not isinstance(text, str):
+        raise BitsmithError(f"a scheme must be a string, got {type(text).__name__}", where=where,
+                            fix=f"write e.g. 'int4-g128-sym'; grammar:\n{SCHEME_GRAMMAR}")
     parts = text.strip().lower().split("-")
     head = parts[0]
     if not head.startswith("int") or not head[3:].isdigit():
