@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
 
-from bitsmith.compiler.ir import Module
-from bitsmith.compiler.reference import ReferenceSession
+from bitsmith.compiler.analysis import dead_code_elimination
+from bitsmith.compiler.ir import Module, Node, TensorType
+from bitsmith.compiler.ops_quant import dequantize_packed
+from bitsmith.compiler.reference import ReferenceSession, upcast_weights
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.artifact import Artifact, is_artifact, load_artifact
 
@@ -46,16 +47,51 @@ def windows_of(ids: list[int], ctx: int, bos: int | None) -> list[list[int]]:
     return [prefix + ids[start:start + ctx] for start in range(0, len(ids) - ctx + 1, ctx)]
 
 
-def _window_logprobs(module: Module, weights, tokens: list[int]) -> np.ndarray:
-    """log-probabilities [len(tokens) - 1, vocab] for predicting tokens[1:]."""
-    session = ReferenceSession(module, weights, len(tokens))
-    return log_softmax(session.prefill(tokens)[:-1])
+class Scorer:
+    """log-probabilities of windows under one model; packed weights are dequantized once, up front."""
+
+    def __init__(self, module: Module, weights):
+        self.module, self.weights = densify(module, upcast_weights(weights))
+
+    def logprobs(self, tokens: list[int]) -> np.ndarray:
+        """[len(tokens) - 1, vocab] for predicting tokens[1:]."""
+        session = ReferenceSession(self.module, self.weights, len(tokens))
+        return log_softmax(session.prefill(tokens)[:-1])
 
 
-def _reference_model(artifact: Artifact, reference: str | Path | None) -> tuple[Module, dict] | None:
-    """The 16-bit model of the same source (or `reference`); None when the artifact is itself unquantized."""
+def densify(module: Module, weights: dict) -> tuple[Module, dict]:
+    """Replace every qlinear by a linear over its dequantized float32 matrix (the same arithmetic)."""
+    weights = dict(weights)
+    new_types = dict(module.weights)
+    functions = {}
+    for key, fn in module.functions.items():
+        weight_of = {n.outputs[0]: n.attrs["name"] for n in fn.nodes if n.op == "weight"}
+        nodes, types = [], dict(fn.types)
+        for node in fn.nodes:
+            if node.op != "qlinear":
+                nodes.append(node)
+                continue
+            qname = weight_of[node.inputs[1]]
+            dense = qname.removesuffix(".qweight") + ".dense"
+            if dense not in weights:
+                zeros = None if node.attrs["sym"] else weights[weight_of[node.inputs[3]]]
+                weights[dense] = dequantize_packed(weights[qname], weights[weight_of[node.inputs[2]]], zeros,
+                                                   node.attrs)
+                new_types[dense] = TensorType(weights[dense].shape, "float32")
+            value = f"{node.outputs[0]}.dense"
+            nodes.append(Node("weight", (), (value,), {"name": dense}))
+            types[value] = new_types[dense]
+            bias = node.inputs[-1:] if node.attrs.get("has_bias") else ()
+            nodes.append(Node("linear", (node.inputs[0], value, *bias), node.outputs, {}))
+        functions[key] = dead_code_elimination(fn.replace(nodes=tuple(nodes), types=types))
+    return module.replace(functions=functions, weights=new_types), weights
+
+
+def _reference_model(artifact: Artifact, reference: str | Path | None, always: bool) -> tuple[Module, dict] | None:
+    """The 16-bit model of the same source (or `reference`); None when the artifact is itself unquantized
+    and `always` is false."""
     if reference is None:
-        if not artifact.manifest["ir"].get("meta", {}).get("precision_plan"):
+        if not always and not artifact.manifest["ir"].get("meta", {}).get("precision_plan"):
             return None
         reference = artifact.manifest["provenance"]["source"].get("path")
         if not reference or not Path(reference).exists():
@@ -70,45 +106,62 @@ def _reference_model(artifact: Artifact, reference: str | Path | None) -> tuple[
     return model.module, model.weights
 
 
-def evaluate(path: str | Path, text: str, tokens: int | None, ctx: int, reference: str | Path | None = None,
-             log: Callable[[str], None] | None = None) -> EvalResult:
-    artifact = load_artifact(path)
-    tokenizer = artifact.tokenizer()
+def evaluate(path: str | Path, text: str, tokens: int | None, ctx: int,
+             reference: str | Path | None = None) -> EvalResult:
+    return evaluate_many([path], text, tokens, ctx, reference)[0]
+
+
+def evaluate_many(paths: list[str | Path], text: str, tokens: int | None, ctx: int,
+                  reference: str | Path | None = None) -> list[EvalResult]:
+    """Score several artifacts of one model on the same windows; the reference runs once per window.
+
+    Tokenizer, context and (without `reference`) the reference model come from the first artifact.
+    """
+    artifacts = [load_artifact(p) for p in paths]
+    tokenizer = artifacts[0].tokenizer()
     ids = tokenizer.encode(text, add_bos=False)
     if tokens:
         ids = ids[:tokens]
     bos = tokenizer.bos_token_id if tokenizer.add_bos else None
-    if ctx + (bos is not None) > artifact.max_context:
-        raise BitsmithError(f"--ctx {ctx} exceeds the model's context of {artifact.max_context}", fix="lower --ctx")
+    max_context = min(a.max_context for a in artifacts)
+    if ctx + (bos is not None) > max_context:
+        raise BitsmithError(f"--ctx {ctx} exceeds the model's context of {max_context}", fix="lower --ctx")
     windows = windows_of(ids, ctx, bos)
     if not windows:
         raise BitsmithError(f"the text has {len(ids)} tokens, fewer than one window of {ctx}",
                             fix="pass a longer text or a smaller --ctx")
-    module = Module.from_json(artifact.manifest["ir"])
-    ref = _reference_model(artifact, reference)
-    nll, ref_nll, kld, agree = [], [], [], []
+    scorers = [Scorer(Module.from_json(a.manifest["ir"]), a.weights) for a in artifacts]
+    ref_model = _reference_model(artifacts[0], reference, always=len(paths) > 1)
+    ref = Scorer(*ref_model) if ref_model is not None else None
+    stats = [{"nll": [], "ref_nll": [], "kld": [], "agree": []} for _ in scorers]
     for window in tqdm(windows, desc="eval windows", leave=False, disable=len(windows) < 4):
         targets = np.asarray(window[1:])
-        logp = _window_logprobs(module, artifact.weights, window)
-        nll.append(-logp[np.arange(len(targets)), targets])
-        if ref is not None:
-            ref_logp = _window_logprobs(ref[0], ref[1], window)
-            ref_nll.append(-ref_logp[np.arange(len(targets)), targets])
-            kld.append((np.exp(ref_logp) * (ref_logp - logp)).sum(axis=-1))
-            agree.append(ref_logp.argmax(-1) == logp.argmax(-1))
-    nll_all = np.concatenate(nll)
-    ppl = float(np.exp(nll_all.mean()))
-    if ref is None:  # the artifact is its own reference
-        return EvalResult(ppl, ppl, 0.0, 0.0, 1.0, int(nll_all.size), len(windows), ctx, bos is not None)
-    kld_all = np.concatenate(kld)
+        rows = np.arange(len(targets))
+        ref_logp = ref.logprobs(window) if ref is not None else None
+        for scorer, st in zip(scorers, stats):
+            logp = scorer.logprobs(window)
+            st["nll"].append(-logp[rows, targets])
+            if ref_logp is not None:
+                st["ref_nll"].append(-ref_logp[rows, targets])
+                st["kld"].append((np.exp(ref_logp) * (ref_logp - logp)).sum(axis=-1))
+                st["agree"].append(ref_logp.argmax(-1) == logp.argmax(-1))
+    return [_result(st, len(windows), ctx, bos is not None) for st in stats]
+
+
+def _result(st: dict, windows: int, ctx: int, bos: bool) -> EvalResult:
+    nll = np.concatenate(st["nll"])
+    ppl = float(np.exp(nll.mean()))
+    if not st["kld"]:  # the artifact is its own reference
+        return EvalResult(ppl, ppl, 0.0, 0.0, 1.0, int(nll.size), windows, ctx, bos)
+    kld = np.concatenate(st["kld"])
     return EvalResult(
         ppl=ppl,
-        ref_ppl=float(np.exp(np.concatenate(ref_nll).mean())),
-        kld_mean=float(kld_all.mean()),
-        kld_p99=float(np.percentile(kld_all, 99)),
-        top1_agree=float(np.concatenate(agree).mean()),
-        tokens=int(nll_all.size),
-        windows=len(windows),
+        ref_ppl=float(np.exp(np.concatenate(st["ref_nll"]).mean())),
+        kld_mean=float(kld.mean()),
+        kld_p99=float(np.percentile(kld, 99)),
+        top1_agree=float(np.concatenate(st["agree"]).mean()),
+        tokens=int(nll.size),
+        windows=windows,
         ctx=ctx,
-        bos=bos is not None,
+        bos=bos,
     )

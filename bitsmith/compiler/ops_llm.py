@@ -162,17 +162,21 @@ def _attention_ref(xs, attrs, ctx):
     keys, values = cache[layer, 0, :span], cache[layer, 1, :span]  # [span, kv, d]
     seq, heads, d = q.shape
     kv = keys.shape[1]
-    qg = q.reshape(seq, kv, heads // kv, d)
-    scores = np.einsum("tkgd,skd->tkgs", qg, keys) * np.float32(attrs["scale"])
+    group = heads // kv
+    # batched matmuls per kv head (BLAS): q [kv, seq*group, d] @ keys [kv, d, span] -> [kv, seq*group, span]
+    qg = q.reshape(seq, kv, group, d).transpose(1, 0, 2, 3).reshape(kv, seq * group, d)
+    scores = np.matmul(qg, keys.transpose(1, 2, 0)) * np.float32(attrs["scale"])
     slots = np.arange(span)
     visible = slots[None, :] <= pos[:, None]  # causal: a token sees every slot up to its own position
     if attrs.get("sliding_window"):
         visible &= slots[None, :] > pos[:, None] - attrs["sliding_window"]
-    scores = np.where(visible[:, None, None, :], scores, -np.inf)
-    scores = scores - scores.max(axis=-1, keepdims=True)
+    scores = scores.reshape(kv, seq, group, span)
+    scores = np.where(visible[None, :, None, :], scores, -np.inf)
+    scores -= scores.max(axis=-1, keepdims=True)
     probs = np.exp(scores)
     probs /= probs.sum(axis=-1, keepdims=True)
-    out = np.einsum("tkgs,skd->tkgd", probs, values).reshape(seq, heads, d)
+    out = np.matmul(probs.reshape(kv, seq * group, span), values.transpose(1, 0, 2))  # [kv, seq*group, d]
+    out = out.reshape(kv, seq, group, d).transpose(1, 0, 2, 3).reshape(seq, heads, d)
     return [out.astype(np.float32), cache]
 
 

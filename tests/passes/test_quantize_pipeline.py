@@ -118,3 +118,15 @@ def test_calibration_inputs(tmp_path):
     samples = calibration_samples(list(range(100)), CalibrationOptions(samples=3, seqlen=8), bos=1)
     assert samples.shape == (3, 8) and (samples[:, 0] == 1).all()
     assert len(read_calibration_text(None)) > 4000
+
+
+def test_densify_matches_qlinear():
+    from bitsmith.compiler.evaluate import densify
+
+    _, _, packed, ctx = _quantize("gqa", QuantScheme(3, 32, False, "rtn"))
+    dense_module, dense_weights = densify(packed, ctx.weights)
+    verify_module(dense_module)
+    assert "qlinear" not in {n.op for n in dense_module["prefill"].nodes}
+    x = lambda: {"tokens": np.arange(6), "positions": np.arange(6), "kv_cache": np.zeros((2, 2, 6, 2, 8), np.float32)}
+    np.testing.assert_array_equal(run_function(dense_module["prefill"], dense_weights, x())[0],
+                                  run_function(packed["prefill"], ctx.weights, x())[0])
