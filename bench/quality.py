@@ -1,0 +1,189 @@
+"""Quantization quality: RTN/GPTQ/AWQ x int8/int4/int3 on real models, with llm-compressor's GPTQ side by side.
+
+For each model every scheme is compiled with `bitsmith compile` (a subprocess, so its peak RSS and
+time are measured), then all artifacts are scored on the same windows by `bitsmith eval`'s code
+against the unquantized model: perplexity, mean/p99 KL divergence, top-1 agreement, bytes.
+Calibration text comes from a part of the file disjoint from the scored tokens (stated in the table).
+
+    python bench/quality.py [--json] [--models tinystories,smollm2] [--tokens N] [--peer-venv DIR]
+
+Writes bench/quality.md; --json also prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = Path(os.environ.get("BITSMITH_DATA", HERE.parents[1] / "shared" / "data"))
+SAMPLES, SEQLEN = 64, 256  # calibration: 16,384 tokens, well above every layer's in_features
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    name: str
+    source: str  # model path; "default" is the built-in SmolLM2 GGUF
+    text: Path
+    ctx: int
+    calib_chars: tuple[int, int]  # slice of the same file used for calibration (disjoint from the scored part)
+    peer_group: int  # group size the peer comparison uses (must divide every in_features)
+
+
+MODELS = {
+    "tinystories": BenchModel("TinyStories-656K", str(DATA / "tinystories-656k"),
+                              DATA / "tinystories-valid-subset" / "tinystories_valid_head.txt", 256,
+                              (400_000, 794_375), 64),
+    "smollm2": BenchModel("SmolLM2-135M", "default", DATA / "wikitext-2-raw-test" / "wiki.test.raw", 1024,
+                          (700_000, 1_290_590), 64),
+}
+
+
+def schemes_for(model: str) -> list[tuple[str, int, int, bool]]:
+    """(label, bits, group, sym): int8 per channel, int4 g32/g64/g128 (per channel where 128 does not divide), int3 g32."""
+    g128 = ("int4 g128", 4, 128, True) if model == "tinystories" else ("int4 per-channel", 4, -1, True)
+    rows = [("int8 per-channel", 8, -1, True), ("int4 g32", 4, 32, True), ("int4 g64", 4, 64, True), g128,
+            ("int3 g32", 3, 32, True)]
+    return rows
+
+
+def compile_one(source: str, out: Path, method: str, bits: int, group: int, sym: bool, calib: Path) -> dict:
+    """Run `bitsmith compile` in a subprocess; returns wall seconds and peak RSS (MiB)."""
+    cmd = [sys.executable, "-m", "bitsmith.compiler.cli", "compile", *([] if source == "default" else [source]),
+           "-o", str(out), "--method", method, "--bits", str(bits), "--group", str(group),
+           "--sym" if sym else "--asym", "--no-keep-default", "--calib", str(calib),
+           "--calib-samples", str(SAMPLES), "--calib-seqlen", str(SEQLEN)]
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    err = proc.stderr.read()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"compile failed: {' '.join(cmd)}\n{err[-2000:]}")
+    return {"seconds": round(time.time() - t0, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024)}
+
+
+def peer_row(model: BenchModel, source_path: Path, tokenizer, calib_ids, windows, venv: Path, group: int) -> dict:
+    """llm-compressor GPTQ int4 sym on the same calibration samples and windows (its own venv)."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        return {"error": f"peer venv {venv} missing: run bench/peers/setup_llmcompressor.sh {venv}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = source_path
+        if source_path.suffix == ".gguf":  # the peer needs an HF directory: dequantize the GGUF with transformers
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            hf_dir = Path(tmp) / "hf"
+            m = AutoModelForCausalLM.from_pretrained(source_path.parent, gguf_file=source_path.name,
+                                                     dtype=torch.float32)
+            m.save_pretrained(hf_dir)
+        job = Path(tmp) / "job.json"
+        job.write_text(json.dumps({"model": str(hf_dir), "calib": calib_ids.tolist(), "eval_windows": windows,
+                                   "bits": 4, "group": group, "sym": True, "ignore": ["lm_head"]}))
+        proc = subprocess.run([str(python), str(HERE / "peers" / "llmcompressor_gptq.py"), str(job)],
+                              capture_output=True, text=True)
+    if proc.returncode:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_model(key: str, tokens: int, venv: Path, work: Path) -> dict:
+    from bitsmith.compiler.calibration_data import CalibrationOptions, calibration_samples
+    from bitsmith.compiler.evaluate import evaluate_many, windows_of
+    from bitsmith.runtime.artifact import load_artifact
+
+    model = MODELS[key]
+    text = model.text.read_text(encoding="utf-8")
+    calib = work / f"{key}-calib.txt"
+    calib.write_text(text[slice(*model.calib_chars)])
+    if model.source == "default":
+        from bitsmith.compiler.default_model import default_model_path
+
+        source_path = default_model_path()
+    else:
+        source_path = Path(model.source)
+    rows, paths = [], []
+    configs = [(m, *s) for m in ("rtn", "gptq", "awq") for s in schemes_for(key)]
+    if key == "smollm2":  # sanity: asym int4 g32 reproduces the Q4_1 grid exactly (see the model's README)
+        configs.append(("rtn", "int4 g32 asym (sanity)", 4, 32, False))
+    for method, label, bits, group, sym in configs:
+        out = work / f"{key}-{method}-{bits}-{group}-{'s' if sym else 'a'}"
+        print(f"[{key}] compile {method} {label}", file=sys.stderr, flush=True)
+        info = compile_one(str(source_path), out, method, bits, group, sym, calib)
+        rows.append({"method": method, "scheme": label, "weight_bytes": load_artifact(out).manifest["weights"]["bytes"],
+                     **info})
+        paths.append(out)
+    print(f"[{key}] scoring {len(paths)} artifacts", file=sys.stderr, flush=True)
+    results = evaluate_many(paths, text, tokens, model.ctx, reference=source_path)
+    for row, res in zip(rows, results):
+        row.update({k: getattr(res, k) for k in ("ppl", "kld_mean", "kld_p99", "top1_agree")})
+    ref_ppl, scored = results[0].ref_ppl, results[0].tokens
+    # The peer: same model, calibration samples, windows and scheme (GPTQ int4 sym, group peer_group).
+    tokenizer = load_artifact(paths[0]).tokenizer()
+    bos = tokenizer.bos_token_id if tokenizer.add_bos else None
+    calib_ids = calibration_samples(tokenizer.encode(calib.read_text(), add_bos=False),
+                                    CalibrationOptions(str(calib), SAMPLES, SEQLEN), bos)
+    windows = windows_of(tokenizer.encode(text, add_bos=False)[:tokens], model.ctx, bos)
+    print(f"[{key}] peer llm-compressor", file=sys.stderr, flush=True)
+    peer = peer_row(model, source_path, tokenizer, calib_ids, windows, venv, model.peer_group)
+    ours = next(r for r in rows if r["method"] == "gptq" and r["scheme"] == f"int4 g{model.peer_group}")
+    return {"model": model.name, "text": model.text.name, "ctx": model.ctx, "tokens": scored, "bos": bos is not None,
+            "calibration": f"{SAMPLES} x {SEQLEN} tokens from chars {model.calib_chars[0]}-{model.calib_chars[1]} "
+                           "of the same file", "ref_ppl": ref_ppl, "rows": rows,
+            "peer": {"name": "llm-compressor 0.14 GPTQModifier (CPU)", "scheme": f"int4 sym g{model.peer_group}",
+                     **peer, "ours_ppl": ours["ppl"]}}
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    lines = ["# Quantization quality", "",
+             "`python bench/quality.py --json` (2-core CPU; reference executor). Δppl relative to the unquantized model.",
+             "Every linear weight is quantized (`--no-keep-default`); the tied embedding / lm_head stays 16-bit.", ""]
+    for key, r in report.items():
+        lines += [f"## {r['model']}: {r['tokens']:,} tokens of `{r['text']}`, ctx {r['ctx']}, "
+                  f"BOS {'prepended' if r['bos'] else 'not used'}; reference PPL {r['ref_ppl']:.3f}", "",
+                  f"Calibration: {r['calibration']}.", "",
+                  "| method | scheme | PPL | Δppl | mean KLD | p99 KLD | top-1 agree | weight MiB | compile s | peak RSS MiB |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in r["rows"]:
+            lines.append(f"| {row['method']} | {row['scheme']} | {row['ppl']:.3f} | {row['ppl'] - r['ref_ppl']:+.3f} | "
+                         f"{row['kld_mean']:.4f} | {row['kld_p99']:.4f} | {row['top1_agree']:.4f} | "
+                         f"{row['weight_bytes'] / 2**20:.2f} | {row['seconds']} | {row['peak_rss_mib']} |")
+        p = r["peer"]
+        peer_ppl = f"{p['ppl']:.3f}" if "ppl" in p else f"not run ({p.get('error')})"
+        lines += ["", f"Peer, same model/calibration/windows, {p['scheme']}: {p['name']} PPL {peer_ppl}; "
+                      f"bitsmith GPTQ PPL {p['ours_ppl']:.3f}.", ""]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--models", default="tinystories,smollm2")
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--peer-venv", type=Path,
+                        default=Path(os.environ.get("BITSMITH_PEER_VENV", Path.home() / ".cache/bitsmith/peer-venv")))
+    parser.add_argument("--out", type=Path, default=HERE / "quality.md")
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        raise SystemExit(f"error: {DATA} not found (real models and text live in ../shared/data)")
+    report = {}
+    with tempfile.TemporaryDirectory(prefix="bitsmith-quality-") as tmp:
+        for key in args.models.split(","):
+            report[key] = bench_model(key, args.tokens, args.peer_venv, Path(tmp))
+    write_markdown(report, args.out)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(args.out.read_text())
+
+
+if __name__ == "__main__":
+    main()
