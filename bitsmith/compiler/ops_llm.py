@@ -165,15 +165,17 @@ def _attention_ref(xs, attrs, ctx):
     group = heads // kv
     # batched matmuls per kv head (BLAS): q [kv, seq*group, d] @ keys [kv, d, span] -> [kv, seq*group, span]
     qg = q.reshape(seq, kv, group, d).transpose(1, 0, 2, 3).reshape(kv, seq * group, d)
-    scores = np.matmul(qg, keys.transpose(1, 2, 0)) * np.float32(attrs["scale"])
+    scores = np.matmul(qg, keys.transpose(1, 2, 0))
+    scores *= np.float32(attrs["scale"])
     slots = np.arange(span)
     visible = slots[None, :] <= pos[:, None]  # causal: a token sees every slot up to its own position
     if attrs.get("sliding_window"):
         visible &= slots[None, :] > pos[:, None] - attrs["sliding_window"]
+    bias = np.where(visible, np.float32(0), np.float32(-np.inf))  # [seq, span]
     scores = scores.reshape(kv, seq, group, span)
-    scores = np.where(visible[None, :, None, :], scores, -np.inf)
+    scores += bias[None, :, None, :]
     scores -= scores.max(axis=-1, keepdims=True)
-    probs = np.exp(scores)
+    probs = np.exp(scores, out=scores)
     probs /= probs.sum(axis=-1, keepdims=True)
     out = np.matmul(probs.reshape(kv, seq * group, span), values.transpose(1, 0, 2))  # [kv, seq*group, d]
     out = out.reshape(kv, seq, group, d).transpose(1, 0, 2, 3).reshape(seq, heads, d)

@@ -93,8 +93,10 @@ class QuantizeWeights:
                                 fix="compile a model with a tokenizer, or use --method rtn")
         fn = module["prefill"]
         envs = initial_envs(module, ctx.calibration)
-        for seg in tqdm(split_by_layer(module), desc="quantizing layers", leave=False):
-            targets = {w: v for w, v in linear_inputs(fn, seg).items() if w in plan}
+        segments = split_by_layer(module)
+        targets_of = [{w: v for w, v in linear_inputs(fn, seg).items() if w in plan} for seg in segments]
+        last = max(i for i, t in enumerate(targets_of) if t)  # later segments (e.g. the logits) need not run
+        for seg, targets in tqdm(list(zip(segments, targets_of))[:last + 1], desc="quantizing layers", leave=False):
             if targets:
                 stats = InputStats({v for w, v in targets.items() if plan[w].method == "gptq"},
                                    {v for w, v in targets.items() if plan[w].method == "awq"})

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from bitsmith.compiler.config import ModelConfig
-from bitsmith.compiler.frontends.base import Checkpoint, TokenizerSpec, require_path, sha256_file
+from bitsmith.compiler.frontends.base import Checkpoint, LoadedModel, TokenizerSpec, require_path, sha256_file
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.safetensors_io import read_safetensors as read_safetensors_file
 
@@ -152,7 +152,7 @@ def load_hf_tokenizer(directory: Path, config: ModelConfig) -> TokenizerSpec | N
     return TokenizerSpec("hf", files, bos, tuple(eos), add_bos, template)
 
 
-def load_hf(directory: str | Path) -> Checkpoint:
+def load_hf(directory: str | Path) -> "Checkpoint | LoadedModel":
     """Load a Llama/Mistral/Qwen2/Qwen3 HF directory; other architectures go through torch.export."""
     directory = require_path(directory, "model directory")
     if not directory.is_dir():

@@ -1,0 +1,500 @@
+"""torch.export frontend: trace a causal LM (any nn.Module taking token ids) and lower its ATen graph to the IR."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import operator
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from bitsmith.compiler.frontends.base import LoadedModel, require_path, sha256_file
+from bitsmith.compiler.ir import Function, FunctionBuilder, Module, TensorType
+from bitsmith.errors import BitsmithError
+from bitsmith.passes.canonicalize import canonicalize
+
+SEQ, CTX = "seq", "ctx"
+CONST_LIMIT = 4096  # buffers up to this many elements (rotary inv_freq) become `const` nodes, not weights
+
+
+def finish_module(prefill: Function, weights: dict[str, np.ndarray], meta: dict[str, Any]) -> tuple[Module, dict]:
+    """Canonicalise the lowered prefill (fusions, decode) and keep the weights it reads. Shared with ONNX."""
+    types = {k: TensorType(tuple(v.shape), str(v.dtype)) for k, v in weights.items()}
+    module = canonicalize(Module({"prefill": prefill}, types, meta))
+    return module, {k: v for k, v in weights.items() if k in module.weights}
+
+
+def weight_name(target: str) -> str:
+    """Canonical weight name: without the "model." prefix(es) of HF (and of a wrapper module named `model`)."""
+    while target.startswith("model."):
+        target = target[len("model."):]
+    return target
+
+
+def to_numpy(tensor: Any) -> np.ndarray:
+    import torch
+
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def _source_line(node: Any) -> str:
+    """The innermost frame of the traced code outside torch itself, e.g. `modeling_x.py:12 (y = f(x))`."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', node.meta.get("stack_trace") or "")
+    own = [f for f in frames if "/torch/" not in f[0]] or frames
+    if own:
+        path, line, code = own[-1]
+        return f"{path}:{line} ({code.strip()})"
+    stack = node.meta.get("nn_module_stack") or {}
+    return f"module {list(stack.values())[-1][0]}" if stack else f"node {node.name}"
+
+
+@dataclass
+class Val:
+    """A lowered tensor: its IR value and whether the traced tensor had the (dropped) leading batch dim."""
+
+    name: str
+    batched: bool
+
+
+class GraphLowering:
+    """What both graph frontends share: the IR builder, entry inputs, batch-aware axes and the attention op."""
+
+    where = ""
+
+    def begin(self, weights: dict[str, np.ndarray], layers: int, heads: set[tuple[int, int]]) -> None:
+        if len(heads) > 1:
+            raise BitsmithError(f"attention layers differ in (kv heads, head dim): {sorted(heads)}", where=self.where,
+                                fix="one KV cache needs the same kv heads and head dim in every layer")
+        (kv_heads, head_dim), = heads or {(1, 1)}
+        self.b = FunctionBuilder("prefill", {k: TensorType(tuple(v.shape), str(v.dtype)) for k, v in weights.items()})
+        self.tokens = self.b.input("tokens", TensorType((SEQ,), "int64"))
+        self.positions = self.b.input("positions", TensorType((SEQ,), "int64"))
+        self.cache = self.b.input("kv_cache", TensorType((layers, 2, CTX, kv_heads, head_dim), "float32"))
+        self.layer = 0
+        self.meta = {"num_layers": layers, "num_kv_heads": kv_heads, "head_dim": head_dim}
+
+    def end(self, out: Any) -> tuple[Function, dict[str, Any]]:
+        if not isinstance(out, Val) or not out.batched or self.b.type_of(out.name).rank != 2:
+            raise BitsmithError("the first output is not logits [batch, seq, vocab]", where=self.where)
+        return self.b.finish([out.name, self.cache]), {**self.meta, "vocab_size": self.b.type_of(out.name).shape[-1]}
+
+    def rank(self, x: Val) -> int:
+        """Rank of the traced tensor (batch included)."""
+        return self.b.type_of(x.name).rank + x.batched
+
+    def locate(self, at: Any) -> str:
+        """Where a node came from, for error messages (the model source line, the ONNX node)."""
+        return f"{self.where}: {at}"
+
+    def axis(self, x: Val, dim: int, at: Any) -> int:
+        """The IR axis of traced axis `dim` of x (batch dropped); `at` names the node on error."""
+        dim %= self.rank(x)
+        if x.batched and dim == 0:
+            raise BitsmithError("an op works along the batch dimension", where=self.locate(at),
+                                fix="batch is 1 in the trace; only per-sequence ops are supported")
+        return dim - x.batched
+
+    def const(self, value: Any, dtype: str) -> str:
+        return self.b.op("const", [], hint="const", value=np.asarray(value).tolist(), dtype=dtype)
+
+    def unbatch(self, x: Val) -> str:
+        """An unbatched operand as wide as a batched one drops its leading 1 so the two still broadcast."""
+        return self.b.op("reshape", [x.name], hint="unbatch", shape=list(self.b.type_of(x.name).shape[1:]))
+
+    def attention(self, q: Val, k: Val, v: Val, scale: float, window: int | None, hint: str) -> Val:
+        # traced [1, heads, seq, d] -> IR [heads, seq, d] -> the attention op's [seq, heads, d], and back
+        t = [self.b.op("transpose", [x.name], hint=hint + ".in", perm=[1, 0, 2]) for x in (q, k, v)]
+        out, self.cache = self.b.op_multi("attention", t + [self.positions, self.cache], hint=hint, layer=self.layer,
+                                          scale=float(scale), sliding_window=window)
+        self.layer += 1
+        return Val(self.b.op("transpose", [out], hint=hint, perm=[1, 0, 2]), True)
+
+
+UNARY = ("silu", "sigmoid", "tanh", "neg", "cos", "sin", "exp", "sqrt", "rsqrt")
+IDENTITY = ("alias", "clone", "contiguous", "detach", "dropout", "lift_fresh_copy", "type_as")
+RESHAPE = ("view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "flatten", "view_as", "reshape_as")
+BINARY = {"add": "add", "sub": "sub", "rsub": "sub", "mul": "mul", "div": "div", "matmul": "matmul", "bmm": "matmul"}
+
+
+class _AtenLowering(GraphLowering):
+    """Lowers the live part of an exported program into the IR `prefill` function, batch dim dropped."""
+
+    def __init__(self, ep: Any, model: Any):
+        self.ep, self.model = ep, model
+        sig = ep.graph_signature
+        self.state = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
+        self.nodes = list(ep.graph.nodes)
+        self.user = [n for n in self.nodes if n.op == "placeholder" and n.name not in self.state]
+        self.seq_expr = self.user[0].meta["val"].shape[1].node.expr  # input_ids [1, seq]
+        self.sites = [n for n in self.nodes if _packet(n) == "scaled_dot_product_attention"]
+        self.v: dict[Any, Any] = {}
+        self.weights: dict[str, np.ndarray] = {}
+        self.consts: dict[str, np.ndarray] = {}
+
+    # ------------------------------------------------------------------ which nodes to lower
+
+    @staticmethod
+    def strip_repeat(node: Any) -> Any:
+        """GQA's repeat_kv (unsqueeze(2) -> expand -> reshape) back to the kv-headed tensor."""
+        if _packet(node) in ("reshape", "view", "_unsafe_view"):
+            exp = node.args[0]
+            if _packet(exp) == "expand" and _packet(exp.args[0]) == "unsqueeze" and exp.args[0].args[1] == 2:
+                return exp.args[0].args[0]
+        return node
+
+    def _deps(self, node: Any) -> list[Any]:
+        if node in self.sites:  # the mask argument is dropped: the IR attention op is causal by definition
+            return [node.args[0], self.strip_repeat(node.args[1]), self.strip_repeat(node.args[2])]
+        return list(node.all_input_nodes)
+
+    def _live(self, roots: list[Any]) -> set:
+        live, stack = set(), list(roots)
+        while stack:
+            node = stack.pop()
+            if node not in live:
+                live.add(node)
+                stack.extend(self._deps(node))
+        return live
+
+    # ------------------------------------------------------------------ helpers
+
+    def dims(self, node: Any, batched: bool) -> list:
+        """IR dims of the node's traced shape: batch dropped, the token dim named `seq`."""
+        out = []
+        for d in list(node.meta["val"].shape)[1 if batched else 0:]:
+            expr = d if isinstance(d, int) else d.node.expr
+            if not isinstance(expr, int) and expr == self.seq_expr:
+                out.append(SEQ)
+            elif isinstance(expr, int) or expr.is_number:
+                out.append(int(expr))
+            else:
+                raise BitsmithError(f"dimension {d} is neither static nor the token count", where=_source_line(node),
+                                    fix="only the token dimension may be dynamic")
+        return out
+
+    def arg(self, node: Any, i: int, name: str, default: Any = None) -> Any:
+        a = node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
+        if isinstance(a, (list, tuple)):
+            return [self.v[x] if hasattr(x, "meta") and hasattr(x, "op") else x for x in a]
+        return self.v[a] if hasattr(a, "meta") and hasattr(a, "op") else a
+
+    def locate(self, at: Any) -> str:
+        return _source_line(at)
+
+    def hint(self, node: Any) -> str:
+        stack = node.meta.get("nn_module_stack") or {}
+        path = weight_name(list(stack.values())[-1][0]) if stack else ""
+        return f"{path}.{_packet(node)}" if path else node.name
+
+    def emit(self, node: Any, op: str, inputs: list[str], batched: bool, **attrs: Any) -> Val:
+        return Val(self.b.op(op, inputs, hint=self.hint(node), **attrs), batched)
+
+    def aligned(self, xs: list[Any]) -> tuple[list[str], bool]:
+        """IR names for mixed tensor/scalar operands; an unbatched full-rank operand loses its leading 1."""
+        tensors = [x for x in xs if isinstance(x, Val)]
+        batched, rank = any(x.batched for x in tensors), max(self.rank(x) for x in tensors)
+        is_float = any(isinstance(x, float) for x in xs) or any(self.b.type_of(x.name).dtype != "int64" for x in tensors)
+        names = []
+        for x in xs:
+            if not isinstance(x, Val):
+                names.append(self.const(x, "float32" if is_float else "int64"))
+            elif batched and not x.batched and self.rank(x) == rank:
+                names.append(self.unbatch(x))
+            else:
+                names.append(x.name)
+        return names, batched
+
+    # ------------------------------------------------------------------ lowering
+
+    def lower(self) -> tuple[Function, dict[str, np.ndarray], dict[str, Any]]:
+        output = next(n for n in self.nodes if n.op == "output")
+        logits = output.args[0][0] if isinstance(output.args[0], (list, tuple)) else output.args[0]
+        live = self._live([logits])
+        for node in self.nodes:  # weights first: the builder needs their types
+            if node.op == "placeholder" and node.name in self.state and node in live:
+                self._state_tensor(node)
+        self.sites = [n for n in self.sites if n in live]  # layer i of the cache = i-th live attention
+        kv = [self.strip_repeat(n.args[2]).meta["val"].shape for n in self.sites]  # [1, kv_heads, seq, d]
+        self.begin(self.weights, len(self.sites), {(int(s[1]), int(s[-1])) for s in kv})
+        for node in self.nodes:
+            if node in live and node.op != "output":
+                self.v[node] = self.lower_node(node)
+        self.where = _source_line(logits)
+        fn, meta = self.end(self.v[logits])
+        return fn, self.weights, meta
+
+    def _state_tensor(self, node: Any) -> None:
+        target = self.state[node.name]
+        tensor = self.ep.state_dict[target] if target in self.ep.state_dict else self.ep.constants[target]
+        array = to_numpy(tensor)
+        if node.name in self.ep.graph_signature.inputs_to_parameters or array.size > CONST_LIMIT:
+            self.weights[weight_name(target)] = array
+        else:
+            self.consts[node.name] = array
+
+    def lower_node(self, node: Any) -> Any:
+        if node.op == "placeholder":
+            if node.name in self.state:
+                target = weight_name(self.state[node.name])
+                if target in self.weights:
+                    return Val(self.b.weight(target), False)
+                array = self.consts[node.name]
+                return Val(self.const(array, "float32" if array.dtype.kind == "f" else str(array.dtype)), False)
+            if node.name == "position_ids":
+                return Val(self.positions, True)
+            return Val(self.tokens, True) if node is self.user[0] else None
+        name = _packet(node) if node.target is not operator.getitem else "getitem"
+        handler = getattr(self, f"op_{name}", None)
+        if name in UNARY:
+            return self.emit(node, name, [self.arg(node, 0, "self").name], self.arg(node, 0, "self").batched)
+        if name in IDENTITY:
+            return self.arg(node, 0, "input")
+        if name in RESHAPE:
+            x = self.arg(node, 0, "self")
+            return self.emit(node, "reshape", [x.name], x.batched, shape=self.dims(node, x.batched))
+        if name in BINARY:
+            return self.binary(node, name)
+        if handler is None:
+            raise BitsmithError(f"ATen op {node.target} has no IR lowering", where=_source_line(node),
+                                fix="rewrite that part of the model with supported ops, or add a lowering")
+        return handler(node)
+
+    def binary(self, node: Any, name: str) -> Val:
+        a, b = self.arg(node, 0, "self"), self.arg(node, 1, "other")
+        if name == "rsub":
+            a, b = b, a
+        alpha = node.kwargs.get("alpha", 1)
+        if node.kwargs.get("rounding_mode") is not None or alpha != 1:
+            raise BitsmithError(f"{node.target} with {dict(node.kwargs)} is not supported", where=_source_line(node))
+        names, batched = self.aligned([a, b])
+        return self.emit(node, BINARY[name], names, batched)
+
+    def op_sym_size(self, node: Any) -> None:
+        return None  # shapes come from each node's traced metadata
+
+    def op_arange(self, node: Any) -> Val:
+        """arange(seq) is the prefill's token positions; under a KV cache they are the `positions` input."""
+        args = list(node.args) + [1] * (3 - len(node.args))
+        start, step = (0, 1) if len(node.args) == 1 else (args[0], args[2])
+        end = node.meta["val"].shape[0]
+        if start == 0 and step == 1 and not isinstance(end, int) and end.node.expr == self.seq_expr:
+            return Val(self.positions, False)
+        raise BitsmithError(f"aten.arange{tuple(node.args)} is not the token positions", where=_source_line(node))
+
+    def op_to(self, node: Any) -> Val:
+        import torch
+
+        x = self.arg(node, 0, "self")
+        dtypes = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(a, torch.dtype)]
+        src = self.b.type_of(x.name).dtype
+        if not dtypes or (dtypes[0].is_floating_point and src != "int64"):
+            return x  # activations are float32 in the IR whatever the traced float dtype
+        target = "float32" if dtypes[0].is_floating_point else str(dtypes[0]).replace("torch.", "")
+        return x if target == src else self.emit(node, "cast", [x.name], x.batched, dtype=target)
+
+    op__to_copy = op_to
+
+    def op_getitem(self, node: Any) -> Any:
+        return self.v[node.args[0]][node.args[1]]
+
+    def op_embedding(self, node: Any) -> Val:
+        table, ids = self.arg(node, 0, "weight"), self.arg(node, 1, "indices")
+        return self.emit(node, "embedding", [table.name, ids.name], ids.batched)
+
+    def op_linear(self, node: Any) -> Val:
+        x, w, bias = self.arg(node, 0, "input"), self.arg(node, 1, "weight"), self.arg(node, 2, "bias")
+        return self.emit(node, "linear", [x.name, w.name] + ([bias.name] if bias else []), x.batched)
+
+    def op_layer_norm(self, node: Any) -> Val:
+        x, shape = self.arg(node, 0, "input"), self.arg(node, 1, "normalized_shape")
+        w, bias, eps = self.arg(node, 2, "weight"), self.arg(node, 3, "bias"), self.arg(node, 4, "eps", 1e-5)
+        if len(shape) != 1 or (bias is not None and w is None):
+            raise BitsmithError(f"layer_norm over {shape} is not supported", where=_source_line(node))
+        params = [p.name for p in (w, bias) if p is not None]
+        return self.emit(node, "layernorm", [x.name] + params, x.batched, eps=float(eps))
+
+    def op_gelu(self, node: Any) -> Val:
+        x, approx = self.arg(node, 0, "self"), self.arg(node, 1, "approximate", "none")
+        return self.emit(node, "gelu", [x.name], x.batched, **({"approximate": "tanh"} if approx == "tanh" else {}))
+
+    def op_pow(self, node: Any) -> Val:
+        x, e = self.arg(node, 0, "self"), self.arg(node, 1, "exponent")
+        if isinstance(e, Val):
+            raise BitsmithError("pow with a tensor exponent is not supported", where=_source_line(node))
+        return self.emit(node, "pow", [x.name], x.batched, exponent=float(e))
+
+    def op_mean(self, node: Any) -> Val:
+        x, dims, keep = self.arg(node, 0, "self"), self.arg(node, 1, "dim"), self.arg(node, 2, "keepdim", False)
+        axes = [self.axis(x, d, node) for d in dims]
+        return self.emit(node, "mean", [x.name], x.batched, axes=axes, keepdim=bool(keep))
+
+    def op_softmax(self, node: Any) -> Val:
+        x = self.arg(node, 0, "self")
+        return self.emit(node, "softmax", [x.name], x.batched, axis=self.axis(x, self.arg(node, 1, "dim"), node))
+
+    op__softmax = op_softmax
+
+    def op_expand(self, node: Any) -> Val:
+        x = self.arg(node, 0, "self")
+        return self.emit(node, "broadcast_to", [x.name], x.batched, shape=self.dims(node, x.batched))
+
+    def op_transpose(self, node: Any) -> Val:
+        x = self.arg(node, 0, "self")
+        perm = list(range(self.rank(x) - x.batched))
+        a, b = (self.axis(x, d, node) for d in node.args[1:3])
+        perm[a], perm[b] = perm[b], perm[a]
+        return self.emit(node, "transpose", [x.name], x.batched, perm=perm)
+
+    def op_permute(self, node: Any) -> Val:
+        x = self.arg(node, 0, "self")
+        perm = [self.axis(x, d, node) for d in node.args[1]]
+        return self.emit(node, "transpose", [x.name], x.batched, perm=perm)
+
+    def _slice(self, node: Any, x: Val, dim: int, start: int, end: int, step: int = 1) -> Val:
+        axis = self.axis(x, dim, node)
+        size = self.b.type_of(x.name).shape[axis]
+        if not isinstance(size, int) or not all(isinstance(v, int) for v in (start, end, step)):
+            if (start or 0) == 0 and step == 1 and (end is None or end >= 1 << 62 or size == SEQ):
+                return x  # x[:, :] along the token axis
+            raise BitsmithError("slicing along the token dimension is not supported", where=_source_line(node))
+        return self.emit(node, "slice", [x.name], x.batched, axis=axis, start=start, end=min(end, size), step=step)
+
+    def op_slice(self, node: Any) -> Val:
+        x = self.arg(node, 0, "self")
+        start, end = self.arg(node, 2, "start"), self.arg(node, 3, "end")
+        return self._slice(node, x, self.arg(node, 1, "dim", 0), start or 0,
+                           (1 << 62) if end is None else end, self.arg(node, 4, "step", 1))
+
+    def op_cat(self, node: Any) -> Val:
+        xs = self.arg(node, 0, "tensors")
+        names, batched = self.aligned(xs)
+        ref = next(x for x in xs if x.batched == batched)
+        return self.emit(node, "concat", names, batched, axis=self.axis(ref, self.arg(node, 1, "dim", 0), node))
+
+    def op_split_with_sizes(self, node: Any) -> list[Val]:
+        """chunk / split / split_with_sizes -> slices along one axis (getitem picks them)."""
+        x, n, dim = self.arg(node, 0, "self"), self.arg(node, 1, "split_size"), self.arg(node, 2, "dim", 0)
+        total = self.b.type_of(x.name).shape[self.axis(x, dim, node)]
+        if _packet(node) == "chunk":
+            n = -(-total // n)
+        sizes = list(n) if isinstance(n, (list, tuple)) else [min(n, total - i) for i in range(0, total, n)]
+        starts = np.cumsum([0] + sizes[:-1])
+        return [self._slice(node, x, dim, int(a), int(a + k)) for a, k in zip(starts, sizes)]
+
+    op_split = op_chunk = op_split_with_sizes
+
+    def _window(self, node: Any) -> int | None:
+        """The sliding window of the attention module that issued this SDPA (the mask itself is dropped)."""
+        for path, _ in reversed(list((node.meta.get("nn_module_stack") or {}).values())):
+            try:
+                mod = self.model.get_submodule(path)
+            except AttributeError:
+                continue
+            if hasattr(mod, "sliding_window"):
+                return mod.sliding_window or None
+            if "attention" in type(mod).__name__.lower() and hasattr(getattr(mod, "config", None), "sliding_window"):
+                return mod.config.sliding_window or None
+        return None
+
+    def op_scaled_dot_product_attention(self, node: Any) -> Val:
+        q, k, v = (self.v[n] for n in (node.args[0], self.strip_repeat(node.args[1]), self.strip_repeat(node.args[2])))
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if mask is None and not self.arg(node, 5, "is_causal", False):
+            raise BitsmithError("non-causal attention (no mask, is_causal=False)", where=_source_line(node),
+                                fix="only causal decoders can run with a KV cache")
+        if mask is not None and str(mask.meta["val"].dtype) != "torch.bool":
+            raise BitsmithError("attention with a float mask (a bias such as ALiBi) is not supported",
+                                where=_source_line(node), fix="only causal / sliding-window masks map to the IR")
+        scale = self.arg(node, 6, "scale") or 1.0 / math.sqrt(self.b.type_of(q.name).shape[-1])
+        return self.attention(q, k, v, scale, self._window(node), self.hint(node))
+
+
+def _packet(node: Any) -> str:
+    """The ATen op name of a call node (`linear` for aten.linear.default), else ""."""
+    packet = getattr(getattr(node, "target", None), "overloadpacket", None)
+    return packet.__name__ if getattr(node, "op", "") == "call_function" and packet is not None else ""
+
+
+def trace_module(model: Any, example_ids: Any, rope_candidates: list[dict] | None = None,
+                 meta: dict[str, Any] | None = None) -> tuple[Module, dict[str, np.ndarray]]:
+    """Trace `model(input_ids[, position_ids], use_cache=False)` with a dynamic token dim; returns (module, weights).
+
+    `rope_candidates` ([{theta, scaling}]) lets the RoPE fusion recognise scaled inverse frequencies.
+    """
+    import torch
+
+    ids = torch.as_tensor(example_ids, dtype=torch.long).reshape(1, -1)
+    seq = torch.export.Dim("seq", min=1, max=1 << 20)
+    params = inspect.signature(model.forward).parameters
+    accepts = (lambda name: name in params or any(p.kind == p.VAR_KEYWORD for p in params.values()))
+    kwargs, dyn = {"input_ids": ids}, {"input_ids": {1: seq}}
+    if accepts("position_ids"):  # positions as an input, so RoPE reads the IR `positions`
+        kwargs["position_ids"], dyn["position_ids"] = torch.arange(ids.shape[1])[None], {1: seq}
+    if accepts("use_cache"):
+        kwargs["use_cache"], dyn["use_cache"] = False, None
+    saved, was_training = getattr(getattr(model, "config", None), "_attn_implementation", None), model.training
+    try:
+        model.eval()
+        if saved is not None and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation("sdpa")  # attention as one scaled_dot_product_attention op
+        with torch.no_grad():
+            ep = torch.export.export(model, (), kwargs=kwargs, dynamic_shapes=dyn, strict=False)
+    except Exception as exc:
+        raise BitsmithError(f"torch.export could not trace {type(model).__name__}: {str(exc).splitlines()[0]}",
+                            fix="make the model traceable with torch.export.export(..., strict=False)") from exc
+    finally:
+        if saved is not None and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(saved)
+        model.train(was_training)
+    prefill, weights, shape_meta = _AtenLowering(ep, model).lower()
+    info = {"frontend": "torch_export", **shape_meta, "rope_candidates": rope_candidates or [], **(meta or {})}
+    return finish_module(prefill, weights, info)
+
+
+def hf_side_files(directory: Path, cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(tokenizer spec or None, config with `max_position`) from an HF-style directory. Shared with ONNX."""
+    from bitsmith.compiler.frontends.hf import load_hf_tokenizer
+
+    eos = cfg.get("eos_token_id")
+    ids = SimpleNamespace(bos_token_id=cfg.get("bos_token_id"),  # what load_hf_tokenizer reads of a ModelConfig
+                          eos_ids=list(eos) if isinstance(eos, list) else ([eos] if eos is not None else []))
+    config = {**cfg, "architecture": cfg.get("model_type"), "max_position": cfg.get("max_position_embeddings", 2048)}
+    return load_hf_tokenizer(directory, ids), config
+
+
+def load_hf_via_export(directory: str | Path) -> LoadedModel:
+    """Load an HF directory of an architecture without a hand-written mapping by tracing it with torch.export."""
+    import torch
+    import transformers
+
+    from bitsmith.compiler.frontends.hf import _rope_settings, read_json
+
+    directory = require_path(directory, "model directory")
+    cfg = read_json(directory / "config.json")
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
+    except Exception as exc:
+        raise BitsmithError(f"transformers cannot load {cfg.get('model_type')!r}: {str(exc).splitlines()[0]}",
+                            where=str(directory), fix="use a transformers version that knows this architecture") from exc
+    try:
+        theta, scaling = _rope_settings(cfg)
+        rope = [{"theta": theta, "scaling": scaling}]
+    except (BitsmithError, KeyError, TypeError):  # a RoPE kind the IR op lacks: left unfused (still correct)
+        rope = []
+    module, weights = trace_module(model, torch.arange(2, 10), rope, meta={"architecture": cfg.get("model_type")})
+    files = sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")) + [directory / "config.json"]
+    source = {"path": str(directory.resolve()), "format": "hf-torch-export",
+              "files": {p.name: sha256_file(p) for p in files}}
+    tokenizer, config = hf_side_files(directory, cfg)
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
+    return LoadedModel(module, weights, tokenizer, config, source, dtype)
