@@ -146,3 +146,35 @@ def test_missing_and_modified_files(tiny_artifact, tmp_path):
     weights.unlink()
     assert_clean_error(bitsmith("run", art, "hi"), "weights.safetensors is missing")
     assert_clean_error(bitsmith("run", tmp_path / "nothing", "hi"), "does not exist")
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "mamba9000", "hidden_size": 4}')
+    proc = bitsmith("compile", tmp_path / "m", "-o", tmp_path / "out")
+    assert_clean_error(proc, "unsupported architecture 'mamba9000'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantized_compile_inspect_run(tiny_artifact, tmp_path):
+    proc = bitsmith("compile", tiny_artifact / "model", "-o", tmp_path / "q", "--method", "rtn", "--bits", "4",
+                    "--group", "32", "--no-keep-default", "--scheme", "down_proj=int8")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(bitsmith("inspect", tmp_path / "q", "--json").stdout)
+    weights = summary["precision"]["weights"]
+    assert weights["layers.0.mlp.down_proj.weight"]["scheme"] == "int8-g32-sym-rtn"
+    assert weights["layers.1.self_attn.q_proj.weight"]["bits_per_weight"] == 4.5  # 4 bits + fp16 scale per 32
+    assert summary["ir"]["prefill"]["ops"]["qlinear"] == 15  # 14 decoder linears + the untied lm_head
+
+
+def test_bad_quantization_options(tiny_artifact, tmp_path):
+    model = tiny_artifact / "model"
+    assert_clean_error(bitsmith("compile", model, "-o", tmp_path / "o", "--method", "rtn", "--keep", "nothing.*"),
+                       "pattern 'nothing.*' matches no quantizable weight")
+    assert_clean_error(bitsmith("compile", model, "-o", tmp_path / "o", "--method", "gptq", "--no-keep-default"),
+                       "calibration tokens")  # the tiny model has no tokenizer
+    proc = bitsmith("compile", model, "-o", tmp_path / "o", "--method", "rtn", "--scheme", "down_proj=int5")
+    assert_clean_error(proc, "unsupported bit width 5")
+    proc = bitsmith("compile", model, "-o", tmp_path / "o", "--bits", "5")
+    assert proc.returncode == 2 and "'5' is not one of" in proc.stderr
+    assert not (tmp_path / "o").exists()

@@ -481,11 +481,21 @@ def load_hf_via_export(directory: str | Path) -> LoadedModel:
 
     directory = require_path(directory, "model directory")
     cfg = read_json(directory / "config.json")
+    model_type = cfg.get("model_type")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(directory))
+    except (ValueError, KeyError, OSError) as exc:
+        raise BitsmithError(f"unsupported architecture {model_type!r}: transformers does not know it",
+                            where=str(directory), fix="use a Llama/Mistral/Qwen2/Qwen3 model, or a transformers "
+                                                      "version that knows this architecture") from exc
+    if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise BitsmithError(f"unsupported architecture {model_type!r}: it is not a causal (decoder-only) language model",
+                            where=str(directory), fix="bitsmith compiles text-generation models such as Llama or Qwen")
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
-    except Exception as exc:
-        raise BitsmithError(f"transformers cannot load {cfg.get('model_type')!r}: {str(exc).splitlines()[0]}",
-                            where=str(directory), fix="use a transformers version that knows this architecture") from exc
+    except Exception as exc:  # transformers raises many unrelated types while loading; report its first line
+        raise BitsmithError(f"transformers cannot load the {model_type!r} checkpoint: {str(exc).splitlines()[0]}",
+                            where=str(directory), fix="check that the weights (*.safetensors) are present and complete") from exc
     try:
         theta, scaling = _rope_settings(cfg)
         rope = [{"theta": theta, "scaling": scaling}]
