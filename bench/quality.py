@@ -24,7 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DATA = Path(os.environ.get("BITSMITH_DATA", HERE.parents[1] / "shared" / "data"))
-SAMPLES, SEQLEN = 64, 256  # calibration: 16,384 tokens, well above every layer's in_features
+SEQLEN = 256  # tokens per calibration sample
 
 
 @dataclass(frozen=True)
@@ -35,31 +35,32 @@ class BenchModel:
     ctx: int
     calib_chars: tuple[int, int]  # slice of the same file used for calibration (disjoint from the scored part)
     peer_group: int  # group size the peer comparison uses (must divide every in_features)
+    calib_samples: int  # x SEQLEN tokens: several times the widest in_features, so GPTQ's Hessian is well posed
 
 
 MODELS = {
     "tinystories": BenchModel("TinyStories-656K", str(DATA / "tinystories-656k"),
                               DATA / "tinystories-valid-subset" / "tinystories_valid_head.txt", 256,
-                              (400_000, 794_375), 64),
+                              (400_000, 794_375), 64, 64),
     "smollm2": BenchModel("SmolLM2-135M", "default", DATA / "wikitext-2-raw-test" / "wiki.test.raw", 1024,
-                          (700_000, 1_290_590), 64),
+                          (700_000, 1_290_590), 64, 32),
 }
 
 
 def schemes_for(model: str) -> list[tuple[str, int, int, bool]]:
     """(label, bits, group, sym): int8 per channel, int4 g32/g64/g128 (per channel where 128 does not divide), int3 g32."""
     g128 = ("int4 g128", 4, 128, True) if model == "tinystories" else ("int4 per-channel", 4, -1, True)
-    rows = [("int8 per-channel", 8, -1, True), ("int4 g32", 4, 32, True), ("int4 g64", 4, 64, True), g128,
+    return [("int8 per-channel", 8, -1, True), ("int4 g32", 4, 32, True), ("int4 g64", 4, 64, True), g128,
             ("int3 g32", 3, 32, True)]
-    return rows
 
 
-def compile_one(source: str, out: Path, method: str, bits: int, group: int, sym: bool, calib: Path) -> dict:
+def compile_one(source: str, out: Path, method: str, bits: int, group: int, sym: bool, calib: Path,
+                samples: int) -> dict:
     """Run `bitsmith compile` in a subprocess; returns wall seconds and peak RSS (MiB)."""
     cmd = [sys.executable, "-m", "bitsmith.compiler.cli", "compile", *([] if source == "default" else [source]),
            "-o", str(out), "--method", method, "--bits", str(bits), "--group", str(group),
            "--sym" if sym else "--asym", "--no-keep-default", "--calib", str(calib),
-           "--calib-samples", str(SAMPLES), "--calib-seqlen", str(SEQLEN)]
+           "--calib-samples", str(samples), "--calib-seqlen", str(SEQLEN)]
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -117,7 +118,7 @@ def bench_model(key: str, tokens: int, venv: Path, work: Path) -> dict:
     for method, label, bits, group, sym in configs:
         out = work / f"{key}-{method}-{bits}-{group}-{'s' if sym else 'a'}"
         print(f"[{key}] compile {method} {label}", file=sys.stderr, flush=True)
-        info = compile_one(str(source_path), out, method, bits, group, sym, calib)
+        info = compile_one(str(source_path), out, method, bits, group, sym, calib, model.calib_samples)
         rows.append({"method": method, "scheme": label, "weight_bytes": load_artifact(out).manifest["weights"]["bytes"],
                      **info})
         paths.append(out)
@@ -130,13 +131,13 @@ def bench_model(key: str, tokens: int, venv: Path, work: Path) -> dict:
     tokenizer = load_artifact(paths[0]).tokenizer()
     bos = tokenizer.bos_token_id if tokenizer.add_bos else None
     calib_ids = calibration_samples(tokenizer.encode(calib.read_text(), add_bos=False),
-                                    CalibrationOptions(str(calib), SAMPLES, SEQLEN), bos)
+                                    CalibrationOptions(str(calib), model.calib_samples, SEQLEN), bos)
     windows = windows_of(tokenizer.encode(text, add_bos=False)[:tokens], model.ctx, bos)
     print(f"[{key}] peer llm-compressor", file=sys.stderr, flush=True)
     peer = peer_row(model, source_path, tokenizer, calib_ids, windows, venv, model.peer_group)
     ours = next(r for r in rows if r["method"] == "gptq" and r["scheme"] == f"int4 g{model.peer_group}")
     return {"model": model.name, "text": model.text.name, "ctx": model.ctx, "tokens": scored, "bos": bos is not None,
-            "calibration": f"{SAMPLES} x {SEQLEN} tokens from chars {model.calib_chars[0]}-{model.calib_chars[1]} "
+            "calibration": f"{model.calib_samples} x {SEQLEN} tokens from chars {model.calib_chars[0]}-{model.calib_chars[1]} "
                            "of the same file", "ref_ppl": ref_ppl, "rows": rows,
             "peer": {"name": "llm-compressor 0.14 GPTQModifier (CPU)", "scheme": f"int4 sym g{model.peer_group}",
                      **peer, "ours_ppl": ours["ppl"]}}
