@@ -81,7 +81,7 @@ class QuantizeWeights:
 
     def run(self, module: Module, ctx: PassContext) -> Module:
         plan = {k: QuantScheme.from_json(v) for k, v in module.meta.get("precision_plan", {}).items() if v}
-        quantized: dict[str, QuantizedWeight] = ctx.notes.setdefault("quantized", {})
+        ctx.notes.setdefault("quantized", {})  # weight name -> QuantizedWeight, read by pack_weights
         if not plan:
             return module
         if all(s.method == "rtn" for s in plan.values()):

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from bitsmith.compiler.frontends.base import LoadedModel, require_path, sha256_file
-from bitsmith.compiler.frontends.torch_export import (CONST_LIMIT, SEQ, GraphLowering, Val, finish_module,
-                                                      hf_side_files, weight_name)
+from bitsmith.compiler.frontends.graph_lowering import (CONST_LIMIT, SEQ, GraphLowering, Val, finish_module,
+                                                        hf_side_files, weight_name)
 from bitsmith.compiler.ir import Function
 from bitsmith.errors import BitsmithError
 
@@ -127,7 +127,7 @@ class _OnnxLowering(GraphLowering):
         soft = self._op(probs, "Softmax")
         if soft is None:
             return None
-        scores, scale = soft.input[0], 1.0
+        scores = soft.input[0]
         if (add := self._op(scores, "Add")) is not None:  # + mask: dropped, the IR attention op is causal
             scores = next((i for i in add.input if self._op(self._peel_scale(i)[0], "MatMul")), None)
             if not self._is_boolean_mask(next((i for i in add.input if i != scores), "")):
