@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from bitsmith.compiler.ir import Dim, Function, Module, Node, TensorType
 from bitsmith.compiler.ops import infer_types
-from bitsmith.passes.base import PassContext
 
 SEQ = "seq"
 
@@ -32,11 +29,3 @@ def specialize(fn: Function, name: str, weights: dict[str, TensorType], seq: Dim
 def derive_decode(module: Module) -> Module:
     """Adds (or replaces) `decode` = `prefill` at one token per step."""
     return module.with_function(specialize(module["prefill"], "decode", module.weights))
-
-
-@dataclass(frozen=True)
-class DeriveDecode:
-    name: str = "derive_decode"
-
-    def run(self, module: Module, ctx: PassContext) -> Module:
-        return derive_decode(module)

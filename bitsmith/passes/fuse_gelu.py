@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from bitsmith.compiler.ir import Function, Module, Node
-from bitsmith.passes.base import PassContext
 from bitsmith.passes.rewrite import FunctionRewriter, is_scalar_const, map_functions, producers
 
 
@@ -57,11 +55,3 @@ def _rewrite(fn: Function, module: Module) -> Function:
 
 def fuse_gelu(module: Module) -> Module:
     return map_functions(module, _rewrite)
-
-
-@dataclass(frozen=True)
-class FuseGelu:
-    name: str = "fuse_gelu"
-
-    def run(self, module: Module, ctx: PassContext) -> Module:
-        return fuse_gelu(module)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from bitsmith.compiler.ir import Function, Module
-from bitsmith.passes.base import PassContext
 from bitsmith.passes.rewrite import FunctionRewriter, consumers, map_functions, producers
 
 
@@ -30,11 +27,3 @@ def _rewrite(fn: Function, module: Module) -> Function:
 
 def fuse_linear_bias(module: Module) -> Module:
     return map_functions(module, _rewrite)
-
-
-@dataclass(frozen=True)
-class FuseLinearBias:
-    name: str = "fuse_linear_bias"
-
-    def run(self, module: Module, ctx: PassContext) -> Module:
-        return fuse_linear_bias(module)

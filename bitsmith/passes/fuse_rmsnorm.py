@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from bitsmith.compiler.ir import Function, Module, Node
-from bitsmith.passes.base import PassContext
 from bitsmith.passes.rewrite import FunctionRewriter, const_value, map_functions, producers
 
 PASSTHROUGH = ("cast",)  # float casts around the norm (x.to(float32), y.to(input_dtype)) do not change the math
@@ -69,11 +66,3 @@ def _rewrite(fn: Function, module: Module) -> Function:
 
 def fuse_rmsnorm(module: Module) -> Module:
     return map_functions(module, _rewrite)
-
-
-@dataclass(frozen=True)
-class FuseRmsnorm:
-    name: str = "fuse_rmsnorm"
-
-    def run(self, module: Module, ctx: PassContext) -> Module:
-        return fuse_rmsnorm(module)

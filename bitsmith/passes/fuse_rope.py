@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from bitsmith.compiler.ir import Function, Module, Node
 from bitsmith.compiler.ops_llm import rope_inv_freq
-from bitsmith.passes.base import PassContext
 from bitsmith.passes.rewrite import FunctionRewriter, const_value, is_scalar_const, map_functions, producers
 
 SEQ = "seq"
@@ -160,11 +158,3 @@ def _rewrite(fn: Function, module: Module) -> Function:
 def fuse_rope(module: Module) -> Module:
     """Needs the symbolic `seq` dim (run on prefill, before decode is derived) to tell the layout."""
     return map_functions(module, _rewrite)
-
-
-@dataclass(frozen=True)
-class FuseRope:
-    name: str = "fuse_rope"
-
-    def run(self, module: Module, ctx: PassContext) -> Module:
-        return fuse_rope(module)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from bitsmith.compiler.ir import Function, Module
-from bitsmith.passes.base import PassContext
 from bitsmith.passes.rewrite import FunctionRewriter, map_functions, producers
 
 
@@ -27,11 +24,3 @@ def _rewrite(fn: Function, module: Module) -> Function:
 
 def fuse_silu(module: Module) -> Module:
     return map_functions(module, _rewrite)
-
-
-@dataclass(frozen=True)
-class FuseSilu:
-    name: str = "fuse_silu"
-
-    def run(self, module: Module, ctx: PassContext) -> Module:
-        return fuse_silu(module)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from bitsmith.compiler.ir import Function, Module, Node
 from bitsmith.errors import BitsmithError
-from bitsmith.passes.base import PassContext
 from bitsmith.passes.rewrite import FunctionRewriter, map_functions
 
 
@@ -55,11 +52,3 @@ def _rewrite(fn: Function, module: Module) -> Function:
 
 def simplify_layout(module: Module) -> Module:
     return map_functions(module, _rewrite)
-
-
-@dataclass(frozen=True)
-class SimplifyLayout:
-    name: str = "simplify_layout"
-
-    def run(self, module: Module, ctx: PassContext) -> Module:
-        return simplify_layout(module)
