@@ -11,8 +11,6 @@ import numpy as np
 
 from bitsmith.errors import BitsmithError
 
-DEFAULT_TEXT = "built-in"
-
 
 @dataclass(frozen=True)
 class CalibrationOptions:
