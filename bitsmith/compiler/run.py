@@ -10,7 +10,7 @@ from bitsmith.compiler.reference import ReferenceSession
 from bitsmith.runtime.artifact import Artifact, load_artifact
 from bitsmith.runtime.generate import generate
 from bitsmith.runtime.sampling import SamplingParams
-from bitsmith.runtime.tokenizer import render_chat
+from bitsmith.runtime.tokenizer import Tokenizer, render_chat
 
 
 def reference_session(artifact: Artifact, max_context: int | None = None) -> ReferenceSession:
@@ -18,8 +18,8 @@ def reference_session(artifact: Artifact, max_context: int | None = None) -> Ref
     return ReferenceSession(module, artifact.weights, max_context or artifact.max_context)
 
 
-def encode_prompt(artifact: Artifact, prompt: str, chat: bool) -> list[int]:
-    tokenizer = artifact.tokenizer()
+def encode_prompt(artifact: Artifact, prompt: str, chat: bool, tokenizer: Tokenizer | None = None) -> list[int]:
+    tokenizer = tokenizer or artifact.tokenizer()
     if not chat:
         return tokenizer.encode(prompt)
     text = render_chat(artifact.manifest["tokenizer"].get("chat_template"), [{"role": "user", "content": prompt}],
@@ -34,7 +34,7 @@ def run_prompt(path: str | Path, prompt: str, max_tokens: int, params: SamplingP
     """Generate from `prompt`; returns (generated text, generated ids). `on_text` streams text pieces."""
     artifact = load_artifact(path)
     tokenizer = artifact.tokenizer()
-    prompt_ids = encode_prompt(artifact, prompt, chat)
+    prompt_ids = encode_prompt(artifact, prompt, chat, tokenizer)
     session = reference_session(artifact, min(artifact.max_context, len(prompt_ids) + max(max_tokens, 1)))
     ids: list[int] = []
     shown = ""
