@@ -1,0 +1,290 @@
+"""GEMV kernel benchmark: our int4 GEMV vs the machine's read bandwidth, torch fp32 and onnxruntime int4."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import mmap
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+CORES = len(os.sched_getaffinity(0))
+THREADS = CORES  # set by --threads before anything imports tvm
+
+SHAPES = ((4096, 4096), (11008, 4096), (576, 576), (192, 576), (1536, 576), (576, 1536))  # (out, in)
+BATCHES = (1, 4, 16)
+BITS, GROUP = 4, 32
+MIN_BYTES = 256 << 20  # weight copies per measurement: more than this, so they come from DRAM
+REPEATS = 7
+
+
+def hugepage_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A zeroed array in an mmap arena that asked for transparent huge pages before first touch.
+
+    THP is in `madvise` mode on these machines: without the request the kernels see 4 KiB pages and
+    lose ~30% of the read bandwidth (cpu-performance-notes.md).
+    """
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    arena = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        arena.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(arena, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+
+
+def hugepage_copies(copies: int, shape: tuple[int, ...], dtype: Any) -> list[np.ndarray]:
+    """`copies` arrays in one huge-page arena, each starting on a 64-byte boundary (TVM requires it)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    stride = -(-nbytes // 64) * 64
+    arena = hugepage_array((copies * stride,), np.uint8)
+    return [arena[c * stride:c * stride + nbytes].view(dtype).reshape(shape) for c in range(copies)]
+
+
+def log(what: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)
+
+
+def copies_for(nbytes: int) -> int:
+    return max(2, -(-MIN_BYTES // nbytes) + 1)
+
+
+def timed(call: Callable[[int], Any], copies: int, passes: int = REPEATS) -> float:
+    """Median seconds per call over `passes` sweeps through all weight copies (after one warm sweep)."""
+    for c in range(copies):
+        call(c)
+    times = []
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        for c in range(copies):
+            call(c)
+        times.append((time.perf_counter() - t0) / copies)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------
+# bitsmith (TVM)
+
+
+def tvm_tensor(a: np.ndarray) -> Any:
+    """Zero-copy TVM view of a 64-byte aligned numpy array (keeps its huge pages), else a TVM copy."""
+    import tvm
+
+    if a.ctypes.data % 64 == 0 and a.flags.c_contiguous:
+        return tvm.runtime.from_dlpack(a)
+    return tvm.runtime.tensor(np.ascontiguousarray(a))
+
+
+def tvm_call_overhead(func: Any) -> float:
+    """Seconds of Python + FFI per call, from a 1x16 GEMV that does almost nothing."""
+    args = [tvm_tensor(np.zeros(shape, np.float32)) for shape in ((1, 16), (1, 16), (1, 1))]
+    return timed(lambda _: func(*args), 2000, 5)
+
+
+def read_bandwidth(gib: float = 1.0, huge: bool = True) -> float:
+    """GB/s of a multithreaded TVM row-sum (fp32 GEMV with x = 1) over a buffer far larger than L3."""
+    import tvm
+
+    from bitsmith.codegen.gemv import build_gemv
+
+    cols = 4096
+    rows = int(gib * (1 << 30)) // (cols * 4)
+    func = build_gemv(rows, cols, 32, batch=1)[f"gemv_float32_n{rows}_k{cols}_bs1"]
+    if huge:
+        w = tvm_tensor(hugepage_copies(1, (rows, cols), np.float32)[0])
+    else:  # TVM's own allocation (posix_memalign, 4 KiB pages)
+        w = tvm.runtime.empty((rows, cols), "float32")
+    w.copyfrom(np.ones((rows, cols), np.float32))
+    args = [tvm_tensor(np.ones((1, cols), np.float32)), w, tvm_tensor(np.zeros((1, rows), np.float32))]
+    sec = timed(lambda _: func(*args), 1, 5)
+    del args, w
+    gc.collect()
+    return rows * cols * 4 / sec / 1e9
+
+
+def bench_ours(shapes: tuple, batches: tuple) -> dict[tuple[int, int, int], float]:
+    """Seconds per int4 g32 sym GEMV call (Python call overhead subtracted)."""
+    from bitsmith.codegen.gemv import GemvKernel, GemvSpec, build_specs
+    from bitsmith.compiler.ops_quant import dequantize_packed
+
+    specs = [GemvSpec(n, k, BITS, GROUP, True, b) for n, k in shapes for b in batches]
+    tiny = GemvSpec(1, 16, 32)
+    module = build_specs(specs + [tiny])
+    overhead = tvm_call_overhead(module[tiny.name])
+    rng = np.random.default_rng(0)
+    out: dict[tuple[int, int, int], float] = {}
+    for n, k in shapes:
+        spec0 = GemvSpec(n, k, BITS, GROUP, True, 1)
+        copies = copies_for(spec0.weight_bytes())
+        wshape = spec0.weight_shape()
+        # random words are valid packed 4-bit codes in any layout
+        qw = hugepage_copies(copies, wshape, np.uint32)
+        sc = hugepage_copies(copies, (n, spec0.n_groups), np.float16)
+        for c in range(copies):
+            qw[c][:] = rng.integers(0, 1 << 32, wshape, dtype=np.uint32)
+            sc[c][:] = (rng.random(sc[c].shape) * 0.02).astype(np.float16)
+        weights = [(tvm_tensor(qw[c]), tvm_tensor(sc[c])) for c in range(copies)]
+        for b in batches:
+            spec = GemvSpec(n, k, BITS, GROUP, True, b)
+            x = rng.standard_normal((b, k)).astype(np.float32)
+            kern = GemvKernel(spec, module)
+            attrs = {"bits": BITS, "group_size": GROUP, "in_features": k, "sym": True}
+            ref = x @ dequantize_packed(qw[0], sc[0], None, attrs).T
+            err = np.abs(kern(x, qw[0], sc[0]) - ref).max() / np.abs(ref).max()
+            assert err < 1e-4, f"{spec.name}: relative error {err:.2e}"
+            xt, yt = tvm_tensor(x), tvm_tensor(np.zeros((b, n), np.float32))
+            func = module[spec.name]
+            sec = timed(lambda c: func(xt, *weights[c], yt), copies)
+            out[(n, k, b)] = max(sec - overhead, 1e-9)
+        del weights, qw, sc
+        gc.collect()
+    out[("overhead",)] = overhead  # type: ignore[index]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# peers
+
+
+def bench_torch(shapes: tuple, batches: tuple) -> dict[Any, float]:
+    """Seconds per torch fp32 F.linear (call overhead subtracted)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(THREADS)
+    out: dict[Any, float] = {}
+    with torch.inference_mode():
+        tx, tw = torch.zeros(1, 16), torch.zeros(1, 16)
+        overhead = timed(lambda _: F.linear(tx, tw), 2000, 5)
+        for n, k in shapes:
+            copies = copies_for(n * k * 4)
+            arena = hugepage_copies(copies, (n, k), np.float32)
+            w0 = np.random.default_rng(1).standard_normal((n, k)).astype(np.float32)
+            for a in arena:
+                a[:] = w0
+            ws = [torch.from_numpy(a) for a in arena]
+            for b in batches:
+                x = torch.randn(b, k)
+                out[(n, k, b)] = max(timed(lambda c: F.linear(x, ws[c]), copies) - overhead, 1e-9)
+            del ws, arena
+            gc.collect()
+    out[("overhead",)] = overhead
+    return out
+
+
+def ort_model(n: int, k: int, copies: int, accuracy: int, rng: np.random.Generator) -> Any:
+    """An onnxruntime session with `copies` independent MatMulNBits (int4, block 32, sym) on one input."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    blocks = k // GROUP
+    nodes, inits, outputs = [], [], []
+    for c in range(copies):
+        b = rng.integers(0, 256, (n, blocks, GROUP // 2), dtype=np.uint8)
+        s = (rng.random(n * blocks) * 0.02).astype(np.float32)
+        inits += [numpy_helper.from_array(b, f"B{c}"), numpy_helper.from_array(s, f"S{c}")]
+        nodes.append(helper.make_node("MatMulNBits", ["A", f"B{c}", f"S{c}"], [f"Y{c}"], domain="com.microsoft",
+                                      K=k, N=n, bits=4, block_size=GROUP, accuracy_level=accuracy))
+        outputs.append(helper.make_tensor_value_info(f"Y{c}", TensorProto.FLOAT, ["batch", n]))
+    graph = helper.make_graph(nodes, "gemv", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["batch", k])],
+                              outputs, inits)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = THREADS
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def bench_ort(shapes: tuple, batches: tuple, accuracy: int) -> dict[Any, float]:
+    """Seconds per MatMulNBits: one session runs `copies` nodes, so the Python call is amortized."""
+    rng = np.random.default_rng(2)
+    out: dict[Any, float] = {}
+    for n, k in shapes:
+        copies = copies_for(n * k // 2 + n * (k // GROUP) * 4)
+        sess = ort_model(n, k, copies, accuracy, rng)
+        for b in batches:
+            feed = {"A": rng.standard_normal((b, k)).astype(np.float32)}
+            out[(n, k, b)] = timed(lambda _: sess.run(None, feed), 1) / copies
+        del sess
+        gc.collect()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--quick", action="store_true", help="4096x4096 and 576x576 at batch 1 only")
+    parser.add_argument("--threads", type=int, default=CORES, help="threads for every implementation")
+    args = parser.parse_args()
+    global THREADS
+    THREADS = args.threads
+    # TVM's pool defaults to hardware_concurrency / 2 threads (1 on a 2-vCPU VM); read at first use
+    os.environ["TVM_NUM_THREADS"] = str(THREADS)
+    shapes, batches = ((SHAPES[0], SHAPES[2]), (1,)) if args.quick else (SHAPES, BATCHES)
+
+    from bitsmith.codegen.target import host_target
+
+    target = host_target()
+    log("read bandwidth")
+    bw = {"huge_pages": read_bandwidth(huge=True), "4k_pages": read_bandwidth(huge=False)}
+    log("bitsmith int4")
+    ours = bench_ours(shapes, batches)
+    log("torch fp32")
+    torch_t = bench_torch(shapes, batches)
+    log("onnxruntime int4, accuracy_level 4 and 0")
+    ort4 = bench_ort(shapes, batches, 4)
+    ort0 = bench_ort(shapes, batches, 0)
+
+    rows = []
+    for n, k in shapes:
+        for b in batches:
+            ours_bytes = n * k // 2 + n * (k // GROUP) * 2  # packed codes + fp16 scales
+            ort_bytes = n * k // 2 + n * (k // GROUP) * 4  # packed codes + fp32 scales
+            row = {"out": n, "in": k, "batch": b,
+                   "int4_gemv": (ours[(n, k, b)], ours_bytes), "torch_fp32": (torch_t[(n, k, b)], n * k * 4),
+                   "ort_int4_acc4": (ort4[(n, k, b)], ort_bytes), "ort_int4_acc0": (ort0[(n, k, b)], ort_bytes)}
+            rows.append({key: ({"us": v[0] * 1e6, "gbs": v[1] / v[0] / 1e9} if isinstance(v, tuple) else v)
+                         for key, v in row.items()})
+    peak = bw["huge_pages"]
+    head = next(r for r in rows if (r["out"], r["in"], r["batch"]) == (4096, 4096, 1))
+    notes = [f"GB/s = weight bytes read per call / time (ours: codes + fp16 scales, 0.5625 B/weight; "
+             "onnxruntime: codes + fp32 scales, 0.625 B/weight; torch: 4 B/weight); int4 g32 symmetric",
+             f"Python call overhead subtracted: TVM {ours[('overhead',)] * 1e6:.1f} us, "
+             f"torch {torch_t[('overhead',)] * 1e6:.1f} us; onnxruntime runs all copies in one session.run",
+             "llama.cpp: " + ("llama-bench found but not wired in" if shutil.which("llama-bench")
+                              else "not installed, skipped")]
+    result = {"machine": {"cpu": target.mcpu, "cores": CORES, "threads": THREADS,
+                          "python": platform.python_version(), "vector_bytes": target.vector_bytes},
+              "read_bandwidth_gbs": bw, "rows": rows, "notes": notes,
+              "int4_gemv_fraction_of_bandwidth": head["int4_gemv"]["gbs"] / peak}
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    print(f"# GEMV, {target.mcpu}, {THREADS} of {CORES} cores; read bandwidth {peak:.1f} GB/s (huge pages), "
+          f"{bw['4k_pages']:.1f} GB/s (4 KiB pages)\n")
+    print("| out x in | batch | ours int4 g32 | % of bw | torch fp32 | ORT int4 acc4 | ORT int4 acc0 |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        cells = [f"{r[key]['gbs']:.1f} GB/s ({r[key]['us']:.1f} us)" for key in
+                 ("int4_gemv", "torch_fp32", "ort_int4_acc4", "ort_int4_acc0")]
+        print(f"| {r['out']}x{r['in']} | {r['batch']} | {cells[0]} | {100 * r['int4_gemv']['gbs'] / peak:.0f}% | "
+              + " | ".join(cells[1:]) + " |")
+    print()
+    for note in notes:
+        print(f"- {note}")
+    fraction = result["int4_gemv_fraction_of_bandwidth"]
+    print(f"- int4 GEMV 4096x4096 batch 1: {100 * fraction:.0f}% of the read bandwidth")
+
+
+if __name__ == "__main__":
+    main()
