@@ -257,7 +257,7 @@ def main() -> None:
                          for key, v in row.items()})
     peak = bw["huge_pages"]
     head = next(r for r in rows if (r["out"], r["in"], r["batch"]) == (4096, 4096, 1))
-    notes = [f"GB/s = weight bytes read per call / time (ours: codes + fp16 scales, 0.5625 B/weight; "
+    notes = ["GB/s = weight bytes read per call / time (ours: codes + fp16 scales, 0.5625 B/weight; "
              "onnxruntime: codes + fp32 scales, 0.625 B/weight; torch: 4 B/weight); int4 g32 symmetric",
              f"Python call overhead subtracted: TVM {ours[('overhead',)] * 1e6:.1f} us, "
              f"torch {torch_t[('overhead',)] * 1e6:.1f} us; onnxruntime runs all copies in one session.run",
