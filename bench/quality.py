@@ -71,6 +71,23 @@ def compile_one(source: str, out: Path, method: str, bits: int, group: int, sym:
     return {"seconds": round(time.time() - t0, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024)}
 
 
+def gguf_as_hf_dir(gguf: Path, out: Path) -> Path:
+    """An HF Llama directory (fp32 safetensors + config.json from ../shared/data) with the GGUF's weights."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from bitsmith.compiler.frontends.gguf import load_gguf
+
+    out.mkdir(parents=True)
+    ckpt = load_gguf(gguf)
+    save_file({f"model.{k}" if k != "lm_head.weight" else k: np.ascontiguousarray(v, dtype=np.float32)
+               for k, v in ckpt.weights.items()}, str(out / "model.safetensors"))
+    shutil.copy(DATA / "smollm2-135m-instruct-q4_1" / "config.json", out / "config.json")
+    return out
+
+
 def peer_row(model: BenchModel, source_path: Path, tokenizer, calib_ids, windows, venv: Path, group: int) -> dict:
     """llm-compressor GPTQ int4 sym on the same calibration samples and windows (its own venv)."""
     python = venv / "bin" / "python"
@@ -78,14 +95,8 @@ def peer_row(model: BenchModel, source_path: Path, tokenizer, calib_ids, windows
         return {"error": f"peer venv {venv} missing: run bench/peers/setup_llmcompressor.sh {venv}"}
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = source_path
-        if source_path.suffix == ".gguf":  # the peer needs an HF directory: dequantize the GGUF with transformers
-            import torch
-            from transformers import AutoModelForCausalLM
-
-            hf_dir = Path(tmp) / "hf"
-            m = AutoModelForCausalLM.from_pretrained(source_path.parent, gguf_file=source_path.name,
-                                                     dtype=torch.float32)
-            m.save_pretrained(hf_dir)
+        if source_path.suffix == ".gguf":  # the peer needs an HF directory: write our dequantized weights as one
+            hf_dir = gguf_as_hf_dir(source_path, Path(tmp) / "hf")
         job = Path(tmp) / "job.json"
         job.write_text(json.dumps({"model": str(hf_dir), "calib": calib_ids.tolist(), "eval_windows": windows,
                                    "bits": 4, "group": group, "sym": True, "ignore": ["lm_head"]}))
@@ -134,7 +145,10 @@ def bench_model(key: str, tokens: int, venv: Path, work: Path) -> dict:
                                     CalibrationOptions(str(calib), model.calib_samples, SEQLEN), bos)
     windows = windows_of(tokenizer.encode(text, add_bos=False)[:tokens], model.ctx, bos)
     print(f"[{key}] peer llm-compressor", file=sys.stderr, flush=True)
-    peer = peer_row(model, source_path, tokenizer, calib_ids, windows, venv, model.peer_group)
+    try:
+        peer = peer_row(model, source_path, tokenizer, calib_ids, windows, venv, model.peer_group)
+    except Exception as exc:  # the peer is best effort: report why it did not run, keep our numbers
+        peer = {"error": f"{type(exc).__name__}: {exc}"}
     ours = next(r for r in rows if r["method"] == "gptq" and r["scheme"] == f"int4 g{model.peer_group}")
     return {"model": model.name, "text": model.text.name, "ctx": model.ctx, "tokens": scored, "bos": bos is not None,
             "calibration": f"{model.calib_samples} x {SEQLEN} tokens from chars {model.calib_chars[0]}-{model.calib_chars[1]} "
@@ -168,7 +182,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--models", default="tinystories,smollm2")
-    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--tokens", type=int, default=32768, help="scored tokens per model")
+    parser.add_argument("--smollm2-tokens", type=int, default=None, help="override --tokens for SmolLM2 only")
     parser.add_argument("--peer-venv", type=Path,
                         default=Path(os.environ.get("BITSMITH_PEER_VENV", Path.home() / ".cache/bitsmith/peer-venv")))
     parser.add_argument("--out", type=Path, default=HERE / "quality.md")
@@ -178,7 +193,9 @@ def main() -> None:
     report = {}
     with tempfile.TemporaryDirectory(prefix="bitsmith-quality-") as tmp:
         for key in args.models.split(","):
-            report[key] = bench_model(key, args.tokens, args.peer_venv, Path(tmp))
+            tokens = args.smollm2_tokens if key == "smollm2" and args.smollm2_tokens else args.tokens
+            report[key] = bench_model(key, tokens, args.peer_venv, Path(tmp))
+            write_markdown(report, args.out)  # after each model, so a later failure loses nothing
     write_markdown(report, args.out)
     if args.json:
         print(json.dumps(report))
