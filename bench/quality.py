@@ -84,7 +84,8 @@ def gguf_as_hf_dir(gguf: Path, out: Path) -> Path:
     ckpt = load_gguf(gguf)
     save_file({f"model.{k}" if k != "lm_head.weight" else k: np.ascontiguousarray(v, dtype=np.float32)
                for k, v in ckpt.weights.items()}, str(out / "model.safetensors"))
-    shutil.copy(DATA / "smollm2-135m-instruct-q4_1" / "config.json", out / "config.json")
+    for name in ("config.json", "tokenizer.json"):  # llm-compressor builds its processor from the tokenizer
+        shutil.copy(DATA / "smollm2-135m-instruct-q4_1" / name, out / name)
     return out
 
 
