@@ -24,6 +24,7 @@ from bitsmith.passes.calibrate import initial_envs, linear_inputs, run_segment, 
 from bitsmith.passes.quant.awq import quantize_awq, search_awq_scales
 from bitsmith.passes.quant.gptq import accumulate_hessian, quantize_gptq
 from bitsmith.passes.quant.rtn import quantize_rtn
+from bitsmith.passes.rewrite import producers
 from bitsmith.passes.quant.scheme import QuantizedWeight, QuantScheme, dequantize
 
 AWQ_MAX_ROWS = 4096  # activation rows kept per input for the AWQ searches
@@ -51,23 +52,20 @@ class InputStats:
         return rows if rows.shape[0] <= AWQ_MAX_ROWS else rows[self.rng.choice(rows.shape[0], AWQ_MAX_ROWS, False)]
 
 
-def _producer(fn: Function, value: str):
-    return next((n for n in fn.nodes if value in n.outputs), None)
-
-
 def _fold_target(fn: Function, value: str) -> tuple[str, str] | None:
     """Where 1/s can be folded exactly: ("norm", weight) or ("rows", up_proj weight); None if nowhere."""
     weight_of = {n.outputs[0]: n.attrs["name"] for n in fn.nodes if n.op == "weight"}
-    node = _producer(fn, value)
+    prod = producers(fn)
+    node = prod.get(value)
     if node is None:
         return None
     if node.op == "rmsnorm" and len(node.inputs) == 2:
         return ("norm", weight_of[node.inputs[1]])
     if node.op == "mul":
         for operand in node.inputs:
-            source = _producer(fn, operand)
+            source = prod.get(operand)
             if source is not None and source.op == "linear" and len(source.inputs) == 2:
-                other = _producer(fn, next(v for v in node.inputs if v != operand))
+                other = prod.get(next(v for v in node.inputs if v != operand))
                 if other is not None and other.op in ("silu", "gelu"):
                     return ("rows", weight_of[source.inputs[1]])
     return None
