@@ -9,16 +9,9 @@ import numpy as np
 from bitsmith.compiler.ir import Module, TensorType
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.base import PassContext
+from bitsmith.runtime.safetensors_io import numpy_dtype
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
-
-
-def numpy_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ _CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64"
 _DTYPES = {v: k for k, v in _CODES.items()}
 
 
-def _numpy_dtype(name: str) -> np.dtype:
+def numpy_dtype(name: str) -> np.dtype:
     if name == "bfloat16":
         import ml_dtypes
 
@@ -81,6 +81,6 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
         if name == "__metadata__":
             continue
         begin, end = info["data_offsets"]
-        dtype = _numpy_dtype(_DTYPES[info["dtype"]])
+        dtype = numpy_dtype(_DTYPES[info["dtype"]])
         tensors[name] = data[start + begin:start + end].view(dtype).reshape(info["shape"])
     return tensors
