@@ -15,8 +15,12 @@ from bitsmith.passes.quant.scheme import QuantizedWeight, QuantScheme, group_ind
 # the positive side; absmax / (2^(b-1) - 1) wastes the most negative code). With no clipping the
 # dequantization error of every weight is at most half a step, s / 2.
 #
-# Asymmetric: s = (max - min) / (2^b - 1), z = round(-min / s) clamped to [0, 2^b - 1]; the range
-# is widened to include 0 so that z is a valid code and 0 is exactly representable.
+# Asymmetric: s = (max - min) / (2^b - 1) and a FLOAT zero point z = -min / s (stored as fp16), so
+# code 0 lands on the group's min and code 2^b - 1 on its max: the whole code range is spent on the
+# group's own range (no widening to include 0, no integer rounding of z). This is exactly llama.cpp's
+# Q4_1 / Q5_1 form w = q * d + m with d = s, m = -z * s, so re-quantizing a dequantized Q4_1 model
+# at int4-g32-asym is lossless up to fp16 rounding of z. The extra error over half a step is
+# |z - fp16(z)| steps: at most 2^-8 steps for |z| < 16 (int4), 2^-4 for |z| < 256 (int8).
 
 
 def as_weight(w: np.ndarray, where: str) -> np.ndarray:
@@ -52,19 +56,26 @@ def scale_zero_from_range(wmax: np.ndarray, wmin: np.ndarray, scheme: QuantSchem
     clip_ratio (scalar or broadcastable) shrinks the range before the scale is taken (AWQ clip).
     Zeros are computed from the already fp16-rounded scale so that q and dequantization agree.
     """
-    wmax = np.maximum(wmax, 0.0) * clip_ratio
-    wmin = np.minimum(wmin, 0.0) * clip_ratio
     if scheme.sym:
+        wmax = np.maximum(wmax, 0.0) * clip_ratio
+        wmin = np.minimum(wmin, 0.0) * clip_ratio
         half = 1 << (scheme.bits - 1)
         s = np.maximum(wmax / (half - 1), -wmin / half)
     else:
+        # AWQ-style clip: both ends limited to +-(ratio * absmax) of the group
+        limit = np.maximum(np.abs(wmax), np.abs(wmin)) * clip_ratio
+        wmax = np.minimum(wmax, limit)
+        wmin = np.maximum(wmin, -limit)
         s = (wmax - wmin) / scheme.qmax
-    # an all-zero group has no range: any positive scale dequantizes its codes back to 0
+    # a constant group has no range: any positive scale works (asym: z alone carries the value)
     s = round_up_fp16(np.where(s > 0, s, 1.0).astype(np.float32))
     if scheme.sym:
         return s, None
-    z = np.clip(np.rint(-wmin / s.astype(np.float32)), 0, scheme.qmax)
-    return s, z.astype(np.float16)
+    z = (-wmin / s.astype(np.float32)).astype(np.float16)
+    if not np.isfinite(z).all():
+        raise BitsmithError("an asymmetric zero point exceeds the float16 range", where="quant zeros",
+                            fix="use a symmetric scheme for this weight (its groups sit far from 0)")
+    return s, z
 
 
 def group_params(w: np.ndarray, scheme: QuantScheme,
@@ -85,8 +96,8 @@ def zero_points(zeros: np.ndarray | None, shape: tuple[int, ...], scheme: QuantS
 
 
 def quantize_codes(w: np.ndarray, s: np.ndarray, z: np.ndarray, scheme: QuantScheme) -> np.ndarray:
-    """uint8 codes clip(round(w / s) + z, 0, 2^b - 1); s, z float32 broadcastable to w."""
-    return np.clip(np.rint(w / s) + z, 0, scheme.qmax).astype(np.uint8)
+    """uint8 codes clip(round(w / s + z), 0, 2^b - 1); s, z float32 broadcastable to w (z may be fractional)."""
+    return np.clip(np.rint(w / s + z), 0, scheme.qmax).astype(np.uint8)
 
 
 def quantize_with_params(w: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,

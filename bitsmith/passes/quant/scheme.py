@@ -6,9 +6,10 @@ zero point when asymmetric). When g does not divide `in` the LAST group is parti
 remaining `in % g` columns (SmolLM2's 576 with g128: four full groups and one of 64 columns), so
 n_groups = ceil(in / g). group_size -1 means one group per output row (per-channel).
 
-Dequantization: w = (q - z) * s with q in [0, 2^bits). Asymmetric schemes store an integer zero
-point z per group (as float16, exact for these small integers); symmetric schemes store none and
-use the constant z = 2^(bits-1), i.e. the signed range [-2^(bits-1), 2^(bits-1) - 1].
+Dequantization: w = (q - z) * s with q in [0, 2^bits). Asymmetric schemes store a float16 zero
+point z per group, generally fractional (z = -min / s: code 0 is the group's min, as in llama.cpp's
+Q4_1); symmetric schemes store none and use the constant z = 2^(bits-1), i.e. the signed range
+[-2^(bits-1), 2^(bits-1) - 1].
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def _naive_gptq(w, h, scheme, damp, order, block_params):
             z = 2 ** (scheme.bits - 1)
         else:
             z = (zeros[:, col // g] if scales is not None else cur_z[:, 0]).astype(np.float64)
-        q[:, col] = np.clip(np.rint(w[:, col] / s) + z, 0, scheme.qmax)
+        q[:, col] = np.clip(np.rint(w[:, col] / s + z), 0, scheme.qmax)
         err = (w[:, col] - (q[:, col].astype(np.float64) - z) * s) / h_inv[col, col]
         w -= np.outer(err, h_inv[col])
         h_inv -= np.outer(h_inv[:, col], h_inv[col]) / h_inv[col, col]
