@@ -86,6 +86,8 @@ def gguf_as_hf_dir(gguf: Path, out: Path) -> Path:
                for k, v in ckpt.weights.items()}, str(out / "model.safetensors"))
     for name in ("config.json", "tokenizer.json"):  # llm-compressor builds its processor from the tokenizer
         shutil.copy(DATA / "smollm2-135m-instruct-q4_1" / name, out / name)
+    # without tokenizer_config.json transformers asks the hub which tokenizer class to use
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
     return out
 
 
@@ -102,7 +104,7 @@ def peer_row(model: BenchModel, source_path: Path, tokenizer, calib_ids, windows
         job.write_text(json.dumps({"model": str(hf_dir), "calib": calib_ids.tolist(), "eval_windows": windows,
                                    "bits": 4, "group": group, "sym": True, "ignore": ["lm_head"]}))
         proc = subprocess.run([str(python), str(HERE / "peers" / "llmcompressor_gptq.py"), str(job)],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
