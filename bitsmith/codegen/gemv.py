@@ -65,6 +65,10 @@ class GemvSpec:
         group = "ch" if self.group_size == -1 else str(self.group_size)
         return f"qgemv_b{self.bits}_g{group}_{'sym' if self.sym else 'asym'}_{shape}"
 
+    def prim_func(self, target: Target) -> Any:
+        """The scheduled PrimFunc (KernelSpec protocol): x, W, [scales, [zeros]], y."""
+        return _lower(self, target)
+
     def weight_shape(self) -> tuple[int, int]:
         if self.is_quantized:
             return packed_shape(self.out_features, self.in_features, self.bits)

@@ -33,6 +33,11 @@ class Target:
         return str(self.tvm.get("mcpu", "generic"))
 
     @property
+    def arch(self) -> str:
+        """x86_64 | aarch64: the machine architecture of the code."""
+        return str(self.tvm.get("mtriple", "")).split("-")[0]
+
+    @property
     def is_host(self) -> bool:
         return self.name == "host"
 

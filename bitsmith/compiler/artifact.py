@@ -52,8 +52,13 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 def write_artifact(out: str | Path, module: Module, weights: Mapping[str, np.ndarray],
                    tokenizer: TokenizerSpec | None, config: dict[str, Any], compile_options: dict[str, Any],
-                   source: dict[str, Any]) -> Path:
-    """Write manifest.json, weights.safetensors and tokenizer files to `out`; nothing is left on failure."""
+                   source: dict[str, Any], kernels: dict[str, Any] | None = None,
+                   extra_files: Mapping[str, Path] | None = None) -> Path:
+    """Write manifest.json, weights.safetensors, tokenizer files and kernels/ to `out`; nothing is left on failure.
+
+    kernels: the manifest's `kernels` entry (KernelPlan JSON), None when the artifact has none;
+    extra_files: artifact-relative path -> file to copy in (the kernel libraries).
+    """
     out = Path(out)
     _prepare_destination(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -66,7 +71,11 @@ def write_artifact(out: str | Path, module: Module, weights: Mapping[str, np.nda
         if tokenizer is not None:
             for name, data in tokenizer.files.items():
                 (tmp / name).write_bytes(data)
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_of(p)} for p in sorted(tmp.iterdir())}
+        for relative, path in (extra_files or {}).items():
+            (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, tmp / relative)
+        files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
         bytes_by_dtype: dict[str, int] = {}
         for n in names:
             bytes_by_dtype[str(weights[n].dtype)] = bytes_by_dtype.get(str(weights[n].dtype), 0) + weights[n].nbytes
@@ -83,6 +92,7 @@ def write_artifact(out: str | Path, module: Module, weights: Mapping[str, np.nda
                         "table": {k: {"params": v["params"], "bytes": v["bytes"]} for k, v in table.items()}},
             "tokenizer": tokenizer.manifest_entry() if tokenizer else None,
             "compile": compile_options,
+            "kernels": kernels,
             "files": files,
             "provenance": {
                 "source": source,

@@ -80,11 +80,16 @@ def main() -> None:
               help="Calibration samples.")
 @click.option("--calib-seqlen", default=256, show_default=True, type=click.IntRange(min=8),
               help="Tokens per calibration sample.")
+@click.option("--target", type=click.Choice(["host", "aarch64-linux", "none"]), default="host", show_default=True,
+              help="Where the compiled kernels run: this CPU (its exact LLVM name), 64-bit ARM Linux "
+                   "(cross-compiled, NEON), or none (reference executor only).")
+@click.option("--context", type=click.IntRange(min=16), default=None,
+              help="KV-cache slots the kernels are built for [default: the model's maximum, at most 2048].")
 @friendly_errors
 def compile(model: Path | None, output: Path, dtype: str | None, tokenizer: Path | None, verify: bool,
             dump_ir: Path | None, method: str | None, bits: str, group_size: str, sym: bool, keep: tuple[str, ...],
             schemes: tuple[str, ...], no_keep_default: bool, calib: Path | None, calib_samples: int,
-            calib_seqlen: int) -> None:
+            calib_seqlen: int, target: str, context: int | None) -> None:
     """Compile MODEL into an artifact directory, optionally quantizing its weights.
 
     MODEL is a Hugging Face directory (config.json + safetensors), a .gguf file, a llama2.c .bin
@@ -94,6 +99,10 @@ def compile(model: Path | None, output: Path, dtype: str | None, tokenizer: Path
     With --method, every linear weight gets a scheme (bits, group, symmetry, method); embeddings,
     lm_head and the first and last decoder layers stay 16-bit unless --no-keep-default. Dense
     weights of a quantized artifact are stored as float16 unless --dtype says otherwise.
+
+    Kernels for --target are generated with TVM and linked into kernels/<target>.so; built kernels
+    are cached in ~/.cache/bitsmith/kernels (or $BITSMITH_KERNEL_CACHE), so a recompile rebuilds
+    only kernels whose shape, scheme or target changed.
     """
     from bitsmith.compiler.calibration_data import CalibrationOptions
     from bitsmith.compiler.pipeline import CompileOptions, compile_model
@@ -109,6 +118,7 @@ def compile(model: Path | None, output: Path, dtype: str | None, tokenizer: Path
         dump_ir=str(dump_ir) if dump_ir else None, method=method, bits=int(bits), group_size=int(group_size),
         sym=sym, keep_default=not no_keep_default, keep=keep, schemes=tuple(overrides),
         calibration=CalibrationOptions(str(calib) if calib else None, calib_samples, calib_seqlen),
+        target=target, context=context,
     )
     _log(f"compile {model or '<default: SmolLM2-135M-Instruct>'} -> {output}  options={options.to_json()}")
     out = compile_model(model, output, options, log=_log)
@@ -146,8 +156,9 @@ def inspect(path: Path, show_ir: bool, as_json: bool) -> None:
 @click.option("--seed", default=None, type=int, help="Random seed for sampling.")
 @click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message with the model's chat template.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"text": ..., "token_ids": [...]} (generated ids only).')
-@click.option("--executor", type=click.Choice(["reference"]), default="reference", show_default=True,
-              help="reference: the numpy reference executor.")
+@click.option("--executor", type=click.Choice(["auto", "compiled", "reference"]), default="auto", show_default=True,
+              help="compiled: the artifact's TVM kernels; reference: the numpy reference executor; "
+                   "auto: compiled when the artifact has kernels for this machine.")
 @friendly_errors
 def run(artifact: Path, prompt: str, max_tokens: int, temperature: float, top_k: int, top_p: float,
         seed: int | None, chat: bool, as_json: bool, executor: str) -> None:
@@ -157,7 +168,7 @@ def run(artifact: Path, prompt: str, max_tokens: int, temperature: float, top_k:
 
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
-    text, ids = run_prompt(artifact, prompt, max_tokens, params, chat=chat, on_text=stream)
+    text, ids = run_prompt(artifact, prompt, max_tokens, params, chat=chat, on_text=stream, executor=executor)
     if as_json:
         click.echo(json.dumps({"text": text, "token_ids": ids}))
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,10 +20,14 @@ from bitsmith.passes.assign_precision import AssignPrecision
 from bitsmith.passes.base import Pass, PassContext
 from bitsmith.passes.cast_weights import CastWeights
 from bitsmith.passes.eliminate_dead_code import EliminateDeadCode
+from bitsmith.passes.lower_to_kernels import LowerToKernels
 from bitsmith.passes.pack_weights import PackWeights
 from bitsmith.passes.quant.scheme import QuantScheme
 from bitsmith.passes.quantize_weights import QuantizeWeights
 from bitsmith.runtime.tokenizer import tokenizer_from_spec
+
+
+DEFAULT_KERNEL_CONTEXT = 2048
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,9 @@ class CompileOptions:
     keep: tuple[str, ...] = ()  # weight-name patterns forced to 16-bit
     schemes: tuple[tuple[str, str], ...] = ()  # (pattern, scheme string) overrides, e.g. ("mlp.down_proj", "int8")
     calibration: CalibrationOptions = CalibrationOptions()
+    # compiled kernels
+    target: str = "host"  # "host" | "aarch64-linux" | "none" (reference executor only)
+    context: int | None = None  # KV-cache slots the kernels are built for (None: min(model max, 2048))
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -72,7 +80,24 @@ def default_passes(options: CompileOptions, model: LoadedModel) -> list[Pass]:
     passes.append(CastWeights(storage_dtype(options, model)))
     if options.quantize:
         passes.append(PackWeights())
+    if options.target != "none":
+        # on the host an op without a kernel falls back to the reference executor; elsewhere it is an error
+        passes.append(LowerToKernels(kernel_context(options, model), required=options.target != "host"))
     return passes
+
+
+def kernel_context(options: CompileOptions, model: LoadedModel) -> int:
+    """--context, else the model's maximum capped at DEFAULT_KERNEL_CONTEXT (the fp32 cache grows with it)."""
+    limit = int(model.config.get("max_position", DEFAULT_KERNEL_CONTEXT))
+    if options.context is None:
+        return max(16, min(limit, DEFAULT_KERNEL_CONTEXT) // 16 * 16)
+    if options.context % 16:  # keeps every layer's cache slice 64-byte aligned for the kernels
+        raise BitsmithError(f"--context {options.context} is not a multiple of 16", where="compile options",
+                            fix=f"use --context {options.context // 16 * 16 or 16}")
+    if options.context > limit:
+        raise BitsmithError(f"--context {options.context} exceeds the model's maximum of {limit} positions",
+                            where="compile options", fix=f"use --context {limit} or less")
+    return options.context
 
 
 def calibration_tokens(model: LoadedModel, options: CalibrationOptions) -> np.ndarray | None:
@@ -121,4 +146,30 @@ def compile_model(source: str | Path | None, out: str | Path, options: CompileOp
     if options.quantize:
         ctx.calibration = calibration_tokens(model, options.calibration)
     module = run_passes(model.module, ctx, default_passes(options, model), options.verify, options.dump_ir, log)
-    return write_artifact(out, module, ctx.weights, model.tokenizer, model.config, options.to_json(), model.source)
+    with tempfile.TemporaryDirectory(prefix="bitsmith-kernels-") as tmp:
+        kernels, files = build_kernels(ctx, options.target, Path(tmp), log)
+        return write_artifact(out, module, ctx.weights, model.tokenizer, model.config, options.to_json(), model.source,
+                              kernels=kernels, extra_files=files)
+
+
+def build_kernels(ctx: PassContext, target: str, workdir: Path,
+                  log: Callable[[str], None] | None) -> tuple[dict | None, dict[str, Path]]:
+    """Build the lowered schedules' kernels into workdir; (manifest `kernels` entry, artifact files)."""
+    lowered = ctx.notes.get("kernels")
+    if lowered is None:
+        if log and "kernels_skipped" in ctx.notes:
+            log(f"kernels skipped ({ctx.notes['kernels_skipped']}); `bitsmith run` uses the reference executor")
+        return None, {}
+    from bitsmith.codegen.build import build_kernel_library
+    from bitsmith.codegen.target import resolve_target
+    from bitsmith.runtime.schedule import KernelPlan
+
+    tgt = resolve_target(target)
+    library = f"kernels/{tgt.name}.so"
+    report = build_kernel_library(lowered["specs"].values(), tgt, workdir / library, log=log)
+    plan = KernelPlan(tgt.name, library, tgt.arch, tgt.mcpu, lowered["schedules"], lowered["constants"],
+                      {"shape": lowered["cache_shape"], "dtype": "float32"})
+    entry = plan.to_json()
+    entry["build"] = {"kernels": report.kernels, "built": report.built, "cached": report.cached,
+                      "seconds": round(report.seconds, 2)}
+    return entry, {library: workdir / library}

@@ -7,6 +7,7 @@ from typing import Callable
 
 from bitsmith.compiler.ir import Module
 from bitsmith.compiler.reference import ReferenceSession
+from bitsmith.errors import BitsmithError
 from bitsmith.runtime.artifact import Artifact, load_artifact
 from bitsmith.runtime.generate import generate
 from bitsmith.runtime.sampling import SamplingParams
@@ -16,6 +17,18 @@ from bitsmith.runtime.tokenizer import Tokenizer, render_chat
 def reference_session(artifact: Artifact, max_context: int | None = None) -> ReferenceSession:
     module = Module.from_json(artifact.manifest["ir"])
     return ReferenceSession(module, artifact.weights, max_context or artifact.max_context)
+
+
+def open_session(artifact: Artifact, executor: str = "auto", max_context: int | None = None):
+    """A session for `executor`: "compiled" (TVM kernels), "reference" (numpy) or "auto"."""
+    from bitsmith.runtime.executor import CompiledSession, kernel_plan, runs_here
+
+    if executor not in ("auto", "compiled", "reference"):
+        raise BitsmithError(f"unknown executor {executor!r}", fix="use auto, compiled or reference")
+    plan = kernel_plan(artifact)
+    if executor == "compiled" or (executor == "auto" and plan is not None and runs_here(plan)):
+        return CompiledSession(artifact, max_context)
+    return reference_session(artifact, max_context)
 
 
 def encode_prompt(artifact: Artifact, prompt: str, chat: bool, tokenizer: Tokenizer | None = None) -> list[int]:
@@ -30,12 +43,12 @@ def encode_prompt(artifact: Artifact, prompt: str, chat: bool, tokenizer: Tokeni
 
 
 def run_prompt(path: str | Path, prompt: str, max_tokens: int, params: SamplingParams, chat: bool = False,
-               on_text: Callable[[str], None] | None = None) -> tuple[str, list[int]]:
+               on_text: Callable[[str], None] | None = None, executor: str = "auto") -> tuple[str, list[int]]:
     """Generate from `prompt`; returns (generated text, generated ids). `on_text` streams text pieces."""
     artifact = load_artifact(path)
     tokenizer = artifact.tokenizer()
     prompt_ids = encode_prompt(artifact, prompt, chat, tokenizer)
-    session = reference_session(artifact, min(artifact.max_context, len(prompt_ids) + max(max_tokens, 1)))
+    session = open_session(artifact, executor, min(artifact.max_context, len(prompt_ids) + max(max_tokens, 1)))
     ids: list[int] = []
     shown = ""
     for token in generate(session, prompt_ids, max_tokens, params, stop_ids=tokenizer.eos_token_ids):

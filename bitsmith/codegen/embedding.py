@@ -1,0 +1,161 @@
+"""Embedding lookups: a dense float32/float16 table, or a table packed like a qlinear weight (one
+packed row per token, see bitsmith.passes.quant.packing), dequantized on the fly.
+
+Token ids outside [0, vocab) are clamped to the nearest valid row, so a bad id can never read out of
+bounds (the numpy reference raises instead).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bitsmith.codegen.common import (PARAM_DTYPES, check_param_dtype, check_positive, f32, fconst, finish,
+                                          refuse, schedule_rows, worth_parallel)
+from bitsmith.codegen.gemv import GROUP_SIZES, _code
+from bitsmith.codegen.target import Target
+from bitsmith.passes.quant.packing import LANES, PACK_BITS, lane_unit, packed_shape
+
+
+def _check_index_range(problems: list[str], elements: int) -> None:
+    if elements >= 1 << 31:  # element offsets are int32
+        problems.append(f"a table of {elements} elements (at most 2^31 - 1)")
+
+
+def _row(ids: Any, r: Any, vocab: int) -> Any:
+    """Table row of token r: its id clamped to [0, vocab), as int32."""
+    from tvm import tirx
+
+    clamped = tirx.max(tirx.min(ids[r], tirx.const(vocab - 1, ids.dtype)), tirx.const(0, ids.dtype))
+    return tirx.Cast("int32", clamped)
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """y[rows, dim] = table[clamp(ids), :] as float32, table float32 or float16
+    (args: table [vocab, dim], ids int64 [rows], y)."""
+
+    rows: int
+    vocab: int
+    dim: int
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        check_positive(problems, rows=self.rows, vocab=self.vocab, dim=self.dim)
+        check_param_dtype(problems, self.dtype, "table")
+        _check_index_range(problems, self.vocab * self.dim)
+        refuse(problems, "embedding")
+
+    @property
+    def name(self) -> str:
+        return f"embedding_{PARAM_DTYPES[self.dtype]}_r{self.rows}_v{self.vocab}_d{self.dim}"
+
+    def prim_func(self, target: Target) -> Any:
+        from tvm import te
+
+        table = te.placeholder((self.vocab, self.dim), self.dtype, name="table")
+        ids = te.placeholder((self.rows,), "int64", name="ids")
+        y = te.compute((self.rows, self.dim), lambda r, d: f32(table[_row(ids, r, self.vocab), d]), name="y")
+        func = schedule_rows(te.create_prim_func([table, ids, y]), "y", self.rows, self.dim, target.lanes(4))
+        return finish(func, self.name)
+
+
+@dataclass(frozen=True)
+class QEmbeddingSpec:
+    """y[rows, dim] = dequant(table)[clamp(ids), :] for a `bits`-bit packed table
+    (args: qweight uint32 [vocab, words], scales f16 [vocab, groups], [zeros f16 [vocab, groups] when
+    asymmetric], ids int64 [rows], y). w = (q - z) * s; z = 2^(bits-1) when sym."""
+
+    rows: int
+    vocab: int
+    dim: int
+    bits: int
+    group_size: int = -1
+    sym: bool = True
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        check_positive(problems, rows=self.rows, vocab=self.vocab, dim=self.dim)
+        if self.bits not in PACK_BITS:
+            problems.append(f"bits {self.bits} (use one of {PACK_BITS})")
+        if self.group_size not in GROUP_SIZES:
+            problems.append(f"group size {self.group_size} (use one of {GROUP_SIZES})")
+        if not problems:
+            _check_index_range(problems, self.vocab * max(self.weight_shape()[1], self.n_groups))
+        refuse(problems, "qembedding")
+
+    @property
+    def group(self) -> int:
+        return self.dim if self.group_size == -1 else self.group_size
+
+    @property
+    def n_groups(self) -> int:
+        return -(-self.dim // self.group)
+
+    @property
+    def name(self) -> str:
+        group = "ch" if self.group_size == -1 else str(self.group_size)
+        return (f"qembedding_b{self.bits}_g{group}_{'sym' if self.sym else 'asym'}"
+                f"_r{self.rows}_v{self.vocab}_d{self.dim}")
+
+    def weight_shape(self) -> tuple[int, int]:
+        return packed_shape(self.vocab, self.dim, self.bits)
+
+    def prim_func(self, target: Target) -> Any:
+        from tvm import te, tirx
+
+        rows, vocab, dim, bits = self.rows, self.vocab, self.dim, self.bits
+        units, slots = lane_unit(bits)
+        full, rest = divmod(dim, LANES * slots)
+        base = full * LANES * slots  # first k of the tail block
+        tail_lanes = -(-rest // slots)
+        w = te.placeholder(self.weight_shape(), "uint32", name="qweight")
+        s = te.placeholder((vocab, self.n_groups), "float16", name="scales")
+        z = None if self.sym else te.placeholder((vocab, self.n_groups), "float16", name="zeros")
+        ids = te.placeholder((rows,), "int64", name="ids")
+
+        def dequant(o: Any, k: Any, code: Any) -> Any:
+            g = 0 if self.group_size == -1 else tirx.floordiv(k, self.group)
+            zero = fconst(float(1 << (bits - 1))) if z is None else f32(z[o, g])
+            return (code - zero) * f32(s[o, g])
+
+        def main(o: Any, k: Any) -> Any:  # k = kb*16*S + j*16 + l
+            kb, j = tirx.floordiv(k, LANES * slots), tirx.floormod(tirx.floordiv(k, LANES), slots)
+            return dequant(o, k, _code(w, o, kb * LANES * units, j, tirx.floormod(k, LANES), LANES, bits))
+
+        def tail(o: Any, k: Any) -> Any:  # k = base + j*L + l
+            t = k - base
+            j, lane = tirx.floordiv(t, tail_lanes), tirx.floormod(t, tail_lanes)
+            return dequant(o, k, _code(w, o, full * LANES * units, j, lane, tail_lanes, bits))
+
+        def body(r: Any, k: Any) -> Any:
+            o = _row(ids, r, vocab)
+            if not rest:
+                return main(o, k)
+            if not full:
+                return tail(o, k)
+            # both sides stay in bounds; loop_partition lets the simplifier drop the Select
+            return tirx.Select(k < base, main(o, tirx.min(k, base - 1)), tail(o, tirx.max(k, base)))
+
+        y = te.compute((rows, dim), body, name="y")
+        params = [w, s] + ([] if z is None else [z]) + [ids, y]
+        return finish(self._schedule(te.create_prim_func(params), target.lanes(4), full, slots), self.name)
+
+    def _schedule(self, func: Any, lanes: int, full: int, slots: int) -> Any:
+        """Rows in parallel (when worth it); per row the full blocks as (block, slot unrolled, 16 lanes
+        vectorized), then the tail block as a scalar loop."""
+        from tvm.s_tir import Schedule
+
+        sch = Schedule(func)
+        row, k = sch.get_loops(sch.get_sblock("y"))
+        if worth_parallel(self.rows * self.dim) and self.rows > 1:
+            sch.parallel(row)
+        if full:
+            if full * LANES * slots < self.dim:
+                k = sch.loop_partition(k, [full * LANES * slots])[0]
+            _, j, lane = sch.split(k, [full, slots, LANES])
+            sch.unroll(j)
+            if LANES % lanes == 0:
+                sch.vectorize(sch.split(lane, [None, lanes])[1])
+        return sch.mod["main"]

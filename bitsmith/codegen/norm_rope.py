@@ -1,0 +1,237 @@
+"""Per-row normalizations (rmsnorm, fused residual add + rmsnorm, layernorm) and rotary embeddings.
+
+Formulas follow the numpy references in bitsmith.compiler.ops_llm operation by operation (the sums
+run in another order: `lanes` vector accumulators, or a scalar loop when lanes does not divide dim):
+
+    rmsnorm:   y = x / sqrt(sum(x*x) / dim + eps) * w
+    layernorm: mu = sum(x) / dim; y = (x - mu) / sqrt(sum((x - mu)^2) / dim + eps) * w [+ b]
+    rope:      per pair (a, b) with angle f = float32(pos) * inv_freq[i]:
+               (a cos f - b sin f, b cos f + a sin f); "half" pairs (i, i + rot/2), "interleaved"
+               pairs (2i, 2i + 1); features from rotary_dim on are copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bitsmith.codegen.common import (PARAM_DTYPES, check_param_dtype, check_positive, f32, fconst, finish,
+                                          refuse, schedule_rows, vectorize_part, worth_parallel)
+from bitsmith.codegen.kernel import c_float
+from bitsmith.codegen.target import Target
+
+ROPE_STYLES = ("half", "interleaved")
+
+
+def _norm_checks(family: str, rows: int, dim: int, weight_dtype: str, eps: float) -> None:
+    problems: list[str] = []
+    check_positive(problems, rows=rows, dim=dim)
+    check_param_dtype(problems, weight_dtype)
+    if not isinstance(eps, (int, float)) or eps < 0:
+        problems.append(f"eps {eps!r}")
+    refuse(problems, family)
+
+
+def _rms_stages(src: Any, w: Any, rows: int, dim: int, eps: float) -> Any:
+    """y = src / sqrt(sum(src^2) / dim + eps) * w, with the per-row stages `ss` and `den`."""
+    from tvm import te, tirx
+
+    k = te.reduce_axis((0, dim), "k")
+    ss = te.compute((rows,), lambda r: te.sum(src[r, k] * src[r, k], axis=k), name="ss")
+    den = te.compute((rows,), lambda r: tirx.sqrt(ss[r] / fconst(dim) + fconst(eps)), name="den")
+    return te.compute((rows, dim), lambda r, d: src[r, d] / den[r] * f32(w[d]), name="y")
+
+
+@dataclass(frozen=True)
+class RmsNormSpec:
+    """y[rows, dim] = rmsnorm(x) * w, w[dim] float32 or float16 (args: x, w, y)."""
+
+    rows: int
+    dim: int
+    weight_dtype: str
+    eps: float
+
+    def __post_init__(self) -> None:
+        _norm_checks("rmsnorm", self.rows, self.dim, self.weight_dtype, self.eps)
+
+    @property
+    def name(self) -> str:
+        return f"rmsnorm_{PARAM_DTYPES[self.weight_dtype]}_r{self.rows}_d{self.dim}_eps{c_float(self.eps)}"
+
+    def prim_func(self, target: Target) -> Any:
+        from tvm import te
+
+        x = te.placeholder((self.rows, self.dim), "float32", name="x")
+        w = te.placeholder((self.dim,), self.weight_dtype, name="w")
+        y = _rms_stages(x, w, self.rows, self.dim, self.eps)
+        func = schedule_rows(te.create_prim_func([x, w, y]), "y", self.rows, self.dim, target.lanes(4),
+                             per_row=("den", "ss"))
+        return finish(func, self.name)
+
+
+@dataclass(frozen=True)
+class AddRmsNormSpec:
+    """sum = x + residual; y = rmsnorm(sum) * w (args: x, residual, w, sum, y)."""
+
+    rows: int
+    dim: int
+    weight_dtype: str
+    eps: float
+
+    def __post_init__(self) -> None:
+        _norm_checks("add_rmsnorm", self.rows, self.dim, self.weight_dtype, self.eps)
+
+    @property
+    def name(self) -> str:
+        return f"add_rmsnorm_{PARAM_DTYPES[self.weight_dtype]}_r{self.rows}_d{self.dim}_eps{c_float(self.eps)}"
+
+    def prim_func(self, target: Target) -> Any:
+        from tvm import te
+
+        shape = (self.rows, self.dim)
+        x = te.placeholder(shape, "float32", name="x")
+        res = te.placeholder(shape, "float32", name="residual")
+        w = te.placeholder((self.dim,), self.weight_dtype, name="w")
+        total = te.compute(shape, lambda r, d: x[r, d] + res[r, d], name="sum")
+        y = _rms_stages(total, w, self.rows, self.dim, self.eps)
+        # the residual sum first in each row (vectorized), then the norm reads it back from L1
+        func = schedule_rows(te.create_prim_func([x, res, w, total, y]), "y", self.rows, self.dim,
+                             target.lanes(4), per_row=("den", "ss"), lead="sum")
+        return finish(func, self.name)
+
+
+@dataclass(frozen=True)
+class LayerNormSpec:
+    """y[rows, dim] = layernorm(x) * w (+ b when has_bias), w and b float32 or float16
+    (args: x, w, [b], y)."""
+
+    rows: int
+    dim: int
+    weight_dtype: str
+    eps: float
+    has_bias: bool = True
+
+    def __post_init__(self) -> None:
+        _norm_checks("layernorm", self.rows, self.dim, self.weight_dtype, self.eps)
+
+    @property
+    def name(self) -> str:
+        bias = "bias" if self.has_bias else "nobias"
+        return (f"layernorm_{PARAM_DTYPES[self.weight_dtype]}_{bias}_r{self.rows}_d{self.dim}"
+                f"_eps{c_float(self.eps)}")
+
+    def prim_func(self, target: Target) -> Any:
+        from tvm import te, tirx
+
+        rows, dim = self.rows, self.dim
+        x = te.placeholder((rows, dim), "float32", name="x")
+        w = te.placeholder((dim,), self.weight_dtype, name="w")
+        b = te.placeholder((dim,), self.weight_dtype, name="b") if self.has_bias else None
+        k1, k2 = te.reduce_axis((0, dim), "k1"), te.reduce_axis((0, dim), "k2")
+        xs = te.compute((rows,), lambda r: te.sum(x[r, k1], axis=k1), name="xsum")
+        mu = te.compute((rows,), lambda r: xs[r] / fconst(dim), name="mu")
+        vs = te.compute((rows,), lambda r: te.sum((x[r, k2] - mu[r]) * (x[r, k2] - mu[r]), axis=k2), name="vsum")
+        den = te.compute((rows,), lambda r: tirx.sqrt(vs[r] / fconst(dim) + fconst(self.eps)), name="den")
+
+        def body(r: Any, d: Any) -> Any:
+            v = (x[r, d] - mu[r]) / den[r] * f32(w[d])
+            return v if b is None else v + f32(b[d])
+
+        y = te.compute((rows, dim), body, name="y")
+        params = [x, w] + ([b] if b is not None else []) + [y]
+        func = schedule_rows(te.create_prim_func(params), "y", rows, dim, target.lanes(4),
+                             per_row=("den", "vsum", "mu", "xsum"))
+        return finish(func, self.name)
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embedding of x[rows, heads, head_dim] at positions int64[rows] with inv_freq
+    f32[rotary_dim / 2] (args: x, positions, inv_freq, y).
+
+    cos and sin are computed per row in the kernel (libm precision, float32 angle as the reference);
+    a negative position (padding row) is just another angle.
+    """
+
+    rows: int
+    heads: int
+    head_dim: int
+    rotary_dim: int
+    style: str = "half"
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        check_positive(problems, rows=self.rows, heads=self.heads, head_dim=self.head_dim,
+                       rotary_dim=self.rotary_dim)
+        if isinstance(self.rotary_dim, int) and (self.rotary_dim % 2 or self.rotary_dim > self.head_dim):
+            problems.append(f"rotary_dim {self.rotary_dim} (must be even and <= head_dim {self.head_dim})")
+        if self.style not in ROPE_STYLES:
+            problems.append(f"style {self.style!r} (use one of {ROPE_STYLES})")
+        refuse(problems, "rope")
+
+    @property
+    def name(self) -> str:
+        return f"rope_{self.style}_r{self.rows}_h{self.heads}_d{self.head_dim}_rot{self.rotary_dim}"
+
+    def prim_func(self, target: Target) -> Any:
+        from tvm import te, tirx
+
+        rows, heads, hd, rot = self.rows, self.heads, self.head_dim, self.rotary_dim
+        half = rot // 2
+        x = te.placeholder((rows, heads, hd), "float32", name="x")
+        pos = te.placeholder((rows,), "int64", name="positions")
+        inv = te.placeholder((half,), "float32", name="inv_freq")
+        angle = te.compute((rows, half), lambda r, i: tirx.Cast("float32", pos[r]) * inv[i], name="angle")
+        cos = te.compute((rows, half), lambda r, i: tirx.cos(angle[r, i]), name="cos")
+        sin = te.compute((rows, half), lambda r, i: tirx.sin(angle[r, i]), name="sin")
+        interleaved = self.style == "interleaved"
+
+        def clamp(e: Any, hi: int) -> Any:  # indices stay in bounds on both sides of every Select
+            return tirx.max(tirx.min(e, hi), 0)
+
+        def body(r: Any, h: Any, d: Any) -> Any:
+            xv = x[r, h, d]
+            if interleaved:  # pair (2i, 2i + 1): d even is the pair's first element
+                first = tirx.floormod(d, 2) == 0
+                i = clamp(tirx.floordiv(d, 2), half - 1)
+                partner = clamp(tirx.Select(first, d + 1, d - 1), hd - 1)
+            else:  # pair (i, i + rot/2)
+                first = d < half
+                i = clamp(tirx.Select(first, d, d - half), half - 1)
+                partner = clamp(tirx.Select(first, d + half, d - half), hd - 1)
+            c, s, other = cos[r, i], sin[r, i], x[r, h, partner]
+            rotated = tirx.Select(first, xv * c - other * s, xv * c + other * s)
+            return rotated if rot == hd else tirx.Select(d < rot, rotated, xv)
+
+        y = te.compute((rows, heads, hd), body, name="y")
+        func = te.create_prim_func([x, pos, inv, y])
+        return finish(self._schedule(func, target.lanes(4)), self.name)
+
+    def _schedule(self, func: Any, lanes: int) -> Any:
+        """Rows in parallel (when worth it); per row cos/sin of its rot/2 angles, then per head the
+        feature loop cut at the pair boundaries (loop_partition: each part's Selects fold away),
+        each part vectorized; interleaved pairs as an unrolled (even, odd) step."""
+        from tvm.s_tir import Schedule
+
+        sch = Schedule(func)
+        y = sch.get_sblock("y")
+        row, _, d = sch.get_loops(y)
+        sch.compute_inline(sch.get_sblock("angle"))
+        for name in ("sin", "cos"):
+            block = sch.get_sblock(name)
+            sch.compute_at(block, row)
+        if worth_parallel(self.rows * self.heads * self.head_dim) and self.rows > 1:
+            sch.parallel(row)
+        rot, hd, half = self.rotary_dim, self.head_dim, self.rotary_dim // 2
+        if self.style == "half":
+            cuts = [half, half] + ([hd - rot] if hd > rot else [])
+            parts = sch.loop_partition(d, cuts[:-1])  # the last part is the rest
+            for part in parts:
+                vectorize_part(sch, part, lanes)
+        else:
+            parts = sch.loop_partition(d, [rot]) if hd > rot else [d]
+            _, pair = sch.split(parts[0], [None, 2])
+            sch.unroll(pair)
+            if len(parts) > 1:
+                vectorize_part(sch, parts[1], lanes)
+        return sch.mod["main"]

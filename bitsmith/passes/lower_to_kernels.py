@@ -1,0 +1,310 @@
+"""lower_to_kernels: each entry point becomes a schedule of compiled kernel calls with a liveness buffer plan."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+import numpy as np
+
+from bitsmith.compiler.analysis import topological_order
+from bitsmith.compiler.ir import Function, Module, Node, TensorType
+from bitsmith.compiler.ops_llm import rope_inv_freq
+from bitsmith.errors import BitsmithError
+from bitsmith.passes.base import PassContext
+from bitsmith.runtime.arena import round_up
+from bitsmith.runtime.schedule import BufferSlot, KernelCall, Schedule
+
+PREFILL_ROWS = 16  # prefill runs in chunks of this many tokens (the last one padded)
+DENSE_BITS = {"float32": 32, "float16": 16}
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass
+class _Lowering:
+    """State while one function is lowered: calls so far, buffer types, aliases, the specs used."""
+
+    fn: Function
+    rows: int
+    ctx: int
+    specs: dict[str, Any]
+    constants: dict[str, dict[str, Any]]
+
+    def __post_init__(self) -> None:
+        self.calls: list[KernelCall] = []
+        self.types: dict[str, TensorType] = {}
+        self.alias: dict[str, str] = {}  # reshape output -> the buffer it views
+        self.cache_values: set[str] = set()
+        self.users: dict[str, list[int]] = {}
+        for index, node in enumerate(self.fn.nodes):
+            for value in node.inputs:
+                self.users.setdefault(value, []).append(index)
+        self.producer = {v: i for i, node in enumerate(self.fn.nodes) for v in node.outputs}
+        self.weight_of = {node.outputs[0]: node.attrs["name"] for node in self.fn.nodes if node.op == "weight"}
+        # silu nodes folded into the mul that is their only user (emitted there, as silu_mul)
+        self.fused: set[int] = set()
+        for node in self.fn.nodes:
+            if node.op == "mul" and (silu := _silu_partner(self, node)) is not None:
+                self.fused.add(silu)
+
+    # ------------------------------------------------------------------ values
+    def shape(self, value: str) -> tuple[int, ...]:
+        binding = {"seq": self.rows, "ctx": self.ctx}
+        return tuple(binding[d] if isinstance(d, str) else d for d in self.fn.types[value].shape)
+
+    def arg(self, value: str, shape: tuple[int, ...] | None = None) -> tuple[Any, ...]:
+        """A call argument; buffers are viewed with the kernel's `shape` (default: the value's own)."""
+        if value in self.weight_of:
+            return ("weight", self.weight_of[value])
+        return ("buffer", self.alias.get(value, value), tuple(shape or self.shape(value)))
+
+    def define(self, value: str, dtype: str = "float32", shape: tuple[int, ...] | None = None) -> tuple[Any, ...]:
+        self.types[value] = TensorType(self.shape(value), dtype)
+        return ("buffer", value, tuple(shape or self.shape(value)))
+
+    def flat(self, value: str) -> tuple[int]:
+        return (_prod(self.shape(value)),)
+
+    def rows_dim(self, value: str) -> tuple[int, int]:
+        shape = self.shape(value)
+        return (_prod(shape[:-1]), shape[-1])
+
+    def weight_dtype(self, value: str, where: Node) -> str:
+        name = self.weight_of.get(value)
+        if name is None:
+            raise self.unsupported(where, f"expects a weight as input {value}")
+        return self.fn.types[value].dtype
+
+    def emit(self, spec: Any, args: list[tuple[str, Any]], value: str) -> None:
+        self.specs[spec.name] = spec
+        self.calls.append(KernelCall(spec.name, tuple(args), value))
+
+    def unsupported(self, node: Node, detail: str = "has no compiled CPU kernel") -> BitsmithError:
+        return BitsmithError(f"op {node.op} ({node.outputs[0]}) {detail}", where=f"pass lower_to_kernels, {self.fn.name}",
+                             fix="run it with `--executor reference`, or compile with `--target none`")
+
+    def constant(self, prefix: str, values: np.ndarray) -> tuple[str, str]:
+        data = np.ascontiguousarray(values, dtype=np.float32)
+        name = f"{prefix}_{hashlib.sha256(data.tobytes()).hexdigest()[:12]}"
+        self.constants[name] = {"dtype": "float32", "shape": list(data.shape), "values": data.tolist()}
+        return ("const", name)
+
+
+def _lower_node(st: _Lowering, index: int, node: Node) -> None:
+    from bitsmith.codegen import families as k
+
+    op, ins, out = node.op, node.inputs, node.outputs[0]
+    a = node.attrs
+    if op == "weight":
+        pass  # weights are arguments, registered up front in _Lowering.weight_of
+    elif op == "reshape":
+        st.alias[out] = st.alias.get(ins[0], ins[0])
+    elif op == "embedding":
+        vocab, dim = st.fn.types[ins[0]].shape
+        spec = k.EmbeddingSpec(st.rows, vocab, dim, st.weight_dtype(ins[0], node))
+        st.emit(spec, [st.arg(ins[0]), st.arg(ins[1]), st.define(out)], out)
+    elif op in ("rmsnorm", "layernorm"):
+        dim = st.shape(ins[0])[-1]
+        rows = _prod(st.shape(ins[0])[:-1])
+        if len(ins) < 2:
+            raise st.unsupported(node, "without a weight has no compiled kernel")
+        wdt = st.weight_dtype(ins[1], node)
+        spec = (k.RmsNormSpec(rows, dim, wdt, float(a["eps"])) if op == "rmsnorm"
+                else k.LayerNormSpec(rows, dim, wdt, float(a["eps"]), len(ins) > 2))
+        st.emit(spec, [st.arg(ins[0], (rows, dim)), *[st.arg(v) for v in ins[1:]], st.define(out, shape=(rows, dim))],
+                out)
+    elif op in ("linear", "qlinear"):
+        _lower_linear(st, node)
+    elif op == "rope":
+        rows, heads, hd = st.shape(ins[0])
+        rot = a.get("rotary_dim", hd)
+        spec = k.RopeSpec(rows, heads, hd, rot, a.get("style", "half"))
+        table = st.constant("rope_inv_freq", rope_inv_freq(rot, a["theta"], a.get("scaling")))
+        st.emit(spec, [st.arg(ins[0]), st.arg(ins[1]), table, st.define(out)], out)
+    elif op == "attention":
+        rows, heads, hd = st.shape(ins[0])
+        kv = st.shape(ins[1])[1]
+        spec = k.AttentionSpec(rows, heads, kv, hd, st.ctx, float(a["scale"]), a.get("sliding_window") or None)
+        st.cache_values.add(node.outputs[1])
+        st.emit(spec, [st.arg(ins[0]), st.arg(ins[1]), st.arg(ins[2]), st.arg(ins[3]), ("cache", a["layer"]),
+                       st.define(out)], out)
+    elif op == "mul" and (silu := _silu_partner(st, node)) is not None:
+        gate = st.fn.nodes[silu].inputs[0]
+        other = next(v for v in ins if v != st.fn.nodes[silu].outputs[0])
+        n = st.flat(out)
+        st.emit(k.SiluMulSpec(n[0]), [st.arg(gate, n), st.arg(other, n), st.define(out, shape=n)], out)
+    elif op in ("silu", "gelu", "relu"):
+        kind = "gelu_tanh" if op == "gelu" and a.get("approximate", "none") == "tanh" else op
+        n = st.flat(out)
+        st.emit(k.UnarySpec(n[0], kind), [st.arg(ins[0], n), st.define(out, shape=n)], out)
+    elif op in ("add", "mul"):
+        if st.shape(ins[0]) != st.shape(ins[1]):
+            raise st.unsupported(node, f"broadcasts {st.shape(ins[0])} with {st.shape(ins[1])}")
+        norm_index = _add_norm_partner(st, out) if op == "add" else None
+        if norm_index is not None:
+            norm = st.fn.nodes[norm_index]
+            st.fused.add(norm_index)
+            rd = st.rows_dim(out)
+            spec = k.AddRmsNormSpec(rd[0], rd[1], st.weight_dtype(norm.inputs[1], norm), float(norm.attrs["eps"]))
+            st.emit(spec, [st.arg(ins[0], rd), st.arg(ins[1], rd), st.arg(norm.inputs[1]), st.define(out, shape=rd),
+                           st.define(norm.outputs[0], shape=rd)], norm.outputs[0])
+        else:
+            n = st.flat(out)
+            st.emit(k.BinarySpec(n[0], op), [st.arg(ins[0], n), st.arg(ins[1], n), st.define(out, shape=n)], out)
+    else:
+        raise st.unsupported(node)
+
+
+def _silu_partner(st: _Lowering, node: Node) -> int | None:
+    """The silu feeding this mul (its only user, same shape): the pair becomes one silu_mul (SwiGLU)."""
+    for value in node.inputs:
+        producer = st.producer.get(value)
+        if (producer is not None and st.fn.nodes[producer].op == "silu" and len(st.users.get(value, [])) == 1
+                and st.shape(value) == st.shape(node.outputs[0])
+                and value not in st.fn.outputs and len(set(node.inputs)) == 2):
+            return producer
+    return None
+
+
+def _add_norm_partner(st: _Lowering, value: str) -> int | None:
+    """The rmsnorm right after this add (same row layout, with a weight): fused as add+rmsnorm."""
+    for user in st.users.get(value, []):
+        node = st.fn.nodes[user]
+        if node.op == "rmsnorm" and node.inputs[0] == value and len(node.inputs) == 2:
+            return user
+    return None
+
+
+def _lower_linear(st: _Lowering, node: Node) -> None:
+    from bitsmith.codegen import families as k
+
+    ins, out, a = node.inputs, node.outputs[0], node.attrs
+    x_shape = st.shape(ins[0])
+    rows = _prod(x_shape[:-1])
+    if node.op == "linear":
+        dtype = st.weight_dtype(ins[1], node)
+        if dtype not in DENSE_BITS:
+            raise st.unsupported(node, f"has {dtype} weights; CPU kernels read float32 or float16")
+        n_out, n_in = st.fn.types[ins[1]].shape
+        spec = k.GemvSpec(n_out, n_in, DENSE_BITS[dtype], batch=rows)
+        weights, bias = [st.arg(ins[1])], ins[2] if len(ins) == 3 else None
+    else:
+        n_out = st.fn.types[ins[1]].shape[0]
+        spec = k.GemvSpec(n_out, a["in_features"], a["bits"], a["group_size"], a["sym"], rows)
+        n_params = 2 if a["sym"] else 3
+        weights = [st.arg(v) for v in ins[1:1 + n_params]]
+        bias = ins[-1] if a.get("has_bias") else None
+    x = st.arg(ins[0], (rows, x_shape[-1]))
+    if bias is not None:
+        partial = f"{out}.nobias"
+        st.types[partial] = TensorType((rows, n_out), "float32")
+        st.emit(spec, [x, *weights, ("buffer", partial, (rows, n_out))], partial)
+        bias_spec = k.BiasAddSpec(rows, n_out, st.weight_dtype(bias, node))
+        st.emit(bias_spec, [("buffer", partial, (rows, n_out)), st.arg(bias), st.define(out, shape=(rows, n_out))], out)
+    else:
+        st.emit(spec, [x, *weights, st.define(out, shape=(rows, n_out))], out)
+
+
+def plan_buffers(calls: list[KernelCall], types: dict[str, TensorType], pinned: set[str]) -> tuple[dict[str, BufferSlot], int]:
+    """Arena offsets so that buffers alive at the same time never overlap.
+
+    Lifetimes run from the first call that touches a buffer to the last; `pinned` buffers (the
+    step's inputs and output) live for the whole step. Buffers are the nodes of a networkx
+    interference graph (an edge: lifetimes overlap); placed largest first at the lowest 64-byte
+    aligned offset that clears every placed neighbour (first fit).
+    """
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for index, call in enumerate(calls):
+        for kind, ref, *_ in call.args:
+            if kind == "buffer":
+                first.setdefault(ref, index)
+                last[ref] = index
+    for name in pinned:
+        first[name], last[name] = -1, len(calls)
+    graph = nx.Graph()
+    graph.add_nodes_from(first)
+    names = sorted(first, key=lambda n: first[n])
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if first[b] > last[a]:
+                break
+            graph.add_edge(a, b)
+    size = {n: round_up(_prod(types[n].shape) * np.dtype(types[n].dtype).itemsize) for n in first}
+    offsets: dict[str, int] = {}
+    for name in sorted(first, key=lambda n: (-size[n], first[n], n)):
+        taken = sorted((offsets[m], offsets[m] + size[m]) for m in graph.neighbors(name) if m in offsets)
+        offset = 0
+        for lo, hi in taken:
+            if offset + size[name] <= lo:
+                break
+            offset = max(offset, hi)
+        offsets[name] = offset
+    total = max((offsets[n] + size[n] for n in offsets), default=0)
+    return {n: BufferSlot(offsets[n], tuple(types[n].shape), types[n].dtype) for n in sorted(offsets)}, total
+
+
+def lower_function(fn: Function, rows: int, ctx: int, specs: dict[str, Any],
+                   constants: dict[str, dict[str, Any]]) -> Schedule:
+    """The schedule of `fn` with seq bound to `rows` and the cache to `ctx` slots."""
+    fn = topological_order(fn)
+    st = _Lowering(fn, rows, ctx, specs, constants)
+    names = [n for n, _ in fn.inputs]
+    if names != ["tokens", "positions", "kv_cache"] or len(fn.outputs) != 2:
+        raise BitsmithError(f"entry {fn.name} has inputs {names} and {len(fn.outputs)} outputs",
+                            where="pass lower_to_kernels",
+                            fix="entry points take (tokens, positions, kv_cache) and return (logits, kv_cache)")
+    st.define("tokens", "int64")
+    st.define("positions", "int64")
+    st.cache_values.add("kv_cache")
+    for index, node in enumerate(fn.nodes):
+        if index not in st.fused:
+            _lower_node(st, index, node)
+    logits = st.alias.get(fn.outputs[0], fn.outputs[0])
+    if logits not in st.types:
+        raise BitsmithError(f"logits of {fn.name} are not computed by a kernel", where="pass lower_to_kernels",
+                            fix="run it with `--executor reference`")
+    inputs = {"tokens": "tokens", "positions": "positions"}
+    buffers, arena = plan_buffers(st.calls, st.types, {"tokens", "positions", logits})
+    return Schedule(fn.name, rows, ctx, arena, buffers, inputs, logits, tuple(st.calls))
+
+
+@dataclass(frozen=True)
+class LowerToKernels:
+    """Lower `prefill` (chunks of PREFILL_ROWS tokens) and `decode` (1 token) to kernel schedules.
+
+    Results go to ctx.notes["kernels"]: {"specs": name -> spec, "schedules": entry -> Schedule,
+    "constants": name -> table, "cache_shape": [layers, 2, ctx, kv, hd]}; the module is unchanged.
+    """
+
+    context: int
+    required: bool = True  # False: an op without a kernel is noted (ctx.notes["kernels_skipped"]), not an error
+    prefill_rows: int = PREFILL_ROWS
+    name: str = "lower_to_kernels"
+
+    def run(self, module: Module, ctx: PassContext) -> Module:
+        specs: dict[str, Any] = {}
+        constants: dict[str, dict[str, Any]] = {}
+        try:
+            schedules = {
+                "prefill": lower_function(module["prefill"], self.prefill_rows, self.context, specs, constants),
+                "decode": lower_function(module["decode"], 1, self.context, specs, constants),
+            }
+        except BitsmithError as exc:
+            if self.required:
+                raise
+            ctx.notes["kernels_skipped"] = exc.problem
+            return module
+        cache_shape = [self.context if d == "ctx" else d for d in module["decode"].inputs[2][1].shape]
+        ctx.notes["kernels"] = {"specs": specs, "schedules": schedules, "constants": constants,
+                                "cache_shape": cache_shape}
+        return module
+

@@ -1,0 +1,99 @@
+"""Kernel schedules: one entry point as an ordered list of kernel calls over a liveness-planned arena."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# A schedule is what the executor runs for one step of one entry point at a fixed row count:
+#
+#   arena (activations, one byte buffer)   weights (by name)   KV cache [layers, 2, ctx, kv, hd]
+#   +-------+-----------+----+------+       embed_tokens ...     cache[l] = one layer's slice
+#   | buf a | buf b     |    | buf c|
+#   +-------+-----------+----+------+       constants (rope tables), inside the manifest
+#   buffers whose lifetimes do not overlap share bytes (offsets from the liveness plan)
+#
+# Each call names a kernel symbol in kernels/<target>.so and its arguments, inputs first and
+# outputs last: ("buffer", name, shape) | ("weight", name) | ("cache", layer) | ("const", name).
+# A buffer is a typed region (offset, shape, dtype) of the arena; a call sees it with its own
+# shape (same bytes: a norm sees [rows, dim] what SwiGLU sees as [rows * dim]).
+
+ARG_KINDS = ("buffer", "weight", "cache", "const")
+
+
+@dataclass(frozen=True)
+class BufferSlot:
+    offset: int
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        size = 1
+        for d in self.shape:
+            size *= d
+        return size * {"float32": 4, "int64": 8, "float16": 2, "int32": 4, "uint32": 4}[self.dtype]
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    kernel: str
+    args: tuple[tuple[str, Any], ...]
+    value: str = ""  # the IR value it computes (for errors and debugging)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    entry: str
+    rows: int  # tokens per call: 1 for decode, the prefill chunk for prefill (padded rows: position -1)
+    ctx: int  # KV cache slots the kernels were built for
+    arena_bytes: int
+    buffers: dict[str, BufferSlot]
+    inputs: dict[str, str]  # "tokens" / "positions" -> buffer
+    output: str  # the logits buffer [rows, vocab]
+    calls: tuple[KernelCall, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"entry": self.entry, "rows": self.rows, "ctx": self.ctx, "arena_bytes": self.arena_bytes,
+                "buffers": {k: [b.offset, list(b.shape), b.dtype] for k, b in self.buffers.items()},
+                "inputs": dict(self.inputs), "output": self.output,
+                "calls": [[c.kernel, [[a[0], a[1], *([list(a[2])] if len(a) > 2 else [])] for a in c.args], c.value]
+                          for c in self.calls]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Schedule":
+        return cls(entry=data["entry"], rows=int(data["rows"]), ctx=int(data["ctx"]),
+                   arena_bytes=int(data["arena_bytes"]),
+                   buffers={k: BufferSlot(int(o), tuple(s), d) for k, (o, s, d) in data["buffers"].items()},
+                   inputs=dict(data["inputs"]), output=data["output"],
+                   calls=tuple(KernelCall(k, tuple(_arg(a) for a in args), v) for k, args, v in data["calls"]))
+
+
+def _arg(data: list[Any]) -> tuple[Any, ...]:
+    return (data[0], data[1], tuple(data[2])) if data[0] == "buffer" else (data[0], data[1])
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """The manifest's `kernels` entry: the library per target, the schedules and the constants."""
+
+    target: str  # "host" | "aarch64-linux"
+    library: str  # path inside the artifact, e.g. kernels/host.so
+    arch: str  # machine architecture of the library: x86_64 | aarch64
+    target_cpu: str  # the exact CPU the library was built for (LLVM mcpu)
+    schedules: dict[str, Schedule]
+    constants: dict[str, dict[str, Any]]  # name -> {"dtype", "shape", "values"}
+    cache: dict[str, Any]  # {"shape": [layers, 2, ctx, kv, hd], "dtype": "float32"}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target": self.target, "library": self.library, "arch": self.arch,
+                "target_cpu": self.target_cpu,
+                "schedules": {k: s.to_json() for k, s in self.schedules.items()},
+                "constants": self.constants, "cache": self.cache}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "KernelPlan":
+        return cls(target=data["target"], library=data["library"], arch=data["arch"],
+                   target_cpu=data["target_cpu"],
+                   schedules={k: Schedule.from_json(s) for k, s in data["schedules"].items()},
+                   constants=data["constants"], cache=data["cache"])

@@ -1,0 +1,149 @@
+"""The compiled executor against the numpy reference: logits, greedy tokens, runtime-only import, caching, targets."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bitsmith.compiler.pipeline import CompileOptions, compile_model
+from bitsmith.compiler.run import reference_session
+from bitsmith.errors import BitsmithError
+from bitsmith.runtime.artifact import load_artifact
+from bitsmith.runtime.executor import CompiledSession
+from conftest import save_tiny_hf_model
+
+QUANT = {
+    "fp32": {},
+    "int4-g32-asym": dict(method="rtn", bits=4, group_size=32, sym=False, keep_default=False),
+    "int3-sym-pc": dict(method="rtn", bits=3, group_size=-1, sym=True, keep_default=False),
+    "int8-g64": dict(method="rtn", bits=8, group_size=64, sym=True),
+}
+
+
+@pytest.fixture(scope="module")
+def kernel_cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("kernel-cache")
+    old = os.environ.get("BITSMITH_KERNEL_CACHE")
+    os.environ["BITSMITH_KERNEL_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("BITSMITH_KERNEL_CACHE", None)
+    else:
+        os.environ["BITSMITH_KERNEL_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny") / "llama"
+    save_tiny_hf_model(directory, "llama")
+    return directory
+
+
+def _compile(source, out, kernel_cache, **options):
+    return compile_model(source, out, CompileOptions(context=64, **options))
+
+
+def _greedy(session, prompt: list[int], n: int) -> list[int]:
+    logits = session.prefill(prompt)[-1]
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(logits)))
+        logits = session.decode(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("scheme", sorted(QUANT))
+def test_logits_match_reference(tiny_dir, tmp_path, kernel_cache, scheme):
+    art = load_artifact(_compile(tiny_dir, tmp_path / "a", kernel_cache, **QUANT[scheme]))
+    compiled, ref = CompiledSession(art), reference_session(art, 64)
+    prompt = [5, 17, 3, 88, 41, 9, 60, 2, 33, 71, 12, 4, 50, 19, 7, 23, 64, 30, 11]  # 19: two prefill chunks
+    got, want = compiled.prefill(prompt), ref.prefill(prompt)
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= 2e-4 * scale  # fp32 kernels vs numpy: summation order only
+    for token in (8, 90, 1):
+        got, want = compiled.decode(token), ref.decode(token)
+        assert np.abs(got - want).max() <= 2e-4 * scale
+    compiled.reset()
+    assert np.allclose(compiled.prefill(prompt[:3]), ref_reset_prefill(art, prompt[:3]), rtol=0, atol=2e-4 * scale)
+
+
+def ref_reset_prefill(art, prompt):
+    return reference_session(art, 64).prefill(prompt)
+
+
+def test_context_limit_is_a_clear_error(tiny_dir, tmp_path, kernel_cache):
+    session = CompiledSession(load_artifact(_compile(tiny_dir, tmp_path / "a", kernel_cache)))
+    with pytest.raises(BitsmithError, match="exceed the context of 64"):
+        session.prefill(list(range(65)))
+
+
+def test_kernel_cache_rebuilds_only_what_changed(tiny_dir, tmp_path, kernel_cache):
+    opts = QUANT["int4-g32-asym"]
+    first = load_artifact(_compile(tiny_dir, tmp_path / "a", kernel_cache, **opts)).manifest["kernels"]["build"]
+    again = load_artifact(_compile(tiny_dir, tmp_path / "b", kernel_cache, **opts)).manifest["kernels"]["build"]
+    assert again["built"] == 0 and again["cached"] == again["kernels"] == first["kernels"]
+    changed = load_artifact(_compile(tiny_dir, tmp_path / "c", kernel_cache, **opts,
+                                     schemes=(("layers.1.mlp.down_proj", "int8"),))).manifest["kernels"]["build"]
+    # int8 down_proj: one new GEMV shape for decode and one for the prefill chunk
+    assert changed["built"] == 2, changed
+
+
+BLOCK_TORCH = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] == 'torch' or name.startswith('bitsmith.compiler') or name.startswith('bitsmith.passes') \\
+                or name.startswith('bitsmith.codegen') or name == 'transformers':
+            raise ImportError('blocked in this test: ' + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_runtime_runs_an_artifact_without_torch_or_the_compiler(tiny_dir, tmp_path, kernel_cache):
+    path = _compile(tiny_dir, tmp_path / "a", kernel_cache, **QUANT["int4-g32-asym"])
+    want = _greedy(CompiledSession(load_artifact(path)), [5, 17, 3], 12)
+    script = BLOCK_TORCH + f"""
+import json, numpy as np
+from bitsmith.runtime.artifact import load_artifact
+from bitsmith.runtime.executor import CompiledSession
+s = CompiledSession(load_artifact({str(path)!r}))
+logits = s.prefill([5, 17, 3])[-1]
+out = []
+for _ in range(12):
+    out.append(int(np.argmax(logits)))
+    logits = s.decode(out[-1])
+try:
+    import torch
+    raise SystemExit('torch imported')
+except ImportError:
+    pass
+assert not any(m.startswith(('bitsmith.compiler', 'bitsmith.passes', 'torch')) for m in sys.modules)
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == want
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="gcc-aarch64-linux-gnu is not installed")
+def test_aarch64_cross_compile_exports_the_kernels(tiny_dir, tmp_path, kernel_cache):
+    path = _compile(tiny_dir, tmp_path / "arm", kernel_cache, target="aarch64-linux", **QUANT["int4-g32-asym"])
+    art = load_artifact(path)
+    plan = art.manifest["kernels"]
+    library = path / plan["library"]
+    assert plan["library"] == "kernels/aarch64-linux.so" and plan["arch"] == "aarch64"
+    header = library.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and header[4] == 2  # 64-bit
+    assert int.from_bytes(header[18:20], "little") == 183  # e_machine EM_AARCH64
+    symbols = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True).stdout
+    kernels = {c[0] for s in plan["schedules"].values() for c in s["calls"]}
+    assert kernels and all(f" __tvm_ffi_{k}\n" in symbols for k in kernels)  # TVM FFI exports
+    with pytest.raises(BitsmithError, match="built for aarch64-linux"):
+        CompiledSession(art)
