@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bitsmith.compiler.ir import Module
 from bitsmith.compiler.printer import op_histogram
 from bitsmith.compiler.weight_stats import summarize
@@ -66,6 +68,8 @@ def describe(path: str | Path) -> tuple[dict[str, Any], Module]:
         }
         if module.meta.get("precision_plan") is not None:
             summary["precision"] = precision_summary(module, m["weights"]["table"])
+        if m.get("kernels"):
+            summary["kernels"] = kernels_summary(m["kernels"])
         return summary, module
     from bitsmith.compiler.loader import load_model
 
@@ -112,7 +116,31 @@ def format_summary(summary: dict[str, Any]) -> str:
         for layer, row in sorted(p["layers"].items(), key=lambda kv: _layer_key(kv[0])):
             lines.append(f"  {layer:<12} {row['bytes']:>12,} {row['bits_per_weight']:>7.3f}  "
                          f"{', '.join(row['schemes']) or '-'}")
+    if "kernels" in summary:
+        k = summary["kernels"]
+        lines.append(f"kernels: {k['library']} ({k['target']}, {k['arch']}, cpu {k['target_cpu']}), "
+                     f"{k['distinct_kernels']} distinct kernels, KV cache {k['cache_shape']} "
+                     f"({k['cache_bytes'] / 2**20:.1f} MiB)")
+        for entry, info in k["schedules"].items():
+            lines.append(f"  schedule {entry}: {info['rows']} rows/call, {info['calls']} calls, "
+                         f"arena {info['arena_bytes'] / 2**10:.1f} KiB (without reuse {info['unplanned_bytes'] / 2**10:.1f} KiB)")
     return "\n".join(lines)
+
+
+def kernels_summary(entry: dict) -> dict:
+    """Library, target and per-schedule call counts and arena sizes from the manifest's `kernels`."""
+    schedules = {}
+    kernels = set()
+    for name, s in entry["schedules"].items():
+        kernels |= {c[0] for c in s["calls"]}
+        unplanned = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for _, shape, dtype in s["buffers"].values())
+        schedules[name] = {"rows": s["rows"], "calls": len(s["calls"]), "arena_bytes": s["arena_bytes"],
+                           "unplanned_bytes": unplanned}
+    shape = entry["cache"]["shape"]
+    return {"library": entry["library"], "target": entry["target"], "arch": entry["arch"],
+            "target_cpu": entry["target_cpu"], "distinct_kernels": len(kernels), "cache_shape": shape,
+            "cache_bytes": int(np.prod(shape)) * np.dtype(entry["cache"]["dtype"]).itemsize,
+            "build": entry.get("build"), "schedules": schedules}
 
 
 def _layer_key(name: str) -> tuple[int, int]:

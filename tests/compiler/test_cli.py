@@ -44,7 +44,8 @@ def test_compile_writes_a_valid_artifact(tiny_artifact):
     m = artifact.manifest
     assert m["schema_version"] == 1 and m["provenance"]["tvm_version"] == "0.27.0.post1"
     assert m["weights"]["bytes_by_dtype"].keys() == {"float16"}
-    assert set(m["files"]) == {"weights.safetensors"}  # tiny model: no tokenizer
+    assert set(m["files"]) == {"weights.safetensors", "kernels/host.so"}  # tiny model: no tokenizer
+    assert m["kernels"]["library"] == "kernels/host.so" and set(m["kernels"]["schedules"]) == {"prefill", "decode"}
     assert sorted(p.name for p in (tiny_artifact / "ir").iterdir())[0] == "00-input.ir"
     assert not [p for p in tiny_artifact.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
@@ -61,9 +62,13 @@ def test_run_json_matches_the_reference(tiny_artifact, tmp_path):
     manifest["tokenizer"] = {"kind": "hf", "files": ["tokenizer.json"], "bos_token_id": None, "eos_token_ids": [],
                              "add_bos": False, "chat_template": None}
     (art / "manifest.json").write_text(json.dumps(manifest))
-    proc = bitsmith("run", art, "hello", "--max-tokens", "6", "--json")
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    outs = {}
+    for executor in ("compiled", "reference"):
+        proc = bitsmith("run", art, "hello", "--max-tokens", "6", "--json", "--executor", executor)
+        assert proc.returncode == 0, proc.stderr
+        outs[executor] = json.loads(proc.stdout)
+    assert outs["compiled"] == outs["reference"]
+    out = outs["reference"]
     artifact = load_artifact(art)
     session = ReferenceSession(Module.from_json(manifest["ir"]), artifact.weights, 16)
     logits = session.prefill([10, 7, 14, 14, 17])  # "hello"
@@ -178,3 +183,24 @@ def test_bad_quantization_options(tiny_artifact, tmp_path):
     proc = bitsmith("compile", model, "-o", tmp_path / "o", "--bits", "5")
     assert proc.returncode == 2 and "'5' is not one of" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_target_none_has_no_kernels_and_compiled_run_says_so(tiny_artifact, tmp_path):
+    proc = bitsmith("compile", tiny_artifact / "model", "-o", tmp_path / "ref", "--target", "none")
+    assert proc.returncode == 0, proc.stderr
+    artifact = load_artifact(tmp_path / "ref")
+    assert artifact.manifest["kernels"] is None
+    from bitsmith.compiler.run import open_session
+    from bitsmith.errors import BitsmithError
+
+    with pytest.raises(BitsmithError, match="no compiled kernels.*--target host"):
+        open_session(artifact, "compiled")
+    assert type(open_session(artifact, "auto")).__name__ == "ReferenceSession"
+
+
+def test_bad_context(tiny_artifact, tmp_path):
+    assert_clean_error(bitsmith("compile", tiny_artifact / "model", "-o", tmp_path / "a", "--context", "40"),
+                       "--context 40 is not a multiple of 16")
+    assert_clean_error(bitsmith("compile", tiny_artifact / "model", "-o", tmp_path / "a", "--context", "4096"),
+                       "exceeds the model's maximum of 128")
+    assert not (tmp_path / "a").exists()
