@@ -148,7 +148,25 @@ def _attention_infer(in_types, attrs, weights):
     _check(cache.rank == 5 and cache.shape[1] == 2, f"kv cache must be [layers, 2, ctx, kv_heads, head_dim], got {cache.shape}")
     _check(cache.shape[3:] == k.shape[1:], f"kv cache {cache.shape} does not match k {k.shape}")
     _check(isinstance(cache.shape[0], int) and 0 <= attrs["layer"] < cache.shape[0], f"layer {attrs['layer']} out of range")
+    _check(attrs.get("kv_dtype", "float32") in ("float32", "float16", "int8"), f"unknown kv_dtype {attrs.get('kv_dtype')}")
     return [TensorType(q.shape, COMPUTE_DTYPE), cache]
+
+
+def kv_storage_round(x: np.ndarray, kv_dtype: str) -> np.ndarray:
+    """x [seq, kv_heads, head_dim] as a `kv_dtype` cache stores it, back in float32.
+
+    int8: symmetric, one scale per (token, kv head): s = max|x| / 127 (1 for an all-zero row),
+    code = round-half-even(x / s) clipped to [-127, 127]; the kernels do the same.
+    """
+    if kv_dtype == "float32":
+        return x
+    if kv_dtype == "float16":
+        return x.astype(np.float16).astype(np.float32)
+    if kv_dtype == "int8":
+        scale = np.max(np.abs(x), axis=-1, keepdims=True) / np.float32(127)
+        scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+        return np.clip(np.rint(x / scale), -127, 127).astype(np.float32) * scale
+    raise ValueError(f"unknown kv_dtype {kv_dtype!r}")
 
 
 def _attention_ref(xs, attrs, ctx):
@@ -156,8 +174,11 @@ def _attention_ref(xs, attrs, ctx):
     layer = attrs["layer"]
     if pos.size and pos.max() >= cache.shape[2]:
         raise IndexError(f"position {int(pos.max())} exceeds the KV cache ({cache.shape[2]} slots)")
-    cache[layer, 0, pos] = k  # the reference updates the cache in place; the IR threads it as a value
-    cache[layer, 1, pos] = v
+    kv_dtype = attrs.get("kv_dtype", "float32")
+    # the reference updates the cache in place (the IR threads it as a value), storing what a
+    # cache of `kv_dtype` would hold: float16-rounded, or int8 codes times their per-token scale
+    cache[layer, 0, pos] = kv_storage_round(k, kv_dtype)
+    cache[layer, 1, pos] = kv_storage_round(v, kv_dtype)
     span = int(pos.max()) + 1 if pos.size else 0
     keys, values = cache[layer, 0, :span], cache[layer, 1, :span]  # [span, kv, d]
     seq, heads, d = q.shape

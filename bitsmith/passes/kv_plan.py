@@ -1,0 +1,138 @@
+"""KV-cache planning math: block size, block count and per-layer KV dtype under a memory budget (no IR)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from bitsmith.errors import BitsmithError
+
+KV_DTYPES = ("float32", "float16", "int8")
+DTYPE_BYTES = {"float32": 4, "float16": 2, "int8": 1}
+# Pool layout, one per layer (what the paged attention kernels read):
+#
+#   pool[num_blocks, 2, block_size, kv_heads, head_dim]      [b, 0] keys, [b, 1] values of block b
+#   scales[num_blocks, 2, block_size, kv_heads] (int8 only)  one fp32 scale per token and kv head
+#
+#   sequence block table: logical block i (tokens i*bs .. i*bs+bs-1) -> physical block number
+#   +---+---+---+---+
+#   | 7 | 2 | 9 | . |   a sequence of 2.5 blocks; blocks shared by a common prefix appear in
+#   +---+---+---+---+   several tables (read-only, reference counted)
+
+
+def parse_bytes(text: str | int | None) -> int | None:
+    """'2GB', '512MiB', '80MB', '1.5G', 1000 -> bytes (decimal for KB/MB/GB, binary for KiB/MiB/GiB)."""
+    if text is None or isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", text.lower())
+    if not match:
+        raise BitsmithError(f"cannot read the size {text!r}", where="--memory", fix="write e.g. 2GB, 512MiB or 80MB")
+    value, unit, binary = float(match.group(1)), match.group(2), match.group(3)
+    base = 1024 if binary else 1000
+    return int(value * base ** " kmgt".index(unit or " "))
+
+
+@dataclass(frozen=True)
+class KVPlanOptions:
+    """What the user asks of the KV cache: a total memory budget, the context and the concurrency."""
+
+    memory: int | None = None  # total bytes for weights + KV cache + workspace; None: no limit
+    max_context: int = 2048
+    concurrency: int = 4  # sequences expected at once, each up to max_context tokens
+    kv_dtype: str = "auto"  # auto: float16 unless the budget forces int8
+    block_size: int = 16
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class KVPlan:
+    block_size: int
+    num_blocks: int
+    max_blocks: int  # blocks one sequence can hold (max_context / block_size)
+    layer_dtypes: tuple[str, ...]
+    kv_heads: int
+    head_dim: int
+    max_context: int
+    concurrency: int
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.block_bytes(d) for d in self.layer_dtypes) * self.num_blocks
+
+    def block_bytes(self, dtype: str) -> int:
+        per_token = 2 * self.kv_heads * (self.head_dim * DTYPE_BYTES[dtype] + (4 if dtype == "int8" else 0))
+        return per_token * self.block_size
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["layer_dtypes"] = list(self.layer_dtypes)
+        data["bytes"] = self.bytes
+        data["layout"] = "pool[num_blocks, 2, block_size, kv_heads, head_dim] per layer (+ fp32 scales[.., kv_heads] for int8)"
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "KVPlan":
+        fields = {k: data[k] for k in ("block_size", "num_blocks", "max_blocks", "kv_heads", "head_dim",
+                                        "max_context", "concurrency")}
+        return cls(layer_dtypes=tuple(data["layer_dtypes"]), **fields)
+
+
+def layer_dtypes_for(kind: str, num_layers: int) -> tuple[str, ...]:
+    """int8 keeps the first and last layer at float16 (their KV is the most sensitive); others uniform."""
+    if kind == "int8" and num_layers > 2:
+        return ("float16",) + ("int8",) * (num_layers - 2) + ("float16",)
+    return (kind,) * num_layers
+
+
+def plan_kv_cache(options: KVPlanOptions, num_layers: int, kv_heads: int, head_dim: int, weight_bytes: int,
+                  workspace_bytes: int) -> KVPlan:
+    """The plan for `options`, or a BitsmithError that says what would fit instead."""
+    bs = options.block_size
+    if bs not in (8, 16, 32, 64):
+        raise BitsmithError(f"block size {bs} is not supported", where="kv plan", fix="use 8, 16, 32 or 64")
+    if options.max_context % bs:
+        raise BitsmithError(f"context {options.max_context} is not a multiple of the block size {bs}",
+                            where="kv plan", fix=f"use --context {options.max_context // bs * bs or bs}")
+    max_blocks = options.max_context // bs
+    needed = max_blocks * options.concurrency
+    kinds = ("float16", "int8") if options.kv_dtype == "auto" else (options.kv_dtype,)
+    if options.kv_dtype not in KV_DTYPES + ("auto",):
+        raise BitsmithError(f"unknown KV dtype {options.kv_dtype!r}", where="kv plan", fix=f"use auto or one of {KV_DTYPES}")
+
+    def plan(kind: str, blocks: int) -> KVPlan:
+        return KVPlan(bs, blocks, max_blocks, layer_dtypes_for(kind, num_layers), kv_heads, head_dim,
+                      options.max_context, options.concurrency)
+
+    if options.memory is None:
+        return plan(kinds[0], needed)
+    room = options.memory - weight_bytes - workspace_bytes
+    for kind in kinds:
+        per_block = plan(kind, 1).bytes
+        fit = room // per_block if room > 0 else 0
+        if fit >= needed:
+            # spare budget becomes prefix-cache headroom, up to 4x what the sequences need
+            return plan(kind, int(min(fit, 4 * needed)))
+    raise _does_not_fit(options, plan, room, weight_bytes, workspace_bytes, needed)
+
+
+def _does_not_fit(options: KVPlanOptions, plan, room: int, weight_bytes: int, workspace_bytes: int,
+                  needed: int) -> BitsmithError:
+    mib = 2 ** 20
+    smallest = plan("int8", needed).bytes
+    hints = []
+    for kind in ("float16", "int8"):
+        per_seq = plan(kind, needed // options.concurrency).bytes
+        if room > 0:
+            ctx = (room // options.concurrency // plan(kind, 1).bytes) * options.block_size
+            seqs = room // per_seq
+            if ctx >= options.block_size:
+                hints.append(f"--context {ctx} with {kind} KV")
+            if seqs >= 1:
+                hints.append(f"--concurrency {seqs} with {kind} KV")
+    hints.append(f"--memory {(weight_bytes + workspace_bytes + smallest) / mib:.0f}MiB (int8 KV), or fewer weight bits")
+    return BitsmithError(
+        f"the budget of {options.memory / mib:.1f} MiB does not fit weights {weight_bytes / mib:.1f} MiB + workspace "
+        f"{workspace_bytes / mib:.1f} MiB + a KV cache for {options.concurrency} x {options.max_context} tokens "
+        f"(at least {smallest / mib:.1f} MiB with int8 KV)", where="kv plan", fix="try " + "; or ".join(hints))

@@ -1,0 +1,63 @@
+"""plan_kv_cache: choose the paged KV-cache layout and per-layer KV dtype under the memory budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bitsmith.compiler.analysis import liveness
+from bitsmith.compiler.ir import Function, Module
+from bitsmith.errors import BitsmithError
+from bitsmith.passes.base import PassContext
+from bitsmith.passes.kv_plan import KVPlanOptions, plan_kv_cache
+
+
+def peak_activation_bytes(fn: Function, rows: int) -> int:
+    """The most bytes of activations alive at once in `fn` with seq = rows (weights and the cache excluded)."""
+    life = liveness(fn)
+    cache = fn.inputs[2][0]
+    weights = {v for node in fn.nodes if node.op == "weight" for v in node.outputs}
+    sizes = {}
+    for value, ttype in fn.types.items():
+        if value in weights or value == cache or len(ttype.shape) == 5:
+            continue
+        shape = [rows if d == "seq" else d for d in ttype.shape]
+        if all(isinstance(d, int) for d in shape):
+            sizes[value] = int(np.prod(shape)) * np.dtype(ttype.dtype).itemsize
+    peak = 0
+    for index in range(len(fn.nodes) + 1):
+        peak = max(peak, sum(n for v, n in sizes.items() if life[v][0] <= index <= life[v][1]))
+    return peak
+
+
+@dataclass(frozen=True)
+class PlanKVCache:
+    """Writes module.meta["kv_plan"] and tags every attention node with its layer's `kv_dtype`."""
+
+    options: KVPlanOptions
+    workspace_rows: int = 16
+    name: str = "plan_kv_cache"
+
+    def run(self, module: Module, ctx: PassContext) -> Module:
+        decode = module["decode"]
+        cache_shape = decode.inputs[2][1].shape  # [layers, 2, ctx, kv_heads, head_dim]
+        layers, _, _, kv_heads, head_dim = cache_shape
+        weight_bytes = sum(int(ctx.weights[n].nbytes) for n in module.weights)
+        workspace = peak_activation_bytes(module["prefill"], self.workspace_rows)
+        plan = plan_kv_cache(self.options, layers, kv_heads, head_dim, weight_bytes, workspace)
+        functions = {}
+        for name, fn in module.functions.items():
+            nodes = []
+            for node in fn.nodes:
+                if node.op == "attention":
+                    layer = node.attrs["layer"]
+                    if not 0 <= layer < layers:
+                        raise BitsmithError(f"attention layer {layer} is outside the cache", where=f"{name} {node.name}")
+                    node = node.__class__(node.op, node.inputs, node.outputs,
+                                          {**node.attrs, "kv_dtype": plan.layer_dtypes[layer]})
+                nodes.append(node)
+            functions[name] = fn.replace(nodes=tuple(nodes))
+        ctx.notes["kv_plan"] = plan
+        ctx.notes["memory_estimate"] = {"weights": weight_bytes, "kv_cache": plan.bytes, "workspace": workspace}
+        return module.replace(functions=functions, meta={**module.meta, "kv_plan": plan.to_json()})

@@ -1,0 +1,205 @@
+"""Continuous batching: requests join and leave a running batch; each step mixes decode tokens and prefill chunks."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from bitsmith.errors import BitsmithError
+from bitsmith.runtime.kv_cache import BlockPool, KVCacheManager, SequenceBlocks
+from bitsmith.runtime.sampling import SamplingParams, sample_token
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    request_id: str = ""
+
+
+@dataclass
+class Sequence:
+    """A request in flight: its tokens so far, how many have KV in the cache, its blocks, its output."""
+
+    request: Request
+    arrival: int
+    tokens: list[int]
+    rng: np.random.Generator
+    blocks: SequenceBlocks = field(default_factory=SequenceBlocks)
+    computed: int = 0  # tokens[:computed] have their KV in the cache
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length"
+    preemptions: int = 0
+    first_token_time: float | None = None
+    text: str = ""  # detokenized output (when the engine has a tokenizer)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    rows: int = 0  # token rows computed (padding excluded)
+    prefill_rows: int = 0
+    preemptions: int = 0
+
+
+class Engine:
+    """Schedules sequences onto a KernelRunner-like `runner` (run(tokens, positions, block_tables) -> logits).
+
+    Each step has a token budget of `runner.max_rows` rows: first one decode row for every running
+    sequence (oldest first), then prefill chunks of waiting sequences. When the pool has no block for
+    a sequence, the newest running sequence is preempted: its blocks are freed and it goes back to
+    the front of the queue to be recomputed later (its generated tokens are kept), so nothing is lost.
+    """
+
+    def __init__(self, runner: Any, tokenizer: Any = None, token_budget: int | None = None) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.budget = min(token_budget or runner.max_rows, runner.max_rows)
+        self.pool = BlockPool(runner.num_blocks, runner.block_size)
+        self.kv = KVCacheManager(self.pool, runner.max_blocks)
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.stats = EngineStats()
+        self._arrivals = itertools.count()
+
+    # ------------------------------------------------------------------ requests
+    def add(self, request: Request) -> Sequence:
+        if not request.prompt:
+            raise BitsmithError("the prompt has no tokens", where="engine", fix="send a non-empty prompt")
+        if request.max_tokens < 1:
+            raise BitsmithError(f"max_tokens {request.max_tokens} must be at least 1", where="engine")
+        total = len(request.prompt) + request.max_tokens
+        if total > self.runner.max_context:
+            raise BitsmithError(f"prompt ({len(request.prompt)} tokens) + max_tokens ({request.max_tokens}) exceed "
+                                f"the context of {self.runner.max_context}", where="engine",
+                                fix="shorten the prompt or lower max_tokens")
+        seq = Sequence(request, next(self._arrivals), list(request.prompt), np.random.default_rng(request.params.seed))
+        self.waiting.append(seq)
+        return seq
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a sequence (client gone): its blocks go back to the pool."""
+        for queue in (self.waiting, self.running):
+            if seq in queue:
+                queue.remove(seq)
+        self.kv.free(seq.blocks)
+        if seq.finish_reason is None:
+            seq.finish_reason = "abort"
+
+    # ------------------------------------------------------------------ scheduling
+    def _preempt_newest(self) -> Sequence | None:
+        if not self.running:
+            return None
+        victim = max(self.running, key=lambda s: s.arrival)
+        self.running.remove(victim)
+        self.kv.free(victim.blocks)
+        victim.computed = 0
+        victim.preemptions += 1
+        self.stats.preemptions += 1
+        self.waiting.insert(0, victim)
+        return victim
+
+    def _schedule(self) -> list[tuple[Sequence, int, int]]:
+        """(sequence, first token index, token count) chunks for this step."""
+        plan: list[tuple[Sequence, int, int]] = []
+        budget = self.budget
+        for seq in sorted(self.running, key=lambda s: s.arrival):
+            if budget == 0:
+                break
+            if seq not in self.running:  # preempted below while making room
+                continue
+            count = min(len(seq.tokens) - seq.computed, budget)
+            while not self.kv.ensure(seq.blocks, seq.computed + count):
+                victim = self._preempt_newest()
+                if victim is seq or victim is None:
+                    break
+            else:
+                plan.append((seq, seq.computed, count))
+                budget -= count
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            if seq.computed == 0 and not seq.blocks.table:
+                seq.computed = self.kv.match_prefix(seq.blocks, seq.tokens)
+            count = min(len(seq.tokens) - seq.computed, budget)
+            if not self.kv.ensure(seq.blocks, seq.computed + count):
+                if not self.running and not plan:
+                    raise BitsmithError("the KV pool cannot hold even one sequence", where="engine",
+                                        fix="recompile with a larger --memory or a smaller --context")
+                break
+            self.waiting.pop(0)
+            self.running.append(seq)
+            plan.append((seq, seq.computed, count))
+            budget -= count
+        return plan
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> list[Sequence]:
+        """Run one batched step; returns sequences that got a new token (or finished) in it."""
+        plan = self._schedule()
+        if not plan:
+            return []
+        ids, positions, tables = [], [], []
+        for seq, start, count in plan:
+            ids.extend(seq.tokens[start:start + count])
+            positions.extend(range(start, start + count))
+            table = np.zeros(self.runner.max_blocks, dtype=np.int32)
+            table[:len(seq.blocks.table)] = seq.blocks.table
+            tables.extend([table] * count)
+        logits = self.runner.run(np.asarray(ids, dtype=np.int64), np.asarray(positions, dtype=np.int64),
+                                 np.stack(tables))
+        self.stats.steps += 1
+        self.stats.rows += len(ids)
+        touched, row = [], 0
+        for seq, start, count in plan:
+            row += count
+            seq.computed = start + count
+            self.kv.publish_full_blocks(seq.blocks, seq.tokens, seq.computed)
+            if seq.computed < len(seq.tokens):  # prefill continues next step
+                self.stats.prefill_rows += count
+                continue
+            self._append(seq, sample_token(logits[row - 1], seq.request.params, seq.rng))
+            touched.append(seq)
+        for seq in touched:
+            if seq.done:
+                self.running.remove(seq)
+                self.kv.free(seq.blocks)
+        return touched
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        req = seq.request
+        if seq.first_token_time is None:
+            seq.first_token_time = time.perf_counter()
+        if token in req.stop_ids:
+            seq.finish_reason = "stop"
+            return
+        seq.generated.append(token)
+        seq.tokens.append(token)
+        if self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.generated)
+            for stop in req.stop_strings:
+                if stop and stop in seq.text:
+                    seq.text = seq.text[:seq.text.index(stop)]
+                    seq.finish_reason = "stop"
+                    return
+        if len(seq.generated) >= req.max_tokens:
+            seq.finish_reason = "length"
+
+    def run_until_done(self, on_step: Callable[[list[Sequence]], None] | None = None) -> None:
+        while self.has_work():
+            touched = self.step()
+            if on_step:
+                on_step(touched)

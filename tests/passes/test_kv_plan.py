@@ -1,0 +1,71 @@
+"""KV-cache planning: block counts, dtype choice under a budget, refusals that say what fits, IR tagging."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bitsmith.compiler.reference import ReferenceSession
+from bitsmith.errors import BitsmithError
+from bitsmith.passes.base import PassContext
+from bitsmith.passes.kv_plan import KVPlanOptions, parse_bytes, plan_kv_cache
+from bitsmith.passes.plan_kv_cache import PlanKVCache
+from conftest import RANDOM_CONFIGS, random_model
+
+MiB = 2 ** 20
+
+
+def test_parse_bytes():
+    assert parse_bytes("2GB") == 2_000_000_000 and parse_bytes("512MiB") == 512 * MiB
+    assert parse_bytes("80MB") == 80_000_000 and parse_bytes("1.5G") == 1_500_000_000 and parse_bytes(None) is None
+    with pytest.raises(BitsmithError, match="2GB"):
+        parse_bytes("lots")
+
+
+def test_without_budget_every_sequence_gets_its_context():
+    plan = plan_kv_cache(KVPlanOptions(None, 2048, 4), 30, 3, 64, 100 * MiB, MiB)
+    assert plan.num_blocks == 4 * 128 and plan.max_blocks == 128 and set(plan.layer_dtypes) == {"float16"}
+    # SmolLM2 shape: 30 layers x 2 x 3 heads x 64 x 2 bytes = 23,040 bytes per token
+    assert plan.bytes == 4 * 2048 * 23040
+
+
+def test_a_tight_budget_picks_int8_and_keeps_the_edges_16_bit():
+    fp16 = plan_kv_cache(KVPlanOptions(None, 2048, 4), 30, 3, 64, 0, 0).bytes
+    plan = plan_kv_cache(KVPlanOptions(100 * MiB + int(0.7 * fp16), 2048, 4), 30, 3, 64, 100 * MiB, 0)
+    assert plan.layer_dtypes[0] == plan.layer_dtypes[-1] == "float16" and set(plan.layer_dtypes[1:-1]) == {"int8"}
+    assert plan.num_blocks >= 4 * 128 and plan.bytes <= int(0.7 * fp16)
+
+
+def test_spare_budget_becomes_prefix_cache_headroom_up_to_4x():
+    plan = plan_kv_cache(KVPlanOptions(10_000 * MiB, 256, 2), 2, 2, 16, MiB, MiB)
+    assert plan.num_blocks == 4 * 2 * 16
+
+
+def test_impossible_budget_says_what_would_fit():
+    with pytest.raises(BitsmithError) as info:
+        plan_kv_cache(KVPlanOptions(110 * MiB, 8192, 16), 30, 3, 64, 100 * MiB, 2 * MiB)
+    text = str(info.value)
+    assert "does not fit" in text and "--context" in text and "--memory" in text
+    with pytest.raises(BitsmithError, match="--concurrency 3 with int8 KV"):
+        plan_kv_cache(KVPlanOptions(200 * MiB, 2048, 64), 30, 3, 64, 100 * MiB, 2 * MiB)
+    with pytest.raises(BitsmithError, match="weight bits"):
+        plan_kv_cache(KVPlanOptions(50 * MiB, 2048, 1), 30, 3, 64, 100 * MiB, 0)
+
+
+def test_pass_tags_attention_and_the_reference_stores_rounded_kv():
+    config = RANDOM_CONFIGS["gqa"]
+    module, weights = random_model(config)
+    logits = {}
+    for kind in ("float32", "float16", "int8"):
+        ctx = PassContext(dict(weights))
+        planned = PlanKVCache(KVPlanOptions(None, 64, 1, kind)).run(module, ctx)
+        kinds = {n.attrs["kv_dtype"] for fn in planned.functions.values() for n in fn.nodes if n.op == "attention"}
+        assert kinds == {kind}  # 2 layers: int8 keeps edges 16-bit only from 3 layers on
+        assert planned.meta["kv_plan"]["num_blocks"] == 4
+        session = ReferenceSession(planned, weights, 64)
+        logits[kind] = np.concatenate([session.prefill([3, 9, 27, 1, 5, 8]), session.decode(11)[None]])
+    untagged = ReferenceSession(module, weights, 64).prefill([3, 9, 27, 1, 5, 8])
+    assert np.array_equal(logits["float32"][:6], untagged)
+    err16 = np.abs(logits["float16"] - logits["float32"]).max()
+    err8 = np.abs(logits["int8"] - logits["float32"]).max()
+    assert 0 < err16 < 1e-2 and err16 < err8 < 0.2 * np.abs(logits["float32"]).max()
