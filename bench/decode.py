@@ -59,7 +59,7 @@ def decode_rate(path: Path, tokens: int, runs: int = 3) -> tuple[float, int]:
         for _ in range(tokens):
             logits = session.decode(int(np.argmax(logits)))
         rates.append(tokens / (time.perf_counter() - t0))
-    step = session.steps["decode"].schedule
+    step = session.runner.steps[0].schedule
     used = {ref for c in step.calls for kind, ref, *_ in c.args if kind == "weight"}
     weight_bytes = sum(artifact.weights[n].nbytes for n in used)
     # the embedding lookup reads one row, not the table (unless the table is also the lm_head)
@@ -67,7 +67,7 @@ def decode_rate(path: Path, tokens: int, runs: int = 3) -> tuple[float, int]:
     lm_head_reads_table = sum(1 for c in step.calls for kind, ref, *_ in c.args if kind == "weight" and ref == embed) > 1
     if not lm_head_reads_table:
         weight_bytes -= artifact.weights[embed].nbytes
-    kv_bytes = session.kv_cache[:, :, : len(prompt) + tokens // 2].nbytes
+    kv_bytes = len(session.runner.pools) * session.runner.pools[0][0].nbytes / session.runner.block_size * (len(prompt) + tokens // 2)
     return statistics.median(rates), weight_bytes + kv_bytes
 
 

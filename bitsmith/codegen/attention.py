@@ -121,6 +121,102 @@ def _exp2(x: Any) -> Any:
     return tirx.Let(xv, tirx.max(x, tirx.const(-126.0, f32)), body)
 
 
+def tile_macros(heads: int, lanes: int, head_dim: int, qscale: float) -> Any:
+    """TVMScript macros for the per-task steps that do not touch the cache, shared with the paged
+    kernel (`paged_attention.py`). `heads`: query heads per task (HG), `lanes`: the head_dim vector
+    width, `qscale`: scale * log2(e). Buffers as in `_lower`: qs/acc [HG * D], sc/red [HG * TILE],
+    part [HG * lanes], st [HG * 4] (per head: running max, running sum, scratch x2).
+
+    start(q, r, h0, qs, acc, st): the task's queries (pre-scaled), zero accumulators, empty softmax.
+    scores_sum(part, sc, j): sc[hh, j] = the horizontal sum of part[hh, :] for every head.
+    softmax_step(sc, red, st, acc, cnt): the online-softmax step of one tile whose scores are
+    sc[hh, :cnt]; leaves the tile's probabilities in sc[hh, :cnt] (zeros past cnt).
+    finish(out, r, h0, acc, st) and zeros(out, r, h0): the task's outputs.
+    """
+    from types import SimpleNamespace
+
+    from tvm.script import tirx as T
+
+    HG, L, D, B = heads, lanes, head_dim, TILE
+    assert B == 32, "the tile reductions are written for 32 slots"
+    neg = -3.0e38  # the running max before the first tile (exp2 of (neg - m) clamps to ~0)
+    exp2 = _exp2
+
+    @T.macro
+    def start(q, r, h0, qs, acc, st):
+        for hh in T.unroll(HG):
+            for d in T.vectorized(D):
+                qs[hh * D + d] = q[r, h0 + hh, d] * T.float32(qscale)
+                acc[hh * D + d] = T.float32(0)
+            st[hh * 4] = T.float32(neg)
+            st[hh * 4 + 1] = T.float32(0)
+
+    @T.macro
+    def scores_sum(part, sc, j):
+        # horizontal sums as halving trees (vector adds, not a chain of scalar adds)
+        for hh in T.unroll(HG):
+            if L >= 16:
+                for l in T.vectorized(8):
+                    part[hh * L + l] = part[hh * L + l] + part[hh * L + l + 8]
+            if L >= 8:
+                for l in T.vectorized(4):
+                    part[hh * L + l] = part[hh * L + l] + part[hh * L + l + 4]
+            if L >= 4:
+                for l in T.vectorized(2):
+                    part[hh * L + l] = part[hh * L + l] + part[hh * L + l + 2]
+            if L >= 2:
+                part[hh * L] = part[hh * L] + part[hh * L + 1]
+            sc[hh * B + j] = part[hh * L]
+
+    @T.macro
+    def softmax_step(sc, red, st, acc, cnt):
+        for hh in T.unroll(HG):
+            # the tile's max (lanes past cnt masked), as a halving tree
+            for j in T.vectorized(B):
+                red[hh * B + j] = T.Select(j < cnt, sc[hh * B + j], T.float32(neg))
+            for j in T.vectorized(16):
+                red[hh * B + j] = T.max(red[hh * B + j], red[hh * B + j + 16])
+            for j in T.vectorized(8):
+                red[hh * B + j] = T.max(red[hh * B + j], red[hh * B + j + 8])
+            for j in T.vectorized(4):
+                red[hh * B + j] = T.max(red[hh * B + j], red[hh * B + j + 4])
+            for j in T.vectorized(2):
+                red[hh * B + j] = T.max(red[hh * B + j], red[hh * B + j + 2])
+            # st[2]: the new running max, st[3]: the factor rescaling what came before
+            st[hh * 4 + 2] = T.max(st[hh * 4], T.max(red[hh * B], red[hh * B + 1]))
+            st[hh * 4 + 3] = exp2(st[hh * 4] - st[hh * 4 + 2])
+            st[hh * 4] = st[hh * 4 + 2]
+            # probabilities (unnormalized; 0 past cnt) and their sum
+            for j in T.vectorized(B):
+                sc[hh * B + j] = T.Select(j < cnt, exp2(sc[hh * B + j] - st[hh * 4]), T.float32(0))
+            for j in T.vectorized(16):
+                red[hh * B + j] = sc[hh * B + j] + sc[hh * B + j + 16]
+            for j in T.vectorized(8):
+                red[hh * B + j] = red[hh * B + j] + red[hh * B + j + 8]
+            for j in T.vectorized(4):
+                red[hh * B + j] = red[hh * B + j] + red[hh * B + j + 4]
+            for j in T.vectorized(2):
+                red[hh * B + j] = red[hh * B + j] + red[hh * B + j + 2]
+            st[hh * 4 + 1] = st[hh * 4 + 1] * st[hh * 4 + 3] + (red[hh * B] + red[hh * B + 1])
+            for d in T.vectorized(D):
+                acc[hh * D + d] = acc[hh * D + d] * st[hh * 4 + 3]
+
+    @T.macro
+    def finish(out, r, h0, acc, st):
+        for hh in T.unroll(HG):
+            for d in T.vectorized(D):
+                out[r, h0 + hh, d] = acc[hh * D + d] / st[hh * 4 + 1]
+
+    @T.macro
+    def zeros(out, r, h0):
+        for hh in T.unroll(HG):
+            for d in T.vectorized(D):
+                out[r, h0 + hh, d] = T.float32(0)
+
+    return SimpleNamespace(start=start, scores_sum=scores_sum, softmax_step=softmax_step, finish=finish,
+                           zeros=zeros)
+
+
 def _lower(spec: AttentionSpec, target: Target) -> Any:
     from tvm.script import tirx as T
 
@@ -131,12 +227,10 @@ def _lower(spec: AttentionSpec, target: Target) -> Any:
     L = _lanes(D, target)
     DO = D // L
     B = TILE
-    assert B == 32, "the tile reductions are written for 32 slots"
     W = spec.sliding_window or 0
     windowed = W > 0
-    qscale = float(spec.scale) * math.log2(math.e)
-    neg = -3.0e38  # the running max before the first tile (exp2 of (neg - m) clamps to ~0)
-    exp2 = _exp2
+    m = tile_macros(HG, L, D, float(spec.scale) * math.log2(math.e))
+    start, scores_sum, softmax_step, finish, zeros = m.start, m.scores_sum, m.softmax_step, m.finish, m.zeros
 
     # parameter buffer types (one object per parameter: a shared one would alias the parameters)
     QBuf, OutBuf = T.Buffer((R, H, D), "float32"), T.Buffer((R, H, D), "float32")
@@ -158,9 +252,7 @@ def _lower(spec: AttentionSpec, target: Target) -> Any:
             kh = T.bind(task // NG % KV)
             h0 = T.bind(kh * G + task % NG * HG)  # first query head of the task
             if positions[r] < T.int64(0) or positions[r] >= T.int64(C):
-                for hh in T.unroll(HG):
-                    for d in T.vectorized(D):
-                        out[r, h0 + hh, d] = T.float32(0)
+                zeros(out, r, h0)
             else:
                 p = T.bind(T.Cast("int32", positions[r]))
                 lo = T.bind(T.max(p - (W - 1), 0) if windowed else 0)
@@ -171,12 +263,7 @@ def _lower(spec: AttentionSpec, target: Target) -> Any:
                 red = T.alloc_buffer((HG * B,), "float32")
                 part = T.alloc_buffer((HG * L,), "float32")
                 st = T.alloc_buffer((HG * 4,), "float32")  # per head: running max, running sum, scratch x2
-                for hh in T.unroll(HG):
-                    for d in T.vectorized(D):
-                        qs[hh * D + d] = q[r, h0 + hh, d] * T.float32(qscale)
-                        acc[hh * D + d] = T.float32(0)
-                    st[hh * 4] = T.float32(neg)
-                    st[hh * 4 + 1] = T.float32(0)
+                start(q, r, h0, qs, acc, st)
                 for t in range((p - lo) // B + 1):
                     s0 = T.bind(lo + t * B)
                     cnt = T.bind(T.min(B, p + 1 - s0))
@@ -190,50 +277,8 @@ def _lower(spec: AttentionSpec, target: Target) -> Any:
                                 for l in T.vectorized(L):
                                     part[hh * L + l] = (part[hh * L + l]
                                                         + qs[hh * D + d0 * L + l] * cache[0, s0 + j, kh, d0 * L + l])
-                        # horizontal sums as halving trees (vector adds, not a chain of scalar adds)
-                        for hh in T.unroll(HG):
-                            if L >= 16:
-                                for l in T.vectorized(8):
-                                    part[hh * L + l] = part[hh * L + l] + part[hh * L + l + 8]
-                            if L >= 8:
-                                for l in T.vectorized(4):
-                                    part[hh * L + l] = part[hh * L + l] + part[hh * L + l + 4]
-                            if L >= 4:
-                                for l in T.vectorized(2):
-                                    part[hh * L + l] = part[hh * L + l] + part[hh * L + l + 2]
-                            if L >= 2:
-                                part[hh * L] = part[hh * L] + part[hh * L + 1]
-                            sc[hh * B + j] = part[hh * L]
-                    for hh in T.unroll(HG):
-                        # the tile's max (lanes past cnt masked), as a halving tree
-                        for j in T.vectorized(B):
-                            red[hh * B + j] = T.Select(j < cnt, sc[hh * B + j], T.float32(neg))
-                        for j in T.vectorized(16):
-                            red[hh * B + j] = T.max(red[hh * B + j], red[hh * B + j + 16])
-                        for j in T.vectorized(8):
-                            red[hh * B + j] = T.max(red[hh * B + j], red[hh * B + j + 8])
-                        for j in T.vectorized(4):
-                            red[hh * B + j] = T.max(red[hh * B + j], red[hh * B + j + 4])
-                        for j in T.vectorized(2):
-                            red[hh * B + j] = T.max(red[hh * B + j], red[hh * B + j + 2])
-                        # st[2]: the new running max, st[3]: the factor rescaling what came before
-                        st[hh * 4 + 2] = T.max(st[hh * 4], T.max(red[hh * B], red[hh * B + 1]))
-                        st[hh * 4 + 3] = exp2(st[hh * 4] - st[hh * 4 + 2])
-                        st[hh * 4] = st[hh * 4 + 2]
-                        # probabilities (unnormalized; 0 past cnt) and their sum
-                        for j in T.vectorized(B):
-                            sc[hh * B + j] = T.Select(j < cnt, exp2(sc[hh * B + j] - st[hh * 4]), T.float32(0))
-                        for j in T.vectorized(16):
-                            red[hh * B + j] = sc[hh * B + j] + sc[hh * B + j + 16]
-                        for j in T.vectorized(8):
-                            red[hh * B + j] = red[hh * B + j] + red[hh * B + j + 8]
-                        for j in T.vectorized(4):
-                            red[hh * B + j] = red[hh * B + j] + red[hh * B + j + 4]
-                        for j in T.vectorized(2):
-                            red[hh * B + j] = red[hh * B + j] + red[hh * B + j + 2]
-                        st[hh * 4 + 1] = st[hh * 4 + 1] * st[hh * 4 + 3] + (red[hh * B] + red[hh * B + 1])
-                        for d in T.vectorized(D):
-                            acc[hh * D + d] = acc[hh * D + d] * st[hh * 4 + 3]
+                        scores_sum(part, sc, j)
+                    softmax_step(sc, red, st, acc, cnt)
                     # values: each value row is loaded once for the HG heads
                     for j in range(cnt):
                         for d0 in T.unroll(DO):
@@ -241,8 +286,6 @@ def _lower(spec: AttentionSpec, target: Target) -> Any:
                                 for l in T.vectorized(L):
                                     acc[hh * D + d0 * L + l] = (acc[hh * D + d0 * L + l]
                                                                 + sc[hh * B + j] * cache[1, s0 + j, kh, d0 * L + l])
-                for hh in T.unroll(HG):
-                    for d in T.vectorized(D):
-                        out[r, h0 + hh, d] = acc[hh * D + d] / st[hh * 4 + 1]
+                finish(out, r, h0, acc, st)
 
     return attention.with_attr("global_symbol", spec.name)

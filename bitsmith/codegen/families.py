@@ -5,8 +5,9 @@ from bitsmith.codegen.elementwise import BiasAddSpec, BinarySpec, GeluMulSpec, S
 from bitsmith.codegen.embedding import EmbeddingSpec, QEmbeddingSpec
 from bitsmith.codegen.gemv import GemvSpec
 from bitsmith.codegen.norm_rope import AddRmsNormSpec, LayerNormSpec, RmsNormSpec, RopeSpec
+from bitsmith.codegen.paged_attention import PagedAttentionSpec
 
 __all__ = [
     "AddRmsNormSpec", "AttentionSpec", "BiasAddSpec", "BinarySpec", "EmbeddingSpec", "GeluMulSpec", "GemvSpec",
-    "LayerNormSpec", "QEmbeddingSpec", "RmsNormSpec", "RopeSpec", "SiluMulSpec", "UnarySpec",
+    "LayerNormSpec", "PagedAttentionSpec", "QEmbeddingSpec", "RmsNormSpec", "RopeSpec", "SiluMulSpec", "UnarySpec",
 ]

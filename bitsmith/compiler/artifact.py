@@ -53,7 +53,7 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 def write_artifact(out: str | Path, module: Module, weights: Mapping[str, np.ndarray],
                    tokenizer: TokenizerSpec | None, config: dict[str, Any], compile_options: dict[str, Any],
                    source: dict[str, Any], kernels: dict[str, Any] | None = None,
-                   extra_files: Mapping[str, Path] | None = None) -> Path:
+                   extra_files: Mapping[str, Path] | None = None, memory_plan: dict[str, int] | None = None) -> Path:
     """Write manifest.json, weights.safetensors, tokenizer files and kernels/ to `out`; nothing is left on failure.
 
     kernels: the manifest's `kernels` entry (KernelPlan JSON), None when the artifact has none;
@@ -93,6 +93,8 @@ def write_artifact(out: str | Path, module: Module, weights: Mapping[str, np.nda
             "tokenizer": tokenizer.manifest_entry() if tokenizer else None,
             "compile": compile_options,
             "kernels": kernels,
+            "kv_plan": module.meta.get("kv_plan"),
+            "memory_plan": memory_plan,
             "files": files,
             "provenance": {
                 "source": source,

@@ -84,12 +84,22 @@ def main() -> None:
               help="Where the compiled kernels run: this CPU (its exact LLVM name), 64-bit ARM Linux "
                    "(cross-compiled, NEON), or none (reference executor only).")
 @click.option("--context", type=click.IntRange(min=16), default=None,
-              help="KV-cache slots the kernels are built for [default: the model's maximum, at most 2048].")
+              help="Longest sequence (prompt + output) [default: the model's maximum, at most 2048].")
+@click.option("--memory", default=None, metavar="SIZE",
+              help="Total memory budget (weights + KV cache + workspace), e.g. 2GB or 300MiB; the KV plan "
+                   "fits the cache into it (int8 KV when 16-bit does not fit) or says what would fit.")
+@click.option("--concurrency", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Sequences served at once, each up to --context tokens (sizes the KV block pool).")
+@click.option("--kv-dtype", type=click.Choice(["auto", "float16", "int8", "float32"]), default="auto",
+              show_default=True, help="KV-cache storage; auto: float16 unless --memory needs int8.")
+@click.option("--block-size", type=click.Choice(["8", "16", "32", "64"]), default="16", show_default=True,
+              help="Tokens per KV-cache block (the paging and prefix-caching unit).")
 @friendly_errors
 def compile(model: Path | None, output: Path, dtype: str | None, tokenizer: Path | None, verify: bool,
             dump_ir: Path | None, method: str | None, bits: str, group_size: str, sym: bool, keep: tuple[str, ...],
             schemes: tuple[str, ...], no_keep_default: bool, calib: Path | None, calib_samples: int,
-            calib_seqlen: int, target: str, context: int | None) -> None:
+            calib_seqlen: int, target: str, context: int | None, memory: str | None, concurrency: int,
+            kv_dtype: str, block_size: str) -> None:
     """Compile MODEL into an artifact directory, optionally quantizing its weights.
 
     MODEL is a Hugging Face directory (config.json + safetensors), a .gguf file, a llama2.c .bin
@@ -118,7 +128,8 @@ def compile(model: Path | None, output: Path, dtype: str | None, tokenizer: Path
         dump_ir=str(dump_ir) if dump_ir else None, method=method, bits=int(bits), group_size=int(group_size),
         sym=sym, keep_default=not no_keep_default, keep=keep, schemes=tuple(overrides),
         calibration=CalibrationOptions(str(calib) if calib else None, calib_samples, calib_seqlen),
-        target=target, context=context,
+        target=target, context=context, memory=memory, concurrency=concurrency, kv_dtype=kv_dtype,
+        block_size=int(block_size),
     )
     _log(f"compile {model or '<default: SmolLM2-135M-Instruct>'} -> {output}  options={options.to_json()}")
     out = compile_model(model, output, options, log=_log)
@@ -173,6 +184,86 @@ def run(artifact: Path, prompt: str, max_tokens: int, temperature: float, top_k:
         click.echo(json.dumps({"text": text, "token_ids": ids}))
     else:
         click.echo()
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
+@click.option("--max-pending", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Requests admitted at once (running + queued); more get 429.")
+@click.option("--model-name", default=None, help="Model id reported by /v1/models [default: the artifact's name].")
+@friendly_errors
+def serve(artifact: Path, host: str, port: int, max_pending: int, model_name: str | None) -> None:
+    """Serve ARTIFACT over an OpenAI-compatible HTTP API (continuous batching on the compiled kernels).
+
+    \b
+    Routes: POST /v1/completions, POST /v1/chat/completions ("stream": true for server-sent events),
+    GET /v1/models, GET /health. Ctrl-C (or SIGTERM) stops accepting and finishes in-flight requests.
+    """
+    import signal
+    import threading
+
+    from bitsmith.runtime.artifact import load_artifact
+    from bitsmith.runtime.engine import Engine
+    from bitsmith.runtime.executor import KernelRunner
+    from bitsmith.runtime.server import Server
+
+    art = load_artifact(artifact)
+    tokenizer = art.tokenizer()
+    engine = Engine(KernelRunner(art), tokenizer)
+    name = model_name or Path(artifact).resolve().name
+    server = Server(engine, tokenizer, name, art.manifest["tokenizer"].get("chat_template"), host, port, max_pending)
+    _log(f"serving {name} on http://{host}:{server.port} (KV pool {engine.pool.num_blocks} blocks x "
+         f"{engine.pool.block_size} tokens, batch {engine.budget} rows, max pending {max_pending})")
+
+    def stop(*_: Any) -> None:
+        _log("shutting down: finishing in-flight requests")
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    server.serve_forever()
+    _log("stopped")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--concurrency", "levels", default="1,4,16", show_default=True, help="Comma-separated concurrencies.")
+@click.option("--prompt-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--output-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--requests", default=None, type=click.IntRange(min=1),
+              help="Requests per concurrency level [default: 2 x concurrency, at least 4].")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@friendly_errors
+def bench(artifact: Path, levels: str, prompt_tokens: int, output_tokens: int, requests: int | None,
+          as_json: bool) -> None:
+    """Time to first token, inter-token latency and throughput of ARTIFACT at each concurrency.
+
+    Greedy decoding of fixed-length outputs from a fixed-length prompt, closed loop: a new request
+    starts as soon as one finishes, on the continuous-batching engine (no HTTP).
+    """
+    from bitsmith.runtime.artifact import load_artifact
+    from bitsmith.runtime.bench import bench_prompt, format_table, run_concurrency
+    from bitsmith.runtime.engine import Engine
+    from bitsmith.runtime.executor import KernelRunner
+
+    art = load_artifact(artifact)
+    tokenizer = art.tokenizer()
+    runner = KernelRunner(art)
+    prompt = bench_prompt(tokenizer, prompt_tokens)
+    try:
+        conc = [int(c) for c in levels.split(",")]
+    except ValueError as exc:
+        raise BitsmithError(f"--concurrency {levels!r} is not a list of integers", fix="write e.g. 1,4,16") from exc
+    _log(f"bench {artifact}: prompt {prompt_tokens} tokens, output {output_tokens} tokens, concurrency {conc}")
+    results = [run_concurrency(lambda: Engine(runner, tokenizer), prompt, output_tokens, c,
+                               requests or max(4, 2 * c)) for c in conc]
+    if as_json:
+        click.echo(json.dumps({"prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+                               "results": [r.to_json() for r in results]}))
+    else:
+        click.echo(format_table(results))
 
 
 @main.command(name="eval")

@@ -70,6 +70,10 @@ def describe(path: str | Path) -> tuple[dict[str, Any], Module]:
             summary["precision"] = precision_summary(module, m["weights"]["table"])
         if m.get("kernels"):
             summary["kernels"] = kernels_summary(m["kernels"])
+        if m.get("kv_plan"):
+            summary["kv_plan"] = m["kv_plan"]
+        if m.get("memory_plan"):
+            summary["memory_plan"] = m["memory_plan"]
         return summary, module
     from bitsmith.compiler.loader import load_model
 
@@ -116,11 +120,21 @@ def format_summary(summary: dict[str, Any]) -> str:
         for layer, row in sorted(p["layers"].items(), key=lambda kv: _layer_key(kv[0])):
             lines.append(f"  {layer:<12} {row['bytes']:>12,} {row['bits_per_weight']:>7.3f}  "
                          f"{', '.join(row['schemes']) or '-'}")
+    if "kv_plan" in summary:
+        kv = summary["kv_plan"]
+        layer_dtypes = kv["layer_dtypes"]
+        dtypes = sorted(set(layer_dtypes), key=layer_dtypes.index)
+        counts = ", ".join(f"{d}: {layer_dtypes.count(d)} layers" for d in dtypes)
+        lines.append(f"KV cache: {kv['num_blocks']} blocks x {kv['block_size']} tokens ({counts}), "
+                     f"for {kv['concurrency']} x {kv['max_context']} tokens")
+    if "memory_plan" in summary:
+        mp = summary["memory_plan"]
+        lines.append("memory plan: " + " + ".join(f"{k} {mp[k] / 2**20:.1f} MiB" for k in ("weights", "kv_cache", "workspace"))
+                     + f" = total {mp['total'] / 2**20:.1f} MiB")
     if "kernels" in summary:
         k = summary["kernels"]
         lines.append(f"kernels: {k['library']} ({k['target']}, {k['arch']}, cpu {k['target_cpu']}), "
-                     f"{k['distinct_kernels']} distinct kernels, KV cache {k['cache_shape']} "
-                     f"({k['cache_bytes'] / 2**20:.1f} MiB)")
+                     f"{k['distinct_kernels']} distinct kernels")
         for entry, info in k["schedules"].items():
             lines.append(f"  schedule {entry}: {info['rows']} rows/call, {info['calls']} calls, "
                          f"arena {info['arena_bytes'] / 2**10:.1f} KiB (without reuse {info['unplanned_bytes'] / 2**10:.1f} KiB)")
@@ -136,10 +150,8 @@ def kernels_summary(entry: dict) -> dict:
         unplanned = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for _, shape, dtype in s["buffers"].values())
         schedules[name] = {"rows": s["rows"], "calls": len(s["calls"]), "arena_bytes": s["arena_bytes"],
                            "unplanned_bytes": unplanned}
-    shape = entry["cache"]["shape"]
     return {"library": entry["library"], "target": entry["target"], "arch": entry["arch"],
-            "target_cpu": entry["target_cpu"], "distinct_kernels": len(kernels), "cache_shape": shape,
-            "cache_bytes": int(np.prod(shape)) * np.dtype(entry["cache"]["dtype"]).itemsize,
+            "target_cpu": entry["target_cpu"], "distinct_kernels": len(kernels),
             "build": entry.get("build"), "schedules": schedules}
 
 

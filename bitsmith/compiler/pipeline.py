@@ -20,7 +20,9 @@ from bitsmith.passes.assign_precision import AssignPrecision
 from bitsmith.passes.base import Pass, PassContext
 from bitsmith.passes.cast_weights import CastWeights
 from bitsmith.passes.eliminate_dead_code import EliminateDeadCode
+from bitsmith.passes.kv_plan import KVPlanOptions, parse_bytes
 from bitsmith.passes.lower_to_kernels import LowerToKernels
+from bitsmith.passes.plan_kv_cache import PlanKVCache
 from bitsmith.passes.pack_weights import PackWeights
 from bitsmith.passes.quant.scheme import QuantScheme
 from bitsmith.passes.quantize_weights import QuantizeWeights
@@ -49,7 +51,12 @@ class CompileOptions:
     calibration: CalibrationOptions = CalibrationOptions()
     # compiled kernels
     target: str = "host"  # "host" | "aarch64-linux" | "none" (reference executor only)
-    context: int | None = None  # KV-cache slots the kernels are built for (None: min(model max, 2048))
+    context: int | None = None  # longest sequence (None: min(model max, 2048))
+    # KV cache plan
+    memory: str | None = None  # total budget, e.g. "2GB": weights + KV cache + workspace
+    concurrency: int = 4  # sequences served at once, each up to `context` tokens
+    kv_dtype: str = "auto"  # auto | float16 | int8 | float32 (auto: float16 unless the budget needs int8)
+    block_size: int = 16
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -80,9 +87,11 @@ def default_passes(options: CompileOptions, model: LoadedModel) -> list[Pass]:
     passes.append(CastWeights(storage_dtype(options, model)))
     if options.quantize:
         passes.append(PackWeights())
+    passes.append(PlanKVCache(KVPlanOptions(parse_bytes(options.memory), kernel_context(options, model),
+                                            options.concurrency, options.kv_dtype, options.block_size)))
     if options.target != "none":
         # on the host an op without a kernel falls back to the reference executor; elsewhere it is an error
-        passes.append(LowerToKernels(kernel_context(options, model), required=options.target != "host"))
+        passes.append(LowerToKernels(required=options.target != "host"))
     return passes
 
 
@@ -149,7 +158,17 @@ def compile_model(source: str | Path | None, out: str | Path, options: CompileOp
     with tempfile.TemporaryDirectory(prefix="bitsmith-kernels-") as tmp:
         kernels, files = build_kernels(ctx, options.target, Path(tmp), log)
         return write_artifact(out, module, ctx.weights, model.tokenizer, model.config, options.to_json(), model.source,
-                              kernels=kernels, extra_files=files)
+                              kernels=kernels, extra_files=files, memory_plan=memory_plan(ctx, kernels))
+
+
+def memory_plan(ctx: PassContext, kernels: dict | None) -> dict[str, int]:
+    """weights + KV cache + workspace = total bytes; the workspace is the largest schedule arena when
+    kernels exist (else the estimate the KV plan used)."""
+    plan = dict(ctx.notes["memory_estimate"])
+    if kernels:
+        plan["workspace"] = max(s["arena_bytes"] for s in kernels["schedules"].values())
+    plan["total"] = plan["weights"] + plan["kv_cache"] + plan["workspace"]
+    return plan
 
 
 def build_kernels(ctx: PassContext, target: str, workdir: Path,
@@ -168,7 +187,7 @@ def build_kernels(ctx: PassContext, target: str, workdir: Path,
     library = f"kernels/{tgt.name}.so"
     report = build_kernel_library(lowered["specs"].values(), tgt, workdir / library, log=log)
     plan = KernelPlan(tgt.name, library, tgt.arch, tgt.mcpu, lowered["schedules"], lowered["constants"],
-                      {"shape": lowered["cache_shape"], "dtype": "float32"})
+                      lowered["kv"])
     entry = plan.to_json()
     entry["build"] = {"kernels": report.kernels, "built": report.built, "cached": report.cached,
                       "seconds": round(report.seconds, 2)}

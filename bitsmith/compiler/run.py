@@ -11,7 +11,7 @@ from bitsmith.errors import BitsmithError
 from bitsmith.runtime.artifact import Artifact, load_artifact
 from bitsmith.runtime.generate import generate
 from bitsmith.runtime.sampling import SamplingParams
-from bitsmith.runtime.tokenizer import Tokenizer, render_chat
+from bitsmith.runtime.tokenizer import Tokenizer, encode_chat
 
 
 def reference_session(artifact: Artifact, max_context: int | None = None) -> ReferenceSession:
@@ -35,11 +35,8 @@ def encode_prompt(artifact: Artifact, prompt: str, chat: bool, tokenizer: Tokeni
     tokenizer = tokenizer or artifact.tokenizer()
     if not chat:
         return tokenizer.encode(prompt)
-    text = render_chat(artifact.manifest["tokenizer"].get("chat_template"), [{"role": "user", "content": prompt}],
+    return encode_chat(artifact.manifest["tokenizer"].get("chat_template"), [{"role": "user", "content": prompt}],
                        tokenizer)
-    # A template that writes the BOS token itself must not get a second one.
-    bos = tokenizer.decode([tokenizer.bos_token_id]) if tokenizer.bos_token_id is not None else None
-    return tokenizer.encode(text, add_bos=False if bos and text.startswith(bos) else None)
 
 
 def run_prompt(path: str | Path, prompt: str, max_tokens: int, params: SamplingParams, chat: bool = False,

@@ -14,6 +14,7 @@ from bitsmith.compiler.ir import Function, Module, Node, TensorType
 from bitsmith.compiler.ops_llm import rope_inv_freq
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.base import PassContext
+from bitsmith.passes.kv_plan import KVPlan
 from bitsmith.runtime.arena import round_up
 from bitsmith.runtime.schedule import BufferSlot, KernelCall, Schedule
 
@@ -34,7 +35,7 @@ class _Lowering:
 
     fn: Function
     rows: int
-    ctx: int
+    kv_plan: KVPlan
     specs: dict[str, Any]
     constants: dict[str, dict[str, Any]]
 
@@ -57,7 +58,7 @@ class _Lowering:
 
     # ------------------------------------------------------------------ values
     def shape(self, value: str) -> tuple[int, ...]:
-        binding = {"seq": self.rows, "ctx": self.ctx}
+        binding = {"seq": self.rows, "ctx": self.kv_plan.max_context}
         return tuple(binding[d] if isinstance(d, str) else d for d in self.fn.types[value].shape)
 
     def arg(self, value: str, shape: tuple[int, ...] | None = None) -> tuple[Any, ...]:
@@ -132,9 +133,14 @@ def _lower_node(st: _Lowering, index: int, node: Node) -> None:
     elif op == "attention":
         rows, heads, hd = st.shape(ins[0])
         kv = st.shape(ins[1])[1]
-        spec = k.AttentionSpec(rows, heads, kv, hd, st.ctx, float(a["scale"]), a.get("sliding_window") or None)
+        plan, layer = st.kv_plan, a["layer"]
+        kv_dtype = plan.layer_dtypes[layer]
+        spec = k.PagedAttentionSpec(rows, heads, kv, hd, plan.block_size, plan.num_blocks, plan.max_blocks,
+                                    float(a["scale"]), a.get("sliding_window") or None, kv_dtype)
         st.cache_values.add(node.outputs[1])
-        st.emit(spec, [st.arg(ins[0]), st.arg(ins[1]), st.arg(ins[2]), st.arg(ins[3]), ("cache", a["layer"]),
+        scales = [("kv_scales", layer)] if kv_dtype == "int8" else []
+        st.emit(spec, [st.arg(ins[0]), st.arg(ins[1]), st.arg(ins[2]), st.arg(ins[3]),
+                       ("buffer", "block_tables", (rows, plan.max_blocks)), ("cache", layer), *scales,
                        st.define(out)], out)
     elif op == "mul" and (silu := _silu_partner(st, node)) is not None:
         gate = st.fn.nodes[silu].inputs[0]
@@ -252,11 +258,11 @@ def plan_buffers(calls: list[KernelCall], types: dict[str, TensorType], pinned: 
     return {n: BufferSlot(offsets[n], tuple(types[n].shape), types[n].dtype) for n in sorted(offsets)}, total
 
 
-def lower_function(fn: Function, rows: int, ctx: int, specs: dict[str, Any],
+def lower_function(fn: Function, rows: int, kv_plan: KVPlan, specs: dict[str, Any],
                    constants: dict[str, dict[str, Any]]) -> Schedule:
-    """The schedule of `fn` with seq bound to `rows` and the cache to `ctx` slots."""
+    """The schedule of `fn` with seq bound to `rows`, attention reading the paged pools of `kv_plan`."""
     fn = topological_order(fn)
-    st = _Lowering(fn, rows, ctx, specs, constants)
+    st = _Lowering(fn, rows, kv_plan, specs, constants)
     names = [n for n, _ in fn.inputs]
     if names != ["tokens", "positions", "kv_cache"] or len(fn.outputs) != 2:
         raise BitsmithError(f"entry {fn.name} has inputs {names} and {len(fn.outputs)} outputs",
@@ -264,6 +270,7 @@ def lower_function(fn: Function, rows: int, ctx: int, specs: dict[str, Any],
                             fix="entry points take (tokens, positions, kv_cache) and return (logits, kv_cache)")
     st.define("tokens", "int64")
     st.define("positions", "int64")
+    st.types["block_tables"] = TensorType((rows, kv_plan.max_blocks), "int32")
     st.cache_values.add("kv_cache")
     for index, node in enumerate(fn.nodes):
         if index not in st.fused:
@@ -272,39 +279,41 @@ def lower_function(fn: Function, rows: int, ctx: int, specs: dict[str, Any],
     if logits not in st.types:
         raise BitsmithError(f"logits of {fn.name} are not computed by a kernel", where="pass lower_to_kernels",
                             fix="run it with `--executor reference`")
-    inputs = {"tokens": "tokens", "positions": "positions"}
-    buffers, arena = plan_buffers(st.calls, st.types, {"tokens", "positions", logits})
-    return Schedule(fn.name, rows, ctx, arena, buffers, inputs, logits, tuple(st.calls))
+    inputs = {"tokens": "tokens", "positions": "positions", "block_tables": "block_tables"}
+    buffers, arena = plan_buffers(st.calls, st.types, {"tokens", "positions", "block_tables", logits})
+    return Schedule(fn.name, rows, kv_plan.max_context, arena, buffers, inputs, logits, tuple(st.calls))
 
 
 @dataclass(frozen=True)
 class LowerToKernels:
-    """Lower `prefill` (chunks of PREFILL_ROWS tokens) and `decode` (1 token) to kernel schedules.
+    """Lower the entry points to kernel schedules, one per row count: `decode` (1 row) and `prefill`
+    at each of `batch_rows` (prefill chunks, and batched steps mixing several sequences' tokens).
 
-    Results go to ctx.notes["kernels"]: {"specs": name -> spec, "schedules": entry -> Schedule,
-    "constants": name -> table, "cache_shape": [layers, 2, ctx, kv, hd]}; the module is unchanged.
+    Needs module.meta["kv_plan"] (the plan_kv_cache pass). Results go to ctx.notes["kernels"]:
+    {"specs": name -> spec, "schedules": "rows<N>" -> Schedule, "constants": name -> table,
+    "kv": the KV plan}; the module itself is unchanged.
     """
 
-    context: int
     required: bool = True  # False: an op without a kernel is noted (ctx.notes["kernels_skipped"]), not an error
-    prefill_rows: int = PREFILL_ROWS
+    batch_rows: tuple[int, ...] = (PREFILL_ROWS,)
     name: str = "lower_to_kernels"
 
     def run(self, module: Module, ctx: PassContext) -> Module:
+        if "kv_plan" not in module.meta:
+            raise BitsmithError("the module has no KV plan", where="pass lower_to_kernels",
+                                fix="run plan_kv_cache before lower_to_kernels")
+        plan = KVPlan.from_json(module.meta["kv_plan"])
         specs: dict[str, Any] = {}
         constants: dict[str, dict[str, Any]] = {}
         try:
-            schedules = {
-                "prefill": lower_function(module["prefill"], self.prefill_rows, self.context, specs, constants),
-                "decode": lower_function(module["decode"], 1, self.context, specs, constants),
-            }
+            schedules = {"rows1": lower_function(module["decode"], 1, plan, specs, constants)}
+            for rows in self.batch_rows:
+                schedules[f"rows{rows}"] = lower_function(module["prefill"], rows, plan, specs, constants)
         except BitsmithError as exc:
             if self.required:
                 raise
             ctx.notes["kernels_skipped"] = exc.problem
             return module
-        cache_shape = [self.context if d == "ctx" else d for d in module["decode"].inputs[2][1].shape]
         ctx.notes["kernels"] = {"specs": specs, "schedules": schedules, "constants": constants,
-                                "cache_shape": cache_shape}
+                                "kv": plan.to_json()}
         return module
-

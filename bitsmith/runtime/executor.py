@@ -44,8 +44,7 @@ def _tensor(array: np.ndarray) -> Any:
 class _Step:
     """One schedule bound to memory: every kernel call has its function and argument tensors ready."""
 
-    def __init__(self, schedule: Schedule, library: Any, weights: dict[str, Any], cache_layers: list[Any],
-                 constants: dict[str, Any]) -> None:
+    def __init__(self, schedule: Schedule, library: Any, bound: dict[str, Any]) -> None:
         self.schedule = schedule
         self.arena = aligned_bytes(schedule.arena_bytes)
         self.views = {name: view(self.arena, b.offset, b.shape, b.dtype) for name, b in schedule.buffers.items()}
@@ -65,26 +64,32 @@ class _Step:
                         tensors[key] = _tensor(self.views[ref].reshape(key[1]))
                     args.append(tensors[key])
                 else:
-                    args.append(cache_layers[int(ref)] if kind == "cache" else (weights if kind == "weight" else constants)[ref])
+                    args.append(bound[kind][ref])
             self.calls.append((func, args))
         self.tokens = self.views[schedule.inputs["tokens"]]
         self.positions = self.views[schedule.inputs["positions"]]
+        self.block_tables = self.views[schedule.inputs["block_tables"]]
         self.logits = self.views[schedule.output]
 
-    def run(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Logits [len(tokens), vocab]; rows past len(tokens) are padding (position -1: no cache write)."""
+    def run(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray) -> np.ndarray:
+        """Logits [n, vocab] for n = len(tokens) rows; the rest are padding (position -1: no cache write)."""
         n = len(tokens)
         self.tokens[:n], self.tokens[n:] = tokens, 0
         self.positions[:n], self.positions[n:] = positions, -1
+        self.block_tables[:n] = block_tables
         for func, args in self.calls:
             func(*args)
         return self.logits.reshape(self.schedule.rows, -1)[:n].copy()
 
 
-class CompiledSession:
-    """One sequence's state (KV cache + position) run through the compiled prefill/decode schedules."""
+class KernelRunner:
+    """An artifact's kernels, weights and paged KV pools in memory; runs batches of rows.
 
-    def __init__(self, artifact: Artifact, max_context: int | None = None) -> None:
+    A row is one token of one sequence: (token id, position, that sequence's block table). Rows of
+    one call may belong to different sequences; the smallest schedule with enough rows runs them.
+    """
+
+    def __init__(self, artifact: Artifact) -> None:
         import tvm
 
         plan = kernel_plan(artifact)
@@ -95,14 +100,38 @@ class CompiledSession:
         library = tvm.runtime.load_module(str(artifact.directory / plan.library))
         used = {ref for s in plan.schedules.values() for c in s.calls for kind, ref, *_ in c.args if kind == "weight"}
         self.weights_arena, weights = _load_weights(artifact, used)
-        shape = tuple(plan.cache["shape"])
-        self.kv_cache = view(aligned_bytes(4 * int(np.prod(shape)), huge_pages=True), 0, shape, plan.cache["dtype"])
-        cache_layers = [_tensor(self.kv_cache[layer]) for layer in range(shape[0])]
+        self.kv = plan.kv
+        self.pools, self.scales = _allocate_pools(plan.kv)
         self._constants = {name: _aligned_copy(np.asarray(c["values"], dtype=c["dtype"]).reshape(c["shape"]))
                            for name, c in plan.constants.items()}
-        constants = {name: _tensor(a) for name, a in self._constants.items()}
-        self.steps = {entry: _Step(s, library, weights, cache_layers, constants) for entry, s in plan.schedules.items()}
-        self.max_context = min(shape[2], max_context or shape[2])
+        bound = {"weight": weights, "const": {n: _tensor(a) for n, a in self._constants.items()},
+                 "cache": {layer: _tensor(p) for layer, p in enumerate(self.pools)},
+                 "kv_scales": {layer: _tensor(s) for layer, s in enumerate(self.scales) if s is not None}}
+        self.steps = sorted((_Step(s, library, bound) for s in plan.schedules.values()), key=lambda st: st.schedule.rows)
+        self.max_rows = self.steps[-1].schedule.rows
+        self.block_size, self.num_blocks = int(plan.kv["block_size"]), int(plan.kv["num_blocks"])
+        self.max_blocks, self.max_context = int(plan.kv["max_blocks"]), int(plan.kv["max_context"])
+
+    def run(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray) -> np.ndarray:
+        """Logits [n, vocab]; block_tables int32 [n, max_blocks] (row i's sequence's table)."""
+        n = len(tokens)
+        if n > self.max_rows:
+            raise BitsmithError(f"{n} rows exceed the largest schedule ({self.max_rows})", where="kernel runner",
+                                fix="split the batch")
+        step = next(s for s in self.steps if s.schedule.rows >= n)
+        return step.run(tokens, positions, block_tables)
+
+
+class CompiledSession:
+    """One sequence's state (position + a private block table) on the compiled kernels."""
+
+    def __init__(self, artifact: Artifact, max_context: int | None = None, runner: KernelRunner | None = None) -> None:
+        self.runner = runner or KernelRunner(artifact)
+        self.max_context = min(self.runner.max_context, max_context or self.runner.max_context)
+        if self.runner.num_blocks < self.runner.max_blocks:
+            raise BitsmithError("the KV pool is smaller than one full-context sequence", where=str(artifact.directory),
+                                fix="recompile with a larger --memory or a smaller --context")
+        self.block_table = np.arange(self.runner.max_blocks, dtype=np.int32)  # identity: blocks 0..max_blocks-1
         self.position = 0
 
     def reset(self) -> None:
@@ -117,17 +146,31 @@ class CompiledSession:
         return positions
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
-        """Logits [len(tokens), vocab] for every prompt token, in chunks of the prefill schedule's rows."""
-        step = self.steps["prefill"]
+        """Logits [len(tokens), vocab] for every prompt token, in chunks of the largest schedule's rows."""
         positions = self._advance(len(tokens))
         ids = np.asarray(tokens, dtype=np.int64)
-        rows = step.schedule.rows
-        return np.concatenate([step.run(ids[i:i + rows], positions[i:i + rows]) for i in range(0, len(ids), rows)])
+        rows = self.runner.max_rows
+        return np.concatenate([self._run(ids[i:i + rows], positions[i:i + rows]) for i in range(0, len(ids), rows)])
 
     def decode(self, token: int) -> np.ndarray:
         """Logits [vocab] for the next token after `token`."""
-        positions = self._advance(1)
-        return self.steps["decode"].run(np.array([token], dtype=np.int64), positions)[0]
+        return self._run(np.array([token], dtype=np.int64), self._advance(1))[0]
+
+    def _run(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return self.runner.run(ids, positions, np.broadcast_to(self.block_table, (len(ids), len(self.block_table))))
+
+
+def _allocate_pools(kv: dict[str, Any]) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+    """Per layer: the block pool [num_blocks, 2, block_size, kv_heads, head_dim] of the layer's KV dtype
+    and, for int8 layers, fp32 scales [num_blocks, 2, block_size, kv_heads]."""
+    shape = (int(kv["num_blocks"]), 2, int(kv["block_size"]), int(kv["kv_heads"]), int(kv["head_dim"]))
+    pools, scales = [], []
+    for dtype in kv["layer_dtypes"]:
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        pools.append(view(aligned_bytes(nbytes, huge_pages=nbytes >= (8 << 20)), 0, shape, dtype))
+        scales.append(view(aligned_bytes(4 * int(np.prod(shape[:4]))), 0, shape[:4], "float32")
+                      if dtype == "int8" else None)
+    return pools, scales
 
 
 def _aligned_copy(array: np.ndarray) -> np.ndarray:

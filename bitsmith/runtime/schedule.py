@@ -14,11 +14,12 @@ from typing import Any
 #   buffers whose lifetimes do not overlap share bytes (offsets from the liveness plan)
 #
 # Each call names a kernel symbol in kernels/<target>.so and its arguments, inputs first and
-# outputs last: ("buffer", name, shape) | ("weight", name) | ("cache", layer) | ("const", name).
+# outputs last: ("buffer", name, shape) | ("weight", name) | ("cache", layer) | ("kv_scales", layer)
+# | ("const", name). ("cache", l) is layer l's block pool, ("kv_scales", l) its int8 scales.
 # A buffer is a typed region (offset, shape, dtype) of the arena; a call sees it with its own
 # shape (same bytes: a norm sees [rows, dim] what SwiGLU sees as [rows * dim]).
 
-ARG_KINDS = ("buffer", "weight", "cache", "const")
+ARG_KINDS = ("buffer", "weight", "cache", "kv_scales", "const")
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,11 @@ class KernelCall:
 @dataclass(frozen=True)
 class Schedule:
     entry: str
-    rows: int  # tokens per call: 1 for decode, the prefill chunk for prefill (padded rows: position -1)
-    ctx: int  # KV cache slots the kernels were built for
+    rows: int  # tokens per call (padded rows: position -1); rows of one call may be different sequences'
+    ctx: int  # longest sequence the kernels were built for
     arena_bytes: int
     buffers: dict[str, BufferSlot]
-    inputs: dict[str, str]  # "tokens" / "positions" -> buffer
+    inputs: dict[str, str]  # "tokens" / "positions" / "block_tables" -> buffer
     output: str  # the logits buffer [rows, vocab]
     calls: tuple[KernelCall, ...]
 
@@ -83,17 +84,17 @@ class KernelPlan:
     target_cpu: str  # the exact CPU the library was built for (LLVM mcpu)
     schedules: dict[str, Schedule]
     constants: dict[str, dict[str, Any]]  # name -> {"dtype", "shape", "values"}
-    cache: dict[str, Any]  # {"shape": [layers, 2, ctx, kv, hd], "dtype": "float32"}
+    kv: dict[str, Any]  # the KV plan (passes/kv_plan.py KVPlan.to_json): block pools the kernels read
 
     def to_json(self) -> dict[str, Any]:
         return {"target": self.target, "library": self.library, "arch": self.arch,
                 "target_cpu": self.target_cpu,
                 "schedules": {k: s.to_json() for k, s in self.schedules.items()},
-                "constants": self.constants, "cache": self.cache}
+                "constants": self.constants, "kv": self.kv}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "KernelPlan":
         return cls(target=data["target"], library=data["library"], arch=data["arch"],
                    target_cpu=data["target_cpu"],
                    schedules={k: Schedule.from_json(s) for k, s in data["schedules"].items()},
-                   constants=data["constants"], cache=data["cache"])
+                   constants=data["constants"], kv=data["kv"])

@@ -81,3 +81,10 @@ def render_chat(template: str | None, messages: list[dict[str, str]], tokenizer:
     return env.from_string(template).render(
         messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos
     )
+
+
+def encode_chat(template: str | None, messages: list[dict[str, str]], tokenizer: Tokenizer) -> list[int]:
+    """Token ids of `messages` rendered with the chat template (no second BOS when the template writes one)."""
+    text = render_chat(template, messages, tokenizer)
+    bos = tokenizer.decode([tokenizer.bos_token_id]) if tokenizer.bos_token_id is not None else None
+    return tokenizer.encode(text, add_bos=False if bos and text.startswith(bos) else None)

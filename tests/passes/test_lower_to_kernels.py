@@ -7,9 +7,14 @@ import pytest
 
 from bitsmith.compiler.ir import TensorType
 from bitsmith.errors import BitsmithError
+from bitsmith.passes.kv_plan import KVPlan
 from bitsmith.passes.lower_to_kernels import lower_function, plan_buffers
 from bitsmith.runtime.schedule import KernelCall, Schedule
 from conftest import RANDOM_CONFIGS, random_model
+
+
+def _kv(config) -> KVPlan:
+    return KVPlan(16, 8, 4, ("float16",) * config.num_layers, config.num_kv_heads, config.head_dim, 64, 2)
 
 
 def _lifetimes(schedule: Schedule) -> dict[str, tuple[int, int]]:
@@ -51,11 +56,11 @@ def test_random_model_lowers_with_fusions(config):
     module, _ = random_model(RANDOM_CONFIGS[config])
     specs, constants = {}, {}
     for entry, rows in (("decode", 1), ("prefill", 16)):
-        schedule = lower_function(module[entry], rows, 64, specs, constants)
+        schedule = lower_function(module[entry], rows, _kv(RANDOM_CONFIGS[config]), specs, constants)
         _assert_no_live_overlap(schedule)
         kernels = [c.kernel for c in schedule.calls]
         layers = RANDOM_CONFIGS[config].num_layers
-        assert sum(k.startswith("attention") for k in kernels) == layers
+        assert sum(k.startswith("paged_attention") for k in kernels) == layers
         assert any("silu_mul" in k for k in kernels) and not any(k.startswith("unary_silu") for k in kernels)
         assert any(k.startswith("add_rmsnorm") for k in kernels)
         # the plan is smaller than giving every buffer its own bytes
@@ -70,4 +75,4 @@ def test_unsupported_op_names_the_op():
     index = next(i for i, n in enumerate(nodes) if n.op == "silu")
     nodes[index] = nodes[index].__class__("sigmoid", nodes[index].inputs, nodes[index].outputs, {})
     with pytest.raises(BitsmithError, match="op sigmoid"):
-        lower_function(fn.replace(nodes=tuple(nodes)), 1, 64, {}, {})
+        lower_function(fn.replace(nodes=tuple(nodes)), 1, _kv(RANDOM_CONFIGS["gqa"]), {}, {})

@@ -1,0 +1,316 @@
+"""Fused dequantize + GEMM kernels for prefill (y = x @ dequant(W).T, many rows of x), for CPUs.
+
+Same arguments as GemvSpec: x f32 [rows, in], W (uint32 packed codes, or fp32/fp16 dense [out, in]),
+[scales f16 [out, groups], [zeros f16 [out, groups]]], y f32 [rows, out]. Written directly as TIR
+loops (IRBuilder), not TE, so the loop nest is exactly:
+
+    xt[rb, k, 16v + l] = x[rb*RT + 16v + l, k]          once per call (zero rows pad to RT)
+    parallel over tiles of NR output rows:
+        wd[i, k] = dequant(W)[o_i, k]                     the tile's K-slab once, in fp32 (vector
+                                                          along the packed layout's 16 k-lanes)
+        for each block of RT = 16 * RV rows:
+            acc[i, v] = 0                                 NR x RV zmm accumulators (registers)
+            for k:  acc[i, v] += broadcast(wd[i, k]) * xt[rb, k, 16v:16v+16]
+            y[rows, o_i] = acc                            (scalar stores, once per K)
+
+The micro-kernel is vectorized along the rows of x (lanes = 16 token rows), not along K: each step is
+RV loads of x and NR x RV FMAs with a broadcast memory operand (vfmadd231ps m32{1to16}), no horizontal
+sums and no shuffles. Output rows are padded up to a multiple of NR (the padding rows re-read the last
+row of W and are never stored), so every tile runs the same unpredicated register block.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bitsmith.codegen.gemv import DENSE_BITS, GROUP_SIZES, _code
+from bitsmith.codegen.target import Target, resolve_target
+from bitsmith.errors import BitsmithError
+from bitsmith.passes.quant.packing import LANES, PACK_BITS, lane_unit, packed_shape
+
+MAX_ROWS = 64
+ACCUMULATORS = 24  # zmm accumulators of the register block (of 32): NR output rows x RV row vectors
+
+
+@dataclass(frozen=True)
+class GemmSpec:
+    """One kernel: y[rows, out] = x[rows, in] @ W.T, W packed `bits`-bit codes or dense fp32/fp16."""
+
+    out_features: int
+    in_features: int
+    bits: int
+    group_size: int = -1
+    sym: bool = True
+    rows: int = 16
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.bits not in PACK_BITS and self.bits not in DENSE_BITS:
+            problems.append(f"bits {self.bits} (use {PACK_BITS} or 16/32 for dense fp16/fp32 weights)")
+        if self.is_quantized and self.group_size not in GROUP_SIZES:
+            problems.append(f"group size {self.group_size} (use one of {GROUP_SIZES})")
+        if not 1 <= self.rows <= MAX_ROWS:
+            problems.append(f"rows {self.rows} (use 1..{MAX_ROWS})")
+        if self.out_features < 1 or self.in_features < 1:
+            problems.append(f"shape {self.out_features}x{self.in_features}")
+        if problems:
+            raise BitsmithError("cannot build a GEMM for " + ", ".join(problems), where="codegen gemm",
+                                fix="pick a supported kernel description")
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.bits in PACK_BITS
+
+    @property
+    def group(self) -> int:
+        return self.in_features if self.group_size == -1 else self.group_size
+
+    @property
+    def n_groups(self) -> int:
+        return -(-self.in_features // self.group)
+
+    @property
+    def name(self) -> str:
+        shape = f"n{self.out_features}_k{self.in_features}_r{self.rows}"
+        if not self.is_quantized:
+            return f"gemm_{DENSE_BITS[self.bits]}_{shape}"
+        group = "ch" if self.group_size == -1 else str(self.group_size)
+        return f"qgemm_b{self.bits}_g{group}_{'sym' if self.sym else 'asym'}_{shape}"
+
+    def prim_func(self, target: Target) -> Any:
+        """The PrimFunc (KernelSpec protocol): x, W, [scales, [zeros]], y."""
+        return _gemm_func(self, target)
+
+    def weight_shape(self) -> tuple[int, int]:
+        if self.is_quantized:
+            return packed_shape(self.out_features, self.in_features, self.bits)
+        return self.out_features, self.in_features
+
+    def flops(self) -> int:
+        return 2 * self.rows * self.out_features * self.in_features
+
+
+def register_block(rows: int, n_out: int) -> tuple[int, int]:
+    """(RV row vectors, NR output rows) of the register block: RV*NR = ACCUMULATORS accumulators.
+
+    Wide in the output rows: each x vector is loaded once per NR FMAs, each broadcast weight feeds RV.
+    NR is shrunk to a divisor of n_out when one is close (no padding rows) and to n_out when small.
+    """
+    rv = min(-(-rows // LANES), 4)
+    while rv > 1 and -(-rows // LANES) % rv:
+        rv -= 1
+    nr = ACCUMULATORS // rv
+    if n_out <= nr:
+        return rv, n_out
+    for cand in range(nr, (3 * nr) // 4 - 1, -1):  # a divisor within 25% of the widest block
+        if n_out % cand == 0:
+            return rv, cand
+    return rv, nr
+
+
+# ---------------------------------------------------------------------------------------------
+# TIR
+
+
+def _f32(e: Any) -> Any:
+    from tvm import tirx
+
+    dtype = getattr(e, "dtype", None) or str(e.ty)  # IRBuilder loads carry `ty`, not `dtype`
+    return e if dtype == "float32" else tirx.Cast("float32", e)
+
+
+def _gemm_func(spec: GemmSpec, target: Target) -> Any:
+    from tvm import tirx
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    n_out, n_in, rows = spec.out_features, spec.in_features, spec.rows
+    lanes = LANES
+    rv, nr = register_block(rows, n_out)
+    rt = rv * lanes  # rows per register block
+    n_rb = -(-rows // rt)
+    n_tiles = -(-n_out // nr)
+    f32 = "float32"
+
+    with IRBuilder() as ib:
+        with T.prim_func():
+            T.func_name(spec.name)
+            T.func_attr({"global_symbol": spec.name, "tirx.noalias": True})
+            x = T.arg("x", T.buffer((rows, n_in), f32))
+            if spec.is_quantized:
+                w = T.arg("qweight", T.buffer(spec.weight_shape(), "uint32"))
+                s = T.arg("scales", T.buffer((n_out, spec.n_groups), "float16"))
+                z = None if spec.sym else T.arg("zeros", T.buffer((n_out, spec.n_groups), "float16"))
+            else:
+                w = T.arg("weight", T.buffer((n_out, n_in), DENSE_BITS[spec.bits]))
+            y = T.arg("y", T.buffer((rows, n_out), f32))
+
+            # x transposed into row blocks: xt[rb, k, r] (r: the block's rt rows, zero past `rows`)
+            xt = T.alloc_buffer((n_rb, n_in, rt), f32)
+            with T.parallel(0, n_rb * n_in) as rk:
+                rb, k = rk // n_in, rk % n_in
+                with T.vectorized(0, rt) as r:
+                    row = rb * rt + r
+                    value = x[tirx.min(row, rows - 1), k]
+                    T.buffer_store(xt, value if rows % rt == 0 else tirx.if_then_else(row < rows, value, 0.0),
+                                   [rb, k, r])
+
+            with T.parallel(0, n_tiles) as t:
+                # flat, with a padded row stride (a 2-D buffer's unused columns are compacted away)
+                stride = _dequant_width(spec)
+                wd = T.alloc_buffer((nr * stride,), f32)
+                with T.serial(0, nr) as i:
+                    o = tirx.min(t * nr + i, n_out - 1)
+                    if spec.is_quantized:
+                        _emit_dequant(spec, wd, i * stride, o, w, s, z)
+                    else:
+                        _emit_convert(n_in, wd, i * stride, o, w)
+
+                acc = T.alloc_buffer((nr, rt), f32, scope="local")
+                with T.serial(0, n_rb) as rb:
+                    with T.unroll(0, nr) as i:
+                        with T.vectorized(0, rt) as r:
+                            T.buffer_store(acc, tirx.const(0.0, f32), [i, r])
+                    with T.serial(0, n_in) as k:
+                        with T.unroll(0, nr) as i:
+                            with T.unroll(0, rv) as v:
+                                with T.vectorized(0, lanes) as l:
+                                    r = v * lanes + l
+                                    T.buffer_store(acc, acc[i, r] + wd[i * stride + k] * xt[rb, k, r], [i, r])
+                    with T.unroll(0, nr) as i:
+                        with T.serial(0, rt) as r:
+                            o, row = t * nr + i, rb * rt + r
+                            cond = None
+                            if n_out % nr:
+                                cond = o < n_out
+                            if rows % rt:
+                                cond = row < rows if cond is None else tirx.all(cond, row < rows)
+                            if cond is None:
+                                T.buffer_store(y, acc[i, r], [row, o])
+                            else:
+                                with T.If(cond):
+                                    with T.Then():
+                                        T.buffer_store(y, acc[i, r], [row, o])
+    return ib.get()
+
+
+def _dequant_width(spec: GemmSpec) -> int:
+    """Row stride of the dequantized tile: all of K plus the packed tail block's padding values,
+    rounded to a 64-byte line and made an odd number of lines, so that the NR rows read together do
+    not all map to the same L1 sets (a 16 KiB row stride thrashed the 12-way L1: 3x slower)."""
+    width = spec.in_features
+    if spec.is_quantized:
+        _, slots = lane_unit(spec.bits)
+        full, rest = divmod(spec.in_features, LANES * slots)
+        width = full * LANES * slots + slots * -(-rest // slots)
+    lines = -(-width // LANES)
+    return (lines + 1 - lines % 2) * LANES
+
+
+def _emit_convert(n_in: int, wd: Any, row0: Any, o: Any, w: Any) -> None:
+    """wd[i, :] = float32(W[o, :]) for fp16 weights, 16 at a time, then the last K % 16 one by one."""
+    from tvm.script.ir_builder import tirx as T
+
+    full = n_in // LANES
+    if full:
+        with T.serial(0, full) as kb:
+            with T.vectorized(0, LANES) as l:
+                T.buffer_store(wd, _f32(w[o, kb * LANES + l]), [row0 + kb * LANES + l])
+    if n_in % LANES:
+        with T.serial(full * LANES, n_in) as k:
+            T.buffer_store(wd, _f32(w[o, k]), [row0 + k])
+
+
+def _emit_dequant(spec: GemmSpec, wd: Any, row0: Any, o: Any, w: Any, s: Any, z: Any) -> None:
+    """wd[i, k] = (q[o, k] - z) * s for every k of row o, vector along the packed layout's lanes.
+
+    Codes decode as 2^b + q (see gemv `_code`), so w = (2^b + q) * s - (2^b + z) * s is one FMA with a
+    per-group addend. In full blocks a group covers whole slot rows: scale and addend are broadcasts.
+    The tail block (L lanes) writes its padding values too (zero codes, finite; never read).
+    """
+    from tvm import tirx
+    from tvm.script.ir_builder import tirx as T
+
+    bits, n_in, group, n_groups = spec.bits, spec.in_features, spec.group, spec.n_groups
+    units, slots = lane_unit(bits)
+    full, rest = divmod(n_in, LANES * slots)
+    bias = float(1 << bits)
+    zconst = float(1 << (bits - 1))
+
+    def scale_and_addend(g: Any) -> tuple[Any, Any]:
+        g = tirx.min(g, n_groups - 1)
+        sc = _f32(s[o, g])
+        zero = tirx.const(bias + zconst, "float32") if z is None else _f32(z[o, g]) + tirx.const(bias, "float32")
+        return sc, -(zero * sc)
+
+    if full:
+        with T.serial(0, full) as kb:
+            with T.unroll(0, slots) as j:
+                k0 = kb * LANES * slots + j * LANES
+                sc, addend = scale_and_addend(k0 // group)
+                with T.vectorized(0, LANES) as l:
+                    code = _code(w, o, kb * LANES * units, j, l, LANES, bits, True)
+                    T.buffer_store(wd, code * sc + addend, [row0 + k0 + l])
+    if rest:
+        tail_lanes = -(-rest // slots)
+        base, wbase = full * LANES * slots, full * LANES * units
+        # a slot row lies in one group when L divides the group and the tail's start (no lane term)
+        row_in_group = group % tail_lanes == 0 and base % tail_lanes == 0
+        with T.unroll(0, slots) as j:
+            k0 = base + j * tail_lanes
+            if row_in_group:
+                sc, addend = scale_and_addend(k0 // group)
+            with T.vectorized(0, tail_lanes) as l:
+                if not row_in_group:
+                    sc, addend = scale_and_addend(tirx.min(k0 + l, n_in - 1) // group)
+                code = _code(w, o, wbase, j, l, tail_lanes, bits, True)
+                T.buffer_store(wd, code * sc + addend, [row0 + k0 + l])
+
+
+# ---------------------------------------------------------------------------------------------
+# Build and call
+
+
+def build_specs(specs: list[GemmSpec], target: Target | str = "host") -> Any:
+    """One module holding a kernel per spec (one LLVM invocation for all of them)."""
+    import tvm
+
+    tgt = resolve_target(target)
+    funcs = {spec.name: spec.prim_func(tgt) for spec in dict.fromkeys(specs)}
+    return tvm.compile(tvm.IRModule(funcs), target=tgt.tvm_target())
+
+
+class GemmKernel:
+    """A built kernel callable on numpy arrays (tests and benchmarks)."""
+
+    def __init__(self, spec: GemmSpec, module: Any) -> None:
+        import tvm
+
+        self.spec, self.module = spec, module
+        self.func = module[spec.name]
+        self.dev = tvm.cpu(0)
+
+    def __call__(self, x: np.ndarray, weight: np.ndarray, scales: np.ndarray | None = None,
+                 zeros: np.ndarray | None = None) -> np.ndarray:
+        import tvm
+
+        spec = self.spec
+        args = [np.ascontiguousarray(x, dtype=np.float32).reshape(spec.rows, spec.in_features), weight]
+        if spec.is_quantized:
+            args.append(np.asarray(scales, dtype=np.float16))
+            if not spec.sym:
+                args.append(np.asarray(zeros, dtype=np.float16))
+        tensors = [tvm.runtime.tensor(np.ascontiguousarray(a), self.dev) for a in args]
+        out = tvm.runtime.tensor(np.empty((spec.rows, spec.out_features), np.float32), self.dev)
+        self.func(*tensors, out)
+        return out.numpy()
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_kernel(spec: GemmSpec, target: str = "host") -> GemmKernel:
+    """Build (once per process) and wrap the kernel for `spec` on the host."""
+    return GemmKernel(spec, build_specs([spec], target))

@@ -1,0 +1,254 @@
+"""Causal attention over a paged KV cache (a pool of fixed-size blocks shared by many sequences), in TIR.
+
+The paged counterpart of `attention.py`: the rows of one call may belong to different sequences (decode
+tokens of many sequences and prefill chunks together), each row carrying its sequence's block table.
+Logical position s of a row's sequence lives in physical block block_tables[r, s // block_size], slot
+s % block_size. Phase 1 (serial) writes every row's k/v through its table, converting to the pool's
+dtype (float32; float16 rounded to nearest; int8 with one symmetric scale per token and kv head);
+phase 2 (parallel, after every write) is attention.py's tiled online softmax, one task per (row, kv
+head, group of query heads), reading keys/values through the table (widened, or codes * scale).
+
+Tiles are 32 logical positions aligned to multiples of 32 and block_size is a power of two, so a tile
+is a run of whole blocks (block_size < 32) or lies in one block (block_size >= 32): the block table
+is read once per block of a tile, not per slot. For int8 the per-token scales multiply the whole dot
+product (scores) and the probability (values), not each element.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from bitsmith.codegen.attention import MAX_CACHE_ELEMENTS, TILE, _lanes, heads_per_task, tile_macros
+from bitsmith.codegen.kernel import c_float
+from bitsmith.codegen.target import Target
+from bitsmith.errors import BitsmithError
+
+KV_DTYPES = {"float32": "f32", "float16": "f16", "int8": "i8"}  # pool dtype -> name token
+INT8_MAX = 127  # symmetric codes in [-127, 127]
+
+
+@dataclass(frozen=True)
+class PagedAttentionSpec:
+    """out[r, h] = softmax_s(scale * q[r, h] . K_r[s, h // group]) @ V_r[s, h // group], K_r/V_r read
+    through row r's block table.
+
+    Arguments, in order: q f32[rows, heads, head_dim], k f32[rows, kv_heads, head_dim],
+    v f32[rows, kv_heads, head_dim], positions int64[rows], block_tables int32[rows, max_blocks],
+    cache <kv_dtype>[num_blocks, 2, block_size, kv_heads, head_dim] (one layer's pool, updated in place:
+    [:, 0] keys, [:, 1] values), only for kv_dtype "int8": scales f32[num_blocks, 2, block_size,
+    kv_heads] (updated in place), then out f32[rows, heads, head_dim].
+
+    Row r (position p) writes its k/v at block block_tables[r, p // block_size], slot p % block_size,
+    then sees its sequence's positions [lo, p], lo = 0 or p - sliding_window + 1 (clamped at 0).
+    int8 stores scale = max|x| / 127 (1 when that is 0) and codes round_half_even(x / scale) clamped to
+    [-127, 127]; float16 stores x rounded to nearest even.
+    Rows with a position outside [0, max_blocks * block_size) (negative: padding) write nothing and get
+    zeros. Table entries outside [0, num_blocks) are never dereferenced: a row whose write block is one
+    writes nothing, and a row whose visible blocks (those holding [lo, p]) include one gets zeros. Entries
+    for blocks wholly outside [lo, p] are not read (they may be stale, e.g. freed by a sliding window).
+    """
+
+    rows: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    block_size: int
+    num_blocks: int
+    max_blocks: int
+    scale: float
+    sliding_window: int | None = None
+    kv_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        problems = []
+        sizes = (self.rows, self.heads, self.kv_heads, self.head_dim, self.block_size, self.num_blocks,
+                 self.max_blocks)
+        if min(sizes) < 1:
+            problems.append(f"sizes rows={self.rows} heads={self.heads} kv_heads={self.kv_heads} "
+                            f"head_dim={self.head_dim} block_size={self.block_size} "
+                            f"num_blocks={self.num_blocks} max_blocks={self.max_blocks}")
+        elif self.heads % self.kv_heads:
+            problems.append(f"{self.heads} query heads for {self.kv_heads} kv heads (must divide)")
+        elif self.block_size & (self.block_size - 1):
+            problems.append(f"block size {self.block_size} (must be a power of two)")
+        elif 2 * self.num_blocks * self.block_size * self.kv_heads * self.head_dim > MAX_CACHE_ELEMENTS:
+            problems.append(f"a pool of {self.num_blocks} x 2 x {self.block_size} x {self.kv_heads} x "
+                            f"{self.head_dim} elements (int32 offsets)")
+        elif self.max_blocks * self.block_size > MAX_CACHE_ELEMENTS:
+            problems.append(f"{self.max_blocks} blocks of {self.block_size} positions (int32 positions)")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            problems.append(f"sliding window {self.sliding_window} (use None or >= 1)")
+        if not math.isfinite(self.scale):
+            problems.append(f"scale {self.scale}")
+        if self.kv_dtype not in KV_DTYPES:
+            problems.append(f"kv dtype {self.kv_dtype!r} (use one of {tuple(KV_DTYPES)})")
+        if problems:
+            raise BitsmithError("cannot build paged attention for " + ", ".join(problems),
+                                where="codegen paged attention", fix="pick a supported kernel description")
+
+    @property
+    def name(self) -> str:
+        window = "full" if self.sliding_window is None else f"w{self.sliding_window}"
+        return (f"paged_attention_r{self.rows}_h{self.heads}_kv{self.kv_heads}_d{self.head_dim}"
+                f"_b{self.block_size}_n{self.num_blocks}_m{self.max_blocks}_s{c_float(self.scale)}_{window}"
+                f"_{KV_DTYPES[self.kv_dtype]}")
+
+    @property
+    def group(self) -> int:
+        """Query heads per kv head."""
+        return self.heads // self.kv_heads
+
+    @property
+    def arg_names(self) -> tuple[str, ...]:
+        scales = ("scales",) if self.kv_dtype == "int8" else ()
+        return ("q", "k", "v", "positions", "block_tables", "cache", *scales, "out")
+
+    def prim_func(self, target: Target) -> Any:
+        """The PrimFunc (KernelSpec protocol), arguments as `arg_names`."""
+        return _lower(self, target)
+
+
+def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    R, H, KV, D = spec.rows, spec.heads, spec.kv_heads, spec.head_dim
+    BS, NB, MB = spec.block_size, spec.num_blocks, spec.max_blocks
+    G = spec.group
+    HG = heads_per_task(spec, target)  # query heads per task
+    NG = G // HG  # tasks per (row, kv head)
+    L = _lanes(D, target)
+    DO = D // L
+    B = TILE
+    SPB = min(BS, B)  # slots of one block inside one tile
+    CTX = MB * BS  # positions a block table can address
+    W = spec.sliding_window or 0
+    windowed = W > 0
+    dt = spec.kv_dtype
+    quant = dt == "int8"
+    m = tile_macros(HG, L, D, float(spec.scale) * math.log2(math.e))
+    start, scores_sum, softmax_step, finish, zeros = m.start, m.scores_sum, m.softmax_step, m.finish, m.zeros
+
+    def widen(x: Any) -> Any:
+        return x if dt == "float32" else tirx.Cast("float32", x)
+
+    @T.macro
+    def store(src, r, pb, slot, kh, half, cache, scales, qt):
+        """Token r's src[r, kh] into the pool at (pb, half, slot, kh) in the pool's dtype."""
+        if quant:
+            qt[0] = T.float32(0)
+            for d in range(D):
+                qt[0] = T.max(qt[0], T.abs(src[r, kh, d]))
+            qt[1] = qt[0] / T.float32(INT8_MAX)
+            qt[1] = T.Select(qt[1] > T.float32(0), qt[1], T.float32(1))
+            scales[pb, half, slot, kh] = qt[1]
+            for d in range(D):
+                cache[pb, half, slot, kh, d] = T.Cast("int8", T.max(T.min(
+                    T.nearbyint(src[r, kh, d] / qt[1]), T.float32(INT8_MAX)), T.float32(-INT8_MAX)))
+        else:
+            for d in range(D):
+                cache[pb, half, slot, kh, d] = T.Cast(dt, src[r, kh, d])
+
+    @T.macro
+    def body(q, k, v, positions, block_tables, cache, scales, out):
+        # phase 1: every row's k/v into its sequence's block (serial: later rows win, as in numpy)
+        qt = T.alloc_buffer((2,), "float32")  # int8: max |x|, scale
+        for r in range(R):
+            if positions[r] >= T.int64(0) and positions[r] < T.int64(CTX):
+                p = T.bind(T.Cast("int32", positions[r]))
+                pb = T.bind(block_tables[r, p // BS])
+                if pb >= 0 and pb < NB:
+                    for kh in range(KV):
+                        store(k, r, pb, p % BS, kh, 0, cache, scales, qt)
+                        store(v, r, pb, p % BS, kh, 1, cache, scales, qt)
+        # phase 2: one task per (row, kv head, group of HG query heads)
+        for task in T.parallel(R * KV * NG):
+            r = T.bind(task // (KV * NG))
+            kh = T.bind(task // NG % KV)
+            h0 = T.bind(kh * G + task % NG * HG)  # first query head of the task
+            if positions[r] < T.int64(0) or positions[r] >= T.int64(CTX):
+                zeros(out, r, h0)
+            else:
+                p = T.bind(T.Cast("int32", positions[r]))
+                lo = T.bind(T.max(p - (W - 1), 0) if windowed else 0)
+                # stack arrays (global scope under 1 KiB stays off the workspace allocator)
+                qs = T.alloc_buffer((HG * D,), "float32")
+                acc = T.alloc_buffer((HG * D,), "float32")
+                sc = T.alloc_buffer((HG * B,), "float32")
+                red = T.alloc_buffer((HG * B,), "float32")
+                part = T.alloc_buffer((HG * L,), "float32")
+                st = T.alloc_buffer((HG * 4,), "float32")  # per head: running max, running sum, scratch x2
+                ok = T.alloc_buffer((1,), "int32")
+                # every block holding a visible position must be in the pool (never dereference others)
+                ok[0] = 1
+                for b in range(p // BS - lo // BS + 1):
+                    if block_tables[r, lo // BS + b] < 0 or block_tables[r, lo // BS + b] >= NB:
+                        ok[0] = 0
+                if ok[0] == 0:
+                    zeros(out, r, h0)
+                else:
+                    start(q, r, h0, qs, acc, st)
+                    for t in range(p // B - lo // B + 1):
+                        t0 = T.bind((lo // B + t) * B)  # the tile's first logical position
+                        a = T.bind(T.max(lo, t0))  # its visible positions: [a, e]; sc[hh, s - a]
+                        e = T.bind(T.min(p, t0 + B - 1))
+                        c0 = T.bind((a - t0) // SPB)  # its first block, counted in SPB-slot steps
+                        # scores of the tile (log2 domain), block by block: one table read per block
+                        for c in range((e - t0) // SPB - c0 + 1):
+                            s1 = T.bind(T.max(a, t0 + (c0 + c) * SPB))
+                            s2 = T.bind(T.min(e, t0 + (c0 + c) * SPB + SPB - 1))
+                            pb = T.bind(block_tables[r, s1 // BS])
+                            base = T.bind(s1 % BS)
+                            for j in range(s2 - s1 + 1):
+                                for hh in T.unroll(HG):
+                                    for l in T.vectorized(L):
+                                        part[hh * L + l] = T.float32(0)
+                                for d0 in T.unroll(DO):
+                                    for hh in T.unroll(HG):
+                                        for l in T.vectorized(L):
+                                            part[hh * L + l] = part[hh * L + l] + qs[hh * D + d0 * L + l] * widen(
+                                                cache[pb, 0, base + j, kh, d0 * L + l])
+                                scores_sum(part, sc, s1 - a + j)
+                                if quant:
+                                    for hh in T.unroll(HG):
+                                        sc[hh * B + s1 - a + j] = sc[hh * B + s1 - a + j] * scales[pb, 0, base + j, kh]
+                        softmax_step(sc, red, st, acc, e - a + 1)
+                        # values, block by block: each value row is loaded once for the HG heads
+                        for c in range((e - t0) // SPB - c0 + 1):
+                            s1 = T.bind(T.max(a, t0 + (c0 + c) * SPB))
+                            s2 = T.bind(T.min(e, t0 + (c0 + c) * SPB + SPB - 1))
+                            pb = T.bind(block_tables[r, s1 // BS])
+                            base = T.bind(s1 % BS)
+                            for j in range(s2 - s1 + 1):
+                                if quant:
+                                    for hh in T.unroll(HG):
+                                        sc[hh * B + s1 - a + j] = sc[hh * B + s1 - a + j] * scales[pb, 1, base + j, kh]
+                                for d0 in T.unroll(DO):
+                                    for hh in T.unroll(HG):
+                                        for l in T.vectorized(L):
+                                            acc[hh * D + d0 * L + l] = acc[hh * D + d0 * L + l] + sc[
+                                                hh * B + s1 - a + j] * widen(cache[pb, 1, base + j, kh, d0 * L + l])
+                    finish(out, r, h0, acc, st)
+
+    # parameter buffer types (one object per parameter: a shared one would alias the parameters)
+    QBuf, OutBuf = T.Buffer((R, H, D), "float32"), T.Buffer((R, H, D), "float32")
+    KBuf, VBuf = T.Buffer((R, KV, D), "float32"), T.Buffer((R, KV, D), "float32")
+    PosBuf, TabBuf = T.Buffer((R,), "int64"), T.Buffer((R, MB), "int32")
+    PoolBuf, ScaleBuf = T.Buffer((NB, 2, BS, KV, D), dt), T.Buffer((NB, 2, BS, KV), "float32")
+
+    if quant:
+        @T.prim_func
+        def paged_attention(q: QBuf, k: KBuf, v: VBuf, positions: PosBuf, block_tables: TabBuf, cache: PoolBuf,
+                            scales: ScaleBuf, out: OutBuf):
+            T.func_attr({"tirx.noalias": True})
+            body(q, k, v, positions, block_tables, cache, scales, out)
+    else:
+        @T.prim_func
+        def paged_attention(q: QBuf, k: KBuf, v: VBuf, positions: PosBuf, block_tables: TabBuf, cache: PoolBuf,
+                            out: OutBuf):
+            T.func_attr({"tirx.noalias": True})
+            body(q, k, v, positions, block_tables, cache, cache, out)  # (no scales: never read)
+
+    return paged_attention.with_attr("global_symbol", spec.name)

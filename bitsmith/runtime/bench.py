@@ -1,0 +1,81 @@
+"""`bitsmith bench`: time to first token, inter-token latency and throughput at several concurrencies."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from bitsmith.runtime.engine import Engine, Request, Sequence
+
+BENCH_TEXT = ("The old lighthouse keeper climbed the stairs every evening, counting the steps and listening "
+              "to the sea. Ships passed far away, and the light turned slowly over the water. ")
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    concurrency: int
+    requests: int
+    prompt_tokens: int
+    output_tokens: int
+    ttft_ms_median: float
+    ttft_ms_p90: float
+    itl_ms_median: float
+    throughput_tok_s: float  # generated tokens per second of wall time
+    wall_s: float
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def bench_prompt(tokenizer: Any, tokens: int) -> list[int]:
+    ids: list[int] = []
+    while len(ids) < tokens:
+        ids += tokenizer.encode(BENCH_TEXT, add_bos=False)
+    return ids[:tokens]
+
+
+def run_concurrency(make_engine: Callable[[], Engine], prompt: list[int], output_tokens: int, concurrency: int,
+                    requests: int) -> BenchResult:
+    """A closed loop: `concurrency` requests in flight until `requests` have finished (greedy, no early stop)."""
+    engine = make_engine()
+    submitted: dict[int, float] = {}
+    seqs: list[Sequence] = []
+    token_times: dict[int, list[float]] = {}
+
+    def submit() -> None:
+        # a distinct first token per request so prefix caching cannot skip the prompt
+        p = [prompt[0] + len(seqs) % 7] + prompt[1:]
+        seq = engine.add(Request(p, output_tokens))
+        submitted[id(seq)] = time.perf_counter()
+        token_times[id(seq)] = []
+        seqs.append(seq)
+
+    t0 = time.perf_counter()
+    for _ in range(min(concurrency, requests)):
+        submit()
+    while engine.has_work():
+        touched = engine.step()
+        now = time.perf_counter()
+        for seq in touched:
+            token_times[id(seq)].append(now)
+            if seq.done and len(seqs) < requests:
+                submit()
+    wall = time.perf_counter() - t0
+    ttft = [token_times[id(s)][0] - submitted[id(s)] for s in seqs]
+    itl = [b - a for s in seqs for a, b in zip(token_times[id(s)], token_times[id(s)][1:])]
+    generated = sum(len(s.generated) for s in seqs)
+    return BenchResult(concurrency, len(seqs), len(prompt), output_tokens, 1e3 * statistics.median(ttft),
+                       1e3 * float(np.percentile(ttft, 90)), 1e3 * statistics.median(itl) if itl else 0.0,
+                       generated / wall, wall)
+
+
+def format_table(results: list[BenchResult]) -> str:
+    lines = [f"{'concurrency':>11} {'requests':>8} {'TTFT ms (p50/p90)':>18} {'ITL ms p50':>10} {'tok/s':>8}"]
+    for r in results:
+        lines.append(f"{r.concurrency:>11} {r.requests:>8} {r.ttft_ms_median:>8.1f} / {r.ttft_ms_p90:>7.1f} "
+                     f"{r.itl_ms_median:>10.2f} {r.throughput_tok_s:>8.1f}")
+    return "\n".join(lines)

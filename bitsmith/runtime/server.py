@@ -1,0 +1,316 @@
+"""`bitsmith serve`: an OpenAI-compatible HTTP API over the continuous-batching engine (stdlib HTTP, one engine thread)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from bitsmith.errors import BitsmithError
+from bitsmith.runtime.engine import Engine, Request, Sequence
+from bitsmith.runtime.sampling import SamplingParams
+from bitsmith.runtime.tokenizer import encode_chat
+
+# Threads: the HTTP server answers each connection on its own thread; those threads only validate,
+# enqueue and wait. One engine thread owns the Engine (not thread safe): it admits queued requests
+# between steps, runs steps, and pushes each request's new text into that request's own queue.
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+@dataclass
+class Pending:
+    """A request between its HTTP thread and the engine thread."""
+
+    request: Request
+    events: "queue.Queue[tuple[str, Any]]" = field(default_factory=queue.Queue)  # ("text", delta) | ("done", seq)
+    seq: Sequence | None = None
+    sent: str = ""
+    cancelled: bool = False
+
+
+class EngineLoop(threading.Thread):
+    """Owns the engine; bounded admission (max_pending) so overload is refused early with 429."""
+
+    def __init__(self, engine: Engine, max_pending: int) -> None:
+        super().__init__(name="bitsmith-engine", daemon=True)
+        self.engine, self.max_pending = engine, max_pending
+        self.inbox: "queue.Queue[Pending]" = queue.Queue()
+        self.active: list[Pending] = []
+        self.lock = threading.Lock()
+        self.count = 0  # admitted and not finished
+        self.stopping = threading.Event()
+        self.wake = threading.Event()
+
+    def submit(self, pending: Pending) -> None:
+        with self.lock:
+            if self.stopping.is_set():
+                raise ApiError(503, "the server is shutting down", "unavailable")
+            if self.count >= self.max_pending:
+                raise ApiError(429, f"too many requests in flight ({self.max_pending}); retry later", "rate_limit")
+            self.count += 1
+        self.inbox.put(pending)
+        self.wake.set()
+
+    def _finish(self, pending: Pending) -> None:
+        with self.lock:
+            self.count -= 1
+        self.active.remove(pending)
+        pending.events.put(("done", pending.seq))
+
+    def run(self) -> None:
+        while True:
+            while not self.inbox.empty():
+                pending = self.inbox.get()
+                try:
+                    pending.seq = self.engine.add(pending.request)
+                    self.active.append(pending)
+                except BitsmithError as exc:
+                    with self.lock:
+                        self.count -= 1
+                    pending.events.put(("error", exc.problem))
+            for pending in [p for p in self.active if p.cancelled]:
+                self.engine.abort(pending.seq)
+                self._finish(pending)
+            if not self.engine.has_work():
+                if self.stopping.is_set() and not self.active:
+                    return
+                self.wake.wait(0.05)
+                self.wake.clear()
+                continue
+            try:
+                self.engine.step()
+            except Exception as exc:  # a kernel failure: fail every in-flight request rather than hang them
+                for pending in list(self.active):
+                    self.engine.abort(pending.seq)
+                    pending.events.put(("error", f"engine failure: {exc}"))
+                    self.active.remove(pending)
+                    with self.lock:
+                        self.count -= 1
+                continue
+            for pending in list(self.active):
+                seq = pending.seq
+                text = seq.text
+                ready = text
+                if not seq.done:
+                    # hold back what a stop string could still cut, and a trailing partial UTF-8 character
+                    hold = max((len(s) for s in seq.request.stop_strings), default=1) - 1
+                    ready = text[:len(text) - hold] if hold else text
+                    ready = ready.rstrip("\ufffd")
+                if len(ready) > len(pending.sent):
+                    pending.events.put(("text", ready[len(pending.sent):]))
+                    pending.sent = ready
+                if seq.done:
+                    self._finish(pending)
+
+
+def _number(body: dict, key: str, default: Any, kind: type, lo: float | None = None, hi: float | None = None) -> Any:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+        raise ApiError(400, f"'{key}' must be a {'integer' if kind is int else 'number'}")
+    value = kind(value)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ApiError(400, f"'{key}' must be in [{lo}, {hi if hi is not None else 'inf'}], got {value}")
+    return value
+
+
+class Api:
+    """Turns request bodies into engine Requests and engine output into OpenAI-shaped responses."""
+
+    def __init__(self, loop: EngineLoop, tokenizer: Any, model_name: str, chat_template: str | None,
+                 max_context: int) -> None:
+        self.loop, self.tokenizer, self.model_name = loop, tokenizer, model_name
+        self.chat_template, self.max_context = chat_template, max_context
+
+    def build(self, body: Any, chat: bool) -> tuple[Request, bool]:
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        if body.get("model") not in (None, self.model_name):
+            raise ApiError(400, f"unknown model {body.get('model')!r}; this server serves {self.model_name!r}",
+                           "model_not_found")
+        if chat:
+            messages = body.get("messages")
+            if (not isinstance(messages, list) or not messages
+                    or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)):
+                raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects")
+            try:
+                prompt = encode_chat(self.chat_template, [{"role": str(m.get("role", "user")), "content": m["content"]}
+                                                          for m in messages], self.tokenizer)
+            except BitsmithError as exc:
+                raise ApiError(400, exc.problem) from exc
+        else:
+            text = body.get("prompt")
+            if not isinstance(text, str) or not text:
+                raise ApiError(400, "'prompt' must be a non-empty string")
+            prompt = self.tokenizer.encode(text)
+        max_tokens = _number(body, "max_tokens", 16, int, 1)
+        if len(prompt) + max_tokens > self.max_context:
+            raise ApiError(400, f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceed the context of "
+                                f"{self.max_context} tokens")
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise ApiError(400, "'stop' must be a string or a list of strings")
+        params = SamplingParams(temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
+                                top_k=_number(body, "top_k", 0, int, 0),
+                                top_p=_number(body, "top_p", 1.0, float, 1e-6, 1.0),
+                                seed=_number(body, "seed", None, int))
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise ApiError(400, "'stream' must be a boolean")
+        request = Request(prompt, max_tokens, params, tuple(self.tokenizer.eos_token_ids), tuple(stop),
+                          f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}")
+        return request, stream
+
+    def chunk(self, request: Request, chat: bool, text: str | None, finish: str | None) -> dict:
+        if chat:
+            choice = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
+            kind = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish}
+            kind = "text_completion"
+        return {"id": request.request_id, "object": kind, "created": int(time.time()), "model": self.model_name,
+                "choices": [choice]}
+
+    def final(self, request: Request, chat: bool, seq: Sequence) -> dict:
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": seq.text},
+                      "finish_reason": seq.finish_reason}
+        else:
+            choice = {"index": 0, "text": seq.text, "finish_reason": seq.finish_reason}
+        usage = {"prompt_tokens": len(request.prompt), "completion_tokens": len(seq.generated),
+                 "total_tokens": len(request.prompt) + len(seq.generated)}
+        return {"id": request.request_id, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": self.model_name, "choices": [choice], "usage": usage}
+
+
+def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "bitsmith"
+
+        def log_message(self, fmt: str, *args: Any) -> None:  # quiet: one line per request is too much under load
+            pass
+
+        def _send(self, status: int, payload: dict) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, exc: ApiError) -> None:
+            self._send(exc.status, {"error": {"message": exc.message, "type": exc.kind, "code": exc.status}})
+
+        def do_GET(self) -> None:
+            if self.path == "/health":
+                self._send(200, {"status": "ok", "in_flight": api.loop.count})
+            elif self.path == "/v1/models":
+                self._send(200, {"object": "list", "data": [{"id": api.model_name, "object": "model",
+                                                             "owned_by": "bitsmith", "created": 0}]})
+            else:
+                self._error(ApiError(404, f"no route {self.path}", "not_found"))
+
+        def do_POST(self) -> None:
+            chat = self.path == "/v1/chat/completions"
+            if self.path not in ("/v1/completions", "/v1/chat/completions"):
+                self._error(ApiError(404, f"no route {self.path}", "not_found"))
+                return
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length > 1 << 20:
+                    raise ApiError(413, "the body is larger than 1 MiB")
+                try:
+                    body = json.loads(self.rfile.read(length) or b"null")
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise ApiError(400, f"malformed JSON: {exc}") from exc
+                request, stream = api.build(body, chat)
+                pending = Pending(request)
+                api.loop.submit(pending)
+            except ApiError as exc:
+                self._error(exc)
+                return
+            if stream:
+                self._stream(pending, chat)
+            else:
+                self._collect(pending, chat)
+
+        def _collect(self, pending: Pending, chat: bool) -> None:
+            while True:
+                kind, value = pending.events.get()
+                if kind == "error":
+                    self._error(ApiError(400, value))
+                    return
+                if kind == "done":
+                    self._send(200, api.final(pending.request, chat, value))
+                    return
+
+        def _stream(self, pending: Pending, chat: bool) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            try:
+                while True:
+                    kind, value = pending.events.get()
+                    if kind == "error":
+                        payload = {"error": {"message": value, "type": "invalid_request_error", "code": 400}}
+                    elif kind == "text":
+                        payload = api.chunk(pending.request, chat, value, None)
+                    else:
+                        payload = api.chunk(pending.request, chat, None, value.finish_reason)
+                    self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
+                    self.wfile.flush()
+                    if kind != "text":
+                        break
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                pending.cancelled = True  # the client left: the engine frees its blocks
+                api.loop.wake.set()
+
+    return Handler
+
+
+class Server:
+    """The HTTP server plus its engine thread; `shutdown()` stops accepting and drains in-flight requests."""
+
+    def __init__(self, engine: Engine, tokenizer: Any, model_name: str, chat_template: str | None,
+                 host: str = "127.0.0.1", port: int = 8000, max_pending: int = 64) -> None:
+        self.loop = EngineLoop(engine, max_pending)
+        self.api = Api(self.loop, tokenizer, model_name, chat_template, engine.runner.max_context)
+        self.httpd = ThreadingHTTPServer((host, port), make_handler(self.api))
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+
+    def serve_forever(self) -> None:
+        self.loop.start()
+        self.httpd.serve_forever(poll_interval=0.1)
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.serve_forever, name="bitsmith-http", daemon=True)
+        thread.start()
+        return thread
+
+    def shutdown(self, drain_seconds: float = 30.0) -> None:
+        self.loop.stopping.set()  # new requests get 503
+        deadline = time.time() + drain_seconds
+        while self.loop.count and time.time() < deadline:
+            time.sleep(0.05)
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.loop.wake.set()
