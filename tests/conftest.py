@@ -94,3 +94,23 @@ RANDOM_CONFIGS = {
     "window": ModelConfig(architecture="mistral", vocab_size=40, hidden_size=32, intermediate_size=40, num_layers=1,
                           num_heads=2, num_kv_heads=2, head_dim=16, sliding_window=4),
 }
+
+
+def attach_char_tokenizer(artifact_dir: Path) -> None:
+    """Give an artifact of the tiny random model a character-level tokenizer (a..z -> ids 3..28, EOS 2)."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from bitsmith.runtime.artifact import sha256_of
+
+    vocab = {chr(97 + i): i + 3 for i in range(26)} | {"<unk>": 0, " ": 29, "</s>": 2}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.save(str(artifact_dir / "tokenizer.json"))
+    manifest = json.loads((artifact_dir / "manifest.json").read_text())
+    manifest["tokenizer"] = {"kind": "hf", "files": ["tokenizer.json"], "bos_token_id": None, "eos_token_ids": [2],
+                             "add_bos": False, "chat_template": None}
+    path = artifact_dir / "tokenizer.json"
+    manifest["files"]["tokenizer.json"] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+    (artifact_dir / "manifest.json").write_text(json.dumps(manifest))

@@ -33,6 +33,8 @@ from bitsmith.errors import BitsmithError
 from bitsmith.passes.quant.packing import LANES, PACK_BITS, lane_unit, packed_shape
 
 MAX_ROWS = 64
+SLAB = 256  # K values dequantized at a time (at least one packed block)
+PREFETCH = True  # software-prefetch the next tile's weights during the K loop
 ACCUMULATORS = 24  # zmm accumulators of the register block (of 32): NR output rows x RV row vectors
 
 
@@ -123,17 +125,38 @@ def _f32(e: Any) -> Any:
     return e if dtype == "float32" else tirx.Cast("float32", e)
 
 
+def _slabs(spec: GemmSpec) -> tuple[int, int, int, int, int, int]:
+    """(unit, rest, blocks per slab, uniform slabs, blocks of the last slab, tail width) of K.
+
+    K is cut into blocks of `unit` values (a packed block of 16 lanes x S slots, or 16 dense values)
+    and `rest` values after them; slabs of ~SLAB values are dequantized one at a time so that the
+    tile's fp32 slab and x's slab stay in L1. The last slab takes the remaining blocks and the rest
+    (the tail width counts the packed tail block's padding values too).
+    """
+    if spec.is_quantized:
+        _, slots = lane_unit(spec.bits)
+        unit = LANES * slots
+        tail_width = slots * -(-(spec.in_features % unit) // slots)
+    else:
+        unit = LANES
+        tail_width = spec.in_features % unit
+    full, rest = divmod(spec.in_features, unit)
+    per_slab = max(1, SLAB // unit)
+    return unit, rest, per_slab, full // per_slab, full % per_slab, tail_width
+
+
 def _gemm_func(spec: GemmSpec, target: Target) -> Any:
     from tvm import tirx
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
     n_out, n_in, rows = spec.out_features, spec.in_features, spec.rows
-    lanes = LANES
     rv, nr = register_block(rows, n_out)
-    rt = rv * lanes  # rows per register block
-    n_rb = -(-rows // rt)
-    n_tiles = -(-n_out // nr)
+    rt = rv * LANES  # rows per register block
+    n_rb, n_tiles = -(-rows // rt), -(-n_out // nr)
+    unit, rest, per_slab, n_uniform, last_blocks, tail_width = _slabs(spec)
+    widest = max(per_slab * unit if n_uniform else 0, last_blocks * unit + tail_width)
+    stride = (-(-widest // LANES) | 1) * LANES  # an odd number of lines: rows spread over L1 sets
     f32 = "float32"
 
     with IRBuilder() as ib:
@@ -145,8 +168,11 @@ def _gemm_func(spec: GemmSpec, target: Target) -> Any:
                 w = T.arg("qweight", T.buffer(spec.weight_shape(), "uint32"))
                 s = T.arg("scales", T.buffer((n_out, spec.n_groups), "float16"))
                 z = None if spec.sym else T.arg("zeros", T.buffer((n_out, spec.n_groups), "float16"))
+                streams = [w, s] + ([] if z is None else [z])
             else:
                 w = T.arg("weight", T.buffer((n_out, n_in), DENSE_BITS[spec.bits]))
+                s = z = None
+                streams = [w]
             y = T.arg("y", T.buffer((rows, n_out), f32))
 
             # x transposed into row blocks: xt[rb, k, r] (r: the block's rt rows, zero past `rows`)
@@ -161,72 +187,86 @@ def _gemm_func(spec: GemmSpec, target: Target) -> Any:
 
             with T.parallel(0, n_tiles) as t:
                 # flat, with a padded row stride (a 2-D buffer's unused columns are compacted away)
-                stride = _dequant_width(spec)
                 wd = T.alloc_buffer((nr * stride,), f32)
-                with T.serial(0, nr) as i:
-                    o = tirx.min(t * nr + i, n_out - 1)
-                    if spec.is_quantized:
-                        _emit_dequant(spec, wd, i * stride, o, w, s, z)
-                    else:
-                        _emit_convert(n_in, wd, i * stride, o, w)
-
-                acc = T.alloc_buffer((nr, rt), f32, scope="local")
+                acc = T.alloc_buffer((n_rb, nr, rt), f32, scope="local")
                 with T.serial(0, n_rb) as rb:
                     with T.unroll(0, nr) as i:
                         with T.vectorized(0, rt) as r:
-                            T.buffer_store(acc, tirx.const(0.0, f32), [i, r])
-                    with T.serial(0, n_in) as k:
-                        with T.unroll(0, nr) as i:
-                            with T.unroll(0, rv) as v:
-                                with T.vectorized(0, lanes) as l:
-                                    r = v * lanes + l
-                                    T.buffer_store(acc, acc[i, r] + wd[i * stride + k] * xt[rb, k, r], [i, r])
+                            T.buffer_store(acc, tirx.const(0.0, f32), [rb, i, r])
+                nxt = tirx.min((t + 1) * nr, n_out - 1)  # first row of the next tile
+
+                def slab(kb0: Any, blocks: int, tail: bool) -> None:
+                    k0 = kb0 * unit
+                    with T.serial(0, nr) as i:
+                        o = tirx.min(t * nr + i, n_out - 1)
+                        if spec.is_quantized:
+                            _emit_dequant(spec, wd, i * stride, o, w, s, z, kb0, blocks, tail)
+                        else:
+                            _emit_convert(n_in, wd, i * stride, o, w, k0, blocks, tail)
+                    with T.serial(0, n_rb) as rb:
+                        with T.serial(0, blocks * unit + (rest if tail else 0)) as kk:
+                            if PREFETCH:
+                                _emit_prefetch(streams, nxt, nr, n_in, k0 + kk)
+                            with T.unroll(0, nr) as i:
+                                with T.unroll(0, rv) as v:
+                                    with T.vectorized(0, LANES) as l:
+                                        r = v * LANES + l
+                                        T.buffer_store(acc, acc[rb, i, r] + wd[i * stride + kk] * xt[rb, k0 + kk, r],
+                                                       [rb, i, r])
+
+                if n_uniform:
+                    with T.serial(0, n_uniform) as c:
+                        slab(c * per_slab, per_slab, False)
+                if last_blocks or rest:
+                    slab(n_uniform * per_slab, last_blocks, rest > 0)
+                with T.serial(0, n_rb) as rb:
                     with T.unroll(0, nr) as i:
                         with T.serial(0, rt) as r:
                             o, row = t * nr + i, rb * rt + r
-                            cond = None
-                            if n_out % nr:
-                                cond = o < n_out
-                            if rows % rt:
-                                cond = row < rows if cond is None else tirx.all(cond, row < rows)
-                            if cond is None:
-                                T.buffer_store(y, acc[i, r], [row, o])
+                            conds = ([o < n_out] if n_out % nr else []) + ([row < rows] if rows % rt else [])
+                            if not conds:
+                                T.buffer_store(y, acc[rb, i, r], [row, o])
                             else:
-                                with T.If(cond):
+                                with T.If(tirx.all(*conds) if len(conds) > 1 else conds[0]):
                                     with T.Then():
-                                        T.buffer_store(y, acc[i, r], [row, o])
+                                        T.buffer_store(y, acc[rb, i, r], [row, o])
     return ib.get()
 
 
-def _dequant_width(spec: GemmSpec) -> int:
-    """Row stride of the dequantized tile: all of K plus the packed tail block's padding values,
-    rounded to a 64-byte line and made an odd number of lines, so that the NR rows read together do
-    not all map to the same L1 sets (a 16 KiB row stride thrashed the 12-way L1: 3x slower)."""
-    width = spec.in_features
-    if spec.is_quantized:
-        _, slots = lane_unit(spec.bits)
-        full, rest = divmod(spec.in_features, LANES * slots)
-        width = full * LANES * slots + slots * -(-rest // slots)
-    lines = -(-width // LANES)
-    return (lines + 1 - lines % 2) * LANES
-
-
-def _emit_convert(n_in: int, wd: Any, row0: Any, o: Any, w: Any) -> None:
-    """wd[i, :] = float32(W[o, :]) for fp16 weights, 16 at a time, then the last K % 16 one by one."""
+def _emit_prefetch(streams: list[Any], row: Any, nr: int, n_in: int, k: Any) -> None:
+    """At step k of the K loop, prefetch the next tile's weights (its nr rows are contiguous in every
+    stream: codes, scales, zeros), spread evenly over the K steps so the next dequantization finds
+    them in cache instead of stalling on DRAM."""
+    from tvm import tirx
     from tvm.script.ir_builder import tirx as T
 
-    full = n_in // LANES
-    if full:
-        with T.serial(0, full) as kb:
+    for buf in streams:
+        nbytes = nr * int(buf.shape[1]) * (2 if str(buf.dtype) == "float16" else 4)
+        lines = -(-nbytes // 64)
+        per_k = -(-lines // n_in)
+        base = tirx.address_of(buf[row, 0])
+        for p in range(per_k):
+            addr = T.handle_add_byte_offset(base, tirx.min(k * per_k + p, lines - 1) * 64)
+            T.evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", addr, 0, 3, 1))
+
+
+def _emit_convert(n_in: int, wd: Any, row0: Any, o: Any, w: Any, k0: Any, blocks: int, tail: bool) -> None:
+    """wd[row0 + kk] = float32(W[o, k0 + kk]) for a slab: 16 at a time, then the last K % 16 one by one."""
+    from tvm.script.ir_builder import tirx as T
+
+    if blocks:
+        with T.serial(0, blocks) as kb:
             with T.vectorized(0, LANES) as l:
-                T.buffer_store(wd, _f32(w[o, kb * LANES + l]), [row0 + kb * LANES + l])
-    if n_in % LANES:
-        with T.serial(full * LANES, n_in) as k:
-            T.buffer_store(wd, _f32(w[o, k]), [row0 + k])
+                T.buffer_store(wd, _f32(w[o, k0 + kb * LANES + l]), [row0 + kb * LANES + l])
+    if tail:
+        with T.serial(blocks * LANES, blocks * LANES + n_in % LANES) as kk:
+            T.buffer_store(wd, _f32(w[o, k0 + kk]), [row0 + kk])
 
 
-def _emit_dequant(spec: GemmSpec, wd: Any, row0: Any, o: Any, w: Any, s: Any, z: Any) -> None:
-    """wd[i, k] = (q[o, k] - z) * s for every k of row o, vector along the packed layout's lanes.
+def _emit_dequant(spec: GemmSpec, wd: Any, row0: Any, o: Any, w: Any, s: Any, z: Any, kb0: Any, blocks: int,
+                  tail: bool) -> None:
+    """wd[row0 + kk] = (q[o, k] - z) * s for the slab's k = kb0 * unit + kk, vector along the packed
+    layout's 16 lanes.
 
     Codes decode as 2^b + q (see gemv `_code`), so w = (2^b + q) * s - (2^b + z) * s is one FMA with a
     per-group addend. In full blocks a group covers whole slot rows: scale and addend are broadcasts.
@@ -237,7 +277,7 @@ def _emit_dequant(spec: GemmSpec, wd: Any, row0: Any, o: Any, w: Any, s: Any, z:
 
     bits, n_in, group, n_groups = spec.bits, spec.in_features, spec.group, spec.n_groups
     units, slots = lane_unit(bits)
-    full, rest = divmod(n_in, LANES * slots)
+    unit = LANES * slots
     bias = float(1 << bits)
     zconst = float(1 << (bits - 1))
 
@@ -247,17 +287,18 @@ def _emit_dequant(spec: GemmSpec, wd: Any, row0: Any, o: Any, w: Any, s: Any, z:
         zero = tirx.const(bias + zconst, "float32") if z is None else _f32(z[o, g]) + tirx.const(bias, "float32")
         return sc, -(zero * sc)
 
-    if full:
-        with T.serial(0, full) as kb:
+    if blocks:
+        with T.serial(0, blocks) as kb:
             with T.unroll(0, slots) as j:
-                k0 = kb * LANES * slots + j * LANES
-                sc, addend = scale_and_addend(k0 // group)
+                local = kb * unit + j * LANES
+                sc, addend = scale_and_addend((kb0 * unit + local) // group)
                 with T.vectorized(0, LANES) as l:
-                    code = _code(w, o, kb * LANES * units, j, l, LANES, bits, True)
-                    T.buffer_store(wd, code * sc + addend, [row0 + k0 + l])
-    if rest:
+                    code = _code(w, o, (kb0 + kb) * LANES * units, j, l, LANES, bits, True)
+                    T.buffer_store(wd, code * sc + addend, [row0 + local + l])
+    if tail:
+        full, rest = divmod(n_in, unit)
         tail_lanes = -(-rest // slots)
-        base, wbase = full * LANES * slots, full * LANES * units
+        base, wbase = full * unit, full * LANES * units
         # a slot row lies in one group when L divides the group and the tail's start (no lane term)
         row_in_group = group % tail_lanes == 0 and base % tail_lanes == 0
         with T.unroll(0, slots) as j:
@@ -268,7 +309,7 @@ def _emit_dequant(spec: GemmSpec, wd: Any, row0: Any, o: Any, w: Any, s: Any, z:
                 if not row_in_group:
                     sc, addend = scale_and_addend(tirx.min(k0 + l, n_in - 1) // group)
                 code = _code(w, o, wbase, j, l, tail_lanes, bits, True)
-                T.buffer_store(wd, code * sc + addend, [row0 + k0 + l])
+                T.buffer_store(wd, code * sc + addend, [row0 + blocks * unit + j * tail_lanes + l])
 
 
 # ---------------------------------------------------------------------------------------------

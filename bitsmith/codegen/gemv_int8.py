@@ -124,9 +124,7 @@ class _Layout:
     full: int  # full blocks
     rest: int  # k in the tail block
     tail_lanes: int  # L: lanes of the tail block
-    tail_vector: bool  # tail runs the VNNI code (L in {4, 8, 16} and every lane in one 32-block)
-    xrow: int  # int8 activation bytes per batch row (vector blocks), a multiple of 64
-    lrow: int  # lanes per batch row (vector blocks)
+    tail_vector: bool  # tail runs the VNNI code (L in {4, 8} and every lane's k in one 32-block)
     nb32: int  # 32-blocks per row
 
 
@@ -135,12 +133,10 @@ def _layout(spec: QGemvI8Spec) -> _Layout:
     planes, block = 8 // spec.bits, LANES * slots
     full, rest = divmod(spec.in_features, block)
     lanes = -(-rest // slots)
-    vector = lanes in (4, 8) and all(len({k // XBLOCK for k in ks}) == 1
-                                     for ks in (_lane_ks(full * block, lanes, planes, lane, spec.in_features)
-                                                for lane in range(lanes)))
-    vec_lanes = full * LANES + (lanes if vector else 0)
-    return _Layout(planes, block, full, rest, lanes, vector, -(-vec_lanes * 4 * planes // 64) * 64,
-                   -(-vec_lanes // 16) * 16, -(-spec.in_features // XBLOCK))
+    vector = lanes in (4, 8) and all(len({k // XBLOCK for k in _lane_ks(full * block, lanes, planes, lane,
+                                                                        spec.in_features)}) <= 1
+                                     for lane in range(lanes))
+    return _Layout(planes, block, full, rest, lanes, vector, -(-spec.in_features // XBLOCK))
 
 
 def _lane_ks(base: int, lanes: int, planes: int, lane: int, n_in: int) -> list[int]:
@@ -197,16 +193,28 @@ def _unpack(words: Any, lanes: int, planes: int) -> list[Any]:
             T.bind(T.reinterpret((t >> tirx.Broadcast(tirx.const(4, "uint32"), lanes)) & mask, dtype=f"int8x{nbytes}"))]
 
 
-def _lane_params(buf: Any, o: Any, first: Any, pattern: list[int]) -> Any:
-    """float32 x len(pattern): buf[o, first + pattern[lane]] (fp16 scales or zeros), one vector load."""
+def _expand(load: Any, first: Any, pattern: list[int], dtype: str = "float32") -> Any:
+    """dtype x len(pattern) vector whose lane l is load(first + pattern[l]): one short vector load and a
+    shuffle (a broadcast when the pattern is constant). `load(index)` reads a buffer at index (a Ramp)."""
     from tvm import tirx
     from tvm.script.ir_builder import tirx as T
 
     lanes, width = len(pattern), max(pattern) + 1
     if width == 1:
-        return T.bind(tirx.Broadcast(tirx.Cast("float32", buf[o, first]), lanes))
-    vec = T.bind(tirx.Cast(f"float32x{width}", buf[o, tirx.Ramp(first, 1, width)]))
+        return T.bind(tirx.Broadcast(tirx.Cast(dtype, load(first)), lanes))
+    vec = T.bind(tirx.Cast(f"{dtype}x{width}", load(tirx.Ramp(first, 1, width))))
     return T.bind(tirx.Shuffle([vec] * -(-lanes // width), pattern))  # Shuffle needs lanes <= total
+
+
+def _hmax(v: Any, lanes: int) -> Any:
+    """Largest lane of a float vector (a shuffle tree)."""
+    from tvm import tirx
+    from tvm.script.ir_builder import tirx as T
+
+    while lanes > 1:
+        lanes //= 2
+        v = T.bind(tirx.max(tirx.Shuffle([v], list(range(lanes))), tirx.Shuffle([v], list(range(lanes, 2 * lanes)))))
+    return v
 
 
 def _build(spec: QGemvI8Spec) -> Any:
@@ -216,11 +224,32 @@ def _build(spec: QGemvI8Spec) -> Any:
 
     lay = _layout(spec)
     n_out, n_in, batch, bits, group = spec.out_features, spec.in_features, spec.batch, spec.bits, spec.group
-    planes, block, full = lay.planes, lay.block, lay.full
+    P, BK, full, L = lay.planes, lay.block, lay.full, lay.tail_lanes
+    per_block = BK // XBLOCK  # activation scales per full block
     zconst = 1 << (bits - 1)
-    base = full * block  # first k of the tail
-    xf_row = max(lay.rest, 1)
+    base = full * BK  # first k of the tail
+    vtail = lay.rest > 0 and lay.tail_vector
+    tail_bytes = 4 * P * L if vtail else 0
     f32, i32 = (lambda v: tirx.const(v, "float32")), (lambda v: tirx.const(v, "int32"))
+    tile = batch_tile(batch)
+
+    # scratch offsets: per block, the batch rows side by side (a tile's activations are adjacent; rows
+    # `in` bytes apart would alias in L1 at 4 KiB strides)
+    def xq_at(n: Any, kb: Any) -> Any:
+        return kb * (batch * BK) + n * BK
+
+    def xq_tail(n: Any) -> Any:
+        return full * batch * BK + n * tail_bytes
+
+    def lane_at(n: Any, kb: Any) -> Any:
+        return kb * (batch * LANES) + n * LANES
+
+    def lane_tail(n: Any) -> Any:
+        return full * batch * LANES + n * L
+
+    # per lane: first k (relative to its block), 32-block and group offsets
+    full_k = [min(_lane_ks(0, LANES, P, lane, BK)) for lane in range(LANES)]
+    tail_k = [min(_lane_ks(base, L, P, lane, n_in), default=base) for lane in range(L)] if vtail else []
 
     with IRBuilder() as ib:
         with T.prim_func():
@@ -231,127 +260,125 @@ def _build(spec: QGemvI8Spec) -> Any:
             s = T.arg("scales", T.Buffer((n_out, spec.n_groups), "float16"))
             z = None if spec.sym else T.arg("zeros", T.Buffer((n_out, spec.n_groups), "float16"))
             y = T.arg("y", T.Buffer((batch, n_out), "float32"))
-            xq = T.alloc_buffer((batch * lay.xrow,), "int8")  # activation codes in the shuffled byte order
+            xq = T.alloc_buffer((max(full * batch * BK + batch * tail_bytes, 64),), "int8")  # shuffled order
             sxb = T.alloc_buffer((batch * lay.nb32,), "float32")  # scale per 32-block
-            sxl = T.alloc_buffer((batch * lay.lrow,), "float32")  # scale per lane
-            corr = T.alloc_buffer((batch * lay.lrow,), "int32" if spec.sym else "float32")
-            xf = T.alloc_buffer((batch * xf_row,), "float32")  # dequantized tail activations (scalar tail)
+            n_lanes = max(full * batch * LANES + (batch * L if vtail else 0), 16)
+            sxl = T.alloc_buffer((n_lanes,), "float32")  # scale per lane
+            corr = T.alloc_buffer((n_lanes,), "int32" if spec.sym else "float32")  # zero-point term per lane
+            xf = T.alloc_buffer((batch * max(lay.rest, 1),), "float32")  # sx * xq of a scalar tail
 
-            # ---- 1. quantize x: per 32-block scale, codes written where the shuffled weights expect them
-            def quantize(n: Any, k0: Any, size: int, store: Any) -> None:
-                m = _local((1,), "float32")
-                T.buffer_store(m, f32(0.0), [0])
-                with T.serial(0, size) as r:
-                    T.buffer_store(m, tirx.max(m[0], tirx.abs(x[n, k0 + r])), [0])
-                sx = T.bind(m[0] / f32(127.0))
-                T.buffer_store(sxb, sx, [n * lay.nb32 + tirx.floordiv(k0, XBLOCK)])
-                inv = T.bind(tirx.Select(m[0] > f32(0.0), f32(127.0) / m[0], f32(0.0)))
-                with T.serial(0, size) as r:
-                    code = tirx.min(tirx.max(T.nearbyint(x[n, k0 + r] * inv), f32(-127.0)), f32(127.0))
-                    store(k0 + r, code, sx)
+            # ---- 1. quantize x (once per call, shared by every row)
+            def scale_of(n: Any, b32: Any, amax: Any) -> Any:
+                T.buffer_store(sxb, amax / f32(127.0), [n * lay.nb32 + b32])
+                return T.bind(tirx.Select(amax > f32(0.0), f32(127.0) / amax, f32(0.0)))
+
+            def rint(v: Any) -> Any:
+                return tirx.min(tirx.max(T.nearbyint(v), f32(-127.0)), f32(127.0))
 
             with T.serial(0, batch) as n:
-                def to_full(k: Any, code: Any, _: Any) -> None:
-                    pos = tirx.floordiv(k, block) * block + _xpos(tirx.floormod(k, block), LANES, planes)
-                    T.buffer_store(xq, tirx.Cast("int8", code), [n * lay.xrow + pos])
+                if full:  # 32 values at a time: 2 vectors of 16 consecutive k = 2 slots of one lane column
+                    with T.serial(0, full * per_block) as b:
+                        kb, h = tirx.floordiv(b, per_block), tirx.floormod(b, per_block)
+                        halves = [T.bind(x[n, tirx.Ramp(b * XBLOCK + 16 * u, 1, 16)]) for u in range(2)]
+                        amax = _hmax(T.bind(tirx.max(tirx.abs(halves[0]), tirx.abs(halves[1]))), 16)
+                        inv = scale_of(n, b, amax)
+                        for u, v in enumerate(halves):
+                            q = T.bind(tirx.Cast("int8x16", rint(v * tirx.Broadcast(inv, 16))))
+                            j = 2 * h + u  # slot: plane j % P, byte j // P of each word; lanes 4c + t
+                            at = xq_at(n, kb) + tirx.floormod(j, P) * 64 + 4 * tirx.floordiv(j, P)
+                            for c in range(4):
+                                T.buffer_store(xq, tirx.Shuffle([q], list(range(4 * c, 4 * c + 4))),
+                                               [tirx.Ramp(at + 16 * c, 1, 4)])
+                if vtail:  # padding codes stay 0
+                    with T.serial(0, tail_bytes) as r:
+                        T.buffer_store(xq, tirx.const(0, "int8"), [xq_tail(n) + r])
+                for k0 in range(base, n_in, XBLOCK):  # the tail, one value at a time
+                    size = min(XBLOCK, n_in - k0)
+                    m = _local((1,), "float32")
+                    T.buffer_store(m, f32(0.0), [0])
+                    with T.serial(0, size) as r:
+                        T.buffer_store(m, tirx.max(m[0], tirx.abs(x[n, k0 + r])), [0])
+                    inv = scale_of(n, k0 // XBLOCK, m[0])
+                    with T.serial(0, size) as r:
+                        code = rint(x[n, k0 + r] * inv)
+                        if vtail:
+                            T.buffer_store(xq, tirx.Cast("int8", code), [xq_tail(n) + _xpos(k0 - base + r, L, P)])
+                        else:
+                            T.buffer_store(xf, code * sxb[n * lay.nb32 + k0 // XBLOCK],
+                                           [n * max(lay.rest, 1) + k0 - base + r])
 
-                def to_tail(k: Any, code: Any, sx: Any) -> None:
-                    if lay.tail_vector:
-                        pos = full * block + _xpos(k - base, lay.tail_lanes, planes)
-                        T.buffer_store(xq, tirx.Cast("int8", code), [n * lay.xrow + pos])
-                    else:
-                        T.buffer_store(xf, code * sx, [n * xf_row + k - base])
+                # per lane: its 32-block's scale and the zero-point term (-z * sum xq, or sx * sum xq)
+                def lane_terms(lanes: int, xat: Any, lat: Any, b32: Any, pattern: list[int]) -> None:
+                    sx = _expand(lambda i: sxb[i], n * lay.nb32 + b32, pattern)
+                    T.buffer_store(sxl, sx, [tirx.Ramp(lat, 1, lanes)])
+                    total = tirx.Broadcast(i32(0), lanes)
+                    ones = tirx.Broadcast(tirx.const(1, "int8"), 4 * lanes)
+                    for p in range(P):  # vpdpbusd with u8 ones: per-lane sums of 4 codes
+                        total = _intrin(f"int32x{lanes}", f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", total, ones,
+                                        xq[tirx.Ramp(xat + p * 4 * lanes, 1, 4 * lanes)])
+                    term = (total * tirx.Broadcast(i32(-zconst), lanes) if spec.sym
+                            else sx * tirx.Cast(f"float32x{lanes}", total))
+                    T.buffer_store(corr, term, [tirx.Ramp(lat, 1, lanes)])
 
                 if full:
-                    with T.serial(0, base // XBLOCK) as b:
-                        quantize(n, b * XBLOCK, XBLOCK, to_full)
-                if lay.rest and lay.tail_vector:  # padding codes (none for L = 4, 8) stay 0
-                    with T.serial(0, 4 * planes * lay.tail_lanes) as r:
-                        T.buffer_store(xq, tirx.const(0, "int8"), [n * lay.xrow + base + r])
-                for k0 in range(base, n_in, XBLOCK):
-                    quantize(n, k0, min(XBLOCK, n_in - k0), to_tail)
-
-                # per lane: its block's scale and zero-point term (-z * sum xq, or sx * sum xq)
-                def lane_terms(lane: Any, at: Any, lanes: int, b32: Any) -> None:
-                    total = i32(0)
-                    for p in range(planes):
-                        for t in range(4):
-                            total = total + tirx.Cast("int32", xq[n * lay.xrow + at + p * 4 * lanes + t])
-                    sx = sxb[n * lay.nb32 + b32]
-                    T.buffer_store(sxl, sx, [n * lay.lrow + lane])
-                    T.buffer_store(corr, total * i32(-zconst) if spec.sym else sx * tirx.Cast("float32", total),
-                                   [n * lay.lrow + lane])
-
-                if full:
-                    with T.serial(0, full) as kb, T.serial(0, 4) as c, T.serial(0, 4) as i:
-                        b32 = tirx.floordiv(kb * block + LANES * planes * i + 4 * c, XBLOCK)
-                        lane_terms(kb * LANES + 4 * c + i, kb * block + 16 * c + 4 * i, LANES, b32)
-                if lay.rest and lay.tail_vector:
-                    for lane in range(lay.tail_lanes):
-                        ks = _lane_ks(base, lay.tail_lanes, planes, lane, n_in)
-                        c, i = divmod(lane, 4)
-                        lane_terms(full * LANES + lane, base + 16 * c + 4 * i, lay.tail_lanes, ks[0] // XBLOCK)
+                    with T.serial(0, full) as kb:
+                        lane_terms(LANES, xq_at(n, kb), lane_at(n, kb), kb * per_block,
+                                   [k // XBLOCK for k in full_k])
+                if vtail:
+                    b0 = min(k // XBLOCK for k in tail_k)
+                    lane_terms(L, xq_tail(n), lane_tail(n), b0, [k // XBLOCK - b0 for k in tail_k])
 
             # ---- 2. rows in parallel: VNNI dot products per block, fp32 scaling per block
-            tile = batch_tile(batch)
-
             def vector_block(o: Any, nb: Any, acc: Any, words: Any, lanes: int, xat: Any, lat: Any,
-                             koffs: list[int], kfirst: Any) -> None:
+                             g0: Any, pattern: list[int]) -> None:
                 """acc[ni, lanes] += this block's terms for the tile's batch rows."""
-                codes = _unpack(words, lanes, planes)
-                if group >= block or group == n_in:
-                    pattern, g0 = [0] * lanes, tirx.floordiv(kfirst, group)
-                else:  # several groups per block: lane -> group of its first k
-                    pattern, g0 = [kk // group for kk in koffs], tirx.floordiv(kfirst, group)
-                scale = _lane_params(s, o, g0, pattern)
-                zero = None if z is None else _lane_params(z, o, g0, pattern)
+                codes = _unpack(words, lanes, P)
+                scale = _expand(lambda i: s[o, i], g0, pattern)
+                zero = None if z is None else _expand(lambda i: z[o, i], g0, pattern)
                 vdp = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
                 for ni in range(tile):
                     n = nb * tile + ni
-                    dot = (corr[tirx.Ramp(n * lay.lrow + lat, 1, lanes)] if spec.sym
-                           else tirx.Broadcast(i32(0), lanes))
+                    at = tirx.Ramp(lat(n), 1, lanes)
+                    dot = corr[at] if spec.sym else tirx.Broadcast(i32(0), lanes)
                     for p, code in enumerate(codes):
-                        dot = _intrin(f"int32x{lanes}", vdp, dot, code,
-                                      xq[tirx.Ramp(n * lay.xrow + xat + p * 4 * lanes, 1, 4 * lanes)])
-                    val = tirx.Cast(f"float32x{lanes}", dot) * sxl[tirx.Ramp(n * lay.lrow + lat, 1, lanes)]
+                        dot = _intrin(f"int32x{lanes}", vdp, dot, code, xq[tirx.Ramp(xat(n) + p * 4 * lanes, 1, 4 * lanes)])
+                    val = tirx.Cast(f"float32x{lanes}", dot) * sxl[at]
                     if zero is not None:
-                        val = val - zero * corr[tirx.Ramp(n * lay.lrow + lat, 1, lanes)]
-                    at = tirx.Ramp(ni * lanes, 1, lanes)
-                    T.buffer_store(acc, acc[at] + val * scale, [at])
+                        val = val - zero * corr[at]
+                    here = tirx.Ramp(ni * lanes, 1, lanes)
+                    T.buffer_store(acc, acc[here] + val * scale, [here])
 
-            full_koffs = [k - 0 for k in (min(_lane_ks(0, LANES, planes, lane, block)) for lane in range(LANES))]
-            tail_koffs = ([min(_lane_ks(base, lay.tail_lanes, planes, lane, n_in), default=base) - base
-                           for lane in range(lay.tail_lanes)] if lay.rest and lay.tail_vector else [])
             with T.parallel(0, n_out) as o:
                 acc = _local((tile * LANES,), "float32")
-                tacc = _local((tile * max(lay.tail_lanes, 1),), "float32")
+                tacc = _local((tile * max(L, 1),), "float32")
                 with T.serial(0, batch // tile) as nb:
                     T.buffer_store(acc, tirx.Broadcast(f32(0.0), tile * LANES), [tirx.Ramp(0, 1, tile * LANES)])
                     if full:
                         with T.serial(0, full) as kb:
-                            if PREFETCH_BYTES:
-                                # may point past the row, into the next rows (prefetches never fault)
+                            if PREFETCH_BYTES:  # may point past the row, into the next rows (never faults)
                                 ahead = kb * LANES + PREFETCH_BYTES // 4
                                 T.evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0",
                                                                  tirx.address_of(w[o, ahead]), 0, 3, 1))
+                            if group >= BK or group == n_in:  # one group per block
+                                g0, pattern = tirx.floordiv(kb * BK, group), [0] * LANES
+                            else:
+                                g0, pattern = kb * (BK // group), [k // group for k in full_k]
                             vector_block(o, nb, acc, w[o, tirx.Ramp(kb * LANES, 1, LANES)], LANES,
-                                         kb * block, kb * LANES, full_koffs, kb * block)
-                    if lay.rest and lay.tail_vector:
-                        lt = lay.tail_lanes
-                        T.buffer_store(tacc, tirx.Broadcast(f32(0.0), tile * lt), [tirx.Ramp(0, 1, tile * lt)])
-                        vector_block(o, nb, tacc, w[o, tirx.Ramp(full * LANES, 1, lt)], lt, base, full * LANES,
-                                     tail_koffs, base)
+                                         lambda n: xq_at(n, kb), lambda n: lane_at(n, kb), g0, pattern)
+                    if vtail:
+                        T.buffer_store(tacc, tirx.Broadcast(f32(0.0), tile * L), [tirx.Ramp(0, 1, tile * L)])
+                        g0 = min(k // group for k in tail_k)
+                        vector_block(o, nb, tacc, w[o, tirx.Ramp(full * LANES, 1, L)], L, xq_tail, lane_tail,
+                                     g0, [k // group - g0 for k in tail_k])
                     for ni in range(tile):
                         n = nb * tile + ni
                         total = f32(0.0)
-                        if full:
-                            for lane in range(LANES):
-                                total = total + acc[ni * LANES + lane]
-                        if lay.rest and lay.tail_vector:
-                            for lane in range(lay.tail_lanes):
-                                total = total + tacc[ni * lay.tail_lanes + lane]
-                        elif lay.rest:
-                            total = total + _scalar_tail(spec, lay, w, s, z, xf, o, n * xf_row)
+                        for lane in range(LANES if full else 0):
+                            total = total + acc[ni * LANES + lane]
+                        for lane in range(L if vtail else 0):
+                            total = total + tacc[ni * L + lane]
+                        if lay.rest and not vtail:
+                            total = total + _scalar_tail(spec, lay, w, s, z, xf, o, n * max(lay.rest, 1))
                         T.buffer_store(y, total, [n, o])
     return ib.get()
 

@@ -90,8 +90,10 @@ def densify(module: Module, weights: dict) -> tuple[Module, dict]:
 def _reference_model(artifact: Artifact, reference: str | Path | None, always: bool) -> tuple[Module, dict] | None:
     """The 16-bit model of the same source (or `reference`); None when the artifact is itself unquantized
     and `always` is false."""
+    meta = artifact.manifest["ir"].get("meta", {})
+    int8_kv = "int8" in (meta.get("kv_plan") or {}).get("layer_dtypes", ())
     if reference is None:
-        if not always and not artifact.manifest["ir"].get("meta", {}).get("precision_plan"):
+        if not always and not meta.get("precision_plan") and not int8_kv:
             return None
         reference = artifact.manifest["provenance"]["source"].get("path")
         if not reference or not Path(reference).exists():
@@ -103,7 +105,18 @@ def _reference_model(artifact: Artifact, reference: str | Path | None, always: b
     from bitsmith.compiler.loader import load_model
 
     model = load_model(reference)
-    return model.module, model.weights
+    # the reference keeps a 16-bit KV cache: an int8-KV artifact is scored against what it replaces
+    return with_kv_dtype(model.module, "float16"), model.weights
+
+
+def with_kv_dtype(module: Module, kv_dtype: str) -> Module:
+    """`module` with every attention storing its KV cache as `kv_dtype`."""
+    functions = {}
+    for name, fn in module.functions.items():
+        nodes = tuple(Node(n.op, n.inputs, n.outputs, {**n.attrs, "kv_dtype": kv_dtype}) if n.op == "attention" else n
+                      for n in fn.nodes)
+        functions[name] = fn.replace(nodes=nodes)
+    return module.replace(functions=functions)
 
 
 def evaluate(path: str | Path, text: str, tokens: int | None, ctx: int,
