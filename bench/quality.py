@@ -59,7 +59,7 @@ def compile_one(source: str, out: Path, method: str, bits: int, group: int, sym:
     """Run `bitsmith compile` in a subprocess; returns wall seconds and peak RSS (MiB)."""
     cmd = [sys.executable, "-m", "bitsmith.compiler.cli", "compile", *([] if source == "default" else [source]),
            "-o", str(out), "--method", method, "--bits", str(bits), "--group", str(group),
-           "--sym" if sym else "--asym", "--no-keep-default", "--calib", str(calib),
+           "--sym" if sym else "--asym", "--no-keep-default", "--calib", str(calib), "--target", "none",
            "--calib-samples", str(samples), "--calib-seqlen", str(SEQLEN)]
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
