@@ -295,7 +295,7 @@ class LowerToKernels:
     """
 
     required: bool = True  # False: an op without a kernel is noted (ctx.notes["kernels_skipped"]), not an error
-    batch_rows: tuple[int, ...] = (PREFILL_ROWS,)
+    batch_rows: tuple[int, ...] = (4, PREFILL_ROWS)  # 4: small decode batches without 16-row padding
     name: str = "lower_to_kernels"
 
     def run(self, module: Module, ctx: PassContext) -> Module:
