@@ -3,11 +3,14 @@
 from bitsmith.codegen.attention import AttentionSpec
 from bitsmith.codegen.elementwise import BiasAddSpec, BinarySpec, GeluMulSpec, SiluMulSpec, UnarySpec
 from bitsmith.codegen.embedding import EmbeddingSpec, QEmbeddingSpec
+from bitsmith.codegen.gemm import GemmSpec
 from bitsmith.codegen.gemv import GemvSpec
+from bitsmith.codegen.gemv_int8 import QGemvI8Spec, int8_activations_supported
 from bitsmith.codegen.norm_rope import AddRmsNormSpec, LayerNormSpec, RmsNormSpec, RopeSpec
 from bitsmith.codegen.paged_attention import PagedAttentionSpec
 
 __all__ = [
-    "AddRmsNormSpec", "AttentionSpec", "BiasAddSpec", "BinarySpec", "EmbeddingSpec", "GeluMulSpec", "GemvSpec",
-    "LayerNormSpec", "PagedAttentionSpec", "QEmbeddingSpec", "RmsNormSpec", "RopeSpec", "SiluMulSpec", "UnarySpec",
+    "AddRmsNormSpec", "AttentionSpec", "BiasAddSpec", "BinarySpec", "EmbeddingSpec", "GeluMulSpec", "GemmSpec",
+    "GemvSpec", "LayerNormSpec", "PagedAttentionSpec", "QEmbeddingSpec", "QGemvI8Spec", "RmsNormSpec", "RopeSpec",
+    "SiluMulSpec", "UnarySpec", "int8_activations_supported",
 ]

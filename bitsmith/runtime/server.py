@@ -286,6 +286,11 @@ def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 512  # listen backlog: bursts of clients queue instead of being reset (default 5)
+
+
 class Server:
     """The HTTP server plus its engine thread; `shutdown()` stops accepting and drains in-flight requests."""
 
@@ -293,8 +298,7 @@ class Server:
                  host: str = "127.0.0.1", port: int = 8000, max_pending: int = 64) -> None:
         self.loop = EngineLoop(engine, max_pending)
         self.api = Api(self.loop, tokenizer, model_name, chat_template, engine.runner.max_context)
-        self.httpd = ThreadingHTTPServer((host, port), make_handler(self.api))
-        self.httpd.daemon_threads = True
+        self.httpd = _HTTPServer((host, port), make_handler(self.api))
         self.port = self.httpd.server_address[1]
 
     def serve_forever(self) -> None:
