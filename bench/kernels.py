@@ -1,4 +1,6 @@
-"""GEMV kernel benchmark: our int4 GEMV vs the machine's read bandwidth, torch fp32 and onnxruntime int4."""
+"""GEMV kernel benchmark: our int4 GEMV vs the machine's read bandwidth, torch fp32, onnxruntime int4 and
+llama.cpp Q4_0 / Q8_0 (ggml CPU backend, from the venv of bench/peers/setup_llamacpp.sh; skipped with a
+note saying why when that venv is missing)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,11 @@ import json
 import mmap
 import os
 import platform
-import shutil
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -24,6 +27,7 @@ BATCHES = (1, 4, 16)
 BITS, GROUP = 4, 32
 MIN_BYTES = 256 << 20  # weight copies per measurement: more than this, so they come from DRAM
 REPEATS = 7
+LLAMACPP_COLUMNS = ("q4_0", "q4_0_plain", "q8_0")  # labels of bench/peers/llamacpp_matvec.CONFIGS
 
 
 def hugepage_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -148,6 +152,66 @@ def bench_ours(shapes: tuple, batches: tuple) -> dict[tuple[int, int, int], floa
     return out
 
 
+def bench_ours_int8(shapes: tuple, batches: tuple) -> dict[Any, float]:
+    """Seconds per int8-activation VNNI GEMV call (QGemvI8Spec: int4 g32, the same packed weights), keyed
+    (sym, out, in, batch), and under ("bw", sym, out, in, batch) the read bandwidth measured in rounds
+    alternating with that kernel (this shared machine drifts 2x within minutes, so a bandwidth taken once at
+    the start says little about a kernel timed minutes later). Medians of 3 rounds; call overhead
+    subtracted; empty when the host lacks AVX-512 VNNI."""
+    from bitsmith.codegen.gemv import GemvSpec
+    from bitsmith.codegen.gemv_int8 import QGemvI8Spec, int8_activations_supported
+    from bitsmith.codegen.kernel import build_module
+    from bitsmith.compiler.ops_quant import dequantize_packed
+
+    if not int8_activations_supported("host"):
+        return {}
+    specs = [QGemvI8Spec(n, k, BITS, GROUP, sym, b) for sym in (True, False) for n, k in shapes for b in batches]
+    tiny, probe_spec = GemvSpec(1, 16, 32), GemvSpec(MIN_BYTES // (4096 * 4), 4096, 32)  # probe: as read_bandwidth
+    module = build_module(specs + [tiny, probe_spec])
+    overhead = tvm_call_overhead(module[tiny.name])
+    probe_w = hugepage_copies(1, probe_spec.weight_shape(), np.float32)[0]
+    probe_w[:] = 1
+    probe_args = [tvm_tensor(np.ones((1, 4096), np.float32)), tvm_tensor(probe_w),
+                  tvm_tensor(np.zeros((1, probe_spec.out_features), np.float32))]
+    probe = module[probe_spec.name]
+    rng = np.random.default_rng(3)
+    out: dict[Any, float] = {}
+    for n, k in shapes:
+        spec0 = QGemvI8Spec(n, k, BITS, GROUP, False, 1)
+        copies = copies_for(spec0.weight_bytes())
+        qw = hugepage_copies(copies, spec0.weight_shape(), np.uint32)
+        sc = hugepage_copies(copies, (n, spec0.n_groups), np.float16)
+        zs = hugepage_copies(copies, (n, spec0.n_groups), np.float16)
+        for c in range(copies):
+            qw[c][:] = rng.integers(0, 1 << 32, spec0.weight_shape(), dtype=np.uint32)
+            sc[c][:] = (rng.random(sc[c].shape) * 0.02).astype(np.float16)
+            zs[c][:] = (rng.random(zs[c].shape) * 15).astype(np.float16)
+        for sym in (True, False):
+            weights = [(tvm_tensor(qw[c]), tvm_tensor(sc[c])) + (() if sym else (tvm_tensor(zs[c]),))
+                       for c in range(copies)]
+            attrs = {"bits": BITS, "group_size": GROUP, "in_features": k, "sym": sym}
+            w0 = dequantize_packed(qw[0], sc[0], None if sym else zs[0], attrs)
+            for b in batches:
+                spec = QGemvI8Spec(n, k, BITS, GROUP, sym, b)
+                x = rng.standard_normal((b, k)).astype(np.float32)
+                xt, yt = tvm_tensor(x), tvm_tensor(np.zeros((b, n), np.float32))
+                func = module[spec.name]
+                func(xt, *weights[0], yt)
+                ref = x @ w0.T  # int8 activations: ~1% error (tests/codegen/test_gemv_int8.py checks exactly)
+                err = np.abs(yt.numpy() - ref).max() / np.abs(ref).max()
+                assert err < 3e-2, f"{spec.name}: relative error {err:.2e}"
+                secs, bws = [], []
+                for _ in range(3):
+                    bws.append(probe_spec.weight_bytes() / timed(lambda _: probe(*probe_args), 1, 3) / 1e9)
+                    secs.append(timed(lambda c: func(xt, *weights[c], yt), copies, 3))
+                out[(sym, n, k, b)] = max(statistics.median(secs) - overhead, 1e-9)
+                out[("bw", sym, n, k, b)] = statistics.median(bws)
+            del weights
+        del qw, sc, zs
+        gc.collect()
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # peers
 
@@ -217,6 +281,31 @@ def bench_ort(shapes: tuple, batches: tuple, accuracy: int) -> dict[Any, float]:
     return out
 
 
+def bench_llamacpp(shapes: tuple, batches: tuple) -> tuple[dict[Any, dict[str, Any]], str]:
+    """llama.cpp mat-vec rows {(label, out, in, batch): row} (bench/peers/llamacpp_matvec.py), and a note.
+
+    The rows are empty and the note says why when the peer venv is missing or its helper fails.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+    try:
+        import llamacpp_matvec as peer
+    finally:
+        sys.path.pop(0)
+    try:
+        res = peer.bench(shapes, batches, threads=THREADS, min_mb=MIN_BYTES / (1 << 20))
+    except (peer.PeerUnavailable, OSError, subprocess.SubprocessError) as exc:
+        return {}, f"llama.cpp: skipped: {exc}"
+    row = next(iter(res.values()))
+    version = peer.peer_env().get("LLAMACPP_VERSION", "?")
+    policies = sorted({r["omp_wait_policy"] for r in res.values()})
+    return res, (f"llama.cpp (llama-cpp-python {version}, ggml CPU backend built with OpenMP, {row['threads']} "
+                 "threads, one graph of mul_mat nodes over all copies): Q4_0 = weights in the CPU_REPACK buffer "
+                 "(llama.cpp's default on AVX2/AVX-512: q4_0_8x8), Q4_0 plain = ggml_vec_dot_q4_0_q8_0 / llamafile "
+                 "sgemm; Q4_0 18 B and Q8_0 34 B per 32 weights; activations quantized to Q8_0 inside each mul_mat; "
+                 "each cell the faster of OMP_WAIT_POLICY unset and passive (GOMP's spinning barriers collapse "
+                 f"under any other load on 2 vCPUs; winners here: {', '.join(policies)})")
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -239,11 +328,15 @@ def main() -> None:
     bw = {"huge_pages": read_bandwidth(huge=True), "4k_pages": read_bandwidth(huge=False)}
     log("bitsmith int4")
     ours = bench_ours(shapes, batches)
+    log("bitsmith int4, int8 activations (VNNI)")
+    ours8 = bench_ours_int8(shapes, batches)
     log("torch fp32")
     torch_t = bench_torch(shapes, batches)
     log("onnxruntime int4, accuracy_level 4 and 0")
     ort4 = bench_ort(shapes, batches, 4)
     ort0 = bench_ort(shapes, batches, 0)
+    log("llama.cpp Q4_0 / Q8_0")
+    lcpp, lcpp_note = bench_llamacpp(shapes, batches)
 
     rows = []
     for n, k in shapes:
@@ -253,6 +346,15 @@ def main() -> None:
             row = {"out": n, "in": k, "batch": b,
                    "int4_gemv": (ours[(n, k, b)], ours_bytes), "torch_fp32": (torch_t[(n, k, b)], n * k * 4),
                    "ort_int4_acc4": (ort4[(n, k, b)], ort_bytes), "ort_int4_acc0": (ort0[(n, k, b)], ort_bytes)}
+            for sym in (True, False):  # asym also reads fp16 zeros
+                if (sym, n, k, b) in ours8:
+                    key = "int4_gemv_i8a" + ("" if sym else "_asym")
+                    row[key] = (ours8[(sym, n, k, b)], ours_bytes + (0 if sym else n * (k // GROUP) * 2))
+                    row[f"{key}_bw_gbs"] = ours8[("bw", sym, n, k, b)]  # read bandwidth measured alongside
+            for label in LLAMACPP_COLUMNS:
+                if (label, n, k, b) in lcpp:
+                    peer_row = lcpp[(label, n, k, b)]
+                    row[f"llamacpp_{label}"] = (peer_row["sec"], peer_row["weight_bytes"])
             rows.append({key: ({"us": v[0] * 1e6, "gbs": v[1] / v[0] / 1e9} if isinstance(v, tuple) else v)
                          for key, v in row.items()})
     peak = bw["huge_pages"]
@@ -261,22 +363,39 @@ def main() -> None:
              "onnxruntime: codes + fp32 scales, 0.625 B/weight; torch: 4 B/weight); int4 g32 symmetric",
              f"Python call overhead subtracted: TVM {ours[('overhead',)] * 1e6:.1f} us, "
              f"torch {torch_t[('overhead',)] * 1e6:.1f} us; onnxruntime runs all copies in one session.run",
-             "llama.cpp: " + ("llama-bench found but not wired in" if shutil.which("llama-bench")
-                              else "not installed, skipped")]
+             "ours int8-act = QGemvI8Spec: the same int4 weights, x quantized per 32 values to int8 in the kernel, "
+             "u8 x s8 vpdpbusd (AVX-512 VNNI); asym also reads fp16 zeros (0.625 B/weight); n/a without VNNI; "
+             "its % is of the read bandwidth measured in rounds alternating with it (bench_ours_int8)",
+             lcpp_note]
     result = {"machine": {"cpu": target.mcpu, "cores": CORES, "threads": THREADS,
                           "python": platform.python_version(), "vector_bytes": target.vector_bytes},
               "read_bandwidth_gbs": bw, "rows": rows, "notes": notes,
-              "int4_gemv_fraction_of_bandwidth": head["int4_gemv"]["gbs"] / peak}
+              "int4_gemv_fraction_of_bandwidth": head["int4_gemv"]["gbs"] / peak,
+              "int4_gemv_i8a_fraction_of_bandwidth": {  # of the bandwidth measured alongside
+                  key: head[key]["gbs"] / head[f"{key}_bw_gbs"] for key in ("int4_gemv_i8a", "int4_gemv_i8a_asym")
+                  if key in head},
+              # llama.cpp Q4_0 as llama.cpp runs it (repacked); both formats read 0.5625 B/weight
+              "int4_gemv_vs_llamacpp_q4_0": (head["int4_gemv"]["gbs"] / head["llamacpp_q4_0"]["gbs"]
+                                             if "llamacpp_q4_0" in head else None),
+              "llamacpp_q4_0_fraction_of_bandwidth": (head["llamacpp_q4_0"]["gbs"] / peak
+                                                      if "llamacpp_q4_0" in head else None),
+              "llamacpp_q8_0_fraction_of_bandwidth": (head["llamacpp_q8_0"]["gbs"] / peak
+                                                      if "llamacpp_q8_0" in head else None)}
     if args.json:
         print(json.dumps(result, indent=1))
         return
     print(f"# GEMV, {target.mcpu}, {THREADS} of {CORES} cores; read bandwidth {peak:.1f} GB/s (huge pages), "
           f"{bw['4k_pages']:.1f} GB/s (4 KiB pages)\n")
-    print("| out x in | batch | ours int4 g32 | % of bw | torch fp32 | ORT int4 acc4 | ORT int4 acc0 |")
-    print("|---|---|---|---|---|---|---|")
+    columns = ("int4_gemv", "int4_gemv_i8a", "int4_gemv_i8a_asym", "torch_fp32", "ort_int4_acc4",
+               "ort_int4_acc0") + tuple(f"llamacpp_{label}" for label in LLAMACPP_COLUMNS)
+    print("| out x in | batch | ours int4 g32 | % of bw | ours int8-act sym (% of bw alongside) | "
+          "ours int8-act asym (% of bw alongside) | torch fp32 | ORT int4 acc4 | ORT int4 acc0 | llama.cpp Q4_0 | "
+          "llama.cpp Q4_0 plain | llama.cpp Q8_0 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        cells = [f"{r[key]['gbs']:.1f} GB/s ({r[key]['us']:.1f} us)" for key in
-                 ("int4_gemv", "torch_fp32", "ort_int4_acc4", "ort_int4_acc0")]
+        cells = [f"{r[key]['gbs']:.1f} GB/s ({r[key]['us']:.1f} us"
+                 + (f", {100 * r[key]['gbs'] / r[key + '_bw_gbs']:.0f}% of {r[key + '_bw_gbs']:.1f})"
+                    if key + "_bw_gbs" in r else ")") if key in r else "n/a" for key in columns]
         print(f"| {r['out']}x{r['in']} | {r['batch']} | {cells[0]} | {100 * r['int4_gemv']['gbs'] / peak:.0f}% | "
               + " | ".join(cells[1:]) + " |")
     print()
@@ -284,6 +403,12 @@ def main() -> None:
         print(f"- {note}")
     fraction = result["int4_gemv_fraction_of_bandwidth"]
     print(f"- int4 GEMV 4096x4096 batch 1: {100 * fraction:.0f}% of the read bandwidth")
+    for key, frac in result["int4_gemv_i8a_fraction_of_bandwidth"].items():
+        print(f"- {key} 4096x4096 batch 1: {100 * frac:.0f}% of the read bandwidth measured alongside")
+    if result["int4_gemv_vs_llamacpp_q4_0"] is not None:
+        print(f"- int4 GEMV 4096x4096 batch 1: {result['int4_gemv_vs_llamacpp_q4_0']:.2f}x llama.cpp Q4_0 "
+              f"(llama.cpp Q4_0 {100 * result['llamacpp_q4_0_fraction_of_bandwidth']:.0f}%, "
+              f"Q8_0 {100 * result['llamacpp_q8_0_fraction_of_bandwidth']:.0f}% of the read bandwidth)")
 
 
 if __name__ == "__main__":

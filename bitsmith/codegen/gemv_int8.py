@@ -1,26 +1,24 @@
 """Quantized GEMV with int8 activations and AVX-512 VNNI integer dot products (x86-64 only).
 
-Same arguments and weight format as GemvSpec (x f32 [batch, in], packed uint32 codes, fp16 scales,
-[fp16 zeros], y f32 [batch, out]), but the kernel first quantizes x per 32-value block to int8
-(sx = max|x| / 127, xq = rint(x / sx)) and then sums u8 weight codes x s8 activation codes with
-`vpdpbusd` (4 byte products per int32 lane) instead of converting every weight to fp32:
-
-    y[n, o] = sum_blocks sx_B * s_g * (sum_{k in B} q_k xq_k  -  z_g sum_{k in B} xq_k)
-
-Why this layout works (b = 4; see packing.py): word l of a 128-value block holds nibble j of
-k = 16 j + l. One `vpshufb` transposes each 4x4 byte tile of 16-byte chunks, so int32 lane (c, i)
-holds byte i of words 4c..4c+3; masking low / high nibbles (planes p = 0, 1) gives 4 u8 codes at
-k = 32 i + 16 p + 4c + t (t = 0..3): every lane covers one 32-block (one activation scale, one
-weight group: lane % 4 picks it), so a lane's int32 sum is scaled once per block. b = 8: one plane,
-k = 16 i + 4c + t. The activations are quantized once per call into that same byte order, with
-per-lane sx (and the zero-point term: -z * sum xq as an int32 start value when symmetric, sx * sum xq
-for the fp16 zero when asymmetric), shared by all rows. Per 128 int4 weights: one load, one shuffle,
-three mask/shift ops, two vpdpbusd, one int->float and two fp ops (plus the group scale broadcast).
-
-A tail block of L = 4 or 8 lanes (in % block = 32 or 64, e.g. 576 at b = 4) runs the same code on
-128/256-bit vectors; other tails (L not a multiple of 4, or a lane spanning two 32-blocks) use a
-scalar loop over the dequantized activations. Bits 2/3 and targets without AVX-512 VNNI are refused
-(BitsmithError): fall back to GemvSpec (see `int8_activations_supported`).
+Same arguments and weights as GemvSpec (x f32 [batch, in], packed uint32 codes, fp16 scales, [fp16
+zeros], y f32 [batch, out]). The kernel quantizes x per 32 values (sx = max|x| / 127, xq = rint(x * 127
+/ max|x|)) and multiplies u8 weight codes by s8 activation codes with `vpdpbusd` (4 byte products per
+int32 lane) instead of converting every weight to fp32:
+    y[n, o] = sum over 32-blocks B of  sx_B s_g (sum_{k in B} q_k xq_k  -  z_g sum_{k in B} xq_k)
+Layout (b = 4, packing.py): word l of a 128-value block holds nibble j of k = 16 j + l. One `vpshufb`
+transposes the 4x4 byte tiles of each 16-byte chunk, so int32 lane 4c + i holds byte i of words 4c..4c+3,
+and masking low / high nibbles (planes p = 0, 1) leaves 4 u8 codes at k = 32 i + 16 p + 4c + t. Every
+lane lies in the 32-block and group of its column i = lane % 4, so per block 4 values (activation
+scales, zero-point sums, weight scales) reach the 16 lanes as a 128-bit broadcast. b = 8: one plane,
+k = 16 i + 4c + t. Per 128 int4 weights: a load, a shuffle, 3 mask/shift ops, 2 vpdpbusd, int->float,
+2 fp ops and the scale conversion: 1.6-2.2x the fp32-dequant kernel in cache (Zen 5), ~DRAM speed.
+Once per call x is quantized into that byte order (serial, ~1 us per 4K values) with, per block and
+column, sx and the zero-point term: -z sum xq as the int32 start of the lanes c = 0 (sym), or
+sx sum xq / (lanes / 4), times the fp16 zero, per lane (asym). Batch rows sit side by side per block;
+past ~24 KiB of activations the rows are swept in passes over L1-sized slices of k (a parallel launch
+each, y accumulating). Tails of 4 or 8 lanes (in % 128 = 32 or 64 at b = 4, e.g. 576) run the same code
+on 128/256-bit vectors, other tails a scalar loop. Bits 2/3 and targets without AVX-512 VNNI are
+refused (BitsmithError): use GemvSpec there (`int8_activations_supported`).
 """
 
 from __future__ import annotations
@@ -29,13 +27,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from bitsmith.codegen.gemv import GROUP_SIZES, MAX_BATCH, GemvSpec
-from bitsmith.codegen.gemv_schedule import PREFETCH_BYTES, batch_tile
+from bitsmith.codegen.gemv_schedule import batch_tile
 from bitsmith.codegen.target import Target, resolve_target
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.quant.packing import LANES, lane_unit
 
 I8_BITS = (4, 8)
 XBLOCK = 32  # activation values per int8 scale
+PREFETCH = (8192, 3)  # software prefetch of the codes: (bytes ahead, llvm locality); 0 bytes: none
+L1_ACTIVATION_BYTES = 24 << 10  # activations a pass over the rows keeps in L1 (see `_build`)
 _FEATURES = ("avx512bw", "avx512vl", "avx512vnni")
 
 
@@ -85,10 +85,6 @@ class QGemvI8Spec:
         return GemvSpec(self.out_features, self.in_features, self.bits, self.group_size, self.sym, self.batch)
 
     @property
-    def group(self) -> int:
-        return self.gemv.group
-
-    @property
     def n_groups(self) -> int:
         return self.gemv.n_groups
 
@@ -113,30 +109,11 @@ class QGemvI8Spec:
         return _build(self)
 
 
-# ---------------------------------------------------------------------------------------------
-# Layout of one spec: blocks of 16 lanes (+ a tail block), activation scratch offsets
-
-
-@dataclass(frozen=True)
-class _Layout:
-    planes: int  # u8 code planes per 32-bit word: 2 nibble planes (b = 4), 1 byte plane (b = 8)
-    block: int  # k per full block (128 / 64)
-    full: int  # full blocks
-    rest: int  # k in the tail block
-    tail_lanes: int  # L: lanes of the tail block
-    tail_vector: bool  # tail runs the VNNI code (L in {4, 8} and every lane's k in one 32-block)
-    nb32: int  # 32-blocks per row
-
-
-def _layout(spec: QGemvI8Spec) -> _Layout:
-    _, slots = lane_unit(spec.bits)
-    planes, block = 8 // spec.bits, LANES * slots
-    full, rest = divmod(spec.in_features, block)
-    lanes = -(-rest // slots)
-    vector = lanes in (4, 8) and all(len({k // XBLOCK for k in _lane_ks(full * block, lanes, planes, lane,
-                                                                        spec.in_features)}) <= 1
-                                     for lane in range(lanes))
-    return _Layout(planes, block, full, rest, lanes, vector, -(-spec.in_features // XBLOCK))
+def _vector_tail(spec: QGemvI8Spec, full: int, lanes: int, planes: int, block: int) -> bool:
+    """Whether the tail block runs the VNNI code: 4 or 8 lanes, each in the 32-block of its column."""
+    blocks = [{k // XBLOCK for k in _lane_ks(full * block, lanes, planes, lane, spec.in_features)}
+              for lane in range(lanes)]
+    return lanes in (4, 8) and all(len(b) <= 1 and b <= (blocks[lane % 4] or b) for lane, b in enumerate(blocks))
 
 
 def _lane_ks(base: int, lanes: int, planes: int, lane: int, n_in: int) -> list[int]:
@@ -156,13 +133,13 @@ def _xpos(kk: Any, lanes: int, planes: int) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernel (TIR through the IR builder: explicit vector types and x86 intrinsics)
+# TIR through the IR builder: explicit vector types and x86 intrinsics (LLVM 22's vpdpbusd takes
+# <N x i8> operands; TVM's own dot_16x4_vnni intrinsic still passes i32 vectors and fails to verify)
 
 
 def _local(shape: tuple[int, ...], dtype: str) -> Any:
-    """A small per-thread buffer on the stack: without the annotation TVM 0.27 allocates every
-    buffer inside a parallel loop with TVMBackendAllocWorkspace (a call per row) and LLVM cannot keep
-    it in registers."""
+    """A small per-thread stack buffer: without the annotation TVM 0.27 allocates buffers inside a
+    parallel loop with TVMBackendAllocWorkspace (a call per row) that LLVM cannot keep in registers."""
     from tvm.script.ir_builder import tirx as T
 
     return T.alloc_buffer(shape, dtype, annotations={"disable_lower_builtin": True})
@@ -182,8 +159,8 @@ def _unpack(words: Any, lanes: int, planes: int) -> list[Any]:
     nbytes = 4 * lanes
     # per 16-byte chunk: byte 4i + t <- byte 4t + i (in each int32: bytes i, i+4, i+8, i+12)
     idx = (tirx.Ramp(0, 1, lanes) & 3) * 0x01010101 + 0x0C080400
-    pshufb = {16: "llvm.ssse3.pshuf.b.128", 32: "llvm.x86.avx2.pshuf.b", 64: "llvm.x86.avx512.pshuf.b.512"}
-    shuffled = _intrin(f"int8x{nbytes}", pshufb[nbytes].replace("llvm.ssse3", "llvm.x86.ssse3"),
+    pshufb = {16: "llvm.x86.ssse3.pshuf.b.128", 32: "llvm.x86.avx2.pshuf.b", 64: "llvm.x86.avx512.pshuf.b.512"}
+    shuffled = _intrin(f"int8x{nbytes}", pshufb[nbytes],
                        T.reinterpret(words, dtype=f"int8x{nbytes}"), T.reinterpret(idx, dtype=f"int8x{nbytes}"))
     if planes == 1:
         return [T.bind(shuffled)]
@@ -222,34 +199,35 @@ def _build(spec: QGemvI8Spec) -> Any:
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
-    lay = _layout(spec)
-    n_out, n_in, batch, bits, group = spec.out_features, spec.in_features, spec.batch, spec.bits, spec.group
-    P, BK, full, L = lay.planes, lay.block, lay.full, lay.tail_lanes
+    n_out, n_in, batch, bits, group = spec.out_features, spec.in_features, spec.batch, spec.bits, spec.gemv.group
+    _, slots = lane_unit(bits)
+    P, BK = 8 // bits, LANES * slots  # u8 planes per word (nibbles: 2), k per full block (128 / 64)
+    full, rest = divmod(n_in, BK)
+    L, nb32 = -(-rest // slots), -(-n_in // XBLOCK)  # tail lanes, 32-blocks per row
     per_block = BK // XBLOCK  # activation scales per full block
     zconst = 1 << (bits - 1)
     base = full * BK  # first k of the tail
-    vtail = lay.rest > 0 and lay.tail_vector
+    vtail = rest > 0 and _vector_tail(spec, full, L, P, BK)
     tail_bytes = 4 * P * L if vtail else 0
     f32, i32 = (lambda v: tirx.const(v, "float32")), (lambda v: tirx.const(v, "int32"))
     tile = batch_tile(batch)
+    cdtype = "int32" if spec.sym else "float32"
+    # blocks per pass over the rows: a pass's activations (codes + 32 B of scales and sums per block and
+    # batch row) stay in L1 while every row of the pass reads them
+    chunk = max(1, L1_ACTIVATION_BYTES // (batch * (BK + 32)))
+    passes = max(1, -(-full // chunk))
 
-    # scratch offsets: per block, the batch rows side by side (a tile's activations are adjacent; rows
-    # `in` bytes apart would alias in L1 at 4 KiB strides)
-    def xq_at(n: Any, kb: Any) -> Any:
-        return kb * (batch * BK) + n * BK
+    # scratch: per block (the tail block is number `full`), the batch rows side by side (rows `in` bytes
+    # apart would alias in L1); 4 values per block and batch row in sx4 / c4, one per column i
+    def xq_at(n: Any, blk: Any) -> Any:
+        return (blk * batch + n) * BK
 
-    def xq_tail(n: Any) -> Any:
-        return full * batch * BK + n * tail_bytes
+    def meta_at(n: Any, blk: Any) -> Any:
+        return (blk * batch + n) * 4
 
-    def lane_at(n: Any, kb: Any) -> Any:
-        return kb * (batch * LANES) + n * LANES
-
-    def lane_tail(n: Any) -> Any:
-        return full * batch * LANES + n * L
-
-    # per lane: first k (relative to its block), 32-block and group offsets
-    full_k = [min(_lane_ks(0, LANES, P, lane, BK)) for lane in range(LANES)]
-    tail_k = [min(_lane_ks(base, L, P, lane, n_in), default=base) for lane in range(L)] if vtail else []
+    # per column i (lanes 4c + i share one 32-block and group): first k of the column's lane c = 0
+    full_k = [min(_lane_ks(0, LANES, P, i, BK)) for i in range(4)]
+    tail_k = [min(_lane_ks(base, L, P, i, n_in), default=base) for i in range(4)] if vtail else []
 
     with IRBuilder() as ib:
         with T.prim_func():
@@ -260,16 +238,15 @@ def _build(spec: QGemvI8Spec) -> Any:
             s = T.arg("scales", T.Buffer((n_out, spec.n_groups), "float16"))
             z = None if spec.sym else T.arg("zeros", T.Buffer((n_out, spec.n_groups), "float16"))
             y = T.arg("y", T.Buffer((batch, n_out), "float32"))
-            xq = T.alloc_buffer((max(full * batch * BK + batch * tail_bytes, 64),), "int8")  # shuffled order
-            sxb = T.alloc_buffer((batch * lay.nb32,), "float32")  # scale per 32-block
-            n_lanes = max(full * batch * LANES + (batch * L if vtail else 0), 16)
-            sxl = T.alloc_buffer((n_lanes,), "float32")  # scale per lane
-            corr = T.alloc_buffer((n_lanes,), "int32" if spec.sym else "float32")  # zero-point term per lane
-            xf = T.alloc_buffer((batch * max(lay.rest, 1),), "float32")  # sx * xq of a scalar tail
+            xq = T.alloc_buffer(((full + vtail) * batch * BK or 64,), "int8")  # in the shuffled order
+            sxb = T.alloc_buffer((batch * nb32,), "float32")  # scale per 32-block
+            sx4 = T.alloc_buffer(((full + vtail) * batch * 4 or 4,), "float32")  # activation scales
+            c4 = T.alloc_buffer(((full + vtail) * batch * 4 or 4,), cdtype)  # zero-point terms
+            xf = T.alloc_buffer((batch * max(rest, 1),), "float32")  # sx * xq of a scalar tail
 
             # ---- 1. quantize x (once per call, shared by every row)
             def scale_of(n: Any, b32: Any, amax: Any) -> Any:
-                T.buffer_store(sxb, amax / f32(127.0), [n * lay.nb32 + b32])
+                T.buffer_store(sxb, amax / f32(127.0), [n * nb32 + b32])
                 return T.bind(tirx.Select(amax > f32(0.0), f32(127.0) / amax, f32(0.0)))
 
             def rint(v: Any) -> Any:
@@ -291,7 +268,7 @@ def _build(spec: QGemvI8Spec) -> Any:
                                                [tirx.Ramp(at + 16 * c, 1, 4)])
                 if vtail:  # padding codes stay 0
                     with T.serial(0, tail_bytes) as r:
-                        T.buffer_store(xq, tirx.const(0, "int8"), [xq_tail(n) + r])
+                        T.buffer_store(xq, tirx.const(0, "int8"), [xq_at(n, full) + r])
                 for k0 in range(base, n_in, XBLOCK):  # the tail, one value at a time
                     size = min(XBLOCK, n_in - k0)
                     m = _local((1,), "float32")
@@ -302,102 +279,119 @@ def _build(spec: QGemvI8Spec) -> Any:
                     with T.serial(0, size) as r:
                         code = rint(x[n, k0 + r] * inv)
                         if vtail:
-                            T.buffer_store(xq, tirx.Cast("int8", code), [xq_tail(n) + _xpos(k0 - base + r, L, P)])
+                            T.buffer_store(xq, tirx.Cast("int8", code), [xq_at(n, full) + _xpos(k0 - base + r, L, P)])
                         else:
-                            T.buffer_store(xf, code * sxb[n * lay.nb32 + k0 // XBLOCK],
-                                           [n * max(lay.rest, 1) + k0 - base + r])
+                            T.buffer_store(xf, code * sxb[n * nb32 + k0 // XBLOCK],
+                                           [n * max(rest, 1) + k0 - base + r])
 
-                # per lane: its 32-block's scale and the zero-point term (-z * sum xq, or sx * sum xq)
-                def lane_terms(lanes: int, xat: Any, lat: Any, b32: Any, pattern: list[int]) -> None:
-                    sx = _expand(lambda i: sxb[i], n * lay.nb32 + b32, pattern)
-                    T.buffer_store(sxl, sx, [tirx.Ramp(lat, 1, lanes)])
+                # per block and column i: the activation scale, and the zero-point term: -z * sum xq (sym,
+                # added to the lanes of c = 0 as the dot products' start value) or sx * sum xq shared by
+                # the column's lanes / 4 lanes (asym, times the fp16 zero)
+                def column_terms(lanes: int, xat: Any, meta: Any, b32: Any, pattern: list[int]) -> None:
+                    share = 4.0 / lanes  # asym: each of the column's lanes / 4 lanes adds its share
+                    sx = _expand(lambda i: sxb[i], n * nb32 + b32, pattern)
+                    T.buffer_store(sx4, sx, [tirx.Ramp(meta, 1, 4)])
                     total = tirx.Broadcast(i32(0), lanes)
                     ones = tirx.Broadcast(tirx.const(1, "int8"), 4 * lanes)
                     for p in range(P):  # vpdpbusd with u8 ones: per-lane sums of 4 codes
                         total = _intrin(f"int32x{lanes}", f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", total, ones,
                                         xq[tirx.Ramp(xat + p * 4 * lanes, 1, 4 * lanes)])
-                    term = (total * tirx.Broadcast(i32(-zconst), lanes) if spec.sym
-                            else sx * tirx.Cast(f"float32x{lanes}", total))
-                    T.buffer_store(corr, term, [tirx.Ramp(lat, 1, lanes)])
+                    while lanes > 4:  # lanes 4c + i -> column i
+                        lanes //= 2
+                        total = T.bind(tirx.Shuffle([total], list(range(lanes)))
+                                       + tirx.Shuffle([total], list(range(lanes, 2 * lanes))))
+                    term = (total * tirx.Broadcast(i32(-zconst), 4) if spec.sym
+                            else sx * tirx.Cast("float32x4", total) * tirx.Broadcast(f32(share), 4))
+                    T.buffer_store(c4, term, [tirx.Ramp(meta, 1, 4)])
 
                 if full:
                     with T.serial(0, full) as kb:
-                        lane_terms(LANES, xq_at(n, kb), lane_at(n, kb), kb * per_block,
-                                   [k // XBLOCK for k in full_k])
+                        column_terms(LANES, xq_at(n, kb), meta_at(n, kb), kb * per_block,
+                                     [k // XBLOCK for k in full_k])
                 if vtail:
                     b0 = min(k // XBLOCK for k in tail_k)
-                    lane_terms(L, xq_tail(n), lane_tail(n), b0, [k // XBLOCK - b0 for k in tail_k])
+                    column_terms(L, xq_at(n, full), meta_at(n, full), b0, [k // XBLOCK - b0 for k in tail_k])
 
             # ---- 2. rows in parallel: VNNI dot products per block, fp32 scaling per block
-            def vector_block(o: Any, nb: Any, acc: Any, words: Any, lanes: int, xat: Any, lat: Any,
-                             g0: Any, pattern: list[int]) -> None:
+            def vector_block(o: Any, nb: Any, acc: Any, words: Any, lanes: int, blk: Any, g0: Any,
+                             pattern: list[int]) -> None:
                 """acc[ni, lanes] += this block's terms for the tile's batch rows."""
                 codes = _unpack(words, lanes, P)
-                scale = _expand(lambda i: s[o, i], g0, pattern)
-                zero = None if z is None else _expand(lambda i: z[o, i], g0, pattern)
+                cols = [pattern[lane % 4] for lane in range(lanes)]
+                scale = _expand(lambda i: s[o, i], g0, cols)
+                zero = None if z is None else _expand(lambda i: z[o, i], g0, cols)
                 vdp = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
+                spread = [lane % 4 for lane in range(lanes)]
                 for ni in range(tile):
                     n = nb * tile + ni
-                    at = tirx.Ramp(lat(n), 1, lanes)
-                    dot = corr[at] if spec.sym else tirx.Broadcast(i32(0), lanes)
+                    meta = tirx.Ramp(meta_at(n, blk), 1, 4)
+                    if spec.sym:  # -z sum xq on the lanes of c = 0
+                        dot = c4[meta] if lanes == 4 else tirx.Shuffle(
+                            [c4[meta], tirx.Broadcast(i32(0), lanes - 4)], list(range(4)) + [4] * (lanes - 4))
+                    else:
+                        dot = tirx.Broadcast(i32(0), lanes)
                     for p, code in enumerate(codes):
-                        dot = _intrin(f"int32x{lanes}", vdp, dot, code, xq[tirx.Ramp(xat(n) + p * 4 * lanes, 1, 4 * lanes)])
-                    val = tirx.Cast(f"float32x{lanes}", dot) * sxl[at]
+                        dot = _intrin(f"int32x{lanes}", vdp, dot, code,
+                                      xq[tirx.Ramp(xq_at(n, blk) + p * 4 * lanes, 1, 4 * lanes)])
+                    val = tirx.Cast(f"float32x{lanes}", dot) * tirx.Shuffle([sx4[meta]] * (lanes // 4), spread)
                     if zero is not None:
-                        val = val - zero * corr[at]
+                        val = val - zero * tirx.Shuffle([c4[meta]] * (lanes // 4), spread)
                     here = tirx.Ramp(ni * lanes, 1, lanes)
                     T.buffer_store(acc, acc[here] + val * scale, [here])
 
-            with T.parallel(0, n_out) as o:
-                acc = _local((tile * LANES,), "float32")
-                tacc = _local((tile * max(L, 1),), "float32")
-                with T.serial(0, batch // tile) as nb:
-                    T.buffer_store(acc, tirx.Broadcast(f32(0.0), tile * LANES), [tirx.Ramp(0, 1, tile * LANES)])
-                    if full:
-                        with T.serial(0, full) as kb:
-                            if PREFETCH_BYTES:  # may point past the row, into the next rows (never faults)
-                                ahead = kb * LANES + PREFETCH_BYTES // 4
-                                T.evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0",
-                                                                 tirx.address_of(w[o, ahead]), 0, 3, 1))
-                            if group >= BK or group == n_in:  # one group per block
-                                g0, pattern = tirx.floordiv(kb * BK, group), [0] * LANES
-                            else:
-                                g0, pattern = kb * (BK // group), [k // group for k in full_k]
-                            vector_block(o, nb, acc, w[o, tirx.Ramp(kb * LANES, 1, LANES)], LANES,
-                                         lambda n: xq_at(n, kb), lambda n: lane_at(n, kb), g0, pattern)
-                    if vtail:
-                        T.buffer_store(tacc, tirx.Broadcast(f32(0.0), tile * L), [tirx.Ramp(0, 1, tile * L)])
-                        g0 = min(k // group for k in tail_k)
-                        vector_block(o, nb, tacc, w[o, tirx.Ramp(full * LANES, 1, L)], L, xq_tail, lane_tail,
-                                     g0, [k // group - g0 for k in tail_k])
-                    for ni in range(tile):
-                        n = nb * tile + ni
-                        total = f32(0.0)
-                        for lane in range(LANES if full else 0):
-                            total = total + acc[ni * LANES + lane]
-                        for lane in range(L if vtail else 0):
-                            total = total + tacc[ni * L + lane]
-                        if lay.rest and not vtail:
-                            total = total + _scalar_tail(spec, lay, w, s, z, xf, o, n * max(lay.rest, 1))
-                        T.buffer_store(y, total, [n, o])
+            def scalar_tail(o: Any, xat: Any) -> Any:
+                """Sum over the tail (any lane count) of s_g (q - z_g) sx xq_k, one value at a time."""
+                part = _local((1,), "float32")
+                T.buffer_store(part, f32(0.0), [0])
+                with T.serial(0, slots) as j, T.serial(0, L) as lane:
+                    with T.If(j * L + lane < rest), T.Then():
+                        code = (w[o, full * LANES + lane] >> tirx.Cast("uint32", j * bits)) & ((1 << bits) - 1)
+                        g = tirx.floordiv(base + j * L + lane, group)
+                        zero = f32(zconst) if z is None else tirx.Cast("float32", z[o, g])
+                        term = (tirx.Cast("float32", code) - zero) * tirx.Cast("float32", s[o, g])
+                        T.buffer_store(part, part[0] + term * xf[xat + j * L + lane], [0])
+                return part[0]
+
+            def rows(kb0: Any, count: Any, first: Any, last: Any) -> None:
+                """y (+)= the blocks kb0 .. kb0 + count - 1 (and the tail when `last`) of every row."""
+                with T.parallel(0, n_out) as o:
+                    acc = _local((tile * LANES,), "float32")
+                    tacc = _local((tile * max(L, 1),), "float32")
+                    with T.serial(0, batch // tile) as nb:
+                        T.buffer_store(acc, tirx.Broadcast(f32(0.0), tile * LANES), [tirx.Ramp(0, 1, tile * LANES)])
+                        if full:
+                            with T.serial(0, count) as kk:
+                                kb = kb0 + kk
+                                if PREFETCH[0]:  # may point past the row, into the next rows (never faults)
+                                    T.evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", tirx.address_of(
+                                        w[o, kb * LANES + PREFETCH[0] // 4]), 0, PREFETCH[1], 1))
+                                if group >= BK or group == n_in:  # one group per block
+                                    g0, pattern = tirx.floordiv(kb * BK, group), [0] * 4
+                                else:
+                                    g0, pattern = kb * (BK // group), [k // group for k in full_k]
+                                vector_block(o, nb, acc, w[o, tirx.Ramp(kb * LANES, 1, LANES)], LANES, kb, g0, pattern)
+                        if vtail:
+                            T.buffer_store(tacc, tirx.Broadcast(f32(0.0), tile * L), [tirx.Ramp(0, 1, tile * L)])
+                            g0 = min(k // group for k in tail_k)
+                            with T.If(last), T.Then():
+                                vector_block(o, nb, tacc, w[o, tirx.Ramp(full * LANES, 1, L)], L, full, g0,
+                                             [k // group - g0 for k in tail_k])
+                        for ni in range(tile):
+                            n = nb * tile + ni
+                            total = f32(0.0)
+                            for lane in range(LANES if full else 0):
+                                total = total + acc[ni * LANES + lane]
+                            for lane in range(L if vtail else 0):
+                                total = total + tacc[ni * L + lane]
+                            if rest and not vtail:
+                                tail = scalar_tail(o, n * max(rest, 1))
+                                total = total + tirx.Select(last, tail, f32(0.0))
+                            T.buffer_store(y, tirx.Select(first, f32(0.0), y[n, o]) + total, [n, o])
+
+            if passes == 1:
+                rows(0, full, tirx.const(True, "bool"), tirx.const(True, "bool"))
+            else:  # one parallel launch per pass; y accumulates
+                with T.serial(0, passes) as kc:
+                    rows(kc * chunk, tirx.min(chunk, full - kc * chunk), kc == 0, kc == passes - 1)
     return ib.get()
 
-
-def _scalar_tail(spec: QGemvI8Spec, lay: _Layout, w: Any, s: Any, z: Any, xf: Any, o: Any, xat: Any) -> Any:
-    """Sum over the tail (any lane count) of s_g (q - z_g) xf_k, one element at a time."""
-    from tvm import tirx
-    from tvm.script.ir_builder import tirx as T
-
-    bits, lanes, base = spec.bits, lay.tail_lanes, lay.full * lay.block
-    _, slots = lane_unit(bits)
-    acc = _local((1,), "float32")
-    T.buffer_store(acc, tirx.const(0.0, "float32"), [0])
-    with T.serial(0, slots) as j, T.serial(0, lanes) as lane:
-        kk = j * lanes + lane
-        with T.If(kk < lay.rest), T.Then():
-            code = (w[o, lay.full * LANES + lane] >> tirx.Cast("uint32", j * bits)) & tirx.const((1 << bits) - 1, "uint32")
-            g = tirx.floordiv(base + kk, spec.group)
-            zero = tirx.const(float(1 << (bits - 1)), "float32") if z is None else tirx.Cast("float32", z[o, g])
-            term = (tirx.Cast("float32", code) - zero) * tirx.Cast("float32", s[o, g]) * xf[xat + kk]
-            T.buffer_store(acc, acc[0] + term, [0])
-    return acc[0]

@@ -94,12 +94,18 @@ def main() -> None:
               show_default=True, help="KV-cache storage; auto: float16 unless --memory needs int8.")
 @click.option("--block-size", type=click.Choice(["8", "16", "32", "64"]), default="16", show_default=True,
               help="Tokens per KV-cache block (the paging and prefix-caching unit).")
+@click.option("--activations", type=click.Choice(["float32", "int8", "auto"]), default="float32", show_default=True,
+              help="Inputs of the 4/8-bit decode GEMVs: float32 (exact: the reference executor's greedy tokens), "
+                   "int8 per 32 values with VNNI dot products (reads weights at memory bandwidth, as llama.cpp "
+                   "does; ~1%% relative output change), auto: int8 where the CPU has AVX-512 VNNI.")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
+              help="Build exactly the per-tensor plan written by `bitsmith search` (overrides --method/--bits/...).")
 @friendly_errors
 def compile(model: Path | None, output: Path, dtype: str | None, tokenizer: Path | None, verify: bool,
             dump_ir: Path | None, method: str | None, bits: str, group_size: str, sym: bool, keep: tuple[str, ...],
             schemes: tuple[str, ...], no_keep_default: bool, calib: Path | None, calib_samples: int,
             calib_seqlen: int, target: str, context: int | None, memory: str | None, concurrency: int,
-            kv_dtype: str, block_size: str) -> None:
+            kv_dtype: str, block_size: str, activations: str, plan_path: Path | None) -> None:
     """Compile MODEL into an artifact directory, optionally quantizing its weights.
 
     MODEL is a Hugging Face directory (config.json + safetensors), a .gguf file, a llama2.c .bin
@@ -123,13 +129,18 @@ def compile(model: Path | None, output: Path, dtype: str | None, tokenizer: Path
             raise BitsmithError(f"--scheme {item!r} is not PATTERN=SCHEME", fix="write e.g. 'mlp.down_proj=int8'")
         pattern, scheme = item.split("=", 1)
         overrides.append((pattern.strip(), scheme.strip()))
+    if plan_path is not None:
+        from bitsmith.search.run import plan_to_overrides
+
+        keep, planned = plan_to_overrides(plan_path)
+        method, no_keep_default, overrides = "rtn", True, list(planned)
     options = CompileOptions(
         dtype=dtype, tokenizer=str(tokenizer) if tokenizer else None, verify=verify,
         dump_ir=str(dump_ir) if dump_ir else None, method=method, bits=int(bits), group_size=int(group_size),
         sym=sym, keep_default=not no_keep_default, keep=keep, schemes=tuple(overrides),
         calibration=CalibrationOptions(str(calib) if calib else None, calib_samples, calib_seqlen),
         target=target, context=context, memory=memory, concurrency=concurrency, kv_dtype=kv_dtype,
-        block_size=int(block_size),
+        block_size=int(block_size), activations=activations,
     )
     _log(f"compile {model or '<default: SmolLM2-135M-Instruct>'} -> {output}  options={options.to_json()}")
     out = compile_model(model, output, options, log=_log)
@@ -264,6 +275,50 @@ def bench(artifact: Path, levels: str, prompt_tokens: int, output_tokens: int, r
                                "results": [r.to_json() for r in results]}))
     else:
         click.echo(format_table(results))
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--memory", required=True, metavar="SIZE", help="Budget for weights + KV cache + workspace, e.g. 80MB.")
+@click.option("--context", default=2048, show_default=True, type=click.IntRange(min=16), help="Tokens per sequence.")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 16), help="Sequences decoded at once.")
+@click.option("--latency", default=None, metavar="TIME", help="Budget per decode step, e.g. 20ms.")
+@click.option("--target", type=click.Choice(["host"]), default="host", show_default=True,
+              help="Where latencies are measured (our kernels on this CPU).")
+@click.option("--keep", multiple=True, metavar="PATTERN", help="Weights fixed at 16-bit (repeatable).")
+@click.option("--no-keep-default", is_flag=True, help="Let the search quantize the first/last layers too.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration text (default: built-in).")
+@click.option("--measure", default=8, show_default=True, type=click.IntRange(min=0),
+              help="Pareto plans whose KLD is measured, not only predicted.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="plan.json to write.")
+@friendly_errors
+def search(model: Path | None, memory: str, context: int, batch: int, latency: str | None, target: str,
+           keep: tuple[str, ...], no_keep_default: bool, calib: Path | None, measure: int, output: Path) -> None:
+    """Search per-tensor bit widths for MODEL under a memory (and latency) budget.
+
+    \b
+    Sensitivity: KL divergence vs the 16-bit model with one tensor quantized (measured at int3-g32,
+    carried to other schemes by the Hessian-weighted error); latency: our GEMV kernels timed on this
+    CPU; bytes: exact packed sizes; the KV cache and workspace at --context x --batch. An integer
+    linear program picks one scheme per tensor. Writes OUTPUT, OUTPUT.pareto.json and .pareto.png;
+    `bitsmith compile MODEL --plan OUTPUT` builds it. Results are cached in ~/.cache/bitsmith/search.
+    """
+    from bitsmith.passes.kv_plan import parse_bytes
+    from bitsmith.search.run import SearchOptions, format_pareto, run_search
+
+    seconds = None
+    if latency is not None:
+        text = latency.strip().lower()
+        try:
+            seconds = float(text[:-2]) / 1e3 if text.endswith("ms") else float(text.rstrip("s"))
+        except ValueError as exc:
+            raise BitsmithError(f"cannot read the latency {latency!r}", fix="write e.g. 20ms or 0.02s") from exc
+    opts = SearchOptions(memory=parse_bytes(memory), context=context, batch=batch, latency=seconds, keep=keep,
+                         keep_default=not no_keep_default, calib=str(calib) if calib else None, measure=measure)
+    _log(f"search {model or '<default: SmolLM2-135M-Instruct>'} options={opts}")
+    report = run_search(model, opts, output, log=_log)
+    click.echo(format_pareto(report))
+    click.echo(f"wrote {output} (+ .pareto.json, .pareto.png) in {report['seconds']} s")
 
 
 @main.command(name="eval")

@@ -57,6 +57,7 @@ class CompileOptions:
     concurrency: int = 4  # sequences served at once, each up to `context` tokens
     kv_dtype: str = "auto"  # auto | float16 | int8 | float32 (auto: float16 unless the budget needs int8)
     block_size: int = 16
+    activations: str = "float32"  # quantized GEMV inputs: float32 (exact) | int8 (VNNI, bandwidth-bound) | auto
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -91,8 +92,22 @@ def default_passes(options: CompileOptions, model: LoadedModel) -> list[Pass]:
                                             options.concurrency, options.kv_dtype, options.block_size)))
     if options.target != "none":
         # on the host an op without a kernel falls back to the reference executor; elsewhere it is an error
-        passes.append(LowerToKernels(required=options.target != "host"))
+        passes.append(LowerToKernels(required=options.target != "host",
+                                     int8_activations=use_int8_activations(options)))
     return passes
+
+
+def use_int8_activations(options: CompileOptions) -> bool:
+    """int8 activations for 4/8-bit GEMVs: asked for, or `auto` on a target with AVX-512 VNNI."""
+    if options.activations == "float32" or options.target == "none":
+        return False
+    from bitsmith.codegen.gemv_int8 import int8_activations_supported
+
+    supported = int8_activations_supported(options.target)
+    if options.activations == "int8" and not supported:
+        raise BitsmithError(f"--activations int8 needs AVX-512 VNNI, which target {options.target} lacks",
+                            where="compile options", fix="use --activations float32 (or auto)")
+    return supported
 
 
 def kernel_context(options: CompileOptions, model: LoadedModel) -> int:

@@ -39,6 +39,7 @@ class _Lowering:
     kv_plan: KVPlan
     specs: dict[str, Any]
     constants: dict[str, dict[str, Any]]
+    int8_activations: bool = False
 
     def __post_init__(self) -> None:
         self.calls: list[KernelCall] = []
@@ -190,11 +191,15 @@ def _add_norm_partner(st: _Lowering, value: str) -> int | None:
     return None
 
 
-def _matmul_spec(k: Any, n_out: int, n_in: int, bits: int, group: int, sym: bool, rows: int) -> Any:
-    """Few rows: the fused dequant-GEMV (reads each weight byte once); from GEMM_MIN_ROWS rows the
-    dequant-GEMM (a weight tile dequantized once, then a register-blocked FMA micro-kernel)."""
+def _matmul_spec(k: Any, n_out: int, n_in: int, bits: int, group: int, sym: bool, rows: int,
+                 int8_activations: bool = False) -> Any:
+    """Few rows: the fused dequant-GEMV (reads each weight byte once), with int8 activations and VNNI
+    dot products for 4/8-bit weights when allowed (bandwidth-bound instead of FMA-bound); from
+    GEMM_MIN_ROWS rows the dequant-GEMM (a weight tile dequantized once, then an FMA micro-kernel)."""
     if rows >= GEMM_MIN_ROWS:
         return k.GemmSpec(n_out, n_in, bits, group, sym, rows)
+    if int8_activations and bits in (4, 8):
+        return k.QGemvI8Spec(n_out, n_in, bits, group, sym, rows)
     return k.GemvSpec(n_out, n_in, bits, group, sym, rows)
 
 
@@ -213,7 +218,8 @@ def _lower_linear(st: _Lowering, node: Node) -> None:
         weights, bias = [st.arg(ins[1])], ins[2] if len(ins) == 3 else None
     else:
         n_out = st.fn.types[ins[1]].shape[0]
-        spec = _matmul_spec(k, n_out, a["in_features"], a["bits"], a["group_size"], a["sym"], rows)
+        spec = _matmul_spec(k, n_out, a["in_features"], a["bits"], a["group_size"], a["sym"], rows,
+                            st.int8_activations)
         n_params = 2 if a["sym"] else 3
         weights = [st.arg(v) for v in ins[1:1 + n_params]]
         bias = ins[-1] if a.get("has_bias") else None
@@ -268,10 +274,10 @@ def plan_buffers(calls: list[KernelCall], types: dict[str, TensorType], pinned: 
 
 
 def lower_function(fn: Function, rows: int, kv_plan: KVPlan, specs: dict[str, Any],
-                   constants: dict[str, dict[str, Any]]) -> Schedule:
+                   constants: dict[str, dict[str, Any]], int8_activations: bool = False) -> Schedule:
     """The schedule of `fn` with seq bound to `rows`, attention reading the paged pools of `kv_plan`."""
     fn = topological_order(fn)
-    st = _Lowering(fn, rows, kv_plan, specs, constants)
+    st = _Lowering(fn, rows, kv_plan, specs, constants, int8_activations)
     names = [n for n, _ in fn.inputs]
     if names != ["tokens", "positions", "kv_cache"] or len(fn.outputs) != 2:
         raise BitsmithError(f"entry {fn.name} has inputs {names} and {len(fn.outputs)} outputs",
@@ -304,6 +310,7 @@ class LowerToKernels:
     """
 
     required: bool = True  # False: an op without a kernel is noted (ctx.notes["kernels_skipped"]), not an error
+    int8_activations: bool = False  # quantized GEMVs quantize x to int8 per 32 values (VNNI targets)
     batch_rows: tuple[int, ...] = (4, 16, PREFILL_ROWS)  # decode batches of 4/16 without 64-row padding
     name: str = "lower_to_kernels"
 
@@ -315,9 +322,10 @@ class LowerToKernels:
         specs: dict[str, Any] = {}
         constants: dict[str, dict[str, Any]] = {}
         try:
-            schedules = {"rows1": lower_function(module["decode"], 1, plan, specs, constants)}
+            i8 = self.int8_activations
+            schedules = {"rows1": lower_function(module["decode"], 1, plan, specs, constants, i8)}
             for rows in self.batch_rows:
-                schedules[f"rows{rows}"] = lower_function(module["prefill"], rows, plan, specs, constants)
+                schedules[f"rows{rows}"] = lower_function(module["prefill"], rows, plan, specs, constants, i8)
         except BitsmithError as exc:
             if self.required:
                 raise

@@ -1,0 +1,1 @@
+"""Auto-search of per-layer bit widths under memory and latency budgets."""
