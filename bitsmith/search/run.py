@@ -59,11 +59,16 @@ def model_hash(source: dict) -> str:
     return hashlib.sha256(json.dumps(source.get("files") or source, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def fixed_tensors(module, opts: SearchOptions) -> set[str]:
+    """Tensors fixed at 16-bit: --keep patterns and (unless turned off) the first/last-layer default."""
+    plan = AssignPrecision(parse_scheme("int4"), opts.keep_default, opts.keep).plan(module)
+    return {name for name, s in plan.items() if s is KEEP}
+
+
 def build_search_model(model, opts: SearchOptions, sens, latency: LatencyTable) -> SearchModel:
     module = model.module
     tensors = linear_weights(module)
-    fixed16 = {name for name, s in AssignPrecision(parse_scheme("int4"), opts.keep_default, opts.keep).plan(module).items()
-               if s is KEEP}
+    fixed16 = fixed_tensors(module, opts)
     shapes = {t: tuple(model.weights[t].shape) for t in tensors}
     options: dict[str, list[Choice]] = {}
     for t in tensors:
@@ -128,7 +133,8 @@ def run_search(source: str | Path | None, opts: SearchOptions, out: Path,
     weights = upcast_weights(model.weights)
     samples = _calibration(model, opts, seed=0)
     held_out = _calibration(model, opts, seed=1)
-    tensors = linear_weights(model.module)
+    fixed16 = fixed_tensors(model.module, opts)
+    tensors = [t for t in linear_weights(model.module) if t not in fixed16]  # fixed ones need no sensitivity
     sens = measure_sensitivity(model.module, weights, samples, tensors, cache, model_hash(model.source), log)
     latency = LatencyTable(cache)
     sm = build_search_model(model, opts, sens, latency)
