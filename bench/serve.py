@@ -1,0 +1,184 @@
+"""Serving throughput over HTTP: `bitsmith serve` vs llama.cpp's server at concurrency 1, 4 and 16.
+
+    python bench/serve.py [--json] [--artifact DIR] [--llamacpp-venv DIR]
+
+Both servers get the same OpenAI `/v1/completions` streaming requests (the same prompt, greedy, a
+fixed number of output tokens, `ignore_eos` where supported) from a closed-loop client: `c` requests
+in flight until 2c (at least 4) finish. Reported: median time to first token, median inter-token
+latency and output tokens/s. Our artifact: SmolLM2-135M int4 (compiled here unless --artifact);
+llama.cpp: `llama-cpp-python[server]` on the same GGUF converted to Q4_0 (bench/peers/setup_llamacpp.sh).
+Writes bench/serve.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROMPT = ("The old lighthouse keeper climbed the stairs every evening, counting the steps and listening to the sea. "
+          "Ships passed far away, and the light turned slowly over the water. One night he saw")
+LEVELS = (1, 4, 16)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(port: int, path: str, seconds: float = 300) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", path)
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"server on port {port} did not come up")
+
+
+def one_request(port: int, model: str, tokens: int) -> tuple[float, list[float]]:
+    """(time to first token, arrival times of content chunks) for one streaming completion."""
+    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    times = []
+    buffer = b""
+    while True:
+        chunk = resp.read1(65536) if hasattr(resp, "read1") else resp.read(1)
+        if not chunk:
+            break
+        buffer += chunk
+        while b"\n\n" in buffer:
+            event, buffer = buffer.split(b"\n\n", 1)
+            if event.startswith(b"data: ") and event[6:].strip() != b"[DONE]":
+                data = json.loads(event[6:])
+                if data.get("choices") and data["choices"][0].get("text"):
+                    times.append(time.perf_counter())
+    conn.close()
+    return (times[0] - t0 if times else float("nan")), times
+
+
+def load(port: int, model: str, concurrency: int, tokens: int) -> dict:
+    total = max(4, 2 * concurrency)
+    lock = threading.Lock()
+    done: list[tuple[float, list[float]]] = []
+    started = [0]
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if started[0] >= total:
+                    return
+                started[0] += 1
+            done.append(one_request(port, model, tokens))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    chunks = sum(len(t) for _, t in done)
+    itl = [b - a for _, t in done for a, b in zip(t, t[1:])]
+    return {"concurrency": concurrency, "requests": total, "ttft_ms": 1e3 * statistics.median(f for f, _ in done),
+            "itl_ms": 1e3 * statistics.median(itl) if itl else None, "tok_s": chunks / wall}
+
+
+def serve_ours(artifact: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bitsmith.compiler.cli", "serve", str(artifact), "--port", str(port),
+                             "--model-name", "bitsmith"], stderr=subprocess.DEVNULL)
+    wait_ready(port, "/health")
+    return proc, port
+
+
+def serve_llamacpp(venv: Path, gguf: Path) -> tuple[subprocess.Popen, int] | str:
+    python = venv / "bin" / "python"
+    if not python.exists():
+        return f"llama.cpp venv {venv} missing"
+    check = subprocess.run([str(python), "-c", "import llama_cpp.server"], capture_output=True, text=True)
+    if check.returncode:
+        return "llama-cpp-python[server] is not installed: " + (check.stderr.strip().splitlines() or ["?"])[-1]
+    port = free_port()
+    proc = subprocess.Popen([str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
+                             "--n_threads", str(len(os.sched_getaffinity(0))), "--n_ctx", "4096"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_ready(port, "/v1/models")
+    return proc, port
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--artifact", type=Path, default=None)
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--llamacpp-venv", type=Path, default=Path.home() / ".cache" / "bitsmith" / "llamacpp-venv")
+    parser.add_argument("--llamacpp-gguf", type=Path,
+                        default=Path.home() / ".cache" / "bitsmith" / "llamacpp-models" / "SmolLM2-135M-Instruct.Q4_0.gguf")
+    parser.add_argument("--out", type=Path, default=HERE / "serve.md")
+    args = parser.parse_args()
+    report = {"ours": [], "llamacpp": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = args.artifact
+        if artifact is None:
+            artifact = Path(tmp) / "smollm2-int4"
+            subprocess.run([sys.executable, "-m", "bitsmith.compiler.cli", "compile", "-o", str(artifact), "--method",
+                            "rtn", "--bits", "4", "--group", "32", "--concurrency", "16", "--context", "512"],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc, port = serve_ours(artifact)
+        try:
+            report["ours"] = [load(port, "bitsmith", c, args.tokens) for c in LEVELS]
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    peer = serve_llamacpp(args.llamacpp_venv, args.llamacpp_gguf) if args.llamacpp_gguf.exists() else \
+        f"{args.llamacpp_gguf} missing (bench/peers/llamacpp_decode.py converts it)"
+    if isinstance(peer, str):
+        report["llamacpp_error"] = peer
+    else:
+        proc, port = peer
+        try:
+            report["llamacpp"] = [load(port, "x", c, args.tokens) for c in LEVELS]
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    lines = ["# Serving over HTTP: SmolLM2-135M int4", "",
+             f"`python bench/serve.py --json` on this 2-core CPU: streaming /v1/completions, greedy, {args.tokens} output "
+             "tokens, closed loop (2c requests, at least 4).", "",
+             "| server | concurrency | TTFT ms p50 | ITL ms p50 | output tok/s |", "|---|---:|---:|---:|---:|"]
+    for name in ("ours", "llamacpp"):
+        for r in report[name]:
+            itl = f"{r['itl_ms']:.1f}" if r["itl_ms"] else "-"
+            lines.append(f"| {name} | {r['concurrency']} | {r['ttft_ms']:.0f} | {itl} | {r['tok_s']:.1f} |")
+    if report.get("llamacpp_error"):
+        lines.append(f"\nllama.cpp server not measured: {report['llamacpp_error']}")
+    ours = {r["concurrency"]: r["tok_s"] for r in report["ours"]}
+    if 1 in ours and 16 in ours:
+        lines.append(f"\nours: throughput at concurrency 16 / concurrency 1 = {ours[16] / ours[1]:.2f}x")
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if args.json:
+        print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
