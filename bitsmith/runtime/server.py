@@ -169,7 +169,11 @@ class Api:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "'stream' must be a boolean")
-        request = Request(prompt, max_tokens, params, tuple(self.tokenizer.eos_token_ids), tuple(stop),
+        ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: benchmarks want fixed-length outputs
+        if not isinstance(ignore_eos, bool):
+            raise ApiError(400, "'ignore_eos' must be a boolean")
+        stop_ids = () if ignore_eos else tuple(self.tokenizer.eos_token_ids)
+        request = Request(prompt, max_tokens, params, stop_ids, tuple(stop),
                           f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}")
         return request, stream
 
