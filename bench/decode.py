@@ -3,9 +3,9 @@
     python bench/decode.py [--json] [--tokens 64] [--llamacpp-venv DIR]
 
 For int4, int8 and 16-bit weights: compile the default model (SmolLM2-135M-Instruct Q4_1 GGUF) with
-`bitsmith compile` (RTN; first/last layers and lm_head kept 16-bit, as shipped), prefill a short
+`bitsmith compile` (RTN, every linear at the stated bits; the tied embedding/lm_head stays fp16), prefill a short
 prompt, then time greedy decode steps (median of 3 runs). llama.cpp (llama-cpp-python, 2 threads)
-runs the same GGUF converted to the closest type (Q4_0 / Q8_0 / F16) in its own venv
+runs the same GGUF converted to the closest type (Q4_0 / Q8_0 / F16; its tied output matrix stays Q8_0) in its own venv
 (bench/peers/setup_llamacpp.sh). The limit is bytes read per token (weights the step reads + the
 KV cache at the mean position) over the machine's measured read bandwidth (bench/kernels.py).
 Writes bench/decode.md.
@@ -27,16 +27,20 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
-CONFIGS = {  # ours: compile flags; llama.cpp: the GGUF type at the closest bits per weight
-    "int4": {"flags": ["--method", "rtn", "--bits", "4", "--group", "32"], "llamacpp": "Q4_0"},
-    "int8": {"flags": ["--method", "rtn", "--bits", "8", "--group", "32"], "llamacpp": "Q8_0"},
-    "fp": {"flags": ["--dtype", "float16"], "llamacpp": "F16"},
+CONFIGS = {  # ours: compile flags (int8 activations, as llama.cpp's q8 activations); llama.cpp: the closest type
+    "int4": {"flags": ["--method", "rtn", "--bits", "4", "--group", "32", "--activations", "auto"], "llamacpp": "q4_0"},
+    "int4_exact": {"flags": ["--method", "rtn", "--bits", "4", "--group", "32", "--activations", "float32"],
+                   "llamacpp": "q4_0"},
+    "int8": {"flags": ["--method", "rtn", "--bits", "8", "--group", "32", "--activations", "auto"], "llamacpp": "q8_0"},
+    "fp": {"flags": ["--dtype", "float16"], "llamacpp": "f16"},
 }
+COMMON = ["--no-keep-default", "--context", "512", "--concurrency", "1"]  # every linear at the stated bits
 
 
 def compile_artifact(out: Path, flags: list[str]) -> float:
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "bitsmith.compiler.cli", "compile", "-o", str(out), *flags],
+    subprocess.run([sys.executable, "-m", "bitsmith.compiler.cli", "compile", "-o", str(out), *flags,
+                    *(COMMON if "--method" in flags else COMMON[1:])],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.time() - t0
 
@@ -71,32 +75,30 @@ def decode_rate(path: Path, tokens: int, runs: int = 3) -> tuple[float, int]:
     return statistics.median(rates), weight_bytes + kv_bytes
 
 
-def llamacpp_rate(venv: Path, gguf: Path, kind: str, tokens: int, work: Path) -> dict:
-    python = venv / "bin" / "python"
-    if not python.exists():
-        return {"error": f"llama.cpp venv {venv} missing: run bench/peers/setup_llamacpp.sh {venv}"}
-    cmd = [str(python), str(HERE / "peers" / "llamacpp_decode.py"), "--gguf", str(gguf), "--type", kind,
-           "--tokens", str(tokens), "--prompt", PROMPT, "--workdir", str(work)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def llamacpp_rate(kind: str, tokens: int) -> dict:
+    """llama.cpp batch-1 decode tok/s on SmolLM2 converted to `kind` (bench/peers/llamacpp_decode.py)."""
+    from peers.llamacpp_decode import PeerUnavailable, convert, decode_tok_s, smollm2_variant
+
+    try:
+        path = smollm2_variant(kind)
+        if not path.exists():
+            convert(smollm2_variant("q4_1"), path, kind)
+        result = decode_tok_s(path, tokens=tokens, runs=5, prompt=PROMPT)
+        return {"tok_s": round(result["decode_tok_s"], 1)}
+    except PeerUnavailable as exc:
+        return {"error": str(exc)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--llamacpp-venv", type=Path, default=Path.home() / ".cache" / "bitsmith" / "llamacpp-venv")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--out", type=Path, default=HERE / "decode.md")
     args = parser.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     from kernels import read_bandwidth
 
-    from bitsmith.compiler.default_model import default_model_path
-
-    gguf = default_model_path()
     bandwidth = read_bandwidth()
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,8 +107,9 @@ def main() -> None:
             out = Path(tmp) / key
             compile_s = compile_artifact(out, cfg["flags"])
             ours, bytes_per_token = decode_rate(out, args.tokens)
-            peer = llamacpp_rate(args.llamacpp_venv, gguf, cfg["llamacpp"], args.tokens, Path(tmp))
+            peer = llamacpp_rate(cfg["llamacpp"], args.tokens)
             report[key] = {"ours_tok_s": round(ours, 1), "llamacpp_tok_s": peer.get("tok_s"),
+                           "ours_flags": " ".join(cfg["flags"]),
                            "llamacpp_type": cfg["llamacpp"], "llamacpp_error": peer.get("error"),
                            "limit_tok_s": round(bandwidth * 1e9 / bytes_per_token, 1),
                            "bytes_per_token": bytes_per_token, "compile_s": round(compile_s, 1)}
