@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--llamacpp-venv", type=Path, default=Path.home() / ".cache" / "bitsmith" / "llamacpp-venv")
     parser.add_argument("--llamacpp-gguf", type=Path,
-                        default=Path.home() / ".cache" / "bitsmith" / "llamacpp-models" / "SmolLM2-135M-Instruct.Q4_0.gguf")
+                        default=Path.home() / ".cache" / "bitsmith" / "llamacpp-models" / "SmolLM2-135M-Instruct.from-Q4_1.Q4_0.gguf")
     parser.add_argument("--out", type=Path, default=HERE / "serve.md")
     args = parser.parse_args()
     report = {"ours": [], "llamacpp": []}
