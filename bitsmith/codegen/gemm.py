@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from bitsmith.codegen.gemv import DENSE_BITS, GROUP_SIZES, _code
+from bitsmith.codegen.gemv import DENSE_BITS, PackedWeightLayout, _code
 from bitsmith.codegen.target import Target, resolve_target
 from bitsmith.errors import BitsmithError
-from bitsmith.passes.quant.packing import LANES, PACK_BITS, lane_unit, packed_shape
+from bitsmith.passes.quant.packing import LANES, lane_unit
 
 MAX_ROWS = 128  # rows of x per call (any count: the last row vector is zero-padded)
 SLAB = 256  # K values dequantized at a time (at least one packed block): slab + x slab stay in L1
@@ -43,7 +43,7 @@ PREFETCH = True
 
 
 @dataclass(frozen=True)
-class GemmSpec:
+class GemmSpec(PackedWeightLayout):
     """One kernel: y[rows, out] = x[rows, in] @ W.T, W packed `bits`-bit codes or dense fp32/fp16."""
 
     out_features: int
@@ -54,54 +54,20 @@ class GemmSpec:
     rows: int = 16
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.bits not in PACK_BITS and self.bits not in DENSE_BITS:
-            problems.append(f"bits {self.bits} (use {PACK_BITS} or 16/32 for dense fp16/fp32 weights)")
-        if self.is_quantized and self.group_size not in GROUP_SIZES:
-            problems.append(f"group size {self.group_size} (use one of {GROUP_SIZES})")
-        if not 1 <= self.rows <= MAX_ROWS:
-            problems.append(f"rows {self.rows} (use 1..{MAX_ROWS})")
-        if self.out_features < 1 or self.in_features < 1:
-            problems.append(f"shape {self.out_features}x{self.in_features}")
+        rows = [] if 1 <= self.rows <= MAX_ROWS else [f"rows {self.rows} (use 1..{MAX_ROWS})"]
+        problems = self.layout_problems(rows)
         if problems:
             raise BitsmithError("cannot build a GEMM for " + ", ".join(problems), where="codegen gemm",
                                 fix="pick a supported kernel description")
 
     @property
-    def is_quantized(self) -> bool:
-        return self.bits in PACK_BITS
-
-    @property
-    def group(self) -> int:
-        return self.in_features if self.group_size == -1 else self.group_size
-
-    @property
-    def n_groups(self) -> int:
-        return -(-self.in_features // self.group)
-
-    @property
     def name(self) -> str:
         shape = f"n{self.out_features}_k{self.in_features}_r{self.rows}"
-        if not self.is_quantized:
-            return f"gemm_{DENSE_BITS[self.bits]}_{shape}"
-        group = "ch" if self.group_size == -1 else str(self.group_size)
-        return f"qgemm_b{self.bits}_g{group}_{'sym' if self.sym else 'asym'}_{shape}"
+        return f"{'q' if self.is_quantized else ''}gemm_{self.scheme_tag()}_{shape}"
 
     def prim_func(self, target: Target) -> Any:
         """The PrimFunc (KernelSpec protocol): x, W, [scales, [zeros]], y."""
         return _gemm_func(self, target)
-
-    def weight_shape(self) -> tuple[int, int]:
-        if self.is_quantized:
-            return packed_shape(self.out_features, self.in_features, self.bits)
-        return self.out_features, self.in_features
-
-    def weight_bytes(self) -> int:
-        """Bytes the kernel reads for W (codes + fp16 scales and zeros)."""
-        rows, cols = self.weight_shape()
-        if not self.is_quantized:
-            return rows * cols * (self.bits // 8)
-        return rows * cols * 4 + self.out_features * self.n_groups * 2 * (1 if self.sym else 2)
 
     def flops(self) -> int:
         return 2 * self.rows * self.out_features * self.in_features

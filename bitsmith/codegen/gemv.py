@@ -19,30 +19,30 @@ MAX_BATCH = 16
 DENSE_SLOTS = 8  # dense kernels: up to 8 independent vector accumulators per row
 
 
-@dataclass(frozen=True)
-class GemvSpec:
-    """One kernel: y[batch, out] = x[batch, in] @ W.T, W packed `bits`-bit codes or dense fp32/fp16."""
+class PackedWeightLayout:
+    """What a dequant-matmul kernel reads for W, shared by GemvSpec and GemmSpec.
+
+    Needs the fields out_features, in_features, bits (PACK_BITS packed, or 16/32 dense), group_size
+    (-1: per channel) and sym.
+    """
 
     out_features: int
     in_features: int
     bits: int
-    group_size: int = -1
-    sym: bool = True
-    batch: int = 1
+    group_size: int
+    sym: bool
 
-    def __post_init__(self) -> None:
+    def layout_problems(self, extra: list[str]) -> list[str]:
+        """Unsupported bits, group size, `extra` (the family's own checks) and shape, in that order."""
         problems = []
         if self.bits not in PACK_BITS and self.bits not in DENSE_BITS:
             problems.append(f"bits {self.bits} (use {PACK_BITS} or 16/32 for dense fp16/fp32 weights)")
         if self.is_quantized and self.group_size not in GROUP_SIZES:
             problems.append(f"group size {self.group_size} (use one of {GROUP_SIZES})")
-        if not 1 <= self.batch <= MAX_BATCH:
-            problems.append(f"batch {self.batch} (use 1..{MAX_BATCH})")
+        problems += extra
         if self.out_features < 1 or self.in_features < 1:
             problems.append(f"shape {self.out_features}x{self.in_features}")
-        if problems:
-            raise BitsmithError("cannot build a GEMV for " + ", ".join(problems), where="codegen gemv",
-                                fix="pick a supported kernel description")
+        return problems
 
     @property
     def is_quantized(self) -> bool:
@@ -57,17 +57,12 @@ class GemvSpec:
     def n_groups(self) -> int:
         return -(-self.in_features // self.group)
 
-    @property
-    def name(self) -> str:
-        shape = f"n{self.out_features}_k{self.in_features}_bs{self.batch}"
+    def scheme_tag(self) -> str:
+        """The weight part of a kernel name: float16 / float32, or b4_g32_sym, b3_gch_asym, ..."""
         if not self.is_quantized:
-            return f"gemv_{DENSE_BITS[self.bits]}_{shape}"
+            return DENSE_BITS[self.bits]
         group = "ch" if self.group_size == -1 else str(self.group_size)
-        return f"qgemv_b{self.bits}_g{group}_{'sym' if self.sym else 'asym'}_{shape}"
-
-    def prim_func(self, target: Target) -> Any:
-        """The scheduled PrimFunc (KernelSpec protocol): x, W, [scales, [zeros]], y."""
-        return _lower(self, target)
+        return f"b{self.bits}_g{group}_{'sym' if self.sym else 'asym'}"
 
     def weight_shape(self) -> tuple[int, int]:
         if self.is_quantized:
@@ -80,6 +75,34 @@ class GemvSpec:
         if not self.is_quantized:
             return rows * cols * (self.bits // 8)
         return rows * cols * 4 + self.out_features * self.n_groups * 2 * (1 if self.sym else 2)
+
+
+@dataclass(frozen=True)
+class GemvSpec(PackedWeightLayout):
+    """One kernel: y[batch, out] = x[batch, in] @ W.T, W packed `bits`-bit codes or dense fp32/fp16."""
+
+    out_features: int
+    in_features: int
+    bits: int
+    group_size: int = -1
+    sym: bool = True
+    batch: int = 1
+
+    def __post_init__(self) -> None:
+        batch = [] if 1 <= self.batch <= MAX_BATCH else [f"batch {self.batch} (use 1..{MAX_BATCH})"]
+        problems = self.layout_problems(batch)
+        if problems:
+            raise BitsmithError("cannot build a GEMV for " + ", ".join(problems), where="codegen gemv",
+                                fix="pick a supported kernel description")
+
+    @property
+    def name(self) -> str:
+        shape = f"n{self.out_features}_k{self.in_features}_bs{self.batch}"
+        return f"{'q' if self.is_quantized else ''}gemv_{self.scheme_tag()}_{shape}"
+
+    def prim_func(self, target: Target) -> Any:
+        """The scheduled PrimFunc (KernelSpec protocol): x, W, [scales, [zeros]], y."""
+        return _lower(self, target)
 
 
 # ---------------------------------------------------------------------------------------------
