@@ -114,3 +114,27 @@ def attach_char_tokenizer(artifact_dir: Path) -> None:
     path = artifact_dir / "tokenizer.json"
     manifest["files"]["tokenizer.json"] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
     (artifact_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def packed_matmul_case(spec, rows: int, seed: int = 0):
+    """(x [rows, in], qweight, scales, zeros, reference y) for a quantized GEMV/GEMM spec: random codes,
+    realistic fp16 scales (and zeros), y from the numpy dequantization `dequantize_packed`."""
+    from bitsmith.compiler.ops_quant import dequantize_packed
+    from bitsmith.passes.quant.packing import pack
+
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 1 << spec.bits, (spec.out_features, spec.in_features), dtype=np.uint8)
+    scales = (rng.random((spec.out_features, spec.n_groups)) * 0.05 + 0.005).astype(np.float16)
+    zeros = None if spec.sym else (rng.random((spec.out_features, spec.n_groups)) * ((1 << spec.bits) - 1)
+                                   ).astype(np.float16)
+    qweight = pack(q, spec.bits)
+    x = rng.standard_normal((rows, spec.in_features)).astype(np.float32)
+    attrs = {"bits": spec.bits, "group_size": spec.group_size, "in_features": spec.in_features, "sym": spec.sym}
+    return x, qweight, scales, zeros, x @ dequantize_packed(qweight, scales, zeros, attrs).T
+
+
+def assert_close_to_scale(y: np.ndarray, ref: np.ndarray, rtol: float) -> None:
+    """float32 y of ref's shape, max |y - ref| <= rtol * max |ref|."""
+    assert y.shape == ref.shape and y.dtype == np.float32
+    err = float(np.abs(y - ref).max())
+    assert err <= rtol * float(np.abs(ref).max()), f"max abs err {err:.3g} vs max|y| {np.abs(ref).max():.3g}"

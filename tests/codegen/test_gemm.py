@@ -10,9 +10,8 @@ import pytest
 from bitsmith.codegen import families
 from bitsmith.codegen.gemm import GemmKernel, GemmSpec, build_specs, gemm_kernel, tile_rows
 from bitsmith.codegen.target import host_target
-from bitsmith.compiler.ops_quant import dequantize_packed
 from bitsmith.errors import BitsmithError
-from bitsmith.passes.quant.packing import pack
+from conftest import assert_close_to_scale, packed_matmul_case
 
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128, -1)
@@ -42,23 +41,11 @@ def kernels() -> dict[GemmSpec, GemmKernel]:
 
 
 def _quant_case(spec: GemmSpec, seed: int = 0):
-    """(x, qweight, scales, zeros, reference y) with random codes and realistic scales."""
-    rng = np.random.default_rng(seed)
-    q = rng.integers(0, 1 << spec.bits, (spec.out_features, spec.in_features), dtype=np.uint8)
-    scales = (rng.random((spec.out_features, spec.n_groups)) * 0.05 + 0.005).astype(np.float16)
-    zeros = None if spec.sym else (rng.random((spec.out_features, spec.n_groups)) * ((1 << spec.bits) - 1)
-                                   ).astype(np.float16)
-    qweight = pack(q, spec.bits)
-    x = rng.standard_normal((spec.rows, spec.in_features)).astype(np.float32)
-    attrs = {"bits": spec.bits, "group_size": spec.group_size, "in_features": spec.in_features, "sym": spec.sym}
-    ref = x @ dequantize_packed(qweight, scales, zeros, attrs).T
-    return x, qweight, scales, zeros, ref
+    return packed_matmul_case(spec, spec.rows, seed)
 
 
 def _close(y: np.ndarray, ref: np.ndarray) -> None:
-    assert y.shape == ref.shape and y.dtype == np.float32
-    err = float(np.abs(y - ref).max())
-    assert err <= RTOL * float(np.abs(ref).max()), f"max abs err {err:.3g} vs max|y| {np.abs(ref).max():.3g}"
+    assert_close_to_scale(y, ref, RTOL)
 
 
 @pytest.mark.parametrize("spec", QUANT_SPECS, ids=lambda s: s.name)

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +16,8 @@ from bitsmith.compiler.run import reference_session
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.artifact import load_artifact
 from bitsmith.runtime.executor import CompiledSession
+from bitsmith.runtime.generate import generate
+from bitsmith.runtime.sampling import SamplingParams
 from conftest import save_tiny_hf_model
 
 QUANT = {
@@ -51,12 +52,7 @@ def _compile(source, out, kernel_cache, **options):
 
 
 def _greedy(session, prompt: list[int], n: int) -> list[int]:
-    logits = session.prefill(prompt)[-1]
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(logits)))
-        logits = session.decode(out[-1])
-    return out
+    return list(generate(session, prompt, n, SamplingParams()))  # temperature 0: argmax, no stop ids
 
 
 @pytest.mark.parametrize("scheme", sorted(QUANT))
@@ -110,15 +106,12 @@ def test_runtime_runs_an_artifact_without_torch_or_the_compiler(tiny_dir, tmp_pa
     path = _compile(tiny_dir, tmp_path / "a", kernel_cache, **QUANT["int4-g32-asym"])
     want = _greedy(CompiledSession(load_artifact(path)), [5, 17, 3], 12)
     script = BLOCK_TORCH + f"""
-import json, numpy as np
+import json
 from bitsmith.runtime.artifact import load_artifact
 from bitsmith.runtime.executor import CompiledSession
-s = CompiledSession(load_artifact({str(path)!r}))
-logits = s.prefill([5, 17, 3])[-1]
-out = []
-for _ in range(12):
-    out.append(int(np.argmax(logits)))
-    logits = s.decode(out[-1])
+from bitsmith.runtime.generate import generate
+from bitsmith.runtime.sampling import SamplingParams
+out = list(generate(CompiledSession(load_artifact({str(path)!r})), [5, 17, 3], 12, SamplingParams()))
 try:
     import torch
     raise SystemExit('torch imported')

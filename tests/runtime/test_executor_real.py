@@ -9,15 +9,12 @@ from bitsmith.compiler.pipeline import CompileOptions, compile_model
 from bitsmith.compiler.run import reference_session
 from bitsmith.runtime.artifact import load_artifact
 from bitsmith.runtime.executor import CompiledSession
+from bitsmith.runtime.generate import generate
+from bitsmith.runtime.sampling import SamplingParams
 
 
 def _greedy(session, prompt: list[int], n: int) -> list[int]:
-    logits = session.prefill(prompt)[-1]
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(logits)))
-        logits = session.decode(out[-1])
-    return out
+    return list(generate(session, prompt, n, SamplingParams()))  # temperature 0: argmax, no stop ids
 
 
 def _same_greedy(path, prompt: str, n: int) -> list[int]:
