@@ -106,17 +106,11 @@ def _reference_model(artifact: Artifact, reference: str | Path | None, always: b
 
     model = load_model(reference)
     # the reference keeps a 16-bit KV cache: an int8-KV artifact is scored against what it replaces
-    return with_kv_dtype(model.module, "float16"), model.weights
+    from bitsmith.passes.plan_kv_cache import with_kv_dtypes
 
+    layers = model.module["decode"].inputs[2][1].shape[0]
+    return with_kv_dtypes(model.module, ("float16",) * layers), model.weights
 
-def with_kv_dtype(module: Module, kv_dtype: str) -> Module:
-    """`module` with every attention storing its KV cache as `kv_dtype`."""
-    functions = {}
-    for name, fn in module.functions.items():
-        nodes = tuple(Node(n.op, n.inputs, n.outputs, {**n.attrs, "kv_dtype": kv_dtype}) if n.op == "attention" else n
-                      for n in fn.nodes)
-        functions[name] = fn.replace(nodes=nodes)
-    return module.replace(functions=functions)
 
 
 def evaluate(path: str | Path, text: str, tokens: int | None, ctx: int,

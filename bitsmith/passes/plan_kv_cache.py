@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bitsmith.compiler.analysis import liveness
-from bitsmith.compiler.ir import Function, Module
+from bitsmith.compiler.ir import Function, Module, Node
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.base import PassContext
 from bitsmith.passes.kv_plan import KVPlanOptions, plan_kv_cache
@@ -46,18 +46,23 @@ class PlanKVCache:
         weight_bytes = sum(int(ctx.weights[n].nbytes) for n in module.weights)
         workspace = peak_activation_bytes(module["prefill"], self.workspace_rows)
         plan = plan_kv_cache(self.options, layers, kv_heads, head_dim, weight_bytes, workspace)
-        functions = {}
-        for name, fn in module.functions.items():
-            nodes = []
-            for node in fn.nodes:
-                if node.op == "attention":
-                    layer = node.attrs["layer"]
-                    if not 0 <= layer < layers:
-                        raise BitsmithError(f"attention layer {layer} is outside the cache", where=f"{name} {node.name}")
-                    node = node.__class__(node.op, node.inputs, node.outputs,
-                                          {**node.attrs, "kv_dtype": plan.layer_dtypes[layer]})
-                nodes.append(node)
-            functions[name] = fn.replace(nodes=tuple(nodes))
         ctx.notes["kv_plan"] = plan
         ctx.notes["memory_estimate"] = {"weights": weight_bytes, "kv_cache": plan.bytes, "workspace": workspace}
-        return module.replace(functions=functions, meta={**module.meta, "kv_plan": plan.to_json()})
+        module = with_kv_dtypes(module, plan.layer_dtypes)
+        return module.replace(meta={**module.meta, "kv_plan": plan.to_json()})
+
+
+def with_kv_dtypes(module: Module, layer_dtypes: tuple[str, ...]) -> Module:
+    """`module` with every attention node storing its KV cache as its layer's dtype."""
+    functions = {}
+    for name, fn in module.functions.items():
+        nodes = []
+        for node in fn.nodes:
+            if node.op == "attention":
+                layer = node.attrs["layer"]
+                if not 0 <= layer < len(layer_dtypes):
+                    raise BitsmithError(f"attention layer {layer} is outside the cache", where=f"{name} {node.name}")
+                node = Node(node.op, node.inputs, node.outputs, {**node.attrs, "kv_dtype": layer_dtypes[layer]})
+            nodes.append(node)
+        functions[name] = fn.replace(nodes=tuple(nodes))
+    return module.replace(functions=functions)
