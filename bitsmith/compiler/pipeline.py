@@ -16,7 +16,7 @@ from bitsmith.compiler.ir import Module
 from bitsmith.compiler.printer import print_module
 from bitsmith.compiler.verify import verify_module
 from bitsmith.errors import BitsmithError
-from bitsmith.passes.assign_precision import AssignPrecision
+from bitsmith.passes.assign_precision import KEEP_SCHEMES, AssignPrecision, matches_pattern
 from bitsmith.passes.base import Pass, PassContext
 from bitsmith.passes.cast_weights import CastWeights
 from bitsmith.passes.eliminate_dead_code import EliminateDeadCode
@@ -26,6 +26,7 @@ from bitsmith.passes.plan_kv_cache import PlanKVCache
 from bitsmith.passes.pack_weights import PackWeights
 from bitsmith.passes.quant.scheme import QuantScheme
 from bitsmith.passes.quantize_weights import QuantizeWeights
+from bitsmith.passes.untie_lm_head import LM_HEAD, UntieLmHead
 from bitsmith.runtime.tokenizer import tokenizer_from_spec
 
 
@@ -82,6 +83,8 @@ def storage_dtype(options: CompileOptions, model: LoadedModel) -> str:
 def default_passes(options: CompileOptions, model: LoadedModel) -> list[Pass]:
     """The ordered pass list: clean up, decide precision, quantize, cast what stays dense, pack."""
     passes: list[Pass] = [EliminateDeadCode()]
+    if options.quantize and quantizes_lm_head(options):
+        passes.append(UntieLmHead())
     if options.quantize:
         passes += [AssignPrecision(options.default_scheme(), options.keep_default, options.keep, options.schemes),
                    QuantizeWeights()]
@@ -95,6 +98,11 @@ def default_passes(options: CompileOptions, model: LoadedModel) -> list[Pass]:
         passes.append(LowerToKernels(required=options.target != "host",
                                      int8_activations=use_int8_activations(options)))
     return passes
+
+
+def quantizes_lm_head(options: CompileOptions) -> bool:
+    """A --scheme override (not a keep) names the lm_head: a tied one is then untied first."""
+    return any(matches_pattern(pattern, LM_HEAD) for pattern, scheme in options.schemes if scheme not in KEEP_SCHEMES)
 
 
 def use_int8_activations(options: CompileOptions) -> bool:

@@ -12,6 +12,7 @@ from bitsmith.passes.base import PassContext
 from bitsmith.passes.quant.scheme import QuantScheme, parse_scheme
 
 KEEP = None  # plan value for "stay 16-bit"
+KEEP_SCHEMES = ("16", "fp16", "keep")  # --scheme values that mean 16-bit
 
 
 def linear_weights(module: Module) -> list[str]:
@@ -49,7 +50,7 @@ def _layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _matches(pattern: str, name: str) -> bool:
+def matches_pattern(pattern: str, name: str) -> bool:
     """Glob on the weight name, with or without its `.weight` suffix; a bare suffix matches anywhere."""
     stem = name.removesuffix(".weight")
     return any(fnmatch.fnmatchcase(candidate, p) for candidate in (name, stem)
@@ -75,13 +76,13 @@ class AssignPrecision:
             is_edge = _layer_index(name) in edge or _layer_index(name) is None  # lm_head has no layer
             plan[name] = KEEP if self.keep_default and is_edge else self.default
         for pattern, scheme in self.overrides:
-            self._apply(plan, pattern, KEEP if scheme in ("16", "fp16", "keep") else override_scheme(scheme, self.default))
+            self._apply(plan, pattern, KEEP if scheme in KEEP_SCHEMES else override_scheme(scheme, self.default))
         for pattern in self.keep:  # an explicit --keep wins over any --scheme
             self._apply(plan, pattern, KEEP)
         return plan
 
     def _apply(self, plan: dict[str, QuantScheme | None], pattern: str, value: QuantScheme | None) -> None:
-        hits = [name for name in plan if _matches(pattern, name)]
+        hits = [name for name in plan if matches_pattern(pattern, name)]
         if not hits:
             raise BitsmithError(f"pattern {pattern!r} matches no quantizable weight", where=f"pass {self.name}",
                                 fix="see `bitsmith inspect MODEL --json` for weight names, e.g. 'layers.0.*' "
