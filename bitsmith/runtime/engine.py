@@ -54,7 +54,8 @@ class EngineStats:
 
 
 class Engine:
-    """Schedules sequences onto a KernelRunner-like `runner` (run(tokens, positions, block_tables) -> logits).
+    """Schedules sequences onto a KernelRunner-like `runner` (run(tokens, positions, block_tables, logits_rows)
+    -> the logits of the rows it samples).
 
     Each step has a token budget of `runner.max_rows` rows: first one decode row for every running
     sequence (oldest first), then prefill chunks of waiting sequences. When the pool has no block for
@@ -159,19 +160,21 @@ class Engine:
             table = np.zeros(self.runner.max_blocks, dtype=np.int32)
             table[:len(seq.blocks.table)] = seq.blocks.table
             tables.extend([table] * count)
+        # logits only for each chunk's last row when it completes its sequence's known tokens
+        last_rows = list(itertools.accumulate(count for _, _, count in plan))
+        sampled = [row - 1 for (seq, start, count), row in zip(plan, last_rows) if start + count == len(seq.tokens)]
         logits = self.runner.run(np.asarray(ids, dtype=np.int64), np.asarray(positions, dtype=np.int64),
-                                 np.stack(tables))
+                                 np.stack(tables), logits_rows=sampled)
         self.stats.steps += 1
         self.stats.rows += len(ids)
-        touched, row = [], 0
+        touched, sample = [], iter(logits)
         for seq, start, count in plan:
-            row += count
             seq.computed = start + count
             self.kv.publish_full_blocks(seq.blocks, seq.tokens, seq.computed)
             if seq.computed < len(seq.tokens):  # prefill continues next step
                 self.stats.prefill_rows += count
                 continue
-            self._append(seq, sample_token(logits[row - 1], seq.request.params, seq.rng))
+            self._append(seq, sample_token(next(sample), seq.request.params, seq.rng))
             touched.append(seq)
         for seq in touched:
             if seq.done:

@@ -69,17 +69,26 @@ class _Step:
         self.tokens = self.views[schedule.inputs["tokens"]]
         self.positions = self.views[schedule.inputs["positions"]]
         self.block_tables = self.views[schedule.inputs["block_tables"]]
-        self.logits = self.views[schedule.output]
+        self.logits = self.views[schedule.output].reshape(schedule.rows, -1)
+        self.hidden = self.views[schedule.hidden].reshape(schedule.rows, -1) if schedule.hidden else None
 
-    def run(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray) -> np.ndarray:
-        """Logits [n, vocab] for n = len(tokens) rows; the rest are padding (position -1: no cache write)."""
+    def run_trunk(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray) -> None:
+        """Every call before the lm_head for n = len(tokens) rows; the rest are padding (position -1: no
+        cache write). Without a head split this is the whole step."""
         n = len(tokens)
         self.tokens[:n], self.tokens[n:] = tokens, 0
         self.positions[:n], self.positions[n:] = positions, -1
         self.block_tables[:n] = block_tables
-        for func, args in self.calls:
+        for func, args in self.calls[:self.schedule.head_from]:
             func(*args)
-        return self.logits.reshape(self.schedule.rows, -1)[:n].copy()
+
+    def run_head(self, hidden: np.ndarray) -> np.ndarray:
+        """Logits [k, vocab] of k hidden-state rows (k <= rows) through the lm_head calls."""
+        k = len(hidden)
+        self.hidden[:k] = hidden
+        for func, args in self.calls[self.schedule.head_from:]:
+            func(*args)
+        return self.logits[:k].copy()
 
 
 class KernelRunner:
@@ -112,14 +121,26 @@ class KernelRunner:
         self.block_size, self.num_blocks = int(plan.kv["block_size"]), int(plan.kv["num_blocks"])
         self.max_blocks, self.max_context = int(plan.kv["max_blocks"]), int(plan.kv["max_context"])
 
-    def run(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray) -> np.ndarray:
-        """Logits [n, vocab]; block_tables int32 [n, max_blocks] (row i's sequence's table)."""
+    def run(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray,
+            logits_rows: np.ndarray | list[int] | None = None) -> np.ndarray:
+        """Logits [n, vocab], or [len(logits_rows), vocab] for just those rows (the ones that will be
+        sampled: the lm_head then runs on them alone); block_tables int32 [n, max_blocks]."""
         n = len(tokens)
+        step = self._step_for(n)
+        step.run_trunk(tokens, positions, block_tables)
+        if step.hidden is None:  # no head split: the trunk computed every row's logits
+            rows = slice(None) if logits_rows is None else np.asarray(logits_rows, dtype=np.int64)
+            return step.logits[:n][rows].copy()
+        hidden = step.hidden[:n] if logits_rows is None else step.hidden[np.asarray(logits_rows, dtype=np.int64)]
+        if len(hidden) == 0:
+            return np.empty((0, step.logits.shape[1]), dtype=np.float32)
+        return self._step_for(len(hidden)).run_head(hidden)
+
+    def _step_for(self, n: int) -> _Step:
         if n > self.max_rows:
             raise BitsmithError(f"{n} rows exceed the largest schedule ({self.max_rows})", where="kernel runner",
                                 fix="split the batch")
-        step = next(s for s in self.steps if s.schedule.rows >= n)
-        return step.run(tokens, positions, block_tables)
+        return next(s for s in self.steps if s.schedule.rows >= n)
 
 
 class CompiledSession:

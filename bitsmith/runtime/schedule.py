@@ -53,11 +53,20 @@ class Schedule:
     inputs: dict[str, str]  # "tokens" / "positions" / "block_tables" -> buffer
     output: str  # the logits buffer [rows, vocab]
     calls: tuple[KernelCall, ...]
+    # calls[head_from:] (the lm_head) map `hidden` [rows, dim] row by row to the logits, so they can run
+    # for just the rows that are sampled; hidden "" means no such split (head_from = len(calls))
+    hidden: str = ""
+    head_from: int = -1
+
+    def __post_init__(self) -> None:
+        if self.head_from < 0:
+            object.__setattr__(self, "head_from", len(self.calls))
 
     def to_json(self) -> dict[str, Any]:
         return {"entry": self.entry, "rows": self.rows, "ctx": self.ctx, "arena_bytes": self.arena_bytes,
                 "buffers": {k: [b.offset, list(b.shape), b.dtype] for k, b in self.buffers.items()},
-                "inputs": dict(self.inputs), "output": self.output,
+                "inputs": dict(self.inputs), "output": self.output, "hidden": self.hidden,
+                "head_from": self.head_from,
                 "calls": [[c.kernel, [[a[0], a[1], *([list(a[2])] if len(a) > 2 else [])] for a in c.args], c.value]
                           for c in self.calls]}
 
@@ -66,7 +75,8 @@ class Schedule:
         return cls(entry=data["entry"], rows=int(data["rows"]), ctx=int(data["ctx"]),
                    arena_bytes=int(data["arena_bytes"]),
                    buffers={k: BufferSlot(int(o), tuple(s), d) for k, (o, s, d) in data["buffers"].items()},
-                   inputs=dict(data["inputs"]), output=data["output"],
+                   inputs=dict(data["inputs"]), output=data["output"], hidden=data.get("hidden", ""),
+                   head_from=int(data.get("head_from", -1)),
                    calls=tuple(KernelCall(k, tuple(_arg(a) for a in args), v) for k, args, v in data["calls"]))
 
 

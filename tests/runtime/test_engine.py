@@ -22,9 +22,10 @@ class ToyRunner:
         self.pool = np.full((num_blocks, block_size), -1, dtype=np.int64)
         self.calls = []
 
-    def run(self, tokens, positions, tables):
+    def run(self, tokens, positions, tables, logits_rows=None):
         assert len(tokens) <= self.max_rows
         self.calls.append(len(tokens))
+        self.logits_rows = logits_rows
         for t, p, table in zip(tokens, positions, tables):
             self.pool[table[p // self.block_size], p % self.block_size] = t
         logits = np.zeros((len(tokens), VOCAB), dtype=np.float32)
@@ -32,7 +33,7 @@ class ToyRunner:
             history = [self.pool[table[s // self.block_size], s % self.block_size] for s in range(p + 1)]
             assert min(history) >= 0, "read a slot nobody wrote"
             logits[i, (sum((s + 1) * h for s, h in enumerate(history)) * 7 + 3) % VOCAB] = 1.0
-        return logits
+        return logits if logits_rows is None else logits[logits_rows]
 
 
 def _alone(prompt, n, **kw):
@@ -108,3 +109,14 @@ def test_block_pool_lru_eviction_and_refcounts():
     kv.free(b)
     assert kv.ensure(c, 12) and pool.stats.evictions == 2
     assert block_hashes([1, 2, 3, 4, 5], 4) != block_hashes([0, 2, 3, 4, 5], 4)
+
+
+def test_only_rows_that_are_sampled_ask_for_logits():
+    runner = ToyRunner(64)
+    engine = Engine(runner)
+    engine.add(Request([4] * 11, 2))  # prefill chunks of 4, 4, 3 rows, then one decode row
+    asked = []
+    while engine.has_work():
+        engine.step()
+        asked.append(list(runner.logits_rows))
+    assert asked == [[], [], [2], [0]]

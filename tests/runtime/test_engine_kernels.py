@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from bitsmith.compiler.pipeline import CompileOptions, compile_model
@@ -60,3 +61,16 @@ def test_preemption_with_a_tiny_pool_completes_every_request(runner):
     assert engine.stats.preemptions > 0
     assert [s.generated for s in seqs] == [_alone(runner, p, 12) for p in PROMPTS]
     assert engine.pool.available() == 5
+
+
+def test_logits_for_selected_rows_equal_those_rows_of_the_full_step(runner):
+    """The lm_head runs on just the requested rows (a smaller schedule's head); same numbers as all rows."""
+    assert all(s.schedule.hidden for s in runner.steps), "every schedule should split off its lm_head"
+    rows = 20  # a 64-row trunk; heads of 4 and 16 rows below
+    tokens = np.arange(3, 3 + rows, dtype=np.int64)
+    tables = np.broadcast_to(np.arange(runner.max_blocks, dtype=np.int32), (rows, runner.max_blocks))
+    full = runner.run(tokens, np.arange(rows, dtype=np.int64), tables)
+    for picked in ([19], [0, 7, 19], list(range(0, 20, 2)), []):
+        some = runner.run(tokens, np.arange(rows, dtype=np.int64), tables, logits_rows=picked)
+        assert some.shape == (len(picked), full.shape[1])
+        np.testing.assert_allclose(some, full[picked], rtol=1e-5, atol=1e-5 * np.abs(full).max())
