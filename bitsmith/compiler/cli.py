@@ -255,20 +255,20 @@ def bench(artifact: Path, levels: str, prompt_tokens: int, output_tokens: int, r
     starts as soon as one finishes, on the continuous-batching engine (no HTTP).
     """
     from bitsmith.runtime.artifact import load_artifact
-    from bitsmith.runtime.bench import bench_prompt, format_table, run_concurrency
+    from bitsmith.runtime.bench import bench_prompts, format_table, run_concurrency
     from bitsmith.runtime.engine import Engine
     from bitsmith.runtime.executor import KernelRunner
 
     art = load_artifact(artifact)
     tokenizer = art.tokenizer()
     runner = KernelRunner(art)
-    prompt = bench_prompt(tokenizer, prompt_tokens)
+    prompt_of = bench_prompts(tokenizer, prompt_tokens)
     try:
         conc = [int(c) for c in levels.split(",")]
     except ValueError as exc:
         raise BitsmithError(f"--concurrency {levels!r} is not a list of integers", fix="write e.g. 1,4,16") from exc
     _log(f"bench {artifact}: prompt {prompt_tokens} tokens, output {output_tokens} tokens, concurrency {conc}")
-    results = [run_concurrency(lambda: Engine(runner, tokenizer), prompt, output_tokens, c,
+    results = [run_concurrency(lambda: Engine(runner, tokenizer), prompt_of, output_tokens, c,
                                requests or max(4, 2 * c)) for c in conc]
     if as_json:
         click.echo(json.dumps({"prompt_tokens": prompt_tokens, "output_tokens": output_tokens,

@@ -31,25 +31,30 @@ class BenchResult:
         return dict(self.__dict__)
 
 
-def bench_prompt(tokenizer: Any, tokens: int) -> list[int]:
-    ids: list[int] = []
-    while len(ids) < tokens:
-        ids += tokenizer.encode(BENCH_TEXT, add_bos=False)
-    return ids[:tokens]
+def bench_prompts(tokenizer: Any, tokens: int) -> Callable[[int], list[int]]:
+    """Request i's prompt: "Request i." then the bench text, `tokens` tokens in all. The numbered
+    start makes every prompt's first KV block (and so, hashes being chained, every block) distinct,
+    so prefix caching skips no prefill: each request pays for its whole prompt."""
+    body: list[int] = []
+    while len(body) < tokens:
+        body += tokenizer.encode(BENCH_TEXT, add_bos=False)
+
+    def prompt(i: int) -> list[int]:
+        return (tokenizer.encode(f"Request {i}. ", add_bos=False) + body)[:tokens]
+    return prompt
 
 
-def run_concurrency(make_engine: Callable[[], Engine], prompt: list[int], output_tokens: int, concurrency: int,
-                    requests: int) -> BenchResult:
-    """A closed loop: `concurrency` requests in flight until `requests` have finished (greedy, no early stop)."""
+def run_concurrency(make_engine: Callable[[], Engine], prompt_of: Callable[[int], list[int]], output_tokens: int,
+                    concurrency: int, requests: int) -> BenchResult:
+    """A closed loop: `concurrency` requests in flight until `requests` have finished (greedy, no early
+    stop); request i gets prompt_of(i)."""
     engine = make_engine()
     submitted: dict[int, float] = {}
     seqs: list[Sequence] = []
     token_times: dict[int, list[float]] = {}
 
     def submit() -> None:
-        # a distinct first token per request so prefix caching cannot skip the prompt
-        p = [prompt[0] + len(seqs) % 7] + prompt[1:]
-        seq = engine.add(Request(p, output_tokens))
+        seq = engine.add(Request(prompt_of(len(seqs)), output_tokens))
         submitted[id(seq)] = time.perf_counter()
         token_times[id(seq)] = []
         seqs.append(seq)
@@ -68,7 +73,7 @@ def run_concurrency(make_engine: Callable[[], Engine], prompt: list[int], output
     ttft = [token_times[id(s)][0] - submitted[id(s)] for s in seqs]
     itl = [b - a for s in seqs for a, b in zip(token_times[id(s)], token_times[id(s)][1:])]
     generated = sum(len(s.generated) for s in seqs)
-    return BenchResult(concurrency, len(seqs), len(prompt), output_tokens, 1e3 * statistics.median(ttft),
+    return BenchResult(concurrency, len(seqs), len(seqs[0].request.prompt), output_tokens, 1e3 * statistics.median(ttft),
                        1e3 * float(np.percentile(ttft, 90)), 1e3 * statistics.median(itl) if itl else 0.0,
                        generated / wall, wall)
 
