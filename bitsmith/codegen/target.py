@@ -1,4 +1,4 @@
-"""Compilation targets: the host CPU by its exact LLVM name, or an aarch64 cross target."""
+"""Compilation targets: the host CPU by its exact LLVM name, an aarch64 cross target, or an NVIDIA GPU (CUDA)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from typing import Any
 from bitsmith.errors import BitsmithError
 
 SUPPORTED_TARGETS = ("host", "aarch64-linux")
+# SM architectures nvcc builds CUDA kernels for ("a": the arch-specific features of that exact chip)
+CUDA_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a")
+DEFAULT_CUDA_ARCH = "sm_90a"
 
 # widest SIMD register each feature implies, in bytes (checked widest first)
 _VECTOR_FEATURES = (("avx512f", 64), ("avx2", 32), ("avx", 32), ("sve", 16), ("neon", 16), ("sse2", 16))
@@ -34,8 +37,14 @@ class Target:
 
     @property
     def arch(self) -> str:
-        """x86_64 | aarch64: the machine architecture of the code."""
+        """x86_64 | aarch64 | cuda: the machine architecture of the code."""
+        if self.is_gpu:
+            return "cuda"
         return str(self.tvm.get("mtriple", "")).split("-")[0]
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.tvm.get("kind") == "cuda"
 
     @property
     def is_host(self) -> bool:
@@ -91,17 +100,35 @@ def cross_target(name: str, num_cores: int = 4) -> Target:
     return Target(name, tvm_dict, _vector_bytes(tvm_dict), num_cores)
 
 
+def cuda_target(arch: str = DEFAULT_CUDA_ARCH) -> Target:
+    """An NVIDIA GPU of SM architecture `arch` (kernels built ahead of time with nvcc, see cuda_build.py).
+
+    Limits are those every arch of CUDA_ARCHS has: 48 KiB of static shared memory per block, 1024
+    threads per block, warps of 32.
+    """
+    if arch not in CUDA_ARCHS:
+        raise _unknown(f"cuda_{arch}")
+    tvm_dict: dict[str, Any] = {"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152,
+                                "max_threads_per_block": 1024, "thread_warp_size": 32}
+    return Target(f"cuda_{arch}", tvm_dict, vector_bytes=16, num_cores=1)
+
+
 def resolve_target(name: str | Target) -> Target:
-    """A Target from its name ("host" or "aarch64-linux"); Targets pass through."""
+    """A Target from its name ("host", "aarch64-linux", "cuda" (sm_90a) or "cuda_<arch>"); Targets pass through."""
     if isinstance(name, Target):
         return name
     if name == "host":
         return host_target()
     if name in SUPPORTED_TARGETS:
         return cross_target(name)
+    if name == "cuda":
+        return cuda_target()
+    if isinstance(name, str) and name.startswith("cuda_"):
+        return cuda_target(name[len("cuda_"):])
     raise _unknown(name)
 
 
 def _unknown(name: object) -> BitsmithError:
+    cuda = ", ".join(f"cuda_{arch}" for arch in CUDA_ARCHS)
     return BitsmithError(f"unknown target {name!r}", where="codegen target",
-                         fix=f"use one of {', '.join(SUPPORTED_TARGETS)}")
+                         fix=f"use one of {', '.join(SUPPORTED_TARGETS)}, cuda (= cuda_{DEFAULT_CUDA_ARCH}), {cuda}")
