@@ -80,9 +80,13 @@ def main() -> None:
               help="Calibration samples.")
 @click.option("--calib-seqlen", default=256, show_default=True, type=click.IntRange(min=8),
               help="Tokens per calibration sample.")
-@click.option("--target", type=click.Choice(["host", "aarch64-linux", "none"]), default="host", show_default=True,
+@click.option("--target", type=click.Choice(["host", "aarch64-linux", "cuda", "none"]), default="host",
+              show_default=True,
               help="Where the compiled kernels run: this CPU (its exact LLVM name), 64-bit ARM Linux "
-                   "(cross-compiled, NEON), or none (reference executor only).")
+                   "(cross-compiled, NEON), an NVIDIA GPU (built here with nvcc, no GPU needed), or none "
+                   "(reference executor only).")
+@click.option("--arch", type=click.Choice(["sm_80", "sm_86", "sm_89", "sm_90", "sm_90a"]), default=None,
+              help="GPU architecture for --target cuda [default: sm_90a, the H100].")
 @click.option("--context", type=click.IntRange(min=16), default=None,
               help="Longest sequence (prompt + output) [default: the model's maximum, at most 2048].")
 @click.option("--memory", default=None, metavar="SIZE",
@@ -104,8 +108,8 @@ def main() -> None:
 def compile(model: Path | None, output: Path, dtype: str | None, tokenizer: Path | None, verify: bool,
             dump_ir: Path | None, method: str | None, bits: str, group_size: str, sym: bool, keep: tuple[str, ...],
             schemes: tuple[str, ...], no_keep_default: bool, calib: Path | None, calib_samples: int,
-            calib_seqlen: int, target: str, context: int | None, memory: str | None, concurrency: int,
-            kv_dtype: str, block_size: str, activations: str, plan_path: Path | None) -> None:
+            calib_seqlen: int, target: str, arch: str | None, context: int | None, memory: str | None,
+            concurrency: int, kv_dtype: str, block_size: str, activations: str, plan_path: Path | None) -> None:
     """Compile MODEL into an artifact directory, optionally quantizing its weights.
 
     MODEL is a Hugging Face directory (config.json + safetensors), a .gguf file, a llama2.c .bin
@@ -116,8 +120,9 @@ def compile(model: Path | None, output: Path, dtype: str | None, tokenizer: Path
     lm_head and the first and last decoder layers stay 16-bit unless --no-keep-default. Dense
     weights of a quantized artifact are stored as float16 unless --dtype says otherwise.
 
-    Kernels for --target are generated with TVM and linked into kernels/<target>.so; built kernels
-    are cached in ~/.cache/bitsmith/kernels (or $BITSMITH_KERNEL_CACHE), so a recompile rebuilds
+    Kernels for --target are generated with TVM and linked into kernels/<target>.so (CUDA:
+    kernels/cuda_<arch>.so, a fatbin for that architecture); CPU kernels are cached in
+    ~/.cache/bitsmith/kernels (or $BITSMITH_KERNEL_CACHE), so a recompile rebuilds
     only kernels whose shape, scheme or target changed.
     """
     from bitsmith.compiler.calibration_data import CalibrationOptions
@@ -139,7 +144,7 @@ def compile(model: Path | None, output: Path, dtype: str | None, tokenizer: Path
         dump_ir=str(dump_ir) if dump_ir else None, method=method, bits=int(bits), group_size=int(group_size),
         sym=sym, keep_default=not no_keep_default, keep=keep, schemes=tuple(overrides),
         calibration=CalibrationOptions(str(calib) if calib else None, calib_samples, calib_seqlen),
-        target=target, context=context, memory=memory, concurrency=concurrency, kv_dtype=kv_dtype,
+        target=target, arch=arch, context=context, memory=memory, concurrency=concurrency, kv_dtype=kv_dtype,
         block_size=int(block_size), activations=activations,
     )
     _log(f"compile {model or '<default: SmolLM2-135M-Instruct>'} -> {output}  options={options.to_json()}")
@@ -217,12 +222,12 @@ def serve(artifact: Path, host: str, port: int, max_pending: int, model_name: st
 
     from bitsmith.runtime.artifact import load_artifact
     from bitsmith.runtime.engine import Engine
-    from bitsmith.runtime.executor import KernelRunner
+    from bitsmith.runtime.executor import open_runner
     from bitsmith.runtime.server import Server
 
     art = load_artifact(artifact)
     tokenizer = art.tokenizer()
-    engine = Engine(KernelRunner(art), tokenizer)
+    engine = Engine(open_runner(art), tokenizer)
     name = model_name or Path(artifact).resolve().name
     server = Server(engine, tokenizer, name, art.manifest["tokenizer"].get("chat_template"), host, port, max_pending)
     _log(f"serving {name} on http://{host}:{server.port} (KV pool {engine.pool.num_blocks} blocks x "
@@ -257,11 +262,11 @@ def bench(artifact: Path, levels: str, prompt_tokens: int, output_tokens: int, r
     from bitsmith.runtime.artifact import load_artifact
     from bitsmith.runtime.bench import bench_prompts, format_table, run_concurrency
     from bitsmith.runtime.engine import Engine
-    from bitsmith.runtime.executor import KernelRunner
+    from bitsmith.runtime.executor import open_runner
 
     art = load_artifact(artifact)
     tokenizer = art.tokenizer()
-    runner = KernelRunner(art)
+    runner = open_runner(art)
     prompt_of = bench_prompts(tokenizer, prompt_tokens)
     try:
         conc = [int(c) for c in levels.split(",")]

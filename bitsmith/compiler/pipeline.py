@@ -51,7 +51,8 @@ class CompileOptions:
     schemes: tuple[tuple[str, str], ...] = ()  # (pattern, scheme string) overrides, e.g. ("mlp.down_proj", "int8")
     calibration: CalibrationOptions = CalibrationOptions()
     # compiled kernels
-    target: str = "host"  # "host" | "aarch64-linux" | "none" (reference executor only)
+    target: str = "host"  # "host" | "aarch64-linux" | "cuda" | "none" (reference executor only)
+    arch: str | None = None  # CUDA SM architecture for target "cuda" (None: sm_90a)
     context: int | None = None  # longest sequence (None: min(model max, 2048))
     # KV cache plan
     memory: str | None = None  # total budget, e.g. "2GB": weights + KV cache + workspace
@@ -105,13 +106,25 @@ def quantizes_lm_head(options: CompileOptions) -> bool:
     return any(matches_pattern(pattern, LM_HEAD) for pattern, scheme in options.schemes if scheme not in KEEP_SCHEMES)
 
 
+def kernel_target(options: CompileOptions) -> str:
+    """The codegen target name: host, aarch64-linux or cuda_<arch>."""
+    if options.target == "cuda":
+        from bitsmith.codegen.target import DEFAULT_CUDA_ARCH
+
+        return f"cuda_{options.arch or DEFAULT_CUDA_ARCH}"
+    if options.arch is not None:
+        raise BitsmithError(f"--arch {options.arch} is only for --target cuda (the target is {options.target})",
+                            where="compile options", fix="drop --arch, or add --target cuda")
+    return options.target
+
+
 def use_int8_activations(options: CompileOptions) -> bool:
     """int8 activations for 4/8-bit GEMVs: asked for, or `auto` on a target with AVX-512 VNNI."""
     if options.activations == "float32" or options.target == "none":
         return False
     from bitsmith.codegen.gemv_int8 import int8_activations_supported
 
-    supported = int8_activations_supported(options.target)
+    supported = int8_activations_supported(kernel_target(options))
     if options.activations == "int8" and not supported:
         raise BitsmithError(f"--activations int8 needs AVX-512 VNNI, which target {options.target} lacks",
                             where="compile options", fix="use --activations float32 (or auto)")
@@ -170,6 +183,7 @@ def run_passes(module: Module, ctx: PassContext, passes: list[Pass], verify: boo
 def compile_model(source: str | Path | None, out: str | Path, options: CompileOptions,
                   log: Callable[[str], None] | None = None) -> Path:
     """Compile `source` (None: the built-in default model) into an artifact directory at `out`."""
+    kernel_target(options)  # refuse a bad target/arch pair before any work
     from bitsmith.compiler.artifact import write_artifact
     from bitsmith.compiler.loader import load_model
 
@@ -179,7 +193,7 @@ def compile_model(source: str | Path | None, out: str | Path, options: CompileOp
         ctx.calibration = calibration_tokens(model, options.calibration)
     module = run_passes(model.module, ctx, default_passes(options, model), options.verify, options.dump_ir, log)
     with tempfile.TemporaryDirectory(prefix="bitsmith-kernels-") as tmp:
-        kernels, files = build_kernels(ctx, options.target, Path(tmp), log)
+        kernels, files = build_kernels(ctx, kernel_target(options), Path(tmp), log)
         return write_artifact(out, module, ctx.weights, model.tokenizer, model.config, options.to_json(), model.source,
                               kernels=kernels, extra_files=files, memory_plan=memory_plan(ctx, kernels))
 
@@ -208,8 +222,14 @@ def build_kernels(ctx: PassContext, target: str, workdir: Path,
 
     tgt = resolve_target(target)
     library = f"kernels/{tgt.name}.so"
-    report = build_kernel_library(lowered["specs"].values(), tgt, workdir / library, log=log)
-    plan = KernelPlan(tgt.name, library, tgt.arch, tgt.mcpu, lowered["schedules"], lowered["constants"],
+    if tgt.is_gpu:
+        from bitsmith.codegen.gpu.cuda_build import build_cuda_library
+
+        report = build_cuda_library(lowered["specs"].values(), tgt, workdir / library, log=log)
+    else:
+        report = build_kernel_library(lowered["specs"].values(), tgt, workdir / library, log=log)
+    model = str(tgt.tvm["arch"]) if tgt.is_gpu else tgt.mcpu  # the exact chip the code is for
+    plan = KernelPlan(tgt.name, library, tgt.arch, model, lowered["schedules"], lowered["constants"],
                       lowered["kv"])
     entry = plan.to_json()
     entry["build"] = {"kernels": report.kernels, "built": report.built, "cached": report.cached,

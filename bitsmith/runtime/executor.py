@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -23,6 +23,10 @@ def _machine() -> str:
 
 
 def runs_here(plan: KernelPlan) -> bool:
+    if plan.arch == "cuda":
+        from bitsmith.runtime.cuda_runner import cuda_device_present
+
+        return cuda_device_present()
     return plan.arch == _machine()
 
 
@@ -41,6 +45,23 @@ def _tensor(array: np.ndarray) -> Any:
     return tvm.runtime.from_dlpack(array)
 
 
+def bind_calls(schedule: Schedule, library: Any, buffer_tensor: Callable[[str, tuple[int, ...]], Any],
+               bound: dict[str, Any]) -> list[tuple[Any, list[Any]]]:
+    """Every call of `schedule` as (kernel function, argument tensors): buffers through
+    `buffer_tensor(name, the call's shape)`, the rest from `bound[kind][ref]`."""
+    calls = []
+    for call in schedule.calls:
+        try:
+            func = library[call.kernel]
+        except Exception as exc:  # TVM raises its own error type for a missing symbol
+            raise BitsmithError(f"kernel {call.kernel} is missing from the kernel library",
+                                where=f"schedule {schedule.entry}", fix="recompile the artifact") from exc
+        args = [buffer_tensor(ref, tuple(shape[0])) if kind == "buffer" else bound[kind][ref]
+                for kind, ref, *shape in call.args]
+        calls.append((func, args))
+    return calls
+
+
 class _Step:
     """One schedule bound to memory: every kernel call has its function and argument tensors ready."""
 
@@ -49,23 +70,13 @@ class _Step:
         self.arena = aligned_bytes(schedule.arena_bytes)
         self.views = {name: view(self.arena, b.offset, b.shape, b.dtype) for name, b in schedule.buffers.items()}
         tensors: dict[tuple[str, tuple[int, ...]], Any] = {}  # (buffer, the call's shape) -> tensor
-        self.calls = []
-        for call in schedule.calls:
-            try:
-                func = library[call.kernel]
-            except Exception as exc:  # TVM raises its own error type for a missing symbol
-                raise BitsmithError(f"kernel {call.kernel} is missing from the kernel library",
-                                    where=f"schedule {schedule.entry}", fix="recompile the artifact") from exc
-            args = []
-            for kind, ref, *shape in call.args:
-                if kind == "buffer":
-                    key = (ref, tuple(shape[0]))
-                    if key not in tensors:
-                        tensors[key] = _tensor(self.views[ref].reshape(key[1]))
-                    args.append(tensors[key])
-                else:
-                    args.append(bound[kind][ref])
-            self.calls.append((func, args))
+
+        def buffer_tensor(name: str, shape: tuple[int, ...]) -> Any:
+            if (name, shape) not in tensors:
+                tensors[name, shape] = _tensor(self.views[name].reshape(shape))
+            return tensors[name, shape]
+
+        self.calls = bind_calls(schedule, library, buffer_tensor, bound)
         self.tokens = self.views[schedule.inputs["tokens"]]
         self.positions = self.views[schedule.inputs["positions"]]
         self.block_tables = self.views[schedule.inputs["block_tables"]]
@@ -143,11 +154,21 @@ class KernelRunner:
         return next(s for s in self.steps if s.schedule.rows >= n)
 
 
+def open_runner(artifact: Artifact) -> Any:
+    """The artifact's kernel runner: KernelRunner for CPU kernels, CudaKernelRunner for CUDA ones."""
+    plan = kernel_plan(artifact)
+    if plan is not None and plan.arch == "cuda":
+        from bitsmith.runtime.cuda_runner import CudaKernelRunner
+
+        return CudaKernelRunner(artifact)
+    return KernelRunner(artifact)
+
+
 class CompiledSession:
     """One sequence's state (position + a private block table) on the compiled kernels."""
 
     def __init__(self, artifact: Artifact, max_context: int | None = None, runner: KernelRunner | None = None) -> None:
-        self.runner = runner or KernelRunner(artifact)
+        self.runner = runner or open_runner(artifact)
         self.max_context = min(self.runner.max_context, max_context or self.runner.max_context)
         if self.runner.num_blocks < self.runner.max_blocks:
             raise BitsmithError("the KV pool is smaller than one full-context sequence", where=str(artifact.directory),

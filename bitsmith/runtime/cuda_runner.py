@@ -1,0 +1,156 @@
+"""Runs an artifact's CUDA kernel schedules with the TVM runtime only: weights and KV pools stay on the GPU."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bitsmith.errors import BitsmithError
+from bitsmith.runtime.artifact import Artifact
+from bitsmith.runtime.executor import bind_calls, kernel_plan
+from bitsmith.runtime.schedule import Schedule
+
+# A step on the GPU, host <-> device traffic only at its two ends:
+#
+#   host: tokens, positions, block tables ──copy──▶ device input buffers
+#   device: every kernel of the schedule, launched back to back on the default stream
+#           (weights, KV pools, the step's buffers all resident)
+#   device logits[:n] ──copy──▶ host   (the copy waits for the launches: the step's one sync)
+#
+# Each schedule buffer is its own device allocation (GPU memory is not the constraint the CPU arena
+# plan is for), seen by each call in the call's shape through a view at offset 0.
+
+
+def _load_cuda_backend() -> None:
+    """TVM's CUDA device API lives in libtvm_runtime_cuda.so, which a runtime-only install (no
+    compiler library) does not load by itself."""
+    import tvm
+
+    if _cuda_registered():
+        return
+    plugin = Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
+    if not plugin.is_file():
+        raise BitsmithError("this TVM has no CUDA runtime (libtvm_runtime_cuda.so)", where=str(plugin.parent),
+                            fix="install apache-tvm (its wheel ships the CUDA runtime) or use a CPU artifact")
+    try:
+        ctypes.CDLL(str(plugin), mode=ctypes.RTLD_GLOBAL)
+    except OSError as exc:  # no libcuda.so.1: no NVIDIA driver on this machine
+        raise BitsmithError(f"TVM's CUDA runtime does not load: {exc}", where=str(plugin),
+                            fix="run CUDA artifacts on a machine with an NVIDIA driver") from exc
+
+
+def _cuda_registered() -> bool:
+    import tvm
+
+    return tvm.get_global_func("device_api.cuda", allow_missing=True) is not None
+
+
+def cuda_device_present() -> bool:
+    """A CUDA GPU is visible to TVM here (loads the CUDA backend when needed)."""
+    import tvm
+
+    try:
+        _load_cuda_backend()
+    except BitsmithError:
+        return False
+    return bool(tvm.cuda(0).exist)
+
+
+class _CudaStep:
+    """One schedule bound to device memory: kernel functions with their argument tensors ready."""
+
+    def __init__(self, schedule: Schedule, library: Any, bound: dict[str, Any], dev: Any) -> None:
+        import tvm
+
+        self.schedule = schedule
+        self.buffers = {name: tvm.runtime.empty((max(slot.nbytes, 1),), "uint8", dev)
+                        for name, slot in schedule.buffers.items()}
+        tensors: dict[tuple[str, tuple[int, ...]], Any] = {}
+
+        def buffer_tensor(name: str, shape: tuple[int, ...]) -> Any:
+            if (name, shape) not in tensors:
+                tensors[name, shape] = self.buffers[name]._create_view(shape, schedule.buffers[name].dtype, 0)
+            return tensors[name, shape]
+
+        self.calls = bind_calls(schedule, library, buffer_tensor, bound)
+        rows = schedule.rows
+        self.tokens = buffer_tensor(schedule.inputs["tokens"], (rows,))
+        self.positions = buffer_tensor(schedule.inputs["positions"], (rows,))
+        tables = schedule.buffers[schedule.inputs["block_tables"]].shape
+        self.block_tables = buffer_tensor(schedule.inputs["block_tables"], tuple(tables))
+        self.logits = buffer_tensor(schedule.output, tuple(schedule.buffers[schedule.output].shape))
+        self.host_tokens = np.zeros(rows, dtype=np.int64)
+        self.host_positions = np.full(rows, -1, dtype=np.int64)
+        self.host_tables = np.zeros(tables, dtype=np.int32)
+
+    def run(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray) -> np.ndarray:
+        """Logits [n, vocab] of n = len(tokens) rows (the rest padding: position -1, no cache write)."""
+        n = len(tokens)
+        self.host_tokens[:n], self.host_tokens[n:] = tokens, 0
+        self.host_positions[:n], self.host_positions[n:] = positions, -1
+        self.host_tables[:n] = block_tables
+        self.tokens.copyfrom(self.host_tokens)
+        self.positions.copyfrom(self.host_positions)
+        self.block_tables.copyfrom(self.host_tables)
+        for func, args in self.calls:
+            func(*args)
+        return self.logits.numpy().reshape(self.schedule.rows, -1)[:n]
+
+
+class CudaKernelRunner:
+    """KernelRunner's interface over CUDA kernels: rows of several sequences per call, paged KV pools
+    on the device. The lm_head runs for every row (cheap on a GPU); only the asked rows come back."""
+
+    def __init__(self, artifact: Artifact, device_id: int = 0) -> None:
+        import tvm
+
+        plan = kernel_plan(artifact)
+        if plan is None or plan.arch != "cuda":
+            raise BitsmithError("the artifact has no CUDA kernels", where=str(artifact.directory),
+                                fix="recompile with `--target cuda --arch sm_XX`")
+        if not cuda_device_present():
+            raise BitsmithError(f"no CUDA GPU is visible for kernels built for {plan.target_cpu}",
+                                where=str(artifact.directory / plan.library),
+                                fix="run on a machine with an NVIDIA GPU and driver, or recompile with `--target host`")
+        self.device = tvm.cuda(device_id)
+        library = tvm.runtime.load_module(str(artifact.directory / plan.library))
+        used = {ref for s in plan.schedules.values() for c in s.calls for kind, ref, *_ in c.args if kind == "weight"}
+        weights = {name: tvm.runtime.tensor(np.ascontiguousarray(artifact.weights[name]), self.device)
+                   for name in sorted(used)}
+        constants = {name: tvm.runtime.tensor(np.asarray(c["values"], dtype=c["dtype"]).reshape(c["shape"]),
+                                              self.device) for name, c in plan.constants.items()}
+        self.kv = plan.kv
+        pools, scales = _device_pools(plan.kv, self.device)
+        bound = {"weight": weights, "const": constants, "cache": dict(enumerate(pools)),
+                 "kv_scales": {layer: s for layer, s in enumerate(scales) if s is not None}}
+        self.steps = sorted((_CudaStep(s, library, bound, self.device) for s in plan.schedules.values()),
+                            key=lambda st: st.schedule.rows)
+        self.max_rows = self.steps[-1].schedule.rows
+        self.block_size, self.num_blocks = int(plan.kv["block_size"]), int(plan.kv["num_blocks"])
+        self.max_blocks, self.max_context = int(plan.kv["max_blocks"]), int(plan.kv["max_context"])
+
+    def run(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray,
+            logits_rows: np.ndarray | list[int] | None = None) -> np.ndarray:
+        """Logits [n, vocab], or of just `logits_rows`; block_tables int32 [n, max_blocks]."""
+        n = len(tokens)
+        if n > self.max_rows:
+            raise BitsmithError(f"{n} rows exceed the largest schedule ({self.max_rows})", where="cuda runner",
+                                fix="split the batch")
+        step = next(s for s in self.steps if s.schedule.rows >= n)
+        logits = step.run(tokens, positions, block_tables)
+        return logits if logits_rows is None else logits[np.asarray(logits_rows, dtype=np.int64)]
+
+
+def _device_pools(kv: dict[str, Any], dev: Any) -> tuple[list[Any], list[Any | None]]:
+    """Per layer the block pool [num_blocks, 2, block_size, kv_heads, head_dim] in the layer's KV
+    dtype, and fp32 scales [num_blocks, 2, block_size, kv_heads] for int8 layers. Not zeroed: a slot
+    is always written before any row reads it."""
+    import tvm
+
+    shape = (int(kv["num_blocks"]), 2, int(kv["block_size"]), int(kv["kv_heads"]), int(kv["head_dim"]))
+    pools = [tvm.runtime.empty(shape, dtype, dev) for dtype in kv["layer_dtypes"]]
+    scales = [tvm.runtime.empty(shape[:4], "float32", dev) if dtype == "int8" else None for dtype in kv["layer_dtypes"]]
+    return pools, scales
