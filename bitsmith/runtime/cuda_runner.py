@@ -59,7 +59,7 @@ def cuda_device_present() -> bool:
     return bool(tvm.cuda(0).exist)
 
 
-class _CudaStep:
+class _DeviceStep:
     """One schedule bound to device memory: kernel functions with their argument tensors ready."""
 
     def __init__(self, schedule: Schedule, library: Any, bound: dict[str, Any], dev: Any) -> None:
@@ -100,9 +100,50 @@ class _CudaStep:
         return self.logits.numpy().reshape(self.schedule.rows, -1)[:n]
 
 
-class CudaKernelRunner:
-    """KernelRunner's interface over CUDA kernels: rows of several sequences per call, paged KV pools
-    on the device. The lm_head runs for every row (cheap on a GPU); only the asked rows come back."""
+class DeviceKernelRunner:
+    """KernelRunner's interface over kernels on a TVM device: rows of several sequences per call, the
+    paged KV pools on the device. The lm_head runs for every row (cheap on a GPU); only the asked rows
+    come back. CudaKernelRunner is this on a GPU; on tvm.cpu() it runs CPU kernels the same way (how
+    the device path is tested on machines without a GPU)."""
+
+    def __init__(self, artifact: Artifact, device: Any) -> None:
+        import tvm
+
+        plan = kernel_plan(artifact)
+        if plan is None:
+            raise BitsmithError("the artifact has no compiled kernels", where=str(artifact.directory),
+                                fix="recompile with `--target host` or `--target cuda`")
+        self.device = device
+        library = tvm.runtime.load_module(str(artifact.directory / plan.library))
+        used = {ref for s in plan.schedules.values() for c in s.calls for kind, ref, *_ in c.args if kind == "weight"}
+        weights = {name: tvm.runtime.tensor(np.ascontiguousarray(artifact.weights[name]), device)
+                   for name in sorted(used)}
+        constants = {name: tvm.runtime.tensor(np.asarray(c["values"], dtype=c["dtype"]).reshape(c["shape"]), device)
+                     for name, c in plan.constants.items()}
+        self.kv = plan.kv
+        pools, scales = _device_pools(plan.kv, device)
+        bound = {"weight": weights, "const": constants, "cache": dict(enumerate(pools)),
+                 "kv_scales": {layer: s for layer, s in enumerate(scales) if s is not None}}
+        self.steps = sorted((_DeviceStep(s, library, bound, device) for s in plan.schedules.values()),
+                            key=lambda st: st.schedule.rows)
+        self.max_rows = self.steps[-1].schedule.rows
+        self.block_size, self.num_blocks = int(plan.kv["block_size"]), int(plan.kv["num_blocks"])
+        self.max_blocks, self.max_context = int(plan.kv["max_blocks"]), int(plan.kv["max_context"])
+
+    def run(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray,
+            logits_rows: np.ndarray | list[int] | None = None) -> np.ndarray:
+        """Logits [n, vocab], or of just `logits_rows`; block_tables int32 [n, max_blocks]."""
+        n = len(tokens)
+        if n > self.max_rows:
+            raise BitsmithError(f"{n} rows exceed the largest schedule ({self.max_rows})", where="device runner",
+                                fix="split the batch")
+        step = next(s for s in self.steps if s.schedule.rows >= n)
+        logits = step.run(tokens, positions, block_tables)
+        return logits if logits_rows is None else logits[np.asarray(logits_rows, dtype=np.int64)]
+
+
+class CudaKernelRunner(DeviceKernelRunner):
+    """An artifact's CUDA kernels (`--target cuda`) on GPU `device_id`."""
 
     def __init__(self, artifact: Artifact, device_id: int = 0) -> None:
         import tvm
@@ -115,33 +156,7 @@ class CudaKernelRunner:
             raise BitsmithError(f"no CUDA GPU is visible for kernels built for {plan.target_cpu}",
                                 where=str(artifact.directory / plan.library),
                                 fix="run on a machine with an NVIDIA GPU and driver, or recompile with `--target host`")
-        self.device = tvm.cuda(device_id)
-        library = tvm.runtime.load_module(str(artifact.directory / plan.library))
-        used = {ref for s in plan.schedules.values() for c in s.calls for kind, ref, *_ in c.args if kind == "weight"}
-        weights = {name: tvm.runtime.tensor(np.ascontiguousarray(artifact.weights[name]), self.device)
-                   for name in sorted(used)}
-        constants = {name: tvm.runtime.tensor(np.asarray(c["values"], dtype=c["dtype"]).reshape(c["shape"]),
-                                              self.device) for name, c in plan.constants.items()}
-        self.kv = plan.kv
-        pools, scales = _device_pools(plan.kv, self.device)
-        bound = {"weight": weights, "const": constants, "cache": dict(enumerate(pools)),
-                 "kv_scales": {layer: s for layer, s in enumerate(scales) if s is not None}}
-        self.steps = sorted((_CudaStep(s, library, bound, self.device) for s in plan.schedules.values()),
-                            key=lambda st: st.schedule.rows)
-        self.max_rows = self.steps[-1].schedule.rows
-        self.block_size, self.num_blocks = int(plan.kv["block_size"]), int(plan.kv["num_blocks"])
-        self.max_blocks, self.max_context = int(plan.kv["max_blocks"]), int(plan.kv["max_context"])
-
-    def run(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray,
-            logits_rows: np.ndarray | list[int] | None = None) -> np.ndarray:
-        """Logits [n, vocab], or of just `logits_rows`; block_tables int32 [n, max_blocks]."""
-        n = len(tokens)
-        if n > self.max_rows:
-            raise BitsmithError(f"{n} rows exceed the largest schedule ({self.max_rows})", where="cuda runner",
-                                fix="split the batch")
-        step = next(s for s in self.steps if s.schedule.rows >= n)
-        logits = step.run(tokens, positions, block_tables)
-        return logits if logits_rows is None else logits[np.asarray(logits_rows, dtype=np.int64)]
+        super().__init__(artifact, tvm.cuda(device_id))
 
 
 def _device_pools(kv: dict[str, Any], dev: Any) -> tuple[list[Any], list[Any | None]]:

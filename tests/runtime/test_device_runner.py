@@ -1,0 +1,47 @@
+"""The device runner (what runs CUDA kernels) driven with CPU kernels on tvm.cpu(): separate device
+buffers, host<->device copies and views must give exactly the KernelRunner's numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bitsmith.compiler.pipeline import CompileOptions, compile_model
+from bitsmith.runtime.artifact import load_artifact
+from bitsmith.runtime.cuda_runner import DeviceKernelRunner
+from bitsmith.runtime.engine import Engine, Request
+from bitsmith.runtime.executor import KernelRunner
+from conftest import save_tiny_hf_model
+
+PROMPTS = [[5, 17, 3], [9] * 21, list(range(40, 75))]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    root = tmp_path_factory.mktemp("device")
+    save_tiny_hf_model(root / "model", "llama")
+    return load_artifact(compile_model(root / "model", root / "art", CompileOptions(
+        method="rtn", bits=4, group_size=32, keep_default=False, context=64, concurrency=2, kv_dtype="int8")))
+
+
+def test_device_runner_equals_kernel_runner_step_by_step(artifact):
+    import tvm
+
+    host, device = KernelRunner(artifact), DeviceKernelRunner(artifact, tvm.cpu(0))
+    tables = np.broadcast_to(np.arange(host.max_blocks, dtype=np.int32), (20, host.max_blocks))
+    tokens, positions = np.arange(3, 23, dtype=np.int64), np.arange(20, dtype=np.int64)
+    np.testing.assert_array_equal(device.run(tokens, positions, tables), host.run(tokens, positions, tables))
+    one = (np.array([7], np.int64), np.array([20], np.int64), tables[:1])
+    np.testing.assert_array_equal(device.run(*one, logits_rows=[0]), host.run(*one, logits_rows=[0]))
+
+
+def test_batched_greedy_on_the_device_runner_equals_the_kernel_runner(artifact):
+    import tvm
+
+    outputs = []
+    for runner in (KernelRunner(artifact), DeviceKernelRunner(artifact, tvm.cpu(0))):
+        engine = Engine(runner)
+        seqs = [engine.add(Request(p, 10)) for p in PROMPTS]
+        engine.run_until_done()
+        outputs.append([s.generated for s in seqs])
+    assert outputs[0] == outputs[1]
