@@ -95,6 +95,10 @@ class ReferenceSession:
         """Logits [len(tokens), vocab] for every prompt token."""
         return self._step("prefill", tokens)
 
+    def prefill_last(self, tokens: list[int]) -> np.ndarray:
+        """Logits [vocab] after the last prompt token (what generation samples from)."""
+        return self.prefill(tokens)[-1]
+
     def decode(self, token: int) -> np.ndarray:
         """Logits [vocab] for the next token after `token`."""
         return self._step("decode", [token])[0]

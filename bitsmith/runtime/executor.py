@@ -194,12 +194,23 @@ class CompiledSession:
         rows = self.runner.max_rows
         return np.concatenate([self._run(ids[i:i + rows], positions[i:i + rows]) for i in range(0, len(ids), rows)])
 
+    def prefill_last(self, tokens: list[int]) -> np.ndarray:
+        """Logits [vocab] after the last prompt token: the lm_head runs for that row alone."""
+        positions = self._advance(len(tokens))
+        ids = np.asarray(tokens, dtype=np.int64)
+        rows, logits = self.runner.max_rows, None
+        for i in range(0, len(ids), rows):
+            last = [len(ids[i:i + rows]) - 1] if i + rows >= len(ids) else []
+            logits = self._run(ids[i:i + rows], positions[i:i + rows], last)
+        return logits[0]
+
     def decode(self, token: int) -> np.ndarray:
         """Logits [vocab] for the next token after `token`."""
         return self._run(np.array([token], dtype=np.int64), self._advance(1))[0]
 
-    def _run(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        return self.runner.run(ids, positions, np.broadcast_to(self.block_table, (len(ids), len(self.block_table))))
+    def _run(self, ids: np.ndarray, positions: np.ndarray, logits_rows: list[int] | None = None) -> np.ndarray:
+        tables = np.broadcast_to(self.block_table, (len(ids), len(self.block_table)))
+        return self.runner.run(ids, positions, tables, logits_rows=logits_rows)
 
 
 def _allocate_pools(kv: dict[str, Any]) -> tuple[list[np.ndarray], list[np.ndarray | None]]:

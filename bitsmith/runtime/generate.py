@@ -15,6 +15,8 @@ class Session(Protocol):
 
     def prefill(self, tokens: list[int]) -> np.ndarray: ...  # logits [len(tokens), vocab]
 
+    def prefill_last(self, tokens: list[int]) -> np.ndarray: ...  # logits [vocab] after the last token
+
     def decode(self, token: int) -> np.ndarray: ...  # logits [vocab]
 
 
@@ -31,7 +33,7 @@ def generate(session: Session, prompt: list[int], max_tokens: int, params: Sampl
     if max_tokens == 0:
         return
     rng = np.random.default_rng(params.seed)
-    logits = session.prefill(prompt)[-1]
+    logits = session.prefill_last(prompt)
     for step in range(max_tokens):
         token = sample_token(logits, params, rng)
         if token in stop_ids:

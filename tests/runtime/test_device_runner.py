@@ -21,7 +21,7 @@ def artifact(tmp_path_factory):
     root = tmp_path_factory.mktemp("device")
     save_tiny_hf_model(root / "model", "llama")
     return load_artifact(compile_model(root / "model", root / "art", CompileOptions(
-        method="rtn", bits=4, group_size=32, keep_default=False, context=64, concurrency=2, kv_dtype="int8")))
+        method="rtn", bits=4, group_size=32, keep_default=False, context=128, concurrency=2, kv_dtype="int8")))
 
 
 def test_device_runner_equals_kernel_runner_step_by_step(artifact):
@@ -45,3 +45,13 @@ def test_batched_greedy_on_the_device_runner_equals_the_kernel_runner(artifact):
         engine.run_until_done()
         outputs.append([s.generated for s in seqs])
     assert outputs[0] == outputs[1]
+
+
+def test_prefill_last_equals_the_last_row_of_a_full_prefill(artifact):
+    from bitsmith.runtime.executor import CompiledSession
+
+    session = CompiledSession(artifact)
+    prompt = [3 + i % 90 for i in range(100)]  # chunks of 64 (no logits) and 36 rows (logits of one row)
+    full = session.prefill(prompt)[-1]
+    session.reset()
+    np.testing.assert_allclose(session.prefill_last(prompt), full, rtol=1e-5, atol=1e-5 * np.abs(full).max())
