@@ -2,11 +2,15 @@
 
     python bench/serve.py [--json] [--artifact DIR] [--llamacpp-venv DIR]
 
-Both servers get the same OpenAI `/v1/completions` streaming requests (the same prompt, greedy, a
-fixed number of output tokens, `ignore_eos` where supported) from a closed-loop client: `c` requests
-in flight until 2c (at least 4) finish. Reported: median time to first token, median inter-token
+Both servers get the same OpenAI `/v1/completions` streaming requests (request i's prompt is
+"Request i. " + one text, so no prompt cache can skip a prefill; greedy, a fixed number of output
+tokens, `ignore_eos` where supported) from a closed-loop client: `c` requests in flight until 2c (at
+least 4) finish. Reported: median time to first token, median inter-token
 latency and output tokens/s. Our artifact: SmolLM2-135M int4 (compiled here unless --artifact);
 llama.cpp: `llama-cpp-python[server]` on the same GGUF converted to Q4_0 (bench/peers/setup_llamacpp.sh).
+Ours is compiled like llama.cpp's Q4_0 file: 4-bit linears (ours g32 RTN; the first and last layer
+16-bit, as our default policy keeps them) and an 8-bit lm_head (`--scheme lm_head=int8`; Q4_0 files
+store the tied output as Q8_0), int8 activations for the 4/8-bit GEMVs as llama.cpp does.
 Writes bench/serve.md.
 """
 
@@ -51,10 +55,10 @@ def wait_ready(port: int, path: str, seconds: float = 300) -> None:
     raise SystemExit(f"server on port {port} did not come up")
 
 
-def one_request(port: int, model: str, tokens: int) -> tuple[float, list[float]]:
+def one_request(port: int, model: str, tokens: int, index: int) -> tuple[float, list[float]]:
     """(time to first token, arrival times of content chunks) for one streaming completion."""
-    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+    body = {"model": model, "prompt": f"Request {index}. {PROMPT}", "max_tokens": tokens, "temperature": 0,
+            "stream": True, "ignore_eos": True}
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     t0 = time.perf_counter()
     conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
@@ -88,7 +92,8 @@ def load(port: int, model: str, concurrency: int, tokens: int) -> dict:
                 if started[0] >= total:
                     return
                 started[0] += 1
-            done.append(one_request(port, model, tokens))
+                index = started[0]
+            done.append(one_request(port, model, tokens, index))
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
@@ -142,7 +147,8 @@ def main() -> None:
         if artifact is None:
             artifact = Path(tmp) / "smollm2-int4"
             subprocess.run([sys.executable, "-m", "bitsmith.compiler.cli", "compile", "-o", str(artifact), "--method",
-                            "rtn", "--bits", "4", "--group", "32", "--concurrency", "16", "--context", "512"],
+                            "rtn", "--bits", "4", "--group", "32", "--concurrency", "16", "--context", "512",
+                            "--activations", "auto", "--scheme", "lm_head=int8"],
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         proc, port = serve_ours(artifact)
         try:
