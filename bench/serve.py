@@ -84,6 +84,7 @@ def load(port: int, model: str, concurrency: int, tokens: int) -> dict:
     total = max(4, 2 * concurrency)
     lock = threading.Lock()
     done: list[tuple[float, list[float]]] = []
+    failed: list[str] = []
     started = [0]
 
     def worker() -> None:
@@ -93,7 +94,11 @@ def load(port: int, model: str, concurrency: int, tokens: int) -> dict:
                     return
                 started[0] += 1
                 index = started[0]
-            done.append(one_request(port, model, tokens, index))
+            try:
+                done.append(one_request(port, model, tokens, index))
+            except (OSError, http.client.HTTPException) as exc:  # counted and reported, not a crash
+                with lock:
+                    failed.append(f"{type(exc).__name__}: {exc}")
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
@@ -104,7 +109,8 @@ def load(port: int, model: str, concurrency: int, tokens: int) -> dict:
     wall = time.perf_counter() - t0
     chunks = sum(len(t) for _, t in done)
     itl = [b - a for _, t in done for a, b in zip(t, t[1:])]
-    return {"concurrency": concurrency, "requests": total, "ttft_ms": 1e3 * statistics.median(f for f, _ in done),
+    return {"concurrency": concurrency, "requests": total, "failed": len(failed), "errors": sorted(set(failed))[:3],
+            "ttft_ms": 1e3 * statistics.median(f for f, _ in done) if done else float("nan"),
             "itl_ms": 1e3 * statistics.median(itl) if itl else None, "tok_s": chunks / wall}
 
 
@@ -125,7 +131,9 @@ def serve_llamacpp(venv: Path, gguf: Path) -> tuple[subprocess.Popen, int] | str
         return "llama-cpp-python[server] is not installed: " + (check.stderr.strip().splitlines() or ["?"])[-1]
     port = free_port()
     proc = subprocess.Popen([str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
-                             "--n_threads", str(len(os.sched_getaffinity(0))), "--n_ctx", "4096"],
+                             "--n_threads", str(len(os.sched_getaffinity(0))), "--n_ctx", "4096",
+                             # its default cancels the running stream when a new request arrives; queue instead
+                             "--interrupt_requests", "False"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_ready(port, "/v1/models")
     return proc, port
@@ -170,11 +178,11 @@ def main() -> None:
     lines = ["# Serving over HTTP: SmolLM2-135M int4", "",
              f"`python bench/serve.py --json` on this 2-core CPU: streaming /v1/completions, greedy, {args.tokens} output "
              "tokens, closed loop (2c requests, at least 4).", "",
-             "| server | concurrency | TTFT ms p50 | ITL ms p50 | output tok/s |", "|---|---:|---:|---:|---:|"]
+             "| server | concurrency | failed | TTFT ms p50 | ITL ms p50 | output tok/s |", "|---|---:|---:|---:|---:|---:|"]
     for name in ("ours", "llamacpp"):
         for r in report[name]:
             itl = f"{r['itl_ms']:.1f}" if r["itl_ms"] else "-"
-            lines.append(f"| {name} | {r['concurrency']} | {r['ttft_ms']:.0f} | {itl} | {r['tok_s']:.1f} |")
+            lines.append(f"| {name} | {r['concurrency']} | {r['failed']} | {r['ttft_ms']:.0f} | {itl} | {r['tok_s']:.1f} |")
     if report.get("llamacpp_error"):
         lines.append(f"\nllama.cpp server not measured: {report['llamacpp_error']}")
     ours = {r["concurrency"]: r["tok_s"] for r in report["ours"]}
