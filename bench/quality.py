@@ -5,7 +5,8 @@ time are measured), then all artifacts are scored on the same windows by `bitsmi
 against the unquantized model: perplexity, mean/p99 KL divergence, top-1 agreement, bytes.
 Calibration text comes from a part of the file disjoint from the scored tokens (stated in the table).
 
-    python bench/quality.py [--json] [--models tinystories,smollm2] [--tokens N] [--peer-venv DIR]
+    python bench/quality.py [--json] [--models tinystories,smollm2] [--methods rtn,gptq,awq] [--tokens N]
+                            [--peer-venv DIR]
 
 Writes bench/quality.md; --json also prints one JSON object.
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DATA = Path(os.environ.get("BITSMITH_DATA", HERE.parents[1] / "shared" / "data"))
 SEQLEN = 256  # tokens per calibration sample
+METHODS = ("rtn", "gptq", "awq")
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,7 @@ def peer_row(model: BenchModel, source_path: Path, tokenizer, calib_ids, windows
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_model(key: str, tokens: int, venv: Path, work: Path) -> dict:
+def bench_model(key: str, tokens: int, venv: Path, work: Path, methods: tuple[str, ...] = METHODS) -> dict:
     from bitsmith.compiler.calibration_data import CalibrationOptions, calibration_samples
     from bitsmith.compiler.evaluate import evaluate_many, windows_of
     from bitsmith.runtime.artifact import load_artifact
@@ -126,8 +128,8 @@ def bench_model(key: str, tokens: int, venv: Path, work: Path) -> dict:
     else:
         source_path = Path(model.source)
     rows, paths = [], []
-    configs = [(m, *s) for m in ("rtn", "gptq", "awq") for s in schemes_for(key)]
-    if key == "smollm2":  # sanity: asym int4 g32 reproduces the Q4_1 grid exactly (see the model's README)
+    configs = [(m, *s) for m in methods for s in schemes_for(key)]
+    if key == "smollm2" and "rtn" in methods:  # sanity: asym int4 g32 reproduces the Q4_1 grid exactly (see the model's README)
         configs.append(("rtn", "int4 g32 asym (sanity)", 4, 32, False))
     for method, label, bits, group, sym in configs:
         out = work / f"{key}-{method}-{bits}-{group}-{'s' if sym else 'a'}"
@@ -147,12 +149,15 @@ def bench_model(key: str, tokens: int, venv: Path, work: Path) -> dict:
     calib_ids = calibration_samples(tokenizer.encode(calib.read_text(), add_bos=False),
                                     CalibrationOptions(str(calib), model.calib_samples, SEQLEN), bos)
     windows = windows_of(tokenizer.encode(text, add_bos=False)[:tokens], model.ctx, bos)
-    print(f"[{key}] peer llm-compressor", file=sys.stderr, flush=True)
-    try:
-        peer = peer_row(model, source_path, tokenizer, calib_ids, windows, venv, model.peer_group)
-    except Exception as exc:  # the peer is best effort: report why it did not run, keep our numbers
-        peer = {"error": f"{type(exc).__name__}: {exc}"}
-    ours = next(r for r in rows if r["method"] == "gptq" and r["scheme"] == f"int4 g{model.peer_group}")
+    ours = next((r for r in rows if r["method"] == "gptq" and r["scheme"] == f"int4 g{model.peer_group}"), None)
+    if ours is None:
+        peer, ours = {"error": "not run (it is compared with our GPTQ, which --methods left out)"}, {"ppl": None}
+    else:
+        print(f"[{key}] peer llm-compressor", file=sys.stderr, flush=True)
+        try:
+            peer = peer_row(model, source_path, tokenizer, calib_ids, windows, venv, model.peer_group)
+        except Exception as exc:  # the peer is best effort: report why it did not run, keep our numbers
+            peer = {"error": f"{type(exc).__name__}: {exc}"}
     return {"model": model.name, "text": model.text.name, "ctx": model.ctx, "tokens": scored, "bos": bos is not None,
             "calibration": f"{model.calib_samples} x {SEQLEN} tokens from chars {model.calib_chars[0]}-{model.calib_chars[1]} "
                            "of the same file", "ref_ppl": ref_ppl, "rows": rows,
@@ -176,8 +181,8 @@ def write_markdown(report: dict, path: Path) -> None:
                          f"{row['weight_bytes'] / 2**20:.2f} | {row['seconds']} | {row['peak_rss_mib']} |")
         p = r["peer"]
         peer_ppl = f"{p['ppl']:.3f}" if "ppl" in p else f"not run ({p.get('error')})"
-        lines += ["", f"Peer, same model/calibration/windows, {p['scheme']}: {p['name']} PPL {peer_ppl}; "
-                      f"bitsmith GPTQ PPL {p['ours_ppl']:.3f}.", ""]
+        ours = "" if p["ours_ppl"] is None else f"; bitsmith GPTQ PPL {p['ours_ppl']:.3f}"
+        lines += ["", f"Peer, same model/calibration/windows, {p['scheme']}: {p['name']} PPL {peer_ppl}{ours}.", ""]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -185,6 +190,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--models", default="tinystories,smollm2")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of rtn,gptq,awq")
     parser.add_argument("--tokens", type=int, default=32768, help="scored tokens per model")
     parser.add_argument("--smollm2-tokens", type=int, default=None, help="override --tokens for SmolLM2 only")
     parser.add_argument("--peer-venv", type=Path,
@@ -197,7 +203,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bitsmith-quality-") as tmp:
         for key in args.models.split(","):
             tokens = args.smollm2_tokens if key == "smollm2" and args.smollm2_tokens else args.tokens
-            report[key] = bench_model(key, tokens, args.peer_venv, Path(tmp))
+            report[key] = bench_model(key, tokens, args.peer_venv, Path(tmp), tuple(args.methods.split(",")))
             write_markdown(report, args.out)  # after each model, so a later failure loses nothing
     write_markdown(report, args.out)
     if args.json:
