@@ -9,9 +9,9 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
+from bitsmith.codegen.gemv import MAX_BATCH
 from bitsmith.compiler.analysis import topological_order
 from bitsmith.compiler.ir import Function, Module, Node, TensorType
-from bitsmith.codegen.gemv import MAX_BATCH
 from bitsmith.compiler.ops_llm import rope_inv_freq
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.base import PassContext
