@@ -25,27 +25,13 @@ def _activations(x: np.ndarray, in_features: int, where: str) -> np.ndarray:
     return x.reshape(-1, in_features)
 
 
-def _weight_magnitude(ws: list[np.ndarray], scheme: QuantScheme) -> np.ndarray:
-    """float32 [in]: mean over output rows of |W| relative to its group's largest |W| (all of `ws`)."""
-    starts = group_starts(ws[0].shape[1], scheme)
-    rel = []
-    for w in ws:
-        a = np.abs(w)
-        peak = np.maximum.reduceat(a, starts, axis=1)  # [out, n_groups]
-        sizes = np.diff(np.append(starts, w.shape[1]))
-        rel.append(a / np.maximum(np.repeat(peak, sizes, axis=1), 1e-6))
-    return np.concatenate(rel).mean(axis=0).astype(np.float32)
-
-
 def search_awq_scales(weights: list[np.ndarray], x: np.ndarray, scheme: QuantScheme, grid: int = 20) -> np.ndarray:
     """float32 [in] scales s for linears that all read x [tokens, in] (q/k/v, or gate/up).
 
-    Tries alpha in {0, 1/grid, ..., (grid-1)/grid} on two families, s = mean|x|^alpha and
-    s = mean|x|^alpha / w_mag^(1 - alpha) (w_mag: each input channel's mean |W| relative to its
-    group's peak; large weights need less protection), each normalised so that
+    Tries alpha in {0, 1/grid, ..., (grid-1)/grid}, s = mean|x|^alpha normalised so that
     sqrt(max(s) * min(s)) = 1, and keeps the s with the smallest summed output error
-    sum_W ||x W^T - (x / s) Q(W * s)^T||^2 under round-to-nearest Q. alpha = 0 of the first family
-    is s = 1, i.e. plain RTN, so the result is never worse than RTN on the calibration tokens.
+    sum_W ||x W^T - (x / s) Q(W * s)^T||^2 under round-to-nearest Q. alpha = 0 is s = 1, i.e.
+    plain RTN, so the result is never worse than RTN on the calibration tokens.
     """
     where = f"search_awq_scales {scheme.name}"
     if not weights or grid < 1:
@@ -59,7 +45,6 @@ def search_awq_scales(weights: list[np.ndarray], x: np.ndarray, scheme: QuantSch
     x = _activations(x, in_f, where)
     # clamp so a channel that is always 0 does not get a 0 (non-invertible) scale
     x_mag = np.maximum(np.abs(x).mean(axis=0), 1e-4)
-    w_mag = np.maximum(_weight_magnitude(ws, scheme), 1e-4)
     # ||x W^T - (x/s) Q(W s)^T||^2 = ||x D^T||^2 with D = W - Q(W s) / s; with more tokens than
     # channels the quadratic form D G D^T on the Gram matrix G = x^T x [in, in] is cheaper
     gram = x.T.astype(np.float64) @ x if x.shape[0] > in_f else None
@@ -67,14 +52,14 @@ def search_awq_scales(weights: list[np.ndarray], x: np.ndarray, scheme: QuantSch
     best_err, best_s = np.inf, np.ones(in_f, dtype=np.float32)
     for step in range(grid):
         alpha = step / grid
-        for s in (x_mag ** alpha, x_mag ** alpha / w_mag ** (1.0 - alpha)):
-            s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-            err = 0.0
-            for w in ws:
-                d = w - dequantize(quantize_rtn(w * s, scheme)) / s  # [out, in]
-                err += float(np.sum((d @ gram) * d) if gram is not None else np.sum((x @ d.T) ** 2))
-            if err < best_err:
-                best_err, best_s = err, s
+        s = x_mag ** alpha
+        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+        err = 0.0
+        for w in ws:
+            d = w - dequantize(quantize_rtn(w * s, scheme)) / s  # [out, in]
+            err += float(np.sum((d @ gram) * d) if gram is not None else np.sum((x @ d.T) ** 2))
+        if err < best_err:
+            best_err, best_s = err, s
     return best_s
 
 
