@@ -10,7 +10,7 @@ import numpy as np
 
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.artifact import Artifact
-from bitsmith.runtime.executor import bind_calls, kernel_plan
+from bitsmith.runtime.executor import StepRunner, bind_calls, constant_arrays, kernel_plan, pool_shape, used_weights
 from bitsmith.runtime.schedule import Schedule
 
 # A step on the GPU, host <-> device traffic only at its two ends:
@@ -100,7 +100,7 @@ class _DeviceStep:
         return self.logits.numpy().reshape(self.schedule.rows, -1)[:n]
 
 
-class DeviceKernelRunner:
+class DeviceKernelRunner(StepRunner):
     """KernelRunner's interface over kernels on a TVM device: rows of several sequences per call, the
     paged KV pools on the device. The lm_head runs for every row (cheap on a GPU); only the asked rows
     come back. CudaKernelRunner is this on a GPU; on tvm.cpu() it runs CPU kernels the same way (how
@@ -115,30 +115,18 @@ class DeviceKernelRunner:
                                 fix="recompile with `--target host` or `--target cuda`")
         self.device = device
         library = tvm.runtime.load_module(str(artifact.directory / plan.library))
-        used = {ref for s in plan.schedules.values() for c in s.calls for kind, ref, *_ in c.args if kind == "weight"}
         weights = {name: tvm.runtime.tensor(np.ascontiguousarray(artifact.weights[name]), device)
-                   for name in sorted(used)}
-        constants = {name: tvm.runtime.tensor(np.asarray(c["values"], dtype=c["dtype"]).reshape(c["shape"]), device)
-                     for name, c in plan.constants.items()}
-        self.kv = plan.kv
+                   for name in used_weights(plan)}
+        constants = {name: tvm.runtime.tensor(a, device) for name, a in constant_arrays(plan).items()}
         pools, scales = _device_pools(plan.kv, device)
         bound = {"weight": weights, "const": constants, "cache": dict(enumerate(pools)),
                  "kv_scales": {layer: s for layer, s in enumerate(scales) if s is not None}}
-        self.steps = sorted((_DeviceStep(s, library, bound, device) for s in plan.schedules.values()),
-                            key=lambda st: st.schedule.rows)
-        self.max_rows = self.steps[-1].schedule.rows
-        self.block_size, self.num_blocks = int(plan.kv["block_size"]), int(plan.kv["num_blocks"])
-        self.max_blocks, self.max_context = int(plan.kv["max_blocks"]), int(plan.kv["max_context"])
+        self._set_steps(plan, [_DeviceStep(s, library, bound, device) for s in plan.schedules.values()])
 
     def run(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray,
             logits_rows: np.ndarray | list[int] | None = None) -> np.ndarray:
         """Logits [n, vocab], or of just `logits_rows`; block_tables int32 [n, max_blocks]."""
-        n = len(tokens)
-        if n > self.max_rows:
-            raise BitsmithError(f"{n} rows exceed the largest schedule ({self.max_rows})", where="device runner",
-                                fix="split the batch")
-        step = next(s for s in self.steps if s.schedule.rows >= n)
-        logits = step.run(tokens, positions, block_tables)
+        logits = self._step_for(len(tokens)).run(tokens, positions, block_tables)
         return logits if logits_rows is None else logits[np.asarray(logits_rows, dtype=np.int64)]
 
 
@@ -165,7 +153,7 @@ def _device_pools(kv: dict[str, Any], dev: Any) -> tuple[list[Any], list[Any | N
     is always written before any row reads it."""
     import tvm
 
-    shape = (int(kv["num_blocks"]), 2, int(kv["block_size"]), int(kv["kv_heads"]), int(kv["head_dim"]))
+    shape = pool_shape(kv)
     pools = [tvm.runtime.empty(shape, dtype, dev) for dtype in kv["layer_dtypes"]]
     scales = [tvm.runtime.empty(shape[:4], "float32", dev) if dtype == "int8" else None for dtype in kv["layer_dtypes"]]
     return pools, scales

@@ -102,7 +102,41 @@ class _Step:
         return self.logits[:k].copy()
 
 
-class KernelRunner:
+def used_weights(plan: KernelPlan) -> list[str]:
+    """Names of the weights some kernel call of the plan reads."""
+    return sorted({ref for s in plan.schedules.values() for c in s.calls for kind, ref, *_ in c.args if kind == "weight"})
+
+
+def constant_arrays(plan: KernelPlan) -> dict[str, np.ndarray]:
+    """The plan's constant tables (rope frequencies) as arrays."""
+    return {name: np.asarray(c["values"], dtype=c["dtype"]).reshape(c["shape"]) for name, c in plan.constants.items()}
+
+
+def pool_shape(kv: dict[str, Any]) -> tuple[int, int, int, int, int]:
+    """One layer's block pool: [num_blocks, 2 (keys, values), block_size, kv_heads, head_dim]; int8
+    layers add fp32 scales of shape pool_shape[:4]."""
+    return int(kv["num_blocks"]), 2, int(kv["block_size"]), int(kv["kv_heads"]), int(kv["head_dim"])
+
+
+class StepRunner:
+    """What every kernel runner shares: its steps (one per schedule, fewest rows first), the paged KV
+    geometry, and the choice of the smallest step that holds n rows."""
+
+    def _set_steps(self, plan: KernelPlan, steps: list[Any]) -> None:
+        self.kv = plan.kv
+        self.steps = sorted(steps, key=lambda st: st.schedule.rows)
+        self.max_rows = self.steps[-1].schedule.rows
+        self.block_size, self.num_blocks = int(plan.kv["block_size"]), int(plan.kv["num_blocks"])
+        self.max_blocks, self.max_context = int(plan.kv["max_blocks"]), int(plan.kv["max_context"])
+
+    def _step_for(self, n: int) -> Any:
+        if n > self.max_rows:
+            raise BitsmithError(f"{n} rows exceed the largest schedule ({self.max_rows})",
+                                where="kernel runner", fix="split the batch")
+        return next(s for s in self.steps if s.schedule.rows >= n)
+
+
+class KernelRunner(StepRunner):
     """An artifact's kernels, weights and paged KV pools in memory; runs batches of rows.
 
     A row is one token of one sequence: (token id, position, that sequence's block table). Rows of
@@ -118,19 +152,13 @@ class KernelRunner:
                                 fix="recompile with `--target host`, or run with `--executor reference`")
         _check_runs_here(plan, artifact.directory)
         library = tvm.runtime.load_module(str(artifact.directory / plan.library))
-        used = {ref for s in plan.schedules.values() for c in s.calls for kind, ref, *_ in c.args if kind == "weight"}
-        self.weights_arena, weights = _load_weights(artifact, used)
-        self.kv = plan.kv
+        self.weights_arena, weights = _load_weights(artifact, used_weights(plan))
         self.pools, self.scales = _allocate_pools(plan.kv)
-        self._constants = {name: _aligned_copy(np.asarray(c["values"], dtype=c["dtype"]).reshape(c["shape"]))
-                           for name, c in plan.constants.items()}
+        self._constants = {name: _aligned_copy(a) for name, a in constant_arrays(plan).items()}
         bound = {"weight": weights, "const": {n: _tensor(a) for n, a in self._constants.items()},
                  "cache": {layer: _tensor(p) for layer, p in enumerate(self.pools)},
                  "kv_scales": {layer: _tensor(s) for layer, s in enumerate(self.scales) if s is not None}}
-        self.steps = sorted((_Step(s, library, bound) for s in plan.schedules.values()), key=lambda st: st.schedule.rows)
-        self.max_rows = self.steps[-1].schedule.rows
-        self.block_size, self.num_blocks = int(plan.kv["block_size"]), int(plan.kv["num_blocks"])
-        self.max_blocks, self.max_context = int(plan.kv["max_blocks"]), int(plan.kv["max_context"])
+        self._set_steps(plan, [_Step(s, library, bound) for s in plan.schedules.values()])
 
     def run(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray,
             logits_rows: np.ndarray | list[int] | None = None) -> np.ndarray:
@@ -146,12 +174,6 @@ class KernelRunner:
         if len(hidden) == 0:
             return np.empty((0, step.logits.shape[1]), dtype=np.float32)
         return self._step_for(len(hidden)).run_head(hidden)
-
-    def _step_for(self, n: int) -> _Step:
-        if n > self.max_rows:
-            raise BitsmithError(f"{n} rows exceed the largest schedule ({self.max_rows})", where="kernel runner",
-                                fix="split the batch")
-        return next(s for s in self.steps if s.schedule.rows >= n)
 
 
 def open_runner(artifact: Artifact) -> Any:
@@ -216,7 +238,7 @@ class CompiledSession:
 def _allocate_pools(kv: dict[str, Any]) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
     """Per layer: the block pool [num_blocks, 2, block_size, kv_heads, head_dim] of the layer's KV dtype
     and, for int8 layers, fp32 scales [num_blocks, 2, block_size, kv_heads]."""
-    shape = (int(kv["num_blocks"]), 2, int(kv["block_size"]), int(kv["kv_heads"]), int(kv["head_dim"]))
+    shape = pool_shape(kv)
     pools, scales = [], []
     for dtype in kv["layer_dtypes"]:
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -232,7 +254,7 @@ def _aligned_copy(array: np.ndarray) -> np.ndarray:
     return out
 
 
-def _load_weights(artifact: Artifact, names: set[str]) -> tuple[np.ndarray, dict[str, Any]]:
+def _load_weights(artifact: Artifact, names: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
     """The kernels' weights copied once into one huge-page arena (64-byte aligned each) as TVM tensors."""
     source = {name: artifact.weights[name] for name in sorted(names)}
     offsets, total = {}, 0
