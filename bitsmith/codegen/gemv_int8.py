@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bitsmith.codegen.gemv import GROUP_SIZES, MAX_BATCH, GemvSpec
+from bitsmith.codegen.gemv import MAX_BATCH, GemvSpec, PackedWeightLayout
 from bitsmith.codegen.gemv_schedule import batch_tile
 from bitsmith.codegen.target import Target, resolve_target
 from bitsmith.errors import BitsmithError
@@ -51,7 +51,7 @@ def int8_activations_supported(target: Target | str = "host") -> bool:
 
 
 @dataclass(frozen=True)
-class QGemvI8Spec:
+class QGemvI8Spec(PackedWeightLayout):
     """y[batch, out] = x @ dequant(W).T with x quantized to int8 per 32 values inside the kernel.
 
     Arguments (as GemvSpec): x f32 [batch, in], qweight uint32 [out, words], scales f16 [out, n_groups],
@@ -66,15 +66,11 @@ class QGemvI8Spec:
     batch: int = 1
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.bits not in I8_BITS:
-            problems.append(f"bits {self.bits} (int8-activation kernels read {I8_BITS}-bit codes; use GemvSpec)")
-        if self.group_size not in GROUP_SIZES:
-            problems.append(f"group size {self.group_size} (use one of {GROUP_SIZES})")
+        extra = [] if self.bits in I8_BITS else [
+            f"bits {self.bits} (int8-activation kernels read {I8_BITS}-bit codes; use GemvSpec)"]
         if not 1 <= self.batch <= MAX_BATCH:
-            problems.append(f"batch {self.batch} (use 1..{MAX_BATCH})")
-        if self.out_features < 1 or self.in_features < 1:
-            problems.append(f"shape {self.out_features}x{self.in_features}")
+            extra.append(f"batch {self.batch} (use 1..{MAX_BATCH})")
+        problems = self.layout_problems(extra)
         if problems:
             raise BitsmithError("cannot build an int8-activation GEMV for " + ", ".join(problems),
                                 where="codegen gemv_int8", fix="pick a supported kernel description")
@@ -85,20 +81,8 @@ class QGemvI8Spec:
         return GemvSpec(self.out_features, self.in_features, self.bits, self.group_size, self.sym, self.batch)
 
     @property
-    def n_groups(self) -> int:
-        return self.gemv.n_groups
-
-    @property
     def name(self) -> str:
-        group = "ch" if self.group_size == -1 else str(self.group_size)
-        return (f"qgemv_i8a_b{self.bits}_g{group}_{'sym' if self.sym else 'asym'}"
-                f"_n{self.out_features}_k{self.in_features}_bs{self.batch}")
-
-    def weight_shape(self) -> tuple[int, int]:
-        return self.gemv.weight_shape()
-
-    def weight_bytes(self) -> int:
-        return self.gemv.weight_bytes()
+        return f"qgemv_i8a_{self.scheme_tag()}_n{self.out_features}_k{self.in_features}_bs{self.batch}"
 
     def prim_func(self, target: Target) -> Any:
         """The PrimFunc (KernelSpec protocol); refuses targets without AVX-512 VNNI."""
@@ -199,7 +183,7 @@ def _build(spec: QGemvI8Spec) -> Any:
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
-    n_out, n_in, batch, bits, group = spec.out_features, spec.in_features, spec.batch, spec.bits, spec.gemv.group
+    n_out, n_in, batch, bits, group = spec.out_features, spec.in_features, spec.batch, spec.bits, spec.group
     _, slots = lane_unit(bits)
     P, BK = 8 // bits, LANES * slots  # u8 planes per word (nibbles: 2), k per full block (128 / 64)
     full, rest = divmod(n_in, BK)
