@@ -211,20 +211,22 @@ class CompiledSession:
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
         """Logits [len(tokens), vocab] for every prompt token, in chunks of the largest schedule's rows."""
-        positions = self._advance(len(tokens))
-        ids = np.asarray(tokens, dtype=np.int64)
-        rows = self.runner.max_rows
-        return np.concatenate([self._run(ids[i:i + rows], positions[i:i + rows]) for i in range(0, len(ids), rows)])
+        return np.concatenate(self._prefill_chunks(tokens, last_only=False))
 
     def prefill_last(self, tokens: list[int]) -> np.ndarray:
         """Logits [vocab] after the last prompt token: the lm_head runs for that row alone."""
+        return self._prefill_chunks(tokens, last_only=True)[-1][0]
+
+    def _prefill_chunks(self, tokens: list[int], last_only: bool) -> list[np.ndarray]:
+        """Each chunk's logits: all its rows, or (last_only) none but the prompt's last row."""
         positions = self._advance(len(tokens))
         ids = np.asarray(tokens, dtype=np.int64)
-        rows, logits = self.runner.max_rows, None
+        rows, out = self.runner.max_rows, []
         for i in range(0, len(ids), rows):
-            last = [len(ids[i:i + rows]) - 1] if i + rows >= len(ids) else []
-            logits = self._run(ids[i:i + rows], positions[i:i + rows], last)
-        return logits[0]
+            chunk = ids[i:i + rows]
+            wanted = None if not last_only else [len(chunk) - 1] if i + rows >= len(ids) else []
+            out.append(self._run(chunk, positions[i:i + rows], wanted))
+        return out
 
     def decode(self, token: int) -> np.ndarray:
         """Logits [vocab] for the next token after `token`."""
