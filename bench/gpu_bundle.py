@@ -49,6 +49,13 @@ def check_specs() -> list:
         k.EmbeddingSpec(4, 1000, 576, "float16"),
         k.PagedAttentionSpec(4, 9, 3, 64, 16, 8, 4, 0.125, None, "float16"),
         k.PagedAttentionSpec(4, 9, 3, 64, 16, 8, 4, 0.125, None, "int8"),
+        # matmul variants that isolate a failure: sym/asym, batch, tail or not, dense fp32/fp16, width
+        k.GemvSpec(1536, 576, 4, 32, True, 4), k.GemvSpec(1536, 512, 4, 32, False, 4),
+        k.GemvSpec(1536, 576, 4, 32, False, 1), k.GemvSpec(1536, 576, 4, 32, True, 2),
+        k.GemvSpec(1536, 576, 4, 32, True, 8), k.GemvSpec(1000, 576, 32, -1, True, 1),
+        k.GemvSpec(1000, 512, 16, -1, True, 1), k.GemvSpec(1000, 520, 16, -1, True, 1),
+        k.GemvSpec(1000, 576, 16, -1, True, 4), k.GemmSpec(576, 576, 32, -1, True, 64),
+        k.GemmSpec(1536, 576, 4, 32, False, 16),
     ]
 
 

@@ -37,12 +37,18 @@ def kernel_checks(bundle: Path) -> list[dict]:
     for i, meta in enumerate(json.loads((bundle / "kernels" / "cases.json").read_text())):
         args = [tvm.runtime.tensor(cases[f"{i}_arg{j}"], dev) for j in range(meta["args"])]
         lib[meta["name"]](*args)
-        worst = 0.0
+        worst, where = 0.0, {}
         for j in meta["compare"]:
             want = cases[f"{i}_want{j}"].astype(np.float32)
             got = args[j].numpy().astype(np.float32)
-            worst = max(worst, float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-6)))
-        results.append({"kernel": meta["name"], "rel_err": worst, "ok": worst <= REL_TOL})
+            err = np.abs(got - want) / max(np.abs(want).max(), 1e-6)
+            worst = max(worst, float(err.max()))
+            if err.max() > REL_TOL and err.ndim == 2:  # which rows of x / outputs are wrong
+                bad = err > REL_TOL
+                where = {"bad_fraction": float(bad.mean()), "bad_rows": np.flatnonzero(bad.any(1)).tolist()[:16],
+                         "bad_cols": np.flatnonzero(bad.any(0)).tolist()[:16],
+                         "got": got.ravel()[:4].tolist(), "want": want.ravel()[:4].tolist()}
+        results.append({"kernel": meta["name"], "rel_err": worst, "ok": worst <= REL_TOL, **where})
     return results
 
 
@@ -57,12 +63,13 @@ def greedy_checks(bundle: Path, expected: dict) -> list[dict]:
             continue
         session = CompiledSession(load_artifact(bundle / name))
         logits, tokens = session.prefill(want["prompt"])[-1], []
+        first = {"finite": float(np.isfinite(logits).mean()), "max_abs": float(np.nanmax(np.abs(logits)))}
         for _ in range(len(want["tokens"])):
             tokens.append(int(np.argmax(logits)))
             logits = session.decode(tokens[-1])
         agree = sum(a == b for a, b in zip(tokens, want["tokens"]))
         results.append({"artifact": name, "equal": tokens == want["tokens"], "agree": agree,
-                        "of": len(tokens), "gpu": tokens, "cpu": want["tokens"]})
+                        "of": len(tokens), "first_logits": first, "gpu": tokens, "cpu": want["tokens"]})
     return results
 
 
@@ -228,6 +235,9 @@ def main() -> None:
     report["device"] = torch.cuda.get_device_name(0)
     expected = json.loads((args.bundle / "expected.json").read_text())
     have_smollm2 = _reassemble(args.bundle, "smollm2-int4")
+    from bitsmith.runtime.cuda_runner import cuda_device_present
+
+    report["cuda_visible"] = cuda_device_present()  # loads TVM's CUDA runtime before any CUDA module
     step("kernels", lambda: kernel_checks(args.bundle))
     step("gemv", lambda: gemv_bandwidth(args.bundle))
     step("greedy", lambda: greedy_checks(args.bundle, expected))

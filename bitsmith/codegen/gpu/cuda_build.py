@@ -19,7 +19,7 @@ from bitsmith.codegen.build import BuildReport, kernel_cache_dir, kernel_key
 from bitsmith.codegen.target import Target, resolve_target
 from bitsmith.errors import BitsmithError
 
-GPU_CODEGEN_VERSION = 1  # bump when a GPU kernel's schedule or calling convention changes
+GPU_CODEGEN_VERSION = 2  # bump when a GPU kernel's schedule or calling convention changes
 CUDA_ERROR_NO_DEVICE = 100
 FATBIN_MAGIC = 0xBA55ED50
 _FATBIN_ELF, _FATBIN_ARCH_SPECIFIC = 2, 0x100000  # entry kind of a cubin; flag of an "a" arch (sm_90a)

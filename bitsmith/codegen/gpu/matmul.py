@@ -75,6 +75,18 @@ class MatmulShape:
         """Thread vectors per row (quads of the full blocks, or dense vectors)."""
         return self.blocks[0] * QUAD if self.is_quantized else self.in_features // self.dense_vector
 
+    @property
+    def threads(self) -> int:
+        """TX, the threads that split a row's vectors: more for long rows keep more loads in flight."""
+        vectors = max(self.vectors, 1)
+        return 32 if vectors < 128 else (64 if vectors < 1024 else 128)
+
+    def padded(self, extent: int) -> int:
+        """`extent` rounded up to a multiple of TX. The reductions run over padded extents with the extra
+        iterations masked in the definition: a split that does not divide leaves the predicate on the
+        loads only, and the threads past the end would add stale registers (seen on an H100)."""
+        return -(-extent // self.threads) * self.threads
+
 
 def matmul_shape(spec: Any) -> MatmulShape:
     rows = spec.batch if hasattr(spec, "batch") else spec.rows
@@ -127,20 +139,27 @@ def _quant_main(shape: MatmulShape, x: Any, w: Any, s: Any, z: Any) -> Any:
         return (kq // QUAD * LANES * slots + j * LANES) // shape.group
 
     n_out, n_vec, rows = shape.out_features, shape.vectors, shape.rows
+    padded = shape.padded(n_vec)  # vectors kq >= n_vec read the last vector and are masked in `main`
+
+    def last(kq: Any) -> Any:
+        return kq if padded == n_vec else tirx.min(kq, n_vec - 1)
+
     v1, v2 = te.reduce_axis((0, QUAD), "v1"), te.reduce_axis((0, QUAD), "v2")
-    xsum = te.compute((rows, n_vec, slots), lambda n, kq, j: te.sum(x[n, k_of(kq, j, v1)], axis=v1), name="xsum")
+    xsum = te.compute((rows, padded, slots), lambda n, kq, j: te.sum(x[n, k_of(last(kq), j, v1)], axis=v1),
+                      name="xsum")
 
     def dot_body(n: Any, o: Any, kq: Any, j: Any) -> Any:
+        kq = last(kq)
         code = _code(w, o, kq // QUAD * LANES * units, j, kq % QUAD * QUAD + v2, LANES, shape.bits, biased=True)
         return te.sum(x[n, k_of(kq, j, v2)] * code, axis=v2)
 
-    dot = te.compute((rows, n_out, n_vec, slots), dot_body, name="dot")
-    kq, j = te.reduce_axis((0, n_vec), "kq"), te.reduce_axis((0, slots), "j")
+    dot = te.compute((rows, n_out, padded, slots), dot_body, name="dot")
+    kq, j = te.reduce_axis((0, padded), "kq"), te.reduce_axis((0, slots), "j")
 
     def main_body(n: Any, o: Any) -> Any:
-        g = group_of(kq, j)
-        return te.sum(_f32(s[o, g]) * (dot[n, o, kq, j] - (_zero(shape, z, o, g) + bias) * xsum[n, kq, j]),
-                      axis=[kq, j])
+        g = group_of(last(kq), j)
+        term = _f32(s[o, g]) * (dot[n, o, kq, j] - (_zero(shape, z, o, g) + bias) * xsum[n, kq, j])
+        return te.sum(term if padded == n_vec else tirx.if_then_else(kq < n_vec, term, 0.0), axis=[kq, j])
 
     return te.compute((rows, n_out), main_body, name="main")
 
@@ -152,16 +171,18 @@ def _quant_tail(shape: MatmulShape, x: Any, w: Any, s: Any, z: Any) -> Any:
     units, slots = lane_unit(shape.bits)
     full, rest, tail_lanes = shape.blocks
     base, wbase, n_in = full * LANES * slots, full * LANES * units, shape.in_features
-    t = te.reduce_axis((0, slots * tail_lanes), "t")
+    size = slots * tail_lanes
+    t = te.reduce_axis((0, shape.padded(size)), "t")  # see MatmulShape.padded
 
     def body(n: Any, o: Any) -> Any:
-        j, lane = t // tail_lanes, t % tail_lanes
+        tt = tirx.min(t, size - 1)
+        j, lane = tt // tail_lanes, tt % tail_lanes
         k = base + t
         g = tirx.min(k, n_in - 1) // shape.group
         value = (_code(w, o, wbase, j, lane, tail_lanes, shape.bits) - _zero(shape, z, o, g)) * _f32(s[o, g])
         term = x[n, tirx.min(k, n_in - 1)] * value
         # te.sum's `where` is dropped by create_prim_func: mask the padding slots explicitly
-        return te.sum(term if rest == slots * tail_lanes else tirx.if_then_else(k < n_in, term, 0.0), axis=t)
+        return te.sum(term if rest == shape.padded(size) else tirx.if_then_else(k < n_in, term, 0.0), axis=t)
 
     return te.compute((shape.rows, shape.out_features), body, name="tail")
 
@@ -169,10 +190,18 @@ def _quant_tail(shape: MatmulShape, x: Any, w: Any, s: Any, z: Any) -> Any:
 def _dense_main(shape: MatmulShape, x: Any, w: Any) -> Any:
     from tvm import te
 
-    width = shape.dense_vector
-    kq, v = te.reduce_axis((0, shape.vectors), "kq"), te.reduce_axis((0, width), "v")
-    return te.compute((shape.rows, shape.out_features), lambda n, o: te.sum(
-        x[n, kq * width + v] * _f32(w[o, kq * width + v]), axis=[kq, v]), name="main")
+    from tvm import tirx
+
+    width, n_vec = shape.dense_vector, shape.vectors
+    padded = shape.padded(n_vec)  # see MatmulShape.padded
+    kq, v = te.reduce_axis((0, padded), "kq"), te.reduce_axis((0, width), "v")
+
+    def body(n: Any, o: Any) -> Any:
+        k = (kq if padded == n_vec else tirx.min(kq, n_vec - 1)) * width + v
+        term = x[n, k] * _f32(w[o, k])
+        return te.sum(term if padded == n_vec else tirx.if_then_else(kq < n_vec, term, 0.0), axis=[kq, v])
+
+    return te.compute((shape.rows, shape.out_features), body, name="main")
 
 
 def matmul_reference(spec: Any) -> Any:
@@ -196,10 +225,9 @@ class MatmulTiles:
 
 
 def matmul_tiles(shape: MatmulShape) -> MatmulTiles:
-    """TX from the vectors per row (more threads for long rows keep more loads in flight); NB a divisor of
+    """TX from the vectors per row (MatmulShape.threads); NB a divisor of
     the rows of x (at most 8), R a divisor of out_features with R x NB <= MAX_ACCUMULATORS (at most 4)."""
-    vectors = max(shape.vectors, 1)
-    tx = 32 if vectors < 128 else (64 if vectors < 1024 else 128)
+    tx = shape.threads
     x_rows = max(d for d in range(1, min(shape.rows, MAX_ACCUMULATORS) + 1) if shape.rows % d == 0)
     r_max = min(4, MAX_ACCUMULATORS // x_rows)
     rows_per_block = max(d for d in range(1, r_max + 1) if shape.out_features % d == 0)
