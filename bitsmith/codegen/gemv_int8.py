@@ -36,6 +36,10 @@ I8_BITS = (4, 8)
 XBLOCK = 32  # activation values per int8 scale
 PREFETCH = (8192, 3)  # software prefetch of the codes: (bytes ahead, llvm locality); 0 bytes: none
 L1_ACTIVATION_BYTES = 24 << 10  # activations a pass over the rows keeps in L1 (see `_build`)
+I8_MAX_BATCH = 64  # batch rows per call (a prefill chunk)
+Y_BLOCK = 16  # outputs a thread computes before storing them to y, one cache line per batch row
+CHUNK_BLOCKS = 4  # blocks whose codes one chunk transposes (see `_chunked`)
+CHUNK_MIN_BATCH = 2  # batch rows from which chunks pay for their transposes
 _FEATURES = ("avx512bw", "avx512vl", "avx512vnni")
 
 
@@ -68,17 +72,22 @@ class QGemvI8Spec(PackedWeightLayout):
     def __post_init__(self) -> None:
         extra = [] if self.bits in I8_BITS else [
             f"bits {self.bits} (int8-activation kernels read {I8_BITS}-bit codes; use GemvSpec)"]
-        if not 1 <= self.batch <= MAX_BATCH:
-            extra.append(f"batch {self.batch} (use 1..{MAX_BATCH})")
+        if not 1 <= self.batch <= I8_MAX_BATCH:
+            extra.append(f"batch {self.batch} (use 1..{I8_MAX_BATCH})")
         problems = self.layout_problems(extra)
         if problems:
             raise BitsmithError("cannot build an int8-activation GEMV for " + ", ".join(problems),
                                 where="codegen gemv_int8", fix="pick a supported kernel description")
 
     @property
-    def gemv(self) -> GemvSpec:
-        """The fp32-activation kernel with the same arguments (the fallback)."""
-        return GemvSpec(self.out_features, self.in_features, self.bits, self.group_size, self.sym, self.batch)
+    def gemv(self) -> Any:
+        """The fp32-activation kernel with the same arguments (the fallback): a GemvSpec, or past its
+        MAX_BATCH rows a GemmSpec."""
+        if self.batch <= MAX_BATCH:
+            return GemvSpec(self.out_features, self.in_features, self.bits, self.group_size, self.sym, self.batch)
+        from bitsmith.codegen.gemm import GemmSpec
+
+        return GemmSpec(self.out_features, self.in_features, self.bits, self.group_size, self.sym, self.batch)
 
     @property
     def name(self) -> str:
@@ -91,6 +100,17 @@ class QGemvI8Spec(PackedWeightLayout):
                                 f"({resolve_target(target).mcpu}) lacks AVX-512 VNNI",
                                 where="codegen gemv_int8", fix="use GemvSpec on this target")
         return _build(self)
+
+
+def _chunked(spec: QGemvI8Spec) -> bool:
+    """Whether the kernel runs its first full blocks in chunks of 4 (see `_build`): every lane of a chunk
+    must lie in one 32-block and one group, and the group pattern of the lanes must not depend on the chunk."""
+    _, slots = lane_unit(spec.bits)
+    block = LANES * slots
+    chunk_k, lane_k = CHUNK_BLOCKS * block, block // 4
+    group = spec.group
+    fits = group == spec.in_features or group % chunk_k == 0 or (chunk_k % group == 0 and group % lane_k == 0)
+    return spec.batch >= CHUNK_MIN_BATCH and spec.in_features >= chunk_k and fits
 
 
 def _vector_tail(spec: QGemvI8Spec, full: int, lanes: int, planes: int, block: int) -> bool:
@@ -178,6 +198,49 @@ def _hmax(v: Any, lanes: int) -> Any:
     return v
 
 
+def _row_sums(vectors: list[Any], lanes: int) -> list[Any]:
+    """The lane sums of several float vectors by halving trees that pair vectors up: per level, one add of
+    two shuffles folds two vectors of s segments into one of 2s half-width segments (~3 ops per row in
+    all, where summing lane by lane costs ~2 ops per lane and row and serializes on the adds)."""
+    from tvm import tirx
+    from tvm.script.ir_builder import tirx as T
+
+    zero = tirx.Broadcast(tirx.const(0.0, "float32"), lanes)
+    rows = len(vectors)
+    vecs, width = list(vectors), lanes  # every vector: lanes // width segments of `width` lanes
+    while len(vecs) > 1 and width > 1:
+        if len(vecs) % 2:
+            vecs.append(zero)
+        half, segs = width // 2, lanes // width
+        lo = [s * width + e for s in range(segs) for e in range(half)]
+        hi = [i + half for i in lo]
+        vecs = [T.bind(tirx.Shuffle([a, b], lo + [lanes + i for i in lo])
+                       + tirx.Shuffle([a, b], hi + [lanes + i for i in hi])) for a, b in zip(vecs[::2], vecs[1::2])]
+        width = half
+    order = _segment_rows(rows, lanes)
+    (v,) = vecs if len(vecs) == 1 else (None,)
+    if v is None:  # more rows than lanes: not used (tiles have at most 8 rows)
+        raise ValueError(f"{rows} rows of {lanes} lanes")
+    count = len(order)
+    while width > 1:  # fold each segment onto its first half
+        half = width // 2
+        v = T.bind(tirx.Shuffle([v], [s * width + e for s in range(count) for e in range(half)])
+                   + tirx.Shuffle([v], [s * width + half + e for s in range(count) for e in range(half)]))
+        width = half
+    return [v] if count == 1 else [tirx.Shuffle([v], [order.index(r)]) for r in range(rows)]
+
+
+def _segment_rows(rows: int, lanes: int) -> list[int]:
+    """Which row each segment of `_row_sums`' last vector holds (-1: padding), in segment order."""
+    vecs, width = [[r] for r in range(rows)], lanes
+    while len(vecs) > 1 and width > 1:
+        if len(vecs) % 2:
+            vecs.append([-1] * len(vecs[0]))
+        vecs = [a + b for a, b in zip(vecs[::2], vecs[1::2])]
+        width //= 2
+    return vecs[0]
+
+
 def _build(spec: QGemvI8Spec) -> Any:
     from tvm import tirx
     from tvm.script.ir_builder import IRBuilder
@@ -195,10 +258,23 @@ def _build(spec: QGemvI8Spec) -> Any:
     tail_bytes = 4 * P * L if vtail else 0
     f32, i32 = (lambda v: tirx.const(v, "float32")), (lambda v: tirx.const(v, "int32"))
     tile = batch_tile(batch)
+    OB = Y_BLOCK if n_out % Y_BLOCK == 0 else 1  # outputs per parallel iteration (see `rows`)
+    # a 4- or 8-lane tail block: the float steps of 16 // L batch rows share one 16-lane vector
+    paired_tail = vtail and L in (4, 8) and tile % (LANES // L) == 0 and tile > 1
     cdtype = "int32" if spec.sym else "float32"
     # blocks per pass over the rows: a pass's activations (codes + 32 B of scales and sums per block and
     # batch row) stay in L1 while every row of the pass reads them
     chunk = max(1, L1_ACTIVATION_BYTES // (batch * (BK + 32)))
+    # chunks: the first `nchunk` groups of 4 full blocks. Their codes are transposed so that int32 lane
+    # l = 4 b + i of a vector holds column i of block b: each lane stays in one 32-block and group for the
+    # whole chunk (4 P vpdpbusd per batch row), and one int->float conversion and scaling serves 16 lanes
+    # of 16 different 32-blocks (b = 4) instead of 4 per block
+    #     chunk codes m = 4 p + c (plane p, 128-bit column c of each block's words):
+    #       vector m, lane 4 b + i  =  block b, lane 4 c + i, plane p      (lane l covers k in [l KC/16, ..))
+    nchunk = full // CHUNK_BLOCKS if _chunked(spec) else 0
+    KC, LW = CHUNK_BLOCKS * BK, BK // 4  # k per chunk, k per lane of a chunk
+    if nchunk:
+        chunk = max(CHUNK_BLOCKS, chunk // CHUNK_BLOCKS * CHUNK_BLOCKS)
     passes = max(1, -(-full // chunk))
 
     # scratch: per block (the tail block is number `full`), the batch rows side by side (rows `in` bytes
@@ -208,6 +284,12 @@ def _build(spec: QGemvI8Spec) -> Any:
 
     def meta_at(n: Any, blk: Any) -> Any:
         return (blk * batch + n) * 4
+
+    def chunk_at(n: Any, ch: Any) -> Any:  # the chunk's 4 blocks, same bytes as xq_at(n, 4 ch ..)
+        return (ch * batch + n) * KC
+
+    def lane_meta(n: Any, ch: Any) -> Any:
+        return (ch * batch + n) * LANES
 
     # per column i (lanes 4c + i share one 32-block and group): first k of the column's lane c = 0
     full_k = [min(_lane_ks(0, LANES, P, i, BK)) for i in range(4)]
@@ -227,6 +309,10 @@ def _build(spec: QGemvI8Spec) -> Any:
             sx4 = T.alloc_buffer(((full + vtail) * batch * 4 or 4,), "float32")  # activation scales
             c4 = T.alloc_buffer(((full + vtail) * batch * 4 or 4,), cdtype)  # zero-point terms
             xf = T.alloc_buffer((batch * max(rest, 1),), "float32")  # sx * xq of a scalar tail
+            sxc = T.alloc_buffer((max(nchunk, 1) * batch * LANES,), "float32")  # chunks: scale per lane
+            sxt = T.alloc_buffer((batch * max(L, 1),), "float32")  # paired tail: scale per lane
+            ct = T.alloc_buffer((batch * max(L, 1),), cdtype)  # paired tail: zero-point term per lane
+            cc16 = T.alloc_buffer((max(nchunk, 1) * batch * LANES,), cdtype)  # chunks: zero-point term per lane
 
             # ---- 1. quantize x (once per call, shared by every row)
             def scale_of(n: Any, b32: Any, amax: Any) -> Any:
@@ -237,8 +323,9 @@ def _build(spec: QGemvI8Spec) -> Any:
                 return tirx.min(tirx.max(T.nearbyint(v), f32(-127.0)), f32(127.0))
 
             with T.serial(0, batch) as n:
-                if full:  # 32 values at a time: 2 vectors of 16 consecutive k = 2 slots of one lane column
-                    with T.serial(0, full * per_block) as b:
+                def quantize_blocks(b0: int, b1: int, chunked: bool) -> None:
+                    """32 values at a time: 2 vectors of 16 consecutive k = 2 slots of one lane column."""
+                    with T.serial(b0, b1) as b:
                         kb, h = tirx.floordiv(b, per_block), tirx.floormod(b, per_block)
                         halves = [T.bind(x[n, tirx.Ramp(b * XBLOCK + 16 * u, 1, 16)]) for u in range(2)]
                         amax = _hmax(T.bind(tirx.max(tirx.abs(halves[0]), tirx.abs(halves[1]))), 16)
@@ -246,10 +333,20 @@ def _build(spec: QGemvI8Spec) -> Any:
                         for u, v in enumerate(halves):
                             q = T.bind(tirx.Cast("int8x16", rint(v * tirx.Broadcast(inv, 16))))
                             j = 2 * h + u  # slot: plane j % P, byte j // P of each word; lanes 4c + t
-                            at = xq_at(n, kb) + tirx.floormod(j, P) * 64 + 4 * tirx.floordiv(j, P)
+                            if chunked:  # vector 4 p + c, lane 4 b + i of the chunk
+                                ch, bb = tirx.floordiv(kb, CHUNK_BLOCKS), tirx.floormod(kb, CHUNK_BLOCKS)
+                                at = chunk_at(n, ch) + tirx.floormod(j, P) * 256 + 16 * bb + 4 * tirx.floordiv(j, P)
+                                step = 64
+                            else:
+                                at, step = xq_at(n, kb) + tirx.floormod(j, P) * 64 + 4 * tirx.floordiv(j, P), 16
                             for c in range(4):
                                 T.buffer_store(xq, tirx.Shuffle([q], list(range(4 * c, 4 * c + 4))),
-                                               [tirx.Ramp(at + 16 * c, 1, 4)])
+                                               [tirx.Ramp(at + step * c, 1, 4)])
+
+                if nchunk:
+                    quantize_blocks(0, nchunk * CHUNK_BLOCKS * per_block, True)
+                if full > nchunk * CHUNK_BLOCKS:
+                    quantize_blocks(nchunk * CHUNK_BLOCKS * per_block, full * per_block, False)
                 if vtail:  # padding codes stay 0
                     with T.serial(0, tail_bytes) as r:
                         T.buffer_store(xq, tirx.const(0, "int8"), [xq_at(n, full) + r])
@@ -271,7 +368,9 @@ def _build(spec: QGemvI8Spec) -> Any:
                 # per block and column i: the activation scale, and the zero-point term: -z * sum xq (sym,
                 # added to the lanes of c = 0 as the dot products' start value) or sx * sum xq shared by
                 # the column's lanes / 4 lanes (asym, times the fp16 zero)
-                def column_terms(lanes: int, xat: Any, meta: Any, b32: Any, pattern: list[int]) -> None:
+                def column_terms(lanes: int, xat: Any, meta: Any, b32: Any, pattern: list[int],
+                                 per_lane: bool = False) -> None:
+                    """sx4 / c4 of one block; `per_lane`: also sxt / ct spread to the tail's lanes."""
                     share = 4.0 / lanes  # asym: each of the column's lanes / 4 lanes adds its share
                     sx = _expand(lambda i: sxb[i], n * nb32 + b32, pattern)
                     T.buffer_store(sx4, sx, [tirx.Ramp(meta, 1, 4)])
@@ -287,14 +386,33 @@ def _build(spec: QGemvI8Spec) -> Any:
                     term = (total * tirx.Broadcast(i32(-zconst), 4) if spec.sym
                             else sx * tirx.Cast("float32x4", total) * tirx.Broadcast(f32(share), 4))
                     T.buffer_store(c4, term, [tirx.Ramp(meta, 1, 4)])
+                    if per_lane:  # the paired tail reads them per lane, batch rows side by side
+                        spread = [lane % 4 for lane in range(L)]
+                        copies = L // 4  # Shuffle takes at most the lanes it is given
+                        T.buffer_store(sxt, tirx.Shuffle([T.bind(sx)] * copies, spread), [tirx.Ramp(n * L, 1, L)])
+                        T.buffer_store(ct, tirx.Shuffle([T.bind(term)] * copies, spread), [tirx.Ramp(n * L, 1, L)])
 
-                if full:
-                    with T.serial(0, full) as kb:
+                if full > nchunk * CHUNK_BLOCKS:
+                    with T.serial(nchunk * CHUNK_BLOCKS, full) as kb:
                         column_terms(LANES, xq_at(n, kb), meta_at(n, kb), kb * per_block,
                                      [k // XBLOCK for k in full_k])
+                if nchunk:  # per chunk and lane: the activation scale, the zero-point term
+                    with T.serial(0, nchunk) as ch:
+                        sx = _expand(lambda i: sxb[i], n * nb32 + ch * (KC // XBLOCK),
+                                     [lane * LW // XBLOCK for lane in range(LANES)])
+                        T.buffer_store(sxc, sx, [tirx.Ramp(lane_meta(n, ch), 1, LANES)])
+                        total = tirx.Broadcast(i32(0), LANES)
+                        ones = tirx.Broadcast(tirx.const(1, "int8"), 64)
+                        for m in range(4 * P):
+                            total = _intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", total, ones,
+                                            xq[tirx.Ramp(chunk_at(n, ch) + 64 * m, 1, 64)])
+                        term = (T.bind(total) * tirx.Broadcast(i32(-zconst), LANES) if spec.sym
+                                else sx * tirx.Cast("float32x16", total))
+                        T.buffer_store(cc16, term, [tirx.Ramp(lane_meta(n, ch), 1, LANES)])
                 if vtail:
                     b0 = min(k // XBLOCK for k in tail_k)
-                    column_terms(L, xq_at(n, full), meta_at(n, full), b0, [k // XBLOCK - b0 for k in tail_k])
+                    column_terms(L, xq_at(n, full), meta_at(n, full), b0, [k // XBLOCK - b0 for k in tail_k],
+                                 per_lane=paired_tail)
 
             # ---- 2. rows in parallel: VNNI dot products per block, fp32 scaling per block
             def vector_block(o: Any, nb: Any, acc: Any, words: Any, lanes: int, blk: Any, g0: Any,
@@ -323,6 +441,59 @@ def _build(spec: QGemvI8Spec) -> Any:
                     here = tirx.Ramp(ni * lanes, 1, lanes)
                     T.buffer_store(acc, acc[here] + val * scale, [here])
 
+            def chunk_block(o: Any, nb: Any, acc: Any, ch: Any) -> None:
+                """acc[ni, 16] += chunk ch's terms for the tile's batch rows (lane l: its own 32-block)."""
+                words = [w[o, tirx.Ramp((ch * CHUNK_BLOCKS + bb) * LANES, 1, LANES)] for bb in range(CHUNK_BLOCKS)]
+                codes: list[Any] = [None] * (4 * P)
+                for c in range(4):  # 128-bit column c of every block, then the usual unpack
+                    col = T.bind(tirx.Shuffle(words, [bb * LANES + 4 * c + e for bb in range(4) for e in range(4)]))
+                    for p, code in enumerate(_unpack(col, LANES, P)):
+                        codes[4 * p + c] = code
+                lane_group = [(lane * LW) // group for lane in range(LANES)]
+                if group >= KC or group == n_in:
+                    g0, pattern = tirx.floordiv(ch * KC, group), [0] * LANES
+                else:
+                    g0, pattern = ch * (KC // group), lane_group
+                scale = _expand(lambda i: s[o, i], g0, pattern)
+                zero = None if z is None else _expand(lambda i: z[o, i], g0, pattern)
+                for ni in range(tile):
+                    n = nb * tile + ni
+                    meta = tirx.Ramp(lane_meta(n, ch), 1, LANES)
+                    dot = cc16[meta] if spec.sym else tirx.Broadcast(i32(0), LANES)
+                    for m, code in enumerate(codes):
+                        dot = _intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", dot, code,
+                                      xq[tirx.Ramp(chunk_at(n, ch) + 64 * m, 1, 64)])
+                    val = tirx.Cast("float32x16", dot) * sxc[meta]
+                    if zero is not None:
+                        val = val - zero * cc16[meta]
+                    here = tirx.Ramp(ni * LANES, 1, LANES)
+                    T.buffer_store(acc, acc[here] + val * scale, [here])
+
+            def paired_tail_block(o: Any, nb: Any, tacc: Any, g0: Any, pattern: list[int]) -> None:
+                """tacc += the tail block's terms: integer dots per batch row on L lanes, then the float steps
+                of 16 // L rows at once (their lanes side by side, as sxt / ct and tacc hold them)."""
+                codes = _unpack(w[o, tirx.Ramp(full * LANES, 1, L)], L, P)
+                cols = [pattern[lane % 4] for lane in range(L)]
+                per = LANES // L
+                scale = tirx.Shuffle([_expand(lambda i: s[o, i], g0, cols)] * per, list(range(LANES)))
+                zero = None if z is None else tirx.Shuffle([_expand(lambda i: z[o, i], g0, cols)] * per,
+                                                           list(range(LANES)))
+                for gi in range(tile // per):
+                    dots = []
+                    for ri in range(per):
+                        n = nb * tile + gi * per + ri
+                        dot = ct[tirx.Ramp(n * L, 1, L)] if spec.sym else tirx.Broadcast(i32(0), L)
+                        for p, code in enumerate(codes):
+                            dot = _intrin(f"int32x{L}", f"llvm.x86.avx512.vpdpbusd.{32 * L}", dot, code,
+                                          xq[tirx.Ramp(xq_at(n, full) + p * 4 * L, 1, 4 * L)])
+                        dots.append(dot)
+                    rows16 = tirx.Ramp((nb * tile + gi * per) * L, 1, LANES)
+                    val = tirx.Cast("float32x16", tirx.Shuffle(dots, list(range(LANES)))) * sxt[rows16]
+                    if zero is not None:
+                        val = val - zero * ct[rows16]
+                    here = tirx.Ramp(gi * per * L, 1, LANES)
+                    T.buffer_store(tacc, tacc[here] + val * scale, [here])
+
             def scalar_tail(o: Any, xat: Any) -> Any:
                 """Sum over the tail (any lane count) of s_g (q - z_g) sx xq_k, one value at a time."""
                 part = _local((1,), "float32")
@@ -337,40 +508,73 @@ def _build(spec: QGemvI8Spec) -> Any:
                 return part[0]
 
             def rows(kb0: Any, count: Any, first: Any, last: Any) -> None:
-                """y (+)= the blocks kb0 .. kb0 + count - 1 (and the tail when `last`) of every row."""
-                with T.parallel(0, n_out) as o:
+                """y (+)= the blocks kb0 .. kb0 + count - 1 (and the tail when `last`) of every row. Sums go to a
+                small buffer and reach y OB outputs at a time: one store per cache line, where a store per output
+                to rows of y `n_out` floats apart (49152: 192 KiB, one L1 set) evicts lines before they fill."""
+                with T.parallel(0, n_out // OB) as ob:
                     acc = _local((tile * LANES,), "float32")
                     tacc = _local((tile * max(L, 1),), "float32")
-                    with T.serial(0, batch // tile) as nb:
-                        T.buffer_store(acc, tirx.Broadcast(f32(0.0), tile * LANES), [tirx.Ramp(0, 1, tile * LANES)])
-                        if full:
-                            with T.serial(0, count) as kk:
-                                kb = kb0 + kk
-                                if PREFETCH[0]:  # may point past the row, into the next rows (never faults)
-                                    T.evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", tirx.address_of(
-                                        w[o, kb * LANES + PREFETCH[0] // 4]), 0, PREFETCH[1], 1))
-                                if group >= BK or group == n_in:  # one group per block
-                                    g0, pattern = tirx.floordiv(kb * BK, group), [0] * 4
-                                else:
-                                    g0, pattern = kb * (BK // group), [k // group for k in full_k]
-                                vector_block(o, nb, acc, w[o, tirx.Ramp(kb * LANES, 1, LANES)], LANES, kb, g0, pattern)
-                        if vtail:
-                            T.buffer_store(tacc, tirx.Broadcast(f32(0.0), tile * L), [tirx.Ramp(0, 1, tile * L)])
-                            g0 = min(k // group for k in tail_k)
-                            with T.If(last), T.Then():
-                                vector_block(o, nb, tacc, w[o, tirx.Ramp(full * LANES, 1, L)], L, full, g0,
-                                             [k // group - g0 for k in tail_k])
-                        for ni in range(tile):
-                            n = nb * tile + ni
-                            total = f32(0.0)
-                            for lane in range(LANES if full else 0):
-                                total = total + acc[ni * LANES + lane]
-                            for lane in range(L if vtail else 0):
-                                total = total + tacc[ni * L + lane]
-                            if rest and not vtail:
-                                tail = scalar_tail(o, n * max(rest, 1))
-                                total = total + tirx.Select(last, tail, f32(0.0))
-                            T.buffer_store(y, tirx.Select(first, f32(0.0), y[n, o]) + total, [n, o])
+                    ybuf = _local((batch * OB,), "float32")
+                    with T.serial(0, OB) as oi:
+                        o = ob * OB + oi
+                        with T.serial(0, batch // tile) as nb:
+                            T.buffer_store(acc, tirx.Broadcast(f32(0.0), tile * LANES), [tirx.Ramp(0, 1, tile * LANES)])
+                            first_block, blocks = kb0, count
+                            if nchunk:  # the pass's chunks (passes start on a chunk), then its other blocks
+                                chunks = tirx.floordiv(tirx.max(tirx.min(count, nchunk * CHUNK_BLOCKS - kb0), 0),
+                                                       CHUNK_BLOCKS)
+                                with T.serial(0, chunks) as cc:
+                                    ch = tirx.floordiv(kb0, CHUNK_BLOCKS) + cc
+                                    if PREFETCH[0]:
+                                        for bb in range(CHUNK_BLOCKS):
+                                            T.evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", tirx.address_of(
+                                                w[o, (ch * CHUNK_BLOCKS + bb) * LANES + PREFETCH[0] // 4]), 0, PREFETCH[1], 1))
+                                    chunk_block(o, nb, acc, ch)
+                                first_block, blocks = kb0 + chunks * CHUNK_BLOCKS, count - chunks * CHUNK_BLOCKS
+                            if full:
+                                with T.serial(0, blocks) as kk:
+                                    kb = first_block + kk
+                                    if PREFETCH[0]:  # may point past the row, into the next rows (never faults)
+                                        T.evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", tirx.address_of(
+                                            w[o, kb * LANES + PREFETCH[0] // 4]), 0, PREFETCH[1], 1))
+                                    if group >= BK or group == n_in:  # one group per block
+                                        g0, pattern = tirx.floordiv(kb * BK, group), [0] * 4
+                                    else:
+                                        g0, pattern = kb * (BK // group), [k // group for k in full_k]
+                                    vector_block(o, nb, acc, w[o, tirx.Ramp(kb * LANES, 1, LANES)], LANES, kb, g0, pattern)
+                            if vtail:
+                                T.buffer_store(tacc, tirx.Broadcast(f32(0.0), tile * L), [tirx.Ramp(0, 1, tile * L)])
+                                g0 = min(k // group for k in tail_k)
+                                with T.If(last), T.Then():
+                                    if paired_tail:
+                                        paired_tail_block(o, nb, tacc, g0, [k // group - g0 for k in tail_k])
+                                    else:
+                                        vector_block(o, nb, tacc, w[o, tirx.Ramp(full * LANES, 1, L)], L, full,
+                                                     g0, [k // group - g0 for k in tail_k])
+                            width = LANES if full else L
+                            parts = []
+                            for ni in range(tile):
+                                part = acc[tirx.Ramp(ni * LANES, 1, LANES)] if full else None
+                                if vtail:
+                                    extra = tacc[tirx.Ramp(ni * L, 1, L)]
+                                    if full and L < LANES:  # the tail's lanes onto the first L lanes
+                                        extra = tirx.Shuffle([extra, tirx.Broadcast(f32(0.0), LANES - L)],
+                                                             list(range(L)) + [L] * (LANES - L))
+                                    part = extra if part is None else part + extra
+                                parts.append(part)
+                            sums = _row_sums(parts, width) if full or vtail else [f32(0.0)] * tile
+                            for ni in range(tile):
+                                n = nb * tile + ni
+                                total = sums[ni]
+                                if rest and not vtail:
+                                    tail = scalar_tail(o, n * max(rest, 1))
+                                    total = total + tirx.Select(last, tail, f32(0.0))
+                                T.buffer_store(ybuf, total, [n * OB + oi])
+                    with T.serial(0, batch) as n:
+                        here = tirx.Ramp(ob * OB, 1, OB) if OB > 1 else ob
+                        before = tirx.Select(first, tirx.Broadcast(f32(0.0), OB), y[n, here]) if OB > 1 else \
+                            tirx.Select(first, f32(0.0), y[n, here])
+                        T.buffer_store(y, before + ybuf[tirx.Ramp(n * OB, 1, OB) if OB > 1 else n], [n, here])
 
             if passes == 1:
                 rows(0, full, tirx.const(True, "bool"), tirx.const(True, "bool"))

@@ -9,7 +9,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
-from bitsmith.codegen.gemv import MAX_BATCH
+from bitsmith.codegen.gemv_int8 import I8_MAX_BATCH
 from bitsmith.compiler.analysis import topological_order
 from bitsmith.compiler.ir import Function, Module, Node, TensorType
 from bitsmith.compiler.ops_llm import rope_inv_freq
@@ -197,9 +197,10 @@ def _matmul_spec(k: Any, n_out: int, n_in: int, bits: int, group: int, sym: bool
     """Few rows: the fused dequant-GEMV (reads each weight byte once), with int8 activations and VNNI
     dot products for 4/8-bit weights when allowed (bandwidth-bound instead of FMA-bound); from
     GEMM_MIN_ROWS rows the dequant-GEMM (a weight tile dequantized once, then an FMA micro-kernel).
-    The VNNI GEMV also wins at 16 rows (SmolLM2 int4 shapes: 0.06-0.15 ms vs the GEMM's 0.07-0.16 ms;
-    int8 49152x576 lm_head 4.8 ms vs 8.0 ms for the fp16 GEMM), so it takes every row count it has."""
-    if int8_activations and bits in (4, 8) and rows <= MAX_BATCH:
+    The VNNI kernel also wins on many rows, where it transposes 4 blocks of codes at a time (chunks):
+    SmolLM2 int4 shapes at 16 rows 0.015-0.074 ms, at 64 rows 0.13-0.33 ms against the GEMM's
+    0.20-0.53 ms; the int8 49152x576 lm_head 2.5 ms at 16 rows, so it takes every row count it has."""
+    if int8_activations and bits in (4, 8) and rows <= I8_MAX_BATCH:
         return k.QGemvI8Spec(n_out, n_in, bits, group, sym, rows)
     if rows >= GEMM_MIN_ROWS:
         return k.GemmSpec(n_out, n_in, bits, group, sym, rows)

@@ -36,6 +36,10 @@ SPECS += [
     QGemvI8Spec(5, 37, 4, -1, False, 2),  # tail only
     QGemvI8Spec(3, 160, 4, 32, True, 1), QGemvI8Spec(3, 150, 4, 32, False, 1),  # 4-lane VNNI tails
     QGemvI8Spec(3, 96, 8, 32, False, 1), QGemvI8Spec(3, 80, 8, 64, True, 1),  # int8 8- and 4-lane tails
+    # chunks of 4 transposed blocks (batch >= 2): with leftover blocks, passes, y in 16-output blocks
+    QGemvI8Spec(48, 576, 8, 32, True, 16), QGemvI8Spec(32, 1536, 4, 64, False, 64),
+    QGemvI8Spec(16, 4160, 4, -1, False, 5), QGemvI8Spec(9, 1024, 8, 128, True, 2),
+    QGemvI8Spec(64, 640, 4, 128, True, 24),
 ]
 
 
@@ -65,7 +69,7 @@ def exact_reference(spec: QGemvI8Spec, x, qweight, scales, zeros) -> np.ndarray:
     q[:, :spec.in_features] = unpack(qweight, spec.bits, spec.in_features)
     dot = np.einsum("obk,nbk->nob", q.reshape(-1, blocks, 32), xq.reshape(-1, blocks, 32))  # exact integers
     xsum = xq.reshape(-1, blocks, 32).sum(-1)
-    g = np.arange(blocks) * 32 // spec.gemv.group
+    g = np.arange(blocks) * 32 // spec.group
     s = scales.astype(np.float64)[:, g]
     z = float(1 << (spec.bits - 1)) if zeros is None else zeros.astype(np.float64)[:, g]
     return (sx[:, None, :] * s[None] * (dot - z * xsum[:, None, :])).sum(-1)
@@ -128,6 +132,7 @@ def test_arguments_and_names_match_the_fp32_activation_kernel():
         assert names == ["x", "qweight", "scales"] + ([] if sym else ["zeros"]) + ["y"]
         assert spec.weight_shape() == spec.gemv.weight_shape() and spec.weight_bytes() == spec.gemv.weight_bytes()
         assert isinstance(spec.gemv, GemvSpec)
+    assert QGemvI8Spec(64, 576, 4, 32, True, 64).gemv.rows == 64  # past GemvSpec's rows: the GEMM
     assert QGemvI8Spec(1536, 576, 4, 32, True, 1).name == "qgemv_i8a_b4_g32_sym_n1536_k576_bs1"
     assert QGemvI8Spec(7, 37, 8, -1, False, 4).name == "qgemv_i8a_b8_gch_asym_n7_k37_bs4"
 
@@ -138,7 +143,7 @@ def test_kernel_uses_vnni_on_zmm(module):
 
 
 @pytest.mark.parametrize("kwargs", [dict(bits=3), dict(bits=2), dict(bits=4, group_size=48),
-                                    dict(bits=4, batch=17), dict(bits=16)])
+                                    dict(bits=4, batch=65), dict(bits=16)])
 def test_unsupported_specs_are_refused(kwargs):
     with pytest.raises(BitsmithError, match="int8-activation GEMV"):
         QGemvI8Spec(64, 576, **kwargs)
