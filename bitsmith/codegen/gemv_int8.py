@@ -261,6 +261,7 @@ def _build(spec: QGemvI8Spec) -> Any:
     OB = Y_BLOCK if n_out % Y_BLOCK == 0 else 1  # outputs per parallel iteration (see `rows`)
     # a 4- or 8-lane tail block: the float steps of 16 // L batch rows share one 16-lane vector
     paired_tail = vtail and L in (4, 8) and tile % (LANES // L) == 0 and tile > 1
+    reuse_codes = batch // tile > 1  # several batch tiles: a row's chunks unpacked once into a buffer
     cdtype = "int32" if spec.sym else "float32"
     # blocks per pass over the rows: a pass's activations (codes + 32 B of scales and sums per block and
     # batch row) stay in L1 while every row of the pass reads them
@@ -441,14 +442,18 @@ def _build(spec: QGemvI8Spec) -> Any:
                     here = tirx.Ramp(ni * lanes, 1, lanes)
                     T.buffer_store(acc, acc[here] + val * scale, [here])
 
-            def chunk_block(o: Any, nb: Any, acc: Any, ch: Any) -> None:
-                """acc[ni, 16] += chunk ch's terms for the tile's batch rows (lane l: its own 32-block)."""
+            def chunk_codes(o: Any, ch: Any) -> list[Any]:
+                """Chunk ch of row o as 4 P int8 x 64 vectors of u8 codes, vector m = 4 p + c (see above)."""
                 words = [w[o, tirx.Ramp((ch * CHUNK_BLOCKS + bb) * LANES, 1, LANES)] for bb in range(CHUNK_BLOCKS)]
                 codes: list[Any] = [None] * (4 * P)
                 for c in range(4):  # 128-bit column c of every block, then the usual unpack
                     col = T.bind(tirx.Shuffle(words, [bb * LANES + 4 * c + e for bb in range(4) for e in range(4)]))
                     for p, code in enumerate(_unpack(col, LANES, P)):
                         codes[4 * p + c] = code
+                return codes
+
+            def chunk_block(o: Any, nb: Any, acc: Any, ch: Any, codes: list[Any]) -> None:
+                """acc[ni, 16] += chunk ch's terms for the tile's batch rows (lane l: its own 32-block)."""
                 lane_group = [(lane * LW) // group for lane in range(LANES)]
                 if group >= KC or group == n_in:
                     g0, pattern = tirx.floordiv(ch * KC, group), [0] * LANES
@@ -515,21 +520,28 @@ def _build(spec: QGemvI8Spec) -> Any:
                     acc = _local((tile * LANES,), "float32")
                     tacc = _local((tile * max(L, 1),), "float32")
                     ybuf = _local((batch * OB,), "float32")
+                    cbuf = _local((max(chunk // CHUNK_BLOCKS, 1) * 4 * P * 64,), "int8")  # see reuse_codes
                     with T.serial(0, OB) as oi:
                         o = ob * OB + oi
+                        chunks = tirx.floordiv(tirx.max(tirx.min(count, nchunk * CHUNK_BLOCKS - kb0), 0), CHUNK_BLOCKS)
+                        if nchunk and reuse_codes:  # unpack the pass's chunks of row o once for every batch tile
+                            with T.serial(0, chunks) as cc:
+                                ch = tirx.floordiv(kb0, CHUNK_BLOCKS) + cc
+                                for m, code in enumerate(chunk_codes(o, ch)):
+                                    T.buffer_store(cbuf, code, [tirx.Ramp((cc * 4 * P + m) * 64, 1, 64)])
                         with T.serial(0, batch // tile) as nb:
                             T.buffer_store(acc, tirx.Broadcast(f32(0.0), tile * LANES), [tirx.Ramp(0, 1, tile * LANES)])
                             first_block, blocks = kb0, count
                             if nchunk:  # the pass's chunks (passes start on a chunk), then its other blocks
-                                chunks = tirx.floordiv(tirx.max(tirx.min(count, nchunk * CHUNK_BLOCKS - kb0), 0),
-                                                       CHUNK_BLOCKS)
                                 with T.serial(0, chunks) as cc:
                                     ch = tirx.floordiv(kb0, CHUNK_BLOCKS) + cc
                                     if PREFETCH[0]:
                                         for bb in range(CHUNK_BLOCKS):
                                             T.evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", tirx.address_of(
                                                 w[o, (ch * CHUNK_BLOCKS + bb) * LANES + PREFETCH[0] // 4]), 0, PREFETCH[1], 1))
-                                    chunk_block(o, nb, acc, ch)
+                                    codes = ([cbuf[tirx.Ramp((cc * 4 * P + m) * 64, 1, 64)] for m in range(4 * P)]
+                                             if reuse_codes else chunk_codes(o, ch))
+                                    chunk_block(o, nb, acc, ch, codes)
                                 first_block, blocks = kb0 + chunks * CHUNK_BLOCKS, count - chunks * CHUNK_BLOCKS
                             if full:
                                 with T.serial(0, blocks) as kk:

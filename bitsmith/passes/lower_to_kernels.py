@@ -338,7 +338,8 @@ class LowerToKernels:
 
     required: bool = True  # False: an op without a kernel is noted (ctx.notes["kernels_skipped"]), not an error
     int8_activations: bool = False  # quantized GEMVs quantize x to int8 per 32 values (VNNI targets)
-    batch_rows: tuple[int, ...] = (4, 16, PREFILL_ROWS)  # decode batches of 4/16 without 64-row padding
+    # decode batches of 4/16, and 32 for a 16-sequence batch with a prefill chunk, without 64-row padding
+    batch_rows: tuple[int, ...] = (4, 16, 32, PREFILL_ROWS)
     name: str = "lower_to_kernels"
 
     def run(self, module: Module, ctx: PassContext) -> Module:

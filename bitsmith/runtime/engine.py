@@ -38,11 +38,24 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length"
     preemptions: int = 0
     first_token_time: float | None = None
-    text: str = ""  # detokenized output (when the engine has a tokenizer)
+    detokenize: Callable[[list[int]], str] | None = None  # the engine's tokenizer, when it has one
+    stopped_text: str | None = None  # the output cut before a stop string
+    _text: tuple[int, str] = (0, "")  # (generated tokens covered, their text)
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        """The detokenized output, decoded when read (not per token in the engine loop) and cached."""
+        if self.stopped_text is not None:
+            return self.stopped_text
+        if self.detokenize is None:
+            return ""
+        if self._text[0] != len(self.generated):
+            self._text = (len(self.generated), self.detokenize(self.generated))
+        return self._text[1]
 
 
 @dataclass
@@ -51,6 +64,9 @@ class EngineStats:
     rows: int = 0  # token rows computed (padding excluded)
     prefill_rows: int = 0
     preemptions: int = 0
+
+
+FIT_MIN_ROWS = 16  # steps from this many rows cost about their row count (see Engine._fitted_prefill)
 
 
 class Engine:
@@ -85,7 +101,8 @@ class Engine:
             raise BitsmithError(f"prompt ({len(request.prompt)} tokens) + max_tokens ({request.max_tokens}) exceed "
                                 f"the context of {self.runner.max_context}", where="engine",
                                 fix="shorten the prompt or lower max_tokens")
-        seq = Sequence(request, next(self._arrivals), list(request.prompt), np.random.default_rng(request.params.seed))
+        seq = Sequence(request, next(self._arrivals), list(request.prompt), np.random.default_rng(request.params.seed),
+                       detokenize=None if self.tokenizer is None else self.tokenizer.decode)
         self.waiting.append(seq)
         return seq
 
@@ -131,6 +148,7 @@ class Engine:
             else:
                 plan.append((seq, seq.computed, count))
                 budget -= count
+        budget = self._fitted_prefill(self.budget - budget, budget)
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             if seq.computed == 0 and not seq.blocks.table:
@@ -146,6 +164,18 @@ class Engine:
             plan.append((seq, seq.computed, count))
             budget -= count
         return plan
+
+    def _fitted_prefill(self, used: int, budget: int) -> int:
+        """Rows left for prefill chunks after `used` rows: all that is waiting (up to `budget`), or fewer when
+        that fills a step size of at least FIT_MIN_ROWS exactly instead of padding up to the next one (a
+        step costs its padded rows once rows are compute-bound; the rest of the prompt goes next step)."""
+        sizes = getattr(self.runner, "step_rows", None)
+        wanted = min(budget, sum(len(seq.tokens) - seq.computed for seq in self.waiting))
+        total = used + wanted
+        if not sizes or wanted == 0 or total in sizes:
+            return budget
+        fits = [size for size in sizes if FIT_MIN_ROWS <= size <= total and size > used]
+        return max(fits) - used if fits else budget
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[Sequence]:
@@ -191,11 +221,11 @@ class Engine:
             return
         seq.generated.append(token)
         seq.tokens.append(token)
-        if self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.generated)
+        if self.tokenizer is not None and any(req.stop_strings):
+            text = seq.text
             for stop in req.stop_strings:
-                if stop and stop in seq.text:
-                    seq.text = seq.text[:seq.text.index(stop)]
+                if stop and stop in text:
+                    seq.stopped_text = text[:text.index(stop)]
                     seq.finish_reason = "stop"
                     return
         if len(seq.generated) >= req.max_tokens:

@@ -129,6 +129,11 @@ class StepRunner:
         self.block_size, self.num_blocks = int(plan.kv["block_size"]), int(plan.kv["num_blocks"])
         self.max_blocks, self.max_context = int(plan.kv["max_blocks"]), int(plan.kv["max_context"])
 
+    @property
+    def step_rows(self) -> tuple[int, ...]:
+        """The row counts of the steps (a call of n rows pays for the smallest that holds n)."""
+        return tuple(s.schedule.rows for s in self.steps)
+
     def _step_for(self, n: int) -> Any:
         if n > self.max_rows:
             raise BitsmithError(f"{n} rows exceed the largest schedule ({self.max_rows})",

@@ -120,3 +120,36 @@ def test_only_rows_that_are_sampled_ask_for_logits():
         engine.step()
         asked.append(list(runner.logits_rows))
     assert asked == [[], [], [2], [0]]
+
+
+class SteppedRunner(ToyRunner):
+    """A ToyRunner whose calls pay for the smallest of `step_rows` that holds them (like KernelRunner)."""
+
+    step_rows = (1, 4, 16, 32, 64)
+
+    def __init__(self) -> None:
+        super().__init__(256, max_rows=64, max_context=128)
+
+
+def test_prefill_chunks_fill_a_step_instead_of_padding_to_the_next():
+    engine = Engine(SteppedRunner())
+    running = [engine.add(Request([3 + i, 4, 5], 40)) for i in range(15)]
+    engine.step()  # 45 prompt rows would pay for 64: 32 now, the rest in later steps
+    assert engine.runner.calls == [32]
+    while any(seq.computed < len(seq.tokens) - 1 for seq in running):
+        engine.step()
+    # from 16 rows up no step is padded to a larger size because of prompt rows
+    assert all(n in SteppedRunner.step_rows or n < 16 for n in engine.runner.calls), engine.runner.calls
+    late = engine.add(Request(list(range(60, 92)), 4))  # 15 decode rows + 32 prompt rows = 47: 32 now
+    engine.step()
+    assert engine.runner.calls[-1] == 32 and late.computed == 17
+    engine.step()  # 15 decode rows + the other 15 prompt rows
+    assert engine.runner.calls[-1] == 30
+    engine.run_until_done()
+    assert late.generated == _alone(list(range(60, 92)), 4, max_rows=64, max_context=128)
+    assert [seq.generated for seq in running] == [_alone([3 + i, 4, 5], 40, max_rows=64, max_context=128)
+                                                  for i in range(15)]
+    small = Engine(SteppedRunner())
+    small.add(Request(list(range(1, 11)), 2))  # under 16 rows: not split (a 4-row step + a 6-row step)
+    small.step()
+    assert small.runner.calls == [10]
