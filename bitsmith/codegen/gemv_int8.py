@@ -261,6 +261,7 @@ def _build(spec: QGemvI8Spec) -> Any:
     OB = Y_BLOCK if n_out % Y_BLOCK == 0 else 1  # outputs per parallel iteration (see `rows`)
     # a 4- or 8-lane tail block: the float steps of 16 // L batch rows share one 16-lane vector
     paired_tail = vtail and L in (4, 8) and tile % (LANES // L) == 0 and tile > 1
+    tail_rows = LANES // L if paired_tail else 1
     reuse_codes = batch // tile > 1  # several batch tiles: a row's chunks unpacked once into a buffer
     cdtype = "int32" if spec.sym else "float32"
     # blocks per pass over the rows: a pass's activations (codes + 32 B of scales and sums per block and
@@ -285,6 +286,14 @@ def _build(spec: QGemvI8Spec) -> Any:
 
     def meta_at(n: Any, blk: Any) -> Any:
         return (blk * batch + n) * 4
+
+    def tail_at(n: Any, byte: Any) -> Any:
+        """Where byte `byte` of row n's tail block (plane p at p 4L, as `_xpos`) lives. Paired tails keep
+        plane p of 16 // L rows side by side: one 512-bit vpdpbusd covers them all."""
+        if not paired_tail:
+            return xq_at(n, full) + byte
+        first, plane, within = n - tirx.floormod(n, tail_rows), tirx.floordiv(byte, 4 * L), tirx.floormod(byte, 4 * L)
+        return xq_at(first, full) + plane * 4 * L * tail_rows + tirx.floormod(n, tail_rows) * 4 * L + within
 
     def chunk_at(n: Any, ch: Any) -> Any:  # the chunk's 4 blocks, same bytes as xq_at(n, 4 ch ..)
         return (ch * batch + n) * KC
@@ -350,7 +359,7 @@ def _build(spec: QGemvI8Spec) -> Any:
                     quantize_blocks(nchunk * CHUNK_BLOCKS * per_block, full * per_block, False)
                 if vtail:  # padding codes stay 0
                     with T.serial(0, tail_bytes) as r:
-                        T.buffer_store(xq, tirx.const(0, "int8"), [xq_at(n, full) + r])
+                        T.buffer_store(xq, tirx.const(0, "int8"), [tail_at(n, r)])
                 for k0 in range(base, n_in, XBLOCK):  # the tail, one value at a time
                     size = min(XBLOCK, n_in - k0)
                     m = _local((1,), "float32")
@@ -361,7 +370,7 @@ def _build(spec: QGemvI8Spec) -> Any:
                     with T.serial(0, size) as r:
                         code = rint(x[n, k0 + r] * inv)
                         if vtail:
-                            T.buffer_store(xq, tirx.Cast("int8", code), [xq_at(n, full) + _xpos(k0 - base + r, L, P)])
+                            T.buffer_store(xq, tirx.Cast("int8", code), [tail_at(n, _xpos(k0 - base + r, L, P))])
                         else:
                             T.buffer_store(xf, code * sxb[n * nb32 + k0 // XBLOCK],
                                            [n * max(rest, 1) + k0 - base + r])
@@ -370,7 +379,7 @@ def _build(spec: QGemvI8Spec) -> Any:
                 # added to the lanes of c = 0 as the dot products' start value) or sx * sum xq shared by
                 # the column's lanes / 4 lanes (asym, times the fp16 zero)
                 def column_terms(lanes: int, xat: Any, meta: Any, b32: Any, pattern: list[int],
-                                 per_lane: bool = False) -> None:
+                                 per_lane: bool = False, plane_stride: int = 0) -> None:
                     """sx4 / c4 of one block; `per_lane`: also sxt / ct spread to the tail's lanes."""
                     share = 4.0 / lanes  # asym: each of the column's lanes / 4 lanes adds its share
                     sx = _expand(lambda i: sxb[i], n * nb32 + b32, pattern)
@@ -379,7 +388,7 @@ def _build(spec: QGemvI8Spec) -> Any:
                     ones = tirx.Broadcast(tirx.const(1, "int8"), 4 * lanes)
                     for p in range(P):  # vpdpbusd with u8 ones: per-lane sums of 4 codes
                         total = _intrin(f"int32x{lanes}", f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", total, ones,
-                                        xq[tirx.Ramp(xat + p * 4 * lanes, 1, 4 * lanes)])
+                                        xq[tirx.Ramp(xat + p * (plane_stride or 4 * lanes), 1, 4 * lanes)])
                     while lanes > 4:  # lanes 4c + i -> column i
                         lanes //= 2
                         total = T.bind(tirx.Shuffle([total], list(range(lanes)))
@@ -412,8 +421,8 @@ def _build(spec: QGemvI8Spec) -> Any:
                         T.buffer_store(cc16, term, [tirx.Ramp(lane_meta(n, ch), 1, LANES)])
                 if vtail:
                     b0 = min(k // XBLOCK for k in tail_k)
-                    column_terms(L, xq_at(n, full), meta_at(n, full), b0, [k // XBLOCK - b0 for k in tail_k],
-                                 per_lane=paired_tail)
+                    column_terms(L, tail_at(n, 0), meta_at(n, full), b0, [k // XBLOCK - b0 for k in tail_k],
+                                 per_lane=paired_tail, plane_stride=4 * L * tail_rows)
 
             # ---- 2. rows in parallel: VNNI dot products per block, fp32 scaling per block
             def vector_block(o: Any, nb: Any, acc: Any, words: Any, lanes: int, blk: Any, g0: Any,
@@ -477,23 +486,21 @@ def _build(spec: QGemvI8Spec) -> Any:
             def paired_tail_block(o: Any, nb: Any, tacc: Any, g0: Any, pattern: list[int]) -> None:
                 """tacc += the tail block's terms: integer dots per batch row on L lanes, then the float steps
                 of 16 // L rows at once (their lanes side by side, as sxt / ct and tacc hold them)."""
-                codes = _unpack(w[o, tirx.Ramp(full * LANES, 1, L)], L, P)
-                cols = [pattern[lane % 4] for lane in range(L)]
                 per = LANES // L
+                codes = [tirx.Shuffle([code] * per, list(range(64)))  # the row's codes once per batch row
+                         for code in _unpack(w[o, tirx.Ramp(full * LANES, 1, L)], L, P)]
+                cols = [pattern[lane % 4] for lane in range(L)]
                 scale = tirx.Shuffle([_expand(lambda i: s[o, i], g0, cols)] * per, list(range(LANES)))
                 zero = None if z is None else tirx.Shuffle([_expand(lambda i: z[o, i], g0, cols)] * per,
                                                            list(range(LANES)))
                 for gi in range(tile // per):
-                    dots = []
-                    for ri in range(per):
-                        n = nb * tile + gi * per + ri
-                        dot = ct[tirx.Ramp(n * L, 1, L)] if spec.sym else tirx.Broadcast(i32(0), L)
-                        for p, code in enumerate(codes):
-                            dot = _intrin(f"int32x{L}", f"llvm.x86.avx512.vpdpbusd.{32 * L}", dot, code,
-                                          xq[tirx.Ramp(xq_at(n, full) + p * 4 * L, 1, 4 * L)])
-                        dots.append(dot)
-                    rows16 = tirx.Ramp((nb * tile + gi * per) * L, 1, LANES)
-                    val = tirx.Cast("float32x16", tirx.Shuffle(dots, list(range(LANES)))) * sxt[rows16]
+                    n0 = nb * tile + gi * per
+                    rows16 = tirx.Ramp(n0 * L, 1, LANES)
+                    dot = ct[rows16] if spec.sym else tirx.Broadcast(i32(0), LANES)
+                    for p, code in enumerate(codes):  # plane p of the `per` rows: one 512-bit vector
+                        dot = _intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", dot, code,
+                                      xq[tirx.Ramp(tail_at(n0, p * 4 * L), 1, 64)])
+                    val = tirx.Cast("float32x16", dot) * sxt[rows16]
                     if zero is not None:
                         val = val - zero * ct[rows16]
                     here = tirx.Ramp(gi * per * L, 1, LANES)
