@@ -29,6 +29,7 @@ from typing import Any
 from bitsmith.codegen.gemv import MAX_BATCH, GemvSpec, PackedWeightLayout
 from bitsmith.codegen.gemv_schedule import batch_tile
 from bitsmith.codegen.target import Target, resolve_target
+from bitsmith.codegen.vnni_ir import expand_lanes, hmax, llvm_intrin, local_buffer, row_sums, unpack_codes
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.quant.packing import LANES, lane_unit
 
@@ -136,111 +137,6 @@ def _xpos(kk: Any, lanes: int, planes: int) -> Any:
     return tirx.floormod(j, planes) * (4 * lanes) + 16 * c + 4 * tirx.floordiv(j, planes) + t
 
 
-# ---------------------------------------------------------------------------------------------
-# TIR through the IR builder: explicit vector types and x86 intrinsics (LLVM 22's vpdpbusd takes
-# <N x i8> operands; TVM's own dot_16x4_vnni intrinsic still passes i32 vectors and fails to verify)
-
-
-def _local(shape: tuple[int, ...], dtype: str) -> Any:
-    """A small per-thread stack buffer: without the annotation TVM 0.27 allocates buffers inside a
-    parallel loop with TVMBackendAllocWorkspace (a call per row) that LLVM cannot keep in registers."""
-    from tvm.script.ir_builder import tirx as T
-
-    return T.alloc_buffer(shape, dtype, annotations={"disable_lower_builtin": True})
-
-
-def _intrin(dtype: str, name: str, *args: Any) -> Any:
-    from tvm.script.ir_builder import tirx as T
-
-    return T.call_llvm_pure_intrin(dtype, name, *args)
-
-
-def _unpack(words: Any, lanes: int, planes: int) -> list[Any]:
-    """uint32 x lanes packed words -> per plane an int8 x 4*lanes vector of u8 codes (see module doc)."""
-    from tvm import tirx
-    from tvm.script.ir_builder import tirx as T
-
-    nbytes = 4 * lanes
-    # per 16-byte chunk: byte 4i + t <- byte 4t + i (in each int32: bytes i, i+4, i+8, i+12)
-    idx = (tirx.Ramp(0, 1, lanes) & 3) * 0x01010101 + 0x0C080400
-    pshufb = {16: "llvm.x86.ssse3.pshuf.b.128", 32: "llvm.x86.avx2.pshuf.b", 64: "llvm.x86.avx512.pshuf.b.512"}
-    shuffled = _intrin(f"int8x{nbytes}", pshufb[nbytes],
-                       T.reinterpret(words, dtype=f"int8x{nbytes}"), T.reinterpret(idx, dtype=f"int8x{nbytes}"))
-    if planes == 1:
-        return [T.bind(shuffled)]
-    t = T.bind(T.reinterpret(shuffled, dtype=f"uint32x{lanes}"))
-    mask = tirx.Broadcast(tirx.const(0x0F0F0F0F, "uint32"), lanes)
-    return [T.bind(T.reinterpret(t & mask, dtype=f"int8x{nbytes}")),
-            T.bind(T.reinterpret((t >> tirx.Broadcast(tirx.const(4, "uint32"), lanes)) & mask, dtype=f"int8x{nbytes}"))]
-
-
-def _expand(load: Any, first: Any, pattern: list[int], dtype: str = "float32") -> Any:
-    """dtype x len(pattern) vector whose lane l is load(first + pattern[l]): one short vector load and a
-    shuffle (a broadcast when the pattern is constant). `load(index)` reads a buffer at index (a Ramp)."""
-    from tvm import tirx
-    from tvm.script.ir_builder import tirx as T
-
-    lanes, width = len(pattern), max(pattern) + 1
-    if width == 1:
-        return T.bind(tirx.Broadcast(tirx.Cast(dtype, load(first)), lanes))
-    vec = T.bind(tirx.Cast(f"{dtype}x{width}", load(tirx.Ramp(first, 1, width))))
-    return T.bind(tirx.Shuffle([vec] * -(-lanes // width), pattern))  # Shuffle needs lanes <= total
-
-
-def _hmax(v: Any, lanes: int) -> Any:
-    """Largest lane of a float vector (a shuffle tree)."""
-    from tvm import tirx
-    from tvm.script.ir_builder import tirx as T
-
-    while lanes > 1:
-        lanes //= 2
-        v = T.bind(tirx.max(tirx.Shuffle([v], list(range(lanes))), tirx.Shuffle([v], list(range(lanes, 2 * lanes)))))
-    return v
-
-
-def _row_sums(vectors: list[Any], lanes: int) -> list[Any]:
-    """The lane sums of several float vectors by halving trees that pair vectors up: per level, one add of
-    two shuffles folds two vectors of s segments into one of 2s half-width segments (~3 ops per row in
-    all, where summing lane by lane costs ~2 ops per lane and row and serializes on the adds)."""
-    from tvm import tirx
-    from tvm.script.ir_builder import tirx as T
-
-    zero = tirx.Broadcast(tirx.const(0.0, "float32"), lanes)
-    rows = len(vectors)
-    vecs, width = list(vectors), lanes  # every vector: lanes // width segments of `width` lanes
-    while len(vecs) > 1 and width > 1:
-        if len(vecs) % 2:
-            vecs.append(zero)
-        half, segs = width // 2, lanes // width
-        lo = [s * width + e for s in range(segs) for e in range(half)]
-        hi = [i + half for i in lo]
-        vecs = [T.bind(tirx.Shuffle([a, b], lo + [lanes + i for i in lo])
-                       + tirx.Shuffle([a, b], hi + [lanes + i for i in hi])) for a, b in zip(vecs[::2], vecs[1::2])]
-        width = half
-    order = _segment_rows(rows, lanes)
-    (v,) = vecs if len(vecs) == 1 else (None,)
-    if v is None:  # more rows than lanes: not used (tiles have at most 8 rows)
-        raise ValueError(f"{rows} rows of {lanes} lanes")
-    count = len(order)
-    while width > 1:  # fold each segment onto its first half
-        half = width // 2
-        v = T.bind(tirx.Shuffle([v], [s * width + e for s in range(count) for e in range(half)])
-                   + tirx.Shuffle([v], [s * width + half + e for s in range(count) for e in range(half)]))
-        width = half
-    return [v] if count == 1 else [tirx.Shuffle([v], [order.index(r)]) for r in range(rows)]
-
-
-def _segment_rows(rows: int, lanes: int) -> list[int]:
-    """Which row each segment of `_row_sums`' last vector holds (-1: padding), in segment order."""
-    vecs, width = [[r] for r in range(rows)], lanes
-    while len(vecs) > 1 and width > 1:
-        if len(vecs) % 2:
-            vecs.append([-1] * len(vecs[0]))
-        vecs = [a + b for a, b in zip(vecs[::2], vecs[1::2])]
-        width //= 2
-    return vecs[0]
-
-
 def _build(spec: QGemvI8Spec) -> Any:
     from tvm import tirx
     from tvm.script.ir_builder import IRBuilder
@@ -338,7 +234,7 @@ def _build(spec: QGemvI8Spec) -> Any:
                     with T.serial(b0, b1) as b:
                         kb, h = tirx.floordiv(b, per_block), tirx.floormod(b, per_block)
                         halves = [T.bind(x[n, tirx.Ramp(b * XBLOCK + 16 * u, 1, 16)]) for u in range(2)]
-                        amax = _hmax(T.bind(tirx.max(tirx.abs(halves[0]), tirx.abs(halves[1]))), 16)
+                        amax = hmax(T.bind(tirx.max(tirx.abs(halves[0]), tirx.abs(halves[1]))), 16)
                         inv = scale_of(n, b, amax)
                         for u, v in enumerate(halves):
                             q = T.bind(tirx.Cast("int8x16", rint(v * tirx.Broadcast(inv, 16))))
@@ -362,7 +258,7 @@ def _build(spec: QGemvI8Spec) -> Any:
                         T.buffer_store(xq, tirx.const(0, "int8"), [tail_at(n, r)])
                 for k0 in range(base, n_in, XBLOCK):  # the tail, one value at a time
                     size = min(XBLOCK, n_in - k0)
-                    m = _local((1,), "float32")
+                    m = local_buffer((1,), "float32")
                     T.buffer_store(m, f32(0.0), [0])
                     with T.serial(0, size) as r:
                         T.buffer_store(m, tirx.max(m[0], tirx.abs(x[n, k0 + r])), [0])
@@ -382,12 +278,12 @@ def _build(spec: QGemvI8Spec) -> Any:
                                  per_lane: bool = False, plane_stride: int = 0) -> None:
                     """sx4 / c4 of one block; `per_lane`: also sxt / ct spread to the tail's lanes."""
                     share = 4.0 / lanes  # asym: each of the column's lanes / 4 lanes adds its share
-                    sx = _expand(lambda i: sxb[i], n * nb32 + b32, pattern)
+                    sx = expand_lanes(lambda i: sxb[i], n * nb32 + b32, pattern)
                     T.buffer_store(sx4, sx, [tirx.Ramp(meta, 1, 4)])
                     total = tirx.Broadcast(i32(0), lanes)
                     ones = tirx.Broadcast(tirx.const(1, "int8"), 4 * lanes)
                     for p in range(P):  # vpdpbusd with u8 ones: per-lane sums of 4 codes
-                        total = _intrin(f"int32x{lanes}", f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", total, ones,
+                        total = llvm_intrin(f"int32x{lanes}", f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", total, ones,
                                         xq[tirx.Ramp(xat + p * (plane_stride or 4 * lanes), 1, 4 * lanes)])
                     while lanes > 4:  # lanes 4c + i -> column i
                         lanes //= 2
@@ -408,13 +304,13 @@ def _build(spec: QGemvI8Spec) -> Any:
                                      [k // XBLOCK for k in full_k])
                 if nchunk:  # per chunk and lane: the activation scale, the zero-point term
                     with T.serial(0, nchunk) as ch:
-                        sx = _expand(lambda i: sxb[i], n * nb32 + ch * (KC // XBLOCK),
+                        sx = expand_lanes(lambda i: sxb[i], n * nb32 + ch * (KC // XBLOCK),
                                      [lane * LW // XBLOCK for lane in range(LANES)])
                         T.buffer_store(sxc, sx, [tirx.Ramp(lane_meta(n, ch), 1, LANES)])
                         total = tirx.Broadcast(i32(0), LANES)
                         ones = tirx.Broadcast(tirx.const(1, "int8"), 64)
                         for m in range(4 * P):
-                            total = _intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", total, ones,
+                            total = llvm_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", total, ones,
                                             xq[tirx.Ramp(chunk_at(n, ch) + 64 * m, 1, 64)])
                         term = (T.bind(total) * tirx.Broadcast(i32(-zconst), LANES) if spec.sym
                                 else sx * tirx.Cast("float32x16", total))
@@ -428,10 +324,10 @@ def _build(spec: QGemvI8Spec) -> Any:
             def vector_block(o: Any, nb: Any, acc: Any, words: Any, lanes: int, blk: Any, g0: Any,
                              pattern: list[int]) -> None:
                 """acc[ni, lanes] += this block's terms for the tile's batch rows."""
-                codes = _unpack(words, lanes, P)
+                codes = unpack_codes(words, lanes, P)
                 cols = [pattern[lane % 4] for lane in range(lanes)]
-                scale = _expand(lambda i: s[o, i], g0, cols)
-                zero = None if z is None else _expand(lambda i: z[o, i], g0, cols)
+                scale = expand_lanes(lambda i: s[o, i], g0, cols)
+                zero = None if z is None else expand_lanes(lambda i: z[o, i], g0, cols)
                 vdp = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
                 spread = [lane % 4 for lane in range(lanes)]
                 for ni in range(tile):
@@ -443,7 +339,7 @@ def _build(spec: QGemvI8Spec) -> Any:
                     else:
                         dot = tirx.Broadcast(i32(0), lanes)
                     for p, code in enumerate(codes):
-                        dot = _intrin(f"int32x{lanes}", vdp, dot, code,
+                        dot = llvm_intrin(f"int32x{lanes}", vdp, dot, code,
                                       xq[tirx.Ramp(xq_at(n, blk) + p * 4 * lanes, 1, 4 * lanes)])
                     val = tirx.Cast(f"float32x{lanes}", dot) * tirx.Shuffle([sx4[meta]] * (lanes // 4), spread)
                     if zero is not None:
@@ -457,7 +353,7 @@ def _build(spec: QGemvI8Spec) -> Any:
                 codes: list[Any] = [None] * (4 * P)
                 for c in range(4):  # 128-bit column c of every block, then the usual unpack
                     col = T.bind(tirx.Shuffle(words, [bb * LANES + 4 * c + e for bb in range(4) for e in range(4)]))
-                    for p, code in enumerate(_unpack(col, LANES, P)):
+                    for p, code in enumerate(unpack_codes(col, LANES, P)):
                         codes[4 * p + c] = code
                 return codes
 
@@ -468,14 +364,14 @@ def _build(spec: QGemvI8Spec) -> Any:
                     g0, pattern = tirx.floordiv(ch * KC, group), [0] * LANES
                 else:
                     g0, pattern = ch * (KC // group), lane_group
-                scale = _expand(lambda i: s[o, i], g0, pattern)
-                zero = None if z is None else _expand(lambda i: z[o, i], g0, pattern)
+                scale = expand_lanes(lambda i: s[o, i], g0, pattern)
+                zero = None if z is None else expand_lanes(lambda i: z[o, i], g0, pattern)
                 for ni in range(tile):
                     n = nb * tile + ni
                     meta = tirx.Ramp(lane_meta(n, ch), 1, LANES)
                     dot = cc16[meta] if spec.sym else tirx.Broadcast(i32(0), LANES)
                     for m, code in enumerate(codes):
-                        dot = _intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", dot, code,
+                        dot = llvm_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", dot, code,
                                       xq[tirx.Ramp(chunk_at(n, ch) + 64 * m, 1, 64)])
                     val = tirx.Cast("float32x16", dot) * sxc[meta]
                     if zero is not None:
@@ -488,17 +384,17 @@ def _build(spec: QGemvI8Spec) -> Any:
                 of 16 // L rows at once (their lanes side by side, as sxt / ct and tacc hold them)."""
                 per = LANES // L
                 codes = [tirx.Shuffle([code] * per, list(range(64)))  # the row's codes once per batch row
-                         for code in _unpack(w[o, tirx.Ramp(full * LANES, 1, L)], L, P)]
+                         for code in unpack_codes(w[o, tirx.Ramp(full * LANES, 1, L)], L, P)]
                 cols = [pattern[lane % 4] for lane in range(L)]
-                scale = tirx.Shuffle([_expand(lambda i: s[o, i], g0, cols)] * per, list(range(LANES)))
-                zero = None if z is None else tirx.Shuffle([_expand(lambda i: z[o, i], g0, cols)] * per,
+                scale = tirx.Shuffle([expand_lanes(lambda i: s[o, i], g0, cols)] * per, list(range(LANES)))
+                zero = None if z is None else tirx.Shuffle([expand_lanes(lambda i: z[o, i], g0, cols)] * per,
                                                            list(range(LANES)))
                 for gi in range(tile // per):
                     n0 = nb * tile + gi * per
                     rows16 = tirx.Ramp(n0 * L, 1, LANES)
                     dot = ct[rows16] if spec.sym else tirx.Broadcast(i32(0), LANES)
                     for p, code in enumerate(codes):  # plane p of the `per` rows: one 512-bit vector
-                        dot = _intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", dot, code,
+                        dot = llvm_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", dot, code,
                                       xq[tirx.Ramp(tail_at(n0, p * 4 * L), 1, 64)])
                     val = tirx.Cast("float32x16", dot) * sxt[rows16]
                     if zero is not None:
@@ -508,7 +404,7 @@ def _build(spec: QGemvI8Spec) -> Any:
 
             def scalar_tail(o: Any, xat: Any) -> Any:
                 """Sum over the tail (any lane count) of s_g (q - z_g) sx xq_k, one value at a time."""
-                part = _local((1,), "float32")
+                part = local_buffer((1,), "float32")
                 T.buffer_store(part, f32(0.0), [0])
                 with T.serial(0, slots) as j, T.serial(0, L) as lane:
                     with T.If(j * L + lane < rest), T.Then():
@@ -524,10 +420,10 @@ def _build(spec: QGemvI8Spec) -> Any:
                 small buffer and reach y OB outputs at a time: one store per cache line, where a store per output
                 to rows of y `n_out` floats apart (49152: 192 KiB, one L1 set) evicts lines before they fill."""
                 with T.parallel(0, n_out // OB) as ob:
-                    acc = _local((tile * LANES,), "float32")
-                    tacc = _local((tile * max(L, 1),), "float32")
-                    ybuf = _local((batch * OB,), "float32")
-                    cbuf = _local((max(chunk // CHUNK_BLOCKS, 1) * 4 * P * 64,), "int8")  # see reuse_codes
+                    acc = local_buffer((tile * LANES,), "float32")
+                    tacc = local_buffer((tile * max(L, 1),), "float32")
+                    ybuf = local_buffer((batch * OB,), "float32")
+                    cbuf = local_buffer((max(chunk // CHUNK_BLOCKS, 1) * 4 * P * 64,), "int8")  # see reuse_codes
                     with T.serial(0, OB) as oi:
                         o = ob * OB + oi
                         chunks = tirx.floordiv(tirx.max(tirx.min(count, nchunk * CHUNK_BLOCKS - kb0), 0), CHUNK_BLOCKS)
@@ -581,7 +477,7 @@ def _build(spec: QGemvI8Spec) -> Any:
                                                              list(range(L)) + [L] * (LANES - L))
                                     part = extra if part is None else part + extra
                                 parts.append(part)
-                            sums = _row_sums(parts, width) if full or vtail else [f32(0.0)] * tile
+                            sums = row_sums(parts, width) if full or vtail else [f32(0.0)] * tile
                             for ni in range(tile):
                                 n = nb * tile + ni
                                 total = sums[ni]
