@@ -45,7 +45,8 @@ def test_compile_writes_a_valid_artifact(tiny_artifact):
     assert m["schema_version"] == 1 and m["provenance"]["tvm_version"] == "0.27.0.post1"
     assert m["weights"]["bytes_by_dtype"].keys() == {"float16"}
     assert set(m["files"]) == {"weights.safetensors", "kernels/host.so"}  # tiny model: no tokenizer
-    assert m["kernels"]["library"] == "kernels/host.so" and set(m["kernels"]["schedules"]) == {"rows1", "rows4", "rows16", "rows64"}
+    assert m["kernels"]["library"] == "kernels/host.so" and set(m["kernels"]["schedules"]) == {
+        "rows1", "rows4", "rows16", "rows32", "rows64"}
     assert sorted(p.name for p in (tiny_artifact / "ir").iterdir())[0] == "00-input.ir"
     assert not [p for p in tiny_artifact.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
