@@ -18,7 +18,7 @@ from bitsmith.codegen.kernel import describe
 from bitsmith.codegen.target import Target, resolve_target
 from bitsmith.errors import BitsmithError
 
-CODEGEN_VERSION = 2  # bump when a kernel's schedule or calling convention changes
+CODEGEN_VERSION = 3  # bump when a kernel's schedule or calling convention changes
 LINKERS = {"aarch64-linux": "aarch64-linux-gnu-gcc"}  # target -> C compiler that links its .so
 
 

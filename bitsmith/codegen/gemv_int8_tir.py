@@ -40,7 +40,7 @@ from bitsmith.passes.quant.packing import LANES, lane_unit
 
 XBLOCK = 32  # activation values per int8 scale
 PREFETCH = (8192, 3)  # software prefetch of the codes: (bytes ahead, llvm locality); 0 bytes: none
-L1_ACTIVATION_BYTES = 24 << 10  # activations a pass over the rows keeps in L1 (see `build_qgemv_i8`)
+L1_ACTIVATION_BYTES = 48 << 10  # activations a pass keeps in L1 (Zen 5: 48 KiB; 16 rows of 1536 in one pass)
 Y_BLOCK = 16  # outputs a thread computes before storing them to y, one cache line per batch row
 CHUNK_BLOCKS = 4  # blocks whose codes one chunk transposes (see `_chunked`)
 CHUNK_MIN_BATCH = 2  # batch rows from which chunks pay for their transposes
