@@ -10,7 +10,8 @@ latency and output tokens/s. Our artifact: SmolLM2-135M int4 (compiled here unle
 llama.cpp: `llama-cpp-python[server]` on the same GGUF converted to Q4_0 (bench/peers/setup_llamacpp.sh).
 Ours is compiled like llama.cpp's Q4_0 file: 4-bit linears (ours g32 RTN; the first and last layer
 16-bit, as our default policy keeps them) and an 8-bit lm_head (`--scheme lm_head=int8`; Q4_0 files
-store the tied output as Q8_0), int8 activations for the 4/8-bit GEMVs as llama.cpp does.
+store the tied output as Q8_0), int8 activations for the 4/8-bit GEMVs as llama.cpp does, and an int8 KV
+cache (`--kv-dtype int8`; llama.cpp's server keeps its default f16 cache).
 Writes bench/serve.md.
 """
 
@@ -156,7 +157,7 @@ def main() -> None:
             artifact = Path(tmp) / "smollm2-int4"
             subprocess.run([sys.executable, "-m", "bitsmith.compiler.cli", "compile", "-o", str(artifact), "--method",
                             "rtn", "--bits", "4", "--group", "32", "--concurrency", "16", "--context", "512",
-                            "--activations", "auto", "--scheme", "lm_head=int8"],
+                            "--activations", "auto", "--scheme", "lm_head=int8", "--kv-dtype", "int8"],
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         proc, port = serve_ours(artifact)
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ from bitsmith.codegen.kernel import describe
 from bitsmith.codegen.target import Target, resolve_target
 from bitsmith.errors import BitsmithError
 
-CODEGEN_VERSION = 3  # bump when a kernel's schedule or calling convention changes
+CODEGEN_VERSION = 4  # bump when a kernel's calling convention changes (source edits are keyed below)
 LINKERS = {"aarch64-linux": "aarch64-linux-gnu-gcc"}  # target -> C compiler that links its .so
 
 
@@ -32,8 +33,23 @@ def kernel_key(spec: Any, target: Target) -> str:
     """sha256 of what determines the machine code: the spec, the target dict, TVM and codegen versions."""
     import tvm
 
-    identity = {"spec": describe(spec), "target": target.tvm, "tvm": tvm.__version__, "codegen": CODEGEN_VERSION}
+    identity = {"spec": describe(spec), "target": target.tvm, "tvm": tvm.__version__, "codegen": CODEGEN_VERSION,
+                "source": codegen_source_hash()}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=1)
+def codegen_source_hash() -> str:
+    """sha256 of every kernel generator's source (this package and the packing it reads): any edit to a
+    kernel invalidates its cached machine code, without relying on a version bump (a forgotten bump once
+    served kernels with a fixed bug from the cache)."""
+    root = Path(__file__).resolve().parent
+    files = sorted(root.rglob("*.py")) + [root.parent / "passes" / "quant" / "packing.py"]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(root.parent).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

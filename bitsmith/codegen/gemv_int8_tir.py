@@ -240,7 +240,16 @@ def build_qgemv_i8(spec: Any) -> Any:
                         spread = [lane % 4 for lane in range(L)]
                         copies = L // 4  # Shuffle takes at most the lanes it is given
                         T.buffer_store(sxt, tirx.Shuffle([T.bind(sx)] * copies, spread), [tirx.Ramp(n * L, 1, L)])
-                        T.buffer_store(ct, tirx.Shuffle([T.bind(term)] * copies, spread), [tirx.Ramp(n * L, 1, L)])
+                        # sym: the whole -z sum xq of a column starts one of its lanes (c = 0), as in
+                        # vector_block; asym: every lane its share (term already holds 4 / L of it)
+                        if L == 4:  # one lane per column
+                            start = term
+                        elif spec.sym:
+                            start = tirx.Shuffle([T.bind(term), tirx.Broadcast(i32(0), L - 4)],
+                                                 list(range(4)) + [4] * (L - 4))
+                        else:
+                            start = tirx.Shuffle([T.bind(term)] * copies, spread)
+                        T.buffer_store(ct, start, [tirx.Ramp(n * L, 1, L)])
 
                 if full > nchunk * CHUNK_BLOCKS:
                     with T.serial(nchunk * CHUNK_BLOCKS, full) as kb:

@@ -202,6 +202,9 @@ class Api:
 def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # one small write per streamed token: send each at once (TCP_NODELAY) instead of letting Nagle's
+        # algorithm hold it until the client acknowledges the previous one
+        disable_nagle_algorithm = True
         server_version = "bitsmith"
 
         def log_message(self, fmt: str, *args: Any) -> None:  # quiet: one line per request is too much under load
