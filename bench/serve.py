@@ -12,7 +12,7 @@ Ours is compiled like llama.cpp's Q4_0 file: 4-bit linears (ours g32 RTN; the fi
 16-bit, as our default policy keeps them) and an 8-bit lm_head (`--scheme lm_head=int8`; Q4_0 files
 store the tied output as Q8_0), int8 activations for the 4/8-bit GEMVs as llama.cpp does, and an int8 KV
 cache (`--kv-dtype int8`; llama.cpp's server keeps its default f16 cache).
-Writes bench/serve.md.
+Prints the table (and with --out writes it to a file); bench/serve.md quotes a run.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--llamacpp-venv", type=Path, default=Path.home() / ".cache" / "bitsmith" / "llamacpp-venv")
     parser.add_argument("--llamacpp-gguf", type=Path,
                         default=Path.home() / ".cache" / "bitsmith" / "llamacpp-models" / "SmolLM2-135M-Instruct.from-Q4_1.Q4_0.gguf")
-    parser.add_argument("--out", type=Path, default=HERE / "serve.md")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table to this file")
     args = parser.parse_args()
     report = {"ours": [], "llamacpp": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -189,7 +189,8 @@ def main() -> None:
     ours = {r["concurrency"]: r["tok_s"] for r in report["ours"]}
     if 1 in ours and 16 in ours:
         lines.append(f"\nours: throughput at concurrency 16 / concurrency 1 = {ours[16] / ours[1]:.2f}x")
-    args.out.write_text("\n".join(lines) + "\n")
+    if args.out is not None:
+        args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.json:
         print(json.dumps(report))
