@@ -198,8 +198,9 @@ def _matmul_spec(k: Any, n_out: int, n_in: int, bits: int, group: int, sym: bool
     dot products for 4/8-bit weights when allowed (bandwidth-bound instead of FMA-bound); from
     GEMM_MIN_ROWS rows the dequant-GEMM (a weight tile dequantized once, then an FMA micro-kernel).
     The VNNI kernel also wins on many rows, where it transposes 4 blocks of codes at a time (chunks):
-    SmolLM2 int4 shapes at 16 rows 0.015-0.074 ms, at 64 rows 0.13-0.33 ms against the GEMM's
-    0.20-0.53 ms; the int8 49152x576 lm_head 2.5 ms at 16 rows, so it takes every row count it has."""
+    SmolLM2's int4 shapes at 16 rows 0.025-0.059 ms against the GEMM's 0.06-0.15 ms, at 64 rows
+    0.14-0.20 ms against 0.20-0.30 ms; the int8 49152x576 lm_head 1.4 ms against 3.3 ms at 16 rows, the
+    same at 64 (bench/kernels.md), so it takes every row count it has."""
     if int8_activations and bits in (4, 8) and rows <= I8_MAX_BATCH:
         return k.QGemvI8Spec(n_out, n_in, bits, group, sym, rows)
     if rows >= GEMM_MIN_ROWS:
