@@ -257,10 +257,12 @@ def bench(artifact: Path, levels: str, prompt_tokens: int, output_tokens: int, r
     """Time to first token, inter-token latency and throughput of ARTIFACT at each concurrency.
 
     Greedy decoding of fixed-length outputs from a fixed-length prompt, closed loop: a new request
-    starts as soon as one finishes, on the continuous-batching engine (no HTTP).
+    starts as soon as one finishes, on the continuous-batching engine (no HTTP). Request i has the same
+    prompt at every level; "1st token = c1" is the share of requests whose first token matches the
+    first level's (a check that batched steps agree with single-sequence ones).
     """
     from bitsmith.runtime.artifact import load_artifact
-    from bitsmith.runtime.bench import bench_prompts, format_table, run_concurrency
+    from bitsmith.runtime.bench import agreement_with_first, bench_prompts, format_table, run_concurrency
     from bitsmith.runtime.engine import Engine
     from bitsmith.runtime.executor import open_runner
 
@@ -273,8 +275,8 @@ def bench(artifact: Path, levels: str, prompt_tokens: int, output_tokens: int, r
     except ValueError as exc:
         raise BitsmithError(f"--concurrency {levels!r} is not a list of integers", fix="write e.g. 1,4,16") from exc
     _log(f"bench {artifact}: prompt {prompt_tokens} tokens, output {output_tokens} tokens, concurrency {conc}")
-    results = [run_concurrency(lambda: Engine(runner, tokenizer), prompt_of, output_tokens, c,
-                               requests or max(4, 2 * c)) for c in conc]
+    results = agreement_with_first([run_concurrency(lambda: Engine(runner, tokenizer), prompt_of, output_tokens, c,
+                                                    requests or max(4, 2 * c)) for c in conc])
     if as_json:
         click.echo(json.dumps({"prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
                                "results": [r.to_json() for r in results]}))

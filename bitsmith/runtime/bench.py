@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -26,9 +27,30 @@ class BenchResult:
     itl_ms_median: float
     throughput_tok_s: float  # generated tokens per second of wall time
     wall_s: float
+    # of the requests the first level also ran, the share whose first generated token is the first
+    # level's (set by `agreement_with_first`): a smoke alarm for batched kernels that disagree with small
+    # steps. Later tokens may rightly differ: with int8 activations a tiny float difference flips a
+    # rounding, outputs then depend on how rows were batched (logits rms ~0.2 apart on SmolLM2), and
+    # greedy decoding follows the first near-tie apart
+    same_as_first: float | None = None
+    outputs: tuple[tuple[int, ...], ...] = field(default=(), repr=False, compare=False)
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "outputs"}
+
+
+def agreement_with_first(results: list[BenchResult]) -> list[BenchResult]:
+    """`results` with `same_as_first` set: request i has the same prompt at every level and decoding is
+    greedy, so its first token should not depend on how many other sequences shared its steps."""
+    if not results:
+        return results
+    first = results[0].outputs
+    out = []
+    for r in results:
+        pairs = [(a[0], b[0]) for a, b in zip(first, r.outputs) if a and b]
+        same = sum(a == b for a, b in pairs) / len(pairs) if pairs else None
+        out.append(dataclasses.replace(r, same_as_first=same))
+    return out
 
 
 def bench_prompts(tokenizer: Any, tokens: int) -> Callable[[int], list[int]]:
@@ -75,12 +97,15 @@ def run_concurrency(make_engine: Callable[[], Engine], prompt_of: Callable[[int]
     generated = sum(len(s.generated) for s in seqs)
     return BenchResult(concurrency, len(seqs), len(seqs[0].request.prompt), output_tokens, 1e3 * statistics.median(ttft),
                        1e3 * float(np.percentile(ttft, 90)), 1e3 * statistics.median(itl) if itl else 0.0,
-                       generated / wall, wall)
+                       generated / wall, wall, outputs=tuple(tuple(s.generated) for s in seqs))
 
 
 def format_table(results: list[BenchResult]) -> str:
-    lines = [f"{'concurrency':>11} {'requests':>8} {'TTFT ms (p50/p90)':>18} {'ITL ms p50':>10} {'tok/s':>8}"]
+    first = results[0].concurrency if results else 1
+    lines = [f"{'concurrency':>11} {'requests':>8} {'TTFT ms (p50/p90)':>18} {'ITL ms p50':>10} {'tok/s':>8} "
+             f"{f'1st token = c{first}':>15}"]
     for r in results:
+        same = "-" if r.same_as_first is None else f"{100 * r.same_as_first:.0f}%"
         lines.append(f"{r.concurrency:>11} {r.requests:>8} {r.ttft_ms_median:>8.1f} / {r.ttft_ms_p90:>7.1f} "
-                     f"{r.itl_ms_median:>10.2f} {r.throughput_tok_s:>8.1f}")
+                     f"{r.itl_ms_median:>10.2f} {r.throughput_tok_s:>8.1f} {same:>15}")
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bitsmith.runtime.bench import bench_prompts, run_concurrency
+from bitsmith.runtime.bench import agreement_with_first, bench_prompts, format_table, run_concurrency
 from bitsmith.runtime.engine import Engine
 from test_engine import ToyRunner
 
@@ -35,3 +35,22 @@ def test_closed_loop_finishes_every_request_without_prefix_hits():
     assert result.requests == 7 and result.prompt_tokens == 10 and result.throughput_tok_s > 0
     assert engines[0].stats.rows == 7 * (10 + 5 - 1)  # every prompt token prefilled, every output decoded
     assert engines[0].pool.stats.prefix_hit_tokens == 0
+
+
+class SkewedRunner(ToyRunner):
+    """A ToyRunner whose steps of more than one row return another row's scores: a batched kernel bug."""
+
+    def run(self, tokens, positions, tables, logits_rows=None):
+        logits = super().run(tokens, positions, tables, logits_rows)
+        return logits if len(tokens) == 1 else logits[::-1].copy()
+
+
+def test_outputs_are_compared_with_the_first_level():
+    prompt_of = bench_prompts(WordTokenizer(), 10)
+    levels = [run_concurrency(lambda: Engine(ToyRunner(64)), prompt_of, 6, concurrency=c, requests=4) for c in (1, 3)]
+    good = agreement_with_first(levels)
+    assert [r.same_as_first for r in good] == [1.0, 1.0]  # greedy: batching changes nothing
+    assert "100%" in format_table(good) and "outputs" not in good[1].to_json()
+    skewed = run_concurrency(lambda: Engine(SkewedRunner(64)), prompt_of, 6, concurrency=3, requests=4)
+    bad = agreement_with_first([levels[0], skewed])
+    assert bad[1].same_as_first <= 0.5
