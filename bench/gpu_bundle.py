@@ -59,6 +59,14 @@ def check_specs() -> list:
     ]
 
 
+def timing_specs() -> list:
+    """Int4 GEMVs timed on the GPU without reference outputs (their weights are drawn there): large enough
+    that launch latency does not hide the memory bandwidth, as it does for 4096x4096's 9 MB."""
+    from bitsmith.codegen import families as k
+
+    return [k.GemvSpec(14336, 4096, 4, 32, True, 1), k.GemvSpec(16384, 16384, 4, 32, True, 1)]
+
+
 def _random_args(spec, rng: np.random.Generator) -> tuple[list[np.ndarray], list[int]]:
     """Inputs and zeroed outputs for `spec` in its calling convention; the indices to compare."""
     from bitsmith.codegen import families as k
@@ -101,7 +109,11 @@ def build_kernel_cases(out: Path, arch: str) -> None:
     from bitsmith.codegen.kernel import call_kernel
 
     specs, rng = check_specs(), np.random.default_rng(0)
-    build_cuda_library(specs, f"cuda_{arch}", out / "kernels" / "kernels_check.so", log=print)
+    build_cuda_library(specs + timing_specs(), f"cuda_{arch}", out / "kernels" / "kernels_check.so", log=print)
+    (out / "kernels" / "timing.json").write_text(json.dumps([
+        {"name": t.name, "weight_shape": list(t.weight_shape()), "scales_shape": [t.out_features, t.n_groups],
+         "in_features": t.in_features, "out_features": t.out_features, "weight_bytes": t.weight_bytes()}
+        for t in timing_specs()], indent=1))
     print("fatbin archs:", sorted(fatbin_archs(out / "kernels" / "kernels_check.so")))
     arrays, meta = {}, []
     for i, spec in enumerate(specs):
