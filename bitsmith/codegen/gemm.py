@@ -31,6 +31,7 @@ import numpy as np
 
 from bitsmith.codegen.gemv import DENSE_BITS, PackedWeightLayout, _code
 from bitsmith.codegen.target import Target, resolve_target
+from bitsmith.codegen.vnni_ir import prefetch
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.quant.packing import LANES, lane_unit
 
@@ -206,14 +207,6 @@ def _gemm_func(spec: GemmSpec, target: Target) -> Any:
     return ib.get()
 
 
-def _prefetch(load: Any) -> None:
-    """Prefetch the cache line of `load` (a BufferLoad: only its address is used; never faults)."""
-    from tvm import tirx
-    from tvm.script.ir_builder import tirx as T
-
-    T.evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", tirx.address_of(load), 0, 3, 1))
-
-
 def _emit_convert(n_in: int, wd: Any, row0: Any, o: Any, nxt: Any, w: Any, k0: Any, blocks: int,
                   tail: bool) -> None:
     """wd[row0 + kk] = float32(W[o, k0 + kk]) for a slab: 16 at a time, then the last K % 16 one by one."""
@@ -222,7 +215,7 @@ def _emit_convert(n_in: int, wd: Any, row0: Any, o: Any, nxt: Any, w: Any, k0: A
     if blocks:
         with T.serial(0, blocks) as kb:
             if nxt is not None:
-                _prefetch(w[nxt, k0 + kb * LANES])
+                prefetch(w[nxt, k0 + kb * LANES])
             with T.vectorized(0, LANES) as l:
                 T.buffer_store(wd, _f32(w[o, k0 + kb * LANES + l]), [row0 + kb * LANES + l])
     if tail:
@@ -258,9 +251,9 @@ def _emit_dequant(spec: GemmSpec, wd: Any, row0: Any, o: Any, nxt: Any, w: Any, 
         with T.serial(0, blocks) as kb:
             if nxt is not None:  # the block's U lines of codes and its first scale (and zero)
                 for p in range(units):
-                    _prefetch(w[nxt, ((kb0 + kb) * units + p) * LANES])
+                    prefetch(w[nxt, ((kb0 + kb) * units + p) * LANES])
                 for buf in (s, z) if z is not None else (s,):
-                    _prefetch(buf[nxt, tirx.min((kb0 + kb) * unit // group, n_groups - 1)])
+                    prefetch(buf[nxt, tirx.min((kb0 + kb) * unit // group, n_groups - 1)])
             with T.unroll(0, slots) as j:
                 local = kb * unit + j * LANES
                 sc, addend = scale_and_addend((kb0 * unit + local) // group)

@@ -35,7 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 from bitsmith.codegen.gemv_schedule import batch_tile
-from bitsmith.codegen.vnni_ir import expand_lanes, hmax, llvm_intrin, local_buffer, row_sums, unpack_codes
+from bitsmith.codegen.vnni_ir import expand_lanes, hmax, llvm_intrin, local_buffer, prefetch, row_sums, unpack_codes
 from bitsmith.passes.quant.packing import LANES, lane_unit
 
 XBLOCK = 32  # activation values per int8 scale
@@ -300,6 +300,11 @@ def build_qgemv_i8(spec: Any) -> Any:
                     here = tirx.Ramp(ni * lanes, 1, lanes)
                     T.buffer_store(acc, acc[here] + val * scale, [here])
 
+            def prefetch_chunk(o: Any, ch: Any) -> None:
+                """The codes PREFETCH[0] bytes past chunk ch of row o (the rows that come next)."""
+                for bb in range(CHUNK_BLOCKS if PREFETCH[0] else 0):
+                    prefetch(w[o, (ch * CHUNK_BLOCKS + bb) * LANES + PREFETCH[0] // 4], PREFETCH[1])
+
             def chunk_codes(o: Any, ch: Any) -> list[Any]:
                 """Chunk ch of row o as 4 P int8 x 64 vectors of u8 codes, vector m = 4 p + c (see above)."""
                 words = [w[o, tirx.Ramp((ch * CHUNK_BLOCKS + bb) * LANES, 1, LANES)] for bb in range(CHUNK_BLOCKS)]
@@ -383,6 +388,7 @@ def build_qgemv_i8(spec: Any) -> Any:
                         if nchunk and reuse_codes:  # unpack the pass's chunks of row o once for every batch tile
                             with T.serial(0, chunks) as cc:
                                 ch = tirx.floordiv(kb0, CHUNK_BLOCKS) + cc
+                                prefetch_chunk(o, ch)
                                 for m, code in enumerate(chunk_codes(o, ch)):
                                     T.buffer_store(cbuf, code, [tirx.Ramp((cc * 4 * P + m) * 64, 1, 64)])
                         with T.serial(0, batch // tile) as nb:
@@ -391,22 +397,18 @@ def build_qgemv_i8(spec: Any) -> Any:
                             if nchunk:  # the pass's chunks (passes start on a chunk), then its other blocks
                                 with T.serial(0, chunks) as cc:
                                     ch = tirx.floordiv(kb0, CHUNK_BLOCKS) + cc
-                                    if PREFETCH[0]:
-                                        for bb in range(CHUNK_BLOCKS):
-                                            ahead = (ch * CHUNK_BLOCKS + bb) * LANES + PREFETCH[0] // 4
-                                            T.evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0",
-                                                                             tirx.address_of(w[o, ahead]), 0,
-                                                                             PREFETCH[1], 1))
-                                    codes = ([cbuf[tirx.Ramp((cc * 4 * P + m) * 64, 1, 64)] for m in range(4 * P)]
-                                             if reuse_codes else chunk_codes(o, ch))
+                                    if reuse_codes:  # unpacked (and prefetched) above
+                                        codes = [cbuf[tirx.Ramp((cc * 4 * P + m) * 64, 1, 64)] for m in range(4 * P)]
+                                    else:
+                                        prefetch_chunk(o, ch)
+                                        codes = chunk_codes(o, ch)
                                     chunk_block(o, nb, acc, ch, codes)
                                 first_block, blocks = kb0 + chunks * CHUNK_BLOCKS, count - chunks * CHUNK_BLOCKS
                             if full:
                                 with T.serial(0, blocks) as kk:
                                     kb = first_block + kk
-                                    if PREFETCH[0]:  # may point past the row, into the next rows (never faults)
-                                        T.evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", tirx.address_of(
-                                            w[o, kb * LANES + PREFETCH[0] // 4]), 0, PREFETCH[1], 1))
+                                    if PREFETCH[0]:  # may point past the row, into the next rows
+                                        prefetch(w[o, kb * LANES + PREFETCH[0] // 4], PREFETCH[1])
                                     if group >= BK or group == n_in:  # one group per block
                                         g0, pattern = tirx.floordiv(kb * BK, group), [0] * 4
                                     else:

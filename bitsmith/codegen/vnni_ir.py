@@ -24,6 +24,15 @@ def llvm_intrin(dtype: str, name: str, *args: Any) -> Any:
     return T.call_llvm_pure_intrin(dtype, name, *args)
 
 
+def prefetch(load: Any, locality: int = 3) -> None:
+    """Prefetch the cache line of `load` (a BufferLoad: only its address is used; never faults, so the
+    address may run past its row or buffer)."""
+    from tvm import tirx
+    from tvm.script.ir_builder import tirx as T
+
+    T.evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", tirx.address_of(load), 0, locality, 1))
+
+
 def unpack_codes(words: Any, lanes: int, planes: int) -> list[Any]:
     """uint32 x lanes packed words -> per plane an int8 x 4*lanes vector of u8 codes: one `vpshufb` transposes
     the 4x4 byte tiles of each 16-byte chunk (int32 lane 4c + i <- byte i of words 4c..4c+3), then 4-bit codes
