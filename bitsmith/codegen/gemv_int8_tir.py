@@ -23,11 +23,13 @@ Many rows (batch >= 2, compute-bound): the first full blocks go in chunks of 4. 
 transposed (128-bit column c of block b -> lane group b of vector c) before the unpack, so int32 lane
 4 b + i holds column i of block b in all 4 P vectors: a lane stays in one 32-block for the whole chunk,
 4 P vpdpbusd per batch row accumulate 16 different 32-blocks, and one int->float conversion, scale
-and FMA serve 512 values (b = 4) instead of 128. With several batch tiles a row's chunks are unpacked
-once into a stack buffer. 4/8-lane tails keep plane p of 16 / L batch rows side by side, so one 512-bit
-vpdpbusd and one float step cover them. Lane sums end in shuffle trees that pair rows up, and y is
-written 16 outputs (a cache line per row) at a time: a store per output to rows of y 49152 floats
-apart falls in one L1 set and evicted lines before they filled.
+and FMA serve 512 values (b = 4) instead of 128. Each batch tile unpacks a row's chunks again: unpacking
+them once into a stack buffer for every tile ran as fast with weights in cache but 1.25x slower with
+weights streamed from DRAM (576x1536, 16 rows; those 24 vector stores per row, in a C loop too, stop the
+DRAM traffic from overlapping the compute). 4/8-lane tails keep plane p of 16 / L batch rows side by
+side, so one 512-bit vpdpbusd and one float step cover them. Lane sums end in shuffle trees that pair
+rows up, and y is written 16 outputs (a cache line per row) at a time: a store per output to rows of y
+49152 floats apart falls in one L1 set and evicted lines before they filled.
 """
 
 from __future__ import annotations
@@ -102,7 +104,6 @@ def build_qgemv_i8(spec: Any) -> Any:
     # a 4- or 8-lane tail block: the float steps of 16 // L batch rows share one 16-lane vector
     paired_tail = vtail and L in (4, 8) and tile % (LANES // L) == 0 and tile > 1
     tail_rows = LANES // L if paired_tail else 1
-    reuse_codes = batch // tile > 1  # several batch tiles: a row's chunks unpacked once into a buffer
     cdtype = "int32" if spec.sym else "float32"
     # blocks per pass over the rows: a pass's activations (codes + 32 B of scales and sums per block and
     # batch row) stay in L1 while every row of the pass reads them
@@ -381,28 +382,17 @@ def build_qgemv_i8(spec: Any) -> Any:
                     acc = local_buffer((tile * LANES,), "float32")
                     tacc = local_buffer((tile * max(L, 1),), "float32")
                     ybuf = local_buffer((batch * OB,), "float32")
-                    cbuf = local_buffer((max(chunk // CHUNK_BLOCKS, 1) * 4 * P * 64,), "int8")  # see reuse_codes
                     with T.serial(0, OB) as oi:
                         o = ob * OB + oi
                         chunks = tirx.floordiv(tirx.max(tirx.min(count, nchunk * CHUNK_BLOCKS - kb0), 0), CHUNK_BLOCKS)
-                        if nchunk and reuse_codes:  # unpack the pass's chunks of row o once for every batch tile
-                            with T.serial(0, chunks) as cc:
-                                ch = tirx.floordiv(kb0, CHUNK_BLOCKS) + cc
-                                prefetch_chunk(o, ch)
-                                for m, code in enumerate(chunk_codes(o, ch)):
-                                    T.buffer_store(cbuf, code, [tirx.Ramp((cc * 4 * P + m) * 64, 1, 64)])
                         with T.serial(0, batch // tile) as nb:
                             T.buffer_store(acc, tirx.Broadcast(f32(0.0), tile * LANES), [tirx.Ramp(0, 1, tile * LANES)])
                             first_block, blocks = kb0, count
                             if nchunk:  # the pass's chunks (passes start on a chunk), then its other blocks
                                 with T.serial(0, chunks) as cc:
                                     ch = tirx.floordiv(kb0, CHUNK_BLOCKS) + cc
-                                    if reuse_codes:  # unpacked (and prefetched) above
-                                        codes = [cbuf[tirx.Ramp((cc * 4 * P + m) * 64, 1, 64)] for m in range(4 * P)]
-                                    else:
-                                        prefetch_chunk(o, ch)
-                                        codes = chunk_codes(o, ch)
-                                    chunk_block(o, nb, acc, ch, codes)
+                                    prefetch_chunk(o, ch)
+                                    chunk_block(o, nb, acc, ch, chunk_codes(o, ch))
                                 first_block, blocks = kb0 + chunks * CHUNK_BLOCKS, count - chunks * CHUNK_BLOCKS
                             if full:
                                 with T.serial(0, blocks) as kk:
