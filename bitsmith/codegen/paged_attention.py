@@ -23,10 +23,12 @@ from typing import Any
 from bitsmith.codegen.attention import MAX_CACHE_ELEMENTS, TILE, _lanes, heads_per_task, tile_macros
 from bitsmith.codegen.kernel import c_float
 from bitsmith.codegen.target import Target
+from bitsmith.codegen.vnni_ir import fold_rows
 from bitsmith.errors import BitsmithError
 
 KV_DTYPES = {"float32": "f32", "float16": "f16", "int8": "i8"}  # pool dtype -> name token
 INT8_MAX = 127  # symmetric codes in [-127, 127]
+KEY_GROUP = 2  # key positions whose scores are summed together (see `key_group_scores`)
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ class PagedAttentionSpec:
 def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
     from tvm import tirx
     from tvm.script import tirx as T
+    from tvm.script.ir_builder import tirx as IB
 
     R, H, KV, D = spec.rows, spec.heads, spec.kv_heads, spec.head_dim
     BS, NB, MB = spec.block_size, spec.num_blocks, spec.max_blocks
@@ -130,6 +133,8 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
     quant = dt == "int8"
     PER_LINE = 64 // {"float32": 4, "float16": 2, "int8": 1}[dt]  # elements per 64-byte cache line
     LINES = -(-D // PER_LINE)  # cache lines of one kv head's row
+    # key positions whose scores one pairing tree sums (1: each alone); the tree takes at most L vectors
+    QP = KEY_GROUP if KEY_GROUP * HG <= L else 1
     m = tile_macros(HG, L, D, float(spec.scale) * math.log2(math.e))
     start, scores_sum, softmax_step, finish, zeros = m.start, m.scores_sum, m.softmax_step, m.finish, m.zeros
 
@@ -169,6 +174,34 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
                         T.int32(0), T.int32(2), T.int32(1)))
 
     @T.macro
+    def key_dots(qs, cache, part, u, pb, slot, kh):
+        """part[u, hh, :] = lane-wise products of query head hh with the key at (pb, slot, kh), summed over
+        the head_dim / L vectors of a head (the lane sums follow)."""
+        for hh in T.unroll(HG):
+            for l in T.vectorized(L):
+                part[(u * HG + hh) * L + l] = T.float32(0)
+        for d0 in T.unroll(DO):
+            for hh in T.unroll(HG):
+                for l in T.vectorized(L):
+                    part[(u * HG + hh) * L + l] = part[(u * HG + hh) * L + l] + qs[hh * D + d0 * L + l] * widen(
+                        cache[pb, 0, slot, kh, d0 * L + l])
+
+    def key_group_scores(part, sc, scales, col, pb, slot, kh):
+        """sc[hh, col + u] = the lane sum of part[u, hh, :] (times the key's int8 scale) for the QP positions
+        u of a group: one pairing tree for all QP x HG sums and a QP-lane store per head, where summing
+        each vector alone (scores_sum) costs ~2 ops per lane bit and a store per position and head."""
+        vectors = [part[tirx.Ramp((u * HG + hh) * L, 1, L)] for u in range(QP) for hh in range(HG)]
+        folded, order = fold_rows(vectors, L)
+        for hh in range(HG):
+            scores = tirx.Shuffle([folded], [order.index(u * HG + hh) for u in range(QP)])
+            if quant:
+                scores = scores * tirx.Shuffle([scales[pb, 0, slot + u, kh] for u in range(QP)], list(range(QP)))
+            IB.buffer_store(sc, scores, [tirx.Ramp(hh * B + col, 1, QP)])
+
+    def value_scale(scales, pb, slot, kh):
+        return scales[pb, 1, slot, kh] if quant else T.float32(1)
+
+    @T.macro
     def body(q, k, v, positions, block_tables, cache, scales, out):
         # phase 1: every row's k/v into its sequence's block (serial: later rows win, as in numpy)
         qt = T.alloc_buffer((2,), "float32")  # int8: max |x|, scale
@@ -195,7 +228,7 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
                 acc = T.alloc_buffer((HG * D,), "float32")
                 sc = T.alloc_buffer((HG * B,), "float32")
                 red = T.alloc_buffer((HG * B,), "float32")
-                part = T.alloc_buffer((HG * L,), "float32")
+                part = T.alloc_buffer((QP * HG * L,), "float32")
                 st = T.alloc_buffer((HG * 4,), "float32")  # per head: running max, running sum, scratch x2
                 ok = T.alloc_buffer((1,), "int32")
                 # every block holding a visible position must be in the pool (never dereference others)
@@ -219,15 +252,12 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
                             pb = T.bind(block_tables[r, s1 // BS])
                             base = T.bind(s1 % BS)
                             prefetch_next_run(block_tables, cache, r, kh, s2, p)
-                            for j in range(s2 - s1 + 1):
-                                for hh in T.unroll(HG):
-                                    for l in T.vectorized(L):
-                                        part[hh * L + l] = T.float32(0)
-                                for d0 in T.unroll(DO):
-                                    for hh in T.unroll(HG):
-                                        for l in T.vectorized(L):
-                                            part[hh * L + l] = part[hh * L + l] + qs[hh * D + d0 * L + l] * widen(
-                                                cache[pb, 0, base + j, kh, d0 * L + l])
+                            for jp in range((s2 - s1 + 1) // QP):  # QP positions at a time (see `key_group`)
+                                for u in T.unroll(QP):
+                                    key_dots(qs, cache, part, u, pb, base + jp * QP + u, kh)
+                                key_group_scores(part, sc, scales, s1 - a + jp * QP, pb, base + jp * QP, kh)
+                            for j in range((s2 - s1 + 1) // QP * QP, s2 - s1 + 1):
+                                key_dots(qs, cache, part, 0, pb, base + j, kh)
                                 scores_sum(part, sc, s1 - a + j)
                                 if quant:
                                     for hh in T.unroll(HG):
@@ -239,15 +269,13 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
                             s2 = T.bind(T.min(e, t0 + (c0 + c) * SPB + SPB - 1))
                             pb = T.bind(block_tables[r, s1 // BS])
                             base = T.bind(s1 % BS)
-                            for j in range(s2 - s1 + 1):
-                                if quant:
-                                    for hh in T.unroll(HG):
-                                        sc[hh * B + s1 - a + j] = sc[hh * B + s1 - a + j] * scales[pb, 1, base + j, kh]
+                            for j in range(s2 - s1 + 1):  # (int8: the value's scale joins its probability)
                                 for d0 in T.unroll(DO):
                                     for hh in T.unroll(HG):
                                         for l in T.vectorized(L):
                                             acc[hh * D + d0 * L + l] = acc[hh * D + d0 * L + l] + sc[
-                                                hh * B + s1 - a + j] * widen(cache[pb, 1, base + j, kh, d0 * L + l])
+                                                hh * B + s1 - a + j] * value_scale(scales, pb, base + j, kh) * widen(
+                                                cache[pb, 1, base + j, kh, d0 * L + l])
                     finish(out, r, h0, acc, st)
 
     # parameter buffer types (one object per parameter: a shared one would alias the parameters)

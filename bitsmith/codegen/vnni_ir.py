@@ -1,7 +1,8 @@
 """IR-builder helpers for hand-written x86 vector kernels: LLVM intrinsics, code unpacking, lane shuffles, sums.
 
 TIR through the IR builder with explicit vector types: LLVM 22's vpdpbusd takes <N x i8> operands, and
-TVM's own dot_16x4_vnni intrinsic still passes i32 vectors and fails to verify. Used by gemv_int8.py.
+TVM's own dot_16x4_vnni intrinsic still passes i32 vectors and fails to verify. Used by gemv_int8.py (and
+`fold_rows`, target-neutral, by paged_attention.py).
 """
 
 from __future__ import annotations
@@ -78,10 +79,11 @@ def hmax(v: Any, lanes: int) -> Any:
     return v
 
 
-def row_sums(vectors: list[Any], lanes: int) -> list[Any]:
-    """The lane sums of several float vectors by halving trees that pair vectors up: per level, one add of
-    two shuffles folds two vectors of s segments into one of 2s half-width segments (~3 ops per row in
-    all, where summing lane by lane costs ~2 ops per lane and row and serializes on the adds)."""
+def fold_rows(vectors: list[Any], lanes: int) -> tuple[Any, list[int]]:
+    """The lane sums of several (at most `lanes`) float vectors by halving trees that pair vectors up: per
+    level, one add of two shuffles folds two vectors of s segments into one of 2s half-width segments (~3
+    ops per row in all, where summing lane by lane costs ~2 ops per lane and row and serializes on the
+    adds). Returns the last vector, one lane per segment, and the row each lane holds (-1: padding)."""
     from tvm import tirx
     from tvm.script.ir_builder import tirx as T
 
@@ -107,11 +109,19 @@ def row_sums(vectors: list[Any], lanes: int) -> list[Any]:
         v = T.bind(tirx.Shuffle([v], [s * width + e for s in range(count) for e in range(half)])
                    + tirx.Shuffle([v], [s * width + half + e for s in range(count) for e in range(half)]))
         width = half
-    return [v] if count == 1 else [tirx.Shuffle([v], [order.index(r)]) for r in range(rows)]
+    return v, order
+
+
+def row_sums(vectors: list[Any], lanes: int) -> list[Any]:
+    """The lane sum of each float vector as a scalar (see `fold_rows`)."""
+    from tvm import tirx
+
+    v, order = fold_rows(vectors, lanes)
+    return [v] if len(order) == 1 else [tirx.Shuffle([v], [order.index(r)]) for r in range(len(vectors))]
 
 
 def segment_rows(rows: int, lanes: int) -> list[int]:
-    """Which row each segment of `_row_sums`' last vector holds (-1: padding), in segment order."""
+    """Which row each segment of `fold_rows`' last vector holds (-1: padding), in segment order."""
     vecs, width = [[r] for r in range(rows)], lanes
     while len(vecs) > 1 and width > 1:
         if len(vecs) % 2:
