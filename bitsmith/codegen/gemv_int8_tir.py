@@ -27,9 +27,10 @@ and FMA serve 512 values (b = 4) instead of 128. Each batch tile unpacks a row's
 them once into a stack buffer for every tile ran as fast with weights in cache but 1.25x slower with
 weights streamed from DRAM (576x1536, 16 rows; those 24 vector stores per row, in a C loop too, stop the
 DRAM traffic from overlapping the compute). 4/8-lane tails keep plane p of 16 / L batch rows side by
-side, so one 512-bit vpdpbusd and one float step cover them. Lane sums end in shuffle trees that pair
-rows up, and y is written 16 outputs (a cache line per row) at a time: a store per output to rows of y
-49152 floats apart falls in one L1 set and evicted lines before they filled.
+side, so one 512-bit vpdpbusd and one float step cover them. Rows of 2+ chunks go two output rows at a
+time (batch tile 4): each activation vector loaded feeds both rows' vpdpbusd. Lane sums end in shuffle
+trees that pair rows up, and y is written 16 outputs (a cache line per row) at a time: a store per
+output to rows of y 49152 floats apart falls in one L1 set and evicted lines before they filled.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ L1_ACTIVATION_BYTES = 48 << 10  # activations a pass keeps in L1 (Zen 5: 48 KiB;
 Y_BLOCK = 16  # outputs a thread computes before storing them to y, one cache line per batch row
 CHUNK_BLOCKS = 4  # blocks whose codes one chunk transposes (see `_chunked`)
 CHUNK_MIN_BATCH = 2  # batch rows from which chunks pay for their transposes
+PAIR_ROWS = (4, 32)  # batch rows for which two output rows share activation loads (see `chunk_block`)
+PAIR_TILE = 4  # their batch tile: the codes of two rows and 2 x 4 accumulators fit the registers
 
 
 def _chunked(spec: Any) -> bool:
@@ -99,8 +102,13 @@ def build_qgemv_i8(spec: Any) -> Any:
     vtail = rest > 0 and _vector_tail(spec, full, L, P, BK)
     tail_bytes = 4 * P * L if vtail else 0
     f32, i32 = (lambda v: tirx.const(v, "float32")), (lambda v: tirx.const(v, "int32"))
-    tile = batch_tile(batch)
+    # output rows per iteration (see `chunk_block`): two where rows have 2+ chunks (16 rows, weights from
+    # DRAM: 576x1536 int4 -10%, 49152x576 int8 -16%); with one chunk and a tail (1536x576) it gained
+    # nothing, at 64 rows it lost 10-15%
     OB = Y_BLOCK if n_out % Y_BLOCK == 0 else 1  # outputs per parallel iteration (see `rows`)
+    pair_rows = OB % 2 == 0 and PAIR_ROWS[0] <= batch <= PAIR_ROWS[1]
+    OP = 2 if pair_rows and _chunked(spec) and n_in // (CHUNK_BLOCKS * BK) >= 2 else 1
+    tile = batch_tile(batch, PAIR_TILE if OP == 2 else None)
     # a 4- or 8-lane tail block: the float steps of 16 // L batch rows share one 16-lane vector
     paired_tail = vtail and L in (4, 8) and tile % (LANES // L) == 0 and tile > 1
     tail_rows = LANES // L if paired_tail else 1
@@ -316,27 +324,32 @@ def build_qgemv_i8(spec: Any) -> Any:
                         codes[4 * p + c] = code
                 return codes
 
-            def chunk_block(o: Any, nb: Any, acc: Any, ch: Any, codes: list[Any]) -> None:
-                """acc[ni, 16] += chunk ch's terms for the tile's batch rows (lane l: its own 32-block)."""
+            def chunk_block(outs: list[Any], nb: Any, accs: list[Any], ch: Any, codes: list[list[Any]]) -> None:
+                """accs[i][ni, 16] += chunk ch's terms of output row outs[i] for the tile's batch rows (lane l:
+                its own 32-block). The rows share each activation load: loads, not vpdpbusd, bound one row
+                alone, and with weights streamed from DRAM they slowed it by a third."""
                 lane_group = [(lane * LW) // group for lane in range(LANES)]
                 if group >= KC or group == n_in:
                     g0, pattern = tirx.floordiv(ch * KC, group), [0] * LANES
                 else:
                     g0, pattern = ch * (KC // group), lane_group
-                scale = expand_lanes(lambda i: s[o, i], g0, pattern)
-                zero = None if z is None else expand_lanes(lambda i: z[o, i], g0, pattern)
+                scales = [expand_lanes(lambda i, o=o: s[o, i], g0, pattern) for o in outs]
+                zeros = [None if z is None else expand_lanes(lambda i, o=o: z[o, i], g0, pattern) for o in outs]
                 for ni in range(tile):
                     n = nb * tile + ni
                     meta = tirx.Ramp(lane_meta(n, ch), 1, LANES)
-                    dot = cc16[meta] if spec.sym else tirx.Broadcast(i32(0), LANES)
-                    for m, code in enumerate(codes):
-                        dot = llvm_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", dot, code,
-                                      xq[tirx.Ramp(chunk_at(n, ch) + 64 * m, 1, 64)])
-                    val = tirx.Cast("float32x16", dot) * sxc[meta]
-                    if zero is not None:
-                        val = val - zero * cc16[meta]
-                    here = tirx.Ramp(ni * LANES, 1, LANES)
-                    T.buffer_store(acc, acc[here] + val * scale, [here])
+                    dots = [cc16[meta] if spec.sym else tirx.Broadcast(i32(0), LANES)] * len(outs)
+                    for m in range(4 * P):
+                        x8 = T.bind(xq[tirx.Ramp(chunk_at(n, ch) + 64 * m, 1, 64)]) if len(outs) > 1 else \
+                            xq[tirx.Ramp(chunk_at(n, ch) + 64 * m, 1, 64)]
+                        dots = [llvm_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", dot, row_codes[m], x8)
+                                for dot, row_codes in zip(dots, codes)]
+                    for acc, dot, scale, zero in zip(accs, dots, scales, zeros):
+                        val = tirx.Cast("float32x16", dot) * sxc[meta]
+                        if zero is not None:
+                            val = val - zero * cc16[meta]
+                        here = tirx.Ramp(ni * LANES, 1, LANES)
+                        T.buffer_store(acc, acc[here] + val * scale, [here])
 
             def paired_tail_block(o: Any, nb: Any, tacc: Any, g0: Any, pattern: list[int]) -> None:
                 """tacc += the tail block's terms: integer dots per batch row on L lanes, then the float steps
@@ -379,60 +392,64 @@ def build_qgemv_i8(spec: Any) -> Any:
                 small buffer and reach y OB outputs at a time: one store per cache line, where a store per output
                 to rows of y `n_out` floats apart (49152: 192 KiB, one L1 set) evicts lines before they fill."""
                 with T.parallel(0, n_out // OB) as ob:
-                    acc = local_buffer((tile * LANES,), "float32")
-                    tacc = local_buffer((tile * max(L, 1),), "float32")
+                    accs = [local_buffer((tile * LANES,), "float32") for _ in range(OP)]
+                    taccs = [local_buffer((tile * max(L, 1),), "float32") for _ in range(OP)]
                     ybuf = local_buffer((batch * OB,), "float32")
-                    with T.serial(0, OB) as oi:
-                        o = ob * OB + oi
+                    with T.serial(0, OB // OP) as oi2:
+                        outs = [ob * OB + oi2 * OP + i for i in range(OP)]
                         chunks = tirx.floordiv(tirx.max(tirx.min(count, nchunk * CHUNK_BLOCKS - kb0), 0), CHUNK_BLOCKS)
                         with T.serial(0, batch // tile) as nb:
-                            T.buffer_store(acc, tirx.Broadcast(f32(0.0), tile * LANES), [tirx.Ramp(0, 1, tile * LANES)])
+                            for acc in accs:
+                                T.buffer_store(acc, tirx.Broadcast(f32(0.0), tile * LANES), [tirx.Ramp(0, 1, tile * LANES)])
                             first_block, blocks = kb0, count
                             if nchunk:  # the pass's chunks (passes start on a chunk), then its other blocks
                                 with T.serial(0, chunks) as cc:
                                     ch = tirx.floordiv(kb0, CHUNK_BLOCKS) + cc
-                                    prefetch_chunk(o, ch)
-                                    chunk_block(o, nb, acc, ch, chunk_codes(o, ch))
+                                    for o in outs:
+                                        prefetch_chunk(o, ch)
+                                    chunk_block(outs, nb, accs, ch, [chunk_codes(o, ch) for o in outs])
                                 first_block, blocks = kb0 + chunks * CHUNK_BLOCKS, count - chunks * CHUNK_BLOCKS
-                            if full:
-                                with T.serial(0, blocks) as kk:
-                                    kb = first_block + kk
-                                    if PREFETCH[0]:  # may point past the row, into the next rows
-                                        prefetch(w[o, kb * LANES + PREFETCH[0] // 4], PREFETCH[1])
-                                    if group >= BK or group == n_in:  # one group per block
-                                        g0, pattern = tirx.floordiv(kb * BK, group), [0] * 4
-                                    else:
-                                        g0, pattern = kb * (BK // group), [k // group for k in full_k]
-                                    words = w[o, tirx.Ramp(kb * LANES, 1, LANES)]
-                                    vector_block(o, nb, acc, words, LANES, kb, g0, pattern)
-                            if vtail:
-                                T.buffer_store(tacc, tirx.Broadcast(f32(0.0), tile * L), [tirx.Ramp(0, 1, tile * L)])
-                                g0 = min(k // group for k in tail_k)
-                                with T.If(last), T.Then():
-                                    if paired_tail:
-                                        paired_tail_block(o, nb, tacc, g0, [k // group - g0 for k in tail_k])
-                                    else:
-                                        vector_block(o, nb, tacc, w[o, tirx.Ramp(full * LANES, 1, L)], L, full,
-                                                     g0, [k // group - g0 for k in tail_k])
-                            width = LANES if full else L
                             parts = []
-                            for ni in range(tile):
-                                part = acc[tirx.Ramp(ni * LANES, 1, LANES)] if full else None
+                            for o, acc, tacc in zip(outs, accs, taccs):
+                                if full:
+                                    with T.serial(0, blocks) as kk:
+                                        kb = first_block + kk
+                                        if PREFETCH[0]:  # may point past the row, into the next rows
+                                            prefetch(w[o, kb * LANES + PREFETCH[0] // 4], PREFETCH[1])
+                                        if group >= BK or group == n_in:  # one group per block
+                                            g0, pattern = tirx.floordiv(kb * BK, group), [0] * 4
+                                        else:
+                                            g0, pattern = kb * (BK // group), [k // group for k in full_k]
+                                        words = w[o, tirx.Ramp(kb * LANES, 1, LANES)]
+                                        vector_block(o, nb, acc, words, LANES, kb, g0, pattern)
                                 if vtail:
-                                    extra = tacc[tirx.Ramp(ni * L, 1, L)]
-                                    if full and L < LANES:  # the tail's lanes onto the first L lanes
-                                        extra = tirx.Shuffle([extra, tirx.Broadcast(f32(0.0), LANES - L)],
-                                                             list(range(L)) + [L] * (LANES - L))
-                                    part = extra if part is None else part + extra
-                                parts.append(part)
-                            sums = row_sums(parts, width) if full or vtail else [f32(0.0)] * tile
-                            for ni in range(tile):
-                                n = nb * tile + ni
-                                total = sums[ni]
-                                if rest and not vtail:
-                                    tail = scalar_tail(o, n * max(rest, 1))
-                                    total = total + tirx.Select(last, tail, f32(0.0))
-                                T.buffer_store(ybuf, total, [n * OB + oi])
+                                    T.buffer_store(tacc, tirx.Broadcast(f32(0.0), tile * L), [tirx.Ramp(0, 1, tile * L)])
+                                    g0 = min(k // group for k in tail_k)
+                                    with T.If(last), T.Then():
+                                        if paired_tail:
+                                            paired_tail_block(o, nb, tacc, g0, [k // group - g0 for k in tail_k])
+                                        else:
+                                            vector_block(o, nb, tacc, w[o, tirx.Ramp(full * LANES, 1, L)], L, full,
+                                                         g0, [k // group - g0 for k in tail_k])
+                                for ni in range(tile):
+                                    part = acc[tirx.Ramp(ni * LANES, 1, LANES)] if full else None
+                                    if vtail:
+                                        extra = tacc[tirx.Ramp(ni * L, 1, L)]
+                                        if full and L < LANES:  # the tail's lanes onto the first L lanes
+                                            extra = tirx.Shuffle([extra, tirx.Broadcast(f32(0.0), LANES - L)],
+                                                                 list(range(L)) + [L] * (LANES - L))
+                                        part = extra if part is None else part + extra
+                                    parts.append(part)
+                            width = LANES if full else L
+                            sums = row_sums(parts, width) if full or vtail else [f32(0.0)] * (tile * OP)
+                            for i, o in enumerate(outs):
+                                for ni in range(tile):
+                                    n = nb * tile + ni
+                                    total = sums[i * tile + ni]
+                                    if rest and not vtail:
+                                        tail = scalar_tail(o, n * max(rest, 1))
+                                        total = total + tirx.Select(last, tail, f32(0.0))
+                                    T.buffer_store(ybuf, total, [n * OB + oi2 * OP + i])
                     with T.serial(0, batch) as n:
                         here = tirx.Ramp(ob * OB, 1, OB) if OB > 1 else ob
                         before = tirx.Select(first, tirx.Broadcast(f32(0.0), OB), y[n, here]) if OB > 1 else \

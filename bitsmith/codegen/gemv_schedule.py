@@ -40,9 +40,9 @@ def row_tile(n_out: int, batch: int) -> int:
     return 2 if n_out % 2 == 0 and batch_tile(batch) * 2 <= BATCH_TILE else 1
 
 
-def batch_tile(batch: int) -> int:
-    """Batch rows computed together: the largest divisor of batch <= BATCH_TILE."""
-    return max(t for t in range(1, min(batch, BATCH_TILE) + 1) if batch % t == 0)
+def batch_tile(batch: int, most: int | None = None) -> int:
+    """Batch rows computed together: the largest divisor of batch <= most (default BATCH_TILE)."""
+    return max(t for t in range(1, min(batch, most or BATCH_TILE) + 1) if batch % t == 0)
 
 
 def _lane_rfactor(sch: Any, block: Any, acc_loop: Any, lane_loop: Any) -> tuple[Any, Any, int]:

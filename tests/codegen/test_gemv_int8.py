@@ -40,6 +40,10 @@ SPECS += [
     QGemvI8Spec(48, 576, 8, 32, True, 16), QGemvI8Spec(32, 1536, 4, 64, False, 64),
     QGemvI8Spec(16, 4160, 4, -1, False, 5), QGemvI8Spec(9, 1024, 8, 128, True, 2),
     QGemvI8Spec(64, 640, 4, 128, True, 24),
+    # two output rows per iteration (rows of 2+ chunks, 4..32 batch rows): with a paired 8-lane tail, asym,
+    # int8 with a leftover block, several passes
+    QGemvI8Spec(32, 1088, 4, 32, True, 16), QGemvI8Spec(48, 1536, 4, 64, False, 4),
+    QGemvI8Spec(32, 576, 8, 32, False, 32), QGemvI8Spec(16, 2048, 4, 128, True, 32),
     # paired tails (8 lanes: 576 = 4 blocks + 64; 4 lanes: 160 = 1 block + 32), sym and asym, 2..64 rows:
     # a sym tail's zero-point term starts one lane per column, an asym one every lane
     *[QGemvI8Spec(n, k, 4, g, sym, bs) for n, k, g, bs in ((192, 576, 32, 2), (48, 576, 64, 16), (32, 160, 32, 4),
