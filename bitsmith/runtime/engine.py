@@ -24,7 +24,7 @@ class Request:
     request_id: str = ""
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     """A request in flight: its tokens so far, how many have KV in the cache, its blocks, its output."""
 
