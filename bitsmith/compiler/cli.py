@@ -250,19 +250,23 @@ def serve(artifact: Path, host: str, port: int, max_pending: int, model_name: st
 @click.option("--output-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--requests", default=None, type=click.IntRange(min=1),
               help="Requests per concurrency level [default: 2 x concurrency, at least 4].")
+@click.option("--rounds", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Run the levels this many times, interleaved; report each level's median run and the "
+                   "median ratio of its throughput to the first level's within a round.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @friendly_errors
 def bench(artifact: Path, levels: str, prompt_tokens: int, output_tokens: int, requests: int | None,
-          as_json: bool) -> None:
+          rounds: int, as_json: bool) -> None:
     """Time to first token, inter-token latency and throughput of ARTIFACT at each concurrency.
 
     Greedy decoding of fixed-length outputs from a fixed-length prompt, closed loop: a new request
     starts as soon as one finishes, on the continuous-batching engine (no HTTP). Request i has the same
     prompt at every level; "1st token = c1" is the share of requests whose first token matches the
-    first level's (a check that batched steps agree with single-sequence ones).
+    first level's (a check that batched steps agree with single-sequence ones). On a shared machine
+    speeds drift between levels: --rounds 3 or more gives medians and within-round ratios.
     """
     from bitsmith.runtime.artifact import load_artifact
-    from bitsmith.runtime.bench import agreement_with_first, bench_prompts, format_table, run_concurrency
+    from bitsmith.runtime.bench import agreement_with_first, bench_prompts, format_table, run_concurrency, run_rounds
     from bitsmith.runtime.engine import Engine
     from bitsmith.runtime.executor import open_runner
 
@@ -274,11 +278,14 @@ def bench(artifact: Path, levels: str, prompt_tokens: int, output_tokens: int, r
         conc = [int(c) for c in levels.split(",")]
     except ValueError as exc:
         raise BitsmithError(f"--concurrency {levels!r} is not a list of integers", fix="write e.g. 1,4,16") from exc
-    _log(f"bench {artifact}: prompt {prompt_tokens} tokens, output {output_tokens} tokens, concurrency {conc}")
-    results = agreement_with_first([run_concurrency(lambda: Engine(runner, tokenizer), prompt_of, output_tokens, c,
-                                                    requests or max(4, 2 * c)) for c in conc])
+    _log(f"bench {artifact}: prompt {prompt_tokens} tokens, output {output_tokens} tokens, concurrency {conc}"
+         + (f", {rounds} rounds" if rounds > 1 else ""))
+
+    def level(c: int) -> Any:
+        return run_concurrency(lambda: Engine(runner, tokenizer), prompt_of, output_tokens, c, requests or max(4, 2 * c))
+    results = agreement_with_first(run_rounds(level, conc, rounds))
     if as_json:
-        click.echo(json.dumps({"prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+        click.echo(json.dumps({"prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "rounds": rounds,
                                "results": [r.to_json() for r in results]}))
     else:
         click.echo(format_table(results))

@@ -33,6 +33,10 @@ class BenchResult:
     # rounding, outputs then depend on how rows were batched (logits rms ~0.2 apart on SmolLM2), and
     # greedy decoding follows the first near-tie apart
     same_as_first: float | None = None
+    # with several rounds (`run_rounds`): every round's throughput, and the median over rounds of this
+    # level's throughput / the first level's in the same round
+    rounds_tok_s: tuple[float, ...] = ()
+    ratio_to_first: float | None = None
     outputs: tuple[tuple[int, ...], ...] = field(default=(), repr=False, compare=False)
 
     def to_json(self) -> dict:
@@ -50,6 +54,21 @@ def agreement_with_first(results: list[BenchResult]) -> list[BenchResult]:
         pairs = [(a[0], b[0]) for a, b in zip(first, r.outputs) if a and b]
         same = sum(a == b for a, b in pairs) / len(pairs) if pairs else None
         out.append(dataclasses.replace(r, same_as_first=same))
+    return out
+
+
+def run_rounds(run_level: Callable[[int], BenchResult], levels: list[int], rounds: int) -> list[BenchResult]:
+    """Every level `rounds` times, interleaved (c1, c4, c16, c1, ...): per level the run of median
+    throughput, with every round's throughput and the median per-round ratio to the first level. On a
+    shared machine memory and compute speed drift over minutes; within a round the levels run close
+    together, so a ratio of the same round cancels most of the drift that one pass of levels keeps."""
+    runs = [[run_level(c) for c in levels] for _ in range(rounds)]
+    out = []
+    for i in range(len(levels)):
+        mine = sorted((r[i] for r in runs), key=lambda r: r.throughput_tok_s)
+        ratios = [r[i].throughput_tok_s / r[0].throughput_tok_s for r in runs]
+        out.append(dataclasses.replace(mine[(len(mine) - 1) // 2], ratio_to_first=statistics.median(ratios),
+                                       rounds_tok_s=tuple(r[i].throughput_tok_s for r in runs)))
     return out
 
 
@@ -102,10 +121,17 @@ def run_concurrency(make_engine: Callable[[], Engine], prompt_of: Callable[[int]
 
 def format_table(results: list[BenchResult]) -> str:
     first = results[0].concurrency if results else 1
+    rounds = max((len(r.rounds_tok_s) for r in results), default=0)
     lines = [f"{'concurrency':>11} {'requests':>8} {'TTFT ms (p50/p90)':>18} {'ITL ms p50':>10} {'tok/s':>8} "
-             f"{f'1st token = c{first}':>15}"]
+             f"{f'1st token = c{first}':>15}" + (f" {f'tok/s / c{first} (rounds)':>26}" if rounds > 1 else "")]
     for r in results:
         same = "-" if r.same_as_first is None else f"{100 * r.same_as_first:.0f}%"
-        lines.append(f"{r.concurrency:>11} {r.requests:>8} {r.ttft_ms_median:>8.1f} / {r.ttft_ms_p90:>7.1f} "
-                     f"{r.itl_ms_median:>10.2f} {r.throughput_tok_s:>8.1f} {same:>15}")
+        line = (f"{r.concurrency:>11} {r.requests:>8} {r.ttft_ms_median:>8.1f} / {r.ttft_ms_p90:>7.1f} "
+                f"{r.itl_ms_median:>10.2f} {r.throughput_tok_s:>8.1f} {same:>15}")
+        if rounds > 1:
+            per_round = [t / f for t, f in zip(r.rounds_tok_s, results[0].rounds_tok_s)]
+            line += f" {f'{r.ratio_to_first:.2f} ({min(per_round):.2f}-{max(per_round):.2f})':>26}"
+        lines.append(line)
+    if rounds > 1:
+        lines.append(f"median of {rounds} interleaved rounds per level; ratios within each round")
     return "\n".join(lines)

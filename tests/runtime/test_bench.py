@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from bitsmith.runtime.bench import agreement_with_first, bench_prompts, format_table, run_concurrency
+import pytest
+
+from bitsmith.runtime.bench import (BenchResult, agreement_with_first, bench_prompts, format_table, run_concurrency,
+                                    run_rounds)
 from bitsmith.runtime.engine import Engine
 from test_engine import ToyRunner
 
@@ -54,3 +57,23 @@ def test_outputs_are_compared_with_the_first_level():
     skewed = run_concurrency(lambda: Engine(SkewedRunner(64)), prompt_of, 6, concurrency=3, requests=4)
     bad = agreement_with_first([levels[0], skewed])
     assert bad[1].same_as_first <= 0.5
+
+
+def test_rounds_interleave_levels_and_report_medians_and_within_round_ratios():
+    """Round r's speeds drift together (a machine getting slower): the median run per level, and the
+    median of each round's ratio to the first level, which drift does not move."""
+    calls = []
+
+    def level(c):
+        drift = 1.0 / (1 + len(calls) // 3)  # one slower machine per round of three levels
+        calls.append(c)
+        return BenchResult(c, 4, 10, 5, 1.0, 2.0, 3.0, 100.0 * c ** 0.5 * drift, 1.0)
+
+    results = run_rounds(level, [1, 4, 16], rounds=3)
+    assert calls == [1, 4, 16] * 3
+    assert results[0].rounds_tok_s == pytest.approx((100.0, 50.0, 100.0 / 3))
+    assert [r.throughput_tok_s for r in results] == [50.0, 100.0, 200.0]  # round 2 of 3 is every median
+    assert [round(r.ratio_to_first, 6) for r in results] == [1.0, 2.0, 4.0]
+    table = format_table(results)
+    assert "4.00 (4.00-4.00)" in table and "3 interleaved rounds" in table
+    assert "ratio_to_first" in results[2].to_json()
