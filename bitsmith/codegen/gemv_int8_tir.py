@@ -326,8 +326,8 @@ def build_qgemv_i8(spec: Any) -> Any:
 
             def chunk_block(outs: list[Any], nb: Any, accs: list[Any], ch: Any, codes: list[list[Any]]) -> None:
                 """accs[i][ni, 16] += chunk ch's terms of output row outs[i] for the tile's batch rows (lane l:
-                its own 32-block). The rows share each activation load: loads, not vpdpbusd, bound one row
-                alone, and with weights streamed from DRAM they slowed it by a third."""
+                its own 32-block). The rows share each activation load: with weights streamed from DRAM the
+                activation loads are what slows these kernels (bench/serve.md), and two rows halve them."""
                 lane_group = [(lane * LW) // group for lane in range(LANES)]
                 if group >= KC or group == n_in:
                     g0, pattern = tirx.floordiv(ch * KC, group), [0] * LANES

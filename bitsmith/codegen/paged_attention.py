@@ -11,7 +11,8 @@ head, group of query heads), reading keys/values through the table (widened, or 
 Tiles are 32 logical positions aligned to multiples of 32 and block_size is a power of two, so a tile
 is a run of whole blocks (block_size < 32) or lies in one block (block_size >= 32): the block table
 is read once per block of a tile, not per slot. For int8 the per-token scales multiply the whole dot
-product (scores) and the probability (values), not each element.
+product (scores) and the probability (values), not each element. Key scores go two positions at a
+time: one pairing tree sums the lanes of all their heads' dot products.
 """
 
 from __future__ import annotations
@@ -188,8 +189,8 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
 
     def key_group_scores(part, sc, scales, col, pb, slot, kh):
         """sc[hh, col + u] = the lane sum of part[u, hh, :] (times the key's int8 scale) for the QP positions
-        u of a group: one pairing tree for all QP x HG sums and a QP-lane store per head, where summing
-        each vector alone (scores_sum) costs ~2 ops per lane bit and a store per position and head."""
+        u of a group: one pairing tree for all QP x HG sums (~3 ops per sum) and a QP-lane store per head,
+        where summing each vector alone (scores_sum) takes 2 ops per halving step and a store per sum."""
         vectors = [part[tirx.Ramp((u * HG + hh) * L, 1, L)] for u in range(QP) for hh in range(HG)]
         folded, order = fold_rows(vectors, L)
         for hh in range(HG):
@@ -252,7 +253,7 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
                             pb = T.bind(block_tables[r, s1 // BS])
                             base = T.bind(s1 % BS)
                             prefetch_next_run(block_tables, cache, r, kh, s2, p)
-                            for jp in range((s2 - s1 + 1) // QP):  # QP positions at a time (see `key_group`)
+                            for jp in range((s2 - s1 + 1) // QP):  # QP positions at a time (see `key_group_scores`)
                                 for u in T.unroll(QP):
                                     key_dots(qs, cache, part, u, pb, base + jp * QP + u, kh)
                                 key_group_scores(part, sc, scales, s1 - a + jp * QP, pb, base + jp * QP, kh)
