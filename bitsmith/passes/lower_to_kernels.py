@@ -10,6 +10,7 @@ import networkx as nx
 import numpy as np
 
 from bitsmith.codegen.gemv_int8 import I8_MAX_BATCH
+from bitsmith.codegen.gemv_x16 import x16_problems
 from bitsmith.compiler.analysis import topological_order
 from bitsmith.compiler.ir import Function, Module, Node, TensorType
 from bitsmith.compiler.ops_llm import rope_inv_freq
@@ -17,6 +18,7 @@ from bitsmith.errors import BitsmithError
 from bitsmith.passes.base import PassContext
 from bitsmith.passes.kv_plan import KVPlan
 from bitsmith.runtime.arena import round_up
+from bitsmith.runtime.interleave import x16_name
 from bitsmith.runtime.schedule import BufferSlot, KernelCall, Schedule
 
 PREFILL_ROWS = 64  # prefill runs in chunks of this many tokens (the last one padded)
@@ -202,6 +204,8 @@ def _matmul_spec(k: Any, n_out: int, n_in: int, bits: int, group: int, sym: bool
     0.14-0.20 ms against 0.20-0.30 ms; the int8 49152x576 lm_head 1.4 ms against 3.3 ms at 16 rows, the
     same at 64 (bench/kernels.md), so it takes every row count it has."""
     if int8_activations and bits in (4, 8) and rows <= I8_MAX_BATCH:
+        if not x16_problems(n_out, n_in, bits, group):  # 16 rows interleaved: 0.6-0.8x the time (gemv_x16.py)
+            return k.QGemvX16Spec(n_out, n_in, bits, group, sym, rows)
         return k.QGemvI8Spec(n_out, n_in, bits, group, sym, rows)
     if rows >= GEMM_MIN_ROWS:
         return k.GemmSpec(n_out, n_in, bits, group, sym, rows)
@@ -227,6 +231,9 @@ def _lower_linear(st: _Lowering, node: Node) -> None:
                             st.int8_activations)
         n_params = 2 if a["sym"] else 3
         weights = [st.arg(v) for v in ins[1:1 + n_params]]
+        if isinstance(spec, k.QGemvX16Spec):  # the runtime interleaves the artifact's weights when it loads
+            weights = [("weight", x16_name(ref, a["bits"], a["in_features"]) if i == 0 else x16_name(ref))
+                       for i, (_, ref) in enumerate(weights)]
         bias = ins[-1] if a.get("has_bias") else None
     x = st.arg(ins[0], (rows, x_shape[-1]))
     if bias is not None:

@@ -11,6 +11,7 @@ import numpy as np
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.artifact import Artifact
 from bitsmith.runtime.executor import StepRunner, bind_calls, constant_arrays, kernel_plan, pool_shape, used_weights
+from bitsmith.runtime.interleave import kernel_weight
 from bitsmith.runtime.schedule import Schedule
 
 # A step on the GPU, host <-> device traffic only at its two ends:
@@ -115,7 +116,7 @@ class DeviceKernelRunner(StepRunner):
                                 fix="recompile with `--target host` or `--target cuda`")
         self.device = device
         library = tvm.runtime.load_module(str(artifact.directory / plan.library))
-        weights = {name: tvm.runtime.tensor(np.ascontiguousarray(artifact.weights[name]), device)
+        weights = {name: tvm.runtime.tensor(np.ascontiguousarray(kernel_weight(name, artifact.weights)), device)
                    for name in used_weights(plan)}
         constants = {name: tvm.runtime.tensor(a, device) for name, a in constant_arrays(plan).items()}
         pools, scales = _device_pools(plan.kv, device)

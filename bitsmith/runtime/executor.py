@@ -11,6 +11,7 @@ import numpy as np
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.arena import aligned_bytes, round_up, view
 from bitsmith.runtime.artifact import Artifact
+from bitsmith.runtime.interleave import kernel_weight
 from bitsmith.runtime.schedule import KernelPlan, Schedule
 
 def kernel_plan(artifact: Artifact) -> KernelPlan | None:
@@ -263,7 +264,7 @@ def _aligned_copy(array: np.ndarray) -> np.ndarray:
 
 def _load_weights(artifact: Artifact, names: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
     """The kernels' weights copied once into one huge-page arena (64-byte aligned each) as TVM tensors."""
-    source = {name: artifact.weights[name] for name in sorted(names)}
+    source = {name: kernel_weight(name, artifact.weights) for name in sorted(names)}
     offsets, total = {}, 0
     for name, array in source.items():
         offsets[name] = total

@@ -19,6 +19,7 @@ from bitsmith.codegen.embedding import EmbeddingSpec, QEmbeddingSpec
 from bitsmith.codegen.gemm import GemmSpec
 from bitsmith.codegen.gemv import GemvSpec
 from bitsmith.codegen.gemv_int8 import QGemvI8Spec
+from bitsmith.codegen.gemv_x16 import QGemvX16Spec
 from bitsmith.codegen.gpu.cuda_build import _fatbins, build_cuda_library, fatbin_archs, parse_fatbin_archs
 from bitsmith.codegen.gpu.schedule import gpu_prim_func, gpu_reference_func
 from bitsmith.codegen.kernel import call_kernel
@@ -271,7 +272,8 @@ def test_cuda_targets_resolve_by_name():
         resolve_target("cuda_sm_70")
 
 
-@pytest.mark.parametrize("spec", [QGemvI8Spec(64, 576, 4, 32, True, 1), AttentionSpec(1, 4, 2, 16, 64, 0.25)],
+@pytest.mark.parametrize("spec", [QGemvI8Spec(64, 576, 4, 32, True, 1), QGemvX16Spec(64, 576, 4, 32, True, 1),
+                                  AttentionSpec(1, 4, 2, 16, 64, 0.25)],
                          ids=lambda s: type(s).__name__)
 def test_families_without_gpu_kernels_are_refused(spec):
     with pytest.raises(BitsmithError, match="no GPU kernel"):

@@ -55,7 +55,7 @@ def test_int8_activations_stay_close_to_the_reference(shared_data, tmp_path):
                          CompileOptions(method="rtn", bits=4, group_size=32, keep_default=False, activations="int8"))
     art = load_artifact(path)
     kernels = {c[0] for c in art.manifest["kernels"]["schedules"]["rows1"]["calls"]}
-    assert any(k.startswith("qgemv_i8a") for k in kernels)
+    assert any(k.startswith("qgemv_x16") for k in kernels)  # interleaved int8-activation kernels
     ids = art.tokenizer().encode("Once upon a time, there was a little girl")
     compiled, ref = CompiledSession(art), reference_session(art, 256)
     agree, steps = 0, 48
