@@ -202,9 +202,11 @@ def _matmul_spec(k: Any, n_out: int, n_in: int, bits: int, group: int, sym: bool
     The VNNI kernel also wins on many rows, where it transposes 4 blocks of codes at a time (chunks):
     SmolLM2's int4 shapes at 16 rows 0.025-0.059 ms against the GEMM's 0.06-0.15 ms, at 64 rows
     0.14-0.20 ms against 0.20-0.30 ms; the int8 49152x576 lm_head 1.4 ms against 3.3 ms at 16 rows, the
-    same at 64 (bench/kernels.md), so it takes every row count it has."""
+    same at 64 (bench/kernels.md), so it takes every row count it has. Where rows are a multiple of 16
+    and inputs of 32 the interleaved-layout kernel (QGemvX16Spec) takes its place: 0.6-0.8x its time from
+    DRAM at 4-64 rows, the same at 1 (bench/serve.md)."""
     if int8_activations and bits in (4, 8) and rows <= I8_MAX_BATCH:
-        if not x16_problems(n_out, n_in, bits, group):  # 16 rows interleaved: 0.6-0.8x the time (gemv_x16.py)
+        if not x16_problems(n_out, n_in, bits, group):
             return k.QGemvX16Spec(n_out, n_in, bits, group, sym, rows)
         return k.QGemvI8Spec(n_out, n_in, bits, group, sym, rows)
     if rows >= GEMM_MIN_ROWS:
