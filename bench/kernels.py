@@ -152,20 +152,24 @@ def bench_ours(shapes: tuple, batches: tuple) -> dict[tuple[int, int, int], floa
     return out
 
 
-def bench_ours_int8(shapes: tuple, batches: tuple) -> dict[Any, float]:
-    """Seconds per int8-activation VNNI GEMV call (QGemvI8Spec: int4 g32, the same packed weights), keyed
-    (sym, out, in, batch), and under ("bw", sym, out, in, batch) the read bandwidth measured in rounds
-    alternating with that kernel (this shared machine drifts 2x within minutes, so a bandwidth taken once at
-    the start says little about a kernel timed minutes later). Medians of 3 rounds; call overhead
-    subtracted; empty when the host lacks AVX-512 VNNI."""
+def bench_ours_int8(shapes: tuple, batches: tuple, interleaved: bool = False) -> dict[Any, float]:
+    """Seconds per int8-activation VNNI GEMV call (QGemvI8Spec: int4 g32, the same packed weights; with
+    `interleaved` QGemvX16Spec on those weights as the runtime interleaves them at load), keyed (sym, out,
+    in, batch), and under ("bw", sym, out, in, batch) the read bandwidth measured in rounds alternating with
+    that kernel (this shared machine drifts 2x within minutes, so a bandwidth taken once at the start says
+    little about a kernel timed minutes later). Medians of 3 rounds; call overhead subtracted; empty when
+    the host lacks AVX-512 VNNI."""
     from bitsmith.codegen.gemv import GemvSpec
     from bitsmith.codegen.gemv_int8 import QGemvI8Spec, int8_activations_supported
+    from bitsmith.codegen.gemv_x16 import QGemvX16Spec
     from bitsmith.codegen.kernel import build_module
     from bitsmith.compiler.ops_quant import dequantize_packed
+    from bitsmith.runtime.interleave import kernel_weight, x16_name
 
     if not int8_activations_supported("host"):
         return {}
-    specs = [QGemvI8Spec(n, k, BITS, GROUP, sym, b) for sym in (True, False) for n, k in shapes for b in batches]
+    family = QGemvX16Spec if interleaved else QGemvI8Spec
+    specs = [family(n, k, BITS, GROUP, sym, b) for sym in (True, False) for n, k in shapes for b in batches]
     tiny, probe_spec = GemvSpec(1, 16, 32), GemvSpec(MIN_BYTES // (4096 * 4), 4096, 32)  # probe: as read_bandwidth
     module = build_module(specs + [tiny, probe_spec])
     overhead = tvm_call_overhead(module[tiny.name])
@@ -186,13 +190,23 @@ def bench_ours_int8(shapes: tuple, batches: tuple) -> dict[Any, float]:
             qw[c][:] = rng.integers(0, 1 << 32, spec0.weight_shape(), dtype=np.uint32)
             sc[c][:] = (rng.random(sc[c].shape) * 0.02).astype(np.float16)
             zs[c][:] = (rng.random(zs[c].shape) * 15).astype(np.float16)
+        layout = [qw, sc, zs]
+        if interleaved:  # the same weights as the runtime lays them out (flat arrays, huge pages again)
+            names = [x16_name("q", BITS, k), x16_name("s"), x16_name("z")]
+            layout = []
+            for name, src in zip(names, (qw, sc, zs)):
+                first = kernel_weight(name, {name.split("@")[0]: src[0]})
+                dst = hugepage_copies(copies, first.shape, first.dtype)
+                for c in range(copies):
+                    dst[c][:] = kernel_weight(name, {name.split("@")[0]: src[c]})
+                layout.append(dst)
         for sym in (True, False):
-            weights = [(tvm_tensor(qw[c]), tvm_tensor(sc[c])) + (() if sym else (tvm_tensor(zs[c]),))
-                       for c in range(copies)]
+            weights = [(tvm_tensor(layout[0][c]), tvm_tensor(layout[1][c]))
+                       + (() if sym else (tvm_tensor(layout[2][c]),)) for c in range(copies)]
             attrs = {"bits": BITS, "group_size": GROUP, "in_features": k, "sym": sym}
             w0 = dequantize_packed(qw[0], sc[0], None if sym else zs[0], attrs)
             for b in batches:
-                spec = QGemvI8Spec(n, k, BITS, GROUP, sym, b)
+                spec = family(n, k, BITS, GROUP, sym, b)
                 x = rng.standard_normal((b, k)).astype(np.float32)
                 xt, yt = tvm_tensor(x), tvm_tensor(np.zeros((b, n), np.float32))
                 func = module[spec.name]
@@ -207,7 +221,7 @@ def bench_ours_int8(shapes: tuple, batches: tuple) -> dict[Any, float]:
                 out[(sym, n, k, b)] = max(statistics.median(secs) - overhead, 1e-9)
                 out[("bw", sym, n, k, b)] = statistics.median(bws)
             del weights
-        del qw, sc, zs
+        del qw, sc, zs, layout
         gc.collect()
     return out
 
@@ -331,6 +345,8 @@ def main() -> None:
     ours = bench_ours(shapes, batches)
     log("bitsmith int4, int8 activations (VNNI)")
     ours8 = bench_ours_int8(shapes, batches)
+    log("bitsmith int4, int8 activations, 16-row interleaved layout")
+    ours16 = bench_ours_int8(shapes, batches, interleaved=True)
     log("torch fp32")
     torch_t = bench_torch(shapes, batches)
     log("onnxruntime int4, accuracy_level 4 and 0")
@@ -348,10 +364,11 @@ def main() -> None:
                    "int4_gemv": (ours[(n, k, b)], ours_bytes), "torch_fp32": (torch_t[(n, k, b)], n * k * 4),
                    "ort_int4_acc4": (ort4[(n, k, b)], ort_bytes), "ort_int4_acc0": (ort0[(n, k, b)], ort_bytes)}
             for sym in (True, False):  # asym also reads fp16 zeros
-                if (sym, n, k, b) in ours8:
-                    key = "int4_gemv_i8a" + ("" if sym else "_asym")
-                    row[key] = (ours8[(sym, n, k, b)], ours_bytes + (0 if sym else n * (k // GROUP) * 2))
-                    row[f"{key}_bw_gbs"] = ours8[("bw", sym, n, k, b)]  # read bandwidth measured alongside
+                for family, times in (("int4_gemv_i8a", ours8), ("int4_gemv_x16", ours16)):
+                    if (sym, n, k, b) in times:
+                        key = family + ("" if sym else "_asym")
+                        row[key] = (times[(sym, n, k, b)], ours_bytes + (0 if sym else n * (k // GROUP) * 2))
+                        row[f"{key}_bw_gbs"] = times[("bw", sym, n, k, b)]  # read bandwidth measured alongside
             for label in LLAMACPP_COLUMNS:
                 if (label, n, k, b) in lcpp:
                     peer_row = lcpp[(label, n, k, b)]
@@ -366,15 +383,16 @@ def main() -> None:
              f"torch {torch_t[('overhead',)] * 1e6:.1f} us; onnxruntime runs all copies in one session.run",
              "ours int8-act = QGemvI8Spec: the same int4 weights, x quantized per 32 values to int8 in the kernel, "
              "u8 x s8 vpdpbusd (AVX-512 VNNI); asym also reads fp16 zeros (0.625 B/weight); n/a without VNNI; "
-             "its % is of the read bandwidth measured in rounds alternating with it (bench_ours_int8)",
+             "its % is of the read bandwidth measured in rounds alternating with it (bench_ours_int8); "
+             "x16 = QGemvX16Spec, the same weights interleaved 16 output rows per vector as the runtime loads them",
              lcpp_note]
     result = {"machine": {"cpu": target.mcpu, "cores": CORES, "threads": THREADS,
                           "python": platform.python_version(), "vector_bytes": target.vector_bytes},
               "read_bandwidth_gbs": bw, "rows": rows, "notes": notes,
               "int4_gemv_fraction_of_bandwidth": head["int4_gemv"]["gbs"] / peak,
               "int4_gemv_i8a_fraction_of_bandwidth": {  # of the bandwidth measured alongside
-                  key: head[key]["gbs"] / head[f"{key}_bw_gbs"] for key in ("int4_gemv_i8a", "int4_gemv_i8a_asym")
-                  if key in head},
+                  key: head[key]["gbs"] / head[f"{key}_bw_gbs"]
+                  for key in ("int4_gemv_i8a", "int4_gemv_i8a_asym", "int4_gemv_x16", "int4_gemv_x16_asym") if key in head},
               # llama.cpp Q4_0 as llama.cpp runs it (repacked); both formats read 0.5625 B/weight
               "int4_gemv_vs_llamacpp_q4_0": (head["int4_gemv"]["gbs"] / head["llamacpp_q4_0"]["gbs"]
                                              if "llamacpp_q4_0" in head else None),
@@ -390,12 +408,12 @@ def main() -> None:
         return
     print(f"# GEMV, {target.mcpu}, {THREADS} of {CORES} cores; read bandwidth {peak:.1f} GB/s (huge pages), "
           f"{bw['4k_pages']:.1f} GB/s (4 KiB pages)\n")
-    columns = ("int4_gemv", "int4_gemv_i8a", "int4_gemv_i8a_asym", "torch_fp32", "ort_int4_acc4",
-               "ort_int4_acc0") + tuple(f"llamacpp_{label}" for label in LLAMACPP_COLUMNS)
+    columns = ("int4_gemv", "int4_gemv_i8a", "int4_gemv_i8a_asym", "int4_gemv_x16", "int4_gemv_x16_asym",
+               "torch_fp32", "ort_int4_acc4", "ort_int4_acc0") + tuple(f"llamacpp_{label}" for label in LLAMACPP_COLUMNS)
     print("| out x in | batch | ours int4 g32 | % of bw | ours int8-act sym (% of bw alongside) | "
-          "ours int8-act asym (% of bw alongside) | torch fp32 | ORT int4 acc4 | ORT int4 acc0 | llama.cpp Q4_0 | "
-          "llama.cpp Q4_0 plain | llama.cpp Q8_0 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "ours int8-act asym (% of bw alongside) | ours x16 sym (% of bw alongside) | ours x16 asym (% of bw alongside) "
+          "| torch fp32 | ORT int4 acc4 | ORT int4 acc0 | llama.cpp Q4_0 | llama.cpp Q4_0 plain | llama.cpp Q8_0 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         cells = [f"{r[key]['gbs']:.1f} GB/s ({r[key]['us']:.1f} us"
                  + (f", {100 * r[key]['gbs'] / r[key + '_bw_gbs']:.0f}% of {r[key + '_bw_gbs']:.1f})"
