@@ -101,7 +101,7 @@ def x16_problems(out_features: int, in_features: int, bits: int, group_size: int
     return problems
 
 
-def batch_tile(batch: int) -> int:
+def register_tile(batch: int) -> int:
     """Batch rows per register tile: the largest divisor of batch up to MAX_TILE."""
     return max(t for t in range(1, min(batch, MAX_TILE) + 1) if batch % t == 0)
 
@@ -117,7 +117,7 @@ def _build(spec: QGemvX16Spec) -> Any:
     n_vec = vec_bytes // 64  # 64-byte vectors per (group, block): 4 (int4) or 8 (int8)
     blocks_per_group = spec.group // BLOCK
     zconst = 1 << (bits - 1)
-    tile = batch_tile(batch)
+    tile = register_tile(batch)
     f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
     i32 = lambda v: tirx.const(v, "int32")  # noqa: E731
 
