@@ -26,10 +26,9 @@ from bitsmith.codegen.gemv_int8 import I8_MAX_BATCH, int8_activations_supported
 from bitsmith.codegen.target import Target, resolve_target
 from bitsmith.codegen.vnni_ir import hmax, llvm_intrin, local_buffer, prefetch
 from bitsmith.errors import BitsmithError
+from bitsmith.runtime.interleave import BLOCK, ROWS
 
-X16_BITS = (4, 8)
-ROWS = 16  # output rows per vector
-BLOCK = 32  # input values per activation scale and per code group of a vector set
+X16_BITS = (4, 8)  # (ROWS: output rows per vector, BLOCK: inputs per activation scale, from the layout)
 PREFETCH_BYTES = 8192  # software prefetch distance in the codes
 MAX_TILE = 16  # batch rows whose accumulators stay in registers together
 
