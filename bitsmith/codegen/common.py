@@ -19,11 +19,11 @@ PARALLEL_MIN = 1 << 15
 MAX_VECTOR = 256  # widest whole-loop vector (vectorize_part)
 
 
-def refuse(problems: list[str], family: str) -> None:
+def refuse(problems: list[str], family: str, fix: str = "pick a supported kernel description") -> None:
     """Raise one BitsmithError listing every problem of a spec (nothing when the list is empty)."""
     if problems:
         raise BitsmithError(f"cannot build a {family} kernel for " + ", ".join(problems),
-                            where=f"codegen {family}", fix="pick a supported kernel description")
+                            where=f"codegen {family}", fix=fix)
 
 
 def check_positive(problems: list[str], **sizes: int) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from bitsmith.codegen.common import refuse
 from bitsmith.codegen.gemv_int8 import I8_MAX_BATCH, int8_activations_supported
 from bitsmith.codegen.target import Target, resolve_target
 from bitsmith.codegen.vnni_ir import hmax, llvm_intrin, local_buffer, prefetch
@@ -52,9 +53,7 @@ class QGemvX16Spec:
         problems = x16_problems(self.out_features, self.in_features, self.bits, self.group_size)
         if not 1 <= self.batch <= I8_MAX_BATCH:
             problems.append(f"batch {self.batch} (use 1..{I8_MAX_BATCH})")
-        if problems:
-            raise BitsmithError("cannot build an interleaved int8-activation matmul for " + ", ".join(problems),
-                                where="codegen gemv_x16", fix="use QGemvI8Spec (the lane-per-k layout)")
+        refuse(problems, "gemv_x16", fix="use QGemvI8Spec (the lane-per-k layout)")
 
     @property
     def group(self) -> int:

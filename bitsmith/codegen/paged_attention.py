@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from bitsmith.codegen.attention import MAX_CACHE_ELEMENTS, TILE, _lanes, heads_per_task, tile_macros
+from bitsmith.codegen.common import refuse
 from bitsmith.codegen.kernel import c_float
 from bitsmith.codegen.target import Target
 from bitsmith.codegen.vnni_ir import fold_rows
-from bitsmith.errors import BitsmithError
 
 KV_DTYPES = {"float32": "f32", "float16": "f16", "int8": "i8"}  # pool dtype -> name token
 INT8_MAX = 127  # symmetric codes in [-127, 127]
@@ -87,9 +87,7 @@ class PagedAttentionSpec:
             problems.append(f"scale {self.scale}")
         if self.kv_dtype not in KV_DTYPES:
             problems.append(f"kv dtype {self.kv_dtype!r} (use one of {tuple(KV_DTYPES)})")
-        if problems:
-            raise BitsmithError("cannot build paged attention for " + ", ".join(problems),
-                                where="codegen paged attention", fix="pick a supported kernel description")
+        refuse(problems, "paged attention")
 
     @property
     def name(self) -> str:
