@@ -40,11 +40,13 @@ def kernel_key(spec: Any, target: Target) -> str:
 
 @functools.lru_cache(maxsize=1)
 def codegen_source_hash() -> str:
-    """sha256 of every kernel generator's source (this package and the packing it reads): any edit to a
-    kernel invalidates its cached machine code, without relying on a version bump (a forgotten bump once
-    served kernels with a fixed bug from the cache)."""
+    """sha256 of every kernel generator's source (this package and the weight layouts it reads): any edit
+    to a kernel invalidates its cached machine code, without relying on a version bump (a forgotten bump
+    once served kernels with a fixed bug from the cache)."""
     root = Path(__file__).resolve().parent
-    files = sorted(root.rglob("*.py")) + [root.parent / "passes" / "quant" / "packing.py"]
+    layouts = [root.parent / "passes" / "quant" / "packing.py", root.parent / "runtime" / "packed_layout.py",
+               root.parent / "runtime" / "interleave.py"]
+    files = sorted(root.rglob("*.py")) + layouts
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.relative_to(root.parent).as_posix().encode())
