@@ -39,7 +39,7 @@ COMMON = ["--no-keep-default", "--context", "512", "--concurrency", "1"]  # ever
 
 def compile_artifact(out: Path, flags: list[str]) -> float:
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "bitsmith.compiler.cli", "compile", "-o", str(out), *flags,
+    subprocess.run([sys.executable, "-m", "bitsmith.cli", "compile", "-o", str(out), *flags,
                     *(COMMON if "--method" in flags else COMMON[1:])],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.time() - t0
@@ -50,7 +50,7 @@ def decode_rate(path: Path, tokens: int, runs: int = 3) -> tuple[float, int]:
     import numpy as np
 
     from bitsmith.runtime.artifact import load_artifact
-    from bitsmith.runtime.executor import CompiledSession
+    from bitsmith.runtime.session import CompiledSession
 
     artifact = load_artifact(path)
     prompt = artifact.tokenizer().encode(PROMPT)

@@ -134,8 +134,8 @@ def build_kernel_cases(out: Path, arch: str) -> None:
 
 def compile_pair(source: str, name: str, out: Path, arch: str, extra: list[str]) -> dict:
     """The model compiled for CUDA into out/name, and the greedy tokens of the same compile on this CPU."""
-    from bitsmith.compiler.pipeline import CompileOptions, compile_model
-    from bitsmith.compiler.run import open_session
+    from bitsmith.pipeline import CompileOptions, compile_model
+    from bitsmith.tools.run import open_session
     from bitsmith.runtime.artifact import load_artifact
 
     def options(target: str, arch_: str | None) -> CompileOptions:

@@ -54,7 +54,7 @@ def kernel_checks(bundle: Path) -> list[dict]:
 
 def greedy_checks(bundle: Path, expected: dict) -> list[dict]:
     from bitsmith.runtime.artifact import load_artifact
-    from bitsmith.runtime.executor import CompiledSession
+    from bitsmith.runtime.session import CompiledSession
 
     results = []
     for name, want in expected.items():
@@ -149,7 +149,7 @@ def _reassemble(bundle: Path, stem: str) -> bool:
 
 def _ours_decode(artifact: Path, prompt: list[int], tokens: int) -> float:
     from bitsmith.runtime.artifact import load_artifact
-    from bitsmith.runtime.executor import CompiledSession
+    from bitsmith.runtime.session import CompiledSession
 
     session = CompiledSession(load_artifact(artifact))
     rates = []
@@ -165,7 +165,7 @@ def _ours_decode(artifact: Path, prompt: list[int], tokens: int) -> float:
 
 def dense_weights(art) -> dict[str, np.ndarray]:
     """The artifact's weights by HF name, quantized ones dequantized (numpy, no compiler needed)."""
-    from bitsmith.compiler.ops_quant import dequantize_packed
+    from bitsmith.compiler.ops.quant import dequantize_packed
 
     plan = art.manifest["ir"]["meta"].get("precision_plan") or {}
     c, weights, dense = art.config, art.weights, {}

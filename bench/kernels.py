@@ -115,7 +115,7 @@ def read_bandwidth(gib: float = 1.0, huge: bool = True) -> float:
 def bench_ours(shapes: tuple, batches: tuple) -> dict[tuple[int, int, int], float]:
     """Seconds per int4 g32 sym GEMV call (Python call overhead subtracted)."""
     from bitsmith.codegen.gemv import GemvKernel, GemvSpec, build_specs
-    from bitsmith.compiler.ops_quant import dequantize_packed
+    from bitsmith.compiler.ops.quant import dequantize_packed
 
     specs = [GemvSpec(n, k, BITS, GROUP, True, b) for n, k in shapes for b in batches]
     tiny = GemvSpec(1, 16, 32)
@@ -163,7 +163,7 @@ def bench_ours_int8(shapes: tuple, batches: tuple, interleaved: bool = False) ->
     from bitsmith.codegen.gemv_int8 import QGemvI8Spec, int8_activations_supported
     from bitsmith.codegen.gemv_x16 import QGemvX16Spec
     from bitsmith.codegen.kernel import build_module
-    from bitsmith.compiler.ops_quant import dequantize_packed
+    from bitsmith.compiler.ops.quant import dequantize_packed
     from bitsmith.runtime.interleave import kernel_weight, x16_name
 
     if not int8_activations_supported("host"):

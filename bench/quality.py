@@ -59,7 +59,7 @@ def schemes_for(model: str) -> list[tuple[str, int, int, bool]]:
 def compile_one(source: str, out: Path, method: str, bits: int, group: int, sym: bool, calib: Path,
                 samples: int) -> dict:
     """Run `bitsmith compile` in a subprocess; returns wall seconds and peak RSS (MiB)."""
-    cmd = [sys.executable, "-m", "bitsmith.compiler.cli", "compile", *([] if source == "default" else [source]),
+    cmd = [sys.executable, "-m", "bitsmith.cli", "compile", *([] if source == "default" else [source]),
            "-o", str(out), "--method", method, "--bits", str(bits), "--group", str(group),
            "--sym" if sym else "--asym", "--no-keep-default", "--calib", str(calib), "--target", "none",
            "--calib-samples", str(samples), "--calib-seqlen", str(SEQLEN)]
@@ -114,7 +114,7 @@ def peer_row(model: BenchModel, source_path: Path, tokenizer, calib_ids, windows
 
 def bench_model(key: str, tokens: int, venv: Path, work: Path, methods: tuple[str, ...] = METHODS) -> dict:
     from bitsmith.compiler.calibration_data import CalibrationOptions, calibration_samples
-    from bitsmith.compiler.evaluate import evaluate_many, windows_of
+    from bitsmith.tools.evaluate import evaluate_many, windows_of
     from bitsmith.runtime.artifact import load_artifact
 
     model = MODELS[key]

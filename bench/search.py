@@ -44,9 +44,9 @@ def heuristic_plan(tensors: list[str], fixed: set[str], layers: int) -> dict[str
 
 
 def decode_ms(plan_path: Path, source, work: Path, context: int) -> float:
-    from bitsmith.compiler.pipeline import CompileOptions, compile_model
+    from bitsmith.pipeline import CompileOptions, compile_model
     from bitsmith.runtime.artifact import load_artifact
-    from bitsmith.runtime.executor import CompiledSession
+    from bitsmith.runtime.session import CompiledSession
     from bitsmith.search.run import plan_to_overrides
 
     keep, schemes = plan_to_overrides(plan_path)

@@ -117,7 +117,7 @@ def load(port: int, model: str, concurrency: int, tokens: int) -> dict:
 
 def serve_ours(artifact: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bitsmith.compiler.cli", "serve", str(artifact), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "bitsmith.cli", "serve", str(artifact), "--port", str(port),
                              "--model-name", "bitsmith"], stderr=subprocess.DEVNULL)
     wait_ready(port, "/health")
     return proc, port
@@ -155,7 +155,7 @@ def main() -> None:
         artifact = args.artifact
         if artifact is None:
             artifact = Path(tmp) / "smollm2-int4"
-            subprocess.run([sys.executable, "-m", "bitsmith.compiler.cli", "compile", "-o", str(artifact), "--method",
+            subprocess.run([sys.executable, "-m", "bitsmith.cli", "compile", "-o", str(artifact), "--method",
                             "rtn", "--bits", "4", "--group", "32", "--concurrency", "16", "--context", "512",
                             "--activations", "auto", "--scheme", "lm_head=int8", "--kv-dtype", "int8"],
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

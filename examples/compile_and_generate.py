@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from bitsmith.compiler.pipeline import CompileOptions, compile_model
-from bitsmith.compiler.run import run_prompt
+from bitsmith.pipeline import CompileOptions, compile_model
+from bitsmith.tools.run import run_prompt
 from bitsmith.runtime.sampling import SamplingParams
 
 

@@ -119,7 +119,7 @@ def attach_char_tokenizer(artifact_dir: Path) -> None:
 def packed_matmul_case(spec, rows: int, seed: int = 0):
     """(x [rows, in], qweight, scales, zeros, reference y) for a quantized GEMV/GEMM spec: random codes,
     realistic fp16 scales (and zeros), y from the numpy dequantization `dequantize_packed`."""
-    from bitsmith.compiler.ops_quant import dequantize_packed
+    from bitsmith.compiler.ops.quant import dequantize_packed
     from bitsmith.passes.quant.packing import pack
 
     rng = np.random.default_rng(seed)

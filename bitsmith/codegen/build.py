@@ -44,7 +44,7 @@ def codegen_source_hash() -> str:
     to a kernel invalidates its cached machine code, without relying on a version bump (a forgotten bump
     once served kernels with a fixed bug from the cache)."""
     root = Path(__file__).resolve().parent
-    layouts = [root.parent / "passes" / "quant" / "packing.py", root.parent / "runtime" / "packed_layout.py",
+    layouts = [root.parent / "runtime" / "packed_layout.py",
                root.parent / "runtime" / "interleave.py"]
     files = sorted(root.rglob("*.py")) + layouts
     digest = hashlib.sha256()

@@ -1,5 +1,5 @@
 """Embedding lookups: a dense float32/float16 table, or a table packed like a qlinear weight (one
-packed row per token, see bitsmith.passes.quant.packing), dequantized on the fly.
+packed row per token, see bitsmith.runtime.packed_layout), dequantized on the fly.
 
 Token ids outside [0, vocab) are clamped to the nearest valid row, so a bad id can never read out of
 bounds (the numpy reference raises instead).
@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bitsmith.codegen.common import (PARAM_DTYPES, check_param_dtype, check_positive, f32, fconst, finish,
-                                          refuse, schedule_rows, worth_parallel)
+from bitsmith.codegen.common import (PARAM_DTYPES, check_param_dtype, check_positive, f32, fconst, finish, refuse,
+                                     schedule_rows, worth_parallel)
 from bitsmith.codegen.gemv import GROUP_SIZES, _code
 from bitsmith.codegen.target import Target
-from bitsmith.passes.quant.packing import LANES, PACK_BITS, lane_unit, packed_shape
+from bitsmith.runtime.packed_layout import LANES, PACK_BITS, lane_unit, packed_shape
 
 
 def _check_index_range(problems: list[str], elements: int) -> None:

@@ -33,7 +33,7 @@ from bitsmith.codegen.gemv import DENSE_BITS, PackedWeightLayout, _code
 from bitsmith.codegen.target import Target, resolve_target
 from bitsmith.codegen.vnni_ir import prefetch
 from bitsmith.errors import BitsmithError
-from bitsmith.passes.quant.packing import LANES, lane_unit
+from bitsmith.runtime.packed_layout import LANES, lane_unit
 
 MAX_ROWS = 128  # rows of x per call (any count: the last row vector is zero-padded)
 SLAB = 256  # K values dequantized at a time (at least one packed block): slab + x slab stay in L1

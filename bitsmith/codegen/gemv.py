@@ -11,7 +11,7 @@ import numpy as np
 from bitsmith.codegen.gemv_schedule import Stages, accumulators, batch_tile, row_tile, schedule_gemv
 from bitsmith.codegen.target import Target, resolve_target
 from bitsmith.errors import BitsmithError
-from bitsmith.passes.quant.packing import LANES, PACK_BITS, lane_unit, packed_shape
+from bitsmith.runtime.packed_layout import LANES, PACK_BITS, lane_unit, packed_shape
 
 DENSE_BITS = {32: "float32", 16: "float16"}  # "bits" of the dense (unquantized) variants
 GROUP_SIZES = (32, 64, 128, -1)

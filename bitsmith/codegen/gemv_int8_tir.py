@@ -39,7 +39,7 @@ from typing import Any
 
 from bitsmith.codegen.gemv_schedule import batch_tile
 from bitsmith.codegen.vnni_ir import expand_lanes, hmax, llvm_intrin, local_buffer, prefetch, row_sums, unpack_codes
-from bitsmith.passes.quant.packing import LANES, lane_unit
+from bitsmith.runtime.packed_layout import LANES, lane_unit
 
 XBLOCK = 32  # activation values per int8 scale
 PREFETCH = (8192, 3)  # software prefetch of the codes: (bytes ahead, llvm locality); 0 bytes: none

@@ -1,6 +1,6 @@
 """Per-row normalizations (rmsnorm, fused residual add + rmsnorm, layernorm) and rotary embeddings.
 
-Formulas follow the numpy references in bitsmith.compiler.ops_llm operation by operation (the sums
+Formulas follow the numpy references in bitsmith.compiler.ops.llm operation by operation (the sums
 run in another order: `lanes` vector accumulators, or a scalar loop when lanes does not divide dim):
 
     rmsnorm:   y = x / sqrt(sum(x*x) / dim + eps) * w
@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bitsmith.codegen.common import (PARAM_DTYPES, check_param_dtype, check_positive, f32, fconst, finish,
-                                          refuse, schedule_rows, vectorize_part, worth_parallel)
+from bitsmith.codegen.common import (PARAM_DTYPES, check_param_dtype, check_positive, f32, fconst, finish, refuse,
+                                     schedule_rows, vectorize_part, worth_parallel)
 from bitsmith.codegen.kernel import c_float
 from bitsmith.codegen.target import Target
 

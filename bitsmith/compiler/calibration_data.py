@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bitsmith.compiler.frontends.base import LoadedModel
 from bitsmith.errors import BitsmithError
+from bitsmith.runtime.tokenizer import tokenizer_from_spec
 
 
 @dataclass(frozen=True)
@@ -63,3 +65,13 @@ def calibration_samples(token_ids: list[int], options: CalibrationOptions, bos: 
     starts = rng.integers(0, len(token_ids) - body + 1, size=options.samples)
     prefix = [bos] if bos is not None else []
     return np.array([prefix + token_ids[s:s + body] for s in starts], dtype=np.int64)
+
+
+def calibration_tokens(model: LoadedModel, options: CalibrationOptions) -> np.ndarray | None:
+    """Calibration samples tokenized with the model's own tokenizer (None without a tokenizer)."""
+    if model.tokenizer is None:
+        return None
+    tokenizer = tokenizer_from_spec(model.tokenizer)
+    where = options.path or "built-in calibration text"
+    ids = tokenizer.encode(read_calibration_text(options.path), add_bos=False)
+    return calibration_samples(ids, options, tokenizer.bos_token_id if tokenizer.add_bos else None, where)

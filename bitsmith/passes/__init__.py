@@ -1,1 +1,1 @@
-"""Passes over the IR, one per file; the ordered list lives in `bitsmith.compiler.pipeline`."""
+"""Passes over the IR, one per file; the ordered list lives in `bitsmith.pipeline`."""

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
 from bitsmith.compiler.analysis import dead_code_elimination
+from bitsmith.compiler.frontends.base import LoadedModel
 from bitsmith.compiler.ir import Module
-from bitsmith.passes.base import PassContext
 from bitsmith.passes.derive_decode import derive_decode
 from bitsmith.passes.fuse_gelu import fuse_gelu
 from bitsmith.passes.fuse_linear_bias import fuse_linear_bias
@@ -34,12 +34,11 @@ def canonicalize(module: Module) -> Module:
     return module.replace(weights={k: t for k, t in module.weights.items() if k in used})
 
 
-@dataclass(frozen=True)
-class Canonicalize:
-    name: str = "canonicalize"
-
-    def run(self, module: Module, ctx: PassContext) -> Module:
-        module = canonicalize(module)
-        for name in set(ctx.weights) - set(module.weights):
-            ctx.weights.pop(name)
-        return module
+def canonical_model(model: LoadedModel) -> LoadedModel:
+    """`model` with a canonical module: a traced one (prefill alone, from torch.export or ONNX) is fused and
+    gets `decode`; a hand-built one (both entry points) is already canonical and passes through."""
+    if "decode" in model.module.functions:
+        return model
+    module = canonicalize(model.module)
+    weights = {k: v for k, v in model.weights.items() if k in module.weights}
+    return dataclasses.replace(model, module=module, weights=weights)

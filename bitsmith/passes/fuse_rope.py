@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from bitsmith.compiler.ir import Function, Module, Node
-from bitsmith.compiler.ops_llm import rope_inv_freq
+from bitsmith.compiler.ops.llm import rope_inv_freq
 from bitsmith.passes.rewrite import FunctionRewriter, const_value, is_scalar_const, map_functions, producers
 
 SEQ = "seq"

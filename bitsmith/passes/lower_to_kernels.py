@@ -13,7 +13,7 @@ from bitsmith.codegen.gemv_int8 import I8_MAX_BATCH
 from bitsmith.codegen.gemv_x16 import x16_problems
 from bitsmith.compiler.analysis import topological_order
 from bitsmith.compiler.ir import Function, Module, Node, TensorType
-from bitsmith.compiler.ops_llm import rope_inv_freq
+from bitsmith.compiler.ops.llm import rope_inv_freq
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.base import PassContext
 from bitsmith.passes.kv_plan import KVPlan

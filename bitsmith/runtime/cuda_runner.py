@@ -10,7 +10,7 @@ import numpy as np
 
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.artifact import Artifact
-from bitsmith.runtime.executor import StepRunner, bind_calls, constant_arrays, kernel_plan, pool_shape, used_weights
+from bitsmith.runtime.step_runner import StepRunner, bind_calls, constant_arrays, kernel_plan, pool_shape, used_weights
 from bitsmith.runtime.interleave import kernel_weight
 from bitsmith.runtime.schedule import Schedule
 
@@ -138,7 +138,7 @@ class CudaKernelRunner(DeviceKernelRunner):
         import tvm
 
         plan = kernel_plan(artifact)
-        if plan is None or plan.arch != "cuda":
+        if plan is None or plan.device != "cuda":
             raise BitsmithError("the artifact has no CUDA kernels", where=str(artifact.directory),
                                 fix="recompile with `--target cuda --arch sm_XX`")
         if not cuda_device_present():

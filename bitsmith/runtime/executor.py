@@ -1,10 +1,10 @@
-"""Runs an artifact's compiled kernel schedules with the TVM runtime and numpy only (no torch, no compiler)."""
+"""Runs an artifact's CPU kernel schedules with the TVM runtime and numpy only (no torch, no compiler)."""
 
 from __future__ import annotations
 
 import platform
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -13,21 +13,13 @@ from bitsmith.runtime.arena import aligned_bytes, round_up, view
 from bitsmith.runtime.artifact import Artifact
 from bitsmith.runtime.interleave import kernel_weight
 from bitsmith.runtime.schedule import KernelPlan, Schedule
-
-def kernel_plan(artifact: Artifact) -> KernelPlan | None:
-    entry = artifact.manifest.get("kernels")
-    return KernelPlan.from_json(entry) if entry else None
-
+from bitsmith.runtime.step_runner import StepRunner, bind_calls, constant_arrays, kernel_plan, pool_shape, used_weights
 
 def _machine() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
 
 
-def runs_here(plan: KernelPlan) -> bool:
-    if plan.arch == "cuda":
-        from bitsmith.runtime.cuda_runner import cuda_device_present
-
-        return cuda_device_present()
+def runs_on_this_cpu(plan: KernelPlan) -> bool:
     return plan.arch == _machine()
 
 
@@ -44,23 +36,6 @@ def _tensor(array: np.ndarray) -> Any:
     import tvm
 
     return tvm.runtime.from_dlpack(array)
-
-
-def bind_calls(schedule: Schedule, library: Any, buffer_tensor: Callable[[str, tuple[int, ...]], Any],
-               bound: dict[str, Any]) -> list[tuple[Any, list[Any]]]:
-    """Every call of `schedule` as (kernel function, argument tensors): buffers through
-    `buffer_tensor(name, the call's shape)`, the rest from `bound[kind][ref]`."""
-    calls = []
-    for call in schedule.calls:
-        try:
-            func = library[call.kernel]
-        except Exception as exc:  # TVM raises its own error type for a missing symbol
-            raise BitsmithError(f"kernel {call.kernel} is missing from the kernel library",
-                                where=f"schedule {schedule.entry}", fix="recompile the artifact") from exc
-        args = [buffer_tensor(ref, tuple(shape[0])) if kind == "buffer" else bound[kind][ref]
-                for kind, ref, *shape in call.args]
-        calls.append((func, args))
-    return calls
 
 
 class _Step:
@@ -103,45 +78,6 @@ class _Step:
         return self.logits[:k].copy()
 
 
-def used_weights(plan: KernelPlan) -> list[str]:
-    """Names of the weights some kernel call of the plan reads."""
-    return sorted({ref for s in plan.schedules.values() for c in s.calls for kind, ref, *_ in c.args if kind == "weight"})
-
-
-def constant_arrays(plan: KernelPlan) -> dict[str, np.ndarray]:
-    """The plan's constant tables (rope frequencies) as arrays."""
-    return {name: np.asarray(c["values"], dtype=c["dtype"]).reshape(c["shape"]) for name, c in plan.constants.items()}
-
-
-def pool_shape(kv: dict[str, Any]) -> tuple[int, int, int, int, int]:
-    """One layer's block pool: [num_blocks, 2 (keys, values), block_size, kv_heads, head_dim]; int8
-    layers add fp32 scales of shape pool_shape[:4]."""
-    return int(kv["num_blocks"]), 2, int(kv["block_size"]), int(kv["kv_heads"]), int(kv["head_dim"])
-
-
-class StepRunner:
-    """What every kernel runner shares: its steps (one per schedule, fewest rows first), the paged KV
-    geometry, and the choice of the smallest step that holds n rows."""
-
-    def _set_steps(self, plan: KernelPlan, steps: list[Any]) -> None:
-        self.kv = plan.kv
-        self.steps = sorted(steps, key=lambda st: st.schedule.rows)
-        self.max_rows = self.steps[-1].schedule.rows
-        self.block_size, self.num_blocks = int(plan.kv["block_size"]), int(plan.kv["num_blocks"])
-        self.max_blocks, self.max_context = int(plan.kv["max_blocks"]), int(plan.kv["max_context"])
-
-    @property
-    def step_rows(self) -> tuple[int, ...]:
-        """The row counts of the steps (a call of n rows pays for the smallest that holds n)."""
-        return tuple(s.schedule.rows for s in self.steps)
-
-    def _step_for(self, n: int) -> Any:
-        if n > self.max_rows:
-            raise BitsmithError(f"{n} rows exceed the largest schedule ({self.max_rows})",
-                                where="kernel runner", fix="split the batch")
-        return next(s for s in self.steps if s.schedule.rows >= n)
-
-
 class KernelRunner(StepRunner):
     """An artifact's kernels, weights and paged KV pools in memory; runs batches of rows.
 
@@ -180,67 +116,6 @@ class KernelRunner(StepRunner):
         if len(hidden) == 0:
             return np.empty((0, step.logits.shape[1]), dtype=np.float32)
         return self._step_for(len(hidden)).run_head(hidden)
-
-
-def open_runner(artifact: Artifact) -> Any:
-    """The artifact's kernel runner: KernelRunner for CPU kernels, CudaKernelRunner for CUDA ones."""
-    plan = kernel_plan(artifact)
-    if plan is not None and plan.arch == "cuda":
-        from bitsmith.runtime.cuda_runner import CudaKernelRunner
-
-        return CudaKernelRunner(artifact)
-    return KernelRunner(artifact)
-
-
-class CompiledSession:
-    """One sequence's state (position + a private block table) on the compiled kernels."""
-
-    def __init__(self, artifact: Artifact, max_context: int | None = None, runner: KernelRunner | None = None) -> None:
-        self.runner = runner or open_runner(artifact)
-        self.max_context = min(self.runner.max_context, max_context or self.runner.max_context)
-        if self.runner.num_blocks < self.runner.max_blocks:
-            raise BitsmithError("the KV pool is smaller than one full-context sequence", where=str(artifact.directory),
-                                fix="recompile with a larger --memory or a smaller --context")
-        self.block_table = np.arange(self.runner.max_blocks, dtype=np.int32)  # identity: blocks 0..max_blocks-1
-        self.position = 0
-
-    def reset(self) -> None:
-        self.position = 0  # stale cache slots are never read: a step writes slots before it reads them
-
-    def _advance(self, n: int) -> np.ndarray:
-        if self.position + n > self.max_context:
-            raise BitsmithError(f"{self.position + n} tokens exceed the context of {self.max_context}",
-                                fix="shorten the prompt or lower --max-tokens (or recompile with a larger --context)")
-        positions = np.arange(self.position, self.position + n, dtype=np.int64)
-        self.position += n
-        return positions
-
-    def prefill(self, tokens: list[int]) -> np.ndarray:
-        """Logits [len(tokens), vocab] for every prompt token, in chunks of the largest schedule's rows."""
-        return np.concatenate(self._prefill_chunks(tokens, last_only=False))
-
-    def prefill_last(self, tokens: list[int]) -> np.ndarray:
-        """Logits [vocab] after the last prompt token: the lm_head runs for that row alone."""
-        return self._prefill_chunks(tokens, last_only=True)[-1][0]
-
-    def _prefill_chunks(self, tokens: list[int], last_only: bool) -> list[np.ndarray]:
-        """Each chunk's logits: all its rows, or (last_only) none but the prompt's last row."""
-        positions = self._advance(len(tokens))
-        ids = np.asarray(tokens, dtype=np.int64)
-        rows, out = self.runner.max_rows, []
-        for i in range(0, len(ids), rows):
-            chunk = ids[i:i + rows]
-            wanted = None if not last_only else [len(chunk) - 1] if i + rows >= len(ids) else []
-            out.append(self._run(chunk, positions[i:i + rows], wanted))
-        return out
-
-    def decode(self, token: int) -> np.ndarray:
-        """Logits [vocab] for the next token after `token`."""
-        return self._run(np.array([token], dtype=np.int64), self._advance(1))[0]
-
-    def _run(self, ids: np.ndarray, positions: np.ndarray, logits_rows: list[int] | None = None) -> np.ndarray:
-        tables = np.broadcast_to(self.block_table, (len(ids), len(self.block_table)))
-        return self.runner.run(ids, positions, tables, logits_rows=logits_rows)
 
 
 def _allocate_pools(kv: dict[str, Any]) -> tuple[list[np.ndarray], list[np.ndarray | None]]:

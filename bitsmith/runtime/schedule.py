@@ -88,13 +88,18 @@ def _arg(data: list[Any]) -> tuple[Any, ...]:
 class KernelPlan:
     """The manifest's `kernels` entry: the library per target, the schedules and the constants."""
 
-    target: str  # "host" | "aarch64-linux"
+    target: str  # "host" | "aarch64-linux" | "cuda_<sm>"
     library: str  # path inside the artifact, e.g. kernels/host.so
-    arch: str  # machine architecture of the library: x86_64 | aarch64
-    target_cpu: str  # the exact CPU the library was built for (LLVM mcpu)
+    arch: str  # machine architecture of the library: x86_64 | aarch64 | cuda
+    target_cpu: str  # the exact chip the library was built for (LLVM mcpu, or the SM architecture)
     schedules: dict[str, Schedule]
     constants: dict[str, dict[str, Any]]  # name -> {"dtype", "shape", "values"}
     kv: dict[str, Any]  # the KV plan (passes/kv_plan.py KVPlan.to_json): block pools the kernels read
+
+    @property
+    def device(self) -> str:
+        """The device kind that runs the library (the key of runtime/runners.py's RUNNERS): cpu | cuda."""
+        return "cuda" if self.arch == "cuda" else "cpu"
 
     def to_json(self) -> dict[str, Any]:
         return {"target": self.target, "library": self.library, "arch": self.arch,

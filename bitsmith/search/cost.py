@@ -37,7 +37,7 @@ def _time_kernel(spec) -> float:
     import tvm
 
     from bitsmith.codegen.kernel import build_module
-    from bitsmith.passes.quant.packing import packed_shape
+    from bitsmith.runtime.packed_layout import packed_shape
 
     module = build_module([spec], "host")
     func = module[spec.name]

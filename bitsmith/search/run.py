@@ -11,9 +11,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bitsmith.compiler.calibration_data import CalibrationOptions
+from bitsmith.compiler.calibration_data import CalibrationOptions, calibration_tokens
 from bitsmith.compiler.loader import load_model
-from bitsmith.compiler.pipeline import calibration_tokens
+from bitsmith.passes.canonicalize import canonical_model
 from bitsmith.compiler.reference import upcast_weights
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.assign_precision import KEEP, AssignPrecision, linear_weights
@@ -129,7 +129,7 @@ def run_search(source: str | Path | None, opts: SearchOptions, out: Path,
     """Search, write `out` (the chosen plan), `out`.pareto.json and `out`.pareto.png; returns the report."""
     t0 = time.time()
     cache = Path(opts.cache_dir) if opts.cache_dir else Path.home() / ".cache" / "bitsmith" / "search"
-    model = load_model(source, log=log)
+    model = canonical_model(load_model(source, log=log))
     weights = upcast_weights(model.weights)
     samples = _calibration(model, opts, seed=0)
     held_out = _calibration(model, opts, seed=1)

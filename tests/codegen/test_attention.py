@@ -8,7 +8,7 @@ import pytest
 from bitsmith.codegen.attention import AttentionSpec, heads_per_task
 from bitsmith.codegen.kernel import call_kernel
 from bitsmith.codegen.target import host_target
-from bitsmith.compiler.ops_llm import _attention_ref
+from bitsmith.compiler.ops.llm import _attention_ref
 from bitsmith.errors import BitsmithError
 
 HEADS = ((4, 4), (8, 4), (9, 3), (3, 1))  # (query heads, kv heads)

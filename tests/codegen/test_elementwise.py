@@ -20,8 +20,8 @@ from bitsmith.codegen.kernel import KernelSpec, build_module, call_kernel
 from bitsmith.codegen.norm_rope import AddRmsNormSpec, LayerNormSpec, RmsNormSpec, RopeSpec
 from bitsmith.codegen.target import cross_target, host_target
 from bitsmith.compiler.ops import OPS
-from bitsmith.compiler.ops_llm import rope_inv_freq
-from bitsmith.compiler.ops_quant import dequantize_packed
+from bitsmith.compiler.ops.llm import rope_inv_freq
+from bitsmith.compiler.ops.quant import dequantize_packed
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.quant.packing import pack
 

@@ -16,9 +16,10 @@ from bitsmith.codegen.gemv import GemvSpec
 from bitsmith.codegen.gemv_int8 import QGemvI8Spec, int8_activations_supported
 from bitsmith.codegen.kernel import build_module
 from bitsmith.codegen.target import Target, cross_target, host_target
-from bitsmith.compiler.ops_quant import dequantize_packed
+from bitsmith.compiler.ops.quant import dequantize_packed
 from bitsmith.errors import BitsmithError
-from bitsmith.passes.quant.packing import pack, unpack
+from bitsmith.passes.quant.packing import pack
+from bitsmith.runtime.packed_layout import unpack
 
 pytestmark = pytest.mark.skipif(not int8_activations_supported("host"), reason="host lacks AVX-512 VNNI")
 

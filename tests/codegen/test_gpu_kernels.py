@@ -26,7 +26,7 @@ from bitsmith.codegen.kernel import call_kernel
 from bitsmith.codegen.norm_rope import AddRmsNormSpec, LayerNormSpec, RmsNormSpec, RopeSpec
 from bitsmith.codegen.paged_attention import PagedAttentionSpec
 from bitsmith.codegen.target import CUDA_ARCHS, cuda_target, host_target, resolve_target
-from bitsmith.compiler.ops_llm import rope_inv_freq
+from bitsmith.compiler.ops.llm import rope_inv_freq
 from bitsmith.errors import BitsmithError
 from conftest import assert_close_to_scale, packed_matmul_case
 from test_elementwise import (DTYPES, EXACT, ROPE, TRANSCENDENTAL, _activation_input, _activation_ref, _qemb_case,

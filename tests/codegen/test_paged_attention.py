@@ -9,7 +9,7 @@ import pytest
 from bitsmith.codegen.kernel import call_kernel
 from bitsmith.codegen.paged_attention import PagedAttentionSpec
 from bitsmith.codegen.target import host_target
-from bitsmith.compiler.ops_llm import _attention_ref
+from bitsmith.compiler.ops.llm import _attention_ref
 from bitsmith.errors import BitsmithError
 
 TOL = 1e-5

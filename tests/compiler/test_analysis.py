@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from bitsmith.compiler.analysis import dead_code_elimination, liveness, to_networkx, topological_order
-from bitsmith.compiler.ir import FunctionBuilder, TensorType
+from bitsmith.compiler.builder import FunctionBuilder
+from bitsmith.compiler.ir import TensorType
 from bitsmith.compiler.reference import run_function
 
 

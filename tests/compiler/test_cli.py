@@ -17,7 +17,7 @@ from conftest import save_tiny_hf_model
 
 
 def bitsmith(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bitsmith.compiler.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "bitsmith.cli", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
@@ -191,7 +191,7 @@ def test_target_none_has_no_kernels_and_compiled_run_says_so(tiny_artifact, tmp_
     assert proc.returncode == 0, proc.stderr
     artifact = load_artifact(tmp_path / "ref")
     assert artifact.manifest["kernels"] is None
-    from bitsmith.compiler.run import open_session
+    from bitsmith.tools.run import open_session
     from bitsmith.errors import BitsmithError
 
     with pytest.raises(BitsmithError, match="no compiled kernels.*--target host"):

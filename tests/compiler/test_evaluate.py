@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitsmith.compiler.evaluate import evaluate, windows_of
-from bitsmith.compiler.pipeline import CompileOptions, compile_model
+from bitsmith.tools.evaluate import evaluate, windows_of
+from bitsmith.pipeline import CompileOptions, compile_model
 from bitsmith.errors import BitsmithError
 
 
@@ -52,8 +52,9 @@ def test_kld_against_a_narrower_copy(tinystories, tmp_path):
     # A perturbed copy: KLD grows with the noise, and top-1 agreement falls.
     from bitsmith.compiler.artifact import write_artifact
     from bitsmith.compiler.loader import load_model
+    from bitsmith.passes.canonicalize import canonical_model
 
-    model = load_model(model_dir)
+    model = canonical_model(load_model(model_dir))
     rng = np.random.default_rng(0)
     results = []
     for noise in (0.01, 0.1):

@@ -9,7 +9,8 @@ import pytest
 
 from bitsmith.compiler.config import ModelConfig
 from bitsmith.compiler.frontends.llama import build_llama_module
-from bitsmith.compiler.ir import FunctionBuilder, Module, Node, TensorType
+from bitsmith.compiler.builder import FunctionBuilder
+from bitsmith.compiler.ir import Module, Node, TensorType
 from bitsmith.compiler.ops import reshape_dims
 from bitsmith.compiler.printer import print_module
 from bitsmith.compiler.verify import verify_module

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bitsmith.compiler.pipeline import CompileOptions, compile_model
-from bitsmith.compiler.run import run_prompt
+from bitsmith.pipeline import CompileOptions, compile_model
+from bitsmith.tools.run import run_prompt
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.sampling import SamplingParams
 
@@ -74,7 +74,7 @@ def test_smollm2_chat_template_matches_transformers(shared_data, tmp_path):
 
     from bitsmith.compiler.default_model import default_model_path
     from bitsmith.compiler.frontends.gguf import load_gguf
-    from bitsmith.compiler.run import encode_prompt
+    from bitsmith.tools.run import encode_prompt
     from bitsmith.runtime.artifact import Artifact
 
     try:

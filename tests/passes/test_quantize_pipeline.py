@@ -121,7 +121,7 @@ def test_calibration_inputs(tmp_path):
 
 
 def test_densify_matches_qlinear():
-    from bitsmith.compiler.evaluate import densify
+    from bitsmith.tools.evaluate import densify
 
     _, _, packed, ctx = _quantize("gqa", QuantScheme(3, 32, False, "rtn"))
     dense_module, dense_weights = densify(packed, ctx.weights)

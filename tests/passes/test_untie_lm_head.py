@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 
-from bitsmith.compiler.pipeline import CompileOptions, compile_model
+from bitsmith.pipeline import CompileOptions, compile_model
 from bitsmith.passes.base import PassContext
 from bitsmith.passes.untie_lm_head import LM_HEAD, UntieLmHead, tied_weights
 from bitsmith.runtime.artifact import load_artifact
-from bitsmith.compiler.run import open_session
+from bitsmith.tools.run import open_session
 from conftest import RANDOM_CONFIGS, random_model, save_tiny_hf_model
 
 

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from bitsmith.compiler.cli import main
-from bitsmith.compiler.run import open_session
+from bitsmith.cli import main
+from bitsmith.tools.run import open_session
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.artifact import load_artifact
-from bitsmith.runtime.executor import kernel_plan, runs_here
+from bitsmith.runtime.runners import runs_here
+from bitsmith.runtime.step_runner import kernel_plan
 from conftest import save_tiny_hf_model
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not installed")

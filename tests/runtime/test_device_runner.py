@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitsmith.compiler.pipeline import CompileOptions, compile_model
+from bitsmith.pipeline import CompileOptions, compile_model
 from bitsmith.runtime.artifact import load_artifact
 from bitsmith.runtime.cuda_runner import DeviceKernelRunner
 from bitsmith.runtime.engine import Engine, Request
@@ -48,7 +48,7 @@ def test_batched_greedy_on_the_device_runner_equals_the_kernel_runner(artifact):
 
 
 def test_prefill_last_equals_the_last_row_of_a_full_prefill(artifact):
-    from bitsmith.runtime.executor import CompiledSession
+    from bitsmith.runtime.session import CompiledSession
 
     session = CompiledSession(artifact)
     prompt = [3 + i % 90 for i in range(100)]  # chunks of 64 (no logits) and 36 rows (logits of one row)

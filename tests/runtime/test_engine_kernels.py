@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitsmith.compiler.pipeline import CompileOptions, compile_model
+from bitsmith.pipeline import CompileOptions, compile_model
 from bitsmith.runtime.artifact import load_artifact
 from bitsmith.runtime.engine import Engine, Request
 from bitsmith.runtime.executor import KernelRunner

@@ -11,11 +11,11 @@ import sys
 import numpy as np
 import pytest
 
-from bitsmith.compiler.pipeline import CompileOptions, compile_model
-from bitsmith.compiler.run import reference_session
+from bitsmith.pipeline import CompileOptions, compile_model
+from bitsmith.tools.run import reference_session
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.artifact import load_artifact
-from bitsmith.runtime.executor import CompiledSession
+from bitsmith.runtime.session import CompiledSession
 from bitsmith.runtime.generate import generate
 from bitsmith.runtime.sampling import SamplingParams
 from conftest import save_tiny_hf_model
@@ -108,7 +108,7 @@ def test_runtime_runs_an_artifact_without_torch_or_the_compiler(tiny_dir, tmp_pa
     script = BLOCK_TORCH + f"""
 import json
 from bitsmith.runtime.artifact import load_artifact
-from bitsmith.runtime.executor import CompiledSession
+from bitsmith.runtime.session import CompiledSession
 from bitsmith.runtime.generate import generate
 from bitsmith.runtime.sampling import SamplingParams
 out = list(generate(CompiledSession(load_artifact({str(path)!r})), [5, 17, 3], 12, SamplingParams()))

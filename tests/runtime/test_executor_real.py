@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitsmith.compiler.pipeline import CompileOptions, compile_model
-from bitsmith.compiler.run import reference_session
+from bitsmith.pipeline import CompileOptions, compile_model
+from bitsmith.tools.run import reference_session
 from bitsmith.runtime.artifact import load_artifact
-from bitsmith.runtime.executor import CompiledSession
+from bitsmith.runtime.session import CompiledSession
 from bitsmith.runtime.generate import generate
 from bitsmith.runtime.sampling import SamplingParams
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from bitsmith.compiler.pipeline import CompileOptions, compile_model
+from bitsmith.pipeline import CompileOptions, compile_model
 from bitsmith.runtime.artifact import load_artifact
 from bitsmith.runtime.engine import Engine
 from bitsmith.runtime.executor import KernelRunner
@@ -145,7 +145,7 @@ def test_serve_command_starts_and_stops_gracefully(tmp_path):
     save_tiny_hf_model(root / "model", "llama")
     path = compile_model(root / "model", root / "art", CompileOptions(target="host", context=64, concurrency=2))
     attach_char_tokenizer(path)
-    proc = subprocess.Popen([sys.executable, "-m", "bitsmith.compiler.cli", "serve", str(path), "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "bitsmith.cli", "serve", str(path), "--port", "0"],
                             stderr=subprocess.PIPE, text=True)
     try:
         line = ""

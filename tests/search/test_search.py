@@ -40,7 +40,7 @@ def test_ilp_matches_brute_force(seed):
 
 
 def test_search_then_compile_the_plan(shared_data, tmp_path):
-    from bitsmith.compiler.pipeline import CompileOptions, compile_model
+    from bitsmith.pipeline import CompileOptions, compile_model
     from bitsmith.runtime.artifact import load_artifact
     from bitsmith.search.run import SearchOptions, plan_to_overrides, run_search
 

@@ -15,7 +15,7 @@ from bitsmith.codegen.elementwise import BiasAddSpec, BinarySpec, SiluMulSpec, U
 from bitsmith.codegen.embedding import EmbeddingSpec, QEmbeddingSpec, _row
 from bitsmith.codegen.gemv import _code
 from bitsmith.codegen.norm_rope import AddRmsNormSpec, RmsNormSpec, RopeSpec, _rms_stages
-from bitsmith.passes.quant.packing import LANES, lane_unit
+from bitsmith.runtime.packed_layout import LANES, lane_unit
 
 
 def activation(op: str, x: Any) -> Any:
@@ -138,7 +138,7 @@ def embedding_tensors(spec: Any) -> list[Any]:
 
 def _dequant(spec: QEmbeddingSpec, w: Any, s: Any, z: Any, o: Any, k: Any) -> Any:
     """(q - z) * s of element k of packed row o: in a full block k = kb*16*S + j*16 + l, in the tail block
-    (L lanes) k = base + j*L + l (see bitsmith.passes.quant.packing)."""
+    (L lanes) k = base + j*L + l (see bitsmith.runtime.packed_layout)."""
     from tvm import tirx
 
     units, slots = lane_unit(spec.bits)

@@ -4,7 +4,7 @@ Same arguments as the CPU kernels (GemvSpec, GemmSpec): x f32 [rows, in], W (uin
 [out, in]), [scales f16 [out, groups], [zeros f16 [out, groups]]], y f32 [rows, out].
 
 The definition splits K into "vectors" a thread loads at once, in the packed layout of
-bitsmith.passes.quant.packing (element k = kb*16*S + j*16 + l, word = kb*16*U + p*16 + l):
+bitsmith.runtime.packed_layout (element k = kb*16*S + j*16 + l, word = kb*16*U + p*16 + l):
 
     quad kq = kb*4 + q:  lanes l = 4q .. 4q+3 of block kb, i.e. 4 consecutive words per unit word p (one
                          uint4 load for U = 1), holding S slots x 4 lanes = 4*S values
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bitsmith.codegen.gemv import DENSE_BITS, _code, _f32
-from bitsmith.passes.quant.packing import LANES, lane_unit
+from bitsmith.runtime.packed_layout import LANES, lane_unit
 
 QUAD = 4  # lanes per thread vector: 4 uint32 words = one 16-byte load
 MAX_ACCUMULATORS = 8  # R x NB partial sums per thread
@@ -188,9 +188,7 @@ def _quant_tail(shape: MatmulShape, x: Any, w: Any, s: Any, z: Any) -> Any:
 
 
 def _dense_main(shape: MatmulShape, x: Any, w: Any) -> Any:
-    from tvm import te
-
-    from tvm import tirx
+    from tvm import te, tirx
 
     width, n_vec = shape.dense_vector, shape.vectors
     padded = shape.padded(n_vec)  # see MatmulShape.padded

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from bitsmith.compiler.ir import Function, FunctionBuilder, Module, TensorType
+from bitsmith.compiler.builder import FunctionBuilder
+from bitsmith.compiler.ir import Function, Module, TensorType
 from bitsmith.errors import BitsmithError
-from bitsmith.passes.canonicalize import canonicalize
 
 SEQ, CTX = "seq", "ctx"
 CONST_LIMIT = 4096  # buffers up to this many elements (rotary inv_freq) become `const` nodes, not weights
@@ -19,10 +17,10 @@ CONST_LIMIT = 4096  # buffers up to this many elements (rotary inv_freq) become 
 
 
 def finish_module(prefill: Function, weights: dict[str, np.ndarray], meta: dict[str, Any]) -> tuple[Module, dict]:
-    """Canonicalise the lowered prefill (fusions, decode) and keep the weights it reads. Shared with ONNX."""
+    """The traced module: `prefill` alone, as lowered (the pipeline's canonicalize phase fuses it to LLM-level
+    ops, derives `decode` and drops the weights nothing reads). Shared with ONNX."""
     types = {k: TensorType(tuple(v.shape), str(v.dtype)) for k, v in weights.items()}
-    module = canonicalize(Module({"prefill": prefill}, types, meta))
-    return module, {k: v for k, v in weights.items() if k in module.weights}
+    return Module({"prefill": prefill}, types, meta), weights
 
 
 def weight_name(target: str) -> str:
@@ -105,12 +103,4 @@ class GraphLowering:
         return Val(self.b.op("transpose", [out], hint=hint, perm=[1, 0, 2]), True)
 
 
-def hf_side_files(directory: Path, cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """(tokenizer spec or None, config with `max_position`) from an HF-style directory. Shared with ONNX."""
-    from bitsmith.compiler.frontends.hf import load_hf_tokenizer
-
-    eos = cfg.get("eos_token_id")
-    ids = SimpleNamespace(bos_token_id=cfg.get("bos_token_id"),  # what load_hf_tokenizer reads of a ModelConfig
-                          eos_ids=list(eos) if isinstance(eos, list) else ([eos] if eos is not None else []))
-    config = {**cfg, "architecture": cfg.get("model_type"), "max_position": cfg.get("max_position_embeddings", 2048)}
-    return load_hf_tokenizer(directory, ids), config
+#END

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 from bitsmith.compiler.config import ModelConfig, expected_weight_shapes
-from bitsmith.compiler.ir import Dim, FunctionBuilder, Module, TensorType
+from bitsmith.compiler.builder import FunctionBuilder
+from bitsmith.compiler.ir import Dim, Module, TensorType
 
 SEQ = "seq"  # tokens in this step (prefill: symbolic; decode: 1)
 CTX = "ctx"  # KV-cache slots, bound when the cache is allocated

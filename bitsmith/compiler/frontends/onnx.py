@@ -10,7 +10,8 @@ import numpy as np
 
 from bitsmith.compiler.frontends.base import LoadedModel, require_path, sha256_file
 from bitsmith.compiler.frontends.graph_lowering import (CONST_LIMIT, SEQ, GraphLowering, Val, finish_module,
-                                                        hf_side_files, weight_name)
+                                                        weight_name)
+from bitsmith.compiler.frontends.hf_files import hf_side_files, read_json
 from bitsmith.compiler.ir import Function
 from bitsmith.errors import BitsmithError
 
@@ -338,8 +339,6 @@ def _read(path: Path) -> Any:
 
 def load_onnx(path: str | Path, tokenizer_dir: str | Path | None = None) -> LoadedModel:
     """Load an exported decoder; a tokenizer.json (and config.json) beside it (or in `tokenizer_dir`) is used."""
-    from bitsmith.compiler.frontends.hf import read_json
-
     path = require_path(path, "ONNX model")
     prefill, weights, meta = _OnnxLowering(_read(path), str(path)).lower()
     module, weights = finish_module(prefill, weights, {"frontend": "onnx", **meta})

@@ -13,7 +13,8 @@ import numpy as np
 
 from bitsmith.compiler.frontends.base import LoadedModel, require_path, sha256_file
 from bitsmith.compiler.frontends.graph_lowering import (CONST_LIMIT, SEQ, GraphLowering, Val, finish_module,
-                                                        hf_side_files, to_numpy, weight_name)
+                                                        to_numpy, weight_name)
+from bitsmith.compiler.frontends.hf_files import hf_side_files, read_json, rope_settings
 from bitsmith.compiler.ir import Function, Module
 from bitsmith.errors import BitsmithError
 
@@ -374,7 +375,6 @@ def load_hf_via_export(directory: str | Path) -> LoadedModel:
     import torch
     import transformers
 
-    from bitsmith.compiler.frontends.hf import _rope_settings, read_json
 
     directory = require_path(directory, "model directory")
     cfg = read_json(directory / "config.json")
@@ -394,7 +394,7 @@ def load_hf_via_export(directory: str | Path) -> LoadedModel:
         raise BitsmithError(f"transformers cannot load the {model_type!r} checkpoint: {str(exc).splitlines()[0]}",
                             where=str(directory), fix="check that the weights (*.safetensors) are present and complete") from exc
     try:
-        theta, scaling = _rope_settings(cfg)
+        theta, scaling = rope_settings(cfg)
         rope = [{"theta": theta, "scaling": scaling}]
     except (BitsmithError, KeyError, TypeError):  # a RoPE kind the IR op lacks: left unfused (still correct)
         rope = []

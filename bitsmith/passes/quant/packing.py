@@ -1,16 +1,12 @@
 """Bit-exact packing of b-bit codes into uint32 words: the writer of the layout that
-bitsmith/runtime/packed_layout.py describes and reads (its names are re-exported here)."""
+bitsmith/runtime/packed_layout.py describes and reads (the reader)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from bitsmith.errors import BitsmithError
-from bitsmith.runtime.packed_layout import (LANES, PACK_BITS, lane_unit, packed_bytes, packed_shape, split_row,
-                                            unpack, unpack_lanes)
-
-__all__ = ["LANES", "PACK_BITS", "lane_unit", "pack", "pack_lanes", "packed_bytes", "packed_shape", "unpack",
-           "unpack_lanes"]
+from bitsmith.runtime.packed_layout import LANES, split_row
 
 
 def pack_lanes(v: np.ndarray, bits: int, units: int) -> np.ndarray:

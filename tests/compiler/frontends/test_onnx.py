@@ -14,6 +14,7 @@ from bitsmith.compiler.config import expected_weight_shapes
 from bitsmith.compiler.frontends.hf import config_from_hf
 from bitsmith.compiler.frontends.llama import build_llama_module
 from bitsmith.compiler.frontends.onnx import load_onnx
+from bitsmith.passes.canonicalize import canonical_model
 from bitsmith.compiler.loader import load_model
 from bitsmith.compiler.verify import verify_module
 from bitsmith.errors import BitsmithError
@@ -55,7 +56,7 @@ def test_exported_family_matches_transformers(family, tmp_path):
     model = make_tiny_hf_model(family)
     randomize_vectors(model)  # distinct norm weights: the exporter merges identical initializers
     export(model, tmp_path / "model.onnx", positions=family == "qwen2")  # qwen2: position_ids is an input
-    loaded = load_onnx(tmp_path / "model.onnx")
+    loaded = canonical_model(load_onnx(tmp_path / "model.onnx"))
     verify_module(loaded.module)
     assert_matches_transformers(model, loaded.module, loaded.weights)
     config = config_from_hf(model.config.to_dict())
@@ -71,7 +72,7 @@ def test_eager_attention_export_and_tokenizer_beside_the_file(tmp_path):
     randomize_vectors(model)
     export(model, tmp_path / "model.onnx", attention="eager")  # matmul * scale + mask -> softmax -> matmul
     _tokenizer_json(tmp_path / "tokenizer.json")
-    loaded = load_model(tmp_path / "model.onnx")
+    loaded = canonical_model(load_model(tmp_path / "model.onnx"))
     assert op_counts(loaded.module)["attention"] == 2 and loaded.tokenizer.kind == "hf"
     assert_matches_transformers(model, loaded.module, loaded.weights)
 
@@ -79,7 +80,7 @@ def test_eager_attention_export_and_tokenizer_beside_the_file(tmp_path):
 def test_gpt_neox_export(tmp_path):
     model = tiny_model("gpt_neox")
     export(model, tmp_path / "neox.onnx")
-    loaded = load_onnx(tmp_path / "neox.onnx")
+    loaded = canonical_model(load_onnx(tmp_path / "neox.onnx"))
     verify_module(loaded.module)
     counts = op_counts(loaded.module)
     assert counts["layernorm"] == 5 and counts["gelu"] == 2 and counts["rope"] == 4 and counts["attention"] == 2
@@ -102,7 +103,7 @@ def _toy_graph(op: str) -> onnx.ModelProto:
 def test_small_graph_without_attention(tmp_path):
     model = _toy_graph("Tanh")
     onnx.save(model, tmp_path / "toy.onnx")
-    loaded = load_onnx(tmp_path / "toy.onnx")
+    loaded = canonical_model(load_onnx(tmp_path / "toy.onnx"))
     verify_module(loaded.module)
     import onnxruntime
 

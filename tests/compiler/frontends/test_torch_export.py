@@ -15,10 +15,12 @@ from bitsmith.compiler.frontends.base import LoadedModel
 from bitsmith.compiler.frontends.hf import config_from_hf, load_hf
 from bitsmith.compiler.frontends.llama import build_llama_module
 from bitsmith.compiler.frontends.torch_export import trace_module
-from bitsmith.compiler.ir import FunctionBuilder, Module, TensorType
+from bitsmith.compiler.builder import FunctionBuilder
+from bitsmith.compiler.ir import Module, TensorType
 from bitsmith.compiler.reference import ReferenceSession, run_function
 from bitsmith.compiler.verify import verify_module
 from bitsmith.errors import BitsmithError
+from bitsmith.passes.canonicalize import canonical_model, canonicalize
 from bitsmith.passes.fuse_rmsnorm import fuse_rmsnorm
 from bitsmith.passes.fuse_silu import fuse_silu
 from bitsmith.passes.simplify_layout import simplify_layout
@@ -26,6 +28,13 @@ from conftest import FAMILIES, make_tiny_hf_model
 
 RTOL = 1e-4
 EXAMPLE = torch.arange(2, 10)
+
+
+def traced(model, example_ids):
+    """trace_module, then the pipeline's canonicalize phase (fusions, decode, only the weights read)."""
+    module, weights = trace_module(model, example_ids)
+    module = canonicalize(module)
+    return module, {k: v for k, v in weights.items() if k in module.weights}
 
 
 def teacher_forced(module, weights, ids: np.ndarray, n_prefill: int = 5) -> np.ndarray:
@@ -80,7 +89,7 @@ def tiny_model(arch: str, **overrides):
 def test_traced_family_matches_transformers_and_hand_written_ops(family):
     model = make_tiny_hf_model(family)
     randomize_vectors(model)
-    module, weights = trace_module(model, EXAMPLE)
+    module, weights = traced(model, EXAMPLE)
     verify_module(module)
     assert model.config._attn_implementation == "eager"  # restored after tracing with sdpa
     assert_matches_transformers(model, module, weights)
@@ -96,7 +105,7 @@ def test_traced_family_matches_transformers_and_hand_written_ops(family):
 @pytest.mark.parametrize("arch", ["gpt_neox", "phi"])
 def test_architecture_without_hand_written_mapping(arch):
     model = tiny_model(arch)
-    module, weights = trace_module(model, EXAMPLE)
+    module, weights = traced(model, EXAMPLE)
     verify_module(module)
     assert_matches_transformers(model, module, weights)
     counts = op_counts(module)
@@ -111,7 +120,7 @@ def test_architecture_without_hand_written_mapping(arch):
 
 def test_sliding_window_comes_from_the_attention_module():
     model = tiny_model("mistral", sliding_window=4)  # 13 tokens: the window matters for prefill and decode
-    module, weights = trace_module(model, EXAMPLE)
+    module, weights = traced(model, EXAMPLE)
     assert {n.attrs["sliding_window"] for n in module["decode"].nodes if n.op == "attention"} == {4}
     assert_matches_transformers(model, module, weights)
 
@@ -128,7 +137,7 @@ def test_load_hf_routes_unknown_architecture_through_export(tmp_path):
     model = tiny_model("gpt_neox", bos_token_id=1, eos_token_id=2)
     model.save_pretrained(tmp_path)
     _tokenizer_json(tmp_path / "tokenizer.json")
-    loaded = load_hf(tmp_path)
+    loaded = canonical_model(load_hf(tmp_path))
     assert isinstance(loaded, LoadedModel)
     assert loaded.source["format"] == "hf-torch-export" and loaded.config["model_type"] == "gpt_neox"
     assert loaded.module.meta["frontend"] == "torch_export" and loaded.module.meta["num_layers"] == 2
@@ -155,7 +164,7 @@ class _Toy(torch.nn.Module):
 def test_plain_module_without_attention():
     torch.manual_seed(0)
     toy = _Toy(unsupported=False)
-    module, weights = trace_module(toy, EXAMPLE % 16)
+    module, weights = traced(toy, EXAMPLE % 16)
     verify_module(module)
     assert set(weights) == {"embed.weight", "head.weight", "head.bias"}
     ids = np.arange(9) % 16

@@ -12,6 +12,7 @@ from bitsmith.compiler.ir import Module
 from bitsmith.compiler.printer import op_histogram
 from bitsmith.compiler.weight_stats import summarize
 from bitsmith.passes.quant.scheme import QuantScheme
+from bitsmith.passes.canonicalize import canonical_model
 from bitsmith.runtime.artifact import is_artifact, load_artifact
 
 
@@ -77,7 +78,7 @@ def describe(path: str | Path) -> tuple[dict[str, Any], Module]:
         return summary, module
     from bitsmith.compiler.loader import load_model
 
-    model = load_model(path)
+    model = canonical_model(load_model(path))
     bytes_by_dtype: dict[str, int] = {}
     for w in model.weights.values():
         bytes_by_dtype[str(w.dtype)] = bytes_by_dtype.get(str(w.dtype), 0) + w.nbytes

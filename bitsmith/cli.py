@@ -126,7 +126,7 @@ def compile(model: Path | None, output: Path, dtype: str | None, tokenizer: Path
     only kernels whose shape, scheme or target changed.
     """
     from bitsmith.compiler.calibration_data import CalibrationOptions
-    from bitsmith.compiler.pipeline import CompileOptions, compile_model
+    from bitsmith.pipeline import CompileOptions, compile_model
 
     overrides = []
     for item in schemes:
@@ -159,7 +159,7 @@ def compile(model: Path | None, output: Path, dtype: str | None, tokenizer: Path
 @friendly_errors
 def inspect(path: Path, show_ir: bool, as_json: bool) -> None:
     """Summarise a model or an artifact: architecture, parameters, bytes by dtype, IR."""
-    from bitsmith.compiler.inspect import describe, format_summary
+    from bitsmith.tools.describe import describe, format_summary
 
     summary, module = describe(path)
     if as_json:
@@ -190,8 +190,8 @@ def inspect(path: Path, show_ir: bool, as_json: bool) -> None:
 def run(artifact: Path, prompt: str, max_tokens: int, temperature: float, top_k: int, top_p: float,
         seed: int | None, chat: bool, as_json: bool, executor: str) -> None:
     """Generate a continuation of PROMPT with a compiled ARTIFACT."""
-    from bitsmith.compiler.run import run_prompt
     from bitsmith.runtime.sampling import SamplingParams
+    from bitsmith.tools.run import run_prompt
 
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
@@ -222,7 +222,7 @@ def serve(artifact: Path, host: str, port: int, max_pending: int, model_name: st
 
     from bitsmith.runtime.artifact import load_artifact
     from bitsmith.runtime.engine import Engine
-    from bitsmith.runtime.executor import open_runner
+    from bitsmith.runtime.runners import open_runner
     from bitsmith.runtime.server import Server
 
     art = load_artifact(artifact)
@@ -268,7 +268,7 @@ def bench(artifact: Path, levels: str, prompt_tokens: int, output_tokens: int, r
     from bitsmith.runtime.artifact import load_artifact
     from bitsmith.runtime.bench import agreement_with_first, bench_prompts, format_table, run_concurrency, run_rounds
     from bitsmith.runtime.engine import Engine
-    from bitsmith.runtime.executor import open_runner
+    from bitsmith.runtime.runners import open_runner
 
     art = load_artifact(artifact)
     tokenizer = art.tokenizer()
@@ -353,7 +353,7 @@ def eval_command(artifact: Path, text_file: Path, tokens: int | None, ctx: int, 
     tokens; when the tokenizer adds BOS, each window gets BOS prepended and every token is scored,
     otherwise the first token of each window is context only. PPL = exp(mean NLL).
     """
-    from bitsmith.compiler.evaluate import evaluate
+    from bitsmith.tools.evaluate import evaluate
 
     if not text_file.is_file():
         raise BitsmithError(f"text file {str(text_file)!r} does not exist", fix="check the --text path")

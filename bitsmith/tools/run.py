@@ -10,7 +10,10 @@ from bitsmith.compiler.reference import ReferenceSession
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.artifact import Artifact, load_artifact
 from bitsmith.runtime.generate import generate
+from bitsmith.runtime.runners import runs_here
 from bitsmith.runtime.sampling import SamplingParams
+from bitsmith.runtime.session import CompiledSession
+from bitsmith.runtime.step_runner import kernel_plan
 from bitsmith.runtime.tokenizer import Tokenizer, encode_chat
 
 
@@ -21,8 +24,6 @@ def reference_session(artifact: Artifact, max_context: int | None = None) -> Ref
 
 def open_session(artifact: Artifact, executor: str = "auto", max_context: int | None = None):
     """A session for `executor`: "compiled" (TVM kernels), "reference" (numpy) or "auto"."""
-    from bitsmith.runtime.executor import CompiledSession, kernel_plan, runs_here
-
     if executor not in ("auto", "compiled", "reference"):
         raise BitsmithError(f"unknown executor {executor!r}", fix="use auto, compiled or reference")
     plan = kernel_plan(artifact)

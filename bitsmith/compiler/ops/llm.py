@@ -8,15 +8,15 @@ from typing import Any
 import numpy as np
 
 from bitsmith.compiler.ir import TensorType
-from bitsmith.compiler.ops import COMPUTE_DTYPE, _check, _float, register
+from bitsmith.compiler.ops.registry import COMPUTE_DTYPE, as_float, check, register
 
 # ---------------------------------------------------------------- embedding / linear
 
 
 def _embedding_infer(in_types, attrs, weights):
     table, ids = in_types
-    _check(table.rank == 2, f"embedding table must be 2-D, got {table.shape}")
-    _check(ids.dtype in ("int64", "int32"), f"embedding ids must be integers, got {ids.dtype}")
+    check(table.rank == 2, f"embedding table must be 2-D, got {table.shape}")
+    check(ids.dtype in ("int64", "int32"), f"embedding ids must be integers, got {ids.dtype}")
     return [TensorType(ids.shape + (table.shape[1],), COMPUTE_DTYPE)]
 
 
@@ -24,7 +24,7 @@ def _embedding_ref(xs, attrs, ctx):
     table, ids = xs
     if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
         raise IndexError(f"token id out of range [0, {table.shape[0]})")
-    return [_float(table[ids])]
+    return [as_float(table[ids])]
 
 
 register("embedding", (2, 2), _embedding_infer, _embedding_ref)
@@ -32,17 +32,17 @@ register("embedding", (2, 2), _embedding_infer, _embedding_ref)
 
 def _linear_infer(in_types, attrs, weights):
     x, w = in_types[:2]
-    _check(w.rank == 2, f"linear weight must be 2-D [out, in], got {w.shape}")
-    _check(x.shape[-1] == w.shape[1], f"linear input has {x.shape[-1]} features, weight expects {w.shape[1]}")
+    check(w.rank == 2, f"linear weight must be 2-D [out, in], got {w.shape}")
+    check(x.shape[-1] == w.shape[1], f"linear input has {x.shape[-1]} features, weight expects {w.shape[1]}")
     if len(in_types) == 3:
-        _check(in_types[2].shape == (w.shape[0],), f"linear bias shape {in_types[2].shape} != ({w.shape[0]},)")
+        check(in_types[2].shape == (w.shape[0],), f"linear bias shape {in_types[2].shape} != ({w.shape[0]},)")
     return [TensorType(x.shape[:-1] + (w.shape[0],), COMPUTE_DTYPE)]
 
 
 def _linear_ref(xs, attrs, ctx):
-    y = _float(xs[0]) @ _float(xs[1]).T  # x[..., in] @ W[out, in]^T
+    y = as_float(xs[0]) @ as_float(xs[1]).T  # x[..., in] @ W[out, in]^T
     if len(xs) == 3:
-        y = y + _float(xs[2])
+        y = y + as_float(xs[2])
     return [y]
 
 
@@ -54,26 +54,26 @@ register("linear", (2, 3), _linear_infer, _linear_ref)
 def _norm_infer(in_types, attrs, weights):
     x = in_types[0]
     for p in in_types[1:]:
-        _check(p.shape == (x.shape[-1],), f"norm parameter {p.shape} does not match features {x.shape[-1]}")
+        check(p.shape == (x.shape[-1],), f"norm parameter {p.shape} does not match features {x.shape[-1]}")
     return [TensorType(x.shape, COMPUTE_DTYPE)]
 
 
 def _rmsnorm_ref(xs, attrs, ctx):
-    x = _float(xs[0])
+    x = as_float(xs[0])
     var = np.mean(x * x, axis=-1, keepdims=True)
     y = x / np.sqrt(var + np.float32(attrs["eps"]))
-    return [y * _float(xs[1]) if len(xs) > 1 else y]
+    return [y * as_float(xs[1]) if len(xs) > 1 else y]
 
 
 def _layernorm_ref(xs, attrs, ctx):
-    x = _float(xs[0])
+    x = as_float(xs[0])
     mu = np.mean(x, axis=-1, keepdims=True)
     var = np.mean((x - mu) ** 2, axis=-1, keepdims=True)
     y = (x - mu) / np.sqrt(var + np.float32(attrs["eps"]))
     if len(xs) > 1:
-        y = y * _float(xs[1])
+        y = y * as_float(xs[1])
     if len(xs) > 2:
-        y = y + _float(xs[2])
+        y = y + as_float(xs[2])
     return [y]
 
 
@@ -104,16 +104,16 @@ def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict[str, Any] | None)
 
 def _rope_infer(in_types, attrs, weights):
     x, pos = in_types
-    _check(x.rank == 3, f"rope expects x[seq, heads, head_dim], got {x.shape}")
-    _check(pos.rank == 1 and pos.dtype in ("int64", "int32"), "rope positions must be int[seq]")
-    _check(attrs.get("style", "half") in ("half", "interleaved"), f"unknown rope style {attrs.get('style')}")
+    check(x.rank == 3, f"rope expects x[seq, heads, head_dim], got {x.shape}")
+    check(pos.rank == 1 and pos.dtype in ("int64", "int32"), "rope positions must be int[seq]")
+    check(attrs.get("style", "half") in ("half", "interleaved"), f"unknown rope style {attrs.get('style')}")
     rot = attrs.get("rotary_dim", x.shape[2])
-    _check(isinstance(x.shape[2], int) and rot % 2 == 0 and rot <= x.shape[2], f"bad rotary_dim {rot}")
+    check(isinstance(x.shape[2], int) and rot % 2 == 0 and rot <= x.shape[2], f"bad rotary_dim {rot}")
     return [TensorType(x.shape, COMPUTE_DTYPE)]
 
 
 def _rope_ref(xs, attrs, ctx):
-    x, pos = _float(xs[0]), xs[1]
+    x, pos = as_float(xs[0]), xs[1]
     rot = attrs.get("rotary_dim", x.shape[2])
     inv = rope_inv_freq(rot, attrs["theta"], attrs.get("scaling"))
     freqs = pos.astype(np.float32)[:, None] * inv[None, :]  # [seq, rot/2]
@@ -141,14 +141,14 @@ register("rope", (2, 2), _rope_infer, _rope_ref)
 
 def _attention_infer(in_types, attrs, weights):
     q, k, v, pos, cache = in_types
-    _check(q.rank == 3 and k.rank == 3 and v.rank == 3, "attention expects q/k/v as [seq, heads, head_dim]")
-    _check(k.shape == v.shape, f"attention k {k.shape} and v {v.shape} differ")
-    _check(q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2], f"attention q {q.shape} vs k {k.shape}")
-    _check(isinstance(q.shape[1], int) and q.shape[1] % k.shape[1] == 0, "query heads must be a multiple of kv heads")
-    _check(cache.rank == 5 and cache.shape[1] == 2, f"kv cache must be [layers, 2, ctx, kv_heads, head_dim], got {cache.shape}")
-    _check(cache.shape[3:] == k.shape[1:], f"kv cache {cache.shape} does not match k {k.shape}")
-    _check(isinstance(cache.shape[0], int) and 0 <= attrs["layer"] < cache.shape[0], f"layer {attrs['layer']} out of range")
-    _check(attrs.get("kv_dtype", "float32") in ("float32", "float16", "int8"), f"unknown kv_dtype {attrs.get('kv_dtype')}")
+    check(q.rank == 3 and k.rank == 3 and v.rank == 3, "attention expects q/k/v as [seq, heads, head_dim]")
+    check(k.shape == v.shape, f"attention k {k.shape} and v {v.shape} differ")
+    check(q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2], f"attention q {q.shape} vs k {k.shape}")
+    check(isinstance(q.shape[1], int) and q.shape[1] % k.shape[1] == 0, "query heads must be a multiple of kv heads")
+    check(cache.rank == 5 and cache.shape[1] == 2, f"kv cache must be [layers, 2, ctx, kv_heads, head_dim], got {cache.shape}")
+    check(cache.shape[3:] == k.shape[1:], f"kv cache {cache.shape} does not match k {k.shape}")
+    check(isinstance(cache.shape[0], int) and 0 <= attrs["layer"] < cache.shape[0], f"layer {attrs['layer']} out of range")
+    check(attrs.get("kv_dtype", "float32") in ("float32", "float16", "int8"), f"unknown kv_dtype {attrs.get('kv_dtype')}")
     return [TensorType(q.shape, COMPUTE_DTYPE), cache]
 
 
@@ -170,7 +170,7 @@ def kv_storage_round(x: np.ndarray, kv_dtype: str) -> np.ndarray:
 
 
 def _attention_ref(xs, attrs, ctx):
-    q, k, v, pos, cache = _float(xs[0]), _float(xs[1]), _float(xs[2]), xs[3], xs[4]
+    q, k, v, pos, cache = as_float(xs[0]), as_float(xs[1]), as_float(xs[2]), xs[3], xs[4]
     layer = attrs["layer"]
     if pos.size and pos.max() >= cache.shape[2]:
         raise IndexError(f"position {int(pos.max())} exceeds the KV cache ({cache.shape[2]} slots)")
@@ -205,5 +205,3 @@ def _attention_ref(xs, attrs, ctx):
 
 register("attention", (5, 5), _attention_infer, _attention_ref)
 
-# Quantized variants (qlinear) live in ops_quant.py; importing it registers them.
-from bitsmith.compiler import ops_quant  # noqa: E402,F401

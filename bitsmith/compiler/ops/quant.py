@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from bitsmith.compiler.ir import TensorType
-from bitsmith.compiler.ops import COMPUTE_DTYPE, _check, _float, register
-from bitsmith.passes.quant.packing import packed_shape, unpack
+from bitsmith.compiler.ops.registry import COMPUTE_DTYPE, as_float, check, register
+from bitsmith.runtime.packed_layout import packed_shape, unpack
 
 # qlinear(x[..., in], qweight uint32[out, words], scales f16[out, groups], (zeros f16[out, groups]), (bias[out]))
 #   attrs: bits, group_size (-1: per channel), in_features, sym (no zeros input), has_bias
@@ -23,16 +23,16 @@ def _qlinear_infer(in_types, attrs, weights):
     x, qweight, scales = in_types[:3]
     n_in = attrs["in_features"]
     expected_inputs = 3 + (not attrs["sym"]) + bool(attrs.get("has_bias"))
-    _check(len(in_types) == expected_inputs, f"qlinear expects {expected_inputs} inputs, got {len(in_types)}")
-    _check(x.shape[-1] == n_in, f"qlinear input has {x.shape[-1]} features, weight expects {n_in}")
+    check(len(in_types) == expected_inputs, f"qlinear expects {expected_inputs} inputs, got {len(in_types)}")
+    check(x.shape[-1] == n_in, f"qlinear input has {x.shape[-1]} features, weight expects {n_in}")
     out = qweight.shape[0]
-    _check(qweight.dtype == "uint32" and qweight.shape == packed_shape(out, n_in, attrs["bits"]),
+    check(qweight.dtype == "uint32" and qweight.shape == packed_shape(out, n_in, attrs["bits"]),
            f"qweight {qweight} does not hold {out}x{n_in} {attrs['bits']}-bit codes")
-    _check(scales.shape == (out, _groups(attrs)), f"scales {scales.shape} != ({out}, {_groups(attrs)})")
+    check(scales.shape == (out, _groups(attrs)), f"scales {scales.shape} != ({out}, {_groups(attrs)})")
     for extra in in_types[3:3 + (not attrs["sym"])]:
-        _check(extra.shape == scales.shape, f"zeros {extra.shape} != scales {scales.shape}")
+        check(extra.shape == scales.shape, f"zeros {extra.shape} != scales {scales.shape}")
     if attrs.get("has_bias"):
-        _check(in_types[-1].shape == (out,), f"bias {in_types[-1].shape} != ({out},)")
+        check(in_types[-1].shape == (out,), f"bias {in_types[-1].shape} != ({out},)")
     return [TensorType(x.shape[:-1] + (out,), COMPUTE_DTYPE)]
 
 
@@ -49,9 +49,9 @@ def dequantize_packed(qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray
 def _qlinear_ref(xs, attrs, ctx):
     zeros = None if attrs["sym"] else xs[3]
     w = dequantize_packed(xs[1], xs[2], zeros, attrs)
-    y = _float(xs[0]) @ w.T
+    y = as_float(xs[0]) @ w.T
     if attrs.get("has_bias"):
-        y = y + _float(xs[-1])
+        y = y + as_float(xs[-1])
     return [y]
 
 

@@ -10,9 +10,10 @@ from tqdm import tqdm
 
 from bitsmith.compiler.analysis import dead_code_elimination
 from bitsmith.compiler.ir import Module, Node, TensorType
-from bitsmith.compiler.ops_quant import dequantize_packed
+from bitsmith.compiler.ops.quant import dequantize_packed
 from bitsmith.compiler.reference import ReferenceSession, upcast_weights
 from bitsmith.errors import BitsmithError
+from bitsmith.passes.canonicalize import canonical_model
 from bitsmith.runtime.artifact import Artifact, is_artifact, load_artifact
 
 
@@ -104,7 +105,7 @@ def _reference_model(artifact: Artifact, reference: str | Path | None, always: b
         return Module.from_json(ref.manifest["ir"]), ref.weights
     from bitsmith.compiler.loader import load_model
 
-    model = load_model(reference)
+    model = canonical_model(load_model(reference))
     # the reference keeps a 16-bit KV cache: an int8-KV artifact is scored against what it replaces
     from bitsmith.passes.plan_kv_cache import with_kv_dtypes
 

@@ -8,27 +8,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
-from bitsmith.compiler.calibration_data import CalibrationOptions, calibration_samples, read_calibration_text
+from bitsmith.compiler.calibration_data import CalibrationOptions, calibration_tokens
 from bitsmith.compiler.frontends.base import LoadedModel
 from bitsmith.compiler.ir import Module
 from bitsmith.compiler.printer import print_module
 from bitsmith.compiler.verify import verify_module
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.assign_precision import KEEP_SCHEMES, AssignPrecision, matches_pattern
+from bitsmith.passes.canonicalize import canonical_model
 from bitsmith.passes.base import Pass, PassContext
 from bitsmith.passes.cast_weights import CastWeights
 from bitsmith.passes.eliminate_dead_code import EliminateDeadCode
 from bitsmith.passes.kv_plan import KVPlanOptions, parse_bytes
 from bitsmith.passes.lower_to_kernels import LowerToKernels
-from bitsmith.passes.plan_kv_cache import PlanKVCache
 from bitsmith.passes.pack_weights import PackWeights
+from bitsmith.passes.plan_kv_cache import PlanKVCache
 from bitsmith.passes.quant.scheme import QuantScheme
 from bitsmith.passes.quantize_weights import QuantizeWeights
 from bitsmith.passes.untie_lm_head import LM_HEAD, UntieLmHead
-from bitsmith.runtime.tokenizer import tokenizer_from_spec
-
 
 DEFAULT_KERNEL_CONTEXT = 2048
 
@@ -145,16 +142,6 @@ def kernel_context(options: CompileOptions, model: LoadedModel) -> int:
     return options.context
 
 
-def calibration_tokens(model: LoadedModel, options: CalibrationOptions) -> np.ndarray | None:
-    """Calibration samples tokenized with the model's own tokenizer (None without a tokenizer)."""
-    if model.tokenizer is None:
-        return None
-    tokenizer = tokenizer_from_spec(model.tokenizer)
-    where = options.path or "built-in calibration text"
-    ids = tokenizer.encode(read_calibration_text(options.path), add_bos=False)
-    return calibration_samples(ids, options, tokenizer.bos_token_id if tokenizer.add_bos else None, where)
-
-
 def run_passes(module: Module, ctx: PassContext, passes: list[Pass], verify: bool = True,
                dump_dir: str | Path | None = None, log: Callable[[str], None] | None = None) -> Module:
     """Run `passes` in order, verifying after each and dumping the IR when asked."""
@@ -187,7 +174,7 @@ def compile_model(source: str | Path | None, out: str | Path, options: CompileOp
     from bitsmith.compiler.artifact import write_artifact
     from bitsmith.compiler.loader import load_model
 
-    model = load_model(source, tokenizer=options.tokenizer, log=log)
+    model = canonical_model(load_model(source, tokenizer=options.tokenizer, log=log))
     ctx = PassContext(dict(model.weights))
     if options.quantize:
         ctx.calibration = calibration_tokens(model, options.calibration)

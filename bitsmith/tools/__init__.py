@@ -1,0 +1,1 @@
+"""The tools the CLI drives: describe (inspect), evaluate, run."""
