@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random HF models of every family and the location of ../shared/data."""
+"""Shared fixtures: tiny random HF models of every family, the tiny compiled artifact, the test kernel cache and
+the location of ../shared/data."""
 
 from __future__ import annotations
 
@@ -14,6 +15,22 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("BITSMITH_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# Kernels the tests build go here, never into the user's ~/.cache; it persists between runs (a warm cache is
+# what keeps the fast tier fast). $BITSMITH_TEST_KERNEL_CACHE moves it.
+TEST_KERNEL_CACHE = Path(os.environ.get("BITSMITH_TEST_KERNEL_CACHE", REPO_ROOT / ".test-cache" / "kernels"))
+
+
+def pytest_configure(config):
+    """Set before any test runs, so CLI subprocesses the tests start inherit it too."""
+    os.environ["BITSMITH_KERNEL_CACHE"] = str(TEST_KERNEL_CACHE)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test on real models or text (the `shared_data` fixture) is slow: the fast tier, `-m "not slow"`,
+    compiles only tiny random models."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture
@@ -69,6 +86,30 @@ def tiny_hf_dir(request, tmp_path):
     directory = tmp_path / request.param
     model = save_tiny_hf_model(directory, request.param)
     return request.param, directory, model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """The tiny random Llama (seed 0) saved once per session in HF layout; treat it as read-only."""
+    directory = tmp_path_factory.mktemp("tiny-llama") / "model"
+    save_tiny_hf_model(directory, "llama")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_llama_dir, tmp_path_factory):
+    """compile(options) -> the tiny Llama's artifact for those CompileOptions, compiled once per session and
+    shared by every test that asks for the same options; treat it as read-only (copy it to modify it)."""
+    from bitsmith.pipeline import compile_model
+
+    built: dict = {}
+
+    def compile(options) -> Path:
+        if options not in built:
+            built[options] = compile_model(tiny_llama_dir, tmp_path_factory.mktemp("tiny-artifact") / "art", options)
+        return built[options]
+
+    return compile
 
 
 def random_model(config, seed: int = 0):

@@ -31,7 +31,7 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None
 
 
 @pytest.fixture(scope="module")
-def tiny_artifact(tmp_path_factory):
+def cli_artifact(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     save_tiny_hf_model(root / "model", "llama")
     proc = bitsmith("compile", root / "model", "-o", root / "art", "--dtype", "float16", "--dump-ir", root / "ir")
@@ -39,25 +39,25 @@ def tiny_artifact(tmp_path_factory):
     return root
 
 
-def test_compile_writes_a_valid_artifact(tiny_artifact):
-    artifact = load_artifact(tiny_artifact / "art")
+def test_compile_writes_a_valid_artifact(cli_artifact):
+    artifact = load_artifact(cli_artifact / "art")
     m = artifact.manifest
     assert m["schema_version"] == 1 and m["provenance"]["tvm_version"] == "0.27.0.post1"
     assert m["weights"]["bytes_by_dtype"].keys() == {"float16"}
     assert set(m["files"]) == {"weights.safetensors", "kernels/host.so"}  # tiny model: no tokenizer
     assert m["kernels"]["library"] == "kernels/host.so" and set(m["kernels"]["schedules"]) == {
         "rows1", "rows4", "rows16", "rows32", "rows64"}
-    assert sorted(p.name for p in (tiny_artifact / "ir").iterdir())[0] == "00-input.ir"
-    assert not [p for p in tiny_artifact.iterdir() if p.name.startswith(".")]  # no temp dirs left
+    assert sorted(p.name for p in (cli_artifact / "ir").iterdir())[0] == "00-input.ir"
+    assert not [p for p in cli_artifact.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 
-def test_run_json_matches_the_reference(tiny_artifact, tmp_path):
+def test_run_json_matches_the_reference(cli_artifact, tmp_path):
     # The tiny model has no tokenizer: give it one that maps characters to ids.
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     tok = Tokenizer(models.WordLevel({chr(97 + i): i + 3 for i in range(26)} | {"<unk>": 0}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    art = tiny_artifact / "art"
+    art = cli_artifact / "art"
     manifest = json.loads((art / "manifest.json").read_text())
     tok.save(str(art / "tokenizer.json"))
     manifest["tokenizer"] = {"kind": "hf", "files": ["tokenizer.json"], "bos_token_id": None, "eos_token_ids": [],
@@ -80,14 +80,14 @@ def test_run_json_matches_the_reference(tiny_artifact, tmp_path):
     assert out["text"] == tok.decode(expected, skip_special_tokens=False)
 
 
-def test_inspect_json_model_and_artifact(tiny_artifact):
-    for path in (tiny_artifact / "model", tiny_artifact / "art"):
+def test_inspect_json_model_and_artifact(cli_artifact):
+    for path in (cli_artifact / "model", cli_artifact / "art"):
         proc = bitsmith("inspect", path, "--json")
         assert proc.returncode == 0, proc.stderr
         summary = json.loads(proc.stdout)
         assert summary["architecture"] == "llama"
         assert summary["ir"]["decode"]["ops"]["attention"] == 2
-    proc = bitsmith("inspect", tiny_artifact / "art", "--ir")
+    proc = bitsmith("inspect", cli_artifact / "art", "--ir")
     assert "func @decode(%tokens: int64[1]" in proc.stdout
 
 
@@ -119,10 +119,10 @@ def test_corrupt_gguf(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_output_over_a_foreign_directory_is_refused(tiny_artifact, tmp_path):
+def test_output_over_a_foreign_directory_is_refused(cli_artifact, tmp_path):
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
-    proc = bitsmith("compile", tiny_artifact / "model", "-o", tmp_path / "precious")
+    proc = bitsmith("compile", cli_artifact / "model", "-o", tmp_path / "precious")
     assert_clean_error(proc, "not a bitsmith artifact")
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
 
@@ -134,16 +134,16 @@ def _copy_artifact(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_wrong_schema_version(tiny_artifact, tmp_path):
-    art = _copy_artifact(tiny_artifact / "art", tmp_path / "art")
+def test_wrong_schema_version(cli_artifact, tmp_path):
+    art = _copy_artifact(cli_artifact / "art", tmp_path / "art")
     manifest = json.loads((art / "manifest.json").read_text())
     manifest["schema_version"] = 99
     (art / "manifest.json").write_text(json.dumps(manifest))
     assert_clean_error(bitsmith("run", art, "hi"), "schema version 99", "recompile")
 
 
-def test_missing_and_modified_files(tiny_artifact, tmp_path):
-    art = _copy_artifact(tiny_artifact / "art", tmp_path / "art")
+def test_missing_and_modified_files(cli_artifact, tmp_path):
+    art = _copy_artifact(cli_artifact / "art", tmp_path / "art")
     weights = art / "weights.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
@@ -162,8 +162,8 @@ def test_unsupported_architecture(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_quantized_compile_inspect_run(tiny_artifact, tmp_path):
-    proc = bitsmith("compile", tiny_artifact / "model", "-o", tmp_path / "q", "--method", "rtn", "--bits", "4",
+def test_quantized_compile_inspect_run(cli_artifact, tmp_path):
+    proc = bitsmith("compile", cli_artifact / "model", "-o", tmp_path / "q", "--method", "rtn", "--bits", "4",
                     "--group", "32", "--no-keep-default", "--scheme", "down_proj=int8")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(bitsmith("inspect", tmp_path / "q", "--json").stdout)
@@ -173,8 +173,8 @@ def test_quantized_compile_inspect_run(tiny_artifact, tmp_path):
     assert summary["ir"]["prefill"]["ops"]["qlinear"] == 15  # 14 decoder linears + the untied lm_head
 
 
-def test_bad_quantization_options(tiny_artifact, tmp_path):
-    model = tiny_artifact / "model"
+def test_bad_quantization_options(cli_artifact, tmp_path):
+    model = cli_artifact / "model"
     assert_clean_error(bitsmith("compile", model, "-o", tmp_path / "o", "--method", "rtn", "--keep", "nothing.*"),
                        "pattern 'nothing.*' matches no quantizable weight")
     assert_clean_error(bitsmith("compile", model, "-o", tmp_path / "o", "--method", "gptq", "--no-keep-default"),
@@ -186,8 +186,8 @@ def test_bad_quantization_options(tiny_artifact, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_target_none_has_no_kernels_and_compiled_run_says_so(tiny_artifact, tmp_path):
-    proc = bitsmith("compile", tiny_artifact / "model", "-o", tmp_path / "ref", "--target", "none")
+def test_target_none_has_no_kernels_and_compiled_run_says_so(cli_artifact, tmp_path):
+    proc = bitsmith("compile", cli_artifact / "model", "-o", tmp_path / "ref", "--target", "none")
     assert proc.returncode == 0, proc.stderr
     artifact = load_artifact(tmp_path / "ref")
     assert artifact.manifest["kernels"] is None
@@ -199,9 +199,9 @@ def test_target_none_has_no_kernels_and_compiled_run_says_so(tiny_artifact, tmp_
     assert type(open_session(artifact, "auto")).__name__ == "ReferenceSession"
 
 
-def test_bad_context(tiny_artifact, tmp_path):
-    assert_clean_error(bitsmith("compile", tiny_artifact / "model", "-o", tmp_path / "a", "--context", "40"),
+def test_bad_context(cli_artifact, tmp_path):
+    assert_clean_error(bitsmith("compile", cli_artifact / "model", "-o", tmp_path / "a", "--context", "40"),
                        "--context 40 is not a multiple of 16")
-    assert_clean_error(bitsmith("compile", tiny_artifact / "model", "-o", tmp_path / "a", "--context", "4096"),
+    assert_clean_error(bitsmith("compile", cli_artifact / "model", "-o", tmp_path / "a", "--context", "4096"),
                        "exceeds the model's maximum of 128")
     assert not (tmp_path / "a").exists()

@@ -6,21 +6,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitsmith.pipeline import CompileOptions, compile_model
+from bitsmith.pipeline import CompileOptions
 from bitsmith.runtime.artifact import load_artifact
 from bitsmith.runtime.cuda_runner import DeviceKernelRunner
 from bitsmith.runtime.engine import Engine, Request
 from bitsmith.runtime.executor import KernelRunner
-from conftest import save_tiny_hf_model
 
 PROMPTS = [[5, 17, 3], [9] * 21, list(range(40, 75))]
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    root = tmp_path_factory.mktemp("device")
-    save_tiny_hf_model(root / "model", "llama")
-    return load_artifact(compile_model(root / "model", root / "art", CompileOptions(
+def artifact(tiny_artifact):
+    return load_artifact(tiny_artifact(CompileOptions(
         method="rtn", bits=4, group_size=32, keep_default=False, context=128, concurrency=2, kv_dtype="int8")))
 
 

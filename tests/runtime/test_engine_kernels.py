@@ -5,22 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitsmith.pipeline import CompileOptions, compile_model
+from bitsmith.pipeline import CompileOptions
 from bitsmith.runtime.artifact import load_artifact
 from bitsmith.runtime.engine import Engine, Request
 from bitsmith.runtime.executor import KernelRunner
 from bitsmith.runtime.kv_cache import BlockPool, KVCacheManager
-from conftest import save_tiny_hf_model
 
 PROMPTS = [[5, 17, 3], [9] * 21, [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], [7, 7], list(range(60, 93))]
 
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine")
-    save_tiny_hf_model(root / "model", "llama")
-    path = compile_model(root / "model", root / "art", CompileOptions(method="rtn", bits=4, group_size=32,
-                                                                     context=64, concurrency=2))
+def runner(tiny_artifact):
+    path = tiny_artifact(CompileOptions(method="rtn", bits=4, group_size=32, context=64, concurrency=2))
     return KernelRunner(load_artifact(path))
 
 

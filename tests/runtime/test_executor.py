@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,6 @@ from bitsmith.runtime.artifact import load_artifact
 from bitsmith.runtime.session import CompiledSession
 from bitsmith.runtime.generate import generate
 from bitsmith.runtime.sampling import SamplingParams
-from conftest import save_tiny_hf_model
 
 QUANT = {
     "fp32": {},
@@ -28,27 +26,8 @@ QUANT = {
 }
 
 
-@pytest.fixture(scope="module")
-def kernel_cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("kernel-cache")
-    old = os.environ.get("BITSMITH_KERNEL_CACHE")
-    os.environ["BITSMITH_KERNEL_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("BITSMITH_KERNEL_CACHE", None)
-    else:
-        os.environ["BITSMITH_KERNEL_CACHE"] = old
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny") / "llama"
-    save_tiny_hf_model(directory, "llama")
-    return directory
-
-
-def _compile(source, out, kernel_cache, **options):
-    return compile_model(source, out, CompileOptions(context=64, **options))
+def _compile(tiny_artifact, **options):
+    return tiny_artifact(CompileOptions(context=64, **options))
 
 
 def _greedy(session, prompt: list[int], n: int) -> list[int]:
@@ -56,8 +35,8 @@ def _greedy(session, prompt: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("scheme", sorted(QUANT))
-def test_logits_match_reference(tiny_dir, tmp_path, kernel_cache, scheme):
-    art = load_artifact(_compile(tiny_dir, tmp_path / "a", kernel_cache, **QUANT[scheme]))
+def test_logits_match_reference(tiny_artifact, scheme):
+    art = load_artifact(_compile(tiny_artifact, **QUANT[scheme]))
     compiled, ref = CompiledSession(art), reference_session(art, 64)
     prompt = [5, 17, 3, 88, 41, 9, 60, 2, 33, 71, 12, 4, 50, 19, 7, 23, 64, 30, 11]  # 19: two prefill chunks
     got, want = compiled.prefill(prompt), ref.prefill(prompt)
@@ -74,19 +53,24 @@ def ref_reset_prefill(art, prompt):
     return reference_session(art, 64).prefill(prompt)
 
 
-def test_context_limit_is_a_clear_error(tiny_dir, tmp_path, kernel_cache):
-    session = CompiledSession(load_artifact(_compile(tiny_dir, tmp_path / "a", kernel_cache)))
+def test_context_limit_is_a_clear_error(tiny_artifact):
+    session = CompiledSession(load_artifact(_compile(tiny_artifact)))
     with pytest.raises(BitsmithError, match="exceed the context of 64"):
         session.prefill(list(range(65)))
 
 
-def test_kernel_cache_rebuilds_only_what_changed(tiny_dir, tmp_path, kernel_cache):
+def test_kernel_cache_rebuilds_only_what_changed(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("BITSMITH_KERNEL_CACHE", str(tmp_path / "kernel-cache"))  # empty: count what gets built
+
+    def build(out, **options):
+        path = compile_model(tiny_llama_dir, tmp_path / out, CompileOptions(context=64, **options))
+        return load_artifact(path).manifest["kernels"]["build"]
+
     opts = QUANT["int4-g32-asym"]
-    first = load_artifact(_compile(tiny_dir, tmp_path / "a", kernel_cache, **opts)).manifest["kernels"]["build"]
-    again = load_artifact(_compile(tiny_dir, tmp_path / "b", kernel_cache, **opts)).manifest["kernels"]["build"]
+    first, again = build("a", **opts), build("b", **opts)
+    assert first["built"] == first["kernels"] and first["cached"] == 0
     assert again["built"] == 0 and again["cached"] == again["kernels"] == first["kernels"]
-    changed = load_artifact(_compile(tiny_dir, tmp_path / "c", kernel_cache, **opts,
-                                     schemes=(("layers.1.mlp.down_proj", "int8"),))).manifest["kernels"]["build"]
+    changed = build("c", **opts, schemes=(("layers.1.mlp.down_proj", "int8"),))
     # int8 down_proj: one new GEMV/GEMM per schedule (rows 1, 4, 16, 32, 64); nothing else is rebuilt
     assert changed["built"] == 5, changed
 
@@ -102,8 +86,8 @@ sys.meta_path.insert(0, Block())
 """
 
 
-def test_runtime_runs_an_artifact_without_torch_or_the_compiler(tiny_dir, tmp_path, kernel_cache):
-    path = _compile(tiny_dir, tmp_path / "a", kernel_cache, **QUANT["int4-g32-asym"])
+def test_runtime_runs_an_artifact_without_torch_or_the_compiler(tiny_artifact):
+    path = _compile(tiny_artifact, **QUANT["int4-g32-asym"])
     want = _greedy(CompiledSession(load_artifact(path)), [5, 17, 3], 12)
     script = BLOCK_TORCH + f"""
 import json
@@ -126,8 +110,8 @@ print(json.dumps(out))
 
 
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="gcc-aarch64-linux-gnu is not installed")
-def test_aarch64_cross_compile_exports_the_kernels(tiny_dir, tmp_path, kernel_cache):
-    path = _compile(tiny_dir, tmp_path / "arm", kernel_cache, target="aarch64-linux", **QUANT["int4-g32-asym"])
+def test_aarch64_cross_compile_exports_the_kernels(tiny_artifact):
+    path = _compile(tiny_artifact, target="aarch64-linux", **QUANT["int4-g32-asym"])
     art = load_artifact(path)
     plan = art.manifest["kernels"]
     library = path / plan["library"]

@@ -4,28 +4,32 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from bitsmith.pipeline import CompileOptions, compile_model
+from bitsmith.pipeline import CompileOptions
 from bitsmith.runtime.artifact import load_artifact
 from bitsmith.runtime.engine import Engine
 from bitsmith.runtime.executor import KernelRunner
 from bitsmith.runtime.server import Server
-from conftest import attach_char_tokenizer, save_tiny_hf_model
+from conftest import attach_char_tokenizer
 
 WORDS = ["hello", "the cat", "zebra", "quiet sea", "abc", "lighthouse", "moon", "xyz", "river bank", "tree"]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    save_tiny_hf_model(root / "model", "llama")
-    path = compile_model(root / "model", root / "art", CompileOptions(method="rtn", bits=4, group_size=32,
-                                                                     context=64, concurrency=8))
-    attach_char_tokenizer(path)
+def server(tiny_artifact, tmp_path_factory):
+    shared = tiny_artifact(CompileOptions(method="rtn", bits=4, group_size=32, context=64, concurrency=8))
+    path = Path(shutil.copytree(shared, tmp_path_factory.mktemp("serve") / "art"))
+    attach_char_tokenizer(path)  # edits the manifest: on a copy, not the shared artifact
     art = load_artifact(path)
     tokenizer = art.tokenizer()
     srv = Server(Engine(KernelRunner(art), tokenizer), tokenizer, "tiny", None, port=0, max_pending=32)
@@ -135,15 +139,9 @@ def test_64_concurrent_streams_complete_unmixed_with_flat_memory(server):
     assert server.loop.count == 0 and server.loop.engine.pool.available() == server.loop.engine.pool.num_blocks
 
 
-def test_serve_command_starts_and_stops_gracefully(tmp_path):
-    import re
-    import signal
-    import subprocess
-    import sys
-
-    root = tmp_path
-    save_tiny_hf_model(root / "model", "llama")
-    path = compile_model(root / "model", root / "art", CompileOptions(target="host", context=64, concurrency=2))
+def test_serve_command_starts_and_stops_gracefully(tiny_artifact, tmp_path):
+    shared = tiny_artifact(CompileOptions(target="host", context=64, concurrency=2))
+    path = Path(shutil.copytree(shared, tmp_path / "art"))
     attach_char_tokenizer(path)
     proc = subprocess.Popen([sys.executable, "-m", "bitsmith.cli", "serve", str(path), "--port", "0"],
                             stderr=subprocess.PIPE, text=True)
