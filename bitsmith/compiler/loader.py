@@ -5,7 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from bitsmith.compiler.default_model import default_model_path
 from bitsmith.compiler.frontends.base import LoadedModel, checkpoint_to_model
+from bitsmith.compiler.frontends.gguf import load_gguf
+from bitsmith.compiler.frontends.hf import load_hf
+from bitsmith.compiler.frontends.llama2c import load_llama2c
+from bitsmith.compiler.frontends.onnx import load_onnx
 from bitsmith.errors import BitsmithError
 
 FORMATS = "a Hugging Face directory, a .gguf file, a llama2.c .bin checkpoint or an .onnx decoder"
@@ -33,27 +38,17 @@ def load_model(source: str | Path | None, tokenizer: str | None = None,
                log: Callable[[str], None] | None = None) -> LoadedModel:
     """Load any supported model into IR + weights. `None` means the built-in default model."""
     if source is None:
-        from bitsmith.compiler.default_model import default_model_path
-
         source = default_model_path()
     path = Path(source)
     fmt = detect_format(path)
     if log:
         log(f"loading {fmt} model from {path}")
     if fmt == "hf":
-        from bitsmith.compiler.frontends.hf import load_hf
-
         loaded = load_hf(path)
     elif fmt == "gguf":
-        from bitsmith.compiler.frontends.gguf import load_gguf
-
         loaded = load_gguf(path)
     elif fmt == "llama2c":
-        from bitsmith.compiler.frontends.llama2c import load_llama2c
-
         loaded = load_llama2c(path, tokenizer_path=tokenizer)
     else:
-        from bitsmith.compiler.frontends.onnx import load_onnx
-
         loaded = load_onnx(path)
     return loaded if isinstance(loaded, LoadedModel) else checkpoint_to_model(loaded)

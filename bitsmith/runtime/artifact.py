@@ -13,6 +13,7 @@ import numpy as np
 
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.safetensors_io import read_safetensors
+from bitsmith.runtime.tokenizer import load_tokenizer
 
 ARTIFACT_FORMAT = "bitsmith-artifact"
 SCHEMA_VERSION = 1
@@ -53,8 +54,6 @@ class Artifact:
         return int(self.config.get("max_position", 2048))
 
     def tokenizer(self):
-        from bitsmith.runtime.tokenizer import load_tokenizer
-
         if not self.manifest["tokenizer"]:
             raise BitsmithError("artifact has no tokenizer", where=str(self.directory),
                                 fix="recompile with a tokenizer (--tokenizer PATH for llama2.c checkpoints)")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
 from bitsmith.errors import BitsmithError
+from bitsmith.runtime.tokenizer_llama2c import Llama2cTokenizer
 
 
 class Tokenizer(Protocol):
@@ -48,16 +50,12 @@ def load_tokenizer(directory: str | Path, entry: dict[str, Any]) -> Tokenizer:
     if kind == "hf":
         return HFTokenizer(directory / "tokenizer.json", entry)
     if kind == "llama2c":
-        from bitsmith.runtime.tokenizer_llama2c import Llama2cTokenizer
-
         return Llama2cTokenizer.from_file(directory / "tokenizer.bin", entry)
     raise BitsmithError(f"unknown tokenizer kind {kind!r}", where=str(directory), fix="rebuild the artifact")
 
 
 def tokenizer_from_spec(spec: Any) -> Tokenizer:
     """A tokenizer from a compile-time TokenizerSpec (files held in memory), via a temporary directory."""
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="bitsmith-tok-") as tmp:
         for name, data in spec.files.items():
             (Path(tmp) / name).write_bytes(data)

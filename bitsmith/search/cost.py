@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from bitsmith.passes.quant.scheme import parse_scheme, theoretical_bytes
+from bitsmith.runtime.packed_layout import packed_shape
 from bitsmith.search.sensitivity import KEEP16
 
 ROTATE_BYTES = 64 << 20  # weight copies per measurement: more than the caches, as in real decode
@@ -37,8 +38,6 @@ def _time_kernel(spec) -> float:
     import tvm
 
     from bitsmith.codegen.kernel import build_module
-    from bitsmith.runtime.packed_layout import packed_shape
-
     module = build_module([spec], "host")
     func = module[spec.name]
     dev = tvm.cpu(0)

@@ -13,10 +13,10 @@ import numpy as np
 
 from bitsmith.compiler.calibration_data import CalibrationOptions, calibration_tokens
 from bitsmith.compiler.loader import load_model
-from bitsmith.passes.canonicalize import canonical_model
-from bitsmith.compiler.reference import upcast_weights
+from bitsmith.compiler.reference import ReferenceSession, upcast_weights
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.assign_precision import KEEP, AssignPrecision, linear_weights
+from bitsmith.passes.canonicalize import canonical_model
 from bitsmith.passes.kv_plan import KVPlanOptions, plan_kv_cache
 from bitsmith.passes.plan_kv_cache import peak_activation_bytes
 from bitsmith.passes.quant.scheme import parse_scheme
@@ -95,7 +95,6 @@ def plan_stats(sm: SearchModel, picked: dict[str, Choice], overhead_s: float) ->
 
 def measured_kld(module, weights: dict[str, np.ndarray], plan: dict[str, str], samples: np.ndarray) -> float:
     """KLD of the plan (RTN, dequantized) against the 16-bit model on held-out samples, reference executor."""
-    from bitsmith.compiler.reference import ReferenceSession
     from bitsmith.passes.quant.rtn import quantize_rtn
     from bitsmith.passes.quant.scheme import dequantize
 

@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 
 from bitsmith.compiler.ir import Module
+from bitsmith.compiler.loader import load_model
 from bitsmith.compiler.printer import op_histogram
 from bitsmith.compiler.weight_stats import summarize
-from bitsmith.passes.quant.scheme import QuantScheme
 from bitsmith.passes.canonicalize import canonical_model
+from bitsmith.passes.quant.scheme import QuantScheme
 from bitsmith.runtime.artifact import is_artifact, load_artifact
 
 
@@ -76,8 +77,6 @@ def describe(path: str | Path) -> tuple[dict[str, Any], Module]:
         if m.get("memory_plan"):
             summary["memory_plan"] = m["memory_plan"]
         return summary, module
-    from bitsmith.compiler.loader import load_model
-
     model = canonical_model(load_model(path))
     bytes_by_dtype: dict[str, int] = {}
     for w in model.weights.values():

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from bitsmith.compiler.analysis import dead_code_elimination
 from bitsmith.compiler.ir import Module, Node, TensorType
+from bitsmith.compiler.loader import load_model
 from bitsmith.compiler.ops.quant import dequantize_packed
 from bitsmith.compiler.reference import ReferenceSession, upcast_weights
 from bitsmith.errors import BitsmithError
@@ -103,8 +104,6 @@ def _reference_model(artifact: Artifact, reference: str | Path | None, always: b
     if is_artifact(reference):
         ref = load_artifact(reference, check_hashes=False)
         return Module.from_json(ref.manifest["ir"]), ref.weights
-    from bitsmith.compiler.loader import load_model
-
     model = canonical_model(load_model(reference))
     # the reference keeps a 16-bit KV cache: an int8-KV artifact is scored against what it replaces
     from bitsmith.passes.plan_kv_cache import with_kv_dtypes

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from bitsmith.compiler.config import ModelConfig, expected_weight_shapes
+from bitsmith.compiler.frontends.llama import build_llama_module
 from bitsmith.errors import BitsmithError
 
 
@@ -100,7 +101,5 @@ class LoadedModel:
 
 def checkpoint_to_model(ckpt: Checkpoint) -> LoadedModel:
     """Build the hand-written Llama-family IR for a checkpoint."""
-    from bitsmith.compiler.frontends.llama import build_llama_module
-
     module = build_llama_module(ckpt.config, {k: str(v.dtype) for k, v in ckpt.weights.items()})
     return LoadedModel(module, ckpt.weights, ckpt.tokenizer, ckpt.config.to_json(), ckpt.source, ckpt.dtype)
