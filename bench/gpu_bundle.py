@@ -105,11 +105,12 @@ def _random_args(spec, rng: np.random.Generator) -> tuple[list[np.ndarray], list
 
 
 def build_kernel_cases(out: Path, arch: str) -> None:
-    from bitsmith.codegen.gpu.cuda_build import build_cuda_library, fatbin_archs
+    from bitsmith.codegen.build import build_kernel_library
+    from bitsmith.codegen.gpu.cuda_build import fatbin_archs
     from bitsmith.codegen.kernel import call_kernel
 
     specs, rng = check_specs(), np.random.default_rng(0)
-    build_cuda_library(specs + timing_specs(), f"cuda_{arch}", out / "kernels" / "kernels_check.so", log=print)
+    build_kernel_library(specs + timing_specs(), f"cuda_{arch}", out / "kernels" / "kernels_check.so", log=print)
     (out / "kernels" / "timing.json").write_text(json.dumps([
         {"name": t.name, "weight_shape": list(t.weight_shape()), "scales_shape": [t.out_features, t.n_groups],
          "in_features": t.in_features, "out_features": t.out_features, "weight_bytes": t.weight_bytes()}

@@ -95,11 +95,13 @@ def read_bandwidth(gib: float = 1.0, huge: bool = True) -> float:
     """GB/s of a multithreaded TVM row-sum (fp32 GEMV with x = 1) over a buffer far larger than L3."""
     import tvm
 
-    from bitsmith.codegen.gemv import build_gemv
+    from bitsmith.codegen.gemv import GemvSpec
+    from bitsmith.codegen.kernel import build_module
 
     cols = 4096
     rows = int(gib * (1 << 30)) // (cols * 4)
-    func = build_gemv(rows, cols, 32, batch=1)[f"gemv_float32_n{rows}_k{cols}_bs1"]
+    spec = GemvSpec(rows, cols, 32, batch=1)
+    func = build_module([spec])[spec.name]
     if huge:
         w = tvm_tensor(hugepage_copies(1, (rows, cols), np.float32)[0])
     else:  # TVM's own allocation (posix_memalign, 4 KiB pages)
@@ -114,12 +116,13 @@ def read_bandwidth(gib: float = 1.0, huge: bool = True) -> float:
 
 def bench_ours(shapes: tuple, batches: tuple) -> dict[tuple[int, int, int], float]:
     """Seconds per int4 g32 sym GEMV call (Python call overhead subtracted)."""
-    from bitsmith.codegen.gemv import GemvKernel, GemvSpec, build_specs
+    from bitsmith.codegen.gemv import GemvSpec
+    from bitsmith.codegen.kernel import build_module, call_kernel
     from bitsmith.compiler.ops.quant import dequantize_packed
 
     specs = [GemvSpec(n, k, BITS, GROUP, True, b) for n, k in shapes for b in batches]
     tiny = GemvSpec(1, 16, 32)
-    module = build_specs(specs + [tiny])
+    module = build_module(specs + [tiny])
     overhead = tvm_call_overhead(module[tiny.name])
     rng = np.random.default_rng(0)
     out: dict[tuple[int, int, int], float] = {}
@@ -137,10 +140,10 @@ def bench_ours(shapes: tuple, batches: tuple) -> dict[tuple[int, int, int], floa
         for b in batches:
             spec = GemvSpec(n, k, BITS, GROUP, True, b)
             x = rng.standard_normal((b, k)).astype(np.float32)
-            kern = GemvKernel(spec, module)
             attrs = {"bits": BITS, "group_size": GROUP, "in_features": k, "sym": True}
             ref = x @ dequantize_packed(qw[0], sc[0], None, attrs).T
-            err = np.abs(kern(x, qw[0], sc[0]) - ref).max() / np.abs(ref).max()
+            y = call_kernel(spec, [x, qw[0], sc[0]], [np.empty((b, n), np.float32)], module)[0]
+            err = np.abs(y - ref).max() / np.abs(ref).max()
             assert err < 1e-4, f"{spec.name}: relative error {err:.2e}"
             xt, yt = tvm_tensor(x), tvm_tensor(np.zeros((b, n), np.float32))
             func = module[spec.name]
@@ -160,13 +163,14 @@ def bench_ours_int8(shapes: tuple, batches: tuple, interleaved: bool = False) ->
     little about a kernel timed minutes later). Medians of 3 rounds; call overhead subtracted; empty when
     the host lacks AVX-512 VNNI."""
     from bitsmith.codegen.gemv import GemvSpec
-    from bitsmith.codegen.gemv_int8 import QGemvI8Spec, int8_activations_supported
+    from bitsmith.codegen.gemv_int8 import QGemvI8Spec
     from bitsmith.codegen.gemv_x16 import QGemvX16Spec
     from bitsmith.codegen.kernel import build_module
     from bitsmith.compiler.ops.quant import dequantize_packed
+    from bitsmith.codegen.target import host_target
     from bitsmith.runtime.interleave import kernel_weight, x16_name
 
-    if not int8_activations_supported("host"):
+    if not host_target().supports_int8_activations:
         return {}
     family = QGemvX16Spec if interleaved else QGemvI8Spec
     specs = [family(n, k, BITS, GROUP, sym, b) for sym in (True, False) for n, k in shapes for b in batches]

@@ -119,9 +119,9 @@ def use_int8_activations(options: CompileOptions) -> bool:
     """int8 activations for 4/8-bit GEMVs: asked for, or `auto` on a target with AVX-512 VNNI."""
     if options.activations == "float32" or options.target == "none":
         return False
-    from bitsmith.codegen.gemv_int8 import int8_activations_supported
+    from bitsmith.codegen.target import resolve_target
 
-    supported = int8_activations_supported(kernel_target(options))
+    supported = resolve_target(kernel_target(options)).supports_int8_activations
     if options.activations == "int8" and not supported:
         raise BitsmithError(f"--activations int8 needs AVX-512 VNNI, which target {options.target} lacks",
                             where="compile options", fix="use --activations float32 (or auto)")
@@ -209,12 +209,7 @@ def build_kernels(ctx: PassContext, target: str, workdir: Path,
 
     tgt = resolve_target(target)
     library = f"kernels/{tgt.name}.so"
-    if tgt.is_gpu:
-        from bitsmith.codegen.gpu.cuda_build import build_cuda_library
-
-        report = build_cuda_library(lowered["specs"].values(), tgt, workdir / library, log=log)
-    else:
-        report = build_kernel_library(lowered["specs"].values(), tgt, workdir / library, log=log)
+    report = build_kernel_library(lowered["specs"].values(), tgt, workdir / library, log=log)
     model = str(tgt.tvm["arch"]) if tgt.is_gpu else tgt.mcpu  # the exact chip the code is for
     plan = KernelPlan(tgt.name, library, tgt.arch, model, lowered["schedules"], lowered["constants"],
                       lowered["kv"])

@@ -1,5 +1,6 @@
-"""Helpers shared by the small kernel families (elementwise, norms, rope, embeddings): spec checks,
-and the plain CPU schedule they all use: rows in parallel once there is enough work to pay for the
+"""Helpers shared by the small kernel families (elementwise, norms, rope, embeddings): spec checks (`refuse`,
+through which every kernel spec refuses a bad description), the rmsnorm stages their CPU and GPU kernels
+share, and the plain CPU schedule they all use: rows in parallel once there is enough work to pay for the
 thread launch, the innermost contiguous loop vectorized by `target.lanes(4)` with a scalar remainder
 loop, per-row sums in `lanes` vector accumulators.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bitsmith.codegen.gemv import _f32 as f32  # noqa: F401  (re-exported: widen a load to float32)
+from bitsmith.codegen.dequant import f32  # noqa: F401  (re-exported: widen a load to float32)
 from bitsmith.errors import BitsmithError
 
 PARAM_DTYPES = {"float32": "f32", "float16": "f16"}  # stored dtypes of weights/biases -> name token
@@ -45,6 +46,16 @@ def fconst(value: float) -> Any:
 
 def finish(func: Any, name: str) -> Any:
     return func.with_attr("global_symbol", name)
+
+
+def rms_stages(src: Any, w: Any, rows: int, dim: int, eps: float) -> Any:
+    """y = src / sqrt(sum(src^2) / dim + eps) * w, with the per-row stages `ss` and `den` (TE)."""
+    from tvm import te, tirx
+
+    k = te.reduce_axis((0, dim), "k")
+    ss = te.compute((rows,), lambda r: te.sum(src[r, k] * src[r, k], axis=k), name="ss")
+    den = te.compute((rows,), lambda r: tirx.sqrt(ss[r] / fconst(dim) + fconst(eps)), name="den")
+    return te.compute((rows, dim), lambda r, d: src[r, d] / den[r] * f32(w[d]), name="y")
 
 
 def vectorize_inner(sch: Any, loop: Any, lanes: int) -> Any | None:

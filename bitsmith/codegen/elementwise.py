@@ -13,6 +13,8 @@ from typing import Any
 from bitsmith.codegen.common import (PARAM_DTYPES, check_param_dtype, check_positive, f32, fconst, finish, refuse,
                                      schedule_flat, schedule_rows)
 from bitsmith.codegen.embedding import EmbeddingSpec, QEmbeddingSpec
+from bitsmith.codegen.gpu.compute import bias_add_tensors, binary_tensors, gated_tensors, unary_tensors
+from bitsmith.codegen.gpu.schedule import dlight, te_func
 from bitsmith.codegen.norm_rope import AddRmsNormSpec, LayerNormSpec, RmsNormSpec, RopeSpec
 from bitsmith.codegen.target import Target
 
@@ -88,13 +90,20 @@ class BinarySpec:
         return f"{self.op}_n{self.n}"
 
     def prim_func(self, target: Target) -> Any:
+        """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): a, b, y."""
         from tvm import te
 
+        if target.is_gpu:
+            return dlight(self.gpu_definition(), target)
         a = te.placeholder((self.n,), "float32", name="a")
         b = te.placeholder((self.n,), "float32", name="b")
         fn = (lambda i: a[i] + b[i]) if self.op == "add" else (lambda i: a[i] * b[i])
         y = te.compute((self.n,), fn, name="y")
         return finish(schedule_flat(te.create_prim_func([a, b, y]), self.n, target.lanes(4)), self.name)
+
+    def gpu_definition(self) -> Any:
+        """The GPU kernel's unscheduled PrimFunc (gpu/compute.py); built for a CPU it checks the GPU semantics."""
+        return te_func(binary_tensors(self), self.name)
 
 
 @dataclass(frozen=True)
@@ -116,13 +125,20 @@ class BiasAddSpec:
         return f"bias_add_{PARAM_DTYPES[self.bias_dtype]}_r{self.rows}_n{self.n}"
 
     def prim_func(self, target: Target) -> Any:
+        """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): x, b, y."""
         from tvm import te
 
+        if target.is_gpu:
+            return dlight(self.gpu_definition(), target)
         x = te.placeholder((self.rows, self.n), "float32", name="x")
         b = te.placeholder((self.n,), self.bias_dtype, name="b")
         y = te.compute((self.rows, self.n), lambda r, i: x[r, i] + f32(b[i]), name="y")
         func = schedule_rows(te.create_prim_func([x, b, y]), "y", self.rows, self.n, target.lanes(4))
         return finish(func, self.name)
+
+    def gpu_definition(self) -> Any:
+        """The GPU kernel's unscheduled PrimFunc (gpu/compute.py); built for a CPU it checks the GPU semantics."""
+        return te_func(bias_add_tensors(self), self.name)
 
 
 @dataclass(frozen=True)
@@ -144,11 +160,18 @@ class UnarySpec:
         return f"{self.op}_n{self.n}"
 
     def prim_func(self, target: Target) -> Any:
+        """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): x, y."""
         from tvm import te
 
+        if target.is_gpu:
+            return dlight(self.gpu_definition(), target)
         x = te.placeholder((self.n,), "float32", name="x")
         y = te.compute((self.n,), lambda i: activation(self.op, x[i]), name="y")
         return finish(schedule_flat(te.create_prim_func([x, y]), self.n, target.lanes(4)), self.name)
+
+    def gpu_definition(self) -> Any:
+        """The GPU kernel's unscheduled PrimFunc (gpu/compute.py); built for a CPU it checks the GPU semantics."""
+        return te_func(unary_tensors(self), self.name)
 
 
 @dataclass(frozen=True)
@@ -167,7 +190,12 @@ class SiluMulSpec:
         return f"silu_mul_n{self.n}"
 
     def prim_func(self, target: Target) -> Any:
-        return _gated(self.n, "silu", self.name, target)
+        """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): gate, up, y."""
+        return _gated(self, "silu", target)
+
+    def gpu_definition(self) -> Any:
+        """The GPU kernel's unscheduled PrimFunc (gpu/compute.py); built for a CPU it checks the GPU semantics."""
+        return te_func(gated_tensors(self.n, "silu"), self.name)
 
 
 @dataclass(frozen=True)
@@ -190,12 +218,25 @@ class GeluMulSpec:
         return f"gelu_mul_{'tanh' if self.approximate == 'tanh' else 'erf'}_n{self.n}"
 
     def prim_func(self, target: Target) -> Any:
-        return _gated(self.n, "gelu_tanh" if self.approximate == "tanh" else "gelu", self.name, target)
+        """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): gate, up, y."""
+        return _gated(self, self.op, target)
+
+    @property
+    def op(self) -> str:
+        """The activation of the gate."""
+        return "gelu_tanh" if self.approximate == "tanh" else "gelu"
+
+    def gpu_definition(self) -> Any:
+        """The GPU kernel's unscheduled PrimFunc (gpu/compute.py); built for a CPU it checks the GPU semantics."""
+        return te_func(gated_tensors(self.n, self.op), self.name)
 
 
-def _gated(n: int, op: str, name: str, target: Target) -> Any:
+def _gated(spec: SiluMulSpec | GeluMulSpec, op: str, target: Target) -> Any:
     from tvm import te
 
+    if target.is_gpu:
+        return dlight(spec.gpu_definition(), target)
+    n, name = spec.n, spec.name
     gate = te.placeholder((n,), "float32", name="gate")
     up = te.placeholder((n,), "float32", name="up")
     y = te.compute((n,), lambda i: activation(op, gate[i]) * up[i], name="y")

@@ -12,7 +12,10 @@ from typing import Any
 
 from bitsmith.codegen.common import (PARAM_DTYPES, check_param_dtype, check_positive, f32, fconst, finish, refuse,
                                      schedule_rows, worth_parallel)
-from bitsmith.codegen.gemv import GROUP_SIZES, _code
+from bitsmith.codegen.dequant import table_row, unpack_code
+from bitsmith.codegen.gemv import GROUP_SIZES
+from bitsmith.codegen.gpu.compute import embedding_tensors, qembedding_tensors
+from bitsmith.codegen.gpu.schedule import dlight, te_func
 from bitsmith.codegen.target import Target
 from bitsmith.runtime.packed_layout import LANES, PACK_BITS, lane_unit, packed_shape
 
@@ -20,14 +23,6 @@ from bitsmith.runtime.packed_layout import LANES, PACK_BITS, lane_unit, packed_s
 def _check_index_range(problems: list[str], elements: int) -> None:
     if elements >= 1 << 31:  # element offsets are int32
         problems.append(f"a table of {elements} elements (at most 2^31 - 1)")
-
-
-def _row(ids: Any, r: Any, vocab: int) -> Any:
-    """Table row of token r: its id clamped to [0, vocab), as int32."""
-    from tvm import tirx
-
-    clamped = tirx.max(tirx.min(ids[r], tirx.const(vocab - 1, ids.dtype)), tirx.const(0, ids.dtype))
-    return tirx.Cast("int32", clamped)
 
 
 @dataclass(frozen=True)
@@ -52,13 +47,20 @@ class EmbeddingSpec:
         return f"embedding_{PARAM_DTYPES[self.dtype]}_r{self.rows}_v{self.vocab}_d{self.dim}"
 
     def prim_func(self, target: Target) -> Any:
+        """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): table, ids, y."""
         from tvm import te
 
+        if target.is_gpu:
+            return dlight(self.gpu_definition(), target)
         table = te.placeholder((self.vocab, self.dim), self.dtype, name="table")
         ids = te.placeholder((self.rows,), "int64", name="ids")
-        y = te.compute((self.rows, self.dim), lambda r, d: f32(table[_row(ids, r, self.vocab), d]), name="y")
+        y = te.compute((self.rows, self.dim), lambda r, d: f32(table[table_row(ids, r, self.vocab), d]), name="y")
         func = schedule_rows(te.create_prim_func([table, ids, y]), "y", self.rows, self.dim, target.lanes(4))
         return finish(func, self.name)
+
+    def gpu_definition(self) -> Any:
+        """The GPU kernel's unscheduled PrimFunc (gpu/compute.py); built for a CPU it checks the GPU semantics."""
+        return te_func(embedding_tensors(self), self.name)
 
 
 @dataclass(frozen=True)
@@ -103,8 +105,11 @@ class QEmbeddingSpec:
         return packed_shape(self.vocab, self.dim, self.bits)
 
     def prim_func(self, target: Target) -> Any:
+        """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): qweight, scales, [zeros], ids, y."""
         from tvm import te, tirx
 
+        if target.is_gpu:
+            return dlight(self.gpu_definition(), target)
         rows, vocab, dim, bits = self.rows, self.vocab, self.dim, self.bits
         units, slots = lane_unit(bits)
         full, rest = divmod(dim, LANES * slots)
@@ -122,15 +127,15 @@ class QEmbeddingSpec:
 
         def main(o: Any, k: Any) -> Any:  # k = kb*16*S + j*16 + l
             kb, j = tirx.floordiv(k, LANES * slots), tirx.floormod(tirx.floordiv(k, LANES), slots)
-            return dequant(o, k, _code(w, o, kb * LANES * units, j, tirx.floormod(k, LANES), LANES, bits))
+            return dequant(o, k, unpack_code(w, o, kb * LANES * units, j, tirx.floormod(k, LANES), LANES, bits))
 
         def tail(o: Any, k: Any) -> Any:  # k = base + j*L + l
             t = k - base
             j, lane = tirx.floordiv(t, tail_lanes), tirx.floormod(t, tail_lanes)
-            return dequant(o, k, _code(w, o, full * LANES * units, j, lane, tail_lanes, bits))
+            return dequant(o, k, unpack_code(w, o, full * LANES * units, j, lane, tail_lanes, bits))
 
         def body(r: Any, k: Any) -> Any:
-            o = _row(ids, r, vocab)
+            o = table_row(ids, r, vocab)
             if not rest:
                 return main(o, k)
             if not full:
@@ -141,6 +146,10 @@ class QEmbeddingSpec:
         y = te.compute((rows, dim), body, name="y")
         params = [w, s] + ([] if z is None else [z]) + [ids, y]
         return finish(self._schedule(te.create_prim_func(params), target.lanes(4), full, slots), self.name)
+
+    def gpu_definition(self) -> Any:
+        """The GPU kernel's unscheduled PrimFunc (gpu/compute.py); built for a CPU it checks the GPU semantics."""
+        return te_func(qembedding_tensors(self), self.name)
 
     def _schedule(self, func: Any, lanes: int, full: int, slots: int) -> Any:
         """Rows in parallel (when worth it); per row the full blocks as (block, slot unrolled, 16 lanes

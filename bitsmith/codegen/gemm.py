@@ -1,4 +1,5 @@
-"""Fused dequantize + GEMM kernels for prefill (y = x @ dequant(W).T for many rows of x) on CPUs.
+"""Fused dequantize + GEMM kernels for prefill (y = x @ dequant(W).T for many rows of x) on CPUs; on a GPU the
+spec builds gpu/matmul.py's kernel.
 
 Same arguments as GemvSpec: x f32 [rows, in], W (uint32 packed codes, or fp32/fp16 dense [out, in]),
 [scales f16 [out, groups], [zeros f16 [out, groups]]], y f32 [rows, out]. Written as TIR loops with
@@ -23,16 +24,15 @@ re-read the last row of W and are never stored), so every tile runs the same unp
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from bitsmith.codegen.gemv import DENSE_BITS, PackedWeightLayout, _code
-from bitsmith.codegen.target import Target, resolve_target
+from bitsmith.codegen.common import refuse
+from bitsmith.codegen.dequant import DENSE_BITS, f32, unpack_code
+from bitsmith.codegen.gemv import PackedWeightLayout
+from bitsmith.codegen.gpu.matmul import matmul_func, matmul_reference
+from bitsmith.codegen.target import Target
 from bitsmith.codegen.vnni_ir import prefetch
-from bitsmith.errors import BitsmithError
 from bitsmith.runtime.packed_layout import LANES, lane_unit
 
 MAX_ROWS = 128  # rows of x per call (any count: the last row vector is zero-padded)
@@ -59,10 +59,7 @@ class GemmSpec(PackedWeightLayout):
 
     def __post_init__(self) -> None:
         rows = [] if 1 <= self.rows <= MAX_ROWS else [f"rows {self.rows} (use 1..{MAX_ROWS})"]
-        problems = self.layout_problems(rows)
-        if problems:
-            raise BitsmithError("cannot build a GEMM for " + ", ".join(problems), where="codegen gemm",
-                                fix="pick a supported kernel description")
+        refuse(self.layout_problems(rows), "GEMM")
 
     @property
     def name(self) -> str:
@@ -70,8 +67,12 @@ class GemmSpec(PackedWeightLayout):
         return f"{'q' if self.is_quantized else ''}gemm_{self.scheme_tag()}_{shape}"
 
     def prim_func(self, target: Target) -> Any:
-        """The PrimFunc (KernelSpec protocol): x, W, [scales, [zeros]], y."""
-        return _gemm_func(self, target)
+        """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): x, W, [scales, [zeros]], y."""
+        return matmul_func(self) if target.is_gpu else _gemm_func(self, target)
+
+    def gpu_definition(self) -> Any:
+        """The GPU kernel's unscheduled PrimFunc (gpu/matmul.py); built for a CPU it checks the GPU semantics."""
+        return matmul_reference(self)
 
     def flops(self) -> int:
         return 2 * self.rows * self.out_features * self.in_features
@@ -97,13 +98,6 @@ def tile_rows(n_out: int, target: Target) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # TIR
-
-
-def _f32(e: Any) -> Any:
-    from tvm import tirx
-
-    dtype = getattr(e, "dtype", None) or str(e.ty)  # IRBuilder loads carry `ty`, not `dtype`
-    return e if dtype == "float32" else tirx.Cast("float32", e)
 
 
 def _slabs(spec: GemmSpec) -> tuple[int, int, int, int, int, int]:
@@ -138,13 +132,13 @@ def _gemm_func(spec: GemmSpec, target: Target) -> Any:
     widest = max(per_slab * unit if n_uniform else 0, last_blocks * unit + tail_width)
     line = 16  # fp32 values per 64-byte cache line
     stride = (-(-widest // line) | 1) * line  # an odd number of lines: the nr rows spread over L1 sets
-    f32 = "float32"
+    fp32 = "float32"
 
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(spec.name)
             T.func_attr({"global_symbol": spec.name, "tirx.noalias": True})
-            x = T.arg("x", T.buffer((rows, n_in), f32))
+            x = T.arg("x", T.buffer((rows, n_in), fp32))
             if spec.is_quantized:
                 w = T.arg("qweight", T.buffer(spec.weight_shape(), "uint32"))
                 s = T.arg("scales", T.buffer((n_out, spec.n_groups), "float16"))
@@ -152,10 +146,10 @@ def _gemm_func(spec: GemmSpec, target: Target) -> Any:
             else:
                 w = T.arg("weight", T.buffer((n_out, n_in), DENSE_BITS[spec.bits]))
                 s = z = None
-            y = T.arg("y", T.buffer((rows, n_out), f32))
+            y = T.arg("y", T.buffer((rows, n_out), fp32))
 
             # x transposed into row blocks: xt[rb, k, r] (r: the block's rt rows, zero past `rows`)
-            xt = T.alloc_buffer((n_rb, n_in, rt), f32)
+            xt = T.alloc_buffer((n_rb, n_in, rt), fp32)
             with T.parallel(0, n_rb * n_in) as rk:
                 rb, k = rk // n_in, rk % n_in
                 with T.vectorized(0, rt) as r:
@@ -166,12 +160,12 @@ def _gemm_func(spec: GemmSpec, target: Target) -> Any:
 
             with T.parallel(0, n_tiles) as t:
                 # flat, with a padded row stride (a 2-D buffer's unused columns are compacted away)
-                wd = T.alloc_buffer((nr * stride,), f32)
-                acc = T.alloc_buffer((n_rb, nr, rt), f32, scope="local")
+                wd = T.alloc_buffer((nr * stride,), fp32)
+                acc = T.alloc_buffer((n_rb, nr, rt), fp32, scope="local")
                 with T.serial(0, n_rb) as rb:
                     with T.unroll(0, nr) as i:
                         with T.vectorized(0, rt) as r:
-                            T.buffer_store(acc, tirx.const(0.0, f32), [rb, i, r])
+                            T.buffer_store(acc, tirx.const(0.0, fp32), [rb, i, r])
 
                 def slab(kb0: Any, blocks: int, tail: bool) -> None:
                     k0 = kb0 * unit
@@ -220,10 +214,10 @@ def _emit_convert(n_in: int, wd: Any, row0: Any, o: Any, nxt: Any, w: Any, k0: A
             if nxt is not None:
                 prefetch(w[nxt, k0 + kb * LANES])
             with T.vectorized(0, LANES) as l:
-                T.buffer_store(wd, _f32(w[o, k0 + kb * LANES + l]), [row0 + kb * LANES + l])
+                T.buffer_store(wd, f32(w[o, k0 + kb * LANES + l]), [row0 + kb * LANES + l])
     if tail:
         with T.serial(blocks * LANES, blocks * LANES + n_in % LANES) as kk:
-            T.buffer_store(wd, _f32(w[o, k0 + kk]), [row0 + kk])
+            T.buffer_store(wd, f32(w[o, k0 + kk]), [row0 + kk])
 
 
 def _emit_dequant(spec: GemmSpec, wd: Any, row0: Any, o: Any, nxt: Any, w: Any, s: Any, z: Any, kb0: Any,
@@ -231,7 +225,7 @@ def _emit_dequant(spec: GemmSpec, wd: Any, row0: Any, o: Any, nxt: Any, w: Any, 
     """wd[row0 + kk] = (q[o, k] - z) * s for the slab's k = kb0 * unit + kk, vector along the packed
     layout's 16 lanes.
 
-    Codes decode as 2^b + q (see gemv `_code`), so w = (2^b + q) * s - (2^b + z) * s is one FMA with a
+    Codes decode as 2^b + q (see `dequant.unpack_code`), so w = (2^b + q) * s - (2^b + z) * s is one FMA with a
     per-group addend. In full blocks a group covers whole slot rows: scale and addend are broadcasts.
     The tail block (L lanes) writes its padding values too (zero codes, finite; never read).
     """
@@ -246,8 +240,8 @@ def _emit_dequant(spec: GemmSpec, wd: Any, row0: Any, o: Any, nxt: Any, w: Any, 
 
     def scale_and_addend(g: Any) -> tuple[Any, Any]:
         g = tirx.min(g, n_groups - 1)
-        sc = _f32(s[o, g])
-        zero = tirx.const(bias + zconst, "float32") if z is None else _f32(z[o, g]) + tirx.const(bias, "float32")
+        sc = f32(s[o, g])
+        zero = tirx.const(bias + zconst, "float32") if z is None else f32(z[o, g]) + tirx.const(bias, "float32")
         return sc, -(zero * sc)
 
     if blocks:
@@ -261,7 +255,7 @@ def _emit_dequant(spec: GemmSpec, wd: Any, row0: Any, o: Any, nxt: Any, w: Any, 
                 local = kb * unit + j * LANES
                 sc, addend = scale_and_addend((kb0 * unit + local) // group)
                 with T.vectorized(0, LANES) as l:
-                    code = _code(w, o, (kb0 + kb) * LANES * units, j, l, LANES, bits, True)
+                    code = unpack_code(w, o, (kb0 + kb) * LANES * units, j, l, LANES, bits, True)
                     T.buffer_store(wd, code * sc + addend, [row0 + local + l])
     if tail:
         full, rest = divmod(n_in, unit)
@@ -276,50 +270,5 @@ def _emit_dequant(spec: GemmSpec, wd: Any, row0: Any, o: Any, nxt: Any, w: Any, 
             with T.vectorized(0, tail_lanes) as l:
                 if not row_in_group:
                     sc, addend = scale_and_addend(tirx.min(k0 + l, n_in - 1) // group)
-                code = _code(w, o, wbase, j, l, tail_lanes, bits, True)
+                code = unpack_code(w, o, wbase, j, l, tail_lanes, bits, True)
                 T.buffer_store(wd, code * sc + addend, [row0 + blocks * unit + j * tail_lanes + l])
-
-
-# ---------------------------------------------------------------------------------------------
-# Build and call
-
-
-def build_specs(specs: list[GemmSpec], target: Target | str = "host") -> Any:
-    """One module holding a kernel per spec (one LLVM invocation for all of them)."""
-    import tvm
-
-    tgt = resolve_target(target)
-    funcs = {spec.name: spec.prim_func(tgt) for spec in dict.fromkeys(specs)}
-    return tvm.compile(tvm.IRModule(funcs), target=tgt.tvm_target())
-
-
-class GemmKernel:
-    """A built kernel callable on numpy arrays (tests and benchmarks)."""
-
-    def __init__(self, spec: GemmSpec, module: Any) -> None:
-        import tvm
-
-        self.spec, self.module = spec, module
-        self.func = module[spec.name]
-        self.dev = tvm.cpu(0)
-
-    def __call__(self, x: np.ndarray, weight: np.ndarray, scales: np.ndarray | None = None,
-                 zeros: np.ndarray | None = None) -> np.ndarray:
-        import tvm
-
-        spec = self.spec
-        args = [np.ascontiguousarray(x, dtype=np.float32).reshape(spec.rows, spec.in_features), weight]
-        if spec.is_quantized:
-            args.append(np.asarray(scales, dtype=np.float16))
-            if not spec.sym:
-                args.append(np.asarray(zeros, dtype=np.float16))
-        tensors = [tvm.runtime.tensor(np.ascontiguousarray(a), self.dev) for a in args]
-        out = tvm.runtime.tensor(np.empty((spec.rows, spec.out_features), np.float32), self.dev)
-        self.func(*tensors, out)
-        return out.numpy()
-
-
-@functools.lru_cache(maxsize=None)
-def gemm_kernel(spec: GemmSpec, target: str = "host") -> GemmKernel:
-    """Build (once per process) and wrap the kernel for `spec` on the host."""
-    return GemmKernel(spec, build_specs([spec], target))

@@ -1,19 +1,18 @@
-"""Fused dequantize + GEMV kernels (y = x @ dequant(W).T) for CPUs, written in TE and scheduled in TIR."""
+"""Fused dequantize + GEMV kernels (y = x @ dequant(W).T) for CPUs, written in TE and scheduled in TIR; on a GPU
+the spec builds gpu/matmul.py's kernel."""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
+from bitsmith.codegen.common import refuse
+from bitsmith.codegen.dequant import DENSE_BITS, f32, unpack_code
 from bitsmith.codegen.gemv_schedule import Stages, accumulators, batch_tile, row_tile, schedule_gemv
-from bitsmith.codegen.target import Target, resolve_target
-from bitsmith.errors import BitsmithError
+from bitsmith.codegen.gpu.matmul import matmul_func, matmul_reference
+from bitsmith.codegen.target import Target
 from bitsmith.runtime.packed_layout import LANES, PACK_BITS, lane_unit, packed_shape
 
-DENSE_BITS = {32: "float32", 16: "float16"}  # "bits" of the dense (unquantized) variants
 GROUP_SIZES = (32, 64, 128, -1)
 MAX_BATCH = 16
 DENSE_SLOTS = 8  # dense kernels: up to 8 independent vector accumulators per row
@@ -90,10 +89,7 @@ class GemvSpec(PackedWeightLayout):
 
     def __post_init__(self) -> None:
         batch = [] if 1 <= self.batch <= MAX_BATCH else [f"batch {self.batch} (use 1..{MAX_BATCH})"]
-        problems = self.layout_problems(batch)
-        if problems:
-            raise BitsmithError("cannot build a GEMV for " + ", ".join(problems), where="codegen gemv",
-                                fix="pick a supported kernel description")
+        refuse(self.layout_problems(batch), "GEMV")
 
     @property
     def name(self) -> str:
@@ -101,45 +97,16 @@ class GemvSpec(PackedWeightLayout):
         return f"{'q' if self.is_quantized else ''}gemv_{self.scheme_tag()}_{shape}"
 
     def prim_func(self, target: Target) -> Any:
-        """The scheduled PrimFunc (KernelSpec protocol): x, W, [scales, [zeros]], y."""
-        return _lower(self, target)
+        """The PrimFunc scheduled for `target`, a CPU or a GPU (KernelSpec protocol): x, W, [scales, [zeros]], y."""
+        return matmul_func(self) if target.is_gpu else _lower(self, target)
+
+    def gpu_definition(self) -> Any:
+        """The GPU kernel's unscheduled PrimFunc (gpu/matmul.py); built for a CPU it checks the GPU semantics."""
+        return matmul_reference(self)
 
 
 # ---------------------------------------------------------------------------------------------
 # Compute definitions (TE)
-
-
-def _f32(e: Any) -> Any:
-    from tvm import tirx
-
-    return e if e.dtype == "float32" else tirx.Cast("float32", e)
-
-
-def _code(w: Any, o: Any, word0: Any, j: Any, lane: Any, stride: int, bits: int, biased: bool = False) -> Any:
-    """Code c of slot j, lane `lane` in the lane block whose first word is word0 (stride: lanes per block)
-    as float32: c, or 2^b + c when `biased`.
-
-    Lane l's U words form one little-endian bit stream; slot j sits at bits [j*b, j*b + b). For b = 3 a
-    value may straddle words p and p + 1: or-ing in `(hi << 1) << (31 - off)` brings its high bits down
-    and adds only bits >= 32 - off >= b when it does not straddle, which the mask drops (no branch, so
-    the same expression vectorizes; once j is an unrolled constant LLVM folds the dead half away).
-
-    `biased` skips the int->float conversion: c goes straight into the top mantissa bits of a float
-    whose exponent is that of 2^b, which reads as exactly 2^b + c (one shift and one vpternlogd).
-    """
-    from tvm import tirx
-
-    units, _ = lane_unit(bits)
-    p, off = (j * bits) // 32, (j * bits) % 32
-    lo = w[o, word0 + p * stride + lane]
-    val = lo >> tirx.Cast("uint32", off)
-    if units > 1:
-        hi = w[o, word0 + tirx.min(p + 1, units - 1) * stride + lane]
-        val = val | ((hi << tirx.const(1, "uint32")) << tirx.Cast("uint32", 31 - off))
-    if not biased:
-        return tirx.Cast("float32", val & tirx.const((1 << bits) - 1, "uint32"))
-    mant = (val << tirx.const(23 - bits, "uint32")) & tirx.const(((1 << bits) - 1) << (23 - bits), "uint32")
-    return tirx.reinterpret("float32", mant | tirx.const((127 + bits) << 23, "uint32"))
 
 
 def _quant_stages(spec: GemvSpec) -> Stages:
@@ -147,7 +114,7 @@ def _quant_stages(spec: GemvSpec) -> Stages:
 
     Full 16-lane blocks are cut into chunks of C slot rows (C*16 consecutive k) that lie in one group,
     so the scale multiplies a chunk's vector of partial sums once instead of every weight. Codes are
-    decoded as 2^b + q (no int->float conversion, see `_code`), so a chunk's sum is
+    decoded as 2^b + q (no int->float conversion, see `dequant.unpack_code`), so a chunk's sum is
     sum x (2^b + q) - (2^b + z) sum x: the zero point and the bias become one correction per chunk
     from the chunk's activation sum (computed once per call, shared by all rows). The tail block
     (L lanes, k = base + j*L + l) dequantizes per element: s (x (2^b + q) - x (2^b + z)) when each slot
@@ -171,9 +138,9 @@ def _quant_stages(spec: GemvSpec) -> Stages:
     zconst = float(1 << (bits - 1))
 
     def zero(o: Any, g: Any) -> Any:
-        return tirx.const(zconst, "float32") if z is None else _f32(z[o, g])
+        return tirx.const(zconst, "float32") if z is None else f32(z[o, g])
 
-    bias = float(1 << bits)  # full blocks decode codes as 2^b + q (see `_code`)
+    bias = float(1 << bits)  # full blocks decode codes as 2^b + q (see dequant.unpack_code)
     main = None
     if full:
         def kidx(b: Any, c: Any, t: Any, lane: Any) -> Any:  # element k of block b, chunk c, row t
@@ -194,12 +161,12 @@ def _quant_stages(spec: GemvSpec) -> Stages:
             corr = xc[n, b, c] if z is None else xc[n, b, c] * (zero(o, group_of(b, c)) + bias)
             # the correction rides on the first step (an FMA's addend once fast-math-nsz drops the 0 + )
             first = tirx.Select(t2 == 0, corr, tirx.const(0.0, "float32"))
-            code = _code(w, o, b * LANES * units, c * chunk + t2, lane, LANES, bits, True)
+            code = unpack_code(w, o, b * LANES * units, c * chunk + t2, lane, LANES, bits, True)
             return te.sum(x[n, kidx(b, c, t2, lane)] * code + first, axis=[t2])
 
         inner = te.compute((batch, n_out, full, per_block, LANES), inner_body, name="inner")
         # fp32 scales of the row, converted once per block instead of once per chunk and accumulator
-        sf = te.compute((n_out, spec.n_groups), lambda o, g: _f32(s[o, g]), name="scale_f32")
+        sf = te.compute((n_out, spec.n_groups), lambda o, g: f32(s[o, g]), name="scale_f32")
         # chunk c = co * acc + ci: `acc` chunks of a block go to separate accumulators
         acc = accumulators(per_block, batch_tile(batch) * row_tile(n_out, batch))
         kb, co, ci, lb = (te.reduce_axis((0, full), "kb"), te.reduce_axis((0, per_block // acc), "co"),
@@ -229,9 +196,9 @@ def _quant_stages(spec: GemvSpec) -> Stages:
             g = (base + jt * tail_lanes) // group if row_in_group else k // group
             if fast:  # s * (x (2^b + q) - x (2^b + z)): decoded as in full blocks; for a constant z,
                 # x (2^b + z) does not depend on the row and LLVM hoists it out of the row loop
-                code = _code(w, o, wbase, jt, lt, tail_lanes, bits, True)
-                return _f32(s[o, g]) * (x[n, k] * code - x[n, k] * (zero(o, g) + bias))
-            dq = (_code(w, o, wbase, jt, lt, tail_lanes, bits) - zero(o, g)) * _f32(s[o, g])
+                code = unpack_code(w, o, wbase, jt, lt, tail_lanes, bits, True)
+                return f32(s[o, g]) * (x[n, k] * code - x[n, k] * (zero(o, g) + bias))
+            dq = (unpack_code(w, o, wbase, jt, lt, tail_lanes, bits) - zero(o, g)) * f32(s[o, g])
             term = x[n, k if pred is None else tirx.min(k, n_in - 1)] * dq
             # te.sum's `where` is dropped by create_prim_func: mask the padding slots explicitly
             return term if pred is None else tirx.if_then_else(pred, term, 0.0)
@@ -259,7 +226,7 @@ def _dense_stages(spec: GemvSpec, lanes: int) -> Stages:
         kb, co, ci, lb = (te.reduce_axis((0, full), "kb"), te.reduce_axis((0, 1), "co"),
                           te.reduce_axis((0, acc), "ci"), te.reduce_axis((0, lanes), "lb"))
         main = te.compute((batch, n_out), lambda n, o: te.sum(
-            x[n, kb * step + ci * lanes + lb] * _f32(w[o, kb * step + ci * lanes + lb]), axis=[kb, co, ci, lb]),
+            x[n, kb * step + ci * lanes + lb] * f32(w[o, kb * step + ci * lanes + lb]), axis=[kb, co, ci, lb]),
             name="main")
     out = main
     if rest:
@@ -268,7 +235,7 @@ def _dense_stages(spec: GemvSpec, lanes: int) -> Stages:
         k0 = full * step
 
         def tail_term(n: Any, o: Any) -> Any:
-            return x[n, k0 + jt * tail_lanes + lt] * _f32(w[o, k0 + jt * tail_lanes + lt])
+            return x[n, k0 + jt * tail_lanes + lt] * f32(w[o, k0 + jt * tail_lanes + lt])
 
         out = _with_tail(main, tail_term, jt, lt, (batch, n_out))
     return Stages([x, w, out], "main" if main is not None else None, None,
@@ -301,66 +268,3 @@ def _lower(spec: GemvSpec, target: Target) -> Any:
     func = te.create_prim_func(stages.params)
     func = schedule_gemv(func, stages, spec.batch)
     return func.with_attr("global_symbol", spec.name)
-
-
-def build_gemv(out_features: int, in_features: int, bits: int, group_size: int = -1, sym: bool = True,
-               batch: int = 1, target: Target | str = "host") -> Any:
-    """A TVM module with one PrimFunc named `GemvSpec.name` (bits 16/32: dense fp16/fp32 weights).
-
-    Arguments of the function: x f32 [batch, in], W (uint32 packed codes, or fp32/fp16 [out, in]),
-    then for quantized W fp16 scales [out, n_groups] and, when asymmetric, fp16 zeros; last y f32.
-    """
-    spec = GemvSpec(out_features, in_features, bits, group_size, sym, batch)
-    return build_specs([spec], target)
-
-
-def build_specs(specs: list[GemvSpec], target: Target | str = "host") -> Any:
-    """One module holding a kernel per spec (one LLVM invocation for all of them)."""
-    import tvm
-
-    tgt = resolve_target(target)
-    funcs = {spec.name: _lower(spec, tgt) for spec in dict.fromkeys(specs)}
-    return tvm.compile(tvm.IRModule(funcs), target=tgt.tvm_target())
-
-
-class GemvKernel:
-    """A built kernel callable on numpy arrays (tests and benchmarks)."""
-
-    def __init__(self, spec: GemvSpec, module: Any) -> None:
-        import tvm
-
-        self.spec, self.module = spec, module
-        self.func = module[spec.name]
-        self.dev = tvm.cpu(0)
-
-    def __call__(self, x: np.ndarray, weight: np.ndarray, scales: np.ndarray | None = None,
-                 zeros: np.ndarray | None = None) -> np.ndarray:
-        import tvm
-
-        spec = self.spec
-        args = [np.ascontiguousarray(x, dtype=np.float32).reshape(spec.batch, spec.in_features), weight]
-        if spec.is_quantized:
-            args.append(np.asarray(scales, dtype=np.float16))
-            if not spec.sym:
-                args.append(np.asarray(zeros, dtype=np.float16))
-        tensors = [tvm.runtime.tensor(np.ascontiguousarray(a), self.dev) for a in args]
-        out = tvm.runtime.tensor(np.empty((spec.batch, spec.out_features), np.float32), self.dev)
-        self.func(*tensors, out)
-        return out.numpy()
-
-
-@functools.lru_cache(maxsize=None)
-def gemv_kernel(spec: GemvSpec, target: str = "host") -> GemvKernel:
-    """Build (once per process) and wrap the kernel for `spec` on the host."""
-    return GemvKernel(spec, build_specs([spec], target))
-
-
-def run_gemv(x: np.ndarray, weight: np.ndarray, scales: np.ndarray | None = None, zeros: np.ndarray | None = None,
-             *, bits: int, group_size: int = -1, in_features: int | None = None) -> np.ndarray:
-    """y = x @ dequant(W).T on the host through a (cached) compiled kernel; x is [batch, in] or [in]."""
-    x = np.asarray(x, dtype=np.float32)
-    x2 = x.reshape(1, -1) if x.ndim == 1 else x
-    n_in = in_features if in_features is not None else x2.shape[1]
-    spec = GemvSpec(weight.shape[0], n_in, bits, group_size, zeros is None, x2.shape[0])
-    y = gemv_kernel(spec)(x2, weight, scales, zeros)
-    return y[0] if x.ndim == 1 else y

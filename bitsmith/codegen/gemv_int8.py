@@ -1,34 +1,23 @@
 """Quantized GEMV with int8 activations and AVX-512 VNNI integer dot products (x86-64 only): the kernel
-description (QGemvI8Spec) and the target check; gemv_int8_tir.py builds the TIR.
+description (QGemvI8Spec); gemv_int8_tir.py builds the TIR.
 
 Same arguments and weights as GemvSpec (x f32 [batch, in], packed uint32 codes, fp16 scales, [fp16
 zeros], y f32 [batch, out]); x is quantized to int8 per 32 values inside the kernel. Bits 2/3 and
-targets without AVX-512 VNNI are refused (BitsmithError): use GemvSpec there (`int8_activations_supported`).
+targets without AVX-512 VNNI are refused (BitsmithError): use GemvSpec there
+(`Target.supports_int8_activations`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
+from bitsmith.codegen.common import refuse
 from bitsmith.codegen.gemv import MAX_BATCH, GemvSpec, PackedWeightLayout
-from bitsmith.codegen.target import Target, resolve_target
-from bitsmith.errors import BitsmithError
+from bitsmith.codegen.target import Target
 
 I8_BITS = (4, 8)
 I8_MAX_BATCH = 64  # batch rows per call (a prefill chunk)
-_FEATURES = ("avx512bw", "avx512vl", "avx512vnni")
-
-
-def int8_activations_supported(target: Target | str = "host") -> bool:
-    """Whether `target` can run QGemvI8Spec kernels (x86-64 with AVX-512 BW/VL and VNNI)."""
-    from tvm.target import codegen
-
-    tgt = resolve_target(target)
-    if tgt.arch != "x86_64":
-        return False
-    features = codegen.llvm_get_cpu_features(tgt.tvm_target())
-    return all(f in features for f in _FEATURES)
 
 
 @dataclass(frozen=True)
@@ -45,16 +34,14 @@ class QGemvI8Spec(PackedWeightLayout):
     group_size: int = -1
     sym: bool = True
     batch: int = 1
+    activations: ClassVar[str] = "int8"  # what the target must support (Target.check)
 
     def __post_init__(self) -> None:
         extra = [] if self.bits in I8_BITS else [
             f"bits {self.bits} (int8-activation kernels read {I8_BITS}-bit codes; use GemvSpec)"]
         if not 1 <= self.batch <= I8_MAX_BATCH:
             extra.append(f"batch {self.batch} (use 1..{I8_MAX_BATCH})")
-        problems = self.layout_problems(extra)
-        if problems:
-            raise BitsmithError("cannot build an int8-activation GEMV for " + ", ".join(problems),
-                                where="codegen gemv_int8", fix="pick a supported kernel description")
+        refuse(self.layout_problems(extra), "VNNI int8-activation GEMV")
 
     @property
     def gemv(self) -> Any:
@@ -71,11 +58,8 @@ class QGemvI8Spec(PackedWeightLayout):
         return f"qgemv_i8a_{self.scheme_tag()}_n{self.out_features}_k{self.in_features}_bs{self.batch}"
 
     def prim_func(self, target: Target) -> Any:
-        """The PrimFunc (KernelSpec protocol); refuses targets without AVX-512 VNNI."""
-        if not int8_activations_supported(target):
-            raise BitsmithError(f"{self.name}: target {resolve_target(target).name!r} "
-                                f"({resolve_target(target).mcpu}) lacks AVX-512 VNNI",
-                                where="codegen gemv_int8", fix="use GemvSpec on this target")
+        """The PrimFunc (KernelSpec protocol); refuses targets without AVX-512 VNNI (GPUs included)."""
+        target.check(self)
         from bitsmith.codegen.gemv_int8_tir import build_qgemv_i8
 
         return build_qgemv_i8(self)

@@ -20,13 +20,12 @@ in % 32 == 0 and groups of a multiple of 32 values.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from bitsmith.codegen.common import refuse
-from bitsmith.codegen.gemv_int8 import I8_MAX_BATCH, int8_activations_supported
-from bitsmith.codegen.target import Target, resolve_target
+from bitsmith.codegen.gemv_int8 import I8_MAX_BATCH
+from bitsmith.codegen.target import Target
 from bitsmith.codegen.vnni_ir import hmax, llvm_intrin, local_buffer, prefetch
-from bitsmith.errors import BitsmithError
 from bitsmith.runtime.interleave import BLOCK, ROWS
 
 X16_BITS = (4, 8)  # (ROWS: output rows per vector, BLOCK: inputs per activation scale, from the layout)
@@ -48,6 +47,7 @@ class QGemvX16Spec:
     group_size: int = 32
     sym: bool = True
     batch: int = 1
+    activations: ClassVar[str] = "int8"  # what the target must support (Target.check)
 
     def __post_init__(self) -> None:
         problems = x16_problems(self.out_features, self.in_features, self.bits, self.group_size)
@@ -78,10 +78,8 @@ class QGemvX16Spec:
             self.out_features * self.n_groups * 2 * (1 if self.sym else 2)
 
     def prim_func(self, target: Target) -> Any:
-        """The PrimFunc (KernelSpec protocol); refuses targets without AVX-512 VNNI."""
-        if not int8_activations_supported(target):
-            raise BitsmithError(f"{self.name}: target {resolve_target(target).name!r} lacks AVX-512 VNNI",
-                                where="codegen gemv_x16", fix="use GemvSpec on this target")
+        """The PrimFunc (KernelSpec protocol); refuses targets without AVX-512 VNNI (GPUs included)."""
+        target.check(self)
         return _build(self)
 
 

@@ -14,7 +14,10 @@ from bitsmith.codegen.target import Target, resolve_target
 # - a spec is a frozen dataclass; every field is a plain int/float/str/bool/None, so the spec's
 #   JSON form (`describe`) is its identity for the kernel cache;
 # - `name` is a unique C symbol built from every field (two specs with the same name are equal);
-# - `prim_func(target)` returns a scheduled TIR PrimFunc whose global_symbol is `name`;
+# - `prim_func(target)` returns a TIR PrimFunc scheduled for `target` (its CPU schedule, or on a GPU target
+#   its GPU one) whose global_symbol is `name`; the target says which families it builds (Target.check).
+#   Families with a GPU kernel also have `gpu_definition()`, its unscheduled PrimFunc (target-independent:
+#   built for a CPU it checks the GPU kernel's semantics);
 # - arguments are contiguous row-major buffers, inputs first, outputs last (destination passing);
 #   activations are float32; weights keep their stored dtype (float32/float16/packed uint32).
 
@@ -38,10 +41,13 @@ def c_float(value: float) -> str:
 
 
 def build_module(specs: list[Any], target: Target | str = "host") -> Any:
-    """One TVM module holding every distinct spec's kernel (one LLVM invocation)."""
+    """One TVM module holding every distinct spec's kernel for a CPU target (one LLVM invocation); tests and
+    benches call it (artifacts use build.build_kernel_library)."""
     import tvm
 
     tgt = resolve_target(target)
+    for spec in specs:
+        tgt.check(spec)
     funcs = {spec.name: spec.prim_func(tgt) for spec in dict.fromkeys(specs)}
     return tvm.compile(tvm.IRModule(funcs), target=tgt.tvm_target())
 
@@ -51,8 +57,9 @@ def _host_module(spec: Any) -> Any:
     return build_module([spec], "host")
 
 
-def call_kernel(spec: Any, inputs: list[np.ndarray], outputs: list[np.ndarray]) -> list[np.ndarray]:
-    """Build (once per process) `spec` for the host and run it; outputs are filled and returned.
+def call_kernel(spec: Any, inputs: list[np.ndarray], outputs: list[np.ndarray], module: Any = None) -> list[np.ndarray]:
+    """Run `spec`'s host kernel from `module` (built by `build_module`; default: build `spec` alone for the
+    host, once per process); outputs are filled and returned.
 
     Arrays must already have the kernel's dtypes and shapes; they are copied into 64-byte aligned
     TVM tensors, and outputs (and inputs the kernel updates in place) are copied back.
@@ -60,7 +67,7 @@ def call_kernel(spec: Any, inputs: list[np.ndarray], outputs: list[np.ndarray]) 
     import tvm
 
     dev = tvm.cpu(0)
-    func = _host_module(spec)[spec.name]
+    func = (module if module is not None else _host_module(spec))[spec.name]
     arrays = [np.ascontiguousarray(a) for a in (*inputs, *outputs)]
     tensors = [tvm.runtime.tensor(a, dev) for a in arrays]
     func(*tensors)

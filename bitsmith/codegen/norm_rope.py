@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from bitsmith.codegen.common import (PARAM_DTYPES, check_param_dtype, check_positive, f32, fconst, finish, refuse,
-                                     schedule_rows, vectorize_part, worth_parallel)
+                                     rms_stages, schedule_rows, vectorize_part, worth_parallel)
+from bitsmith.codegen.gpu.compute import add_rms_norm_tensors, layer_norm_tensors, rms_norm_tensors, rope_tensors
+from bitsmith.codegen.gpu.schedule import dlight, schedule_add_rmsnorm, te_func
 from bitsmith.codegen.kernel import c_float
 from bitsmith.codegen.target import Target
 
@@ -30,16 +32,6 @@ def _norm_checks(family: str, rows: int, dim: int, weight_dtype: str, eps: float
     if not isinstance(eps, (int, float)) or eps < 0:
         problems.append(f"eps {eps!r}")
     refuse(problems, family)
-
-
-def _rms_stages(src: Any, w: Any, rows: int, dim: int, eps: float) -> Any:
-    """y = src / sqrt(sum(src^2) / dim + eps) * w, with the per-row stages `ss` and `den`."""
-    from tvm import te, tirx
-
-    k = te.reduce_axis((0, dim), "k")
-    ss = te.compute((rows,), lambda r: te.sum(src[r, k] * src[r, k], axis=k), name="ss")
-    den = te.compute((rows,), lambda r: tirx.sqrt(ss[r] / fconst(dim) + fconst(eps)), name="den")
-    return te.compute((rows, dim), lambda r, d: src[r, d] / den[r] * f32(w[d]), name="y")
 
 
 @dataclass(frozen=True)
@@ -59,14 +51,21 @@ class RmsNormSpec:
         return f"rmsnorm_{PARAM_DTYPES[self.weight_dtype]}_r{self.rows}_d{self.dim}_eps{c_float(self.eps)}"
 
     def prim_func(self, target: Target) -> Any:
+        """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): x, w, y."""
         from tvm import te
 
+        if target.is_gpu:
+            return dlight(self.gpu_definition(), target)
         x = te.placeholder((self.rows, self.dim), "float32", name="x")
         w = te.placeholder((self.dim,), self.weight_dtype, name="w")
-        y = _rms_stages(x, w, self.rows, self.dim, self.eps)
+        y = rms_stages(x, w, self.rows, self.dim, self.eps)
         func = schedule_rows(te.create_prim_func([x, w, y]), "y", self.rows, self.dim, target.lanes(4),
                              per_row=("den", "ss"))
         return finish(func, self.name)
+
+    def gpu_definition(self) -> Any:
+        """The GPU kernel's unscheduled PrimFunc (gpu/compute.py); built for a CPU it checks the GPU semantics."""
+        return te_func(rms_norm_tensors(self), self.name)
 
 
 @dataclass(frozen=True)
@@ -86,18 +85,25 @@ class AddRmsNormSpec:
         return f"add_rmsnorm_{PARAM_DTYPES[self.weight_dtype]}_r{self.rows}_d{self.dim}_eps{c_float(self.eps)}"
 
     def prim_func(self, target: Target) -> Any:
+        """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): x, residual, w, sum, y."""
         from tvm import te
 
+        if target.is_gpu:  # two outputs: dlight's reduction rules refuse it
+            return schedule_add_rmsnorm(self.gpu_definition(), self.dim)
         shape = (self.rows, self.dim)
         x = te.placeholder(shape, "float32", name="x")
         res = te.placeholder(shape, "float32", name="residual")
         w = te.placeholder((self.dim,), self.weight_dtype, name="w")
         total = te.compute(shape, lambda r, d: x[r, d] + res[r, d], name="sum")
-        y = _rms_stages(total, w, self.rows, self.dim, self.eps)
+        y = rms_stages(total, w, self.rows, self.dim, self.eps)
         # the residual sum first in each row (vectorized), then the norm reads it back from L1
         func = schedule_rows(te.create_prim_func([x, res, w, total, y]), "y", self.rows, self.dim,
                              target.lanes(4), per_row=("den", "ss"), lead="sum")
         return finish(func, self.name)
+
+    def gpu_definition(self) -> Any:
+        """The GPU kernel's unscheduled PrimFunc (gpu/compute.py); built for a CPU it checks the GPU semantics."""
+        return te_func(add_rms_norm_tensors(self), self.name)
 
 
 @dataclass(frozen=True)
@@ -121,8 +127,11 @@ class LayerNormSpec:
                 f"_eps{c_float(self.eps)}")
 
     def prim_func(self, target: Target) -> Any:
+        """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): x, w, [b], y."""
         from tvm import te, tirx
 
+        if target.is_gpu:
+            return dlight(self.gpu_definition(), target)
         rows, dim = self.rows, self.dim
         x = te.placeholder((rows, dim), "float32", name="x")
         w = te.placeholder((dim,), self.weight_dtype, name="w")
@@ -142,6 +151,10 @@ class LayerNormSpec:
         func = schedule_rows(te.create_prim_func(params), "y", rows, dim, target.lanes(4),
                              per_row=("den", "vsum", "mu", "xsum"))
         return finish(func, self.name)
+
+    def gpu_definition(self) -> Any:
+        """The GPU kernel's unscheduled PrimFunc (gpu/compute.py); built for a CPU it checks the GPU semantics."""
+        return te_func(layer_norm_tensors(self), self.name)
 
 
 @dataclass(frozen=True)
@@ -174,8 +187,11 @@ class RopeSpec:
         return f"rope_{self.style}_r{self.rows}_h{self.heads}_d{self.head_dim}_rot{self.rotary_dim}"
 
     def prim_func(self, target: Target) -> Any:
+        """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): x, positions, inv_freq, y."""
         from tvm import te, tirx
 
+        if target.is_gpu:
+            return dlight(self.gpu_definition(), target)
         rows, heads, hd, rot = self.rows, self.heads, self.head_dim, self.rotary_dim
         half = rot // 2
         x = te.placeholder((rows, heads, hd), "float32", name="x")
@@ -206,6 +222,10 @@ class RopeSpec:
         y = te.compute((rows, heads, hd), body, name="y")
         func = te.create_prim_func([x, pos, inv, y])
         return finish(self._schedule(func, target.lanes(4)), self.name)
+
+    def gpu_definition(self) -> Any:
+        """The GPU kernel's unscheduled PrimFunc (gpu/compute.py); built for a CPU it checks the GPU semantics."""
+        return te_func(rope_tensors(self), self.name)
 
     def _schedule(self, func: Any, lanes: int) -> Any:
         """Rows in parallel (when worth it); per row cos/sin of its rot/2 angles, then per head the

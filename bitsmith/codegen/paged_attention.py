@@ -1,18 +1,27 @@
 """Causal attention over a paged KV cache (a pool of fixed-size blocks shared by many sequences), in TIR.
 
-The paged counterpart of `attention.py`: the rows of one call may belong to different sequences (decode
-tokens of many sequences and prefill chunks together), each row carrying its sequence's block table.
-Logical position s of a row's sequence lives in physical block block_tables[r, s // block_size], slot
-s % block_size. Phase 1 (serial) writes every row's k/v through its table, converting to the pool's
-dtype (float32; float16 rounded to nearest; int8 with one symmetric scale per token and kv head);
-phase 2 (parallel, after every write) is attention.py's tiled online softmax, one task per (row, kv
-head, group of query heads), reading keys/values through the table (widened, or codes * scale).
+The rows of one call may belong to different sequences (decode tokens of many sequences and prefill
+chunks together), each row carrying its sequence's block table. Logical position s of a row's sequence
+lives in physical block block_tables[r, s // block_size], slot s % block_size. Phase 1 (serial) writes
+every row's k/v through its table, converting to the pool's dtype (float32; float16 rounded to nearest;
+int8 with one symmetric scale per token and kv head); phase 2 (parallel) starts only after every write,
+so the rows of a prefill chunk see each other's keys and values.
+
+Phase 2 runs one task per (row, kv head, group of query heads sharing it): every key/value row is
+loaded once for all heads of the group, read through the table (widened, or codes * scale). It is a
+tiled online softmax with no per-position scratch: for each tile of TILE positions it computes the
+scores (q pre-scaled by scale * log2(e), so the softmax uses exp2), raises each head's running max to
+the tile's max, rescales the running sum and the head_dim accumulator once, and adds the tile's
+probability-weighted values. Dot products are vectorized over head_dim; the tile's max, exp2 (a
+polynomial, `_exp2`, not a libm call) and sum are vectorized over the tile's positions.
 
 Tiles are 32 logical positions aligned to multiples of 32 and block_size is a power of two, so a tile
 is a run of whole blocks (block_size < 32) or lies in one block (block_size >= 32): the block table
 is read once per block of a tile, not per slot. For int8 the per-token scales multiply the whole dot
 product (scores) and the probability (values), not each element. Key scores go two positions at a
 time: one pairing tree sums the lanes of all their heads' dot products.
+
+On a GPU the spec builds gpu/paged_attention.py's kernel instead (same arguments and semantics).
 """
 
 from __future__ import annotations
@@ -21,14 +30,18 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from bitsmith.codegen.attention import MAX_CACHE_ELEMENTS, TILE, _lanes, heads_per_task, tile_macros
 from bitsmith.codegen.common import refuse
+from bitsmith.codegen.gpu.paged_attention import paged_attention_func
 from bitsmith.codegen.kernel import c_float
+from bitsmith.codegen.kv_pool import INT8_MAX, KV_DTYPES
 from bitsmith.codegen.target import Target
 from bitsmith.codegen.vnni_ir import fold_rows
 
-KV_DTYPES = {"float32": "f32", "float16": "f16", "int8": "i8"}  # pool dtype -> name token
-INT8_MAX = 127  # symmetric codes in [-127, 127]
+TILE = 32  # positions per online-softmax step (the reduction trees below are written for 32)
+MAX_CACHE_ELEMENTS = (1 << 31) - 1  # buffer offsets are int32
+# 2^f on [-0.5, 0.5], least squares on Chebyshev nodes: relative error 1.1e-7 in fp32 Horner form
+_EXP2_COEFFS = (0.9999999999595282, 0.6931472067218104, 0.2402265121378914, 0.05550327190337649,
+                0.009618025577116437, 0.001340044171424479, 0.00015469740248317705)
 KEY_GROUP = 2  # key positions whose scores are summed together (see `key_group_scores`)
 
 
@@ -107,8 +120,148 @@ class PagedAttentionSpec:
         return ("q", "k", "v", "positions", "block_tables", "cache", *scales, "out")
 
     def prim_func(self, target: Target) -> Any:
-        """The PrimFunc (KernelSpec protocol), arguments as `arg_names`."""
-        return _lower(self, target)
+        """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol), arguments as `arg_names`."""
+        return paged_attention_func(self, threads=True) if target.is_gpu else _lower(self, target)
+
+    def gpu_definition(self) -> Any:
+        """The GPU kernel's algorithm with serial loops for its threads (gpu/paged_attention.py); built for a
+        CPU it checks the GPU semantics."""
+        return paged_attention_func(self, threads=False)
+
+
+def _lanes(head_dim: int, target: Target) -> int:
+    """Widest power-of-two vector (at most one register, at most 16 lanes) dividing head_dim."""
+    lanes = min(16, target.lanes(4))
+    while lanes > 1 and head_dim % lanes:
+        lanes //= 2
+    return lanes
+
+
+def heads_per_task(spec: PagedAttentionSpec, target: Target) -> int:
+    """Query heads of one kv head handled by one task: each cache slot is read once for all of them.
+
+    Their accumulators (heads x head_dim floats) should stay in registers: at most half the vector
+    register file (32 registers on AVX-512 and NEON, 16 on AVX2/SSE).
+    """
+    registers = 32 if target.vector_bytes >= 64 or "aarch64" in str(target.tvm.get("mtriple", "")) else 16
+    budget = registers // 2 * target.vector_bytes
+    per_task = 1
+    for n in range(1, spec.group + 1):
+        # (and each per-task array stays under the 1 KiB that TVM places on the stack)
+        if spec.group % n == 0 and n * spec.head_dim * 4 <= budget and n * max(spec.head_dim, TILE) * 4 < 1024:
+            per_task = n
+    return per_task
+
+
+def _exp2(x: Any) -> Any:
+    """2^x for x <= 0 (a fp32 expression, clamped at -126): 2^round(x) from exponent bits times a polynomial."""
+    from tvm import tirx
+
+    f32 = "float32"
+    xv, nv, fv = tirx.Var("e2x", f32), tirx.Var("e2n", f32), tirx.Var("e2f", f32)
+    poly = tirx.const(_EXP2_COEFFS[-1], f32)
+    for c in _EXP2_COEFFS[-2::-1]:
+        poly = poly * fv + tirx.const(c, f32)
+    bits = (tirx.Cast("int32", nv) + tirx.const(127, "int32")) << tirx.const(23, "int32")
+    body = tirx.Let(fv, xv - nv, poly * tirx.reinterpret(f32, bits))  # f = x - n is exact, in [-0.5, 0.5]
+    body = tirx.Let(nv, tirx.floor(xv + tirx.const(0.5, f32)), body)
+    return tirx.Let(xv, tirx.max(x, tirx.const(-126.0, f32)), body)
+
+
+def tile_macros(heads: int, lanes: int, head_dim: int, qscale: float) -> Any:
+    """TVMScript macros for the per-task steps that do not touch the pool. `heads`: query heads per task
+    (HG), `lanes`: the head_dim vector width, `qscale`: scale * log2(e). Buffers as in `_lower`: qs/acc
+    [HG * D], sc/red [HG * TILE], part [HG * lanes], st [HG * 4] (per head: running max, running sum,
+    scratch x2).
+
+    start(q, r, h0, qs, acc, st): the task's queries (pre-scaled), zero accumulators, empty softmax.
+    scores_sum(part, sc, j): sc[hh, j] = the horizontal sum of part[hh, :] for every head.
+    softmax_step(sc, red, st, acc, cnt): the online-softmax step of one tile whose scores are
+    sc[hh, :cnt]; leaves the tile's probabilities in sc[hh, :cnt] (zeros past cnt).
+    finish(out, r, h0, acc, st) and zeros(out, r, h0): the task's outputs.
+    """
+    from types import SimpleNamespace
+
+    from tvm.script import tirx as T
+
+    HG, L, D, B = heads, lanes, head_dim, TILE
+    assert B == 32, "the tile reductions are written for 32 slots"
+    neg = -3.0e38  # the running max before the first tile (exp2 of (neg - m) clamps to ~0)
+    exp2 = _exp2
+
+    @T.macro
+    def start(q, r, h0, qs, acc, st):
+        for hh in T.unroll(HG):
+            for d in T.vectorized(D):
+                qs[hh * D + d] = q[r, h0 + hh, d] * T.float32(qscale)
+                acc[hh * D + d] = T.float32(0)
+            st[hh * 4] = T.float32(neg)
+            st[hh * 4 + 1] = T.float32(0)
+
+    @T.macro
+    def scores_sum(part, sc, j):
+        # horizontal sums as halving trees (vector adds, not a chain of scalar adds)
+        for hh in T.unroll(HG):
+            if L >= 16:
+                for l in T.vectorized(8):
+                    part[hh * L + l] = part[hh * L + l] + part[hh * L + l + 8]
+            if L >= 8:
+                for l in T.vectorized(4):
+                    part[hh * L + l] = part[hh * L + l] + part[hh * L + l + 4]
+            if L >= 4:
+                for l in T.vectorized(2):
+                    part[hh * L + l] = part[hh * L + l] + part[hh * L + l + 2]
+            if L >= 2:
+                part[hh * L] = part[hh * L] + part[hh * L + 1]
+            sc[hh * B + j] = part[hh * L]
+
+    @T.macro
+    def softmax_step(sc, red, st, acc, cnt):
+        for hh in T.unroll(HG):
+            # the tile's max (lanes past cnt masked), as a halving tree
+            for j in T.vectorized(B):
+                red[hh * B + j] = T.Select(j < cnt, sc[hh * B + j], T.float32(neg))
+            for j in T.vectorized(16):
+                red[hh * B + j] = T.max(red[hh * B + j], red[hh * B + j + 16])
+            for j in T.vectorized(8):
+                red[hh * B + j] = T.max(red[hh * B + j], red[hh * B + j + 8])
+            for j in T.vectorized(4):
+                red[hh * B + j] = T.max(red[hh * B + j], red[hh * B + j + 4])
+            for j in T.vectorized(2):
+                red[hh * B + j] = T.max(red[hh * B + j], red[hh * B + j + 2])
+            # st[2]: the new running max, st[3]: the factor rescaling what came before
+            st[hh * 4 + 2] = T.max(st[hh * 4], T.max(red[hh * B], red[hh * B + 1]))
+            st[hh * 4 + 3] = exp2(st[hh * 4] - st[hh * 4 + 2])
+            st[hh * 4] = st[hh * 4 + 2]
+            # probabilities (unnormalized; 0 past cnt) and their sum
+            for j in T.vectorized(B):
+                sc[hh * B + j] = T.Select(j < cnt, exp2(sc[hh * B + j] - st[hh * 4]), T.float32(0))
+            for j in T.vectorized(16):
+                red[hh * B + j] = sc[hh * B + j] + sc[hh * B + j + 16]
+            for j in T.vectorized(8):
+                red[hh * B + j] = red[hh * B + j] + red[hh * B + j + 8]
+            for j in T.vectorized(4):
+                red[hh * B + j] = red[hh * B + j] + red[hh * B + j + 4]
+            for j in T.vectorized(2):
+                red[hh * B + j] = red[hh * B + j] + red[hh * B + j + 2]
+            st[hh * 4 + 1] = st[hh * 4 + 1] * st[hh * 4 + 3] + (red[hh * B] + red[hh * B + 1])
+            for d in T.vectorized(D):
+                acc[hh * D + d] = acc[hh * D + d] * st[hh * 4 + 3]
+
+    @T.macro
+    def finish(out, r, h0, acc, st):
+        for hh in T.unroll(HG):
+            for d in T.vectorized(D):
+                out[r, h0 + hh, d] = acc[hh * D + d] / st[hh * 4 + 1]
+
+    @T.macro
+    def zeros(out, r, h0):
+        for hh in T.unroll(HG):
+            for d in T.vectorized(D):
+                out[r, h0 + hh, d] = T.float32(0)
+
+    return SimpleNamespace(start=start, scores_sum=scores_sum, softmax_step=softmax_step, finish=finish,
+                           zeros=zeros)
 
 
 def _lower(spec: PagedAttentionSpec, target: Target) -> Any:

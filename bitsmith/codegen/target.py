@@ -1,12 +1,15 @@
-"""Compilation targets: the host CPU by its exact LLVM name, an aarch64 cross target, or an NVIDIA GPU (CUDA)."""
+"""Compilation targets: the host CPU by its exact LLVM name, an aarch64 cross target, or an NVIDIA GPU (CUDA);
+each says which kernel families, weight dtypes and activation modes it builds (`Target.check`)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from dataclasses import dataclass, field
 from typing import Any
 
+from bitsmith.codegen.common import refuse
 from bitsmith.errors import BitsmithError
 
 SUPPORTED_TARGETS = ("host", "aarch64-linux")
@@ -20,6 +23,17 @@ _VECTOR_FEATURES = (("avx512f", 64), ("avx2", 32), ("avx", 32), ("sve", 16), ("n
 # per-row horizontal sums into shuffle trees (576-column int4 GEMV: 11.4 -> 9.7 us). Summation order
 # changes within fp32 rounding; no nnan/ninf/arcp.
 _FAST_MATH = {"fast-math-nsz": True, "fast-math-reassoc": True}
+
+# What targets build, by kernel family (the spec's class name, as in kernel.describe). GPUs have every
+# family but the int8-activation matmuls, which need AVX-512 VNNI.
+GPU_FAMILIES = ("GemvSpec", "GemmSpec", "PagedAttentionSpec", "BinarySpec", "BiasAddSpec", "UnarySpec", "SiluMulSpec",
+                "GeluMulSpec", "RmsNormSpec", "AddRmsNormSpec", "LayerNormSpec", "RopeSpec", "EmbeddingSpec",
+                "QEmbeddingSpec")
+CPU_FAMILIES = GPU_FAMILIES + ("QGemvI8Spec", "QGemvX16Spec")
+# stored weights every target reads: dense (matmuls, norms, biases, tables) and packed b-bit codes
+WEIGHT_DTYPES = ("float32", "float16", "int2", "int3", "int4", "int8")
+_DENSE_DTYPES = {32: "float32", 16: "float16"}  # a spec's `bits` of dense weights
+_VNNI_FEATURES = ("avx512bw", "avx512vl", "avx512vnni")  # what int8 activations need (x86-64)
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,64 @@ class Target:
     def lanes(self, dtype_bytes: int = 4) -> int:
         """Values of `dtype_bytes` bytes in one SIMD register."""
         return max(1, self.vector_bytes // dtype_bytes)
+
+    # ------------------------------------------------------------------ what it builds
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The kernel families (spec class names) this target builds."""
+        return GPU_FAMILIES if self.is_gpu else CPU_FAMILIES
+
+    @property
+    def weight_dtypes(self) -> tuple[str, ...]:
+        """The stored weight dtypes its kernels read (int<b>: packed b-bit codes)."""
+        return WEIGHT_DTYPES
+
+    @functools.cached_property
+    def supports_int8_activations(self) -> bool:
+        """Whether matmuls may quantize their activations to int8 (QGemvI8Spec, QGemvX16Spec): x86-64 with
+        AVX-512 BW/VL and VNNI."""
+        if self.arch != "x86_64":
+            return False
+        from tvm.target import codegen
+
+        features = codegen.llvm_get_cpu_features(self.tvm_target())
+        return all(f in features for f in _VNNI_FEATURES)
+
+    @property
+    def activations(self) -> tuple[str, ...]:
+        """The activation modes of its matmuls: float32, and int8 where supported."""
+        return ("float32", "int8") if self.supports_int8_activations else ("float32",)
+
+    def check(self, spec: Any) -> None:
+        """Refuse (BitsmithError) a kernel spec this target does not build: its family, weight dtype or
+        activation mode (a spec's `activations`, float32 unless it says int8)."""
+        family = type(spec).__name__
+        problems = []
+        weights, activations = weight_dtype(spec), getattr(spec, "activations", "float32")
+        if family not in self.families:
+            problems.append(f"target {self.name} (it builds no {family})")
+        elif weights is not None and weights not in self.weight_dtypes:
+            problems.append(f"{weights} weights on target {self.name}")
+        elif activations not in self.activations:
+            lacks = f" ({self.mcpu}), which lacks AVX-512 VNNI" if activations == "int8" else ""
+            problems.append(f"{activations} activations on target {self.name}{lacks}")
+        if activations == "int8":
+            fix = "use GemvSpec (float32 activations) on this target"
+        else:
+            fix = f"use a kernel family target {self.name} builds: {', '.join(self.families)}"
+        refuse(problems, family, fix=fix)
+
+
+def weight_dtype(spec: Any) -> str | None:
+    """What a spec's weights are stored as: int<b> for packed b-bit codes, float32/float16 for dense ones
+    (matmul weights, norm weights, biases, embedding tables); None for kernels without weights."""
+    bits = getattr(spec, "bits", None)
+    if bits is not None:
+        return _DENSE_DTYPES.get(bits, f"int{bits}")
+    for name in ("weight_dtype", "bias_dtype", "dtype"):
+        if hasattr(spec, name):
+            return getattr(spec, name)
+    return None
 
 
 def _vector_bytes(tvm_dict: dict[str, Any]) -> int:

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from bitsmith.codegen import families
-from bitsmith.codegen.gemm import GemmKernel, GemmSpec, build_specs, gemm_kernel, tile_rows
+from bitsmith.codegen.gemm import GemmSpec, tile_rows
+from bitsmith.codegen.kernel import build_module
 from bitsmith.codegen.target import host_target
 from bitsmith.errors import BitsmithError
 from conftest import assert_close_to_scale, packed_matmul_case
+from test_gemv import run_matmul
 
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128, -1)
@@ -33,11 +35,9 @@ RTOL = 1e-4  # of max|y|: fp32 accumulation in another order than numpy's
 
 
 @pytest.fixture(scope="module")
-def kernels() -> dict[GemmSpec, GemmKernel]:
+def module():
     """Every kernel of this file in one module (one LLVM run)."""
-    specs = QUANT_SPECS + DENSE_SPECS
-    module = build_specs(specs, "host")
-    return {spec: GemmKernel(spec, module) for spec in specs}
+    return build_module(QUANT_SPECS + DENSE_SPECS, "host")
 
 
 def _quant_case(spec: GemmSpec, seed: int = 0):
@@ -49,29 +49,29 @@ def _close(y: np.ndarray, ref: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("spec", QUANT_SPECS, ids=lambda s: s.name)
-def test_quantized_gemm_matches_oracle(kernels, spec):
+def test_quantized_gemm_matches_oracle(module, spec):
     x, qweight, scales, zeros, ref = _quant_case(spec)
-    _close(kernels[spec](x, qweight, scales, zeros), ref)
+    _close(run_matmul(spec, x, qweight, scales, zeros, module), ref)
 
 
 @pytest.mark.parametrize("spec", DENSE_SPECS, ids=lambda s: s.name)
-def test_dense_gemm_matches_numpy(kernels, spec):
+def test_dense_gemm_matches_numpy(module, spec):
     rng = np.random.default_rng(1)
     w = rng.standard_normal(spec.weight_shape()).astype(np.float32 if spec.bits == 32 else np.float16)
     x = rng.standard_normal((spec.rows, spec.in_features)).astype(np.float32)
-    _close(kernels[spec](x, w), x @ w.astype(np.float32).T)
+    _close(run_matmul(spec, x, w, module=module), x @ w.astype(np.float32).T)
 
 
-def test_gemm_agrees_with_the_gemv_on_the_same_weights(kernels):
+def test_gemm_agrees_with_the_gemv_on_the_same_weights(module):
     """Prefill (GEMM) and decode (GEMV) kernels read the same arguments and give the same rows."""
-    from bitsmith.codegen.gemv import GemvSpec, gemv_kernel
+    from bitsmith.codegen.gemv import GemvSpec
 
     spec = GemmSpec(1536, 576, 4, 32, False, 32)
     x, qweight, scales, zeros, _ = _quant_case(spec, seed=5)
-    y = kernels[spec](x, qweight, scales, zeros)
-    one = gemv_kernel(GemvSpec(1536, 576, 4, 32, False, 1))
+    y = run_matmul(spec, x, qweight, scales, zeros, module)
+    one = GemvSpec(1536, 576, 4, 32, False, 1)
     for row in (0, 17, 31):
-        _close(y[row:row + 1], one(x[row:row + 1], qweight, scales, zeros))
+        _close(y[row:row + 1], run_matmul(one, x[row:row + 1], qweight, scales, zeros))
 
 
 def test_kernel_names_and_exports():
@@ -101,7 +101,7 @@ def test_host_kernel_is_a_broadcast_fma_register_block():
     """The K loop is NR zmm FMAs with a broadcast weight operand (no horizontal sums, no spills)."""
     if host_target().vector_bytes != 64:
         pytest.skip("host has no AVX-512")
-    asm = build_specs([GemmSpec(576, 576, 4, 32, True, 16)]).mod.inspect_source("asm")
+    asm = build_module([GemmSpec(576, 576, 4, 32, True, 16)]).mod.inspect_source("asm")
     lines = asm.splitlines()
     fmas = [i for i, line in enumerate(lines) if "vfmadd231ps" in line and "{1to16}" in line and "zmm" in line]
     assert len(fmas) >= 24
@@ -112,12 +112,11 @@ def test_host_kernel_is_a_broadcast_fma_register_block():
 def test_aarch64_cross_build_compiles():
     """Cross targets get narrower row vectors (NEON: 4 lanes) from the same spec."""
     spec = GemmSpec(64, 200, 4, 32, False, 16)
-    ll = build_specs([spec], "aarch64-linux").mod.inspect_source("ll")
+    ll = build_module([spec], "aarch64-linux").mod.inspect_source("ll")
     assert spec.name in ll and "fmuladd.v4f32" in ll  # the register block's FMAs on 4-lane rows
 
 
-def test_cached_kernel_wrapper():
+def test_kernel_built_alone():
     spec = GemmSpec(33, 200, 2, 64, True, 16)
     x, qweight, scales, zeros, ref = _quant_case(spec, seed=2)
-    assert gemm_kernel(spec) is gemm_kernel(spec)
-    _close(gemm_kernel(spec)(x, qweight, scales), ref)
+    _close(run_matmul(spec, x, qweight, scales), ref)

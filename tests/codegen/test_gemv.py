@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitsmith.codegen.gemv import GemvKernel, GemvSpec, build_gemv, build_specs, run_gemv
+from bitsmith.codegen.gemv import GemvSpec
+from bitsmith.codegen.kernel import build_module, call_kernel
 from bitsmith.codegen.target import cross_target, host_target, resolve_target
 from bitsmith.errors import BitsmithError
 from conftest import assert_close_to_scale, packed_matmul_case
@@ -26,11 +27,18 @@ RTOL = 1e-4  # of max|y|: fp32 accumulation in another order than numpy's
 
 
 @pytest.fixture(scope="module")
-def kernels() -> dict[GemvSpec, GemvKernel]:
+def module():
     """Every kernel of this file, built in one module (one LLVM run, ~0.04 s per kernel)."""
-    specs = QUANT_SPECS + DENSE_SPECS
-    module = build_specs(specs, "host")
-    return {spec: GemvKernel(spec, module) for spec in specs}
+    return build_module(QUANT_SPECS + DENSE_SPECS, "host")
+
+
+def run_matmul(spec, x: np.ndarray, weight: np.ndarray, scales: np.ndarray | None = None,
+               zeros: np.ndarray | None = None, module=None) -> np.ndarray:
+    """y = x @ dequant(W).T through the host kernel of a GemvSpec or GemmSpec (from `module` when given)."""
+    rows = spec.batch if isinstance(spec, GemvSpec) else spec.rows
+    params = [p for p in (scales, zeros) if p is not None]
+    y = np.empty((rows, spec.out_features), np.float32)
+    return call_kernel(spec, [x.reshape(rows, spec.in_features), weight, *params], [y], module)[0]
 
 
 def _quant_case(spec: GemvSpec, seed: int = 0):
@@ -42,25 +50,17 @@ def _close(y: np.ndarray, ref: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("spec", QUANT_SPECS, ids=lambda s: s.name)
-def test_quantized_gemv_matches_oracle(kernels, spec):
+def test_quantized_gemv_matches_oracle(module, spec):
     x, qweight, scales, zeros, ref = _quant_case(spec)
-    _close(kernels[spec](x, qweight, scales, zeros), ref)
+    _close(run_matmul(spec, x, qweight, scales, zeros, module), ref)
 
 
 @pytest.mark.parametrize("spec", DENSE_SPECS, ids=lambda s: s.name)
-def test_dense_gemv_matches_numpy(kernels, spec):
+def test_dense_gemv_matches_numpy(module, spec):
     rng = np.random.default_rng(1)
     w = rng.standard_normal(spec.weight_shape()).astype(np.float32 if spec.bits == 32 else np.float16)
     x = rng.standard_normal((spec.batch, spec.in_features)).astype(np.float32)
-    _close(kernels[spec](x, w), x @ w.astype(np.float32).T)
-
-
-def test_run_gemv_wrapper_takes_numpy_and_1d_activations():
-    spec = GemvSpec(33, 200, 4, 32, False, 1)
-    x, qweight, scales, zeros, ref = _quant_case(spec, seed=3)
-    y = run_gemv(x[0], qweight, scales, zeros, bits=4, group_size=32, in_features=200)
-    assert y.shape == (33,)
-    _close(y[None], ref)
+    _close(run_matmul(spec, x, w, module=module), x @ w.astype(np.float32).T)
 
 
 def test_kernel_names_describe_the_kernel():
@@ -93,7 +93,7 @@ def test_host_kernel_uses_the_widest_vectors():
     target = host_target()
     if target.vector_bytes != 64:
         pytest.skip("host has no AVX-512")
-    asm = build_gemv(64, 576, 4, 32, True, 1, target).mod.inspect_source("asm")
+    asm = build_module([GemvSpec(64, 576, 4, 32, True, 1)], target).mod.inspect_source("asm")
     assert "zmm" in asm
 
 
@@ -105,7 +105,7 @@ def test_aarch64_cross_build_exports_the_kernel(tmp_path: Path):
     assert target.vector_bytes == 16 and target.tvm["mtriple"] == "aarch64-linux-gnu"
     spec = GemvSpec(64, 576, 4, 32, True, 1)
     lib = tmp_path / "kernels.so"
-    build_specs([spec], target).export_library(str(lib), cc="aarch64-linux-gnu-gcc")
+    build_module([spec], target).export_library(str(lib), cc="aarch64-linux-gnu-gcc")
     data = lib.read_bytes()
     assert data[:4] == b"\x7fELF" and int.from_bytes(data[18:20], "little") == 183  # e_machine EM_AARCH64
     nm = shutil.which("aarch64-linux-gnu-nm")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bitsmith.codegen.gemv import GemvSpec
-from bitsmith.codegen.gemv_int8 import QGemvI8Spec, int8_activations_supported
+from bitsmith.codegen.gemv_int8 import QGemvI8Spec
 from bitsmith.codegen.kernel import build_module
 from bitsmith.codegen.target import Target, cross_target, host_target
 from bitsmith.compiler.ops.quant import dequantize_packed
@@ -21,7 +21,7 @@ from bitsmith.errors import BitsmithError
 from bitsmith.passes.quant.packing import pack
 from bitsmith.runtime.packed_layout import unpack
 
-pytestmark = pytest.mark.skipif(not int8_activations_supported("host"), reason="host lacks AVX-512 VNNI")
+pytestmark = pytest.mark.skipif(not host_target().supports_int8_activations, reason="host lacks AVX-512 VNNI")
 
 GROUPS = (32, 64, 128, -1)
 # (out, in): 576 = 4 full int4 blocks + a 64-value tail (8 lanes, VNNI); 200 = 1 block + 72 values, not a
@@ -161,8 +161,8 @@ def test_unsupported_specs_are_refused(kwargs):
 def test_targets_without_vnni_are_refused_so_lowering_can_fall_back():
     arm = cross_target("aarch64-linux")
     avx2 = Target("x86-avx2", {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell", "num-cores": 2}, 32, 2)
-    assert int8_activations_supported(host_target())
+    assert host_target().supports_int8_activations and "int8" in host_target().activations
     for target in (arm, avx2):
-        assert not int8_activations_supported(target)
+        assert not target.supports_int8_activations and target.activations == ("float32",)
         with pytest.raises(BitsmithError, match="lacks AVX-512 VNNI"):
             QGemvI8Spec(64, 576, 4, 32, True, 1).prim_func(target)

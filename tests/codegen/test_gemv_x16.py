@@ -7,15 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitsmith.codegen.gemv_int8 import QGemvI8Spec, int8_activations_supported
+from bitsmith.codegen.gemv_int8 import QGemvI8Spec
 from bitsmith.codegen.gemv_x16 import QGemvX16Spec, x16_problems
 from bitsmith.codegen.kernel import build_module
+from bitsmith.codegen.target import host_target
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.interleave import interleave_codes, interleave_rows
 from bitsmith.runtime.packed_layout import unpack
 from test_gemv_int8 import case, exact_reference
 
-pytestmark = pytest.mark.skipif(not int8_activations_supported("host"), reason="host lacks AVX-512 VNNI")
+pytestmark = pytest.mark.skipif(not host_target().supports_int8_activations, reason="host lacks AVX-512 VNNI")
 
 # SmolLM2's shapes at 1/16 rows, both bit widths, sym and asym, groups 32..per channel, tiles of 1..16
 # rows (5: five 1-row tiles, 48: three of 16, 64: four), int8 per channel

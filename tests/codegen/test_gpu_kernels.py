@@ -1,4 +1,4 @@
-"""GPU kernels without a GPU: every family's GPU definition (`gpu_reference_func`, for paged attention the GPU
+"""GPU kernels without a GPU: every family's GPU definition (`spec.gpu_definition()`, for paged attention the GPU
 algorithm with serial loops for threads) compiled for this CPU against the numpy references, with the CPU
 tests' tolerances; an ahead-of-time CUDA build of one kernel of every family when nvcc is installed."""
 
@@ -13,19 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitsmith.codegen.attention import AttentionSpec
 from bitsmith.codegen.elementwise import BiasAddSpec, BinarySpec, GeluMulSpec, SiluMulSpec, UnarySpec
 from bitsmith.codegen.embedding import EmbeddingSpec, QEmbeddingSpec
 from bitsmith.codegen.gemm import GemmSpec
 from bitsmith.codegen.gemv import GemvSpec
 from bitsmith.codegen.gemv_int8 import QGemvI8Spec
 from bitsmith.codegen.gemv_x16 import QGemvX16Spec
-from bitsmith.codegen.gpu.cuda_build import _fatbins, build_cuda_library, fatbin_archs, parse_fatbin_archs
-from bitsmith.codegen.gpu.schedule import gpu_prim_func, gpu_reference_func
-from bitsmith.codegen.kernel import call_kernel
+from bitsmith.codegen import families
+from bitsmith.codegen.build import build_kernel_library
+from bitsmith.codegen.gpu.cuda_build import _fatbins, fatbin_archs, parse_fatbin_archs
+from bitsmith.codegen.kernel import build_module, call_kernel
 from bitsmith.codegen.norm_rope import AddRmsNormSpec, LayerNormSpec, RmsNormSpec, RopeSpec
 from bitsmith.codegen.paged_attention import PagedAttentionSpec
-from bitsmith.codegen.target import CUDA_ARCHS, cuda_target, host_target, resolve_target
+from bitsmith.codegen.target import CPU_FAMILIES, CUDA_ARCHS, GPU_FAMILIES, cuda_target, host_target, resolve_target
 from bitsmith.compiler.ops.llm import rope_inv_freq
 from bitsmith.errors import BitsmithError
 from conftest import assert_close_to_scale, packed_matmul_case
@@ -40,10 +40,10 @@ MATMUL_RTOL = 1e-4  # of max|y|, as the CPU GEMV/GEMM tests
 
 @functools.lru_cache(maxsize=None)
 def _host_function(spec):
-    """`gpu_reference_func(spec)` built for this CPU (once per process)."""
+    """`spec.gpu_definition()` built for this CPU (once per process)."""
     import tvm
 
-    module = tvm.compile(tvm.IRModule({spec.name: gpu_reference_func(spec)}), target=host_target().tvm_target())
+    module = tvm.compile(tvm.IRModule({spec.name: spec.gpu_definition()}), target=host_target().tvm_target())
     return module, module[spec.name]
 
 
@@ -272,17 +272,36 @@ def test_cuda_targets_resolve_by_name():
         resolve_target("cuda_sm_70")
 
 
-@pytest.mark.parametrize("spec", [QGemvI8Spec(64, 576, 4, 32, True, 1), QGemvX16Spec(64, 576, 4, 32, True, 1),
-                                  AttentionSpec(1, 4, 2, 16, 64, 0.25)],
+def test_targets_declare_the_families_they_build():
+    """CPUs build every family the lowering can emit; GPUs all but the int8-activation matmuls, and every
+    family a GPU builds has a GPU definition."""
+    assert set(CPU_FAMILIES) == set(families.__all__)
+    assert set(CPU_FAMILIES) - set(GPU_FAMILIES) == {"QGemvI8Spec", "QGemvX16Spec"}
+    assert resolve_target("cuda").families == GPU_FAMILIES and host_target().families == CPU_FAMILIES
+    assert all(hasattr(getattr(families, name), "gpu_definition") for name in GPU_FAMILIES)
+    assert resolve_target("cuda").activations == ("float32",) and "float32" in host_target().activations
+    for spec in BUILD_SPECS:
+        resolve_target("cuda").check(spec)
+        host_target().check(spec)
+
+
+@pytest.mark.parametrize("spec", [QGemvI8Spec(64, 576, 4, 32, True, 1), QGemvX16Spec(64, 576, 4, 32, True, 1)],
                          ids=lambda s: type(s).__name__)
-def test_families_without_gpu_kernels_are_refused(spec):
-    with pytest.raises(BitsmithError, match="no GPU kernel"):
-        gpu_prim_func(spec, "cuda")
+def test_families_without_gpu_kernels_are_refused(spec, fresh_kernel_cache):
+    """By the target's check, the spec's prim_func and the build, naming the family, the target and the fix."""
+    family = type(spec).__name__
+    message = f"cannot build a {family} kernel for target cuda_sm_90a.*fix: use GemvSpec"
+    with pytest.raises(BitsmithError, match=message):
+        cuda_target().check(spec)
+    with pytest.raises(BitsmithError, match=message):
+        spec.prim_func(cuda_target())
+    with pytest.raises(BitsmithError, match=message):
+        build_kernel_library([BinarySpec(8, "add"), spec], "cuda", fresh_kernel_cache / "k.so")
 
 
-def test_gpu_functions_need_a_gpu_target():
-    with pytest.raises(BitsmithError, match="not a GPU"):
-        gpu_prim_func(BinarySpec(8, "add"), "host")
+def test_build_module_checks_the_target():
+    with pytest.raises(BitsmithError, match="QGemvI8Spec"):
+        build_module([QGemvI8Spec(64, 576, 4, 32, True, 1)], "cuda")
 
 
 # --------------------------------------------------------------------------------- CUDA build
@@ -328,7 +347,7 @@ def test_cuda_library_builds_with_the_requested_arch(fresh_kernel_cache, arch, s
     path = fresh_kernel_cache / f"cuda_{arch}.so"
     lines = []
     t0 = time.perf_counter()
-    report = build_cuda_library(specs, f"cuda_{arch}", path, log=lines.append)
+    report = build_kernel_library(specs, f"cuda_{arch}", path, log=lines.append)
     seconds = time.perf_counter() - t0
     print(f"\n{arch}: {len(specs)} kernels in {seconds:.1f} s, {path.stat().st_size / 1024:.0f} KiB")
     assert report.kernels == report.built == len(specs) and lines == [report.summary()]
@@ -340,7 +359,7 @@ def test_cuda_library_builds_with_the_requested_arch(fresh_kernel_cache, arch, s
         assert cuda_build._cuobjdump_archs(cuobjdump, blobs[0]) == {arch}
     symbols = path.read_bytes()
     assert all(spec.name.encode() in symbols for spec in specs)
-    again = build_cuda_library(specs, f"cuda_{arch}", fresh_kernel_cache / "again.so")
+    again = build_kernel_library(specs, f"cuda_{arch}", fresh_kernel_cache / "again.so")
     assert again.cached == len(specs) and again.built == 0
 
 
@@ -351,7 +370,7 @@ def test_scheduled_kernels_fit_the_gpu(spec):
     from tvm.s_tir.pipeline import default_s_tir_pipeline
 
     target = cuda_target().tvm_target()
-    module = tvm.IRModule({spec.name: gpu_prim_func(spec, "cuda")})
+    module = tvm.IRModule({spec.name: spec.prim_func(cuda_target())})
     with target:
         lowered = default_s_tir_pipeline()[0](tvm.tirx.transform.BindTarget(target)(module))
     limits = {"max_threads_per_block": 1024, "max_shared_memory_per_block": 48 << 10}
@@ -361,7 +380,7 @@ def test_scheduled_kernels_fit_the_gpu(spec):
 def test_missing_nvcc_is_explained(fresh_kernel_cache, monkeypatch):
     monkeypatch.setenv("PATH", str(fresh_kernel_cache))
     with pytest.raises(BitsmithError, match="nvcc is not on PATH.*fix: install the CUDA toolkit"):
-        build_cuda_library([BinarySpec(8, "add")], "cuda", fresh_kernel_cache / "k.so")
+        build_kernel_library([BinarySpec(8, "add")], "cuda", fresh_kernel_cache / "k.so")
 
 
 def test_nvcc_failures_are_explained(fresh_kernel_cache, monkeypatch):
@@ -371,4 +390,4 @@ def test_nvcc_failures_are_explained(fresh_kernel_cache, monkeypatch):
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}:{Path(shutil.which('cc') or '/usr/bin/cc').parent}")
     with pytest.raises(BitsmithError, match="compiling 1 CUDA kernels failed.*Unsupported gpu architecture"):
-        build_cuda_library([BinarySpec(8, "add")], "cuda", fresh_kernel_cache / "k.so")
+        build_kernel_library([BinarySpec(8, "add")], "cuda", fresh_kernel_cache / "k.so")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bitsmith.codegen.kernel import call_kernel
-from bitsmith.codegen.paged_attention import PagedAttentionSpec
+from bitsmith.codegen.paged_attention import PagedAttentionSpec, heads_per_task
 from bitsmith.codegen.target import host_target
 from bitsmith.compiler.ops.llm import _attention_ref
 from bitsmith.errors import BitsmithError
@@ -239,6 +239,7 @@ def test_spec_names_and_validation():
                {"max_blocks": 32}, {"scale": 0.1}, {"sliding_window": 8}, {"kv_dtype": "float16"}]
     names = {a.name} | {PagedAttentionSpec(**{**fields, **c}).name for c in changes}
     assert len(names) == 10 and all(n.isidentifier() for n in names)
+    assert 1 <= heads_per_task(a, host_target()) <= 3  # query heads of one kv head sharing a task
     for dtype in DTYPES:
         spec = PagedAttentionSpec(**{**fields, "kv_dtype": dtype})
         func = spec.prim_func(host_target())

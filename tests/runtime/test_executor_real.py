@@ -47,9 +47,9 @@ def test_smollm2_int4_32_greedy_tokens_match_the_reference(shared_data, tmp_path
 
 
 def test_int8_activations_stay_close_to_the_reference(shared_data, tmp_path):
-    from bitsmith.codegen.gemv_int8 import int8_activations_supported
+    from bitsmith.codegen.target import host_target
 
-    if not int8_activations_supported("host"):
+    if not host_target().supports_int8_activations:
         pytest.skip("this CPU has no AVX-512 VNNI")
     path = compile_model(shared_data / "tinystories-656k", tmp_path / "ts",
                          CompileOptions(method="rtn", bits=4, group_size=32, keep_default=False, activations="int8"))
@@ -74,10 +74,10 @@ def test_smollm2_int8_activations_stay_close_to_the_reference(shared_data, tmp_p
     """SmolLM2's 576-wide rows take every int8-activation path: 4-block chunks and an 8-lane tail per row,
     paired tails from 2 rows, a 32-row prompt step; a sym tail once added its zero-point term twice
     (garbage text, while every kernel test on other shapes passed)."""
-    from bitsmith.codegen.gemv_int8 import int8_activations_supported
+    from bitsmith.codegen.target import host_target
     from bitsmith.compiler.default_model import default_model_path
 
-    if not int8_activations_supported("host"):
+    if not host_target().supports_int8_activations:
         pytest.skip("this CPU has no AVX-512 VNNI")
     path = compile_model(default_model_path(), tmp_path / "sm", CompileOptions(
         method="rtn", bits=4, group_size=32, context=256, activations="int8", schemes=(("lm_head", "int8"),)))

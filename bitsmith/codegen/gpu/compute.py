@@ -1,4 +1,6 @@
-"""Target-independent TE definitions of the elementwise, norm, rope and embedding kernels (the CPU kernels' arguments).
+"""Target-independent TE definitions of the elementwise, norm, rope and embedding kernels on GPUs (the CPU
+kernels' arguments); each takes its kernel spec (elementwise.py, norm_rope.py, embedding.py), whose prim_func
+schedules it for a GPU (gpu/schedule.py).
 
 Formulas follow the CPU kernels (and the numpy references of bitsmith.compiler.ops*) operation by
 operation, except that exp/erf/tanh are the math library's (CUDA's expf, erff, tanhf), not the CPU
@@ -10,11 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from bitsmith.codegen.common import f32, fconst
-from bitsmith.codegen.elementwise import BiasAddSpec, BinarySpec, SiluMulSpec, UnarySpec
-from bitsmith.codegen.embedding import EmbeddingSpec, QEmbeddingSpec, _row
-from bitsmith.codegen.gemv import _code
-from bitsmith.codegen.norm_rope import AddRmsNormSpec, RmsNormSpec, RopeSpec, _rms_stages
+from bitsmith.codegen.common import f32, fconst, rms_stages
+from bitsmith.codegen.dequant import table_row, unpack_code
 from bitsmith.runtime.packed_layout import LANES, lane_unit
 
 
@@ -35,45 +34,71 @@ def activation(op: str, x: Any) -> Any:
     raise ValueError(op)
 
 
-def elementwise_tensors(spec: Any) -> list[Any]:
-    """Arguments of BinarySpec (a, b, y), UnarySpec (x, y), SiluMulSpec / GeluMulSpec (gate, up, y) and
-    BiasAddSpec (x, b, y)."""
+def binary_tensors(spec: Any) -> list[Any]:
+    """BinarySpec: a, b, y."""
     from tvm import te
 
-    if isinstance(spec, BiasAddSpec):
-        x = te.placeholder((spec.rows, spec.n), "float32", name="x")
-        b = te.placeholder((spec.n,), spec.bias_dtype, name="b")
-        return [x, b, te.compute((spec.rows, spec.n), lambda r, i: x[r, i] + f32(b[i]), name="y")]
     n = spec.n
-    if isinstance(spec, BinarySpec):
-        a, b = te.placeholder((n,), "float32", name="a"), te.placeholder((n,), "float32", name="b")
-        return [a, b, te.compute((n,), (lambda i: a[i] + b[i]) if spec.op == "add" else (lambda i: a[i] * b[i]),
-                                 name="y")]
-    if isinstance(spec, UnarySpec):
-        x = te.placeholder((n,), "float32", name="x")
-        return [x, te.compute((n,), lambda i: activation(spec.op, x[i]), name="y")]
-    op = "silu" if isinstance(spec, SiluMulSpec) else ("gelu_tanh" if spec.approximate == "tanh" else "gelu")
+    a, b = te.placeholder((n,), "float32", name="a"), te.placeholder((n,), "float32", name="b")
+    return [a, b, te.compute((n,), (lambda i: a[i] + b[i]) if spec.op == "add" else (lambda i: a[i] * b[i]),
+                             name="y")]
+
+
+def bias_add_tensors(spec: Any) -> list[Any]:
+    """BiasAddSpec: x, b, y."""
+    from tvm import te
+
+    x = te.placeholder((spec.rows, spec.n), "float32", name="x")
+    b = te.placeholder((spec.n,), spec.bias_dtype, name="b")
+    return [x, b, te.compute((spec.rows, spec.n), lambda r, i: x[r, i] + f32(b[i]), name="y")]
+
+
+def unary_tensors(spec: Any) -> list[Any]:
+    """UnarySpec: x, y."""
+    from tvm import te
+
+    x = te.placeholder((spec.n,), "float32", name="x")
+    return [x, te.compute((spec.n,), lambda i: activation(spec.op, x[i]), name="y")]
+
+
+def gated_tensors(n: int, op: str) -> list[Any]:
+    """SiluMulSpec / GeluMulSpec: gate, up, y = op(gate) * up."""
+    from tvm import te
+
     gate, up = te.placeholder((n,), "float32", name="gate"), te.placeholder((n,), "float32", name="up")
     return [gate, up, te.compute((n,), lambda i: activation(op, gate[i]) * up[i], name="y")]
 
 
-def norm_tensors(spec: Any) -> list[Any]:
-    """Arguments of RmsNormSpec (x, w, y), AddRmsNormSpec (x, residual, w, sum, y), LayerNormSpec (x, w, [b], y)."""
+def rms_norm_tensors(spec: Any) -> list[Any]:
+    """RmsNormSpec: x, w, y."""
+    from tvm import te
+
+    x = te.placeholder((spec.rows, spec.dim), "float32", name="x")
+    w = te.placeholder((spec.dim,), spec.weight_dtype, name="w")
+    return [x, w, rms_stages(x, w, spec.rows, spec.dim, spec.eps)]
+
+
+def add_rms_norm_tensors(spec: Any) -> list[Any]:
+    """AddRmsNormSpec: x, residual, w, sum, y."""
+    from tvm import te
+
+    shape = (spec.rows, spec.dim)
+    x = te.placeholder(shape, "float32", name="x")
+    res = te.placeholder(shape, "float32", name="residual")
+    w = te.placeholder((spec.dim,), spec.weight_dtype, name="w")
+    # the norm reads its own copy of the sum (inlined by the GPU schedule) rather than the output
+    # `sum`: threads of a GPU block may not read back what others wrote to global memory
+    out_sum = te.compute(shape, lambda r, d: x[r, d] + res[r, d], name="sum")
+    total = te.compute(shape, lambda r, d: x[r, d] + res[r, d], name="total")
+    return [x, res, w, out_sum, rms_stages(total, w, spec.rows, spec.dim, spec.eps)]
+
+
+def layer_norm_tensors(spec: Any) -> list[Any]:
+    """LayerNormSpec: x, w, [b], y."""
     from tvm import te, tirx
 
     shape = (spec.rows, spec.dim)
     x = te.placeholder(shape, "float32", name="x")
-    if isinstance(spec, RmsNormSpec):
-        w = te.placeholder((spec.dim,), spec.weight_dtype, name="w")
-        return [x, w, _rms_stages(x, w, spec.rows, spec.dim, spec.eps)]
-    if isinstance(spec, AddRmsNormSpec):
-        res = te.placeholder(shape, "float32", name="residual")
-        w = te.placeholder((spec.dim,), spec.weight_dtype, name="w")
-        # the norm reads its own copy of the sum (inlined by the GPU schedule) rather than the output
-        # `sum`: threads of a GPU block may not read back what others wrote to global memory
-        out_sum = te.compute(shape, lambda r, d: x[r, d] + res[r, d], name="sum")
-        total = te.compute(shape, lambda r, d: x[r, d] + res[r, d], name="total")
-        return [x, res, w, out_sum, _rms_stages(total, w, spec.rows, spec.dim, spec.eps)]
     w = te.placeholder((spec.dim,), spec.weight_dtype, name="w")
     b = te.placeholder((spec.dim,), spec.weight_dtype, name="b") if spec.has_bias else None
     k1, k2 = te.reduce_axis((0, spec.dim), "k1"), te.reduce_axis((0, spec.dim), "k2")
@@ -89,7 +114,7 @@ def norm_tensors(spec: Any) -> list[Any]:
     return [x, w] + ([] if b is None else [b]) + [te.compute(shape, body, name="y")]
 
 
-def rope_tensors(spec: RopeSpec) -> list[Any]:
+def rope_tensors(spec: Any) -> list[Any]:
     """x [rows, heads, head_dim], positions int64 [rows], inv_freq f32 [rotary_dim / 2], y: pairs rotated by
     angle float32(pos) * inv_freq[i] ("half": (i, i + rot/2), "interleaved": (2i, 2i + 1)), the rest copied."""
     from tvm import te, tirx
@@ -121,22 +146,29 @@ def rope_tensors(spec: RopeSpec) -> list[Any]:
 
 
 def embedding_tensors(spec: Any) -> list[Any]:
-    """EmbeddingSpec (table, ids, y) or QEmbeddingSpec (qweight, scales, [zeros], ids, y); ids clamped."""
+    """EmbeddingSpec: table, ids, y (ids clamped)."""
     from tvm import te
 
     ids = te.placeholder((spec.rows,), "int64", name="ids")
-    if isinstance(spec, EmbeddingSpec):
-        table = te.placeholder((spec.vocab, spec.dim), spec.dtype, name="table")
-        y = te.compute((spec.rows, spec.dim), lambda r, d: f32(table[_row(ids, r, spec.vocab), d]), name="y")
-        return [table, ids, y]
+    table = te.placeholder((spec.vocab, spec.dim), spec.dtype, name="table")
+    y = te.compute((spec.rows, spec.dim), lambda r, d: f32(table[table_row(ids, r, spec.vocab), d]), name="y")
+    return [table, ids, y]
+
+
+def qembedding_tensors(spec: Any) -> list[Any]:
+    """QEmbeddingSpec: qweight, scales, [zeros], ids, y (ids clamped)."""
+    from tvm import te
+
+    ids = te.placeholder((spec.rows,), "int64", name="ids")
     w = te.placeholder(spec.weight_shape(), "uint32", name="qweight")
     s = te.placeholder((spec.vocab, spec.n_groups), "float16", name="scales")
     z = None if spec.sym else te.placeholder((spec.vocab, spec.n_groups), "float16", name="zeros")
-    y = te.compute((spec.rows, spec.dim), lambda r, k: _dequant(spec, w, s, z, _row(ids, r, spec.vocab), k), name="y")
+    y = te.compute((spec.rows, spec.dim), lambda r, k: _dequant(spec, w, s, z, table_row(ids, r, spec.vocab), k),
+                   name="y")
     return [w, s] + ([] if z is None else [z]) + [ids, y]
 
 
-def _dequant(spec: QEmbeddingSpec, w: Any, s: Any, z: Any, o: Any, k: Any) -> Any:
+def _dequant(spec: Any, w: Any, s: Any, z: Any, o: Any, k: Any) -> Any:
     """(q - z) * s of element k of packed row o: in a full block k = kb*16*S + j*16 + l, in the tail block
     (L lanes) k = base + j*L + l (see bitsmith.runtime.packed_layout)."""
     from tvm import tirx
@@ -145,10 +177,11 @@ def _dequant(spec: QEmbeddingSpec, w: Any, s: Any, z: Any, o: Any, k: Any) -> An
     full, rest = divmod(spec.dim, LANES * slots)
     base, tail_lanes = full * LANES * slots, -(-rest // slots)
     kf, kt = tirx.min(k, max(base - 1, 0)), tirx.max(k - base, 0)  # each side stays in bounds
-    main = _code(w, o, kf // (LANES * slots) * LANES * units, kf // LANES % slots, kf % LANES, LANES, spec.bits)
+    main = unpack_code(w, o, kf // (LANES * slots) * LANES * units, kf // LANES % slots, kf % LANES, LANES,
+                       spec.bits)
     code = main
     if rest:
-        tail = _code(w, o, full * LANES * units, kt // tail_lanes, kt % tail_lanes, tail_lanes, spec.bits)
+        tail = unpack_code(w, o, full * LANES * units, kt // tail_lanes, kt % tail_lanes, tail_lanes, spec.bits)
         code = tail if not full else tirx.Select(k < base, main, tail)
     g = k // spec.group
     zero = fconst(float(1 << (spec.bits - 1))) if z is None else f32(z[o, g])

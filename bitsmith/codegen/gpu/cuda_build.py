@@ -1,4 +1,6 @@
-"""CUDA kernel libraries built ahead of time with nvcc, on machines with or without a GPU (see tvm-0.27-notes.md)."""
+"""CUDA kernel libraries built ahead of time with nvcc, on machines with or without a GPU (see tvm-0.27-notes.md):
+the GPU half of codegen.build.build_kernel_library, the CUDA runtime plugin without a driver, and what a built
+library holds."""
 
 from __future__ import annotations
 
@@ -11,59 +13,49 @@ import shutil
 import struct
 import subprocess
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
-from bitsmith.codegen.build import BuildReport, kernel_cache_dir, kernel_key
-from bitsmith.codegen.target import Target, resolve_target
+from bitsmith.codegen.cache import kernel_cache_dir, kernel_key, temporary_next_to
+from bitsmith.codegen.target import Target
 from bitsmith.errors import BitsmithError
 
-GPU_CODEGEN_VERSION = 2  # bump when a GPU kernel's schedule or calling convention changes
 CUDA_ERROR_NO_DEVICE = 100
 FATBIN_MAGIC = 0xBA55ED50
 _FATBIN_ELF, _FATBIN_ARCH_SPECIFIC = 2, 0x100000  # entry kind of a cubin; flag of an "a" arch (sm_90a)
 _WHERE = "codegen cuda build"
 
 
-def build_cuda_library(specs: Iterable[Any], target: Target | str, out_path: str | Path,
-                       log: Callable[[str], None] | None = None) -> BuildReport:
-    """Compile every kernel of `specs` for the GPU `target` with nvcc (one module, one nvcc run) into the
-    shared library `out_path`, written atomically; an identical earlier build is copied from the kernel cache.
+def build_cuda(specs: dict[str, Any], target: Target, out: Path, cache: Path) -> int:
+    """Compile the kernels `specs` (name -> spec) for the GPU `target` with nvcc (one module, one nvcc run)
+    into the shared library `out`, written atomically; an identical earlier build is copied from the kernel
+    cache `cache`. Returns how many kernels were compiled now (0: the library came from the cache).
 
     The library holds the host-side launchers and one fatbin with the target's SM code (no PTX): it loads
     in a runtime-only TVM on a machine with a driver. No GPU is needed here.
     """
-    tgt = resolve_target(target)
-    if not tgt.is_gpu:
-        raise BitsmithError(f"target {tgt.name} is not a GPU", where=_WHERE, fix="use build_kernel_library for CPUs")
-    unique = {spec.name: spec for spec in specs}
-    if not unique:
+    if not specs:
         raise BitsmithError("no kernels to build", where=_WHERE, fix="pass at least one kernel description")
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         raise BitsmithError("nvcc is not on PATH", where=_WHERE,
                             fix="install the CUDA toolkit (12.x or 13.x) and put its bin/ on PATH")
-    cached = kernel_cache_dir() / f"{tgt.name}-{_library_key(unique.values(), tgt, nvcc)}.so"
+    cached = cache / f"{target.name}-{_library_key(specs.values(), target, nvcc)}.so"
     built = 0
     if not cached.is_file():
-        _compile_library(unique, tgt, cached, nvcc)
-        built = len(unique)
-    _atomic_copy(cached, out)
-    report = BuildReport(out, len(unique), built, len(unique) - built, time.perf_counter() - t0)
-    if log:
-        log(report.summary())
-    return report
+        _compile_library(specs, target, cached, nvcc)
+        built = len(specs)
+    with temporary_next_to(out) as tmp:
+        shutil.copyfile(cached, tmp)
+        os.replace(tmp, out)
+    return built
 
 
 def _library_key(specs: Iterable[Any], target: Target, nvcc: str) -> str:
-    """sha256 of the kernels' keys (spec, target, TVM), the GPU codegen version and nvcc's version."""
+    """sha256 of the kernels' keys (spec, target, TVM and codegen versions, sources) and nvcc's version."""
     keys = sorted(kernel_key(spec, target) for spec in specs)
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    identity = f"{GPU_CODEGEN_VERSION}:{version}:{','.join(keys)}"
+    identity = f"{version}:{','.join(keys)}"
     return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
@@ -71,9 +63,7 @@ def _compile_library(specs: dict[str, Any], target: Target, path: Path, nvcc: st
     ensure_cuda_runtime()
     import tvm
 
-    from bitsmith.codegen.gpu.schedule import gpu_prim_func
-
-    funcs = {name: gpu_prim_func(spec, target) for name, spec in sorted(specs.items())}
+    funcs = {name: spec.prim_func(target) for name, spec in sorted(specs.items())}
     with _nvcc_mode(), target.tvm_target() as tvm_target:  # nvcc reads the arch from the current target
         try:
             module = tvm.compile(tvm.IRModule(funcs), target=tvm_target)
@@ -82,7 +72,7 @@ def _compile_library(specs: dict[str, Any], target: Target, path: Path, nvcc: st
                                 where=_WHERE, fix=f"check that {nvcc} supports {target.tvm['arch']}") from exc
     _check_binary(module.mod, target)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _temporary(path) as tmp:
+    with temporary_next_to(path) as tmp:
         module.export_library(str(tmp))
         os.replace(tmp, path)
 
@@ -122,24 +112,6 @@ def _first_error(message: str) -> str:
     errors = [line for line in lines if "error" in line.lower() or "fatal" in line.lower()]
     errors = [line for line in errors if line != "Compilation error:"]
     return (errors or lines or ["(no message)"])[0]
-
-
-@contextlib.contextmanager
-def _temporary(path: Path) -> Iterator[Path]:
-    """A temporary file next to `path` (same file system, so os.replace is atomic), removed on failure."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix or ".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    with _temporary(dst) as tmp:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +184,7 @@ def cuda_stub(plugin: Path) -> Path:
                             fix="install gcc, or the NVIDIA driver (libcuda.so.1)")
     stub.parent.mkdir(parents=True, exist_ok=True)
     source = "".join(f"int {name}(void) {{ return {CUDA_ERROR_NO_DEVICE}; }}\n" for name in symbols)
-    with _temporary(stub.with_suffix(".c")) as c_file, _temporary(stub) as tmp:
+    with temporary_next_to(stub.with_suffix(".c")) as c_file, temporary_next_to(stub) as tmp:
         c_file.write_text(f"/* build-time stand-in for the CUDA driver: no device */\n{source}")
         subprocess.run([cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(tmp), str(c_file)],
                        check=True, capture_output=True)

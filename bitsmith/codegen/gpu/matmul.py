@@ -14,7 +14,7 @@ bitsmith.runtime.packed_layout (element k = kb*16*S + j*16 + l, word = kb*16*U +
     tail[n, o]        = the last partial block (L lanes, see packing), element by element, masked
     y                 = main + tail
 
-Codes decode as 2^b + q straight from their bits (gemv._code, biased), and the zero point and that bias
+Codes decode as 2^b + q straight from their bits (dequant.unpack_code, biased), and the zero point and that bias
 are one correction per 4 values from the activations' sum, so a value costs a shift, a mask and an FMA.
 Dense weights: main[n, o] = sum_{kq, v} x[n, kq*V + v] * W[o, kq*V + v], V values per 16-byte load.
 Rows whose word count is not a multiple of 4 (odd tails) and 3-bit lanes (3 words 16 apart) load words
@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bitsmith.codegen.gemv import DENSE_BITS, _code, _f32
+from bitsmith.codegen.dequant import DENSE_BITS, f32, unpack_code
 from bitsmith.runtime.packed_layout import LANES, lane_unit
 
 QUAD = 4  # lanes per thread vector: 4 uint32 words = one 16-byte load
@@ -123,7 +123,7 @@ def matmul_tensors(shape: MatmulShape) -> list[Any]:
 def _zero(shape: MatmulShape, z: Any, o: Any, g: Any) -> Any:
     from tvm import tirx
 
-    return tirx.const(float(1 << (shape.bits - 1)), "float32") if z is None else _f32(z[o, g])
+    return tirx.const(float(1 << (shape.bits - 1)), "float32") if z is None else f32(z[o, g])
 
 
 def _quant_main(shape: MatmulShape, x: Any, w: Any, s: Any, z: Any) -> Any:
@@ -150,7 +150,8 @@ def _quant_main(shape: MatmulShape, x: Any, w: Any, s: Any, z: Any) -> Any:
 
     def dot_body(n: Any, o: Any, kq: Any, j: Any) -> Any:
         kq = last(kq)
-        code = _code(w, o, kq // QUAD * LANES * units, j, kq % QUAD * QUAD + v2, LANES, shape.bits, biased=True)
+        code = unpack_code(w, o, kq // QUAD * LANES * units, j, kq % QUAD * QUAD + v2, LANES, shape.bits,
+                           biased=True)
         return te.sum(x[n, k_of(kq, j, v2)] * code, axis=v2)
 
     dot = te.compute((rows, n_out, padded, slots), dot_body, name="dot")
@@ -158,7 +159,7 @@ def _quant_main(shape: MatmulShape, x: Any, w: Any, s: Any, z: Any) -> Any:
 
     def main_body(n: Any, o: Any) -> Any:
         g = group_of(last(kq), j)
-        term = _f32(s[o, g]) * (dot[n, o, kq, j] - (_zero(shape, z, o, g) + bias) * xsum[n, kq, j])
+        term = f32(s[o, g]) * (dot[n, o, kq, j] - (_zero(shape, z, o, g) + bias) * xsum[n, kq, j])
         return te.sum(term if padded == n_vec else tirx.if_then_else(kq < n_vec, term, 0.0), axis=[kq, j])
 
     return te.compute((rows, n_out), main_body, name="main")
@@ -179,7 +180,7 @@ def _quant_tail(shape: MatmulShape, x: Any, w: Any, s: Any, z: Any) -> Any:
         j, lane = tt // tail_lanes, tt % tail_lanes
         k = base + t
         g = tirx.min(k, n_in - 1) // shape.group
-        value = (_code(w, o, wbase, j, lane, tail_lanes, shape.bits) - _zero(shape, z, o, g)) * _f32(s[o, g])
+        value = (unpack_code(w, o, wbase, j, lane, tail_lanes, shape.bits) - _zero(shape, z, o, g)) * f32(s[o, g])
         term = x[n, tirx.min(k, n_in - 1)] * value
         # te.sum's `where` is dropped by create_prim_func: mask the padding slots explicitly
         return te.sum(term if rest == shape.padded(size) else tirx.if_then_else(k < n_in, term, 0.0), axis=t)
@@ -196,7 +197,7 @@ def _dense_main(shape: MatmulShape, x: Any, w: Any) -> Any:
 
     def body(n: Any, o: Any) -> Any:
         k = (kq if padded == n_vec else tirx.min(kq, n_vec - 1)) * width + v
-        term = x[n, k] * _f32(w[o, k])
+        term = x[n, k] * f32(w[o, k])
         return te.sum(term if padded == n_vec else tirx.if_then_else(kq < n_vec, term, 0.0), axis=[kq, v])
 
     return te.compute((shape.rows, shape.out_features), body, name="main")
@@ -207,6 +208,11 @@ def matmul_reference(spec: Any) -> Any:
     from tvm import te
 
     return te.create_prim_func(matmul_tensors(matmul_shape(spec))).with_attr("global_symbol", spec.name)
+
+
+def matmul_func(spec: Any) -> Any:
+    """The PrimFunc of a GemvSpec or GemmSpec scheduled for a GPU (see the module docstring)."""
+    return schedule_matmul(matmul_reference(spec), matmul_shape(spec)).with_attr("global_symbol", spec.name)
 
 
 # ---------------------------------------------------------------------------------------------

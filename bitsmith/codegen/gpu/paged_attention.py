@@ -24,10 +24,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from bitsmith.codegen.common import fconst
+from bitsmith.codegen.common import fconst, refuse
 from bitsmith.codegen.gpu.phases import Loops, reduce_threads
-from bitsmith.codegen.paged_attention import INT8_MAX, PagedAttentionSpec
-from bitsmith.errors import BitsmithError
+from bitsmith.codegen.kv_pool import INT8_MAX
 
 NT = 128  # threads (and positions per tile) of an attention block
 WARP = 32  # threads of a KV-write block
@@ -35,7 +34,7 @@ SHARED_BYTES = 48 << 10  # static shared memory per block
 VEC = 4  # key/value elements per vector load
 
 
-def paged_attention_func(spec: PagedAttentionSpec, threads: bool) -> Any:
+def paged_attention_func(spec: Any, threads: bool) -> Any:
     """The PrimFunc (arguments as `spec.arg_names`), GPU-bound when `threads`, else its serial rendition."""
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
@@ -53,18 +52,15 @@ def paged_attention_func(spec: PagedAttentionSpec, threads: bool) -> Any:
     return ib.get()
 
 
-def _check(spec: PagedAttentionSpec) -> None:
+def _check(spec: Any) -> None:
     shared = 4 * (2 * _pairs(spec) * NT + spec.group * NT + 4 * spec.group + NT)
-    if spec.group > NT:
-        raise BitsmithError(f"{spec.name}: {spec.group} query heads per kv head (at most {NT})",
-                            where="codegen gpu paged attention", fix="use fewer query heads per kv head")
+    problems = [f"{spec.name}: {spec.group} query heads per kv head (at most {NT})"] if spec.group > NT else []
     if shared > SHARED_BYTES:
-        raise BitsmithError(f"{spec.name} needs {shared} bytes of shared memory per block (at most {SHARED_BYTES})",
-                            where="codegen gpu paged attention",
-                            fix="fewer query heads per kv head or a smaller head_dim")
+        problems.append(f"{spec.name}: {shared} bytes of shared memory per block (at most {SHARED_BYTES})")
+    refuse(problems, "gpu paged attention", fix="use fewer query heads per kv head or a smaller head_dim")
 
 
-def _arguments(spec: PagedAttentionSpec) -> dict[str, Any]:
+def _arguments(spec: Any) -> dict[str, Any]:
     from tvm.script.ir_builder import tirx as T
 
     R, H, KV, D = spec.rows, spec.heads, spec.kv_heads, spec.head_dim
@@ -75,7 +71,7 @@ def _arguments(spec: PagedAttentionSpec) -> dict[str, Any]:
     return {name: T.arg(name, T.buffer(*shapes[name])) for name in spec.arg_names}
 
 
-def _target_slot(spec: PagedAttentionSpec, a: dict[str, Any], r: Any) -> tuple[Any, Any, Any]:
+def _target_slot(spec: Any, a: dict[str, Any], r: Any) -> tuple[Any, Any, Any]:
     """(valid, physical block, slot) where row r writes: valid when its position and table entry are."""
     from tvm import tirx
 
@@ -91,7 +87,7 @@ def _target_slot(spec: PagedAttentionSpec, a: dict[str, Any], r: Any) -> tuple[A
 # Launch 1: the KV write
 
 
-def _write_kernel(spec: PagedAttentionSpec, loops: Loops, a: dict[str, Any]) -> None:
+def _write_kernel(spec: Any, loops: Loops, a: dict[str, Any]) -> None:
     from tvm import tirx
     from tvm.script.ir_builder import tirx as T
 
@@ -113,7 +109,7 @@ def _write_kernel(spec: PagedAttentionSpec, loops: Loops, a: dict[str, Any]) -> 
             _store_vector(spec, loops, a, r, half, kh, value, found, amax)
 
 
-def _superseded(spec: PagedAttentionSpec, loops: Loops, a: dict[str, Any], r: Any, part: Any, found: Any) -> None:
+def _superseded(spec: Any, loops: Loops, a: dict[str, Any], r: Any, part: Any, found: Any) -> None:
     """found[0] = 1 when a later row writes the same slot as row r, else 0."""
     from tvm import tirx
     from tvm.script.ir_builder import tirx as T
@@ -132,7 +128,7 @@ def _superseded(spec: PagedAttentionSpec, loops: Loops, a: dict[str, Any], r: An
     reduce_threads("superseded", "max", part, found, 1, WARP, loops)
 
 
-def _lane_max(spec: PagedAttentionSpec, loops: Loops, magnitude: Any, part: Any, amax: Any) -> None:
+def _lane_max(spec: Any, loops: Loops, magnitude: Any, part: Any, amax: Any) -> None:
     """amax[0] = max over d < head_dim of magnitude(d), each lane first over its strided share."""
     from tvm import tirx
     from tvm.script.ir_builder import tirx as T
@@ -146,7 +142,7 @@ def _lane_max(spec: PagedAttentionSpec, loops: Loops, magnitude: Any, part: Any,
     reduce_threads("amax", "max", part, amax, 1, WARP, loops)
 
 
-def _store_vector(spec: PagedAttentionSpec, loops: Loops, a: dict[str, Any], r: Any, half: Any, kh: Any,
+def _store_vector(spec: Any, loops: Loops, a: dict[str, Any], r: Any, half: Any, kh: Any,
                   value: Any, found: Any, amax: Any) -> None:
     """The vector into its slot in the pool's dtype (int8: codes and scale), when row r's slot is valid and
     not superseded; every thread runs this phase, only the stores are guarded (see phases.py)."""
@@ -209,7 +205,7 @@ class _Shared:
     flag: Any
 
 
-def _attention_kernel(spec: PagedAttentionSpec, loops: Loops, a: dict[str, Any]) -> None:
+def _attention_kernel(spec: Any, loops: Loops, a: dict[str, Any]) -> None:
     from tvm import tirx
     from tvm.script.ir_builder import tirx as T
 
@@ -236,12 +232,12 @@ def _attention_kernel(spec: PagedAttentionSpec, loops: Loops, a: dict[str, Any])
             _attend(spec, loops, a, s, r, kh, p, lo, tiles[0])
 
 
-def _pairs(spec: PagedAttentionSpec) -> int:
+def _pairs(spec: Any) -> int:
     """(head, feature) pairs per thread."""
     return -(-spec.group * spec.head_dim // NT)
 
 
-def _check_blocks(spec: PagedAttentionSpec, loops: Loops, a: dict[str, Any], s: _Shared, r: Any, p: Any,
+def _check_blocks(spec: Any, loops: Loops, a: dict[str, Any], s: _Shared, r: Any, p: Any,
                   lo: Any) -> None:
     """s.red[0] = 1 when a table entry of a block holding a visible position is outside the pool, else 0."""
     from tvm import tirx
@@ -260,7 +256,7 @@ def _check_blocks(spec: PagedAttentionSpec, loops: Loops, a: dict[str, Any], s: 
     reduce_threads("bad_blocks", "max", s.flag, s.red, 1, NT, loops)
 
 
-def _attend(spec: PagedAttentionSpec, loops: Loops, a: dict[str, Any], s: _Shared, r: Any, kh: Any, p: Any,
+def _attend(spec: Any, loops: Loops, a: dict[str, Any], s: _Shared, r: Any, kh: Any, p: Any,
             lo: Any, tiles: Any) -> None:
     from tvm import tirx
     from tvm.script.ir_builder import tirx as T
@@ -295,12 +291,12 @@ def _attend(spec: PagedAttentionSpec, loops: Loops, a: dict[str, Any], s: _Share
                     T.buffer_store(a["out"], result, [r, kh * G + idx // D, idx % D])
 
 
-def _pool_index(spec: PagedAttentionSpec, a: dict[str, Any], r: Any, position: Any) -> tuple[Any, Any]:
+def _pool_index(spec: Any, a: dict[str, Any], r: Any, position: Any) -> tuple[Any, Any]:
     """(physical block, slot) of a visible position of row r (its table entry was checked)."""
     return a["block_tables"][r, position // spec.block_size], position % spec.block_size
 
 
-def _scores(spec: PagedAttentionSpec, loops: Loops, a: dict[str, Any], s: _Shared, r: Any, kh: Any, start: Any,
+def _scores(spec: Any, loops: Loops, a: dict[str, Any], s: _Shared, r: Any, kh: Any, start: Any,
             count: Any) -> None:
     """s.sc[g, j] = log2-domain score of position start + j for each head g (lowest float past count)."""
     from tvm import tirx
@@ -332,7 +328,7 @@ def _scores(spec: PagedAttentionSpec, loops: Loops, a: dict[str, Any], s: _Share
                     T.buffer_store(s.sc, tirx.min_value("float32"), [g * NT + t])
 
 
-def _softmax_step(spec: PagedAttentionSpec, loops: Loops, s: _Shared, count: Any) -> None:
+def _softmax_step(spec: Any, loops: Loops, s: _Shared, count: Any) -> None:
     """Raise each head's running max to the tile's, rescale its running sum (the accumulators follow in
     `_accumulate` with s.corr), turn the scores into probabilities and add their sum."""
     from tvm import tirx
@@ -358,7 +354,7 @@ def _softmax_step(spec: PagedAttentionSpec, loops: Loops, s: _Shared, count: Any
                 T.buffer_store(s.l, s.l[t] * s.corr[t] + s.red[t], [t])
 
 
-def _accumulate(spec: PagedAttentionSpec, loops: Loops, a: dict[str, Any], s: _Shared, r: Any, kh: Any,
+def _accumulate(spec: Any, loops: Loops, a: dict[str, Any], s: _Shared, r: Any, kh: Any,
                 start: Any, count: Any) -> None:
     """acc[g, d] = acc[g, d] * corr[g] + sum_j p[g, j] * V[start + j, d], threads over (g, d) pairs."""
     from tvm import tirx

@@ -1,0 +1,54 @@
+"""Reading weights inside a kernel, shared by the CPU and GPU kernels (gemv, gemm, embedding): a code of the
+packed layout (bitsmith.runtime.packed_layout) as float32, a load widened to float32, an embedding table's row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bitsmith.runtime.packed_layout import lane_unit
+
+DENSE_BITS = {32: "float32", 16: "float16"}  # "bits" of the dense (unquantized) weights
+
+
+def f32(e: Any) -> Any:
+    """`e` as float32 (a cast unless it already is); TE expressions and IRBuilder loads (`ty`, no `dtype`)."""
+    from tvm import tirx
+
+    dtype = getattr(e, "dtype", None) or str(e.ty)
+    return e if dtype == "float32" else tirx.Cast("float32", e)
+
+
+def unpack_code(w: Any, o: Any, word0: Any, j: Any, lane: Any, stride: int, bits: int, biased: bool = False) -> Any:
+    """Code c of slot j, lane `lane` in the lane block whose first word is word0 (stride: lanes per block)
+    as float32: c, or 2^b + c when `biased`.
+
+    Lane l's U words form one little-endian bit stream; slot j sits at bits [j*b, j*b + b). For b = 3 a
+    value may straddle words p and p + 1: or-ing in `(hi << 1) << (31 - off)` brings its high bits down
+    and adds only bits >= 32 - off >= b when it does not straddle, which the mask drops (no branch, so
+    the same expression vectorizes; once j is an unrolled constant LLVM folds the dead half away).
+
+    `biased` skips the int->float conversion: c goes straight into the top mantissa bits of a float
+    whose exponent is that of 2^b, which reads as exactly 2^b + c (one shift and one vpternlogd).
+    """
+    from tvm import tirx
+
+    units, _ = lane_unit(bits)
+    p, off = (j * bits) // 32, (j * bits) % 32
+    lo = w[o, word0 + p * stride + lane]
+    val = lo >> tirx.Cast("uint32", off)
+    if units > 1:
+        hi = w[o, word0 + tirx.min(p + 1, units - 1) * stride + lane]
+        val = val | ((hi << tirx.const(1, "uint32")) << tirx.Cast("uint32", 31 - off))
+    if not biased:
+        return tirx.Cast("float32", val & tirx.const((1 << bits) - 1, "uint32"))
+    mant = (val << tirx.const(23 - bits, "uint32")) & tirx.const(((1 << bits) - 1) << (23 - bits), "uint32")
+    return tirx.reinterpret("float32", mant | tirx.const((127 + bits) << 23, "uint32"))
+
+
+def table_row(ids: Any, r: Any, vocab: int) -> Any:
+    """Table row of token r: its id clamped to [0, vocab), as int32 (a bad id never reads out of bounds)."""
+    from tvm import tirx
+
+    clamped = tirx.max(tirx.min(ids[r], tirx.const(vocab - 1, ids.dtype)), tirx.const(0, ids.dtype))
+    return tirx.Cast("int32", clamped)
