@@ -94,7 +94,7 @@ def default_passes(options: CompileOptions, model: LoadedModel) -> list[Pass]:
     if options.target != "none":
         # on the host an op without a kernel falls back to the reference executor; elsewhere it is an error
         passes.append(LowerToKernels(required=options.target != "host",
-                                     int8_activations=use_int8_activations(options)))
+                                     int8_activations=use_int8_activations(options), target=kernel_target(options)))
     return passes
 
 
@@ -116,16 +116,16 @@ def kernel_target(options: CompileOptions) -> str:
 
 
 def use_int8_activations(options: CompileOptions) -> bool:
-    """int8 activations for 4/8-bit GEMVs: asked for, or `auto` on a target with AVX-512 VNNI."""
+    """int8 activations for 4/8-bit GEMVs, asked for or `auto`: the lowering uses them where its target supports
+    them (Target.supports_int8_activations); asked for on a target without them, refused here."""
     if options.activations == "float32" or options.target == "none":
         return False
     from bitsmith.codegen.target import resolve_target
 
-    supported = resolve_target(kernel_target(options)).supports_int8_activations
-    if options.activations == "int8" and not supported:
+    if options.activations == "int8" and not resolve_target(kernel_target(options)).supports_int8_activations:
         raise BitsmithError(f"--activations int8 needs AVX-512 VNNI, which target {options.target} lacks",
                             where="compile options", fix="use --activations float32 (or auto)")
-    return supported
+    return True
 
 
 def kernel_context(options: CompileOptions, model: LoadedModel) -> int:

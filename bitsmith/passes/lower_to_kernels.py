@@ -11,6 +11,7 @@ import numpy as np
 
 from bitsmith.codegen.gemv_int8 import I8_MAX_BATCH
 from bitsmith.codegen.gemv_x16 import x16_problems
+from bitsmith.codegen.target import Target, resolve_target
 from bitsmith.compiler.analysis import topological_order
 from bitsmith.compiler.ir import Function, Module, Node, TensorType
 from bitsmith.compiler.ops.llm import rope_inv_freq
@@ -43,6 +44,7 @@ class _Lowering:
     specs: dict[str, Any]
     constants: dict[str, dict[str, Any]]
     int8_activations: bool = False
+    target: Target | None = None  # every emitted spec must be one it builds
 
     def __post_init__(self) -> None:
         self.calls: list[KernelCall] = []
@@ -90,6 +92,8 @@ class _Lowering:
         return self.fn.types[value].dtype
 
     def emit(self, spec: Any, args: list[tuple[str, Any]], value: str) -> None:
+        if self.target is not None:
+            self.target.check(spec)
         self.specs[spec.name] = spec
         self.calls.append(KernelCall(spec.name, tuple(args), value))
 
@@ -288,10 +292,11 @@ def plan_buffers(calls: list[KernelCall], types: dict[str, TensorType], pinned: 
 
 
 def lower_function(fn: Function, rows: int, kv_plan: KVPlan, specs: dict[str, Any],
-                   constants: dict[str, dict[str, Any]], int8_activations: bool = False) -> Schedule:
+                   constants: dict[str, dict[str, Any]], int8_activations: bool = False,
+                   target: Target | str = "host") -> Schedule:
     """The schedule of `fn` with seq bound to `rows`, attention reading the paged pools of `kv_plan`."""
     fn = topological_order(fn)
-    st = _Lowering(fn, rows, kv_plan, specs, constants, int8_activations)
+    st = _Lowering(fn, rows, kv_plan, specs, constants, int8_activations, resolve_target(target))
     names = [n for n, _ in fn.inputs]
     if names != ["tokens", "positions", "kv_cache"] or len(fn.outputs) != 2:
         raise BitsmithError(f"entry {fn.name} has inputs {names} and {len(fn.outputs)} outputs",
@@ -347,7 +352,8 @@ class LowerToKernels:
     """
 
     required: bool = True  # False: an op without a kernel is noted (ctx.notes["kernels_skipped"]), not an error
-    int8_activations: bool = False  # quantized GEMVs quantize x to int8 per 32 values (VNNI targets)
+    int8_activations: bool = False  # 4/8-bit GEMVs may quantize x to int8 per 32 values, where the target can
+    target: str = "host"  # the codegen target (host, aarch64-linux, cuda_<arch>): the kernels it builds
     # decode batches of 4/16, and 32 for a 16-sequence batch with a prefill chunk, without 64-row padding
     batch_rows: tuple[int, ...] = (4, 16, 32, PREFILL_ROWS)
     name: str = "lower_to_kernels"
@@ -360,10 +366,12 @@ class LowerToKernels:
         specs: dict[str, Any] = {}
         constants: dict[str, dict[str, Any]] = {}
         try:
-            i8 = self.int8_activations
-            schedules = {"rows1": lower_function(module["decode"], 1, plan, specs, constants, i8)}
+            target = resolve_target(self.target)
+            i8 = self.int8_activations and target.supports_int8_activations
+            schedules = {"rows1": lower_function(module["decode"], 1, plan, specs, constants, i8, target)}
             for rows in self.batch_rows:
-                schedules[f"rows{rows}"] = lower_function(module["prefill"], rows, plan, specs, constants, i8)
+                schedules[f"rows{rows}"] = lower_function(module["prefill"], rows, plan, specs, constants, i8,
+                                                          target)
         except BitsmithError as exc:
             if self.required:
                 raise

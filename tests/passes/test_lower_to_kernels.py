@@ -76,3 +76,18 @@ def test_unsupported_op_names_the_op():
     nodes[index] = nodes[index].__class__("sigmoid", nodes[index].inputs, nodes[index].outputs, {})
     with pytest.raises(BitsmithError, match="op sigmoid"):
         lower_function(fn.replace(nodes=tuple(nodes)), 1, _kv(RANDOM_CONFIGS["gqa"]), {}, {})
+
+
+def test_lowering_checks_every_kernel_against_its_target(monkeypatch):
+    """Every emitted spec goes through the target's check: a CUDA lowering emits GPU families only, and a
+    family the target does not build is refused by name instead of failing later in the build."""
+    from bitsmith.codegen import target as codegen_target
+
+    module, _ = random_model(RANDOM_CONFIGS["gqa"])
+    kv, specs = _kv(RANDOM_CONFIGS["gqa"]), {}
+    lower_function(module["decode"], 1, kv, specs, {}, target="cuda")
+    assert specs and {type(s).__name__ for s in specs.values()} <= set(codegen_target.GPU_FAMILIES)
+    without = tuple(f for f in codegen_target.GPU_FAMILIES if f != "PagedAttentionSpec")
+    monkeypatch.setattr(codegen_target, "GPU_FAMILIES", without)
+    with pytest.raises(BitsmithError, match="PagedAttentionSpec kernel for target cuda_sm_90a"):
+        lower_function(module["decode"], 1, kv, {}, {}, target="cuda")
