@@ -14,8 +14,8 @@ from bitsmith.errors import BitsmithError
 
 PARAM_DTYPES = {"float32": "f32", "float16": "f16"}  # stored dtypes of weights/biases -> name token
 # below this many elements a kernel runs on one thread: a parallel launch costs microseconds, what one
-# core needs for ~32K floats. A guess, not tuned (on the loaded 2-core dev box parallel lost at 37K-143K
-# elements: rmsnorm 64x576 8.5 vs 3.2 us, add 143K 31 vs 14 us); retune on a quiet machine.
+# core needs for ~32K floats. A guess, not tuned (on the loaded 2-core dev box parallel rmsnorm and add
+# kernels lost at 37K-143K elements, bench/kernels.md); retune on a quiet machine.
 PARALLEL_MIN = 1 << 15
 MAX_VECTOR = 256  # widest whole-loop vector (vectorize_part)
 

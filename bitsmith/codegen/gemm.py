@@ -37,12 +37,11 @@ from bitsmith.runtime.packed_layout import LANES, lane_unit
 
 MAX_ROWS = 128  # rows of x per call (any count: the last row vector is zero-padded)
 SLAB = 256  # K values dequantized at a time (at least one packed block): slab + x slab stay in L1
-# dense fp16/fp32 rows: half the slab (16 rows, weights from DRAM: 1536x576 / 576x1536 fp16 108-110 ->
-# 98-106 us; the wider slab is as fast in cache)
+# dense fp16/fp32 rows: half the slab (faster with weights from DRAM; the wider slab is as fast in cache)
 DENSE_SLAB = 128
-# software-prefetch the next tile's weights while dequantizing (weights from DRAM, 1 core: 4096x4096
-# int4 165 -> 207 GFLOP/s, 49152x576 fp16 82 -> 118). Prefetching inside the K loop instead made LLVM
-# store the accumulators every step (a call it cannot see through): 2x slower.
+# software-prefetch the next tile's weights while dequantizing (faster with weights from DRAM, see
+# bench/kernels.md). Not inside the K loop: there LLVM stores the accumulators every step (a call it
+# cannot see through), which is much slower.
 PREFETCH = True
 
 
@@ -82,9 +81,9 @@ def tile_rows(n_out: int, target: Target) -> int:
     """NR, the output rows of a tile and of the register block (NR vector accumulators, one per row).
 
     3/4 of the vector registers (32 with AVX-512 or NEON, else 16); shrunk to a divisor of n_out when
-    one is close (no padding rows) and to n_out when smaller. Measured (1 core, AVX-512): one 16-row
-    vector x 24 output rows matched 2 x 12 and 3 x 8 in the bare micro-kernel (92-96% of peak) and
-    beat 4 x 6 at 64 rows (fewer tiles: x is streamed once per tile).
+    one is close (no padding rows) and to n_out when smaller. On one AVX-512 core one 16-row vector x 24
+    output rows matched 2 x 12 and 3 x 8 in the bare micro-kernel and beat 4 x 6 at 64 rows (fewer tiles:
+    x is streamed once per tile; bench/kernels.md).
     """
     regs = 32 if target.vector_bytes == 64 or target.arch == "aarch64" else 16
     widest = regs * 3 // 4

@@ -11,8 +11,8 @@ and masking low / high nibbles (planes p = 0, 1) leaves 4 u8 codes at k = 32 i +
 lane lies in the 32-block and group of its column i = lane % 4, so per block 4 values (activation
 scales, zero-point sums, weight scales) reach the 16 lanes as a 128-bit broadcast. b = 8: one plane,
 k = 16 i + 4c + t. Per 128 int4 weights: a load, a shuffle, 3 mask/shift ops, 2 vpdpbusd, int->float,
-2 fp ops and the scale conversion: 1.6-2.2x the fp32-dequant kernel in cache (Zen 5), ~DRAM speed.
-Once per call x is quantized into that byte order (serial, ~1 us per 4K values) with, per block and
+2 fp ops and the scale conversion: faster than the fp32-dequant kernel in cache, about DRAM speed
+(bench/kernels.md). Once per call x is quantized into that byte order (serial) with, per block and
 column, sx and the zero-point term: -z sum xq as the int32 start of the lanes c = 0 (sym), or
 sx sum xq / (lanes / 4), times the fp16 zero, per lane (asym). Batch rows sit side by side per block;
 past ~24 KiB of activations the rows are swept in passes over L1-sized slices of k (a parallel launch
@@ -24,9 +24,9 @@ transposed (128-bit column c of block b -> lane group b of vector c) before the 
 4 b + i holds column i of block b in all 4 P vectors: a lane stays in one 32-block for the whole chunk,
 4 P vpdpbusd per batch row accumulate 16 different 32-blocks, and one int->float conversion, scale
 and FMA serve 512 values (b = 4) instead of 128. Each batch tile unpacks a row's chunks again: unpacking
-them once into a stack buffer for every tile ran as fast with weights in cache but 1.25x slower with
-weights streamed from DRAM (576x1536, 16 rows; those 24 vector stores per row, in a C loop too, stop the
-DRAM traffic from overlapping the compute). 4/8-lane tails keep plane p of 16 / L batch rows side by
+them once into a stack buffer for every tile ran as fast with weights in cache but slower with weights
+streamed from DRAM (those 24 vector stores per row, in a C loop too, stop the DRAM traffic from
+overlapping the compute). 4/8-lane tails keep plane p of 16 / L batch rows side by
 side, so one 512-bit vpdpbusd and one float step cover them. Rows of 2+ chunks go two output rows at a
 time (batch tile 4): each activation vector loaded feeds both rows' vpdpbusd. Lane sums end in shuffle
 trees that pair rows up, and y is written 16 outputs (a cache line per row) at a time: a store per
@@ -102,9 +102,8 @@ def build_qgemv_i8(spec: Any) -> Any:
     vtail = rest > 0 and _vector_tail(spec, full, L, P, BK)
     tail_bytes = 4 * P * L if vtail else 0
     f32, i32 = (lambda v: tirx.const(v, "float32")), (lambda v: tirx.const(v, "int32"))
-    # output rows per iteration (see `chunk_block`): two where rows have 2+ chunks (16 rows, weights from
-    # DRAM: 576x1536 int4 -10%, 49152x576 int8 -16%); with one chunk and a tail (1536x576) it gained
-    # nothing, at 64 rows it lost 10-15%
+    # output rows per iteration (see `chunk_block`): two where rows have 2+ chunks (faster at 16 rows with
+    # weights from DRAM); with one chunk and a tail it gained nothing, and at 64 rows it lost (bench/kernels.md)
     OB = Y_BLOCK if n_out % Y_BLOCK == 0 else 1  # outputs per parallel iteration (see `rows`)
     pair_rows = OB % 2 == 0 and PAIR_ROWS[0] <= batch <= PAIR_ROWS[1]
     OP = 2 if pair_rows and _chunked(spec) and n_in // (CHUNK_BLOCKS * BK) >= 2 else 1
@@ -405,8 +404,8 @@ def build_qgemv_i8(spec: Any) -> Any:
                             if nchunk:  # the pass's chunks (passes start on a chunk), then its other blocks
                                 with T.serial(0, chunks) as cc:
                                     ch = tirx.floordiv(kb0, CHUNK_BLOCKS) + cc
-                                    for o in outs:  # again in every batch tile: hoisted before the tiles,
-                                        prefetch_chunk(o, ch)  # 576x1536 at 16 rows ran 35 -> 58 us
+                                    for o in outs:  # again in every batch tile: hoisted before the
+                                        prefetch_chunk(o, ch)  # tiles, the kernel ran much slower
                                     chunk_block(outs, nb, accs, ch, [chunk_codes(o, ch) for o in outs])
                                 first_block, blocks = kb0 + chunks * CHUNK_BLOCKS, count - chunks * CHUNK_BLOCKS
                             parts = []

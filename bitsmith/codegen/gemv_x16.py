@@ -12,9 +12,8 @@ broadcast to every lane adds 4 products to each of the 16 rows' sums:
 
 so a row's sum never leaves its lane: no horizontal sums, no transposes, the unpack is a mask and a
 shift, y is stored 16 outputs at a time. Against the lane-per-k layout of gemv_int8.py (chunks,
-pairing-tree sums), 1536x576 int4 at 16 rows from DRAM: 27.9 us against 45.9 (in cache 24.7 against
-32.3); the int8 lm_head 828 against 1092 us; equal at 1 row (bench/serve.md). Needs out % 16 == 0,
-in % 32 == 0 and groups of a multiple of 32 values.
+pairing-tree sums) it is faster at 16 rows, from DRAM and in cache, and equal at 1 row (bench/serve.md).
+Needs out % 16 == 0, in % 32 == 0 and groups of a multiple of 32 values.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ DEFAULT_CUDA_ARCH = "sm_90a"
 # widest SIMD register each feature implies, in bytes (checked widest first)
 _VECTOR_FEATURES = (("avx512f", 64), ("avx2", 32), ("avx", 32), ("sve", 16), ("neon", 16), ("sse2", 16))
 # nsz lets LLVM drop `0.0 + x` (a reduction's first step becomes an FMA); reassoc lets it turn the
-# per-row horizontal sums into shuffle trees (576-column int4 GEMV: 11.4 -> 9.7 us). Summation order
+# per-row horizontal sums into shuffle trees (a faster GEMV, bench/kernels.md). Summation order
 # changes within fp32 rounding; no nnan/ninf/arcp.
 _FAST_MATH = {"fast-math-nsz": True, "fast-math-reassoc": True}
 
