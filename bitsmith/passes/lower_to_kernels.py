@@ -23,7 +23,7 @@ from bitsmith.runtime.interleave import x16_name
 from bitsmith.runtime.schedule import BufferSlot, KernelCall, Schedule
 
 PREFILL_ROWS = 64  # prefill runs in chunks of this many tokens (the last one padded)
-GEMM_MIN_ROWS = 16  # from here the GEMM beats the batched GEMV (2.5-6x per token, bench in gemm.py)
+GEMM_MIN_ROWS = 16  # from here the dequant-GEMM beats the batched GEMV per token (bench/kernels.md)
 DENSE_BITS = {"float32": 32, "float16": 16}
 
 
@@ -203,12 +203,11 @@ def _matmul_spec(k: Any, n_out: int, n_in: int, bits: int, group: int, sym: bool
     """Few rows: the fused dequant-GEMV (reads each weight byte once), with int8 activations and VNNI
     dot products for 4/8-bit weights when allowed (bandwidth-bound instead of FMA-bound); from
     GEMM_MIN_ROWS rows the dequant-GEMM (a weight tile dequantized once, then an FMA micro-kernel).
-    The VNNI kernel also wins on many rows, where it transposes 4 blocks of codes at a time (chunks):
-    SmolLM2's int4 shapes at 16 rows 0.025-0.059 ms against the GEMM's 0.06-0.15 ms, at 64 rows
-    0.14-0.20 ms against 0.20-0.30 ms; the int8 49152x576 lm_head 1.4 ms against 3.3 ms at 16 rows, the
-    same at 64 (bench/kernels.md), so it takes every row count it has. Where rows are a multiple of 16
-    and inputs of 32 the interleaved-layout kernel (QGemvX16Spec) takes its place: 0.6-0.8x its time from
-    DRAM at 4-64 rows, the same at 1 (bench/serve.md)."""
+    The VNNI kernel also beats the GEMM on many rows, where it transposes 4 blocks of codes at a time
+    (chunks): on SmolLM2's int4 layers at 16 and 64 rows, on its int8 lm_head at 16 and ties it at 64
+    (bench/kernels.md), so it takes every row count it has. Where rows are a multiple of 16 and inputs of
+    32 the interleaved-layout kernel (QGemvX16Spec) takes its place: it reads the weights from DRAM in less
+    time at 4-64 rows and the same at 1 (bench/serve.md)."""
     if int8_activations and bits in (4, 8) and rows <= I8_MAX_BATCH:
         if not x16_problems(n_out, n_in, bits, group):
             return k.QGemvX16Spec(n_out, n_in, bits, group, sym, rows)
@@ -325,8 +324,8 @@ def lower_function(fn: Function, rows: int, kv_plan: KVPlan, specs: dict[str, An
 def _logits_head(st: _Lowering, first_call: dict[int, int], logits: str) -> tuple[str, int]:
     """(hidden buffer, index of the first head call) when the schedule ends with the lm_head: one
     linear from a row-wise hidden state to the logits. The runtime then runs the head only for the
-    rows it samples (a 64-row prefill chunk samples at most one: the 49152x576 lm_head is ~28 ms of
-    such a chunk on two cores). ("", len(calls)) when the logits come some other way (no split)."""
+    rows it samples (a 64-row prefill chunk samples at most one, and a large vocabulary's lm_head is much
+    of such a chunk's work). ("", len(calls)) when the logits come some other way (no split)."""
     none = ("", len(st.calls))
     producer = st.producer.get(st.fn.outputs[0])
     while producer is not None and st.fn.nodes[producer].op == "reshape":
