@@ -135,13 +135,14 @@ def build_kernel_cases(out: Path, arch: str) -> None:
 
 def compile_pair(source: str, name: str, out: Path, arch: str, extra: list[str]) -> dict:
     """The model compiled for CUDA into out/name, and the greedy tokens of the same compile on this CPU."""
-    from bitsmith.pipeline import CompileOptions, compile_model
+    from bitsmith.pipeline import CompileOptions, MemoryOptions, QuantOptions, TargetOptions, compile_model
     from bitsmith.tools.run import open_session
     from bitsmith.runtime.artifact import load_artifact
 
     def options(target: str, arch_: str | None) -> CompileOptions:
-        quant = {"method": "rtn", "bits": 4, "group_size": 32, "keep_default": False} if "int4" in extra else {}
-        return CompileOptions(target=target, arch=arch_, context=256, concurrency=1, **quant)
+        quant = QuantOptions("rtn", bits=4, group_size=32, keep_default=False) if "int4" in extra else QuantOptions()
+        return CompileOptions(quant=quant, memory=MemoryOptions(context=256, concurrency=1),
+                              target=TargetOptions(target, arch_))
 
     src = None if source == "default" else source
     compile_model(src, out / name, options("cuda", arch))

@@ -44,15 +44,15 @@ def heuristic_plan(tensors: list[str], fixed: set[str], layers: int) -> dict[str
 
 
 def decode_ms(plan_path: Path, source, work: Path, context: int) -> float:
-    from bitsmith.pipeline import CompileOptions, compile_model
+    from bitsmith.pipeline import CompileOptions, MemoryOptions, QuantOptions, compile_model
     from bitsmith.runtime.artifact import load_artifact
     from bitsmith.runtime.session import CompiledSession
     from bitsmith.search.run import plan_to_overrides
 
     keep, schemes = plan_to_overrides(plan_path)
-    out = compile_model(source, work / "chosen", CompileOptions(method="rtn", keep_default=False, keep=keep,
-                                                                schemes=schemes, context=min(context, 512),
-                                                                concurrency=1))
+    out = compile_model(source, work / "chosen", CompileOptions(
+        quant=QuantOptions("rtn", keep_default=False, keep=keep, schemes=schemes),
+        memory=MemoryOptions(context=min(context, 512), concurrency=1)))
     session = CompiledSession(load_artifact(out))
     runs = []
     for _ in range(3):

@@ -11,6 +11,9 @@ from typing import Any, Callable
 import click
 
 from bitsmith.errors import BitsmithError
+from bitsmith.compiler.calibration_data import CalibrationOptions
+from bitsmith.options import (ACTIVATIONS, ARCHS, BITS, DTYPES, GROUP_SIZES, KV_BLOCK_SIZES, KV_DTYPE_CHOICES, METHODS,
+                              TARGETS, CompileOptions, MemoryOptions, QuantOptions, TargetOptions)
 
 
 def _log(message: str) -> None:
@@ -50,20 +53,23 @@ def main() -> None:
 
 @main.command()
 @click.argument("model", required=False, type=click.Path(path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
-              help="Artifact directory to write (replaced atomically if it is already an artifact).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Artifact directory to write (replaced atomically if it is already an artifact); required "
+                   "unless --print-passes.")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
               help="Weight storage dtype. Default: the checkpoint's own (an fp32 checkpoint gives fp32).")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
               help="llama2.c only: the tok*.bin tokenizer when it is not beside the checkpoint.")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Run the IR verifier after every pass.")
 @click.option("--dump-ir", type=click.Path(path_type=Path), default=None,
-              help="Write the IR after each pass, numbered, into this directory.")
-@click.option("--method", type=click.Choice(["rtn", "gptq", "awq"]), default=None,
+              help="Write the IR after each pass, numbered, into this directory, with a side table where the "
+                   "pass wrote weights, a plan or kernel schedules (NN-PASS.weights.txt, .kv_plan.json, ...).")
+@click.option("--print-passes", is_flag=True, help="Print the pass list these options give, by phase, and exit.")
+@click.option("--method", type=click.Choice(METHODS), default=None,
               help="Quantize the linear weights with this method (default: no quantization).")
-@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True,
+@click.option("--bits", type=click.Choice([str(b) for b in BITS]), default="4", show_default=True,
               help="Bits per quantized weight.")
-@click.option("--group", "group_size", type=click.Choice(["32", "64", "128", "-1"]), default="128",
+@click.option("--group", "group_size", type=click.Choice([str(g) for g in GROUP_SIZES]), default="128",
               show_default=True, help="Quantization group size along the input dim (-1: per output channel). "
                                       "When it does not divide the input dim the last group is partial.")
 @click.option("--sym/--asym", default=True, show_default=True, help="Symmetric (no zero point) or asymmetric.")
@@ -80,12 +86,12 @@ def main() -> None:
               help="Calibration samples.")
 @click.option("--calib-seqlen", default=256, show_default=True, type=click.IntRange(min=8),
               help="Tokens per calibration sample.")
-@click.option("--target", type=click.Choice(["host", "aarch64-linux", "cuda", "none"]), default="host",
+@click.option("--target", type=click.Choice(TARGETS), default="host",
               show_default=True,
               help="Where the compiled kernels run: this CPU (its exact LLVM name), 64-bit ARM Linux "
                    "(cross-compiled, NEON), an NVIDIA GPU (built here with nvcc, no GPU needed), or none "
                    "(reference executor only).")
-@click.option("--arch", type=click.Choice(["sm_80", "sm_86", "sm_89", "sm_90", "sm_90a"]), default=None,
+@click.option("--arch", type=click.Choice(ARCHS), default=None,
               help="GPU architecture for --target cuda [default: sm_90a, the H100].")
 @click.option("--context", type=click.IntRange(min=16), default=None,
               help="Longest sequence (prompt + output) [default: the model's maximum, at most 2048].")
@@ -94,22 +100,23 @@ def main() -> None:
                    "fits the cache into it (int8 KV when 16-bit does not fit) or says what would fit.")
 @click.option("--concurrency", default=4, show_default=True, type=click.IntRange(min=1),
               help="Sequences served at once, each up to --context tokens (sizes the KV block pool).")
-@click.option("--kv-dtype", type=click.Choice(["auto", "float16", "int8", "float32"]), default="auto",
+@click.option("--kv-dtype", type=click.Choice(KV_DTYPE_CHOICES), default="auto",
               show_default=True, help="KV-cache storage; auto: float16 unless --memory needs int8.")
-@click.option("--block-size", type=click.Choice(["8", "16", "32", "64"]), default="16", show_default=True,
+@click.option("--block-size", type=click.Choice([str(b) for b in KV_BLOCK_SIZES]), default="16", show_default=True,
               help="Tokens per KV-cache block (the paging and prefix-caching unit).")
-@click.option("--activations", type=click.Choice(["float32", "int8", "auto"]), default="float32", show_default=True,
+@click.option("--activations", type=click.Choice(ACTIVATIONS), default="float32", show_default=True,
               help="Inputs of the 4/8-bit decode GEMVs: float32 (exact: the reference executor's greedy tokens), "
                    "int8 per 32 values with VNNI dot products (reads weights at memory bandwidth, as llama.cpp "
                    "does; ~1%% relative output change), auto: int8 where the CPU has AVX-512 VNNI.")
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
               help="Build exactly the per-tensor plan written by `bitsmith search` (overrides --method/--bits/...).")
 @friendly_errors
-def compile(model: Path | None, output: Path, dtype: str | None, tokenizer: Path | None, verify: bool,
-            dump_ir: Path | None, method: str | None, bits: str, group_size: str, sym: bool, keep: tuple[str, ...],
-            schemes: tuple[str, ...], no_keep_default: bool, calib: Path | None, calib_samples: int,
-            calib_seqlen: int, target: str, arch: str | None, context: int | None, memory: str | None,
-            concurrency: int, kv_dtype: str, block_size: str, activations: str, plan_path: Path | None) -> None:
+def compile(model: Path | None, output: Path | None, dtype: str | None, tokenizer: Path | None, verify: bool,
+            dump_ir: Path | None, print_passes: bool, method: str | None, bits: str, group_size: str, sym: bool,
+            keep: tuple[str, ...], schemes: tuple[str, ...], no_keep_default: bool, calib: Path | None,
+            calib_samples: int, calib_seqlen: int, target: str, arch: str | None, context: int | None,
+            memory: str | None, concurrency: int, kv_dtype: str, block_size: str, activations: str,
+            plan_path: Path | None) -> None:
     """Compile MODEL into an artifact directory, optionally quantizing its weights.
 
     MODEL is a Hugging Face directory (config.json + safetensors), a .gguf file, a llama2.c .bin
@@ -125,9 +132,8 @@ def compile(model: Path | None, output: Path, dtype: str | None, tokenizer: Path
     ~/.cache/bitsmith/kernels (or $BITSMITH_KERNEL_CACHE), so a recompile rebuilds
     only kernels whose shape, scheme or target changed.
     """
-    from bitsmith.compiler.calibration_data import CalibrationOptions
-    from bitsmith.pipeline import CompileOptions, compile_model
-
+    if output is None and not print_passes:
+        raise click.UsageError("Missing option '-o' / '--output'.")
     overrides = []
     for item in schemes:
         if "=" not in item:
@@ -141,12 +147,18 @@ def compile(model: Path | None, output: Path, dtype: str | None, tokenizer: Path
         method, no_keep_default, overrides = "rtn", True, list(planned)
     options = CompileOptions(
         dtype=dtype, tokenizer=str(tokenizer) if tokenizer else None, verify=verify,
-        dump_ir=str(dump_ir) if dump_ir else None, method=method, bits=int(bits), group_size=int(group_size),
-        sym=sym, keep_default=not no_keep_default, keep=keep, schemes=tuple(overrides),
-        calibration=CalibrationOptions(str(calib) if calib else None, calib_samples, calib_seqlen),
-        target=target, arch=arch, context=context, memory=memory, concurrency=concurrency, kv_dtype=kv_dtype,
-        block_size=int(block_size), activations=activations,
+        dump_ir=str(dump_ir) if dump_ir else None,
+        quant=QuantOptions(method, int(bits), int(group_size), sym, keep_default=not no_keep_default, keep=keep,
+                           schemes=tuple(overrides),
+                           calibration=CalibrationOptions(str(calib) if calib else None, calib_samples, calib_seqlen)),
+        memory=MemoryOptions(context, memory, concurrency, kv_dtype, int(block_size)),
+        target=TargetOptions(target, arch, activations),
     )
+    from bitsmith.pipeline import compile_model, describe_pipeline
+
+    if print_passes:
+        click.echo(describe_pipeline(options))
+        return
     _log(f"compile {model or '<default: SmolLM2-135M-Instruct>'} -> {output}  options={options.to_json()}")
     out = compile_model(model, output, options, log=_log)
     click.echo(f"wrote {out}")

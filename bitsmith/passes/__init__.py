@@ -1,1 +1,2 @@
-"""Passes over the IR, one per file; the ordered list lives in `bitsmith.pipeline`."""
+"""Passes over the IR, one per file, each a `Pass` (manager.py) with the facts it requires and provides; the phased
+list lives in `bitsmith.pipeline`."""

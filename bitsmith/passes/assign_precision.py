@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from bitsmith.compiler.ir import Module
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.base import PassContext
+from bitsmith.passes.manager import Pass
 from bitsmith.passes.quant.scheme import QuantScheme, parse_scheme
 
 KEEP = None  # plan value for "stay 16-bit"
@@ -58,14 +59,16 @@ def matches_pattern(pattern: str, name: str) -> bool:
 
 
 @dataclass(frozen=True)
-class AssignPrecision:
+class AssignPrecision(Pass):
     """Default policy: keep lm_head and the first and last decoder layers 16-bit, quantize the rest."""
 
     default: QuantScheme
     keep_default: bool = True
     keep: tuple[str, ...] = ()  # patterns forced to 16-bit
     overrides: tuple[tuple[str, str], ...] = ()  # (pattern, scheme string), later wins
-    name: str = "assign_precision"
+    name = "assign_precision"
+    requires = frozenset({"canonical"})
+    provides = frozenset({"precision_planned"})
 
     def plan(self, module: Module) -> dict[str, QuantScheme | None]:
         candidates = linear_weights(module)

@@ -9,15 +9,18 @@ import numpy as np
 from bitsmith.compiler.ir import Module, TensorType
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.base import PassContext
+from bitsmith.passes.manager import Pass
 from bitsmith.runtime.safetensors_io import numpy_dtype
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
-class CastWeights:
+class CastWeights(Pass):
     dtype: str
-    name: str = "cast_weights"
+    name = "cast_weights"
+    requires = frozenset({"canonical"})
+    provides = frozenset({"cast"})
 
     def run(self, module: Module, ctx: PassContext) -> Module:
         if self.dtype not in STORAGE_DTYPES:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from bitsmith.compiler.ir import Dim, Function, Module, Node, TensorType
 from bitsmith.compiler.ops import infer_types
+from bitsmith.passes.base import PassContext
+from bitsmith.passes.manager import Pass
 
 SEQ = "seq"
 
@@ -29,3 +31,14 @@ def specialize(fn: Function, name: str, weights: dict[str, TensorType], seq: Dim
 def derive_decode(module: Module) -> Module:
     """Adds (or replaces) `decode` = `prefill` at one token per step."""
     return module.with_function(specialize(module["prefill"], "decode", module.weights))
+
+
+class DeriveDecode(Pass):
+    """The last canonicalizing step of a traced module: with `decode` beside `prefill` it is canonical."""
+
+    name = "derive_decode"
+    requires = frozenset({"traced"})
+    provides = frozenset({"canonical"})
+
+    def run(self, module: Module, ctx: PassContext) -> Module:
+        return derive_decode(module)

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from bitsmith.compiler.analysis import dead_code_elimination
 from bitsmith.compiler.ir import Module
 from bitsmith.passes.base import PassContext
+from bitsmith.passes.manager import Pass
 
 
 @dataclass(frozen=True)
-class EliminateDeadCode:
-    name: str = "eliminate_dead_code"
+class EliminateDeadCode(Pass):
+    name = "eliminate_dead_code"
 
     def run(self, module: Module, ctx: PassContext) -> Module:
         functions = {k: dead_code_elimination(f) for k, f in module.functions.items()}

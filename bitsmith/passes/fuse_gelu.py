@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from bitsmith.compiler.ir import Function, Module, Node
-from bitsmith.passes.rewrite import FunctionRewriter, is_scalar_const, map_functions, producers
+from bitsmith.passes.rewrite import FunctionRewriter, TracedRewrite, is_scalar_const, map_functions, producers
 
 
 def _split(node: Node | None, op: str, prod: dict[str, Node], value: float) -> str | None:
@@ -55,3 +55,10 @@ def _rewrite(fn: Function, module: Module) -> Function:
 
 def fuse_gelu(module: Module) -> Module:
     return map_functions(module, _rewrite)
+
+
+class FuseGelu(TracedRewrite):
+    name = "fuse_gelu"
+
+    def rewrite(self, module: Module) -> Module:
+        return fuse_gelu(module)

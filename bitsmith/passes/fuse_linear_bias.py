@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bitsmith.compiler.ir import Function, Module
-from bitsmith.passes.rewrite import FunctionRewriter, consumers, map_functions, producers
+from bitsmith.passes.rewrite import FunctionRewriter, TracedRewrite, consumers, map_functions, producers
 
 
 def _rewrite(fn: Function, module: Module) -> Function:
@@ -27,3 +27,10 @@ def _rewrite(fn: Function, module: Module) -> Function:
 
 def fuse_linear_bias(module: Module) -> Module:
     return map_functions(module, _rewrite)
+
+
+class FuseLinearBias(TracedRewrite):
+    name = "fuse_linear_bias"
+
+    def rewrite(self, module: Module) -> Module:
+        return fuse_linear_bias(module)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bitsmith.compiler.ir import Function, Module, Node
-from bitsmith.passes.rewrite import FunctionRewriter, const_value, map_functions, producers
+from bitsmith.passes.rewrite import FunctionRewriter, TracedRewrite, const_value, map_functions, producers
 
 PASSTHROUGH = ("cast",)  # float casts around the norm (x.to(float32), y.to(input_dtype)) do not change the math
 
@@ -66,3 +66,10 @@ def _rewrite(fn: Function, module: Module) -> Function:
 
 def fuse_rmsnorm(module: Module) -> Module:
     return map_functions(module, _rewrite)
+
+
+class FuseRmsnorm(TracedRewrite):
+    name = "fuse_rmsnorm"
+
+    def rewrite(self, module: Module) -> Module:
+        return fuse_rmsnorm(module)

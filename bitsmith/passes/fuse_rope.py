@@ -8,7 +8,8 @@ import numpy as np
 
 from bitsmith.compiler.ir import Function, Module, Node
 from bitsmith.compiler.ops.llm import rope_inv_freq
-from bitsmith.passes.rewrite import FunctionRewriter, const_value, is_scalar_const, map_functions, producers
+from bitsmith.passes.rewrite import (FunctionRewriter, TracedRewrite, const_value, is_scalar_const, map_functions,
+                                       producers)
 
 SEQ = "seq"
 BIG = 1 << 62  # an open slice end
@@ -158,3 +159,10 @@ def _rewrite(fn: Function, module: Module) -> Function:
 def fuse_rope(module: Module) -> Module:
     """Needs the symbolic `seq` dim (run on prefill, before decode is derived) to tell the layout."""
     return map_functions(module, _rewrite)
+
+
+class FuseRope(TracedRewrite):
+    name = "fuse_rope"
+
+    def rewrite(self, module: Module) -> Module:
+        return fuse_rope(module)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bitsmith.compiler.ir import Function, Module
-from bitsmith.passes.rewrite import FunctionRewriter, map_functions, producers
+from bitsmith.passes.rewrite import FunctionRewriter, TracedRewrite, map_functions, producers
 
 
 def _rewrite(fn: Function, module: Module) -> Function:
@@ -24,3 +24,10 @@ def _rewrite(fn: Function, module: Module) -> Function:
 
 def fuse_silu(module: Module) -> Module:
     return map_functions(module, _rewrite)
+
+
+class FuseSilu(TracedRewrite):
+    name = "fuse_silu"
+
+    def rewrite(self, module: Module) -> Module:
+        return fuse_silu(module)

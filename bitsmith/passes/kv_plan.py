@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from bitsmith.errors import BitsmithError
 
 KV_DTYPES = ("float32", "float16", "int8")
+BLOCK_SIZES = (8, 16, 32, 64)  # tokens per KV block
 DTYPE_BYTES = {"float32": 4, "float16": 2, "int8": 1}
 # Pool layout, one per layer (what the paged attention kernels read):
 #
@@ -90,7 +91,7 @@ def plan_kv_cache(options: KVPlanOptions, num_layers: int, kv_heads: int, head_d
                   workspace_bytes: int) -> KVPlan:
     """The plan for `options`, or a BitsmithError that says what would fit instead."""
     bs = options.block_size
-    if bs not in (8, 16, 32, 64):
+    if bs not in BLOCK_SIZES:
         raise BitsmithError(f"block size {bs} is not supported", where="kv plan", fix="use 8, 16, 32 or 64")
     if options.max_context % bs:
         raise BitsmithError(f"context {options.max_context} is not a multiple of the block size {bs}",

@@ -16,8 +16,9 @@ from bitsmith.compiler.analysis import topological_order
 from bitsmith.compiler.ir import Function, Module, Node, TensorType
 from bitsmith.compiler.ops.llm import rope_inv_freq
 from bitsmith.errors import BitsmithError
-from bitsmith.passes.base import PassContext
+from bitsmith.passes.base import Lowered, PassContext
 from bitsmith.passes.kv_plan import KVPlan
+from bitsmith.passes.manager import Pass
 from bitsmith.runtime.arena import round_up
 from bitsmith.runtime.interleave import x16_name
 from bitsmith.runtime.schedule import BufferSlot, KernelCall, Schedule
@@ -341,21 +342,22 @@ def _logits_head(st: _Lowering, first_call: dict[int, int], logits: str) -> tupl
 
 
 @dataclass(frozen=True)
-class LowerToKernels:
+class LowerToKernels(Pass):
     """Lower the entry points to kernel schedules, one per row count: `decode` (1 row) and `prefill`
     at each of `batch_rows` (prefill chunks, and batched steps mixing several sequences' tokens).
 
-    Needs module.meta["kv_plan"] (the plan_kv_cache pass). Results go to ctx.notes["kernels"]:
-    {"specs": name -> spec, "schedules": "rows<N>" -> Schedule, "constants": name -> table,
-    "kv": the KV plan}; the module itself is unchanged.
+    Needs module.meta["kv_plan"] (the plan_kv_cache pass). The result goes to ctx.lowered (specs,
+    schedules "rows<N>", constant tables, the KV plan); the module itself is unchanged.
     """
 
-    required: bool = True  # False: an op without a kernel is noted (ctx.notes["kernels_skipped"]), not an error
+    required: bool = True  # False: an op without a kernel is noted (ctx.kernels_skipped), not an error
     int8_activations: bool = False  # 4/8-bit GEMVs may quantize x to int8 per 32 values, where the target can
     target: str = "host"  # the codegen target (host, aarch64-linux, cuda_<arch>): the kernels it builds
     # decode batches of 4/16, and 32 for a 16-sequence batch with a prefill chunk, without 64-row padding
     batch_rows: tuple[int, ...] = (4, 16, 32, PREFILL_ROWS)
-    name: str = "lower_to_kernels"
+    name = "lower_to_kernels"
+    requires = frozenset({"kv_planned"})
+    provides = frozenset({"lowered"})
 
     def run(self, module: Module, ctx: PassContext) -> Module:
         if "kv_plan" not in module.meta:
@@ -374,8 +376,7 @@ class LowerToKernels:
         except BitsmithError as exc:
             if self.required:
                 raise
-            ctx.notes["kernels_skipped"] = exc.problem
+            ctx.kernels_skipped = exc.problem
             return module
-        ctx.notes["kernels"] = {"specs": specs, "schedules": schedules, "constants": constants,
-                                "kv": plan.to_json()}
+        ctx.lowered = Lowered(specs, schedules, constants, plan.to_json())
         return module

@@ -8,6 +8,7 @@ import numpy as np
 
 from bitsmith.compiler.ir import Function, Module, Node, TensorType
 from bitsmith.passes.base import PassContext
+from bitsmith.passes.manager import Pass
 from bitsmith.passes.quant.packing import pack
 from bitsmith.passes.quant.scheme import QuantizedWeight
 
@@ -53,11 +54,15 @@ def _rewrite(fn: Function, quantized: dict[str, QuantizedWeight], weights: dict[
 
 
 @dataclass(frozen=True)
-class PackWeights:
-    name: str = "pack_weights"
+class PackWeights(Pass):
+    """Reads ctx.quantized (quantize_weights); runs after cast_weights, which would otherwise cast the scales."""
+
+    name = "pack_weights"
+    requires = frozenset({"quantized", "cast"})
+    provides = frozenset({"packed"})
 
     def run(self, module: Module, ctx: PassContext) -> Module:
-        quantized: dict[str, QuantizedWeight] = ctx.notes.get("quantized", {})
+        quantized = ctx.quantized
         if not quantized:
             return module
         weights = {k: t for k, t in module.weights.items() if k not in quantized}

@@ -11,6 +11,7 @@ from bitsmith.compiler.ir import Function, Module, Node
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.base import PassContext
 from bitsmith.passes.kv_plan import KVPlanOptions, plan_kv_cache
+from bitsmith.passes.manager import Pass
 
 
 def peak_activation_bytes(fn: Function, rows: int) -> int:
@@ -32,12 +33,15 @@ def peak_activation_bytes(fn: Function, rows: int) -> int:
 
 
 @dataclass(frozen=True)
-class PlanKVCache:
-    """Writes module.meta["kv_plan"] and tags every attention node with its layer's `kv_dtype`."""
+class PlanKVCache(Pass):
+    """Writes module.meta["kv_plan"] and ctx.kv_plan / ctx.memory_estimate, and tags every attention node with
+    its layer's `kv_dtype`. Runs on the weights as stored (after cast_weights), whose bytes the budget counts."""
 
     options: KVPlanOptions
     workspace_rows: int = 16
-    name: str = "plan_kv_cache"
+    name = "plan_kv_cache"
+    requires = frozenset({"canonical", "cast"})
+    provides = frozenset({"kv_planned"})
 
     def run(self, module: Module, ctx: PassContext) -> Module:
         decode = module["decode"]
@@ -46,8 +50,8 @@ class PlanKVCache:
         weight_bytes = sum(int(ctx.weights[n].nbytes) for n in module.weights)
         workspace = peak_activation_bytes(module["prefill"], self.workspace_rows)
         plan = plan_kv_cache(self.options, layers, kv_heads, head_dim, weight_bytes, workspace)
-        ctx.notes["kv_plan"] = plan
-        ctx.notes["memory_estimate"] = {"weights": weight_bytes, "kv_cache": plan.bytes, "workspace": workspace}
+        ctx.kv_plan = plan
+        ctx.memory_estimate = {"weights": weight_bytes, "kv_cache": plan.bytes, "workspace": workspace}
         module = with_kv_dtypes(module, plan.layer_dtypes)
         return module.replace(meta={**module.meta, "kv_plan": plan.to_json()})
 

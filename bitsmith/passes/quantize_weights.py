@@ -21,11 +21,12 @@ from bitsmith.compiler.ir import Function, Module
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.base import PassContext
 from bitsmith.passes.calibrate import initial_envs, linear_inputs, run_segment, split_by_layer
+from bitsmith.passes.manager import Pass
 from bitsmith.passes.quant.awq import quantize_awq, search_awq_scales
 from bitsmith.passes.quant.gptq import accumulate_hessian, quantize_gptq
 from bitsmith.passes.quant.rtn import quantize_rtn
-from bitsmith.passes.rewrite import producers
 from bitsmith.passes.quant.scheme import QuantizedWeight, QuantScheme, dequantize
+from bitsmith.passes.rewrite import producers
 
 AWQ_MAX_ROWS = 4096  # activation rows kept per input for the AWQ searches
 
@@ -72,14 +73,18 @@ def _fold_target(fn: Function, value: str) -> tuple[str, str] | None:
 
 
 @dataclass(frozen=True)
-class QuantizeWeights:
+class QuantizeWeights(Pass):
+    """Writes ctx.quantized (weight name -> codes and scales, for pack_weights) and the dequantized values
+    into ctx.weights, so later layers calibrate on what the artifact computes."""
+
     damp: float = 0.01
     act_order: bool = True
-    name: str = "quantize_weights"
+    name = "quantize_weights"
+    requires = frozenset({"precision_planned"})
+    provides = frozenset({"quantized"})
 
     def run(self, module: Module, ctx: PassContext) -> Module:
         plan = {k: QuantScheme.from_json(v) for k, v in module.meta.get("precision_plan", {}).items() if v}
-        ctx.notes.setdefault("quantized", {})  # weight name -> QuantizedWeight, read by pack_weights
         if not plan:
             return module
         if all(s.method == "rtn" for s in plan.values()):
@@ -146,5 +151,5 @@ class QuantizeWeights:
 
     @staticmethod
     def _store(ctx: PassContext, name: str, qw: QuantizedWeight) -> None:
-        ctx.notes["quantized"][name] = qw
+        ctx.quantized[name] = qw
         ctx.weights[name] = dequantize(qw)  # later layers see the quantized values

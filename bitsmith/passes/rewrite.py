@@ -7,9 +7,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from bitsmith.compiler.analysis import dead_code_elimination
 from bitsmith.compiler.ir import Function, Module, Node, TensorType
 from bitsmith.compiler.ops import infer_types
 from bitsmith.errors import BitsmithError
+from bitsmith.passes.base import PassContext
+from bitsmith.passes.manager import Pass
 
 
 def producers(fn: Function) -> dict[str, Node]:
@@ -112,3 +115,17 @@ class FunctionRewriter:
 def map_functions(module: Module, rewrite: Callable[[Function, Module], Function]) -> Module:
     """Apply a per-function rewrite to every entry point; returns a new module."""
     return module.replace(functions={name: rewrite(fn, module) for name, fn in module.functions.items()})
+
+
+class TracedRewrite(Pass):
+    """A canonicalizing rewrite of a traced module (prefill alone), then dead-code elimination of the nodes it
+    left unread. Weights stay: eliminate_dead_code drops those no function reads once decode is derived."""
+
+    requires = frozenset({"traced"})
+
+    def rewrite(self, module: Module) -> Module:
+        raise NotImplementedError
+
+    def run(self, module: Module, ctx: PassContext) -> Module:
+        module = self.rewrite(module)
+        return module.replace(functions={k: dead_code_elimination(f) for k, f in module.functions.items()})

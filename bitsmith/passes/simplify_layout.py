@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bitsmith.compiler.ir import Function, Module, Node
 from bitsmith.errors import BitsmithError
-from bitsmith.passes.rewrite import FunctionRewriter, map_functions
+from bitsmith.passes.rewrite import FunctionRewriter, TracedRewrite, map_functions
 
 
 def _simplified(node: Node, rw: FunctionRewriter, fn: Function) -> str | None:
@@ -52,3 +52,10 @@ def _rewrite(fn: Function, module: Module) -> Function:
 
 def simplify_layout(module: Module) -> Module:
     return map_functions(module, _rewrite)
+
+
+class SimplifyLayout(TracedRewrite):
+    name = "simplify_layout"
+
+    def rewrite(self, module: Module) -> Module:
+        return simplify_layout(module)

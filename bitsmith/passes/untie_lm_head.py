@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from bitsmith.compiler.ir import Function, Module, Node
 from bitsmith.passes.base import PassContext
+from bitsmith.passes.manager import Pass
 
 LM_HEAD = "lm_head.weight"
 
@@ -39,7 +40,7 @@ def _untie(fn: Function, tied: str) -> Function:
 
 
 @dataclass(frozen=True)
-class UntieLmHead:
+class UntieLmHead(Pass):
     """When the embedding table doubles as the lm_head, the lm_head gets its own copy, `lm_head.weight`.
 
     The embedding lookup reads a handful of rows per step but the lm_head reads the whole table every
@@ -48,7 +49,8 @@ class UntieLmHead:
     with Q8_0) while the lookup stays exact. The pipeline runs it only when a --scheme names the lm_head.
     """
 
-    name: str = "untie_lm_head"
+    name = "untie_lm_head"
+    requires = frozenset({"canonical"})
 
     def run(self, module: Module, ctx: PassContext) -> Module:
         tied = sorted(tied_weights(module))
@@ -56,5 +58,4 @@ class UntieLmHead:
             return module
         functions = {key: _untie(fn, tied[0]) for key, fn in module.functions.items()}
         ctx.weights[LM_HEAD] = ctx.weights[tied[0]]  # the same array: later passes write new ones, never in place
-        ctx.notes["untied_lm_head"] = tied[0]
         return module.replace(functions=functions, weights={**module.weights, LM_HEAD: module.weights[tied[0]]})

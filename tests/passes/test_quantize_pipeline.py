@@ -78,7 +78,7 @@ def test_qlinear_model_equals_dequantized_float_model(scheme):
 def test_calibrated_methods_run_layer_by_layer(method):
     samples = np.random.default_rng(0).integers(0, 40, size=(4, 16))
     module, dequantized, packed, ctx = _quantize("qwen3-interleaved", QuantScheme(4, 32, True, method), samples)
-    assert set(ctx.notes["quantized"]) == set(linear_weights(module))
+    assert set(ctx.quantized) == set(linear_weights(module))
     x = {"tokens": samples[0], "positions": np.arange(16), "kv_cache": np.zeros((3, 2, 16, 1, 8), np.float32)}
     logits = run_function(packed["prefill"], ctx.weights, x)[0]
     assert np.isfinite(logits).all()

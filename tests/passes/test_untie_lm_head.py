@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from bitsmith.pipeline import CompileOptions, compile_model
+from bitsmith.pipeline import CompileOptions, MemoryOptions, QuantOptions, compile_model
 from bitsmith.passes.base import PassContext
 from bitsmith.passes.untie_lm_head import LM_HEAD, UntieLmHead, tied_weights
 from bitsmith.runtime.artifact import load_artifact
@@ -19,7 +19,7 @@ def test_untie_gives_the_linear_its_own_weight_and_keeps_the_lookup():
     (tied,) = tied_weights(module)
     ctx = PassContext(dict(weights))
     out = UntieLmHead().run(module, ctx)
-    assert tied_weights(out) == set() and LM_HEAD in out.weights and ctx.notes["untied_lm_head"] == tied
+    assert tied_weights(out) == set() and LM_HEAD in out.weights and ctx.weights[LM_HEAD] is weights[tied]
     for fn in out.functions.values():
         name_of = {n.outputs[0]: n.attrs["name"] for n in fn.nodes if n.op == "weight"}
         assert {name_of[n.inputs[0]] for n in fn.nodes if n.op == "embedding"} == {tied}
@@ -31,7 +31,8 @@ def test_untie_gives_the_linear_its_own_weight_and_keeps_the_lookup():
 
 def test_scheme_on_a_tied_lm_head_quantizes_it_and_greedy_matches_the_reference(tmp_path):
     save_tiny_hf_model(tmp_path / "model", "llama", tie=True)
-    opts = CompileOptions(method="rtn", bits=4, group_size=32, schemes=(("lm_head", "int8"),), context=64)
+    opts = CompileOptions(quant=QuantOptions("rtn", bits=4, group_size=32, schemes=(("lm_head", "int8"),)),
+                          memory=MemoryOptions(context=64))
     art = load_artifact(compile_model(tmp_path / "model", tmp_path / "art", opts))
     plan = art.manifest["ir"]["meta"]["precision_plan"]
     assert plan[LM_HEAD]["bits"] == 8 and "model.embed_tokens.weight" not in plan and "embed_tokens.weight" not in plan
@@ -49,5 +50,5 @@ def test_scheme_on_a_tied_lm_head_quantizes_it_and_greedy_matches_the_reference(
     assert outs[0] == outs[1], json.dumps(outs)
     # without the override nothing is untied: the tied table is stored once
     plain = load_artifact(compile_model(tmp_path / "model", tmp_path / "plain", CompileOptions(
-        method="rtn", bits=4, group_size=32, context=64)))
+        quant=QuantOptions("rtn", bits=4, group_size=32), memory=MemoryOptions(context=64))))
     assert not any(n.startswith("lm_head") for n in plain.weights)

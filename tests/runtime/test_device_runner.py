@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitsmith.pipeline import CompileOptions
+from bitsmith.pipeline import CompileOptions, MemoryOptions, QuantOptions
 from bitsmith.runtime.artifact import load_artifact
 from bitsmith.runtime.cuda_runner import DeviceKernelRunner
 from bitsmith.runtime.engine import Engine, Request
@@ -18,7 +18,8 @@ PROMPTS = [[5, 17, 3], [9] * 21, list(range(40, 75))]
 @pytest.fixture(scope="module")
 def artifact(tiny_artifact):
     return load_artifact(tiny_artifact(CompileOptions(
-        method="rtn", bits=4, group_size=32, keep_default=False, context=128, concurrency=2, kv_dtype="int8")))
+        quant=QuantOptions("rtn", bits=4, group_size=32, keep_default=False),
+        memory=MemoryOptions(context=128, concurrency=2, kv_dtype="int8"))))
 
 
 def test_device_runner_equals_kernel_runner_step_by_step(artifact):

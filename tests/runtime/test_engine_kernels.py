@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitsmith.pipeline import CompileOptions
+from bitsmith.pipeline import CompileOptions, MemoryOptions, QuantOptions
 from bitsmith.runtime.artifact import load_artifact
 from bitsmith.runtime.engine import Engine, Request
 from bitsmith.runtime.executor import KernelRunner
@@ -16,7 +16,8 @@ PROMPTS = [[5, 17, 3], [9] * 21, [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], [
 
 @pytest.fixture(scope="module")
 def runner(tiny_artifact):
-    path = tiny_artifact(CompileOptions(method="rtn", bits=4, group_size=32, context=64, concurrency=2))
+    path = tiny_artifact(CompileOptions(quant=QuantOptions("rtn", bits=4, group_size=32),
+                                        memory=MemoryOptions(context=64, concurrency=2)))
     return KernelRunner(load_artifact(path))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from bitsmith.pipeline import CompileOptions, compile_model
+from bitsmith.pipeline import CompileOptions, MemoryOptions, QuantOptions, TargetOptions, compile_model
 from bitsmith.tools.run import reference_session
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.artifact import load_artifact
@@ -19,15 +20,16 @@ from bitsmith.runtime.generate import generate
 from bitsmith.runtime.sampling import SamplingParams
 
 QUANT = {
-    "fp32": {},
-    "int4-g32-asym": dict(method="rtn", bits=4, group_size=32, sym=False, keep_default=False),
-    "int3-sym-pc": dict(method="rtn", bits=3, group_size=-1, sym=True, keep_default=False),
-    "int8-g64": dict(method="rtn", bits=8, group_size=64, sym=True),
+    "fp32": QuantOptions(),
+    "int4-g32-asym": QuantOptions("rtn", bits=4, group_size=32, sym=False, keep_default=False),
+    "int3-sym-pc": QuantOptions("rtn", bits=3, group_size=-1, sym=True, keep_default=False),
+    "int8-g64": QuantOptions("rtn", bits=8, group_size=64, sym=True),
 }
+CONTEXT_64 = MemoryOptions(context=64)
 
 
-def _compile(tiny_artifact, **options):
-    return tiny_artifact(CompileOptions(context=64, **options))
+def _compile(tiny_artifact, quant: QuantOptions = QuantOptions(), target: str = "host"):
+    return tiny_artifact(CompileOptions(quant=quant, memory=CONTEXT_64, target=TargetOptions(target)))
 
 
 def _greedy(session, prompt: list[int], n: int) -> list[int]:
@@ -36,7 +38,7 @@ def _greedy(session, prompt: list[int], n: int) -> list[int]:
 
 @pytest.mark.parametrize("scheme", sorted(QUANT))
 def test_logits_match_reference(tiny_artifact, scheme):
-    art = load_artifact(_compile(tiny_artifact, **QUANT[scheme]))
+    art = load_artifact(_compile(tiny_artifact, QUANT[scheme]))
     compiled, ref = CompiledSession(art), reference_session(art, 64)
     prompt = [5, 17, 3, 88, 41, 9, 60, 2, 33, 71, 12, 4, 50, 19, 7, 23, 64, 30, 11]  # 19: two prefill chunks
     got, want = compiled.prefill(prompt), ref.prefill(prompt)
@@ -62,15 +64,15 @@ def test_context_limit_is_a_clear_error(tiny_artifact):
 def test_kernel_cache_rebuilds_only_what_changed(tiny_llama_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("BITSMITH_KERNEL_CACHE", str(tmp_path / "kernel-cache"))  # empty: count what gets built
 
-    def build(out, **options):
-        path = compile_model(tiny_llama_dir, tmp_path / out, CompileOptions(context=64, **options))
+    def build(out, quant):
+        path = compile_model(tiny_llama_dir, tmp_path / out, CompileOptions(quant=quant, memory=CONTEXT_64))
         return load_artifact(path).manifest["kernels"]["build"]
 
     opts = QUANT["int4-g32-asym"]
-    first, again = build("a", **opts), build("b", **opts)
+    first, again = build("a", opts), build("b", opts)
     assert first["built"] == first["kernels"] and first["cached"] == 0
     assert again["built"] == 0 and again["cached"] == again["kernels"] == first["kernels"]
-    changed = build("c", **opts, schemes=(("layers.1.mlp.down_proj", "int8"),))
+    changed = build("c", dataclasses.replace(opts, schemes=(("layers.1.mlp.down_proj", "int8"),)))
     # int8 down_proj: one new GEMV/GEMM per schedule (rows 1, 4, 16, 32, 64); nothing else is rebuilt
     assert changed["built"] == 5, changed
 
@@ -87,7 +89,7 @@ sys.meta_path.insert(0, Block())
 
 
 def test_runtime_runs_an_artifact_without_torch_or_the_compiler(tiny_artifact):
-    path = _compile(tiny_artifact, **QUANT["int4-g32-asym"])
+    path = _compile(tiny_artifact, QUANT["int4-g32-asym"])
     want = _greedy(CompiledSession(load_artifact(path)), [5, 17, 3], 12)
     script = BLOCK_TORCH + f"""
 import json
@@ -111,7 +113,7 @@ print(json.dumps(out))
 
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="gcc-aarch64-linux-gnu is not installed")
 def test_aarch64_cross_compile_exports_the_kernels(tiny_artifact):
-    path = _compile(tiny_artifact, target="aarch64-linux", **QUANT["int4-g32-asym"])
+    path = _compile(tiny_artifact, QUANT["int4-g32-asym"], target="aarch64-linux")
     art = load_artifact(path)
     plan = art.manifest["kernels"]
     library = path / plan["library"]

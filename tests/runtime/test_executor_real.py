@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitsmith.pipeline import CompileOptions, compile_model
+from bitsmith.pipeline import CompileOptions, MemoryOptions, QuantOptions, TargetOptions, compile_model
 from bitsmith.tools.run import reference_session
 from bitsmith.runtime.artifact import load_artifact
 from bitsmith.runtime.session import CompiledSession
@@ -27,11 +27,11 @@ def _same_greedy(path, prompt: str, n: int) -> list[int]:
 
 
 # TinyStories has two layers, both "first/last": keep_default=False so that int4 quantizes them
-@pytest.mark.parametrize("quant", [{}, dict(method="rtn", bits=4, group_size=32, keep_default=False)],
+@pytest.mark.parametrize("quant", [QuantOptions(), QuantOptions("rtn", bits=4, group_size=32, keep_default=False)],
                          ids=["fp32", "int4-g32"])
 def test_tinystories_64_greedy_tokens_match_the_reference(shared_data, tmp_path, quant):
-    path = compile_model(shared_data / "tinystories-656k", tmp_path / "ts", CompileOptions(**quant))
-    if quant:
+    path = compile_model(shared_data / "tinystories-656k", tmp_path / "ts", CompileOptions(quant=quant))
+    if quant.enabled:
         assert load_artifact(path).manifest["weights"]["bytes_by_dtype"].get("uint32")  # packed codes present
     tokens = _same_greedy(path, "Once upon a time, there was a little girl", 64)
     assert len(set(tokens)) > 10  # a real story, not one repeated token
@@ -42,7 +42,8 @@ def test_smollm2_int4_32_greedy_tokens_match_the_reference(shared_data, tmp_path
     from bitsmith.compiler.default_model import default_model_path
 
     gguf = default_model_path()
-    path = compile_model(gguf, tmp_path / "sm", CompileOptions(method="rtn", bits=4, group_size=32, context=256))
+    path = compile_model(gguf, tmp_path / "sm", CompileOptions(quant=QuantOptions("rtn", bits=4, group_size=32),
+                                                               memory=MemoryOptions(context=256)))
     _same_greedy(path, "The capital of France is", 32)
 
 
@@ -52,7 +53,8 @@ def test_int8_activations_stay_close_to_the_reference(shared_data, tmp_path):
     if not host_target().supports_int8_activations:
         pytest.skip("this CPU has no AVX-512 VNNI")
     path = compile_model(shared_data / "tinystories-656k", tmp_path / "ts",
-                         CompileOptions(method="rtn", bits=4, group_size=32, keep_default=False, activations="int8"))
+                         CompileOptions(quant=QuantOptions("rtn", bits=4, group_size=32, keep_default=False),
+                                        target=TargetOptions(activations="int8")))
     art = load_artifact(path)
     kernels = {c[0] for c in art.manifest["kernels"]["schedules"]["rows1"]["calls"]}
     assert any(k.startswith("qgemv_x16") for k in kernels)  # interleaved int8-activation kernels
@@ -80,7 +82,8 @@ def test_smollm2_int8_activations_stay_close_to_the_reference(shared_data, tmp_p
     if not host_target().supports_int8_activations:
         pytest.skip("this CPU has no AVX-512 VNNI")
     path = compile_model(default_model_path(), tmp_path / "sm", CompileOptions(
-        method="rtn", bits=4, group_size=32, context=256, activations="int8", schemes=(("lm_head", "int8"),)))
+        quant=QuantOptions("rtn", bits=4, group_size=32, schemes=(("lm_head", "int8"),)),
+        memory=MemoryOptions(context=256), target=TargetOptions(activations="int8")))
     art = load_artifact(path)
     ids = art.tokenizer().encode("Once upon a time, there was a little girl named Lily. She loved to play")
     assert 16 < len(ids) <= 32  # one 32-row prompt step

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bitsmith.pipeline import CompileOptions
+from bitsmith.pipeline import CompileOptions, MemoryOptions, QuantOptions
 from bitsmith.runtime.artifact import load_artifact
 from bitsmith.runtime.engine import Engine
 from bitsmith.runtime.executor import KernelRunner
@@ -27,7 +27,8 @@ WORDS = ["hello", "the cat", "zebra", "quiet sea", "abc", "lighthouse", "moon", 
 
 @pytest.fixture(scope="module")
 def server(tiny_artifact, tmp_path_factory):
-    shared = tiny_artifact(CompileOptions(method="rtn", bits=4, group_size=32, context=64, concurrency=8))
+    shared = tiny_artifact(CompileOptions(quant=QuantOptions("rtn", bits=4, group_size=32),
+                                          memory=MemoryOptions(context=64, concurrency=8)))
     path = Path(shutil.copytree(shared, tmp_path_factory.mktemp("serve") / "art"))
     attach_char_tokenizer(path)  # edits the manifest: on a copy, not the shared artifact
     art = load_artifact(path)
@@ -140,7 +141,7 @@ def test_64_concurrent_streams_complete_unmixed_with_flat_memory(server):
 
 
 def test_serve_command_starts_and_stops_gracefully(tiny_artifact, tmp_path):
-    shared = tiny_artifact(CompileOptions(target="host", context=64, concurrency=2))
+    shared = tiny_artifact(CompileOptions(memory=MemoryOptions(context=64, concurrency=2)))
     path = Path(shutil.copytree(shared, tmp_path / "art"))
     attach_char_tokenizer(path)
     proc = subprocess.Popen([sys.executable, "-m", "bitsmith.cli", "serve", str(path), "--port", "0"],

@@ -40,7 +40,7 @@ def test_ilp_matches_brute_force(seed):
 
 
 def test_search_then_compile_the_plan(shared_data, tmp_path):
-    from bitsmith.pipeline import CompileOptions, compile_model
+    from bitsmith.pipeline import CompileOptions, QuantOptions, TargetOptions, compile_model
     from bitsmith.runtime.artifact import load_artifact
     from bitsmith.search.run import SearchOptions, plan_to_overrides, run_search
 
@@ -56,7 +56,7 @@ def test_search_then_compile_the_plan(shared_data, tmp_path):
     assert again["weights"] == report["weights"]
     keep, schemes = plan_to_overrides(tmp_path / "plan.json")
     art = load_artifact(compile_model(source, tmp_path / "art", CompileOptions(
-        method="rtn", keep_default=False, keep=keep, schemes=schemes, target="none")))
+        quant=QuantOptions("rtn", keep_default=False, keep=keep, schemes=schemes), target=TargetOptions("none"))))
     plan = art.manifest["ir"]["meta"]["precision_plan"]
     for name, scheme in report["weights"].items():
         got = plan[name]

@@ -1,0 +1,79 @@
+"""Compile options, by concern, and the values each may take (the CLI's choices derive from these).
+
+Kept apart from pipeline.py so that the command line parses them without importing the compiler's passes."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from bitsmith.codegen.target import CUDA_ARCHS, SUPPORTED_TARGETS
+from bitsmith.compiler.calibration_data import CalibrationOptions
+from bitsmith.passes.cast_weights import STORAGE_DTYPES
+from bitsmith.passes.kv_plan import BLOCK_SIZES, KV_DTYPES
+from bitsmith.passes.quant.scheme import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, SUPPORTED_METHODS, QuantScheme
+
+DTYPES = STORAGE_DTYPES  # weight storage
+METHODS, BITS, GROUP_SIZES = SUPPORTED_METHODS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+KV_DTYPE_CHOICES = ("auto", *KV_DTYPES)  # auto: float16 unless the budget needs int8
+KV_BLOCK_SIZES = BLOCK_SIZES
+TARGETS = (*SUPPORTED_TARGETS, "cuda", "none")  # none: the reference executor only
+ARCHS = CUDA_ARCHS
+ACTIVATIONS = ("float32", "int8", "auto")  # inputs of the quantized GEMVs
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """Which weights are quantized, and how (method None and no schemes: none are)."""
+
+    method: str | None = None  # "rtn" | "gptq" | "awq"
+    bits: int = 4
+    group_size: int = 128  # -1: per output channel
+    sym: bool = True
+    keep_default: bool = True  # lm_head and the first and last decoder layers stay 16-bit
+    keep: tuple[str, ...] = ()  # weight-name patterns forced to 16-bit
+    schemes: tuple[tuple[str, str], ...] = ()  # (pattern, scheme string) overrides, e.g. ("mlp.down_proj", "int8")
+    calibration: CalibrationOptions = CalibrationOptions()
+
+    @property
+    def enabled(self) -> bool:
+        return self.method is not None or bool(self.schemes)
+
+    def default_scheme(self) -> QuantScheme:
+        return QuantScheme(self.bits, self.group_size, self.sym, self.method or "rtn")
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """The KV-cache plan: how long, how many sequences at once, in what budget."""
+
+    context: int | None = None  # longest sequence (None: min(model max, 2048))
+    budget: str | None = None  # total memory, e.g. "2GB": weights + KV cache + workspace
+    concurrency: int = 4  # sequences served at once, each up to `context` tokens
+    kv_dtype: str = "auto"  # auto | float16 | int8 | float32 (auto: float16 unless the budget needs int8)
+    block_size: int = 16
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    """Where the compiled kernels run."""
+
+    name: str = "host"  # "host" | "aarch64-linux" | "cuda" | "none" (reference executor only)
+    arch: str | None = None  # CUDA SM architecture for target "cuda" (None: sm_90a)
+    activations: str = "float32"  # quantized GEMV inputs: float32 (exact) | int8 (VNNI, bandwidth-bound) | auto
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Everything `bitsmith compile` can be told, by concern; serialised into the manifest (nested dicts)."""
+
+    dtype: str | None = None  # None: the checkpoint's own storage dtype
+    tokenizer: str | None = None  # llama2.c: tok*.bin path when it is not beside the checkpoint
+    verify: bool = True  # run the IR verifier after every pass
+    dump_ir: str | None = None  # directory for the IR (and side tables) after each pass, numbered
+    quant: QuantOptions = QuantOptions()
+    memory: MemoryOptions = MemoryOptions()
+    target: TargetOptions = TargetOptions()
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
