@@ -205,3 +205,21 @@ def test_bad_context(cli_artifact, tmp_path):
     assert_clean_error(bitsmith("compile", cli_artifact / "model", "-o", tmp_path / "a", "--context", "4096"),
                        "exceeds the model's maximum of 128")
     assert not (tmp_path / "a").exists()
+
+
+def test_print_passes_shows_the_phased_list_and_dump_ir_every_pass(cli_artifact):
+    proc = bitsmith("compile", "--print-passes", "--method", "gptq", "--scheme", "lm_head=int8", "--target", "host")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("canonicalize   traced input: eliminate_dead_code, fuse_silu")
+    assert lines[3:] == ["precision      untie_lm_head, assign_precision",
+                         "quantize/pack  quantize_weights, cast_weights, pack_weights",
+                         "memory plan    plan_kv_cache", "lower          lower_to_kernels"]
+    proc = bitsmith("compile", "--print-passes")
+    assert "precision" not in proc.stdout and "quantize/pack  cast_weights" in proc.stdout
+    proc = bitsmith("compile", cli_artifact / "model")  # without --print-passes, -o is required
+    assert proc.returncode == 2 and "Missing option '-o' / '--output'" in proc.stderr
+    ir = sorted(p.name for p in (cli_artifact / "ir").iterdir())  # the fixture's compile --dump-ir
+    assert ir == ["00-input.ir", "01-eliminate_dead_code.ir", "02-cast_weights.ir", "02-cast_weights.weights.txt",
+                  "03-plan_kv_cache.ir", "03-plan_kv_cache.kv_plan.json", "04-lower_to_kernels.ir",
+                  "04-lower_to_kernels.schedules.txt"]
