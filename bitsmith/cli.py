@@ -4,16 +4,31 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from bitsmith.errors import BitsmithError
 from bitsmith.compiler.calibration_data import CalibrationOptions
+from bitsmith.compiler.printer import print_module
+from bitsmith.errors import BitsmithError
 from bitsmith.options import (ACTIVATIONS, ARCHS, BITS, DTYPES, GROUP_SIZES, KV_BLOCK_SIZES, KV_DTYPE_CHOICES, METHODS,
                               TARGETS, CompileOptions, MemoryOptions, QuantOptions, TargetOptions)
+from bitsmith.passes.kv_plan import parse_bytes
+from bitsmith.runtime.artifact import load_artifact
+from bitsmith.runtime.bench import agreement_with_first, bench_prompts, format_table, run_concurrency, run_rounds
+from bitsmith.runtime.engine import Engine
+from bitsmith.runtime.runners import open_runner
+from bitsmith.runtime.sampling import SamplingParams
+from bitsmith.runtime.server import Server
+from bitsmith.tools.describe import describe, format_summary
+from bitsmith.tools.evaluate import evaluate
+from bitsmith.tools.run import run_prompt
+
+# The pipeline and the search load TVM (seconds): imported by the commands that compile or search.
 
 
 def _log(message: str) -> None:
@@ -141,7 +156,7 @@ def compile(model: Path | None, output: Path | None, dtype: str | None, tokenize
         pattern, scheme = item.split("=", 1)
         overrides.append((pattern.strip(), scheme.strip()))
     if plan_path is not None:
-        from bitsmith.search.run import plan_to_overrides
+        from bitsmith.search.run import plan_to_overrides  # heavy: TVM
 
         keep, planned = plan_to_overrides(plan_path)
         method, no_keep_default, overrides = "rtn", True, list(planned)
@@ -154,7 +169,7 @@ def compile(model: Path | None, output: Path | None, dtype: str | None, tokenize
         memory=MemoryOptions(context, memory, concurrency, kv_dtype, int(block_size)),
         target=TargetOptions(target, arch, activations),
     )
-    from bitsmith.pipeline import compile_model, describe_pipeline
+    from bitsmith.pipeline import compile_model, describe_pipeline  # heavy: TVM
 
     if print_passes:
         click.echo(describe_pipeline(options))
@@ -171,16 +186,12 @@ def compile(model: Path | None, output: Path | None, dtype: str | None, tokenize
 @friendly_errors
 def inspect(path: Path, show_ir: bool, as_json: bool) -> None:
     """Summarise a model or an artifact: architecture, parameters, bytes by dtype, IR."""
-    from bitsmith.tools.describe import describe, format_summary
-
     summary, module = describe(path)
     if as_json:
         click.echo(json.dumps(summary, indent=1))
     else:
         click.echo(format_summary(summary))
     if show_ir:
-        from bitsmith.compiler.printer import print_module
-
         click.echo(print_module(module))
 
 
@@ -202,9 +213,6 @@ def inspect(path: Path, show_ir: bool, as_json: bool) -> None:
 def run(artifact: Path, prompt: str, max_tokens: int, temperature: float, top_k: int, top_p: float,
         seed: int | None, chat: bool, as_json: bool, executor: str) -> None:
     """Generate a continuation of PROMPT with a compiled ARTIFACT."""
-    from bitsmith.runtime.sampling import SamplingParams
-    from bitsmith.tools.run import run_prompt
-
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
     text, ids = run_prompt(artifact, prompt, max_tokens, params, chat=chat, on_text=stream, executor=executor)
@@ -229,14 +237,6 @@ def serve(artifact: Path, host: str, port: int, max_pending: int, model_name: st
     Routes: POST /v1/completions, POST /v1/chat/completions ("stream": true for server-sent events),
     GET /v1/models, GET /health. Ctrl-C (or SIGTERM) stops accepting and finishes in-flight requests.
     """
-    import signal
-    import threading
-
-    from bitsmith.runtime.artifact import load_artifact
-    from bitsmith.runtime.engine import Engine
-    from bitsmith.runtime.runners import open_runner
-    from bitsmith.runtime.server import Server
-
     art = load_artifact(artifact)
     tokenizer = art.tokenizer()
     engine = Engine(open_runner(art), tokenizer)
@@ -277,11 +277,6 @@ def bench(artifact: Path, levels: str, prompt_tokens: int, output_tokens: int, r
     first level's (a check that batched steps agree with single-sequence ones). On a shared machine
     speeds drift between levels: --rounds 3 or more gives medians and within-round ratios.
     """
-    from bitsmith.runtime.artifact import load_artifact
-    from bitsmith.runtime.bench import agreement_with_first, bench_prompts, format_table, run_concurrency, run_rounds
-    from bitsmith.runtime.engine import Engine
-    from bitsmith.runtime.runners import open_runner
-
     art = load_artifact(artifact)
     tokenizer = art.tokenizer()
     runner = open_runner(art)
@@ -329,8 +324,7 @@ def search(model: Path | None, memory: str, context: int, batch: int, latency: s
     linear program picks one scheme per tensor. Writes OUTPUT, OUTPUT.pareto.json and .pareto.png;
     `bitsmith compile MODEL --plan OUTPUT` builds it. Results are cached in ~/.cache/bitsmith/search.
     """
-    from bitsmith.passes.kv_plan import parse_bytes
-    from bitsmith.search.run import SearchOptions, format_pareto, run_search
+    from bitsmith.search.run import SearchOptions, format_pareto, run_search  # heavy: TVM
 
     seconds = None
     if latency is not None:
@@ -365,8 +359,6 @@ def eval_command(artifact: Path, text_file: Path, tokens: int | None, ctx: int, 
     tokens; when the tokenizer adds BOS, each window gets BOS prepended and every token is scored,
     otherwise the first token of each window is context only. PPL = exp(mean NLL).
     """
-    from bitsmith.tools.evaluate import evaluate
-
     if not text_file.is_file():
         raise BitsmithError(f"text file {str(text_file)!r} does not exist", fix="check the --text path")
     result = evaluate(artifact, text_file.read_text(encoding="utf-8", errors="replace"), tokens, ctx, reference)

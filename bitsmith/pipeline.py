@@ -8,10 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from bitsmith.codegen.target import DEFAULT_CUDA_ARCH
+from bitsmith.codegen.build import build_kernel_library
+from bitsmith.codegen.target import DEFAULT_CUDA_ARCH, resolve_target
+from bitsmith.compiler.artifact import write_artifact
 from bitsmith.compiler.calibration_data import calibration_tokens
 from bitsmith.compiler.frontends.base import LoadedModel
 from bitsmith.compiler.ir import Module
+from bitsmith.compiler.loader import load_model
 from bitsmith.errors import BitsmithError
 from bitsmith.options import CompileOptions, MemoryOptions, QuantOptions, TargetOptions  # noqa: F401 (re-exported)
 from bitsmith.passes.assign_precision import KEEP_SCHEMES, AssignPrecision, matches_pattern
@@ -26,6 +29,7 @@ from bitsmith.passes.pack_weights import PackWeights
 from bitsmith.passes.plan_kv_cache import PlanKVCache
 from bitsmith.passes.quantize_weights import QuantizeWeights
 from bitsmith.passes.untie_lm_head import LM_HEAD, UntieLmHead
+from bitsmith.runtime.schedule import KernelPlan
 
 DEFAULT_KERNEL_CONTEXT = 2048
 
@@ -162,8 +166,6 @@ def use_int8_activations(options: CompileOptions) -> bool:
     them (Target.supports_int8_activations); asked for on a target without them, refused here."""
     if options.target.activations == "float32" or options.target.name == "none":
         return False
-    from bitsmith.codegen.target import resolve_target
-
     if options.target.activations == "int8" and not resolve_target(kernel_target(options)).supports_int8_activations:
         raise BitsmithError(f"--activations int8 needs AVX-512 VNNI, which target {options.target.name} lacks",
                             where="compile options", fix="use --activations float32 (or auto)")
@@ -189,9 +191,6 @@ def compile_model(source: str | Path | None, out: str | Path, options: CompileOp
                   log: Callable[[str], None] | None = None) -> Path:
     """Compile `source` (None: the built-in default model) into an artifact directory at `out`."""
     kernel_target(options)  # refuse a bad target/arch pair before any work
-    from bitsmith.compiler.artifact import write_artifact
-    from bitsmith.compiler.loader import load_model
-
     model = load_model(source, tokenizer=options.tokenizer, log=log)
     module, ctx = run_pipeline(model, options, log)
     with tempfile.TemporaryDirectory(prefix="bitsmith-kernels-") as tmp:
@@ -218,10 +217,6 @@ def build_kernels(ctx: PassContext, target: str, workdir: Path,
         if log and ctx.kernels_skipped is not None:
             log(f"kernels skipped ({ctx.kernels_skipped}); `bitsmith run` uses the reference executor")
         return None, {}
-    from bitsmith.codegen.build import build_kernel_library
-    from bitsmith.codegen.target import resolve_target
-    from bitsmith.runtime.schedule import KernelPlan
-
     tgt = resolve_target(target)
     library = f"kernels/{tgt.name}.so"
     report = build_kernel_library(lowered.specs.values(), tgt, workdir / library, log=log)

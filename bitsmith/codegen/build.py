@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import tvm
 from tqdm import tqdm
+from tvm.support import cc
 
 from bitsmith.codegen.cache import kernel_cache_dir, kernel_key, temporary_next_to
 from bitsmith.codegen.gpu.cuda_build import build_cuda
@@ -58,8 +60,6 @@ def build_kernel_library(specs: Iterable[Any], target: Target | str, out: str | 
 
 def _build_cpu(specs: dict[str, Any], target: Target, out: Path, cache: Path) -> int:
     """One cached object file per kernel, linked into `out`; returns how many were compiled now."""
-    from tvm.support import cc
-
     objects, built = [], 0
     for name, spec in tqdm(sorted(specs.items()), desc=f"kernels ({target.name})", unit="kernel", leave=False,
                            disable=len(specs) < 8):
@@ -80,8 +80,6 @@ def _build_cpu(specs: dict[str, Any], target: Target, out: Path, cache: Path) ->
 
 def _compile_object(spec: Any, target: Target, path: Path) -> None:
     """Compile one kernel to an object file, written atomically (concurrent builds never see half a file)."""
-    import tvm
-
     module = tvm.compile(tvm.IRModule({spec.name: spec.prim_func(target)}), target=target.tvm_target())
     with temporary_next_to(path) as tmp:
         module.mod.write_to_file(str(tmp))

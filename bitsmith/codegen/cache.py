@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import tvm
+
 from bitsmith.codegen.kernel import describe
 from bitsmith.codegen.target import Target
 
@@ -25,8 +27,6 @@ def kernel_cache_dir() -> Path:
 
 def kernel_key(spec: Any, target: Target) -> str:
     """sha256 of what determines the machine code: the spec, the target dict, TVM and codegen versions."""
-    import tvm
-
     identity = {"spec": describe(spec), "target": target.tvm, "tvm": tvm.__version__, "codegen": CODEGEN_VERSION,
                 "source": codegen_source_hash()}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]

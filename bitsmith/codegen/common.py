@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from bitsmith.codegen.dequant import f32  # noqa: F401  (re-exported: widen a load to float32)
-from bitsmith.errors import BitsmithError
+from tvm import te, tirx
+from tvm.s_tir import Schedule
 
-PARAM_DTYPES = {"float32": "f32", "float16": "f16"}  # stored dtypes of weights/biases -> name token
+from bitsmith.codegen.dequant import f32  # noqa: F401  (re-exported: widen a load to float32)
+
 # below this many elements a kernel runs on one thread: a parallel launch costs microseconds, what one
 # core needs for ~32K floats. A guess, not tuned (on the loaded 2-core dev box parallel rmsnorm and add
 # kernels lost at 37K-143K elements, bench/kernels.md); retune on a quiet machine.
@@ -20,27 +21,7 @@ PARALLEL_MIN = 1 << 15
 MAX_VECTOR = 256  # widest whole-loop vector (vectorize_part)
 
 
-def refuse(problems: list[str], family: str, fix: str = "pick a supported kernel description") -> None:
-    """Raise one BitsmithError listing every problem of a spec (nothing when the list is empty)."""
-    if problems:
-        raise BitsmithError(f"cannot build a {family} kernel for " + ", ".join(problems),
-                            where=f"codegen {family}", fix=fix)
-
-
-def check_positive(problems: list[str], **sizes: int) -> None:
-    for key, value in sizes.items():
-        if not isinstance(value, int) or value < 1:
-            problems.append(f"{key} {value!r} (must be a positive integer)")
-
-
-def check_param_dtype(problems: list[str], dtype: str, what: str = "weight") -> None:
-    if dtype not in PARAM_DTYPES:
-        problems.append(f"{what} dtype {dtype!r} (use one of {tuple(PARAM_DTYPES)})")
-
-
 def fconst(value: float) -> Any:
-    from tvm import tirx
-
     return tirx.const(value, "float32")
 
 
@@ -50,8 +31,6 @@ def finish(func: Any, name: str) -> Any:
 
 def rms_stages(src: Any, w: Any, rows: int, dim: int, eps: float) -> Any:
     """y = src / sqrt(sum(src^2) / dim + eps) * w, with the per-row stages `ss` and `den` (TE)."""
-    from tvm import te, tirx
-
     k = te.reduce_axis((0, dim), "k")
     ss = te.compute((rows,), lambda r: te.sum(src[r, k] * src[r, k], axis=k), name="ss")
     den = te.compute((rows,), lambda r: tirx.sqrt(ss[r] / fconst(dim) + fconst(eps)), name="den")
@@ -97,8 +76,6 @@ def schedule_rows(func: Any, block: str, rows: int, cols: int, lanes: int, per_r
     block cannot be moved with compute_at) the row loop is lead's, and the others follow it there.
     A single row of a pure elementwise block (no `per_row`) runs its vectors in parallel instead.
     """
-    from tvm.s_tir import Schedule
-
     sch = Schedule(func)
     # reductions are rfactored before they move (rfactor under a compute_at loop fails in 0.27)
     reductions = {name: _rfactor_lanes(sch, sch.get_sblock(name), lanes) for name in per_row}
@@ -159,8 +136,6 @@ def _finish_reduction(sch: Any, block: Any, rf: Any | None) -> None:
 
 def schedule_flat(func: Any, n: int, lanes: int, block: str = "y") -> Any:
     """A 1-D elementwise block: vectors of `lanes` (split over threads when worth it), scalar remainder."""
-    from tvm.s_tir import Schedule
-
     sch = Schedule(func)
     (loop,) = sch.get_loops(sch.get_sblock(block))
     outer = vectorize_inner(sch, loop, lanes)

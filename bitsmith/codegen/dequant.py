@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tvm import tirx
+
 from bitsmith.runtime.packed_layout import lane_unit
 
 DENSE_BITS = {32: "float32", 16: "float16"}  # "bits" of the dense (unquantized) weights
@@ -13,8 +15,6 @@ DENSE_BITS = {32: "float32", 16: "float16"}  # "bits" of the dense (unquantized)
 
 def f32(e: Any) -> Any:
     """`e` as float32 (a cast unless it already is); TE expressions and IRBuilder loads (`ty`, no `dtype`)."""
-    from tvm import tirx
-
     dtype = getattr(e, "dtype", None) or str(e.ty)
     return e if dtype == "float32" else tirx.Cast("float32", e)
 
@@ -31,8 +31,6 @@ def unpack_code(w: Any, o: Any, word0: Any, j: Any, lane: Any, stride: int, bits
     `biased` skips the int->float conversion: c goes straight into the top mantissa bits of a float
     whose exponent is that of 2^b, which reads as exactly 2^b + c (one shift and one vpternlogd).
     """
-    from tvm import tirx
-
     units, _ = lane_unit(bits)
     p, off = (j * bits) // 32, (j * bits) % 32
     lo = w[o, word0 + p * stride + lane]
@@ -48,7 +46,5 @@ def unpack_code(w: Any, o: Any, word0: Any, j: Any, lane: Any, stride: int, bits
 
 def table_row(ids: Any, r: Any, vocab: int) -> Any:
     """Table row of token r: its id clamped to [0, vocab), as int32 (a bad id never reads out of bounds)."""
-    from tvm import tirx
-
     clamped = tirx.max(tirx.min(ids[r], tirx.const(vocab - 1, ids.dtype)), tirx.const(0, ids.dtype))
     return tirx.Cast("int32", clamped)

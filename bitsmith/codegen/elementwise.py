@@ -10,12 +10,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from bitsmith.codegen.common import (PARAM_DTYPES, check_param_dtype, check_positive, f32, fconst, finish, refuse,
-                                     schedule_flat, schedule_rows)
+from tvm import te, tirx
+
+from bitsmith.codegen.common import f32, fconst, finish, schedule_flat, schedule_rows
 from bitsmith.codegen.embedding import EmbeddingSpec, QEmbeddingSpec
 from bitsmith.codegen.gpu.compute import bias_add_tensors, binary_tensors, gated_tensors, unary_tensors
 from bitsmith.codegen.gpu.schedule import dlight, te_func
 from bitsmith.codegen.norm_rope import AddRmsNormSpec, LayerNormSpec, RmsNormSpec, RopeSpec
+from bitsmith.codegen.spec_checks import PARAM_DTYPES, check_param_dtype, check_positive, refuse
 from bitsmith.codegen.target import Target
 
 UNARY_OPS = ("silu", "gelu", "gelu_tanh", "relu")
@@ -32,8 +34,6 @@ _EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
 
 
 def vexp(x: Any) -> Any:
-    from tvm import tirx
-
     x = tirx.max(tirx.min(x, fconst(88.0)), fconst(-87.0))
     n = tirx.floor(x * fconst(1.44269504088896341) + fconst(0.5))
     r = x - n * fconst(0.693359375) - n * fconst(-2.12194440e-4)
@@ -47,8 +47,6 @@ def vexp(x: Any) -> Any:
 
 def vtanh(x: Any) -> Any:
     """tanh(x) = sign(x) (1 - t) / (1 + t), t = exp(-2|x|) (absolute error ~1e-7)."""
-    from tvm import tirx
-
     t = vexp(fconst(-2.0) * tirx.abs(x))
     magnitude = (fconst(1.0) - t) / (fconst(1.0) + t)
     return tirx.Select(x < fconst(0.0), -magnitude, magnitude)
@@ -56,8 +54,6 @@ def vtanh(x: Any) -> Any:
 
 def activation(op: str, x: Any) -> Any:
     """op(x) in float32, in the reference's formula order (exp and tanh vectorizable, erf from libm)."""
-    from tvm import tirx
-
     one, half = fconst(1.0), fconst(0.5)
     if op == "silu":  # x / (1 + exp(-x))
         return x / (one + vexp(-x))
@@ -91,8 +87,6 @@ class BinarySpec:
 
     def prim_func(self, target: Target) -> Any:
         """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): a, b, y."""
-        from tvm import te
-
         if target.is_gpu:
             return dlight(self.gpu_definition(), target)
         a = te.placeholder((self.n,), "float32", name="a")
@@ -126,8 +120,6 @@ class BiasAddSpec:
 
     def prim_func(self, target: Target) -> Any:
         """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): x, b, y."""
-        from tvm import te
-
         if target.is_gpu:
             return dlight(self.gpu_definition(), target)
         x = te.placeholder((self.rows, self.n), "float32", name="x")
@@ -161,8 +153,6 @@ class UnarySpec:
 
     def prim_func(self, target: Target) -> Any:
         """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): x, y."""
-        from tvm import te
-
         if target.is_gpu:
             return dlight(self.gpu_definition(), target)
         x = te.placeholder((self.n,), "float32", name="x")
@@ -232,8 +222,6 @@ class GeluMulSpec:
 
 
 def _gated(spec: SiluMulSpec | GeluMulSpec, op: str, target: Target) -> Any:
-    from tvm import te
-
     if target.is_gpu:
         return dlight(spec.gpu_definition(), target)
     n, name = spec.n, spec.name

@@ -10,12 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bitsmith.codegen.common import (PARAM_DTYPES, check_param_dtype, check_positive, f32, fconst, finish, refuse,
-                                     schedule_rows, worth_parallel)
+from tvm import te, tirx
+from tvm.s_tir import Schedule
+
+from bitsmith.codegen.common import f32, fconst, finish, schedule_rows, worth_parallel
 from bitsmith.codegen.dequant import table_row, unpack_code
 from bitsmith.codegen.gemv import GROUP_SIZES
 from bitsmith.codegen.gpu.compute import embedding_tensors, qembedding_tensors
 from bitsmith.codegen.gpu.schedule import dlight, te_func
+from bitsmith.codegen.spec_checks import PARAM_DTYPES, check_param_dtype, check_positive, refuse
 from bitsmith.codegen.target import Target
 from bitsmith.runtime.packed_layout import LANES, PACK_BITS, lane_unit, packed_shape
 
@@ -48,8 +51,6 @@ class EmbeddingSpec:
 
     def prim_func(self, target: Target) -> Any:
         """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): table, ids, y."""
-        from tvm import te
-
         if target.is_gpu:
             return dlight(self.gpu_definition(), target)
         table = te.placeholder((self.vocab, self.dim), self.dtype, name="table")
@@ -106,8 +107,6 @@ class QEmbeddingSpec:
 
     def prim_func(self, target: Target) -> Any:
         """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): qweight, scales, [zeros], ids, y."""
-        from tvm import te, tirx
-
         if target.is_gpu:
             return dlight(self.gpu_definition(), target)
         rows, vocab, dim, bits = self.rows, self.vocab, self.dim, self.bits
@@ -154,8 +153,6 @@ class QEmbeddingSpec:
     def _schedule(self, func: Any, lanes: int, full: int, slots: int) -> Any:
         """Rows in parallel (when worth it); per row the full blocks as (block, slot unrolled, 16 lanes
         vectorized), then the tail block as a scalar loop."""
-        from tvm.s_tir import Schedule
-
         sch = Schedule(func)
         row, k = sch.get_loops(sch.get_sblock("y"))
         if worth_parallel(self.rows * self.dim) and self.rows > 1:

@@ -27,10 +27,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bitsmith.codegen.common import refuse
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
 from bitsmith.codegen.dequant import DENSE_BITS, f32, unpack_code
 from bitsmith.codegen.gemv import PackedWeightLayout
 from bitsmith.codegen.gpu.matmul import matmul_func, matmul_reference
+from bitsmith.codegen.spec_checks import refuse
 from bitsmith.codegen.target import Target
 from bitsmith.codegen.vnni_ir import prefetch
 from bitsmith.runtime.packed_layout import LANES, lane_unit
@@ -120,10 +124,6 @@ def _slabs(spec: GemmSpec) -> tuple[int, int, int, int, int, int]:
 
 
 def _gemm_func(spec: GemmSpec, target: Target) -> Any:
-    from tvm import tirx
-    from tvm.script.ir_builder import IRBuilder
-    from tvm.script.ir_builder import tirx as T
-
     n_out, n_in, rows = spec.out_features, spec.in_features, spec.rows
     nr, rt = tile_rows(n_out, target), target.lanes(4)  # register block: nr output rows x one vector of rows
     n_rb, n_tiles = -(-rows // rt), -(-n_out // nr)
@@ -206,8 +206,6 @@ def _gemm_func(spec: GemmSpec, target: Target) -> Any:
 def _emit_convert(n_in: int, wd: Any, row0: Any, o: Any, nxt: Any, w: Any, k0: Any, blocks: int,
                   tail: bool) -> None:
     """wd[row0 + kk] = float32(W[o, k0 + kk]) for a slab: 16 at a time, then the last K % 16 one by one."""
-    from tvm.script.ir_builder import tirx as T
-
     if blocks:
         with T.serial(0, blocks) as kb:
             if nxt is not None:
@@ -228,9 +226,6 @@ def _emit_dequant(spec: GemmSpec, wd: Any, row0: Any, o: Any, nxt: Any, w: Any, 
     per-group addend. In full blocks a group covers whole slot rows: scale and addend are broadcasts.
     The tail block (L lanes) writes its padding values too (zero codes, finite; never read).
     """
-    from tvm import tirx
-    from tvm.script.ir_builder import tirx as T
-
     bits, n_in, group, n_groups = spec.bits, spec.in_features, spec.group, spec.n_groups
     units, slots = lane_unit(bits)
     unit = LANES * slots

@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bitsmith.codegen.common import refuse
+from tvm import te, tirx
+
 from bitsmith.codegen.dequant import DENSE_BITS, f32, unpack_code
 from bitsmith.codegen.gemv_schedule import Stages, accumulators, batch_tile, row_tile, schedule_gemv
 from bitsmith.codegen.gpu.matmul import matmul_func, matmul_reference
+from bitsmith.codegen.spec_checks import refuse
 from bitsmith.codegen.target import Target
 from bitsmith.runtime.packed_layout import LANES, PACK_BITS, lane_unit, packed_shape
 
@@ -120,8 +122,6 @@ def _quant_stages(spec: GemvSpec) -> Stages:
     (L lanes, k = base + j*L + l) dequantizes per element: s (x (2^b + q) - x (2^b + z)) when each slot
     row lies in one group and no lane is padding, else (q - z) s with the padding masked.
     """
-    from tvm import te, tirx
-
     n_out, n_in, bits, batch = spec.out_features, spec.in_features, spec.bits, spec.batch
     units, slots = lane_unit(bits)
     full, rest = divmod(n_in, LANES * slots)
@@ -213,8 +213,6 @@ def _quant_stages(spec: GemvSpec) -> Stages:
 
 def _dense_stages(spec: GemvSpec, lanes: int) -> Stages:
     """y = x @ W.T for fp32/fp16 W: blocks of DENSE_SLOTS x `lanes` k, then a tail."""
-    from tvm import te
-
     n_out, n_in, batch = spec.out_features, spec.in_features, spec.batch
     x = te.placeholder((batch, n_in), "float32", name="x")
     w = te.placeholder((n_out, n_in), DENSE_BITS[spec.bits], name="weight")
@@ -248,8 +246,6 @@ def _with_tail(main: Any, term: Any, jt: Any, lt: Any, shape: tuple[int, int]) -
     Reading main makes the tail a consumer of the row loop that computes main, so reverse_compute_at
     can place it per row (a separate tail block has no producer to tie it to a row).
     """
-    from tvm import te, tirx
-
     if main is None:
         return te.compute(shape, lambda n, o: te.sum(term(n, o), axis=[jt, lt]), name="y")
     first = tirx.all(jt == 0, lt == 0)
@@ -262,8 +258,6 @@ def _with_tail(main: Any, term: Any, jt: Any, lt: Any, shape: tuple[int, int]) -
 
 
 def _lower(spec: GemvSpec, target: Target) -> Any:
-    from tvm import te
-
     stages = _quant_stages(spec) if spec.is_quantized else _dense_stages(spec, target.lanes(4))
     func = te.create_prim_func(stages.params)
     func = schedule_gemv(func, stages, spec.batch)

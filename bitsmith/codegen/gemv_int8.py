@@ -12,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from bitsmith.codegen.common import refuse
+from bitsmith.codegen.gemm import GemmSpec
 from bitsmith.codegen.gemv import MAX_BATCH, GemvSpec, PackedWeightLayout
+from bitsmith.codegen.gemv_int8_tir import build_qgemv_i8
+from bitsmith.codegen.spec_checks import refuse
 from bitsmith.codegen.target import Target
 
 I8_BITS = (4, 8)
@@ -49,8 +51,6 @@ class QGemvI8Spec(PackedWeightLayout):
         MAX_BATCH rows a GemmSpec."""
         if self.batch <= MAX_BATCH:
             return GemvSpec(self.out_features, self.in_features, self.bits, self.group_size, self.sym, self.batch)
-        from bitsmith.codegen.gemm import GemmSpec
-
         return GemmSpec(self.out_features, self.in_features, self.bits, self.group_size, self.sym, self.batch)
 
     @property
@@ -60,6 +60,4 @@ class QGemvI8Spec(PackedWeightLayout):
     def prim_func(self, target: Target) -> Any:
         """The PrimFunc (KernelSpec protocol); refuses targets without AVX-512 VNNI (GPUs included)."""
         target.check(self)
-        from bitsmith.codegen.gemv_int8_tir import build_qgemv_i8
-
         return build_qgemv_i8(self)

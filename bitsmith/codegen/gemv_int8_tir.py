@@ -37,6 +37,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
 from bitsmith.codegen.gemv_schedule import batch_tile
 from bitsmith.codegen.vnni_ir import expand_lanes, hmax, llvm_intrin, local_buffer, prefetch, row_sums, unpack_codes
 from bitsmith.runtime.packed_layout import LANES, lane_unit
@@ -78,8 +82,6 @@ def _lane_ks(base: int, lanes: int, planes: int, lane: int, n_in: int) -> list[i
 
 def _xpos(kk: Any, lanes: int, planes: int) -> Any:
     """Byte offset within a block of `lanes` lanes of the activation for element kk of the block."""
-    from tvm import tirx
-
     j, lane = tirx.floordiv(kk, lanes), tirx.floormod(kk, lanes)
     c, t = tirx.floordiv(lane, 4), tirx.floormod(lane, 4)
     return tirx.floormod(j, planes) * (4 * lanes) + 16 * c + 4 * tirx.floordiv(j, planes) + t
@@ -87,10 +89,6 @@ def _xpos(kk: Any, lanes: int, planes: int) -> Any:
 
 def build_qgemv_i8(spec: Any) -> Any:
     """The PrimFunc of a QGemvI8Spec (the module docstring describes it)."""
-    from tvm import tirx
-    from tvm.script.ir_builder import IRBuilder
-    from tvm.script.ir_builder import tirx as T
-
     n_out, n_in, batch, bits, group = spec.out_features, spec.in_features, spec.batch, spec.bits, spec.group
     _, slots = lane_unit(bits)
     P, BK = 8 // bits, LANES * slots  # u8 planes per word (nibbles: 2), k per full block (128 / 64)

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tvm import s_tir, tirx
+from tvm.s_tir import Schedule
+
 BATCH_TILE = 8  # accumulators + partial sums of 8 batch rows fill most of the 32 vector registers
 PREFETCH_BYTES = 8192  # software prefetch distance; 8-16 KiB came close to the in-cache speed
 
@@ -79,8 +82,6 @@ def schedule_gemv(func: Any, st: Stages, batch: int) -> Any:
     Chunks go round-robin to `a` accumulators so FMA latency does not serialize the row; init blocks
     are split off (decompose_reduction) so no zero-init branch stays in the hot loop.
     """
-    from tvm.s_tir import Schedule
-
     sch = Schedule(func)
     row = None
     tile = batch_tile(batch)
@@ -169,8 +170,6 @@ def _prefetch(func: Any, kb: Any, row: Any, rows: int, streams: tuple[tuple[str,
     of codes keep too few loads in flight for the hardware prefetcher alone. Addresses past a row run into the
     next rows (rows are contiguous), which are the ones computed next; prefetches never fault.
     """
-    from tvm import tirx
-
     def calls(loop: Any) -> list[Any]:
         buffers: dict[str, Any] = {}
         _read_buffers(loop.body, buffers)
@@ -187,8 +186,6 @@ def _prefetch(func: Any, kb: Any, row: Any, rows: int, streams: tuple[tuple[str,
 
 
 def _children(stmt: Any) -> list[Any]:
-    from tvm import s_tir, tirx
-
     if isinstance(stmt, tirx.For):
         return [stmt.body]
     if isinstance(stmt, tirx.SeqStmt):
@@ -201,8 +198,6 @@ def _children(stmt: Any) -> list[Any]:
 
 
 def _read_buffers(stmt: Any, out: dict[str, Any]) -> None:
-    from tvm import s_tir
-
     if isinstance(stmt, s_tir.SBlock):
         out.update({region.source.name: region.source for region in stmt.reads})
     for child in _children(stmt):
@@ -212,8 +207,6 @@ def _read_buffers(stmt: Any, out: dict[str, Any]) -> None:
 def _insert_at_loop(stmt: Any, var: Any, make: Any) -> Any:
     """`stmt` with make(loop) prepended to the body of the loop over `var` (TVM 0.27 has no Python
     statement mutator: rebuild the For / SeqStmt / block nodes on the path)."""
-    from tvm import s_tir, tirx
-
     if isinstance(stmt, tirx.For):
         body = (tirx.SeqStmt([*make(stmt), stmt.body]) if stmt.loop_var.same_as(var)
                 else _insert_at_loop(stmt.body, var, make))

@@ -21,8 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from bitsmith.codegen.common import refuse
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
 from bitsmith.codegen.gemv_int8 import I8_MAX_BATCH
+from bitsmith.codegen.spec_checks import refuse
 from bitsmith.codegen.target import Target
 from bitsmith.codegen.vnni_ir import hmax, llvm_intrin, local_buffer, prefetch
 from bitsmith.runtime.interleave import BLOCK, ROWS
@@ -102,10 +106,6 @@ def register_tile(batch: int) -> int:
 
 
 def _build(spec: QGemvX16Spec) -> Any:
-    from tvm import tirx
-    from tvm.script.ir_builder import IRBuilder
-    from tvm.script.ir_builder import tirx as T
-
     n_out, n_in, batch, bits = spec.out_features, spec.in_features, spec.batch, spec.bits
     groups, kb_n = n_out // ROWS, n_in // BLOCK  # 16-row groups, 32-value blocks
     vec_bytes = ROWS * BLOCK * bits // 8  # codes of one (group, block)
@@ -195,9 +195,6 @@ def _codes(T: Any, tirx: Any, w: Any, at: Any, n_vec: int, bits: int) -> list[An
 
 def hsum_i32(v: Any) -> Any:
     """Sum of the 16 lanes of an int32 vector (a halving tree)."""
-    from tvm import tirx
-    from tvm.script.ir_builder import tirx as T
-
     lanes = 16
     while lanes > 1:
         lanes //= 2

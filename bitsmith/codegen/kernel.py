@@ -7,6 +7,7 @@ import functools
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import tvm
 
 from bitsmith.codegen.target import Target, resolve_target
 
@@ -43,8 +44,6 @@ def c_float(value: float) -> str:
 def build_module(specs: list[Any], target: Target | str = "host") -> Any:
     """One TVM module holding every distinct spec's kernel for a CPU target (one LLVM invocation); tests and
     benches call it (artifacts use build.build_kernel_library)."""
-    import tvm
-
     tgt = resolve_target(target)
     for spec in specs:
         tgt.check(spec)
@@ -64,8 +63,6 @@ def call_kernel(spec: Any, inputs: list[np.ndarray], outputs: list[np.ndarray], 
     Arrays must already have the kernel's dtypes and shapes; they are copied into 64-byte aligned
     TVM tensors, and outputs (and inputs the kernel updates in place) are copied back.
     """
-    import tvm
-
     dev = tvm.cpu(0)
     func = (module if module is not None else _host_module(spec))[spec.name]
     arrays = [np.ascontiguousarray(a) for a in (*inputs, *outputs)]

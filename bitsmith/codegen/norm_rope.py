@@ -15,11 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bitsmith.codegen.common import (PARAM_DTYPES, check_param_dtype, check_positive, f32, fconst, finish, refuse,
-                                     rms_stages, schedule_rows, vectorize_part, worth_parallel)
+from tvm import te, tirx
+from tvm.s_tir import Schedule
+
+from bitsmith.codegen.common import f32, fconst, finish, rms_stages, schedule_rows, vectorize_part, worth_parallel
 from bitsmith.codegen.gpu.compute import add_rms_norm_tensors, layer_norm_tensors, rms_norm_tensors, rope_tensors
 from bitsmith.codegen.gpu.schedule import dlight, schedule_add_rmsnorm, te_func
 from bitsmith.codegen.kernel import c_float
+from bitsmith.codegen.spec_checks import PARAM_DTYPES, check_param_dtype, check_positive, refuse
 from bitsmith.codegen.target import Target
 
 ROPE_STYLES = ("half", "interleaved")
@@ -52,8 +55,6 @@ class RmsNormSpec:
 
     def prim_func(self, target: Target) -> Any:
         """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): x, w, y."""
-        from tvm import te
-
         if target.is_gpu:
             return dlight(self.gpu_definition(), target)
         x = te.placeholder((self.rows, self.dim), "float32", name="x")
@@ -86,8 +87,6 @@ class AddRmsNormSpec:
 
     def prim_func(self, target: Target) -> Any:
         """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): x, residual, w, sum, y."""
-        from tvm import te
-
         if target.is_gpu:  # two outputs: dlight's reduction rules refuse it
             return schedule_add_rmsnorm(self.gpu_definition(), self.dim)
         shape = (self.rows, self.dim)
@@ -128,8 +127,6 @@ class LayerNormSpec:
 
     def prim_func(self, target: Target) -> Any:
         """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): x, w, [b], y."""
-        from tvm import te, tirx
-
         if target.is_gpu:
             return dlight(self.gpu_definition(), target)
         rows, dim = self.rows, self.dim
@@ -188,8 +185,6 @@ class RopeSpec:
 
     def prim_func(self, target: Target) -> Any:
         """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): x, positions, inv_freq, y."""
-        from tvm import te, tirx
-
         if target.is_gpu:
             return dlight(self.gpu_definition(), target)
         rows, heads, hd, rot = self.rows, self.heads, self.head_dim, self.rotary_dim
@@ -231,8 +226,6 @@ class RopeSpec:
         """Rows in parallel (when worth it); per row cos/sin of its rot/2 angles, then per head the
         feature loop cut at the pair boundaries (loop_partition: each part's Selects fold away),
         each part vectorized; interleaved pairs as an unrolled (even, odd) step."""
-        from tvm.s_tir import Schedule
-
         sch = Schedule(func)
         y = sch.get_sblock("y")
         row, _, d = sch.get_loops(y)

@@ -28,12 +28,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
-from bitsmith.codegen.common import refuse
+from tvm import tirx
+from tvm.script import tirx as T
+from tvm.script.ir_builder import tirx as IB
+
 from bitsmith.codegen.gpu.paged_attention import paged_attention_func
 from bitsmith.codegen.kernel import c_float
 from bitsmith.codegen.kv_pool import INT8_MAX, KV_DTYPES
+from bitsmith.codegen.spec_checks import refuse
 from bitsmith.codegen.target import Target
 from bitsmith.codegen.vnni_ir import fold_rows
 
@@ -155,8 +160,6 @@ def heads_per_task(spec: PagedAttentionSpec, target: Target) -> int:
 
 def _exp2(x: Any) -> Any:
     """2^x for x <= 0 (a fp32 expression, clamped at -126): 2^round(x) from exponent bits times a polynomial."""
-    from tvm import tirx
-
     f32 = "float32"
     xv, nv, fv = tirx.Var("e2x", f32), tirx.Var("e2n", f32), tirx.Var("e2f", f32)
     poly = tirx.const(_EXP2_COEFFS[-1], f32)
@@ -180,9 +183,7 @@ def tile_macros(heads: int, lanes: int, head_dim: int, qscale: float) -> Any:
     sc[hh, :cnt]; leaves the tile's probabilities in sc[hh, :cnt] (zeros past cnt).
     finish(out, r, h0, acc, st) and zeros(out, r, h0): the task's outputs.
     """
-    from types import SimpleNamespace
 
-    from tvm.script import tirx as T
 
     HG, L, D, B = heads, lanes, head_dim, TILE
     assert B == 32, "the tile reductions are written for 32 slots"
@@ -265,10 +266,6 @@ def tile_macros(heads: int, lanes: int, head_dim: int, qscale: float) -> Any:
 
 
 def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
-    from tvm import tirx
-    from tvm.script import tirx as T
-    from tvm.script.ir_builder import tirx as IB
-
     R, H, KV, D = spec.rows, spec.heads, spec.kv_heads, spec.head_dim
     BS, NB, MB = spec.block_size, spec.num_blocks, spec.max_blocks
     G = spec.group

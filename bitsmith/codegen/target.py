@@ -9,9 +9,10 @@ import platform
 from dataclasses import dataclass, field
 from typing import Any
 
-from bitsmith.codegen.common import refuse
+from bitsmith.codegen.spec_checks import refuse  # not common.py: this module must load without TVM
 from bitsmith.errors import BitsmithError
 
+# TVM is imported by the functions that use it: the compile options and the CLI read these constants.
 SUPPORTED_TARGETS = ("host", "aarch64-linux")
 # SM architectures nvcc builds CUDA kernels for ("a": the arch-specific features of that exact chip)
 CUDA_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a")
@@ -65,7 +66,7 @@ class Target:
         return self.name == "host"
 
     def tvm_target(self):
-        import tvm
+        import tvm  # heavy: TVM
 
         return tvm.target.Target(dict(self.tvm))
 
@@ -90,7 +91,7 @@ class Target:
         AVX-512 BW/VL and VNNI."""
         if self.arch != "x86_64":
             return False
-        from tvm.target import codegen
+        from tvm.target import codegen  # heavy: TVM
 
         features = codegen.llvm_get_cpu_features(self.tvm_target())
         return all(f in features for f in _VNNI_FEATURES)
@@ -134,8 +135,8 @@ def weight_dtype(spec: Any) -> str | None:
 
 def _vector_bytes(tvm_dict: dict[str, Any]) -> int:
     """Widest SIMD register of the target, from LLVM's view of its CPU features."""
-    import tvm
-    from tvm.target import codegen
+    import tvm  # heavy: TVM
+    from tvm.target import codegen  # heavy: TVM
 
     features = codegen.llvm_get_cpu_features(tvm.target.Target(dict(tvm_dict)))
     for feature, width in _VECTOR_FEATURES:
@@ -153,7 +154,7 @@ def _host_cores() -> int:
 
 def host_target() -> Target:
     """The machine we run on, with LLVM's exact CPU name (e.g. znver5): "native" silently means generic."""
-    from tvm.target import codegen
+    from tvm.target import codegen  # heavy: TVM
 
     machine = platform.machine().lower()
     arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)

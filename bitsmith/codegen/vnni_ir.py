@@ -9,28 +9,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from tvm import tirx
+from tvm.script.ir_builder import tirx as T
+
 
 def local_buffer(shape: tuple[int, ...], dtype: str) -> Any:
     """A small per-thread stack buffer: without the annotation TVM 0.27 allocates buffers inside a
     parallel loop with TVMBackendAllocWorkspace (a call per row) that LLVM cannot keep in registers."""
-    from tvm.script.ir_builder import tirx as T
-
     return T.alloc_buffer(shape, dtype, annotations={"disable_lower_builtin": True})
 
 
 def llvm_intrin(dtype: str, name: str, *args: Any) -> Any:
     """A pure LLVM intrinsic call returning `dtype`."""
-    from tvm.script.ir_builder import tirx as T
-
     return T.call_llvm_pure_intrin(dtype, name, *args)
 
 
 def prefetch(load: Any, locality: int = 3) -> None:
     """Prefetch the cache line of `load` (a BufferLoad: only its address is used; never faults, so the
     address may run past its row or buffer)."""
-    from tvm import tirx
-    from tvm.script.ir_builder import tirx as T
-
     T.evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", tirx.address_of(load), 0, locality, 1))
 
 
@@ -38,9 +34,6 @@ def unpack_codes(words: Any, lanes: int, planes: int) -> list[Any]:
     """uint32 x lanes packed words -> per plane an int8 x 4*lanes vector of u8 codes: one `vpshufb` transposes
     the 4x4 byte tiles of each 16-byte chunk (int32 lane 4c + i <- byte i of words 4c..4c+3), then 4-bit codes
     split into the low / high nibble planes (gemv_int8.py's module docstring has the resulting k order)."""
-    from tvm import tirx
-    from tvm.script.ir_builder import tirx as T
-
     nbytes = 4 * lanes
     # per 16-byte chunk: byte 4i + t <- byte 4t + i (in each int32: bytes i, i+4, i+8, i+12)
     idx = (tirx.Ramp(0, 1, lanes) & 3) * 0x01010101 + 0x0C080400
@@ -58,9 +51,6 @@ def unpack_codes(words: Any, lanes: int, planes: int) -> list[Any]:
 def expand_lanes(load: Any, first: Any, pattern: list[int], dtype: str = "float32") -> Any:
     """dtype x len(pattern) vector whose lane l is load(first + pattern[l]): one short vector load and a
     shuffle (a broadcast when the pattern is constant). `load(index)` reads a buffer at index (a Ramp)."""
-    from tvm import tirx
-    from tvm.script.ir_builder import tirx as T
-
     lanes, width = len(pattern), max(pattern) + 1
     if width == 1:
         return T.bind(tirx.Broadcast(tirx.Cast(dtype, load(first)), lanes))
@@ -70,9 +60,6 @@ def expand_lanes(load: Any, first: Any, pattern: list[int], dtype: str = "float3
 
 def hmax(v: Any, lanes: int) -> Any:
     """Largest lane of a float vector (a shuffle tree)."""
-    from tvm import tirx
-    from tvm.script.ir_builder import tirx as T
-
     while lanes > 1:
         lanes //= 2
         v = T.bind(tirx.max(tirx.Shuffle([v], list(range(lanes))), tirx.Shuffle([v], list(range(lanes, 2 * lanes)))))
@@ -84,9 +71,6 @@ def fold_rows(vectors: list[Any], lanes: int) -> tuple[Any, list[int]]:
     level, one add of two shuffles folds two vectors of s segments into one of 2s half-width segments (~3
     ops per row in all, where summing lane by lane costs ~2 ops per lane and row and serializes on the
     adds). Returns the last vector, one lane per segment, and the row each lane holds (-1: padding)."""
-    from tvm import tirx
-    from tvm.script.ir_builder import tirx as T
-
     zero = tirx.Broadcast(tirx.const(0.0, "float32"), lanes)
     rows = len(vectors)
     vecs, width = list(vectors), lanes  # every vector: lanes // width segments of `width` lanes
@@ -114,8 +98,6 @@ def fold_rows(vectors: list[Any], lanes: int) -> tuple[Any, list[int]]:
 
 def row_sums(vectors: list[Any], lanes: int) -> list[Any]:
     """The lane sum of each float vector as a scalar (see `fold_rows`)."""
-    from tvm import tirx
-
     v, order = fold_rows(vectors, lanes)
     return [v] if len(order) == 1 else [tirx.Shuffle([v], [order.index(r)]) for r in range(len(vectors))]
 

@@ -9,6 +9,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
+from bitsmith.codegen import families as k
 from bitsmith.codegen.gemv_int8 import I8_MAX_BATCH
 from bitsmith.codegen.gemv_x16 import x16_problems
 from bitsmith.codegen.target import Target, resolve_target
@@ -110,8 +111,6 @@ class _Lowering:
 
 
 def _lower_node(st: _Lowering, index: int, node: Node) -> None:
-    from bitsmith.codegen import families as k
-
     op, ins, out = node.op, node.inputs, node.outputs[0]
     a = node.attrs
     if op == "weight":
@@ -219,8 +218,6 @@ def _matmul_spec(k: Any, n_out: int, n_in: int, bits: int, group: int, sym: bool
 
 
 def _lower_linear(st: _Lowering, node: Node) -> None:
-    from bitsmith.codegen import families as k
-
     ins, out, a = node.inputs, node.outputs[0], node.attrs
     x_shape = st.shape(ins[0])
     rows = _prod(x_shape[:-1])

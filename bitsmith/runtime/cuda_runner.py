@@ -28,7 +28,7 @@ from bitsmith.runtime.schedule import Schedule
 def _load_cuda_backend() -> None:
     """TVM's CUDA device API lives in libtvm_runtime_cuda.so, which a runtime-only install (no
     compiler library) does not load by itself."""
-    import tvm
+    import tvm  # heavy: TVM
 
     if _cuda_registered():
         return
@@ -44,14 +44,14 @@ def _load_cuda_backend() -> None:
 
 
 def _cuda_registered() -> bool:
-    import tvm
+    import tvm  # heavy: TVM
 
     return tvm.get_global_func("device_api.cuda", allow_missing=True) is not None
 
 
 def cuda_device_present() -> bool:
     """A CUDA GPU is visible to TVM here (loads the CUDA backend when needed)."""
-    import tvm
+    import tvm  # heavy: TVM
 
     try:
         _load_cuda_backend()
@@ -64,7 +64,7 @@ class _DeviceStep:
     """One schedule bound to device memory: kernel functions with their argument tensors ready."""
 
     def __init__(self, schedule: Schedule, library: Any, bound: dict[str, Any], dev: Any) -> None:
-        import tvm
+        import tvm  # heavy: TVM
 
         self.schedule = schedule
         self.buffers = {name: tvm.runtime.empty((max(slot.nbytes, 1),), "uint8", dev)
@@ -108,7 +108,7 @@ class DeviceKernelRunner(StepRunner):
     the device path is tested on machines without a GPU)."""
 
     def __init__(self, artifact: Artifact, device: Any) -> None:
-        import tvm
+        import tvm  # heavy: TVM
 
         plan = kernel_plan(artifact)
         if plan is None:
@@ -135,7 +135,7 @@ class CudaKernelRunner(DeviceKernelRunner):
     """An artifact's CUDA kernels (`--target cuda`) on GPU `device_id`."""
 
     def __init__(self, artifact: Artifact, device_id: int = 0) -> None:
-        import tvm
+        import tvm  # heavy: TVM
 
         plan = kernel_plan(artifact)
         if plan is None or plan.device != "cuda":
@@ -152,7 +152,7 @@ def _device_pools(kv: dict[str, Any], dev: Any) -> tuple[list[Any], list[Any | N
     """Per layer the block pool [num_blocks, 2, block_size, kv_heads, head_dim] in the layer's KV
     dtype, and fp32 scales [num_blocks, 2, block_size, kv_heads] for int8 layers. Not zeroed: a slot
     is always written before any row reads it."""
-    import tvm
+    import tvm  # heavy: TVM
 
     shape = pool_shape(kv)
     pools = [tvm.runtime.empty(shape, dtype, dev) for dtype in kv["layer_dtypes"]]

@@ -33,7 +33,7 @@ def _check_runs_here(plan: KernelPlan, directory: Path) -> None:
 
 def _tensor(array: np.ndarray) -> Any:
     """A zero-copy TVM tensor over a 64-byte aligned numpy array."""
-    import tvm
+    import tvm  # heavy: TVM
 
     return tvm.runtime.from_dlpack(array)
 
@@ -86,7 +86,7 @@ class KernelRunner(StepRunner):
     """
 
     def __init__(self, artifact: Artifact) -> None:
-        import tvm
+        import tvm  # heavy: TVM
 
         plan = kernel_plan(artifact)
         if plan is None:

@@ -20,7 +20,7 @@ _DTYPES = {v: k for k, v in _CODES.items()}
 
 def numpy_dtype(name: str) -> np.dtype:
     if name == "bfloat16":
-        import ml_dtypes
+        import ml_dtypes  # heavy: ml_dtypes
 
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)

@@ -9,7 +9,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import tvm
 
+from bitsmith.codegen.gemv import GemvSpec
+from bitsmith.codegen.kernel import build_module
+from bitsmith.codegen.target import host_target
 from bitsmith.passes.quant.scheme import parse_scheme, theoretical_bytes
 from bitsmith.runtime.packed_layout import packed_shape
 from bitsmith.search.sensitivity import KEEP16
@@ -25,8 +29,6 @@ def tensor_bytes(out_f: int, in_f: int, scheme: str) -> int:
 
 
 def _spec(out_f: int, in_f: int, scheme: str, batch: int):
-    from bitsmith.codegen.gemv import GemvSpec
-
     if scheme == KEEP16:
         return GemvSpec(out_f, in_f, 16, batch=batch)
     s = parse_scheme(scheme)
@@ -35,9 +37,6 @@ def _spec(out_f: int, in_f: int, scheme: str, batch: int):
 
 def _time_kernel(spec) -> float:
     """Median seconds per call over copies of random weights large enough to come from DRAM."""
-    import tvm
-
-    from bitsmith.codegen.kernel import build_module
     module = build_module([spec], "host")
     func = module[spec.name]
     dev = tvm.cpu(0)
@@ -67,8 +66,6 @@ class LatencyTable:
     """seconds per GEMV call, measured once per (shape, scheme, batch) and target CPU, cached as JSON."""
 
     def __init__(self, cache_dir: Path | None) -> None:
-        from bitsmith.codegen.target import host_target
-
         target = host_target()
         self.path = cache_dir / f"latency-{target.mcpu}-{target.num_cores}c.json" if cache_dir else None
         self.table: dict[str, float] = {}

@@ -19,7 +19,8 @@ from bitsmith.passes.assign_precision import KEEP, AssignPrecision, linear_weigh
 from bitsmith.passes.canonicalize import canonical_model
 from bitsmith.passes.kv_plan import KVPlanOptions, plan_kv_cache
 from bitsmith.passes.plan_kv_cache import peak_activation_bytes
-from bitsmith.passes.quant.scheme import parse_scheme
+from bitsmith.passes.quant.rtn import quantize_rtn
+from bitsmith.passes.quant.scheme import dequantize, parse_scheme
 from bitsmith.search.cost import LatencyTable, tensor_bytes
 from bitsmith.search.sensitivity import CANDIDATES, KEEP16, measure_sensitivity
 from bitsmith.search.solver import Choice, minimum_bytes, solve
@@ -95,9 +96,6 @@ def plan_stats(sm: SearchModel, picked: dict[str, Choice], overhead_s: float) ->
 
 def measured_kld(module, weights: dict[str, np.ndarray], plan: dict[str, str], samples: np.ndarray) -> float:
     """KLD of the plan (RTN, dequantized) against the 16-bit model on held-out samples, reference executor."""
-    from bitsmith.passes.quant.rtn import quantize_rtn
-    from bitsmith.passes.quant.scheme import dequantize
-
     quantized = dict(weights)
     for name, scheme in plan.items():
         if scheme != KEEP16:
@@ -195,7 +193,7 @@ def _measure(module, weights, pareto: list[dict], samples: np.ndarray, count: in
 
 
 def _spearman(pareto: list[dict]) -> float | None:
-    from scipy.stats import spearmanr
+    from scipy.stats import spearmanr  # heavy: scipy
 
     pts = [(p["kld_pred"], p["kld_meas"]) for p in pareto if "kld_meas" in p]
     if len(pts) < 3:
@@ -223,10 +221,10 @@ def write_outputs(report: dict, out: Path) -> None:
     out.write_text(json.dumps(plan, indent=1))
     pareto_json = out.with_suffix(".pareto.json")
     pareto_json.write_text(json.dumps(report["pareto"], indent=1))
-    import matplotlib
+    import matplotlib  # heavy: matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib
 
     fig, ax = plt.subplots(figsize=(6, 4))
     pts = report["pareto"]

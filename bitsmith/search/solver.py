@@ -24,7 +24,7 @@ class Choice:
 
 def solve(options: dict[str, list[Choice]], max_bytes: float, max_seconds: float | None) -> dict[str, Choice] | None:
     """One choice per tensor minimising sum(kld) with sum(bytes) <= max_bytes (and seconds); None if infeasible."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.optimize import Bounds, LinearConstraint, milp  # heavy: scipy
 
     names = sorted(options)
     flat = [(name, c) for name in names for c in options[name]]

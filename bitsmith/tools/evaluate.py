@@ -15,6 +15,7 @@ from bitsmith.compiler.ops.quant import dequantize_packed
 from bitsmith.compiler.reference import ReferenceSession, upcast_weights
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.canonicalize import canonical_model
+from bitsmith.passes.plan_kv_cache import with_kv_dtypes
 from bitsmith.runtime.artifact import Artifact, is_artifact, load_artifact
 
 
@@ -106,8 +107,6 @@ def _reference_model(artifact: Artifact, reference: str | Path | None, always: b
         return Module.from_json(ref.manifest["ir"]), ref.weights
     model = canonical_model(load_model(reference))
     # the reference keeps a 16-bit KV cache: an int8-KV artifact is scored against what it replaces
-    from bitsmith.passes.plan_kv_cache import with_kv_dtypes
-
     layers = model.module["decode"].inputs[2][1].shape[0]
     return with_kv_dtypes(model.module, ("float16",) * layers), model.weights
 

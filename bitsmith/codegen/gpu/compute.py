@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from tvm import te, tirx
+
 from bitsmith.codegen.common import f32, fconst, rms_stages
 from bitsmith.codegen.dequant import table_row, unpack_code
 from bitsmith.runtime.packed_layout import LANES, lane_unit
@@ -19,8 +21,6 @@ from bitsmith.runtime.packed_layout import LANES, lane_unit
 
 def activation(op: str, x: Any) -> Any:
     """op(x) in float32: silu, gelu (erf), gelu_tanh or relu, in the reference's formula order."""
-    from tvm import tirx
-
     one, half = fconst(1.0), fconst(0.5)
     if op == "silu":  # x / (1 + exp(-x)): exp overflows to inf for x < -88 and the quotient is -0, as numpy
         return x / (one + tirx.exp(-x))
@@ -36,8 +36,6 @@ def activation(op: str, x: Any) -> Any:
 
 def binary_tensors(spec: Any) -> list[Any]:
     """BinarySpec: a, b, y."""
-    from tvm import te
-
     n = spec.n
     a, b = te.placeholder((n,), "float32", name="a"), te.placeholder((n,), "float32", name="b")
     return [a, b, te.compute((n,), (lambda i: a[i] + b[i]) if spec.op == "add" else (lambda i: a[i] * b[i]),
@@ -46,8 +44,6 @@ def binary_tensors(spec: Any) -> list[Any]:
 
 def bias_add_tensors(spec: Any) -> list[Any]:
     """BiasAddSpec: x, b, y."""
-    from tvm import te
-
     x = te.placeholder((spec.rows, spec.n), "float32", name="x")
     b = te.placeholder((spec.n,), spec.bias_dtype, name="b")
     return [x, b, te.compute((spec.rows, spec.n), lambda r, i: x[r, i] + f32(b[i]), name="y")]
@@ -55,24 +51,18 @@ def bias_add_tensors(spec: Any) -> list[Any]:
 
 def unary_tensors(spec: Any) -> list[Any]:
     """UnarySpec: x, y."""
-    from tvm import te
-
     x = te.placeholder((spec.n,), "float32", name="x")
     return [x, te.compute((spec.n,), lambda i: activation(spec.op, x[i]), name="y")]
 
 
 def gated_tensors(n: int, op: str) -> list[Any]:
     """SiluMulSpec / GeluMulSpec: gate, up, y = op(gate) * up."""
-    from tvm import te
-
     gate, up = te.placeholder((n,), "float32", name="gate"), te.placeholder((n,), "float32", name="up")
     return [gate, up, te.compute((n,), lambda i: activation(op, gate[i]) * up[i], name="y")]
 
 
 def rms_norm_tensors(spec: Any) -> list[Any]:
     """RmsNormSpec: x, w, y."""
-    from tvm import te
-
     x = te.placeholder((spec.rows, spec.dim), "float32", name="x")
     w = te.placeholder((spec.dim,), spec.weight_dtype, name="w")
     return [x, w, rms_stages(x, w, spec.rows, spec.dim, spec.eps)]
@@ -80,8 +70,6 @@ def rms_norm_tensors(spec: Any) -> list[Any]:
 
 def add_rms_norm_tensors(spec: Any) -> list[Any]:
     """AddRmsNormSpec: x, residual, w, sum, y."""
-    from tvm import te
-
     shape = (spec.rows, spec.dim)
     x = te.placeholder(shape, "float32", name="x")
     res = te.placeholder(shape, "float32", name="residual")
@@ -95,8 +83,6 @@ def add_rms_norm_tensors(spec: Any) -> list[Any]:
 
 def layer_norm_tensors(spec: Any) -> list[Any]:
     """LayerNormSpec: x, w, [b], y."""
-    from tvm import te, tirx
-
     shape = (spec.rows, spec.dim)
     x = te.placeholder(shape, "float32", name="x")
     w = te.placeholder((spec.dim,), spec.weight_dtype, name="w")
@@ -117,8 +103,6 @@ def layer_norm_tensors(spec: Any) -> list[Any]:
 def rope_tensors(spec: Any) -> list[Any]:
     """x [rows, heads, head_dim], positions int64 [rows], inv_freq f32 [rotary_dim / 2], y: pairs rotated by
     angle float32(pos) * inv_freq[i] ("half": (i, i + rot/2), "interleaved": (2i, 2i + 1)), the rest copied."""
-    from tvm import te, tirx
-
     rows, heads, hd, rot = spec.rows, spec.heads, spec.head_dim, spec.rotary_dim
     half = rot // 2
     x = te.placeholder((rows, heads, hd), "float32", name="x")
@@ -147,8 +131,6 @@ def rope_tensors(spec: Any) -> list[Any]:
 
 def embedding_tensors(spec: Any) -> list[Any]:
     """EmbeddingSpec: table, ids, y (ids clamped)."""
-    from tvm import te
-
     ids = te.placeholder((spec.rows,), "int64", name="ids")
     table = te.placeholder((spec.vocab, spec.dim), spec.dtype, name="table")
     y = te.compute((spec.rows, spec.dim), lambda r, d: f32(table[table_row(ids, r, spec.vocab), d]), name="y")
@@ -157,8 +139,6 @@ def embedding_tensors(spec: Any) -> list[Any]:
 
 def qembedding_tensors(spec: Any) -> list[Any]:
     """QEmbeddingSpec: qweight, scales, [zeros], ids, y (ids clamped)."""
-    from tvm import te
-
     ids = te.placeholder((spec.rows,), "int64", name="ids")
     w = te.placeholder(spec.weight_shape(), "uint32", name="qweight")
     s = te.placeholder((spec.vocab, spec.n_groups), "float16", name="scales")
@@ -171,8 +151,6 @@ def qembedding_tensors(spec: Any) -> list[Any]:
 def _dequant(spec: Any, w: Any, s: Any, z: Any, o: Any, k: Any) -> Any:
     """(q - z) * s of element k of packed row o: in a full block k = kb*16*S + j*16 + l, in the tail block
     (L lanes) k = base + j*L + l (see bitsmith.runtime.packed_layout)."""
-    from tvm import tirx
-
     units, slots = lane_unit(spec.bits)
     full, rest = divmod(spec.dim, LANES * slots)
     base, tail_lanes = full * LANES * slots, -(-rest // slots)

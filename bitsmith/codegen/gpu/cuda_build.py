@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import tvm
+
 from bitsmith.codegen.cache import kernel_cache_dir, kernel_key, temporary_next_to
 from bitsmith.codegen.target import Target
 from bitsmith.errors import BitsmithError
@@ -61,7 +63,6 @@ def _library_key(specs: Iterable[Any], target: Target, nvcc: str) -> str:
 
 def _compile_library(specs: dict[str, Any], target: Target, path: Path, nvcc: str) -> None:
     ensure_cuda_runtime()
-    import tvm
 
     funcs = {name: spec.prim_func(target) for name, spec in sorted(specs.items())}
     with _nvcc_mode(), target.tvm_target() as tvm_target:  # nvcc reads the arch from the current target
@@ -126,8 +127,6 @@ def ensure_cuda_runtime() -> None:
     the real driver if one is installed, else a stub whose entry points return CUDA_ERROR_NO_DEVICE
     (built once into the kernel cache), and loads the plugin again. Compiling needs no device.
     """
-    import tvm
-
     if tvm.get_global_func("ffi.Module.create.cuda", allow_missing=True) is not None:
         return
     plugin = Path(tvm.__file__).resolve().parent / "lib" / "libtvm_runtime_cuda.so"

@@ -31,6 +31,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tvm import te, tirx
+from tvm.s_tir import Schedule
+
 from bitsmith.codegen.dequant import DENSE_BITS, f32, unpack_code
 from bitsmith.runtime.packed_layout import LANES, lane_unit
 
@@ -100,8 +103,6 @@ def matmul_shape(spec: Any) -> MatmulShape:
 
 def matmul_tensors(shape: MatmulShape) -> list[Any]:
     """The PrimFunc arguments: x, W, [scales, [zeros]], y."""
-    from tvm import te
-
     x = te.placeholder((shape.rows, shape.in_features), "float32", name="x")
     if not shape.is_quantized:
         w = te.placeholder(shape.weight_shape, DENSE_BITS[shape.bits], name="weight")
@@ -121,14 +122,10 @@ def matmul_tensors(shape: MatmulShape) -> list[Any]:
 
 
 def _zero(shape: MatmulShape, z: Any, o: Any, g: Any) -> Any:
-    from tvm import tirx
-
     return tirx.const(float(1 << (shape.bits - 1)), "float32") if z is None else f32(z[o, g])
 
 
 def _quant_main(shape: MatmulShape, x: Any, w: Any, s: Any, z: Any) -> Any:
-    from tvm import te, tirx
-
     units, slots = lane_unit(shape.bits)
     bias = tirx.const(float(1 << shape.bits), "float32")
 
@@ -167,8 +164,6 @@ def _quant_main(shape: MatmulShape, x: Any, w: Any, s: Any, z: Any) -> Any:
 
 def _quant_tail(shape: MatmulShape, x: Any, w: Any, s: Any, z: Any) -> Any:
     """The last block of L lanes (k = base + j*L + l), padding values masked out."""
-    from tvm import te, tirx
-
     units, slots = lane_unit(shape.bits)
     full, rest, tail_lanes = shape.blocks
     base, wbase, n_in = full * LANES * slots, full * LANES * units, shape.in_features
@@ -189,8 +184,6 @@ def _quant_tail(shape: MatmulShape, x: Any, w: Any, s: Any, z: Any) -> Any:
 
 
 def _dense_main(shape: MatmulShape, x: Any, w: Any) -> Any:
-    from tvm import te, tirx
-
     width, n_vec = shape.dense_vector, shape.vectors
     padded = shape.padded(n_vec)  # see MatmulShape.padded
     kq, v = te.reduce_axis((0, padded), "kq"), te.reduce_axis((0, width), "v")
@@ -205,8 +198,6 @@ def _dense_main(shape: MatmulShape, x: Any, w: Any) -> Any:
 
 def matmul_reference(spec: Any) -> Any:
     """The unscheduled PrimFunc of a GemvSpec or GemmSpec."""
-    from tvm import te
-
     return te.create_prim_func(matmul_tensors(matmul_shape(spec))).with_attr("global_symbol", spec.name)
 
 
@@ -240,8 +231,6 @@ def matmul_tiles(shape: MatmulShape) -> MatmulTiles:
 
 def schedule_matmul(func: Any, shape: MatmulShape) -> Any:
     """The GPU schedule described in the module docstring, on `matmul_reference`'s PrimFunc."""
-    from tvm.s_tir import Schedule
-
     tiles = matmul_tiles(shape)
     sch = Schedule(func)
     y = sch.get_sblock("y")
@@ -331,7 +320,5 @@ def _cache_vector(sch: Any, block: Any, buffer: str, at: Any, aligned: bool, als
 
 
 def _unroll_if_serial(sch: Any, loop: Any) -> None:
-    from tvm import tirx
-
     if sch.get(loop).kind == tirx.ForKind.SERIAL:
         sch.unroll(loop)

@@ -24,9 +24,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from bitsmith.codegen.common import fconst, refuse
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from bitsmith.codegen.common import fconst
 from bitsmith.codegen.gpu.phases import Loops, reduce_threads
 from bitsmith.codegen.kv_pool import INT8_MAX
+from bitsmith.codegen.spec_checks import refuse
 
 NT = 128  # threads (and positions per tile) of an attention block
 WARP = 32  # threads of a KV-write block
@@ -36,9 +41,6 @@ VEC = 4  # key/value elements per vector load
 
 def paged_attention_func(spec: Any, threads: bool) -> Any:
     """The PrimFunc (arguments as `spec.arg_names`), GPU-bound when `threads`, else its serial rendition."""
-    from tvm.script.ir_builder import IRBuilder
-    from tvm.script.ir_builder import tirx as T
-
     _check(spec)
     loops = Loops(threads)
     with IRBuilder() as ib:
@@ -61,8 +63,6 @@ def _check(spec: Any) -> None:
 
 
 def _arguments(spec: Any) -> dict[str, Any]:
-    from tvm.script.ir_builder import tirx as T
-
     R, H, KV, D = spec.rows, spec.heads, spec.kv_heads, spec.head_dim
     shapes = {"q": ((R, H, D), "float32"), "k": ((R, KV, D), "float32"), "v": ((R, KV, D), "float32"),
               "positions": ((R,), "int64"), "block_tables": ((R, spec.max_blocks), "int32"),
@@ -73,8 +73,6 @@ def _arguments(spec: Any) -> dict[str, Any]:
 
 def _target_slot(spec: Any, a: dict[str, Any], r: Any) -> tuple[Any, Any, Any]:
     """(valid, physical block, slot) where row r writes: valid when its position and table entry are."""
-    from tvm import tirx
-
     ctx = spec.max_blocks * spec.block_size
     pos = a["positions"][r]
     in_range = tirx.all(pos >= tirx.const(0, "int64"), pos < tirx.const(ctx, "int64"))
@@ -88,9 +86,6 @@ def _target_slot(spec: Any, a: dict[str, Any], r: Any) -> tuple[Any, Any, Any]:
 
 
 def _write_kernel(spec: Any, loops: Loops, a: dict[str, Any]) -> None:
-    from tvm import tirx
-    from tvm.script.ir_builder import tirx as T
-
     KV = spec.kv_heads
     part = T.sblock_alloc_buffer((WARP,), "float32", scope="shared")
     found = T.sblock_alloc_buffer((1,), "float32", scope="shared")
@@ -111,9 +106,6 @@ def _write_kernel(spec: Any, loops: Loops, a: dict[str, Any]) -> None:
 
 def _superseded(spec: Any, loops: Loops, a: dict[str, Any], r: Any, part: Any, found: Any) -> None:
     """found[0] = 1 when a later row writes the same slot as row r, else 0."""
-    from tvm import tirx
-    from tvm.script.ir_builder import tirx as T
-
     R = spec.rows
     _, pb, slot = _target_slot(spec, a, r)
     with loops.threads(WARP) as t:
@@ -130,9 +122,6 @@ def _superseded(spec: Any, loops: Loops, a: dict[str, Any], r: Any, part: Any, f
 
 def _lane_max(spec: Any, loops: Loops, magnitude: Any, part: Any, amax: Any) -> None:
     """amax[0] = max over d < head_dim of magnitude(d), each lane first over its strided share."""
-    from tvm import tirx
-    from tvm.script.ir_builder import tirx as T
-
     with loops.threads(WARP) as t:
         m = T.alloc_buffer((1,), "float32", scope="local")
         T.buffer_store(m, fconst(0.0), [0])
@@ -146,9 +135,6 @@ def _store_vector(spec: Any, loops: Loops, a: dict[str, Any], r: Any, half: Any,
                   value: Any, found: Any, amax: Any) -> None:
     """The vector into its slot in the pool's dtype (int8: codes and scale), when row r's slot is valid and
     not superseded; every thread runs this phase, only the stores are guarded (see phases.py)."""
-    from tvm import tirx
-    from tvm.script.ir_builder import tirx as T
-
     quant = spec.kv_dtype == "int8"
     valid, pb, slot = _target_slot(spec, a, r)
     with loops.threads(WARP) as t:
@@ -173,14 +159,10 @@ def _store_vector(spec: Any, loops: Loops, a: dict[str, Any], r: Any, half: Any,
 
 def _nonzero(scale: Any) -> Any:
     """An int8 scale of 0 (an all-zero vector) is stored as 1."""
-    from tvm import tirx
-
     return tirx.Select(scale > fconst(0.0), scale, fconst(1.0))
 
 
 def _int8_code(loops: Loops, x: Any, scale: Any) -> Any:
-    from tvm import tirx
-
     code = tirx.nearbyint(loops.div(x, scale))  # round half to even, as numpy's rint
     return tirx.Cast("int8", tirx.max(tirx.min(code, fconst(float(INT8_MAX))), fconst(-float(INT8_MAX))))
 
@@ -206,9 +188,6 @@ class _Shared:
 
 
 def _attention_kernel(spec: Any, loops: Loops, a: dict[str, Any]) -> None:
-    from tvm import tirx
-    from tvm.script.ir_builder import tirx as T
-
     G, BS = spec.group, spec.block_size
     ctx = spec.max_blocks * BS
     f32 = "float32"
@@ -240,9 +219,6 @@ def _pairs(spec: Any) -> int:
 def _check_blocks(spec: Any, loops: Loops, a: dict[str, Any], s: _Shared, r: Any, p: Any,
                   lo: Any) -> None:
     """s.red[0] = 1 when a table entry of a block holding a visible position is outside the pool, else 0."""
-    from tvm import tirx
-    from tvm.script.ir_builder import tirx as T
-
     first, count = lo // spec.block_size, p // spec.block_size - lo // spec.block_size + 1
     with loops.threads(NT) as t:
         bad = T.alloc_buffer((1,), "float32", scope="local")
@@ -258,9 +234,6 @@ def _check_blocks(spec: Any, loops: Loops, a: dict[str, Any], s: _Shared, r: Any
 
 def _attend(spec: Any, loops: Loops, a: dict[str, Any], s: _Shared, r: Any, kh: Any, p: Any,
             lo: Any, tiles: Any) -> None:
-    from tvm import tirx
-    from tvm.script.ir_builder import tirx as T
-
     G, D = spec.group, spec.head_dim
     qscale = fconst(float(spec.scale) * math.log2(math.e))
     pairs = _pairs(spec)
@@ -299,9 +272,6 @@ def _pool_index(spec: Any, a: dict[str, Any], r: Any, position: Any) -> tuple[An
 def _scores(spec: Any, loops: Loops, a: dict[str, Any], s: _Shared, r: Any, kh: Any, start: Any,
             count: Any) -> None:
     """s.sc[g, j] = log2-domain score of position start + j for each head g (lowest float past count)."""
-    from tvm import tirx
-    from tvm.script.ir_builder import tirx as T
-
     G, D = spec.group, spec.head_dim
     vec = VEC if D % VEC == 0 else 1
     with loops.threads(NT) as t:
@@ -331,9 +301,6 @@ def _scores(spec: Any, loops: Loops, a: dict[str, Any], s: _Shared, r: Any, kh: 
 def _softmax_step(spec: Any, loops: Loops, s: _Shared, count: Any) -> None:
     """Raise each head's running max to the tile's, rescale its running sum (the accumulators follow in
     `_accumulate` with s.corr), turn the scores into probabilities and add their sum."""
-    from tvm import tirx
-    from tvm.script.ir_builder import tirx as T
-
     G = spec.group
     reduce_threads("tile_max", "max", s.sc, s.red, G, NT, loops)
     with loops.threads(NT) as t:
@@ -357,9 +324,6 @@ def _softmax_step(spec: Any, loops: Loops, s: _Shared, count: Any) -> None:
 def _accumulate(spec: Any, loops: Loops, a: dict[str, Any], s: _Shared, r: Any, kh: Any,
                 start: Any, count: Any) -> None:
     """acc[g, d] = acc[g, d] * corr[g] + sum_j p[g, j] * V[start + j, d], threads over (g, d) pairs."""
-    from tvm import tirx
-    from tvm.script.ir_builder import tirx as T
-
     G, D = spec.group, spec.head_dim
     with loops.threads(NT) as t:
         with T.serial(0, _pairs(spec)) as i:

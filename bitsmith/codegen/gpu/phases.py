@@ -14,6 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tvm import tirx
+from tvm.script.ir_builder import tirx as T
+
 
 @dataclass(frozen=True)
 class Loops:
@@ -22,13 +25,9 @@ class Loops:
     gpu: bool
 
     def blocks(self, n: int, axis: str = "x") -> Any:
-        from tvm.script.ir_builder import tirx as T
-
         return T.thread_binding(0, n, thread=f"blockIdx.{axis}") if self.gpu else T.serial(0, n)
 
     def threads(self, n: int) -> Any:
-        from tvm.script.ir_builder import tirx as T
-
         return T.thread_binding(0, n, thread="threadIdx.x") if self.gpu else T.serial(0, n)
 
     def last_first(self, index: Any, n: int) -> Any:
@@ -38,8 +37,6 @@ class Loops:
 
     def div(self, a: Any, b: Any) -> Any:
         """a / b correctly rounded on the GPU too, whatever nvcc's math flags."""
-        from tvm import tirx
-
         return tirx.call_pure_extern("float32", "__fdiv_rn", a, b) if self.gpu else a / b
 
 
@@ -47,9 +44,6 @@ def reduce_threads(name: str, op: str, src: Any, dst: Any, groups: int, width: i
     """dst[g] = op over t < width of src[g * width + t], for g < groups (shared buffers). A reduction block
     over the block's threads (warp shuffles on the GPU) in a scope block of its own, so that its loops are
     the only ones the cross-thread lowering has to analyse."""
-    from tvm import tirx
-    from tvm.script.ir_builder import tirx as T
-
     identity = tirx.min_value("float32") if op == "max" else tirx.const(0.0, "float32")
     with T.sblock(f"{name}_scope"):
         with T.serial(0, groups) as g:

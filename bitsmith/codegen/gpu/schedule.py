@@ -6,23 +6,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import tvm
+from tvm import te
+from tvm.s_tir import Schedule
+from tvm.s_tir import dlight as dl
+
 from bitsmith.codegen.target import Target
 from bitsmith.errors import BitsmithError
 
 
 def te_func(tensors: list[Any], name: str) -> Any:
     """The unscheduled PrimFunc of a TE definition (arguments `tensors`, in order) with global_symbol `name`."""
-    from tvm import te
-
     return te.create_prim_func(tensors).with_attr("global_symbol", name)
 
 
 def dlight(func: Any, target: Target) -> Any:
     """dlight's default GPU rules: the norms as cross-thread reductions (one block per row), the
     elementwise, rope and embedding kernels as one thread per output element (Fallback)."""
-    import tvm
-    from tvm.s_tir import dlight as dl
-
     name = func.attrs["global_symbol"]
     rules = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
                                     dl.gpu.Fallback())
@@ -42,8 +42,6 @@ def _row_threads(dim: int) -> int:
 def schedule_add_rmsnorm(func: Any, dim: int) -> Any:
     """Two launches: `sum` one thread per element; the norm one block per row, its sum of squares a
     cross-thread reduction (each thread first sums its strided share of the row), then y."""
-    from tvm.s_tir import Schedule
-
     threads = _row_threads(dim)
     sch = Schedule(func)
     for name in ("total", "den"):

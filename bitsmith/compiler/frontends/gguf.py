@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from tqdm import tqdm
 
 from bitsmith.compiler.config import ModelConfig
 from bitsmith.compiler.frontends.base import Checkpoint, TokenizerSpec, require_path, sha256_file
@@ -64,8 +67,6 @@ def load_gguf(path: str | Path) -> Checkpoint:
 
 def _open_reader(path: Path) -> Any:
     """A GGUFReader over the file; a malformed or truncated file becomes a BitsmithError naming it."""
-    from gguf import GGUFReader
-
     try:
         reader = GGUFReader(path)
     except (ValueError, IndexError, KeyError, OverflowError, EOFError, OSError) as exc:
@@ -164,9 +165,6 @@ def _canonical_name(gguf_name: str, path: Path) -> str:
 
 def _weights(reader: Any, config: ModelConfig, path: Path) -> tuple[dict[str, np.ndarray], Counter]:
     """Dequantize every tensor to float32 (out, in); un-permute q/k rows. Also count the tensor types."""
-    from gguf.quants import dequantize
-    from tqdm import tqdm
-
     weights: dict[str, np.ndarray] = {}
     types: Counter = Counter()
     bar = tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", leave=False, disable=len(reader.tensors) < 64)
@@ -202,7 +200,7 @@ def _tokenizer(path: Path, meta: dict[str, Any]) -> TokenizerSpec | None:
     """The embedded tokenizer as tokenizer.json, via transformers' GGUF tokenizer conversion."""
     if "tokenizer.ggml.model" not in meta:
         return None
-    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer  # heavy: torch
 
     try:
         architecture, tokenizer_dict, _ = get_gguf_tokenizer(str(path))

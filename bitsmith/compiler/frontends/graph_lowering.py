@@ -31,11 +31,11 @@ def weight_name(target: str) -> str:
 
 
 def to_numpy(tensor: Any) -> np.ndarray:
-    import torch
+    import torch  # heavy: torch
 
     tensor = tensor.detach().cpu().contiguous()
     if tensor.dtype == torch.bfloat16:
-        import ml_dtypes
+        import ml_dtypes  # heavy: ml_dtypes
 
         return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return tensor.numpy()

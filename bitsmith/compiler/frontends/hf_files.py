@@ -7,6 +7,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from tokenizers import Tokenizer
+
 from bitsmith.compiler.config import ModelConfig
 from bitsmith.compiler.frontends.base import TokenizerSpec
 from bitsmith.errors import BitsmithError
@@ -38,8 +40,6 @@ def load_hf_tokenizer(directory: Path, config: ModelConfig) -> TokenizerSpec | N
     path = directory / "tokenizer.json"
     if not path.exists():
         return None
-    from tokenizers import Tokenizer
-
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception on malformed files

@@ -24,7 +24,7 @@ DATA_ONLY = RESHAPE + ("Expand", "Slice", "ReduceMean", "Pow", "Split")  # other
 
 
 def _attrs(node: Any) -> dict[str, Any]:
-    import onnx
+    import onnx  # heavy: onnx
 
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
@@ -33,8 +33,8 @@ class _OnnxLowering(GraphLowering):
     """Lowers the live part of an ONNX graph into the IR `prefill` function, batch dim dropped."""
 
     def __init__(self, model: Any, where: str):
-        import onnx
-        from onnx import numpy_helper
+        import onnx  # heavy: onnx
+        from onnx import numpy_helper  # heavy: onnx
 
         if len(model.graph.value_info) < len(model.graph.node) // 2:  # shapes drive reshape/expand targets
             try:
@@ -325,7 +325,7 @@ class _OnnxLowering(GraphLowering):
 
 
 def _read(path: Path) -> Any:
-    import onnx
+    import onnx  # heavy: onnx
 
     try:
         model = onnx.load(str(path))

@@ -201,7 +201,7 @@ class _AtenLowering(GraphLowering):
         raise BitsmithError(f"aten.arange{tuple(node.args)} is not the token positions", where=_source_line(node))
 
     def op_to(self, node: Any) -> Val:
-        import torch
+        import torch  # heavy: torch
 
         x = self.arg(node, 0, "self")
         dtypes = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(a, torch.dtype)]
@@ -340,7 +340,7 @@ def trace_module(model: Any, example_ids: Any, rope_candidates: list[dict] | Non
 
     `rope_candidates` ([{theta, scaling}]) lets the RoPE fusion recognise scaled inverse frequencies.
     """
-    import torch
+    import torch  # heavy: torch
 
     ids = torch.as_tensor(example_ids, dtype=torch.long).reshape(1, -1)
     seq = torch.export.Dim("seq", min=1, max=1 << 20)
@@ -372,8 +372,8 @@ def trace_module(model: Any, example_ids: Any, rope_candidates: list[dict] | Non
 
 def load_hf_via_export(directory: str | Path) -> LoadedModel:
     """Load an HF directory of an architecture without a hand-written mapping by tracing it with torch.export."""
-    import torch
-    import transformers
+    import torch  # heavy: torch
+    import transformers  # heavy: torch
 
 
     directory = require_path(directory, "model directory")
