@@ -35,8 +35,9 @@ def read_bandwidth_gbs(mib: int = 1024, repeats: int = 5) -> float:
 def ours_tok_s(model_path: Path, prompt: list[int], tokens: int) -> float:
     from bitsmith.compiler.loader import load_model
     from bitsmith.compiler.reference import ReferenceSession
+    from bitsmith.passes.canonicalize import canonical_model
 
-    model = load_model(model_path)
+    model = canonical_model(load_model(model_path))
     session = ReferenceSession(model.module, model.weights, len(prompt) + tokens + 1)
     session.prefill(prompt)
     token = prompt[-1]

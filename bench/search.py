@@ -68,6 +68,7 @@ def decode_ms(plan_path: Path, source, work: Path, context: int) -> float:
 
 def bench_model(key: str, cache: Path) -> dict:
     from bitsmith.compiler.loader import load_model
+    from bitsmith.passes.canonicalize import canonical_model
     from bitsmith.passes.assign_precision import KEEP, AssignPrecision, linear_weights
     from bitsmith.passes.quant.scheme import parse_scheme
     from bitsmith.search.cost import LatencyTable
@@ -76,7 +77,7 @@ def bench_model(key: str, cache: Path) -> dict:
     from bitsmith.search.sensitivity import Sensitivity
 
     source, keep_default, context = MODELS[key]
-    model = load_model(source)
+    model = canonical_model(load_model(source))
     tensors = linear_weights(model.module)
     fixed = {n for n, s in AssignPrecision(parse_scheme("int4"), keep_default).plan(model.module).items() if s is KEEP}
     layers = model.module["decode"].inputs[2][1].shape[0]

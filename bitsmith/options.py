@@ -1,6 +1,6 @@
 """Compile options, by concern, and the values each may take (the CLI's choices derive from these).
 
-Kept apart from pipeline.py so that the command line parses them without importing the compiler's passes."""
+Kept apart from pipeline.py so that the command line parses them without importing TVM (the pipeline loads it)."""
 
 from __future__ import annotations
 

@@ -19,12 +19,12 @@ from bitsmith.errors import BitsmithError
 from bitsmith.options import CompileOptions, MemoryOptions, QuantOptions, TargetOptions  # noqa: F401 (re-exported)
 from bitsmith.passes.assign_precision import KEEP_SCHEMES, AssignPrecision, matches_pattern
 from bitsmith.passes.base import PassContext
-from bitsmith.passes.canonicalize import CANONICALIZE, is_traced
+from bitsmith.passes.canonicalize import CANONICALIZE
 from bitsmith.passes.cast_weights import STORAGE_DTYPES, CastWeights
 from bitsmith.passes.eliminate_dead_code import EliminateDeadCode
 from bitsmith.passes.kv_plan import KVPlanOptions, parse_bytes
 from bitsmith.passes.lower_to_kernels import LowerToKernels
-from bitsmith.passes.manager import Pass, run_passes
+from bitsmith.passes.manager import Pass, is_traced, run_passes
 from bitsmith.passes.pack_weights import PackWeights
 from bitsmith.passes.plan_kv_cache import PlanKVCache
 from bitsmith.passes.quantize_weights import QuantizeWeights

@@ -10,8 +10,6 @@ from tvm import tirx
 
 from bitsmith.runtime.packed_layout import lane_unit
 
-DENSE_BITS = {32: "float32", 16: "float16"}  # "bits" of the dense (unquantized) weights
-
 
 def f32(e: Any) -> Any:
     """`e` as float32 (a cast unless it already is); TE expressions and IRBuilder loads (`ty`, no `dtype`)."""

@@ -31,10 +31,10 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from bitsmith.codegen.dequant import DENSE_BITS, f32, unpack_code
+from bitsmith.codegen.dequant import f32, unpack_code
 from bitsmith.codegen.gemv import PackedWeightLayout
 from bitsmith.codegen.gpu.matmul import matmul_func, matmul_reference
-from bitsmith.codegen.spec_checks import refuse
+from bitsmith.codegen.spec_checks import DENSE_BITS, refuse
 from bitsmith.codegen.target import Target
 from bitsmith.codegen.vnni_ir import prefetch
 from bitsmith.runtime.packed_layout import LANES, lane_unit

@@ -8,10 +8,10 @@ from typing import Any
 
 from tvm import te, tirx
 
-from bitsmith.codegen.dequant import DENSE_BITS, f32, unpack_code
+from bitsmith.codegen.dequant import f32, unpack_code
 from bitsmith.codegen.gemv_schedule import Stages, accumulators, batch_tile, row_tile, schedule_gemv
 from bitsmith.codegen.gpu.matmul import matmul_func, matmul_reference
-from bitsmith.codegen.spec_checks import refuse
+from bitsmith.codegen.spec_checks import DENSE_BITS, refuse
 from bitsmith.codegen.target import Target
 from bitsmith.runtime.packed_layout import LANES, PACK_BITS, lane_unit, packed_shape
 

@@ -183,8 +183,6 @@ def tile_macros(heads: int, lanes: int, head_dim: int, qscale: float) -> Any:
     sc[hh, :cnt]; leaves the tile's probabilities in sc[hh, :cnt] (zeros past cnt).
     finish(out, r, h0, acc, st) and zeros(out, r, h0): the task's outputs.
     """
-
-
     HG, L, D, B = heads, lanes, head_dim, TILE
     assert B == 32, "the tile reductions are written for 32 slots"
     neg = -3.0e38  # the running max before the first tile (exp2 of (neg - m) clamps to ~0)

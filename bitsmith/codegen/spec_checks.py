@@ -1,11 +1,12 @@
 """How a kernel spec refuses a description it cannot build: one error listing every problem (no TVM here, so
-targets and the lowering can check specs without loading the compiler)."""
+targets, whose constants the compile options read, load without it)."""
 
 from __future__ import annotations
 
 from bitsmith.errors import BitsmithError
 
 PARAM_DTYPES = {"float32": "f32", "float16": "f16"}  # stored dtypes of weights/biases -> name token
+DENSE_BITS = {32: "float32", 16: "float16"}  # a matmul spec's `bits` for dense (unquantized) weights -> dtype
 
 
 def refuse(problems: list[str], family: str, fix: str = "pick a supported kernel description") -> None:

@@ -9,7 +9,7 @@ import platform
 from dataclasses import dataclass, field
 from typing import Any
 
-from bitsmith.codegen.spec_checks import refuse  # not common.py: this module must load without TVM
+from bitsmith.codegen.spec_checks import DENSE_BITS, refuse  # not common.py: this module must load without TVM
 from bitsmith.errors import BitsmithError
 
 # TVM is imported by the functions that use it: the compile options and the CLI read these constants.
@@ -33,7 +33,6 @@ GPU_FAMILIES = ("GemvSpec", "GemmSpec", "PagedAttentionSpec", "BinarySpec", "Bia
 CPU_FAMILIES = GPU_FAMILIES + ("QGemvI8Spec", "QGemvX16Spec")
 # stored weights every target reads: dense (matmuls, norms, biases, tables) and packed b-bit codes
 WEIGHT_DTYPES = ("float32", "float16", "int2", "int3", "int4", "int8")
-_DENSE_DTYPES = {32: "float32", 16: "float16"}  # a spec's `bits` of dense weights
 _VNNI_FEATURES = ("avx512bw", "avx512vl", "avx512vnni")  # what int8 activations need (x86-64)
 
 
@@ -126,7 +125,7 @@ def weight_dtype(spec: Any) -> str | None:
     (matmul weights, norm weights, biases, embedding tables); None for kernels without weights."""
     bits = getattr(spec, "bits", None)
     if bits is not None:
-        return _DENSE_DTYPES.get(bits, f"int{bits}")
+        return DENSE_BITS.get(bits, f"int{bits}")
     for name in ("weight_dtype", "bias_dtype", "dtype"):
         if hasattr(spec, name):
             return getattr(spec, name)

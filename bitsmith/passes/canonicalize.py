@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from bitsmith.compiler.frontends.base import LoadedModel
 from bitsmith.compiler.ir import Module
 from bitsmith.passes.base import PassContext
@@ -15,7 +17,7 @@ from bitsmith.passes.fuse_linear_bias import FuseLinearBias
 from bitsmith.passes.fuse_rmsnorm import FuseRmsnorm
 from bitsmith.passes.fuse_rope import FuseRope
 from bitsmith.passes.fuse_silu import FuseSilu
-from bitsmith.passes.manager import Pass, run_passes
+from bitsmith.passes.manager import Pass, is_traced, run_passes
 from bitsmith.passes.simplify_layout import SimplifyLayout
 
 # What a traced module (prefill alone) goes through; each fusion drops the nodes it left unread. fuse_rope needs
@@ -25,14 +27,11 @@ CANONICALIZE: tuple[type[Pass], ...] = (EliminateDeadCode, FuseSilu, FuseGelu, F
                                         SimplifyLayout, DeriveDecode, EliminateDeadCode)
 
 
-def is_traced(module: Module) -> bool:
-    """A traced module has `prefill` alone; a hand-built one (or one canonicalized already) has both entries."""
-    return "decode" not in module.functions
-
-
-def canonicalize(module: Module) -> Module:
-    """`module` holds `prefill` only; returns prefill + decode with only the weights they read."""
-    return run_passes(module, PassContext({}), [p() for p in CANONICALIZE], verify=False)
+def canonicalize(module: Module, weights: dict[str, np.ndarray]) -> tuple[Module, dict[str, np.ndarray]]:
+    """A traced module (prefill alone) and its weights -> prefill + decode and only the weights they read."""
+    ctx = PassContext(dict(weights))
+    module = run_passes(module, ctx, [p() for p in CANONICALIZE], verify=False)
+    return module, {k: v for k, v in ctx.weights.items() if k in module.weights}
 
 
 def canonical_model(model: LoadedModel) -> LoadedModel:
@@ -40,7 +39,5 @@ def canonical_model(model: LoadedModel) -> LoadedModel:
     canonicalize phase; a hand-built one (both entry points) is already canonical and passes through."""
     if not is_traced(model.module):
         return model
-    ctx = PassContext(dict(model.weights))
-    module = run_passes(model.module, ctx, [p() for p in CANONICALIZE], verify=False)
-    weights = {k: v for k, v in ctx.weights.items() if k in module.weights}
+    module, weights = canonicalize(model.module, model.weights)
     return dataclasses.replace(model, module=module, weights=weights)

@@ -39,6 +39,7 @@ class DeriveDecode(Pass):
     name = "derive_decode"
     requires = frozenset({"traced"})
     provides = frozenset({"canonical"})
+    invalidates = frozenset({"traced"})  # a pass that rewrites a traced prefill cannot run after this
 
     def run(self, module: Module, ctx: PassContext) -> Module:
         return derive_decode(module)

@@ -12,6 +12,7 @@ import numpy as np
 from bitsmith.codegen import families as k
 from bitsmith.codegen.gemv_int8 import I8_MAX_BATCH
 from bitsmith.codegen.gemv_x16 import x16_problems
+from bitsmith.codegen.spec_checks import DENSE_BITS
 from bitsmith.codegen.target import Target, resolve_target
 from bitsmith.compiler.analysis import topological_order
 from bitsmith.compiler.ir import Function, Module, Node, TensorType
@@ -26,7 +27,7 @@ from bitsmith.runtime.schedule import BufferSlot, KernelCall, Schedule
 
 PREFILL_ROWS = 64  # prefill runs in chunks of this many tokens (the last one padded)
 GEMM_MIN_ROWS = 16  # from here the dequant-GEMM beats the batched GEMV per token (bench/kernels.md)
-DENSE_BITS = {"float32": 32, "float16": 16}
+DENSE_DTYPE_BITS = {dtype: bits for bits, dtype in DENSE_BITS.items()}  # dense weight dtype -> a spec's `bits`
 
 
 def _prod(shape: tuple[int, ...]) -> int:
@@ -223,10 +224,10 @@ def _lower_linear(st: _Lowering, node: Node) -> None:
     rows = _prod(x_shape[:-1])
     if node.op == "linear":
         dtype = st.weight_dtype(ins[1], node)
-        if dtype not in DENSE_BITS:
+        if dtype not in DENSE_DTYPE_BITS:
             raise st.unsupported(node, f"has {dtype} weights; CPU kernels read float32 or float16")
         n_out, n_in = st.fn.types[ins[1]].shape
-        spec = _matmul_spec(k, n_out, n_in, DENSE_BITS[dtype], -1, True, rows)
+        spec = _matmul_spec(k, n_out, n_in, DENSE_DTYPE_BITS[dtype], -1, True, rows)
         weights, bias = [st.arg(ins[1])], ins[2] if len(ins) == 3 else None
     else:
         n_out = st.fn.types[ins[1]].shape[0]

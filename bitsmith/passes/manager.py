@@ -26,6 +26,7 @@ class Pass:
     name: ClassVar[str]
     requires: ClassVar[frozenset[str]] = frozenset()
     provides: ClassVar[frozenset[str]] = frozenset()
+    invalidates: ClassVar[frozenset[str]] = frozenset()  # facts that no longer hold after it
     registry: ClassVar[dict[str, type["Pass"]]] = {}  # every pass class by name: says who provides a fact
 
     def __init_subclass__(cls, **kwargs) -> None:
@@ -40,16 +41,21 @@ class Pass:
         raise NotImplementedError
 
 
+def is_traced(module: Module) -> bool:
+    """A traced module (torch.export, ONNX) has `prefill` alone; a hand-built or canonicalized one has both entries."""
+    return "decode" not in module.functions
+
+
 def module_facts(module: Module) -> frozenset[str]:
     """What holds of a module before any pass: both entry points make it canonical, prefill alone traced."""
-    if {"prefill", "decode"} <= set(module.functions):
+    if not is_traced(module):
         return frozenset({"canonical"})
     return frozenset({"traced"}) if "prefill" in module.functions else frozenset()
 
 
 def verify_ir(module: Module) -> None:
     """The IR verifier; a traced module (prefill alone, before derive_decode) is checked function by function."""
-    if "decode" in module.functions:
+    if not is_traced(module):
         verify_module(module)
     else:
         for fn in module.functions.values():
@@ -78,7 +84,7 @@ def check_order(passes: Sequence[Pass], facts: Iterable[str]) -> None:
             raise BitsmithError(f"{p.name} requires the fact {fact!r}{who}, and it does not hold before "
                                 f"{p.name} (step {index + 1}; holding: {', '.join(sorted(have)) or 'nothing'})",
                                 where=f"pass {p.name}", fix=fix)
-        have |= p.provides
+        have = (have - p.invalidates) | p.provides
 
 
 def run_passes(module: Module, ctx: PassContext, passes: Sequence[Pass], verify: bool = True,

@@ -14,7 +14,8 @@ def aligned_bytes(nbytes: int, huge_pages: bool = False) -> np.ndarray:
     """A zeroed uint8 array of `nbytes` starting on a 64-byte (huge_pages: 2 MiB) boundary.
 
     huge_pages maps anonymous memory and asks for transparent huge pages before the first touch:
-    fewer TLB misses make weight reads measurably faster (shared/docs/cpu-performance-notes.md). Where madvise is unavailable it silently uses ordinary pages.
+    fewer TLB misses make weight reads measurably faster (see cpu-performance-notes.md in the shared
+    docs). Where madvise is unavailable it silently uses ordinary pages.
     """
     nbytes = max(int(nbytes), 1)
     if huge_pages:

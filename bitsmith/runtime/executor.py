@@ -15,6 +15,7 @@ from bitsmith.runtime.interleave import kernel_weight
 from bitsmith.runtime.schedule import KernelPlan, Schedule
 from bitsmith.runtime.step_runner import StepRunner, bind_calls, constant_arrays, kernel_plan, pool_shape, used_weights
 
+
 def _machine() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
 

@@ -6,9 +6,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
-import jinja2
-from tokenizers import Tokenizer as _Tok
-
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.tokenizer_llama2c import Llama2cTokenizer
 
@@ -26,6 +23,8 @@ class HFTokenizer:
     """`tokenizers.Tokenizer` from tokenizer.json; BOS is added by us (add_bos), never by the post-processor."""
 
     def __init__(self, path: Path, entry: dict[str, Any]):
+        from tokenizers import Tokenizer as _Tok  # optional: a runtime may serve token ids alone
+
         try:
             self._tok = _Tok.from_file(str(path))
         except Exception as exc:  # tokenizers raises a plain Exception subclass for bad JSON
@@ -67,6 +66,8 @@ def render_chat(template: str | None, messages: list[dict[str, str]], tokenizer:
     """Apply the model's Jinja chat template; fall back to plain concatenation when there is none."""
     if not template:
         return "\n".join(m["content"] for m in messages)
+    import jinja2  # optional: only for chat templates
+
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, loader=jinja2.BaseLoader())
 
     def raise_exception(msg: str) -> None:

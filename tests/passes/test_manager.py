@@ -14,6 +14,7 @@ from bitsmith.passes.cast_weights import CastWeights
 from bitsmith.passes.fuse_silu import FuseSilu
 from bitsmith.passes.kv_plan import KVPlanOptions
 from bitsmith.passes.lower_to_kernels import LowerToKernels
+from bitsmith.passes.derive_decode import DeriveDecode
 from bitsmith.passes.manager import check_order, module_facts, run_passes
 from bitsmith.passes.pack_weights import PackWeights
 from bitsmith.passes.plan_kv_cache import PlanKVCache
@@ -51,6 +52,9 @@ def test_missing_providers_and_traced_only_passes_are_named():
     prefill_only = module.replace(functions={"prefill": module["prefill"]})
     assert module_facts(prefill_only) == {"traced"}
     check_order([FuseSilu()], module_facts(prefill_only))
+    # derive_decode ends the traced form: a fusion after it is refused
+    with pytest.raises(BitsmithError, match=r"fuse_silu requires the fact 'traced'.*holding: canonical\)"):
+        check_order([DeriveDecode(), FuseSilu()], module_facts(prefill_only))
 
 
 def test_dump_ir_writes_side_tables_for_what_each_pass_did(tmp_path):

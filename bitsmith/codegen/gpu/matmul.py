@@ -11,7 +11,7 @@ bitsmith.runtime.packed_layout (element k = kb*16*S + j*16 + l, word = kb*16*U +
     dot[n, o, kq, j]  = sum_v x[n, k] * (2^b + q[o, k])     k = kb*16*S + j*16 + 4q + v (4 consecutive k)
     xsum[n, kq, j]    = sum_v x[n, k]                         shared by every output row
     main[n, o]        = sum_{kq, j} s[o, g] * (dot - (2^b + z[o, g]) * xsum)      (g: one group per slot row)
-    tail[n, o]        = the last partial block (L lanes, see packing), element by element, masked
+    tail[n, o]        = the last partial block (L lanes, see runtime/packed_layout.py), element by element, masked
     y                 = main + tail
 
 Codes decode as 2^b + q straight from their bits (dequant.unpack_code, biased), and the zero point and that bias
@@ -34,7 +34,8 @@ from typing import Any
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
-from bitsmith.codegen.dequant import DENSE_BITS, f32, unpack_code
+from bitsmith.codegen.dequant import f32, unpack_code
+from bitsmith.codegen.spec_checks import DENSE_BITS
 from bitsmith.runtime.packed_layout import LANES, lane_unit
 
 QUAD = 4  # lanes per thread vector: 4 uint32 words = one 16-byte load

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from bitsmith.compiler.analysis import dead_code_elimination
 from bitsmith.compiler.builder import FunctionBuilder
 from bitsmith.compiler.ir import Function, Module, TensorType
 from bitsmith.errors import BitsmithError
@@ -18,7 +19,9 @@ CONST_LIMIT = 4096  # buffers up to this many elements (rotary inv_freq) become 
 
 def finish_module(prefill: Function, weights: dict[str, np.ndarray], meta: dict[str, Any]) -> tuple[Module, dict]:
     """The traced module: `prefill` alone, as lowered (the pipeline's canonicalize phase fuses it to LLM-level
-    ops, derives `decode` and drops the weights nothing reads). Shared with ONNX."""
+    ops and derives `decode`) with the weights it reads: the model's dtype is that of those. Shared with ONNX."""
+    read = {n.attrs["name"] for n in dead_code_elimination(prefill).nodes if n.op == "weight"}
+    weights = {k: v for k, v in weights.items() if k in read}
     types = {k: TensorType(tuple(v.shape), str(v.dtype)) for k, v in weights.items()}
     return Module({"prefill": prefill}, types, meta), weights
 
@@ -102,5 +105,3 @@ class GraphLowering:
         self.layer += 1
         return Val(self.b.op("transpose", [out], hint=hint, perm=[1, 0, 2]), True)
 
-
-#END

@@ -375,7 +375,6 @@ def load_hf_via_export(directory: str | Path) -> LoadedModel:
     import torch  # heavy: torch
     import transformers  # heavy: torch
 
-
     directory = require_path(directory, "model directory")
     cfg = read_json(directory / "config.json")
     model_type = cfg.get("model_type")

@@ -32,9 +32,7 @@ EXAMPLE = torch.arange(2, 10)
 
 def traced(model, example_ids):
     """trace_module, then the pipeline's canonicalize phase (fusions, decode, only the weights read)."""
-    module, weights = trace_module(model, example_ids)
-    module = canonicalize(module)
-    return module, {k: v for k, v in weights.items() if k in module.weights}
+    return canonicalize(*trace_module(model, example_ids))
 
 
 def teacher_forced(module, weights, ids: np.ndarray, n_prefill: int = 5) -> np.ndarray:
