@@ -50,6 +50,7 @@ def decode_rate(path: Path, tokens: int, runs: int = 3) -> tuple[float, int]:
     import numpy as np
 
     from bitsmith.runtime.artifact import load_artifact
+    from bitsmith.runtime.interleave import X16
     from bitsmith.runtime.session import CompiledSession
 
     artifact = load_artifact(path)
@@ -65,7 +66,8 @@ def decode_rate(path: Path, tokens: int, runs: int = 3) -> tuple[float, int]:
         rates.append(tokens / (time.perf_counter() - t0))
     step = session.runner.steps[0].schedule
     used = {ref for c in step.calls for kind, ref, *_ in c.args if kind == "weight"}
-    weight_bytes = sum(artifact.weights[n].nbytes for n in used)
+    # an interleaved copy ("<name>@x16...", built at load) has the bytes of the artifact weight it comes from
+    weight_bytes = sum(artifact.weights[n.split(X16)[0]].nbytes for n in used)
     # the embedding lookup reads one row, not the table (unless the table is also the lm_head)
     embed = next(ref for c in step.calls if c.kernel.startswith("embedding") for kind, ref, *_ in c.args if kind == "weight")
     lm_head_reads_table = sum(1 for c in step.calls for kind, ref, *_ in c.args if kind == "weight" and ref == embed) > 1
