@@ -89,6 +89,22 @@ def tiny_hf_dir(request, tmp_path):
 
 
 @pytest.fixture(scope="session")
+def host_kernels(tmp_path_factory):
+    """build(specs) -> the loaded host library of those kernels, built through the kernel cache (each kernel an
+    object file in the test cache: a warm run only links), for tests that call many kernels of one family."""
+    import tvm
+
+    from bitsmith.codegen.build import build_kernel_library
+
+    def build(specs) -> object:
+        path = tmp_path_factory.mktemp("kernels") / "kernels.so"
+        build_kernel_library(specs, "host", path)
+        return tvm.runtime.load_module(str(path))
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """The tiny random Llama (seed 0) saved once per session in HF layout; treat it as read-only."""
     directory = tmp_path_factory.mktemp("tiny-llama") / "model"

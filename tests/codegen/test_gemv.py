@@ -27,9 +27,9 @@ RTOL = 1e-4  # of max|y|: fp32 accumulation in another order than numpy's
 
 
 @pytest.fixture(scope="module")
-def module():
-    """Every kernel of this file, built in one module (one LLVM run, ~0.04 s per kernel)."""
-    return build_module(QUANT_SPECS + DENSE_SPECS, "host")
+def module(host_kernels):
+    """Every kernel of this file in one library, built through the kernel cache."""
+    return host_kernels(QUANT_SPECS + DENSE_SPECS)
 
 
 def run_matmul(spec, x: np.ndarray, weight: np.ndarray, scales: np.ndarray | None = None,

@@ -53,9 +53,9 @@ SPECS += [
 
 
 @pytest.fixture(scope="module")
-def module():
-    """Every kernel of this file in one module (one LLVM run)."""
-    return build_module(SPECS, "host")
+def module(host_kernels):
+    """Every kernel of this file in one library, built through the kernel cache."""
+    return host_kernels(SPECS)
 
 
 def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,6 @@ import pytest
 
 from bitsmith.codegen.gemv_int8 import QGemvI8Spec
 from bitsmith.codegen.gemv_x16 import QGemvX16Spec, x16_problems
-from bitsmith.codegen.kernel import build_module
 from bitsmith.codegen.target import host_target
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.interleave import interleave_codes, interleave_rows
@@ -28,8 +27,9 @@ SPECS = [QGemvX16Spec(1536, 576, 4, 32, True, 16), QGemvX16Spec(576, 1536, 4, 32
 
 
 @pytest.fixture(scope="module")
-def module():
-    return build_module(SPECS, "host")
+def module(host_kernels):
+    """Every kernel of this file in one library, built through the kernel cache."""
+    return host_kernels(SPECS)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
