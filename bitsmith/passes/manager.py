@@ -21,19 +21,22 @@ FACTS = ("traced", "canonical", "precision_planned", "quantized", "cast", "packe
 class Pass:
     """A named step over the module: `run(module, ctx)` returns the module after the pass (a new one when
     it changed) and may write the context (see PassContext). `requires` are facts that must hold before
-    it runs; `provides` are facts that hold after it."""
+    it runs (`requires_when`: {fact: fact that must also hold when the first does}); `provides` are facts that
+    hold after it and `invalidates` those that no longer do."""
 
     name: ClassVar[str]
     requires: ClassVar[frozenset[str]] = frozenset()
     provides: ClassVar[frozenset[str]] = frozenset()
-    invalidates: ClassVar[frozenset[str]] = frozenset()  # facts that no longer hold after it
+    requires_when: ClassVar[dict[str, str]] = {}
+    invalidates: ClassVar[frozenset[str]] = frozenset()
     registry: ClassVar[dict[str, type["Pass"]]] = {}  # every pass class by name: says who provides a fact
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__:
             Pass.registry[cls.name] = cls
-        unknown = (cls.requires | cls.provides) - set(FACTS)
+        named = cls.requires | cls.provides | cls.invalidates | set(cls.requires_when) | set(cls.requires_when.values())
+        unknown = named - set(FACTS)
         if unknown:
             raise TypeError(f"pass {cls.__name__} names unknown facts {sorted(unknown)} (known: {FACTS})")
 
@@ -71,7 +74,8 @@ def check_order(passes: Sequence[Pass], facts: Iterable[str]) -> None:
     """Refuse a list where some pass requires a fact that no pass before it (nor the input) establishes."""
     have = set(facts)
     for index, p in enumerate(passes):
-        for fact in sorted(p.requires - have):
+        missing = (p.requires | {then for given, then in p.requires_when.items() if given in have}) - have
+        for fact in sorted(missing):
             providers = _providers(fact, passes)
             later = [q.name for q in passes[index + 1:] if fact in q.provides]
             if later:

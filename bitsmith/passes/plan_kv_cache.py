@@ -41,6 +41,7 @@ class PlanKVCache(Pass):
     workspace_rows: int = 16
     name = "plan_kv_cache"
     requires = frozenset({"canonical", "cast"})
+    requires_when = {"quantized": "packed"}  # the budget counts the bytes of the weights as stored
     provides = frozenset({"kv_planned"})
 
     def run(self, module: Module, ctx: PassContext) -> Module:

@@ -52,6 +52,10 @@ def test_missing_providers_and_traced_only_passes_are_named():
     prefill_only = module.replace(functions={"prefill": module["prefill"]})
     assert module_facts(prefill_only) == {"traced"}
     check_order([FuseSilu()], module_facts(prefill_only))
+    # quantized weights must be packed before the KV plan counts the bytes as stored
+    with pytest.raises(BitsmithError, match=r"plan_kv_cache requires the fact 'packed', which pack_weights provides"):
+        check_order([CastWeights("float32"), PlanKVCache(KVPlanOptions(None, 64, 1))], {"canonical", "quantized"})
+    check_order([CastWeights("float32"), PlanKVCache(KVPlanOptions(None, 64, 1))], {"canonical"})
     # derive_decode ends the traced form: a fusion after it is refused
     with pytest.raises(BitsmithError, match=r"fuse_silu requires the fact 'traced'.*holding: canonical\)"):
         check_order([DeriveDecode(), FuseSilu()], module_facts(prefill_only))
