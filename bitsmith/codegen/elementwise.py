@@ -12,7 +12,7 @@ from typing import Any
 
 from tvm import te, tirx
 
-from bitsmith.codegen.common import f32, fconst, finish, schedule_flat, schedule_rows
+from bitsmith.codegen.common import fconst, finish, schedule_flat, schedule_rows
 from bitsmith.codegen.embedding import EmbeddingSpec, QEmbeddingSpec
 from bitsmith.codegen.gpu.compute import bias_add_tensors, binary_tensors, gated_tensors, unary_tensors
 from bitsmith.codegen.gpu.schedule import dlight, te_func
@@ -89,11 +89,7 @@ class BinarySpec:
         """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): a, b, y."""
         if target.is_gpu:
             return dlight(self.gpu_definition(), target)
-        a = te.placeholder((self.n,), "float32", name="a")
-        b = te.placeholder((self.n,), "float32", name="b")
-        fn = (lambda i: a[i] + b[i]) if self.op == "add" else (lambda i: a[i] * b[i])
-        y = te.compute((self.n,), fn, name="y")
-        return finish(schedule_flat(te.create_prim_func([a, b, y]), self.n, target.lanes(4)), self.name)
+        return finish(schedule_flat(te.create_prim_func(binary_tensors(self)), self.n, target.lanes(4)), self.name)
 
     def gpu_definition(self) -> Any:
         """The GPU kernel's unscheduled PrimFunc (gpu/compute.py); built for a CPU it checks the GPU semantics."""
@@ -122,10 +118,7 @@ class BiasAddSpec:
         """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): x, b, y."""
         if target.is_gpu:
             return dlight(self.gpu_definition(), target)
-        x = te.placeholder((self.rows, self.n), "float32", name="x")
-        b = te.placeholder((self.n,), self.bias_dtype, name="b")
-        y = te.compute((self.rows, self.n), lambda r, i: x[r, i] + f32(b[i]), name="y")
-        func = schedule_rows(te.create_prim_func([x, b, y]), "y", self.rows, self.n, target.lanes(4))
+        func = schedule_rows(te.create_prim_func(bias_add_tensors(self)), "y", self.rows, self.n, target.lanes(4))
         return finish(func, self.name)
 
     def gpu_definition(self) -> Any:

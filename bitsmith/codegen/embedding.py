@@ -53,10 +53,7 @@ class EmbeddingSpec:
         """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): table, ids, y."""
         if target.is_gpu:
             return dlight(self.gpu_definition(), target)
-        table = te.placeholder((self.vocab, self.dim), self.dtype, name="table")
-        ids = te.placeholder((self.rows,), "int64", name="ids")
-        y = te.compute((self.rows, self.dim), lambda r, d: f32(table[table_row(ids, r, self.vocab), d]), name="y")
-        func = schedule_rows(te.create_prim_func([table, ids, y]), "y", self.rows, self.dim, target.lanes(4))
+        func = schedule_rows(te.create_prim_func(embedding_tensors(self)), "y", self.rows, self.dim, target.lanes(4))
         return finish(func, self.name)
 
     def gpu_definition(self) -> Any:

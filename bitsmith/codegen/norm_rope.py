@@ -57,10 +57,7 @@ class RmsNormSpec:
         """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): x, w, y."""
         if target.is_gpu:
             return dlight(self.gpu_definition(), target)
-        x = te.placeholder((self.rows, self.dim), "float32", name="x")
-        w = te.placeholder((self.dim,), self.weight_dtype, name="w")
-        y = rms_stages(x, w, self.rows, self.dim, self.eps)
-        func = schedule_rows(te.create_prim_func([x, w, y]), "y", self.rows, self.dim, target.lanes(4),
+        func = schedule_rows(te.create_prim_func(rms_norm_tensors(self)), "y", self.rows, self.dim, target.lanes(4),
                              per_row=("den", "ss"))
         return finish(func, self.name)
 
