@@ -15,9 +15,12 @@ import click
 from bitsmith.compiler.calibration_data import CalibrationOptions
 from bitsmith.compiler.printer import print_module
 from bitsmith.errors import BitsmithError
-from bitsmith.options import (ACTIVATIONS, ARCHS, BITS, DTYPES, GROUP_SIZES, KV_BLOCK_SIZES, KV_DTYPE_CHOICES, METHODS,
-                              TARGETS, CompileOptions, MemoryOptions, QuantOptions, TargetOptions)
-from bitsmith.passes.kv_plan import parse_bytes
+from bitsmith.codegen.target import CUDA_ARCHS
+from bitsmith.options import (ACTIVATIONS, KV_DTYPE_CHOICES, TARGETS, CompileOptions, MemoryOptions, QuantOptions,
+                              TargetOptions)
+from bitsmith.passes.cast_weights import STORAGE_DTYPES
+from bitsmith.passes.kv_plan import BLOCK_SIZES, parse_bytes
+from bitsmith.passes.quant.scheme import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, SUPPORTED_METHODS
 from bitsmith.runtime.artifact import load_artifact
 from bitsmith.runtime.bench import agreement_with_first, bench_prompts, format_table, run_concurrency, run_rounds
 from bitsmith.runtime.engine import Engine
@@ -71,7 +74,7 @@ def main() -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Artifact directory to write (replaced atomically if it is already an artifact); required "
                    "unless --print-passes.")
-@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+@click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default=None,
               help="Weight storage dtype. Default: the checkpoint's own (an fp32 checkpoint gives fp32).")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
               help="llama2.c only: the tok*.bin tokenizer when it is not beside the checkpoint.")
@@ -80,11 +83,11 @@ def main() -> None:
               help="Write the IR after each pass, numbered, into this directory, with a side table where the "
                    "pass wrote weights, a plan or kernel schedules (NN-PASS.weights.txt, .kv_plan.json, ...).")
 @click.option("--print-passes", is_flag=True, help="Print the pass list these options give, by phase, and exit.")
-@click.option("--method", type=click.Choice(METHODS), default=None,
+@click.option("--method", type=click.Choice(SUPPORTED_METHODS), default=None,
               help="Quantize the linear weights with this method (default: no quantization).")
-@click.option("--bits", type=click.Choice([str(b) for b in BITS]), default="4", show_default=True,
+@click.option("--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default="4", show_default=True,
               help="Bits per quantized weight.")
-@click.option("--group", "group_size", type=click.Choice([str(g) for g in GROUP_SIZES]), default="128",
+@click.option("--group", "group_size", type=click.Choice([str(g) for g in SUPPORTED_GROUP_SIZES]), default="128",
               show_default=True, help="Quantization group size along the input dim (-1: per output channel). "
                                       "When it does not divide the input dim the last group is partial.")
 @click.option("--sym/--asym", default=True, show_default=True, help="Symmetric (no zero point) or asymmetric.")
@@ -106,7 +109,7 @@ def main() -> None:
               help="Where the compiled kernels run: this CPU (its exact LLVM name), 64-bit ARM Linux "
                    "(cross-compiled, NEON), an NVIDIA GPU (built here with nvcc, no GPU needed), or none "
                    "(reference executor only).")
-@click.option("--arch", type=click.Choice(ARCHS), default=None,
+@click.option("--arch", type=click.Choice(CUDA_ARCHS), default=None,
               help="GPU architecture for --target cuda [default: sm_90a, the H100].")
 @click.option("--context", type=click.IntRange(min=16), default=None,
               help="Longest sequence (prompt + output) [default: the model's maximum, at most 2048].")
@@ -117,7 +120,7 @@ def main() -> None:
               help="Sequences served at once, each up to --context tokens (sizes the KV block pool).")
 @click.option("--kv-dtype", type=click.Choice(KV_DTYPE_CHOICES), default="auto",
               show_default=True, help="KV-cache storage; auto: float16 unless --memory needs int8.")
-@click.option("--block-size", type=click.Choice([str(b) for b in KV_BLOCK_SIZES]), default="16", show_default=True,
+@click.option("--block-size", type=click.Choice([str(b) for b in BLOCK_SIZES]), default="16", show_default=True,
               help="Tokens per KV-cache block (the paging and prefix-caching unit).")
 @click.option("--activations", type=click.Choice(ACTIVATIONS), default="float32", show_default=True,
               help="Inputs of the 4/8-bit decode GEMVs: float32 (exact: the reference executor's greedy tokens), "

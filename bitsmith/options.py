@@ -1,4 +1,5 @@
-"""Compile options, by concern, and the values each may take (the CLI's choices derive from these).
+"""Compile options, by concern, and the choices that exist only here (the CLI takes the others from the modules
+that define them).
 
 Kept apart from pipeline.py so that the command line parses them without importing TVM (the pipeline loads it)."""
 
@@ -7,18 +8,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from bitsmith.codegen.target import CUDA_ARCHS, SUPPORTED_TARGETS
+from bitsmith.codegen.target import SUPPORTED_TARGETS
 from bitsmith.compiler.calibration_data import CalibrationOptions
-from bitsmith.passes.cast_weights import STORAGE_DTYPES
-from bitsmith.passes.kv_plan import BLOCK_SIZES, KV_DTYPES
-from bitsmith.passes.quant.scheme import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, SUPPORTED_METHODS, QuantScheme
+from bitsmith.passes.kv_plan import KV_DTYPES
+from bitsmith.passes.quant.scheme import QuantScheme
 
-DTYPES = STORAGE_DTYPES  # weight storage
-METHODS, BITS, GROUP_SIZES = SUPPORTED_METHODS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 KV_DTYPE_CHOICES = ("auto", *KV_DTYPES)  # auto: float16 unless the budget needs int8
-KV_BLOCK_SIZES = BLOCK_SIZES
 TARGETS = (*SUPPORTED_TARGETS, "cuda", "none")  # none: the reference executor only
-ARCHS = CUDA_ARCHS
 ACTIVATIONS = ("float32", "int8", "auto")  # inputs of the quantized GEMVs
 
 
