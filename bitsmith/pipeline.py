@@ -10,11 +10,12 @@ from typing import Callable
 
 from bitsmith.codegen.build import build_kernel_library
 from bitsmith.codegen.target import DEFAULT_CUDA_ARCH, resolve_target
-from bitsmith.compiler.artifact import write_artifact
+from bitsmith.compiler.artifact import SPILL, staging_directory, write_artifact
 from bitsmith.compiler.calibration_data import calibration_tokens
 from bitsmith.compiler.frontends.base import LoadedModel
 from bitsmith.compiler.ir import Module
 from bitsmith.compiler.loader import load_model
+from bitsmith.compiler.weight_store import WeightStore
 from bitsmith.errors import BitsmithError
 from bitsmith.options import CompileOptions, MemoryOptions, QuantOptions, TargetOptions  # noqa: F401 (re-exported)
 from bitsmith.passes.assign_precision import KEEP_SCHEMES, AssignPrecision, matches_pattern
@@ -121,13 +122,14 @@ def describe_pipeline(options: CompileOptions, model: LoadedModel | None = None)
     return "\n".join(lines)
 
 
-def run_pipeline(model: LoadedModel, options: CompileOptions,
-                 log: Callable[[str], None] | None = None) -> tuple[Module, PassContext]:
-    """Run the pass list on a loaded model: (the compiled module, the context with its weights and results)."""
+def run_pipeline(model: LoadedModel, options: CompileOptions, log: Callable[[str], None] | None = None,
+                 spill_dir: Path | None = None) -> tuple[Module, PassContext]:
+    """Run the pass list on a loaded model: (the compiled module, the context with its weights and results).
+    With `spill_dir`, the weights passes write go there (see weight_store.py), so memory stays bounded."""
     passes = default_passes(options, model)
     if log:
         log("passes:\n" + "\n".join(f"  {line}" for line in describe_pipeline(options, model).splitlines()))
-    ctx = PassContext(dict(model.weights))
+    ctx = PassContext(WeightStore(model.weights, spill_dir))
     if options.quant.enabled:
         ctx.calibration = calibration_tokens(model, options.quant.calibration)
     module = run_passes(model.module, ctx, passes, options.verify, options.dump_ir, log)
@@ -192,11 +194,12 @@ def compile_model(source: str | Path | None, out: str | Path, options: CompileOp
     """Compile `source` (None: the built-in default model) into an artifact directory at `out`."""
     kernel_target(options)  # refuse a bad target/arch pair before any work
     model = load_model(source, tokenizer=options.tokenizer, log=log)
-    module, ctx = run_pipeline(model, options, log)
-    with tempfile.TemporaryDirectory(prefix="bitsmith-kernels-") as tmp:
+    with staging_directory(out) as staging, tempfile.TemporaryDirectory(prefix="bitsmith-kernels-") as tmp:
+        module, ctx = run_pipeline(model, options, log, spill_dir=staging / SPILL)
         kernels, files = build_kernels(ctx, kernel_target(options), Path(tmp), log)
         return write_artifact(out, module, ctx.weights, model.tokenizer, model.config, options.to_json(), model.source,
-                              kernels=kernels, extra_files=files, memory_plan=memory_plan(ctx, kernels))
+                              kernels=kernels, extra_files=files, memory_plan=memory_plan(ctx, kernels),
+                              staging=staging)
 
 
 def memory_plan(ctx: PassContext, kernels: dict | None) -> dict[str, int]:

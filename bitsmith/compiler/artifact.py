@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -9,7 +10,7 @@ import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 from tqdm import tqdm
@@ -18,6 +19,7 @@ import bitsmith
 from bitsmith.compiler.frontends.base import TokenizerSpec
 from bitsmith.compiler.ir import Module
 from bitsmith.compiler.weight_stats import summarize, weight_table
+from bitsmith.compiler.weight_store import WeightStore
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.artifact import (
     ARTIFACT_FORMAT, MANIFEST, SCHEMA_VERSION, WEIGHTS, is_artifact, sha256_of,
@@ -50,24 +52,48 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_artifact(out: str | Path, module: Module, weights: Mapping[str, np.ndarray],
-                   tokenizer: TokenizerSpec | None, config: dict[str, Any], compile_options: dict[str, Any],
-                   source: dict[str, Any], kernels: dict[str, Any] | None = None,
-                   extra_files: Mapping[str, Path] | None = None, memory_plan: dict[str, int] | None = None) -> Path:
-    """Write manifest.json, weights.safetensors, tokenizer files and kernels/ to `out`; nothing is left on failure.
+SPILL = ".spill"  # inside the staging directory: the weights passes wrote, one file per tensor
 
-    kernels: the manifest's `kernels` entry (KernelPlan JSON), None when the artifact has none;
-    extra_files: artifact-relative path -> file to copy in (the kernel libraries).
-    """
+
+@contextlib.contextmanager
+def staging_directory(out: str | Path) -> Iterator[Path]:
+    """A temp directory beside `out` to build the artifact in (its SPILL subdirectory takes the weights passes
+    write while the compile runs); removed on failure, and by `write_artifact` when it moves into place."""
     out = Path(out)
     _prepare_destination(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_artifact(out: str | Path, module: Module, weights: Mapping[str, np.ndarray],
+                   tokenizer: TokenizerSpec | None, config: dict[str, Any], compile_options: dict[str, Any],
+                   source: dict[str, Any], kernels: dict[str, Any] | None = None,
+                   extra_files: Mapping[str, Path] | None = None, memory_plan: dict[str, int] | None = None,
+                   staging: Path | None = None) -> Path:
+    """Write manifest.json, weights.safetensors, tokenizer files and kernels/ to `out`; nothing is left on failure.
+
+    kernels: the manifest's `kernels` entry (KernelPlan JSON), None when the artifact has none;
+    extra_files: artifact-relative path -> file to copy in (the kernel libraries);
+    staging: the staging_directory to build in (default: a new one). File-backed weights are streamed into
+    weights.safetensors a chunk at a time, and each spill file is deleted once copied.
+    """
+    if staging is None:
+        with staging_directory(out) as tmp:
+            return write_artifact(out, module, weights, tokenizer, config, compile_options, source, kernels,
+                                  extra_files, memory_plan, tmp)
+    out, tmp = Path(out), Path(staging)
+    store = weights if isinstance(weights, WeightStore) else WeightStore(weights)
+    try:
         names = sorted(module.weights)
-        total = sum(weights[n].nbytes for n in names)
+        total = sum(store.nbytes(n) for n in names)
         with tqdm(total=total, unit="B", unit_scale=True, desc="writing weights", leave=False,
                   disable=total < (64 << 20)) as bar:
-            write_safetensors(tmp / WEIGHTS, ((n, weights[n]) for n in names), {"format": "bitsmith"}, progress=bar)
+            write_safetensors(tmp / WEIGHTS, ((n, store.entry(n)) for n in names), {"format": "bitsmith"},
+                              progress=bar)
+        shutil.rmtree(tmp / SPILL, ignore_errors=True)
         if tokenizer is not None:
             for name, data in tokenizer.files.items():
                 (tmp / name).write_bytes(data)
@@ -78,8 +104,8 @@ def write_artifact(out: str | Path, module: Module, weights: Mapping[str, np.nda
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         bytes_by_dtype: dict[str, int] = {}
         for n in names:
-            bytes_by_dtype[str(weights[n].dtype)] = bytes_by_dtype.get(str(weights[n].dtype), 0) + weights[n].nbytes
-        table = weight_table(module, {n: weights[n].nbytes for n in names})
+            bytes_by_dtype[str(store.dtype(n))] = bytes_by_dtype.get(str(store.dtype(n)), 0) + store.nbytes(n)
+        table = weight_table(module, {n: store.nbytes(n) for n in names})
         totals = summarize(table)
         manifest = {
             "format": ARTIFACT_FORMAT,

@@ -9,11 +9,16 @@ import numpy as np
 from bitsmith.compiler.ir import Function, Module
 from bitsmith.compiler.ops import OPS, RefContext, bind
 from bitsmith.errors import BitsmithError
+from bitsmith.runtime.safetensors_io import StoredTensor
 
 
 def upcast_weights(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """float32 copies of float weights (once, so no step pays the conversion)."""
-    return {k: (v.astype(np.float32) if v.dtype.kind in "fV" and v.dtype != np.float32 else v) for k, v in weights.items()}
+    """float32 copies of float weights (once, so no step pays the conversion); file-backed ones are read."""
+    out = {}
+    for name, value in weights.items():
+        value = value.read() if isinstance(value, StoredTensor) else value
+        out[name] = value.astype(np.float32) if value.dtype.kind in "fV" and value.dtype != np.float32 else value
+    return out
 
 
 def bind_dims(fn: Function, inputs: Mapping[str, np.ndarray]) -> dict[str, int]:

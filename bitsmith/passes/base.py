@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from bitsmith.compiler.weight_store import WeightStore
 from bitsmith.passes.kv_plan import KVPlan
-from bitsmith.passes.quant.scheme import QuantizedWeight
+from bitsmith.passes.quant.scheme import QuantScheme
 from bitsmith.runtime.schedule import Schedule
 
 
@@ -22,16 +23,30 @@ class Lowered:
     kv: dict[str, Any]  # the KV plan the schedules were lowered for (KVPlan.to_json())
 
 
+@dataclass(frozen=True)
+class QuantizedInfo:
+    """What quantize_weights tells pack_weights about a weight it quantized (the packed parts are in weights)."""
+
+    scheme: QuantScheme
+    out_features: int
+    in_features: int
+
+
 @dataclass
 class PassContext:
     """State passes share besides the module. Passes return a new module but may replace entries of
     `weights` (quantize_weights, cast_weights, pack_weights and others write new arrays, never into an
-    existing one); each other result has its own field, written by one pass."""
+    existing one); each other result has its own field, written by one pass. A plain dict of weights is
+    wrapped in a WeightStore (in memory, no spilling)."""
 
-    weights: dict[str, np.ndarray]  # name -> array, what the artifact stores
+    weights: WeightStore  # name -> array, what the artifact stores (read lazily, see weight_store.py)
     calibration: np.ndarray | None = None  # int64 [samples, seqlen] token ids, when a pass needs them
-    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # quantize_weights -> pack_weights
+    quantized: dict[str, QuantizedInfo] = field(default_factory=dict)  # quantize_weights -> pack_weights
     kv_plan: KVPlan | None = None  # plan_kv_cache
     memory_estimate: dict[str, int] | None = None  # plan_kv_cache: weights / kv_cache / workspace bytes
     lowered: Lowered | None = None  # lower_to_kernels
     kernels_skipped: str | None = None  # lower_to_kernels, when not required: why there are no kernels
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weights, WeightStore):
+            self.weights = WeightStore(self.weights)

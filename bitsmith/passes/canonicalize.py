@@ -31,7 +31,7 @@ def canonicalize(module: Module, weights: dict[str, np.ndarray]) -> tuple[Module
     """A traced module (prefill alone) and its weights -> prefill + decode and only the weights they read."""
     ctx = PassContext(dict(weights))
     module = run_passes(module, ctx, [p() for p in CANONICALIZE], verify=False)
-    return module, {k: v for k, v in ctx.weights.items() if k in module.weights}
+    return module, {k: v for k, v in ctx.weights.entries().items() if k in module.weights}
 
 
 def canonical_model(model: LoadedModel) -> LoadedModel:

@@ -6,8 +6,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from bitsmith.compiler.ir import Module
 from bitsmith.passes.base import PassContext
 from bitsmith.passes.quant.scheme import QuantScheme
@@ -19,7 +17,7 @@ PACKED_PARTS = (".qweight", ".scales", ".zeros")
 class Snapshot:
     """The context and metadata before a pass (references, not copies: passes write new arrays and objects)."""
 
-    weights: dict[str, np.ndarray]
+    weights: dict[str, Any]  # name -> the store's entry (an array or a StoredTensor), unread
     meta: dict[str, Any]
     kv_plan: Any
     lowered: Any
@@ -27,7 +25,7 @@ class Snapshot:
 
     @classmethod
     def of(cls, module: Module, ctx: PassContext) -> "Snapshot":
-        return cls(dict(ctx.weights), dict(module.meta), ctx.kv_plan, ctx.lowered, ctx.kernels_skipped)
+        return cls(ctx.weights.entries(), dict(module.meta), ctx.kv_plan, ctx.lowered, ctx.kernels_skipped)
 
     def side_tables(self, module: Module, ctx: PassContext) -> dict[str, str]:
         """suffix -> text for what changed since the snapshot ({} when the pass changed only the IR)."""
@@ -48,17 +46,16 @@ class Snapshot:
         return tables
 
     def _weights(self, ctx: PassContext) -> str:
-        changed = [n for n, a in ctx.weights.items() if self.weights.get(n) is not a]
+        changed = [n for n, a in ctx.weights.entries().items() if self.weights.get(n) is not a]
         removed = [n for n in self.weights if n not in ctx.weights]
         if not changed and not removed:
             return ""
         lines = [f"# {len(changed)} written, {len(removed)} removed; name dtype shape [scheme]"]
         width = max(len(n) for n in changed + removed)
         for name in changed:
-            array = ctx.weights[name]
-            shape = "x".join(map(str, array.shape)) or "scalar"
+            shape = "x".join(map(str, ctx.weights.shape(name))) or "scalar"
             scheme = _quantized_scheme(name, ctx)
-            lines.append(f"{name:<{width}}  {array.dtype}  {shape}" + (f"  {scheme}" if scheme else ""))
+            lines.append(f"{name:<{width}}  {ctx.weights.dtype(name)}  {shape}" + (f"  {scheme}" if scheme else ""))
         lines += [f"{name:<{width}}  removed" for name in removed]
         return "\n".join(lines) + "\n"
 

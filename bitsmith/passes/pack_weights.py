@@ -1,34 +1,21 @@
-"""Packing: store each quantized weight as uint32 codes + fp16 scales (+ zeros) and rewrite linear -> qlinear."""
+"""Rewrite linear -> qlinear over the packed parts (uint32 codes + fp16 scales (+ zeros)) quantize_weights wrote."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from bitsmith.compiler.ir import Function, Module, Node, TensorType
-from bitsmith.passes.base import PassContext
+from bitsmith.passes.base import PassContext, QuantizedInfo
 from bitsmith.passes.manager import Pass
-from bitsmith.passes.quant.packing import pack
-from bitsmith.passes.quant.scheme import QuantizedWeight
-
-# weight "layers.0.mlp.down_proj.weight" becomes
-#   "layers.0.mlp.down_proj.qweight"  uint32 [out, words]   (layout: passes/quant/packing.py)
-#   "layers.0.mlp.down_proj.scales"   float16 [out, groups]
-#   "layers.0.mlp.down_proj.zeros"    float16 [out, groups]  (asymmetric schemes only)
+from bitsmith.passes.quantize_weights import packed_names
 
 
-def packed_names(weight: str) -> tuple[str, str, str]:
-    stem = weight.removesuffix(".weight")
-    return f"{stem}.qweight", f"{stem}.scales", f"{stem}.zeros"
-
-
-def qlinear_attrs(qw: QuantizedWeight) -> dict:
+def qlinear_attrs(qw: QuantizedInfo) -> dict:
     return {"bits": qw.scheme.bits, "group_size": qw.scheme.group_size, "in_features": qw.in_features,
             "sym": qw.scheme.sym}
 
 
-def _rewrite(fn: Function, quantized: dict[str, QuantizedWeight], weights: dict[str, TensorType]) -> Function:
+def _rewrite(fn: Function, quantized: dict[str, QuantizedInfo], weights: dict[str, TensorType]) -> Function:
     types = dict(fn.types)
     parts: dict[str, tuple[str, ...]] = {}  # old weight value -> its packed part values
     source: dict[str, str] = {}  # old weight value -> weight name
@@ -55,7 +42,8 @@ def _rewrite(fn: Function, quantized: dict[str, QuantizedWeight], weights: dict[
 
 @dataclass(frozen=True)
 class PackWeights(Pass):
-    """Reads ctx.quantized (quantize_weights); runs after cast_weights, which would otherwise cast the scales."""
+    """Reads ctx.quantized (quantize_weights); runs after cast_weights, which casts only the weights the IR
+    lists (the packed parts join the IR's weights here)."""
 
     name = "pack_weights"
     requires = frozenset({"quantized", "cast"})
@@ -66,15 +54,10 @@ class PackWeights(Pass):
         if not quantized:
             return module
         weights = {k: t for k, t in module.weights.items() if k not in quantized}
-        for name, qw in quantized.items():
-            qname, sname, zname = packed_names(name)
-            ctx.weights[qname] = pack(qw.q, qw.scheme.bits)
-            ctx.weights[sname] = np.asarray(qw.scales, dtype=np.float16)
-            if not qw.scheme.sym:
-                ctx.weights[zname] = np.asarray(qw.zeros, dtype=np.float16)
-            del ctx.weights[name]
-            for n in (qname, sname, zname):
+        for name in quantized:
+            ctx.weights.pop(name, None)
+            for n in packed_names(name):
                 if n in ctx.weights:
-                    weights[n] = TensorType(ctx.weights[n].shape, str(ctx.weights[n].dtype))
+                    weights[n] = TensorType(ctx.weights.shape(n), str(ctx.weights.dtype(n)))
         functions = {k: _rewrite(f, quantized, weights) for k, f in module.functions.items()}
         return module.replace(functions=functions, weights=weights)

@@ -48,7 +48,7 @@ class PlanKVCache(Pass):
         decode = module["decode"]
         cache_shape = decode.inputs[2][1].shape  # [layers, 2, ctx, kv_heads, head_dim]
         layers, _, _, kv_heads, head_dim = cache_shape
-        weight_bytes = sum(int(ctx.weights[n].nbytes) for n in module.weights)
+        weight_bytes = sum(ctx.weights.nbytes(n) for n in module.weights)
         workspace = peak_activation_bytes(module["prefill"], self.workspace_rows)
         plan = plan_kv_cache(self.options, layers, kv_heads, head_dim, weight_bytes, workspace)
         ctx.kv_plan = plan

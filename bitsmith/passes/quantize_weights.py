@@ -12,23 +12,58 @@ is silu(gate) * up). Elsewhere (o_proj: GQA heads share value rows) s = 1 and on
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Iterator, Mapping
 
 import numpy as np
 from tqdm import tqdm
 
 from bitsmith.compiler.ir import Function, Module
 from bitsmith.errors import BitsmithError
-from bitsmith.passes.base import PassContext
+from bitsmith.compiler.weight_store import WeightStore
+from bitsmith.passes.base import PassContext, QuantizedInfo
 from bitsmith.passes.calibrate import initial_envs, linear_inputs, run_segment, split_by_layer
 from bitsmith.passes.manager import Pass
 from bitsmith.passes.quant.awq import quantize_awq, search_awq_scales
 from bitsmith.passes.quant.gptq import accumulate_hessian, quantize_gptq
+from bitsmith.passes.quant.packing import pack
 from bitsmith.passes.quant.rtn import quantize_rtn
 from bitsmith.passes.quant.scheme import QuantizedWeight, QuantScheme, dequantize
 from bitsmith.passes.rewrite import producers
+from bitsmith.runtime.packed_layout import unpack
 
 AWQ_MAX_ROWS = 4096  # activation rows kept per input for the AWQ searches
+RTN_CHUNK_ELEMENTS = 4 << 20  # weights per RTN work item: 16 MB of fp32 rows (rows are independent in RTN)
+RTN_THREADS = 2  # numpy releases the GIL in its array loops, so chunks quantize on both cores
+
+
+def packed_names(weight: str) -> tuple[str, str, str]:
+    """weight "layers.0.mlp.down_proj.weight" is stored as
+      "layers.0.mlp.down_proj.qweight"  uint32 [out, words]   (layout: passes/quant/packing.py)
+      "layers.0.mlp.down_proj.scales"   float16 [out, groups]
+      "layers.0.mlp.down_proj.zeros"    float16 [out, groups]  (asymmetric schemes only)"""
+    stem = weight.removesuffix(".weight")
+    return f"{stem}.qweight", f"{stem}.scales", f"{stem}.zeros"
+
+
+class SegmentWeights(Mapping[str, np.ndarray]):
+    """The store's weights as one calibration segment reads them: each read once, then kept until the segment
+    is done (every calibration sample reads the same layer)."""
+
+    def __init__(self, store: WeightStore):
+        self.store, self.cache = store, {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.cache:
+            self.cache[name] = self.store[name]
+        return self.cache[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.store)
+
+    def __len__(self) -> int:
+        return len(self.store)
 
 
 class InputStats:
@@ -74,8 +109,10 @@ def _fold_target(fn: Function, value: str) -> tuple[str, str] | None:
 
 @dataclass(frozen=True)
 class QuantizeWeights(Pass):
-    """Writes ctx.quantized (weight name -> codes and scales, for pack_weights) and the dequantized values
-    into ctx.weights, so later layers calibrate on what the artifact computes."""
+    """Writes each quantized weight's packed parts (packed_names) into ctx.weights and its scheme into
+    ctx.quantized; the float weight is dropped once its layer is done (pack_weights rewrites the IR).
+    GPTQ/AWQ: while a layer is being calibrated its dequantized values stand in for the float weight,
+    so later layers calibrate on what the artifact computes. RTN streams each weight in row chunks."""
 
     damp: float = 0.01
     act_order: bool = True
@@ -88,8 +125,9 @@ class QuantizeWeights(Pass):
         if not plan:
             return module
         if all(s.method == "rtn" for s in plan.values()):
-            for name, scheme in tqdm(plan.items(), desc="quantizing (rtn)", leave=False, disable=len(plan) < 16):
-                self._store(ctx, name, quantize_rtn(ctx.weights[name], scheme))
+            with ThreadPoolExecutor(RTN_THREADS) as pool:
+                for name, scheme in tqdm(plan.items(), desc="quantizing (rtn)", leave=False, disable=len(plan) < 16):
+                    quantize_rtn_streamed(ctx, name, scheme, pool)
             return module
         if ctx.calibration is None:
             raise BitsmithError("GPTQ/AWQ need calibration tokens", where=f"pass {self.name}",
@@ -103,10 +141,16 @@ class QuantizeWeights(Pass):
             if targets:
                 stats = InputStats({v for w, v in targets.items() if plan[w].method == "gptq"},
                                    {v for w, v in targets.items() if plan[w].method == "awq"})
+                weights = SegmentWeights(ctx.weights)
                 for env in envs:
-                    run_segment(fn, seg, env, ctx.weights, stats, set(targets.values()))
+                    run_segment(fn, seg, env, weights, stats, set(targets.values()))
+                del weights
                 self._quantize_segment(fn, targets, plan, stats, ctx)
-            envs = [run_segment(fn, seg, env, ctx.weights) for env in envs]
+            weights = SegmentWeights(ctx.weights)
+            envs = [run_segment(fn, seg, env, weights) for env in envs]
+            del weights
+            for weight in targets:  # the dequantized stand-ins have done their job
+                del ctx.weights[weight]
         return module
 
     def _quantize_segment(self, fn: Function, targets: dict[str, str], plan: dict[str, QuantScheme],
@@ -137,7 +181,7 @@ class QuantizeWeights(Pass):
     def _awq_scales(self, fn: Function, value: str, weights: list[str], plan: dict[str, QuantScheme],
                     stats: InputStats, ctx: PassContext) -> np.ndarray:
         """Search s for the AWQ linears reading `value` and fold 1/s into its producer (or return s = 1)."""
-        in_features = ctx.weights[weights[0]].shape[1]
+        in_features = ctx.weights.shape(weights[0])[1]
         target = _fold_target(fn, value)
         if target is None:
             return np.ones(in_features, dtype=np.float32)
@@ -151,5 +195,70 @@ class QuantizeWeights(Pass):
 
     @staticmethod
     def _store(ctx: PassContext, name: str, qw: QuantizedWeight) -> None:
-        ctx.quantized[name] = qw
-        ctx.weights[name] = dequantize(qw)  # later layers see the quantized values
+        store_packed(ctx, name, qw)
+        ctx.weights[name] = dequantize(qw)  # the rest of this layer's calibration sees the quantized values
+
+
+def store_packed(ctx: PassContext, name: str, qw: QuantizedWeight) -> None:
+    """Write qw's packed parts into ctx.weights and its scheme into ctx.quantized."""
+    qname, sname, zname = packed_names(name)
+    ctx.weights[qname] = pack(qw.q, qw.scheme.bits)
+    ctx.weights[sname] = qw.scales
+    if qw.zeros is not None:
+        ctx.weights[zname] = qw.zeros
+    ctx.quantized[name] = QuantizedInfo(qw.scheme, qw.out_features, qw.in_features)
+
+
+def dequantized_weight(ctx: PassContext, name: str) -> np.ndarray:
+    """float32 [out, in]: what the packed parts of quantized weight `name` stand for (tests, inspection)."""
+    info = ctx.quantized[name]
+    qname, sname, zname = packed_names(name)
+    q = unpack(ctx.weights[qname], info.scheme.bits, info.in_features)
+    zeros = None if info.scheme.sym else ctx.weights[zname]
+    return dequantize(QuantizedWeight(q, ctx.weights[sname], zeros, info.scheme, info.in_features))
+
+
+def _row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
+    step = max(1, RTN_CHUNK_ELEMENTS // max(cols, 1))
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def quantize_rtn_streamed(ctx: PassContext, name: str, scheme: QuantScheme, pool: ThreadPoolExecutor | None) -> None:
+    """RTN of one weight a chunk of rows at a time (RTN treats rows independently): read, quantize, pack and
+    write each chunk, so memory holds a few chunks, never the whole weight in fp32; drops the float weight."""
+    out, cols = ctx.weights.shape(name)
+    qname, sname, zname = packed_names(name)
+    where = f"pass quantize_weights, weight {name}"
+
+    def work(span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        qw = quantize_rtn(ctx.weights.read_rows(name, *span), scheme)
+        if not np.isfinite(qw.scales.astype(np.float32)).all():
+            raise BitsmithError("quantization produced non-finite scales", where=where,
+                                fix="check the weight for inf/nan values")
+        return pack(qw.q, scheme.bits), qw.scales, qw.zeros
+
+    chunks = _row_chunks(out, cols)
+    scales, zeros = [], []
+    words = None
+    writer = None
+    try:
+        wave = RTN_THREADS if pool is not None else 1
+        for first in range(0, len(chunks), wave):  # a wave at a time: results never pile up in memory
+            batch = chunks[first:first + wave]
+            for packed, s, z in (pool.map(work, batch) if pool is not None else map(work, batch)):
+                if writer is None:
+                    words = packed.shape[1]
+                    writer = ctx.weights.writer(qname, (out, words), np.uint32).__enter__()
+                writer.write(packed)
+                scales.append(s)
+                zeros.append(z)
+    except BaseException as exc:
+        if writer is not None:
+            writer.__exit__(type(exc), exc, None)
+        raise
+    writer.__exit__(None, None, None)
+    ctx.weights[sname] = np.concatenate(scales)
+    if not scheme.sym:
+        ctx.weights[zname] = np.concatenate(zeros)
+    ctx.quantized[name] = QuantizedInfo(scheme, out, cols)
+    del ctx.weights[name]

@@ -57,5 +57,5 @@ class UntieLmHead(Pass):
         if len(tied) != 1 or LM_HEAD in module.weights:
             return module
         functions = {key: _untie(fn, tied[0]) for key, fn in module.functions.items()}
-        ctx.weights[LM_HEAD] = ctx.weights[tied[0]]  # the same array: later passes write new ones, never in place
+        ctx.weights.link(LM_HEAD, tied[0])  # the same entry: later passes write new ones, never in place
         return module.replace(functions=functions, weights={**module.weights, LM_HEAD: module.weights[tied[0]]})

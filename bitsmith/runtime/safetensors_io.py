@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Union
 
 import numpy as np
 
@@ -26,27 +28,89 @@ def numpy_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
-def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None,
+COPY_CHUNK = 64 << 20  # bytes per read/write when a tensor is streamed from one file into another
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor that lives in a file (a checkpoint, an artifact, a spill file): its bytes are read only when
+    asked for, a whole tensor (`read`), some rows (`read_rows`) or streamed into another file (`copy_to`)."""
+
+    path: Path
+    offset: int  # byte offset of the first element in the file
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def read(self) -> np.ndarray:
+        """A fresh in-memory array (not a map: its memory is freed with it)."""
+        return self.read_rows(0, self.shape[0] if self.shape else 1).reshape(self.shape)
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) along the first axis, as a fresh array."""
+        row = int(np.prod(self.shape[1:], dtype=np.int64)) if self.shape else 1
+        count = (stop - start) * row
+        array = np.fromfile(self.path, dtype=self.dtype, count=count, offset=self.offset + start * row * self.dtype.itemsize)
+        if array.size != count:
+            raise BitsmithError(f"file ends inside a tensor ({array.size} of {count} elements)", where=str(self.path),
+                                fix="the file is truncated; rebuild or re-download it")
+        return array.reshape((stop - start, *self.shape[1:]) if self.shape else ())
+
+    def copy_to(self, out: Any, progress: Any = None) -> None:
+        """Append this tensor's bytes to the open binary file `out`, COPY_CHUNK at a time."""
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            left = self.nbytes
+            while left:
+                block = f.read(min(left, COPY_CHUNK))
+                if not block:
+                    raise BitsmithError("file ends inside a tensor", where=str(self.path),
+                                        fix="the file is truncated; rebuild or re-download it")
+                out.write(block)
+                left -= len(block)
+                if progress is not None:
+                    progress.update(len(block))
+
+
+Tensor = Union[np.ndarray, StoredTensor]
+
+
+def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, Tensor]], metadata: dict[str, str] | None = None,
                       progress: Any = None) -> None:
-    """Write tensors in the given order; `progress` (a tqdm-like object) is advanced by bytes written."""
-    items = [(name, np.ascontiguousarray(array)) for name, array in tensors]
+    """Write tensors in the given order; a StoredTensor is streamed from its file (memory stays one chunk),
+    `progress` (a tqdm-like object) is advanced by bytes written."""
+    items = [(name, t if isinstance(t, StoredTensor) else np.ascontiguousarray(t)) for name, t in tensors]
     header: dict[str, Any] = {"__metadata__": metadata or {}}
     offset = 0
-    for name, array in items:
-        code = _CODES.get(str(array.dtype))
+    for name, tensor in items:
+        code = _CODES.get(str(tensor.dtype))
         if code is None:
-            raise BitsmithError(f"cannot store dtype {array.dtype} of {name!r} in safetensors")
-        header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
+            raise BitsmithError(f"cannot store dtype {tensor.dtype} of {name!r} in safetensors")
+        header[name] = {"dtype": code, "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for _, array in items:
-            f.write(array.view(np.uint8).reshape(-1).data if array.size else b"")
+        for _, tensor in items:
+            if isinstance(tensor, StoredTensor):
+                tensor.copy_to(f, progress)
+                continue
+            f.write(tensor.view(np.uint8).reshape(-1).data if tensor.size else b"")
             if progress is not None:
-                progress.update(array.nbytes)
+                progress.update(tensor.nbytes)
 
 
 def read_safetensors_header(path: str | Path) -> tuple[dict[str, Any], int]:
@@ -72,6 +136,22 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, Any], int]:
     return header, 8 + n
 
 
+def _dtype_of(code: str, name: str, path: str | Path) -> np.dtype:
+    if code not in _DTYPES:
+        raise BitsmithError(f"tensor {name!r} has dtype {code}, which bitsmith does not read", where=str(path),
+                            fix=f"convert the checkpoint to one of {sorted(_DTYPES)}")
+    return numpy_dtype(_DTYPES[code])
+
+
+def stored_tensors(path: str | Path) -> dict[str, StoredTensor]:
+    """name -> StoredTensor of each tensor in the file; nothing but the header is read."""
+    header, start = read_safetensors_header(path)
+    path = Path(os.path.abspath(path))
+    return {name: StoredTensor(path, start + info["data_offsets"][0], _dtype_of(info["dtype"], name, path),
+                               tuple(info["shape"]))
+            for name, info in header.items() if name != "__metadata__"}
+
+
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     """name -> read-only array backed by a memory map of the file."""
     header, start = read_safetensors_header(path)
@@ -81,6 +161,6 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
         if name == "__metadata__":
             continue
         begin, end = info["data_offsets"]
-        dtype = numpy_dtype(_DTYPES[info["dtype"]])
+        dtype = _dtype_of(info["dtype"], name, path)
         tensors[name] = data[start + begin:start + end].view(dtype).reshape(info["shape"])
     return tensors

@@ -71,16 +71,16 @@ def test_dump_ir_writes_side_tables_for_what_each_pass_did(tmp_path):
     assert files == ["00-input.ir", "01-eliminate_dead_code.ir", "02-assign_precision.ir",
                      "02-assign_precision.precision_plan.txt", "03-quantize_weights.ir",
                      "03-quantize_weights.weights.txt", "04-cast_weights.ir", "04-cast_weights.weights.txt",
-                     "05-pack_weights.ir", "05-pack_weights.weights.txt", "06-plan_kv_cache.ir",
+                     "05-pack_weights.ir", "06-plan_kv_cache.ir",
                      "06-plan_kv_cache.kv_plan.json", "07-lower_to_kernels.ir", "07-lower_to_kernels.schedules.txt"]
     read = lambda name: (tmp_path / "ir" / name).read_text()
     table = lambda name: {line.split()[0]: line.split()[1:] for line in read(name).splitlines() if line[0] != "#"}
     assert table("02-assign_precision.precision_plan.txt")["layers.0.mlp.down_proj.weight"] == ["int4-g32-sym-rtn"]
     down = "layers.0.mlp.down_proj"
-    assert table("03-quantize_weights.weights.txt")[f"{down}.weight"] == ["float32", "32x40", "int4-g32-sym-rtn"]
-    packed = table("05-pack_weights.weights.txt")
-    assert packed[f"{down}.qweight"][0] == "uint32" and packed[f"{down}.scales"][2] == "int4-g32-sym-rtn"
-    assert packed[f"{down}.weight"] == ["removed"]
+    # quantize_weights writes the packed parts and drops the float weight (pack_weights rewrites the IR only)
+    packed = table("03-quantize_weights.weights.txt")
+    assert packed[f"{down}.qweight"] == ["uint32", "32x5", "int4-g32-sym-rtn"]
+    assert packed[f"{down}.scales"][2] == "int4-g32-sym-rtn" and packed[f"{down}.weight"] == ["removed"]
     plan = json.loads(read("06-plan_kv_cache.kv_plan.json"))
     assert plan["kv_plan"]["max_context"] == 64 and plan["memory_estimate"]["kv_cache"] == plan["kv_plan"]["bytes"]
     schedules = read("07-lower_to_kernels.schedules.txt").splitlines()

@@ -13,7 +13,7 @@ from bitsmith.passes.assign_precision import AssignPrecision, linear_weights
 from bitsmith.passes.base import PassContext
 from bitsmith.passes.pack_weights import PackWeights
 from bitsmith.passes.quant.scheme import QuantScheme, theoretical_bytes
-from bitsmith.passes.quantize_weights import QuantizeWeights
+from bitsmith.passes.quantize_weights import QuantizeWeights, dequantized_weight
 from conftest import RANDOM_CONFIGS, random_model
 
 INT4 = QuantScheme(4, 32, True, "rtn")
@@ -44,12 +44,17 @@ def test_keep_and_override_patterns():
         plan_of("gqa", overrides=(("down_proj", "int5"),))
 
 
+def with_dequantized(ctx: PassContext) -> dict[str, np.ndarray]:
+    """The float weights a quantized context stands for: its float ones plus each quantized one dequantized."""
+    return {**dict(ctx.weights), **{name: dequantized_weight(ctx, name) for name in ctx.quantized}}
+
+
 def _quantize(config_name: str, scheme: QuantScheme, calibration: np.ndarray | None = None):
     module, weights = random_model(RANDOM_CONFIGS[config_name])
     ctx = PassContext(dict(weights), calibration=calibration)
     module = AssignPrecision(scheme, keep_default=False).run(module, ctx)
     module = QuantizeWeights().run(module, ctx)
-    dequantized = dict(ctx.weights)
+    dequantized = with_dequantized(ctx)
     packed = PackWeights().run(module, ctx)
     verify_module(packed)
     return module, dequantized, packed, ctx
@@ -93,7 +98,7 @@ def test_awq_folds_scales_so_the_float_function_is_preserved():
     QuantizeWeights().run(module, ctx)
     x = lambda: {"tokens": samples[0], "positions": np.arange(16), "kv_cache": np.zeros((2, 2, 16, 2, 8), np.float32)}
     float_out = run_function(module["prefill"], weights, x())[0]
-    quant_out = run_function(module["prefill"], ctx.weights, x())[0]  # ctx.weights: folded norms + dequantized
+    quant_out = run_function(module["prefill"], with_dequantized(ctx), x())[0]  # folded norms + dequantized
     assert np.abs(quant_out - float_out).max() < 0.05 * np.abs(float_out).max()
 
 

@@ -12,7 +12,7 @@ from bitsmith.compiler.frontends.base import Checkpoint, LoadedModel, require_pa
 from bitsmith.compiler.frontends.hf_files import load_hf_tokenizer, read_json, rope_settings
 from bitsmith.compiler.frontends.torch_export import load_hf_via_export
 from bitsmith.errors import BitsmithError
-from bitsmith.runtime.safetensors_io import read_safetensors as read_safetensors_file
+from bitsmith.runtime.safetensors_io import StoredTensor, stored_tensors
 
 # model_type -> how the architecture differs from plain Llama
 HAND_WRITTEN = {
@@ -70,11 +70,11 @@ def _safetensors_files(directory: Path) -> list[Path]:
     return files
 
 
-def read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
-    """All tensors of the files (memory-mapped), names without the "model." prefix."""
-    weights: dict[str, np.ndarray] = {}
+def read_safetensors(files: list[Path]) -> dict[str, StoredTensor]:
+    """All tensors of the files (unread: each is read when a pass needs it), names without the "model." prefix."""
+    weights: dict[str, StoredTensor] = {}
     for path in files:
-        for key, array in read_safetensors_file(path).items():
+        for key, array in stored_tensors(path).items():
             weights[key[len("model."):] if key.startswith("model.") else key] = array
     return weights
 
