@@ -29,8 +29,10 @@
 # llama.cpp's converter (needed by bench/scale.py): SRC/vendor/llama.cpp/convert_hf_to_gguf.py, with
 # its own gguf-py next to it (it prefers that copy unless NO_LOCAL_GGUF is set). It imports torch,
 # numpy and transformers at top level (all in the system site-packages this venv sees) and yaml via
-# gguf-py; sentencepiece only for SentencePiece tokenizers (a BPE tokenizer.json needs none of it);
-# its requirements file pins torch/transformers/numpy versions but the installed ones are used as is.
+# gguf-py; and sentencepiece, which its Llama converter imports whatever the tokenizer (without it,
+# converting even a tokenizer.json-only Llama dies with ModuleNotFoundError), so this script installs it
+# into the venv (a ~1 MB wheel). Its requirements file pins torch/transformers/numpy versions; the
+# installed ones are used as they are (converting TinyStories-656K worked with torch 2.13, transformers 5.25).
 #
 # Build time on the 2-vCPU AMD EPYC machine: ~7-10 min with 2 jobs at nice 10 (576 s, 2026-11-26, machine busy;
 # 396 s with explicit flags, 2026-12-06).
@@ -82,7 +84,11 @@ reusable() {
     for f in $need; do has "$f" || { echo "existing build needs '$f', which this host lacks: rebuilding"; return 1; }; done
     "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null
 }
+converter_deps() {  # small packages convert_hf_to_gguf.py needs beyond what the system site-packages have
+    "$VENV/bin/python" -c "import sentencepiece" 2>/dev/null || "$VENV/bin/pip" install --quiet sentencepiece
+}
 if [ -z "${FORCE:-}" ] && reusable; then
+    converter_deps
     echo "llama-cpp-python $VER already in $VENV (FORCE=1 rebuilds)"
     echo "$VENV"
     exit 0
@@ -132,5 +138,6 @@ LLAMACPP_BUILD_CPU=$BUILD_CPU
 LLAMACPP_CONVERT=$SRC/vendor/llama.cpp/convert_hf_to_gguf.py
 EOF
 [ -f "$SRC/vendor/llama.cpp/convert_hf_to_gguf.py" ] || echo "warning: no convert_hf_to_gguf.py in the sdist" >&2
+converter_deps
 "$VENV/bin/python" -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__, llama_cpp.llama_print_system_info().decode())"
 echo "$VENV"
