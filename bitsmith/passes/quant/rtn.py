@@ -103,11 +103,21 @@ def quantize_codes(w: np.ndarray, s: np.ndarray, z: np.ndarray, scheme: QuantSch
 def quantize_with_params(w: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
                          scheme: QuantScheme) -> QuantizedWeight:
     """Quantize w [out, in] with given fp16 group scales/zeros [out, n_groups]."""
-    gidx = group_index(w.shape[1], scheme)
-    s = scales.astype(np.float32)[:, gidx]
-    z = zero_points(zeros, scales.shape, scheme)[:, gidx]
-    q = quantize_codes(w, s, z, scheme)
-    return QuantizedWeight(q=q, scales=scales, zeros=zeros, scheme=scheme, in_features=w.shape[1])
+    out, n_in = w.shape
+    g = scheme.effective_group_size(n_in)
+    if n_in % g == 0:  # whole groups: broadcast [out, G, 1] over [out, G, g] instead of expanding s and z
+        s = scales.astype(np.float32)[:, :, None]
+        z = zero_points(zeros, scales.shape, scheme)[:, :, None]
+        t = np.divide(w.reshape(out, n_in // g, g), s)
+        t += z
+        np.rint(t, out=t)
+        np.clip(t, 0, scheme.qmax, out=t)
+        q = t.astype(np.uint8).reshape(out, n_in)
+    else:
+        gidx = group_index(n_in, scheme)
+        q = quantize_codes(w, scales.astype(np.float32)[:, gidx], zero_points(zeros, scales.shape, scheme)[:, gidx],
+                           scheme)
+    return QuantizedWeight(q=q, scales=scales, zeros=zeros, scheme=scheme, in_features=n_in)
 
 
 def quantize_rtn(w: np.ndarray, scheme: QuantScheme,
