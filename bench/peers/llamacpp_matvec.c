@@ -19,6 +19,13 @@
 //    "sec":..., "gbs":..., "rel_err":..., "buffer":"CPU_REPACK", "anon_huge_mb":...}
 // sec = median over the timed graph computes of (graph time / copies): up to --repeats of them, fewer
 // (at least 3, or 1) once a batch size has taken --max-seconds; gbs = weight_bytes / sec.
+//
+// --serve 1: the caller decides when each repetition runs, so it can interleave them with its own
+// (bench/kernels.py times ours and llama.cpp ABAB, so the shared host's drift hits both alike). Per batch
+// size, after the warm sweep, it prints {"ready":BATCH} and then reads commands on stdin, one per line:
+//   s   one timed graph compute; prints {"sec":SECONDS_PER_MUL_MAT}
+//   n   done with this batch size: checks the result and prints its row (sec = median of the `s` sweeps)
+// End of input ends the program.
 
 #include "ggml.h"
 #include "ggml-alloc.h"
@@ -109,7 +116,7 @@ int main(int argc, char ** argv) {
     const int64_t n = atoll(argv[2]), k = atoll(argv[3]);
     int batches[32], n_batches = 0;
     for (char * tok = strtok(argv[4], ","); tok && n_batches < 32; tok = strtok(NULL, ",")) batches[n_batches++] = atoi(tok);
-    int threads = 2, repeats = 7, repack = 1, huge = 1;
+    int threads = 2, repeats = 7, repack = 1, huge = 1, serve = 0;
     double min_mb = 256, max_seconds = 5;
     for (int i = 5; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--threads")) threads = atoi(argv[i + 1]);
@@ -118,6 +125,7 @@ int main(int argc, char ** argv) {
         else if (!strcmp(argv[i], "--repack")) repack = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--huge")) huge = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--max-seconds")) max_seconds = atof(argv[i + 1]);
+        else if (!strcmp(argv[i], "--serve")) serve = atoi(argv[i + 1]);
         else { fprintf(stderr, "unknown option %s\n", argv[i]); return 2; }
     }
     if (repeats > 64) repeats = 64;
@@ -199,8 +207,28 @@ int main(int argc, char ** argv) {
         double t[64];
         int done = 0;
         // at least 3 timed sweeps (1 if the warm sweep alone took --max-seconds), more until --max-seconds
-        while (done < repeats && (done < 1 || (done < 3 && now_s() - start < 2 * max_seconds) ||
-                                  now_s() - start < max_seconds)) {
+        if (serve) {
+            printf("{\"ready\":%d}\n", b);
+            fflush(stdout);
+            char cmd[64];
+            while (fgets(cmd, sizeof cmd, stdin) && cmd[0] != 'n') {
+                if (cmd[0] != 's') { fprintf(stderr, "unknown command %s", cmd); return 2; }
+                double t0 = now_s();
+                ggml_backend_graph_compute(backend, graph);
+                const double sec = (now_s() - t0) / copies;
+                if (done < 64) t[done++] = sec;
+                printf("{\"sec\":%.9g}\n", sec);
+                fflush(stdout);
+            }
+            if (feof(stdin)) return 0;
+            if (done == 0) {  // no sweep asked for: time one, so the row has a time
+                double t0 = now_s();
+                ggml_backend_graph_compute(backend, graph);
+                t[done++] = (now_s() - t0) / copies;
+            }
+        }
+        while (!serve && done < repeats && (done < 1 || (done < 3 && now_s() - start < 2 * max_seconds) ||
+                                            now_s() - start < max_seconds)) {
             double t0 = now_s();
             ggml_backend_graph_compute(backend, graph);
             t[done++] = (now_s() - t0) / copies;

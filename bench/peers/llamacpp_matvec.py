@@ -131,6 +131,56 @@ def run(kind: str, n: int, k: int, batches: tuple[int, ...], *, threads: int = 2
     return rows
 
 
+class Session:
+    """One helper process in --serve mode: the caller runs each timed repetition when it chooses, so it can
+    interleave them with its own (ABAB...). Per batch size: begin() waits for the warm sweep, sweep() times
+    one graph compute (seconds per mul_mat), end() checks the result and returns the row (its `sec` is the
+    helper's median of the sweeps). Every wait has a timeout; on expiry the process is killed and
+    subprocess.TimeoutExpired raised (GOMP's spinning barriers can stall a run for minutes under load); a
+    helper that dies raises PeerUnavailable.
+    """
+
+    def __init__(self, kind: str, n: int, k: int, batches: tuple[int, ...], *, threads: int = 2, repack: int = 1,
+                 min_mb: float = 256, omp_wait_policy: str | None = None, venv: Path | None = None):
+        sys.path.insert(0, str(HERE))
+        try:
+            from lineproc import LineProcess, PeerExited
+        finally:
+            sys.path.pop(0)
+        exe = helper_binary(venv)
+        cmd = [str(exe), kind, str(n), str(k), ",".join(map(str, batches)), "--threads", str(threads),
+               "--min-mb", str(min_mb), "--repack", str(repack), "--serve", "1"]
+        env = dict(os.environ)
+        if omp_wait_policy:
+            env["OMP_WAIT_POLICY"] = omp_wait_policy
+        self.policy = env.get("OMP_WAIT_POLICY", "default")
+        self.proc_io = LineProcess(cmd, env, f"llama.cpp {kind} {n}x{k} (OMP_WAIT_POLICY {self.policy})")
+        self.proc = self.proc_io.proc
+        self._exited = PeerExited
+
+    def _call(self, command: str | None, timeout: float) -> dict[str, Any]:
+        try:
+            return self.proc_io.ask(command, timeout) if command else self.proc_io.read(timeout)
+        except self._exited as exc:
+            raise PeerUnavailable(str(exc)) from None
+
+    def begin(self, timeout: float = 600) -> int:
+        return self._call(None, timeout)["ready"]
+
+    def sweep(self, timeout: float = 600) -> float:
+        return self._call("s", timeout)["sec"]
+
+    def end(self, timeout: float = 600) -> dict[str, Any]:
+        row = self._call("n", timeout)
+        if row["rel_err"] > 0.05:
+            raise PeerUnavailable(f"{self.proc_io.label} batch {row['batch']}: relative error {row['rel_err']:.3g}")
+        row["omp_wait_policy"] = self.policy
+        return row
+
+    def close(self, kill: bool = False) -> None:
+        self.proc_io.close(kill)
+
+
 # GOMP's default barrier spins without yielding; on the shared 2-vCPU VM, whenever any other process wants
 # a core, a spinning thread holds the core its sibling needs and 2-thread ggml collapses (measured 1-3 GB/s
 # instead of ~24 for 4096x4096 Q4_0 with one niced compile running; minutes for a graph of thousands of
