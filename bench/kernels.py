@@ -1,12 +1,29 @@
 """GEMV kernel benchmark: our int4 GEMV vs the machine's read bandwidth, torch fp32, onnxruntime int4 and
 llama.cpp Q4_0 / Q8_0 (ggml CPU backend, from the venv of bench/peers/setup_llamacpp.sh; skipped with a
-note saying why when that venv is missing)."""
+note saying why when that venv is missing or was built for flags this host lacks).
+
+    python bench/kernels.py [--json] [--quick | --smoke] [--threads N] [--rounds R]
+
+How it measures, so ratios mean something on a shared host whose speed drifts 2x within minutes:
+every implementation of one (shape, batch) cell is set up first (each over distinct weight copies of
+>= 256 MB, so weights stream from DRAM, on transparent huge pages), then the repetitions are
+INTERLEAVED: round r times one sweep of every implementation in turn (ABAB...: the read-bandwidth
+probe, ours, torch, onnxruntime, llama.cpp through its helper in --serve mode), and each cell is the
+median of its --rounds rounds. A slow spell hits every column alike instead of whichever ran then, so
+the ratios to llama.cpp and the "% of bandwidth alongside" (of the probe's median in the same rounds)
+compare like with like. The host line (CPU, flags, the streaming read bandwidth of bench/hostinfo.py)
+heads the table and is in --json's "host".
+
+--smoke: one small shape at batch 1, one round, 16 MiB of weight copies: checks that every path still
+runs (tests/bench/test_bench_smoke.py), measures nothing worth quoting.
+"""
 
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import math
 import mmap
 import os
 import platform
@@ -19,6 +36,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from hostinfo import ProbeUnavailable, ReadProbe, host_info, host_line, llamacpp_build, llamacpp_line  # noqa: E402
+
 CORES = len(os.sched_getaffinity(0))
 THREADS = CORES  # set by --threads before anything imports tvm
 
@@ -26,8 +48,14 @@ SHAPES = ((4096, 4096), (11008, 4096), (576, 576), (192, 576), (1536, 576), (576
 BATCHES = (1, 4, 16)
 BITS, GROUP = 4, 32
 MIN_BYTES = 256 << 20  # weight copies per measurement: more than this, so they come from DRAM
-REPEATS = 7
+PROBE_GIB = 0.5  # the probe buffer read in every round (16x the L3 of these hosts)
+REPEATS = 7  # rounds
+# Pause after each timed sweep: thread pools (GOMP's with OMP_WAIT_POLICY unset, TVM's) keep spinning for
+# a while after their work ends and would steal a core from whichever implementation runs next.
+SETTLE_S = 0.02
 LLAMACPP_COLUMNS = ("q4_0", "q4_0_plain", "q8_0")  # labels of bench/peers/llamacpp_matvec.CONFIGS
+COLUMNS = ("int4_gemv", "int4_gemv_i8a", "int4_gemv_i8a_asym", "int4_gemv_x16", "int4_gemv_x16_asym",
+           "torch_fp32", "ort_int4_acc4", "ort_int4_acc0") + tuple(f"llamacpp_{label}" for label in LLAMACPP_COLUMNS)
 
 
 def hugepage_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -72,8 +100,32 @@ def timed(call: Callable[[int], Any], copies: int, passes: int = REPEATS) -> flo
     return statistics.median(times)
 
 
+def sweep_of(call: Callable[[int], Any], copies: int, overhead: float = 0.0) -> Callable[[], float]:
+    """One repetition: seconds per call over one sweep through all weight copies, call overhead subtracted."""
+    def sweep() -> float:
+        t0 = time.perf_counter()
+        for c in range(copies):
+            call(c)
+        return max((time.perf_counter() - t0) / copies - overhead, 1e-9)
+    return sweep
+
+
 # ---------------------------------------------------------------------------------------------
-# bitsmith (TVM)
+# implementations: each prepares one shape (weights, correctness check), then hands out one sweep
+# function per (column, batch); `start`/`finish` bracket a batch size (the llama.cpp helper needs it)
+
+
+class Impl:
+    columns: dict[str, int] = {}  # column -> weight bytes per call
+
+    def start(self, batch: int) -> dict[str, Callable[[], float]]:
+        raise NotImplementedError
+
+    def finish(self, batch: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def tvm_tensor(a: np.ndarray) -> Any:
@@ -91,52 +143,26 @@ def tvm_call_overhead(func: Any) -> float:
     return timed(lambda _: func(*args), 2000, 5)
 
 
-def read_bandwidth(gib: float = 1.0, huge: bool = True) -> float:
-    """GB/s of a multithreaded TVM row-sum (fp32 GEMV with x = 1) over a buffer far larger than L3."""
-    import tvm
+class Ours(Impl):
+    """int4 g32 sym GEMV with fp32 activations (GemvSpec)."""
 
-    from bitsmith.codegen.gemv import GemvSpec
-    from bitsmith.codegen.kernel import build_module
+    def __init__(self, n: int, k: int, batches: tuple, module: Any, overhead: float):
+        from bitsmith.codegen.gemv import GemvSpec
+        from bitsmith.codegen.kernel import call_kernel
+        from bitsmith.compiler.ops.quant import dequantize_packed
 
-    cols = 4096
-    rows = int(gib * (1 << 30)) // (cols * 4)
-    spec = GemvSpec(rows, cols, 32, batch=1)
-    func = build_module([spec])[spec.name]
-    if huge:
-        w = tvm_tensor(hugepage_copies(1, (rows, cols), np.float32)[0])
-    else:  # TVM's own allocation (posix_memalign, 4 KiB pages)
-        w = tvm.runtime.empty((rows, cols), "float32")
-    w.copyfrom(np.ones((rows, cols), np.float32))
-    args = [tvm_tensor(np.ones((1, cols), np.float32)), w, tvm_tensor(np.zeros((1, rows), np.float32))]
-    sec = timed(lambda _: func(*args), 1, 5)
-    del args, w
-    gc.collect()
-    return rows * cols * 4 / sec / 1e9
-
-
-def bench_ours(shapes: tuple, batches: tuple) -> dict[tuple[int, int, int], float]:
-    """Seconds per int4 g32 sym GEMV call (Python call overhead subtracted)."""
-    from bitsmith.codegen.gemv import GemvSpec
-    from bitsmith.codegen.kernel import build_module, call_kernel
-    from bitsmith.compiler.ops.quant import dequantize_packed
-
-    specs = [GemvSpec(n, k, BITS, GROUP, True, b) for n, k in shapes for b in batches]
-    tiny = GemvSpec(1, 16, 32)
-    module = build_module(specs + [tiny])
-    overhead = tvm_call_overhead(module[tiny.name])
-    rng = np.random.default_rng(0)
-    out: dict[tuple[int, int, int], float] = {}
-    for n, k in shapes:
+        rng = np.random.default_rng(0)
         spec0 = GemvSpec(n, k, BITS, GROUP, True, 1)
-        copies = copies_for(spec0.weight_bytes())
+        self.copies = copies_for(spec0.weight_bytes())
         wshape = spec0.weight_shape()
         # random words are valid packed 4-bit codes in any layout
-        qw = hugepage_copies(copies, wshape, np.uint32)
-        sc = hugepage_copies(copies, (n, spec0.n_groups), np.float16)
-        for c in range(copies):
+        qw = hugepage_copies(self.copies, wshape, np.uint32)
+        sc = hugepage_copies(self.copies, (n, spec0.n_groups), np.float16)
+        for c in range(self.copies):
             qw[c][:] = rng.integers(0, 1 << 32, wshape, dtype=np.uint32)
             sc[c][:] = (rng.random(sc[c].shape) * 0.02).astype(np.float16)
-        weights = [(tvm_tensor(qw[c]), tvm_tensor(sc[c])) for c in range(copies)]
+        self.weights = [(tvm_tensor(qw[c]), tvm_tensor(sc[c])) for c in range(self.copies)]
+        self.args: dict[int, tuple] = {}
         for b in batches:
             spec = GemvSpec(n, k, BITS, GROUP, True, b)
             x = rng.standard_normal((b, k)).astype(np.float32)
@@ -145,48 +171,28 @@ def bench_ours(shapes: tuple, batches: tuple) -> dict[tuple[int, int, int], floa
             y = call_kernel(spec, [x, qw[0], sc[0]], [np.empty((b, n), np.float32)], module)[0]
             err = np.abs(y - ref).max() / np.abs(ref).max()
             assert err < 1e-4, f"{spec.name}: relative error {err:.2e}"
-            xt, yt = tvm_tensor(x), tvm_tensor(np.zeros((b, n), np.float32))
-            func = module[spec.name]
-            sec = timed(lambda c: func(xt, *weights[c], yt), copies)
-            out[(n, k, b)] = max(sec - overhead, 1e-9)
-        del weights, qw, sc
-        gc.collect()
-    out[("overhead",)] = overhead  # type: ignore[index]
-    return out
+            self.args[b] = (module[spec.name], tvm_tensor(x), tvm_tensor(np.zeros((b, n), np.float32)))
+        self.overhead = overhead
+        self.columns = {"int4_gemv": n * k // 2 + n * (k // GROUP) * 2}  # packed codes + fp16 scales
+
+    def start(self, batch: int) -> dict[str, Callable[[], float]]:
+        func, xt, yt = self.args[batch]
+        return {"int4_gemv": sweep_of(lambda c: func(xt, *self.weights[c], yt), self.copies, self.overhead)}
 
 
-def bench_ours_int8(shapes: tuple, batches: tuple, interleaved: bool = False) -> dict[Any, float]:
-    """Seconds per int8-activation VNNI GEMV call (QGemvI8Spec: int4 g32, the same packed weights; with
-    `interleaved` QGemvX16Spec on those weights as the runtime interleaves them at load), keyed (sym, out,
-    in, batch), and under ("bw", sym, out, in, batch) the read bandwidth measured in rounds alternating with
-    that kernel (this shared machine drifts 2x within minutes, so a bandwidth taken once at the start says
-    little about a kernel timed minutes later). Medians of 3 rounds; call overhead subtracted; empty when
-    the host lacks AVX-512 VNNI."""
-    from bitsmith.codegen.gemv import GemvSpec
-    from bitsmith.codegen.gemv_int8 import QGemvI8Spec
-    from bitsmith.codegen.gemv_x16 import QGemvX16Spec
-    from bitsmith.codegen.kernel import build_module
-    from bitsmith.compiler.ops.quant import dequantize_packed
-    from bitsmith.codegen.target import host_target
-    from bitsmith.runtime.interleave import kernel_weight, x16_name
+class OursInt8(Impl):
+    """int8-activation VNNI GEMVs on the same int4 weights: QGemvI8Spec (the artifact's layout) and
+    QGemvX16Spec (16 output rows interleaved, as the runtime lays them out at load), sym and asym."""
 
-    if not host_target().supports_int8_activations:
-        return {}
-    family = QGemvX16Spec if interleaved else QGemvI8Spec
-    specs = [family(n, k, BITS, GROUP, sym, b) for sym in (True, False) for n, k in shapes for b in batches]
-    tiny, probe_spec = GemvSpec(1, 16, 32), GemvSpec(MIN_BYTES // (4096 * 4), 4096, 32)  # probe: as read_bandwidth
-    module = build_module(specs + [tiny, probe_spec])
-    overhead = tvm_call_overhead(module[tiny.name])
-    probe_w = hugepage_copies(1, probe_spec.weight_shape(), np.float32)[0]
-    probe_w[:] = 1
-    probe_args = [tvm_tensor(np.ones((1, 4096), np.float32)), tvm_tensor(probe_w),
-                  tvm_tensor(np.zeros((1, probe_spec.out_features), np.float32))]
-    probe = module[probe_spec.name]
-    rng = np.random.default_rng(3)
-    out: dict[Any, float] = {}
-    for n, k in shapes:
+    def __init__(self, n: int, k: int, batches: tuple, module: Any, overhead: float):
+        from bitsmith.codegen.gemv_int8 import QGemvI8Spec
+        from bitsmith.codegen.gemv_x16 import QGemvX16Spec
+        from bitsmith.compiler.ops.quant import dequantize_packed
+        from bitsmith.runtime.interleave import kernel_weight, x16_name
+
+        rng = np.random.default_rng(3)
         spec0 = QGemvI8Spec(n, k, BITS, GROUP, False, 1)
-        copies = copies_for(spec0.weight_bytes())
+        self.copies = copies = copies_for(spec0.weight_bytes())
         qw = hugepage_copies(copies, spec0.weight_shape(), np.uint32)
         sc = hugepage_copies(copies, (n, spec0.n_groups), np.float16)
         zs = hugepage_copies(copies, (n, spec0.n_groups), np.float16)
@@ -194,70 +200,81 @@ def bench_ours_int8(shapes: tuple, batches: tuple, interleaved: bool = False) ->
             qw[c][:] = rng.integers(0, 1 << 32, spec0.weight_shape(), dtype=np.uint32)
             sc[c][:] = (rng.random(sc[c].shape) * 0.02).astype(np.float16)
             zs[c][:] = (rng.random(zs[c].shape) * 15).astype(np.float16)
-        layout = [qw, sc, zs]
-        if interleaved:  # the same weights as the runtime lays them out (flat arrays, huge pages again)
-            names = [x16_name("q", BITS, k), x16_name("s"), x16_name("z")]
-            layout = []
-            for name, src in zip(names, (qw, sc, zs)):
-                first = kernel_weight(name, {name.split("@")[0]: src[0]})
-                dst = hugepage_copies(copies, first.shape, first.dtype)
-                for c in range(copies):
-                    dst[c][:] = kernel_weight(name, {name.split("@")[0]: src[c]})
-                layout.append(dst)
-        for sym in (True, False):
-            weights = [(tvm_tensor(layout[0][c]), tvm_tensor(layout[1][c]))
-                       + (() if sym else (tvm_tensor(layout[2][c]),)) for c in range(copies)]
-            attrs = {"bits": BITS, "group_size": GROUP, "in_features": k, "sym": sym}
-            w0 = dequantize_packed(qw[0], sc[0], None if sym else zs[0], attrs)
-            for b in batches:
-                spec = family(n, k, BITS, GROUP, sym, b)
-                x = rng.standard_normal((b, k)).astype(np.float32)
-                xt, yt = tvm_tensor(x), tvm_tensor(np.zeros((b, n), np.float32))
-                func = module[spec.name]
-                func(xt, *weights[0], yt)
-                ref = x @ w0.T  # int8 activations: ~1% error (tests/codegen/test_gemv_int8.py checks exactly)
-                err = np.abs(yt.numpy() - ref).max() / np.abs(ref).max()
-                assert err < 3e-2, f"{spec.name}: relative error {err:.2e}"
-                secs, bws = [], []
-                for _ in range(3):
-                    bws.append(probe_spec.weight_bytes() / timed(lambda _: probe(*probe_args), 1, 3) / 1e9)
-                    secs.append(timed(lambda c: func(xt, *weights[c], yt), copies, 3))
-                out[(sym, n, k, b)] = max(statistics.median(secs) - overhead, 1e-9)
-                out[("bw", sym, n, k, b)] = statistics.median(bws)
-            del weights
-        del qw, sc, zs, layout
-        gc.collect()
-    return out
+        names = [x16_name("q", BITS, k), x16_name("s"), x16_name("z")]
+        x16 = []  # the same weights as the runtime lays them out (flat arrays, huge pages again)
+        for name, src in zip(names, (qw, sc, zs)):
+            first = kernel_weight(name, {name.split("@")[0]: src[0]})
+            dst = hugepage_copies(copies, first.shape, first.dtype)
+            for c in range(copies):
+                dst[c][:] = kernel_weight(name, {name.split("@")[0]: src[c]})
+            x16.append(dst)
+        ours_bytes = n * k // 2 + n * (k // GROUP) * 2
+        self.calls: dict[tuple[str, int], Callable[[int], Any]] = {}
+        self.columns = {}
+        for family, prefix, layout in ((QGemvI8Spec, "int4_gemv_i8a", (qw, sc, zs)),
+                                       (QGemvX16Spec, "int4_gemv_x16", x16)):
+            for sym in (True, False):
+                key = prefix + ("" if sym else "_asym")
+                self.columns[key] = ours_bytes + (0 if sym else n * (k // GROUP) * 2)  # asym also reads zeros
+                weights = [(tvm_tensor(layout[0][c]), tvm_tensor(layout[1][c]))
+                           + (() if sym else (tvm_tensor(layout[2][c]),)) for c in range(copies)]
+                attrs = {"bits": BITS, "group_size": GROUP, "in_features": k, "sym": sym}
+                w0 = dequantize_packed(qw[0], sc[0], None if sym else zs[0], attrs)
+                for b in batches:
+                    spec = family(n, k, BITS, GROUP, sym, b)
+                    x = rng.standard_normal((b, k)).astype(np.float32)
+                    xt, yt = tvm_tensor(x), tvm_tensor(np.zeros((b, n), np.float32))
+                    func = module[spec.name]
+                    func(xt, *weights[0], yt)
+                    ref = x @ w0.T  # int8 activations: ~1% error (tests/codegen/test_gemv_int8.py checks exactly)
+                    err = np.abs(yt.numpy() - ref).max() / np.abs(ref).max()
+                    assert err < 3e-2, f"{spec.name}: relative error {err:.2e}"
+                    self.calls[(key, b)] = (lambda f, xt, yt, ws: lambda c: f(xt, *ws[c], yt))(func, xt, yt, weights)
+        self.overhead = overhead
+
+    def start(self, batch: int) -> dict[str, Callable[[], float]]:
+        return {key: sweep_of(self.calls[(key, batch)], self.copies, self.overhead) for key in self.columns}
 
 
-# ---------------------------------------------------------------------------------------------
-# peers
+class Torch(Impl):
+    """torch fp32 F.linear over huge-page weight copies (call overhead subtracted)."""
+
+    def __init__(self, n: int, k: int, batches: tuple, overhead: float):
+        import torch
+
+        self.copies = copies_for(n * k * 4)
+        arena = hugepage_copies(self.copies, (n, k), np.float32)
+        w0 = np.random.default_rng(1).standard_normal((n, k)).astype(np.float32)
+        for a in arena:
+            a[:] = w0
+        self.ws = [torch.from_numpy(a) for a in arena]
+        self.xs = {b: torch.randn(b, k) for b in batches}
+        self.overhead = overhead
+        self.columns = {"torch_fp32": n * k * 4}
+
+    def start(self, batch: int) -> dict[str, Callable[[], float]]:
+        import torch
+        import torch.nn.functional as F
+
+        x, ws = self.xs[batch], self.ws
+
+        def call(c: int) -> None:
+            with torch.inference_mode():
+                F.linear(x, ws[c])
+        return {"torch_fp32": sweep_of(call, self.copies, self.overhead)}
 
 
-def bench_torch(shapes: tuple, batches: tuple) -> dict[Any, float]:
-    """Seconds per torch fp32 F.linear (call overhead subtracted)."""
+def torch_overhead() -> float:
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(THREADS)
-    out: dict[Any, float] = {}
-    with torch.inference_mode():
-        tx, tw = torch.zeros(1, 16), torch.zeros(1, 16)
-        overhead = timed(lambda _: F.linear(tx, tw), 2000, 5)
-        for n, k in shapes:
-            copies = copies_for(n * k * 4)
-            arena = hugepage_copies(copies, (n, k), np.float32)
-            w0 = np.random.default_rng(1).standard_normal((n, k)).astype(np.float32)
-            for a in arena:
-                a[:] = w0
-            ws = [torch.from_numpy(a) for a in arena]
-            for b in batches:
-                x = torch.randn(b, k)
-                out[(n, k, b)] = max(timed(lambda c: F.linear(x, ws[c]), copies) - overhead, 1e-9)
-            del ws, arena
-            gc.collect()
-    out[("overhead",)] = overhead
-    return out
+    tx, tw = torch.zeros(1, 16), torch.zeros(1, 16)
+
+    def call(_: int) -> None:
+        with torch.inference_mode():
+            F.linear(tx, tw)
+    return timed(call, 2000, 5)
 
 
 def ort_model(n: int, k: int, copies: int, accuracy: int, rng: np.random.Generator) -> Any:
@@ -284,159 +301,324 @@ def ort_model(n: int, k: int, copies: int, accuracy: int, rng: np.random.Generat
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def bench_ort(shapes: tuple, batches: tuple, accuracy: int) -> dict[Any, float]:
-    """Seconds per MatMulNBits: one session runs `copies` nodes, so the Python call is amortized."""
-    rng = np.random.default_rng(2)
-    out: dict[Any, float] = {}
-    for n, k in shapes:
-        copies = copies_for(n * k // 2 + n * (k // GROUP) * 4)
-        sess = ort_model(n, k, copies, accuracy, rng)
-        for b in batches:
-            feed = {"A": rng.standard_normal((b, k)).astype(np.float32)}
-            out[(n, k, b)] = timed(lambda _: sess.run(None, feed), 1) / copies
-        del sess
-        gc.collect()
-    return out
+class Ort(Impl):
+    """onnxruntime MatMulNBits, accuracy levels 4 and 0: one session runs all copies, so one session.run
+    is one sweep and the Python call is amortized."""
+
+    def __init__(self, n: int, k: int, batches: tuple):
+        rng = np.random.default_rng(2)
+        self.copies = copies_for(n * k // 2 + n * (k // GROUP) * 4)
+        self.sessions = {f"ort_int4_acc{a}": ort_model(n, k, self.copies, a, rng) for a in (4, 0)}
+        self.feeds = {b: {"A": rng.standard_normal((b, k)).astype(np.float32)} for b in batches}
+        self.columns = {key: n * k // 2 + n * (k // GROUP) * 4 for key in self.sessions}  # codes + fp32 scales
+
+    def start(self, batch: int) -> dict[str, Callable[[], float]]:
+        def sweep(sess: Any, feed: dict) -> Callable[[], float]:
+            def run() -> float:
+                t0 = time.perf_counter()
+                sess.run(None, feed)
+                return (time.perf_counter() - t0) / self.copies
+            return run
+        return {key: sweep(sess, self.feeds[batch]) for key, sess in self.sessions.items()}
 
 
-def bench_llamacpp(shapes: tuple, batches: tuple) -> tuple[dict[Any, dict[str, Any]], str]:
-    """llama.cpp mat-vec rows {(label, out, in, batch): row} (bench/peers/llamacpp_matvec.py), and a note.
+class LlamaCpp(Impl):
+    """llama.cpp's mat-vec helper (bench/peers/llamacpp_matvec.c) in --serve mode: one process per config
+    and OMP_WAIT_POLICY, weights set up once, each sweep run when the round asks for it.
 
-    The rows are empty and the note says why when the peer venv is missing or its helper fails.
+    Each cell is the faster of the policies' medians (GOMP's spinning barriers, the default, collapse
+    under any other load on 2 vCPUs; passive ones cost a wake-up per barrier). A default-policy process
+    whose sweep takes ABANDON_FACTOR times the passive one's of the same round twice in a row (once can be
+    a disturbance), or times out, is dropped for the rest of the shape (NaN from then on; medians skip it).
     """
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+
+    ABANDON_FACTOR = 4
+
+    def __init__(self, n: int, k: int, batches: tuple, min_mb: float, peer: Any):
+        self.peer, self.rows, self.dropped = peer, {}, []
+        self.sessions = {}
+        for label, kind, repack in peer.CONFIGS:
+            for policy in peer.POLICIES:
+                self.sessions[(label, policy)] = peer.Session(kind, n, k, batches, threads=THREADS, repack=repack,
+                                                              min_mb=min_mb, omp_wait_policy=policy)
+        self.columns = {}
+        self.n, self.k = n, k
+
+    def start(self, batch: int) -> dict[str, Callable[[], float]]:
+        last: dict[str, float] = {}
+        strikes: dict[str, int] = {}
+        calls: dict[str, Callable[[], float]] = {}
+        for (label, policy), sess in self.sessions.items():
+            if sess.proc.poll() is not None:
+                continue
+            sess.begin()
+
+            def sweep(sess: Any = sess, label: str = label, policy: str | None = policy) -> float:
+                if sess.proc.poll() is not None:
+                    return math.nan
+                first = policy == self.peer.POLICIES[0]
+                timeout = 600.0 if first else max(15.0, self.ABANDON_FACTOR * last.get(label, 0) * self.copies(label))
+                try:
+                    sec = sess.sweep(timeout)
+                except subprocess.TimeoutExpired:
+                    if first:
+                        raise self.peer.PeerUnavailable(f"llama.cpp {label} {self.n}x{self.k}: no sweep in {timeout:.0f} s")
+                    self.dropped.append(f"{label} {self.n}x{self.k} OMP {policy or 'default'} (timed out)")
+                    return math.nan
+                if first:
+                    last[label] = sec
+                elif sec > self.ABANDON_FACTOR * last.get(label, math.inf):
+                    strikes[label] = strikes.get(label, 0) + 1
+                    if strikes[label] >= 2:
+                        self.dropped.append(f"{label} {self.n}x{self.k} OMP {policy or 'default'} "
+                                            f"({sec / last[label]:.0f}x the passive sweep, twice)")
+                        sess.close(kill=True)
+                else:
+                    strikes[label] = 0
+                return sec
+            calls[f"llamacpp_{label}@{policy or 'default'}"] = sweep
+        return calls
+
+    def copies(self, label: str) -> int:
+        row = next((r for (lab, _), r in self.rows.items() if lab == label), None)
+        return row["copies"] if row else 64
+
+    def finish(self, batch: int) -> None:
+        for (label, policy), sess in self.sessions.items():
+            if sess.proc.poll() is None:
+                self.rows[(label, policy)] = row = sess.end()
+                self.columns[f"llamacpp_{label}"] = row["weight_bytes"]
+
+    def close(self) -> None:
+        for sess in self.sessions.values():
+            sess.close()
+
+
+def load_peer() -> tuple[Any, str | None]:
+    """(the llamacpp_matvec module, None) or (None, why the peer is skipped)."""
+    build = llamacpp_build()
+    if not build["runs_here"]:
+        return None, f"llama.cpp: skipped: {build['why']}"
+    sys.path.insert(0, str(HERE / "peers"))
     try:
         import llamacpp_matvec as peer
     finally:
         sys.path.pop(0)
     try:
-        res = peer.bench(shapes, batches, threads=THREADS, min_mb=MIN_BYTES / (1 << 20))
-    except (peer.PeerUnavailable, OSError, subprocess.SubprocessError) as exc:
-        return {}, f"llama.cpp: skipped: {exc}"
-    row = next(iter(res.values()))
-    version = peer.peer_env().get("LLAMACPP_VERSION", "?")
-    policies = sorted({r["omp_wait_policy"] for r in res.values()})
-    return res, (f"llama.cpp (llama-cpp-python {version}, ggml CPU backend built with OpenMP, {row['threads']} "
-                 "threads, one graph of mul_mat nodes over all copies): Q4_0 = weights in the CPU_REPACK buffer "
-                 "(llama.cpp's default on AVX2/AVX-512: q4_0_8x8), Q4_0 plain = ggml_vec_dot_q4_0_q8_0 / llamafile "
-                 "sgemm; Q4_0 18 B and Q8_0 34 B per 32 weights; activations quantized to Q8_0 inside each mul_mat; "
-                 "each cell the faster of OMP_WAIT_POLICY passive and unset (GOMP's spinning barriers collapse "
-                 "under any other load on 2 vCPUs; the spinning run is dropped if it takes 4x as long as the "
-                 f"passive one; winners here: {', '.join(policies)})")
+        peer.helper_binary()
+    except (peer.PeerUnavailable, OSError) as exc:
+        return None, f"llama.cpp: skipped: {exc}"
+    return peer, None
 
 
 # ---------------------------------------------------------------------------------------------
 
 
+def measure_cell(impls: list[Impl], probe: ReadProbe | None, batch: int, rounds: int) -> dict[str, list[float]]:
+    """Every implementation's sweeps for one batch size, interleaved: round r runs one sweep of each in turn
+    (after one untimed warm sweep each). Returns {column: [seconds per call of each round]} and, under
+    "bw_gbs", the probe's GB/s in each round."""
+    calls: dict[str, Callable[[], float]] = {}
+    for impl in impls:
+        calls.update(impl.start(batch))
+    if probe is not None:
+        calls = {"bw_gbs": probe.round, **calls}
+    for call in calls.values():  # warm: caches, page tables, thread pools
+        call()
+        time.sleep(SETTLE_S)
+    out: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            out[name].append(call())
+            time.sleep(SETTLE_S)
+    for impl in impls:
+        impl.finish(batch)
+    return out
+
+
+def median(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return statistics.median(kept) if kept else math.nan
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--quick", action="store_true", help="4096x4096 and 576x576 at batch 1 only")
+    parser.add_argument("--smoke", action="store_true", help="576x576 batch 1, one round, 16 MiB of copies")
     parser.add_argument("--threads", type=int, default=CORES, help="threads for every implementation")
+    parser.add_argument("--rounds", type=int, default=None, help=f"interleaved rounds per cell (default {REPEATS})")
+    parser.add_argument("--no-peers", action="store_true", help="skip torch, onnxruntime and llama.cpp")
     args = parser.parse_args()
-    global THREADS
+    global THREADS, MIN_BYTES
     THREADS = args.threads
     # TVM's pool defaults to hardware_concurrency / 2 threads (1 on a 2-vCPU VM); read at first use
     os.environ["TVM_NUM_THREADS"] = str(THREADS)
     shapes, batches = ((SHAPES[0], SHAPES[2]), (1,)) if args.quick else (SHAPES, BATCHES)
+    rounds, probe_gib = args.rounds or REPEATS, PROBE_GIB
+    if args.smoke:
+        shapes, batches, MIN_BYTES, probe_gib = ((576, 576),), (1,), 16 << 20, 1 / 16
+        rounds = args.rounds or 1
 
+    log("host")
+    host = host_info(gib=probe_gib if args.smoke else 1.0, rounds=2 if args.smoke else 5)
+    build = llamacpp_build()
+
+    from bitsmith.codegen.gemv import GemvSpec
+    from bitsmith.codegen.gemv_int8 import QGemvI8Spec
+    from bitsmith.codegen.gemv_x16 import QGemvX16Spec
+    from bitsmith.codegen.kernel import build_module
     from bitsmith.codegen.target import host_target
 
     target = host_target()
-    log("read bandwidth")
-    bw = {"huge_pages": read_bandwidth(huge=True), "4k_pages": read_bandwidth(huge=False)}
-    log("bitsmith int4")
-    ours = bench_ours(shapes, batches)
-    log("bitsmith int4, int8 activations (VNNI)")
-    ours8 = bench_ours_int8(shapes, batches)
-    log("bitsmith int4, int8 activations, 16-row interleaved layout")
-    ours16 = bench_ours_int8(shapes, batches, interleaved=True)
-    log("torch fp32")
-    torch_t = bench_torch(shapes, batches)
-    log("onnxruntime int4, accuracy_level 4 and 0")
-    ort4 = bench_ort(shapes, batches, 4)
-    ort0 = bench_ort(shapes, batches, 0)
-    log("llama.cpp Q4_0 / Q8_0")
-    lcpp, lcpp_note = bench_llamacpp(shapes, batches)
+    vnni = target.supports_int8_activations
+    log("building kernels")
+    tiny = GemvSpec(1, 16, 32)
+    specs = [GemvSpec(n, k, BITS, GROUP, True, b) for n, k in shapes for b in batches] + [tiny]
+    if vnni:
+        specs += [family(n, k, BITS, GROUP, sym, b) for family in (QGemvI8Spec, QGemvX16Spec)
+                  for sym in (True, False) for n, k in shapes for b in batches]
+    module = build_module(specs)
+    overhead = tvm_call_overhead(module[tiny.name])
+    t_overhead = None if args.no_peers else torch_overhead()
+    peer, peer_note = (None, "llama.cpp: skipped (--no-peers)") if args.no_peers else load_peer()
+    try:
+        probe = ReadProbe(probe_gib, THREADS)
+    except (ProbeUnavailable, OSError) as exc:
+        probe = None
+        log(f"no bandwidth alongside: {exc}")
 
-    rows = []
+    rows, dropped, policies_won = [], [], set()
     for n, k in shapes:
-        for b in batches:
-            ours_bytes = n * k // 2 + n * (k // GROUP) * 2  # packed codes + fp16 scales
-            ort_bytes = n * k // 2 + n * (k // GROUP) * 4  # packed codes + fp32 scales
-            row = {"out": n, "in": k, "batch": b,
-                   "int4_gemv": (ours[(n, k, b)], ours_bytes), "torch_fp32": (torch_t[(n, k, b)], n * k * 4),
-                   "ort_int4_acc4": (ort4[(n, k, b)], ort_bytes), "ort_int4_acc0": (ort0[(n, k, b)], ort_bytes)}
-            for sym in (True, False):  # asym also reads fp16 zeros
-                for family, times in (("int4_gemv_i8a", ours8), ("int4_gemv_x16", ours16)):
-                    if (sym, n, k, b) in times:
-                        key = family + ("" if sym else "_asym")
-                        row[key] = (times[(sym, n, k, b)], ours_bytes + (0 if sym else n * (k // GROUP) * 2))
-                        row[f"{key}_bw_gbs"] = times[("bw", sym, n, k, b)]  # read bandwidth measured alongside
-            for label in LLAMACPP_COLUMNS:
-                if (label, n, k, b) in lcpp:
-                    peer_row = lcpp[(label, n, k, b)]
-                    row[f"llamacpp_{label}"] = (peer_row["sec"], peer_row["weight_bytes"])
-            rows.append({key: ({"us": v[0] * 1e6, "gbs": v[1] / v[0] / 1e9} if isinstance(v, tuple) else v)
-                         for key, v in row.items()})
-    peak = bw["huge_pages"]
-    head = next(r for r in rows if (r["out"], r["in"], r["batch"]) == (4096, 4096, 1))
-    notes = ["GB/s = weight bytes read per call / time (ours: codes + fp16 scales, 0.5625 B/weight; "
+        log(f"{n}x{k}: setting up")
+        impls: list[Impl] = [Ours(n, k, batches, module, overhead)]
+        if vnni:
+            impls.append(OursInt8(n, k, batches, module, overhead))
+        if not args.no_peers:
+            impls += [Torch(n, k, batches, t_overhead), Ort(n, k, batches)]
+        lcpp = None
+        if peer is not None:
+            try:
+                lcpp = LlamaCpp(n, k, batches, MIN_BYTES / (1 << 20), peer)
+            except (peer.PeerUnavailable, OSError) as exc:
+                peer, peer_note = None, f"llama.cpp: skipped: {exc}"
+        try:
+            for b in batches:
+                log(f"{n}x{k} batch {b}: {rounds} interleaved rounds")
+                try:
+                    times = measure_cell(impls + ([lcpp] if lcpp else []), probe, b, rounds)
+                except Exception as exc:  # the peer failed mid-run: measure ours without it
+                    if lcpp is None or not isinstance(exc, (peer.PeerUnavailable, OSError, subprocess.SubprocessError)):
+                        raise
+                    peer_note = f"llama.cpp: skipped from {n}x{k} batch {b} on: {exc}"
+                    lcpp.close()
+                    lcpp = peer = None
+                    times = measure_cell(impls, probe, b, rounds)
+                row: dict[str, Any] = {"out": n, "in": k, "batch": b, "rounds": rounds}
+                if "bw_gbs" in times:
+                    row["bw_gbs"] = median(times["bw_gbs"])
+                nbytes = {key: v for impl in impls + ([lcpp] if lcpp else []) for key, v in impl.columns.items()}
+                for key in COLUMNS:
+                    if key.startswith("llamacpp_"):
+                        by_policy = {name.split("@")[1]: median(v) for name, v in times.items()
+                                     if name.split("@")[0] == key}
+                        by_policy = {p: v for p, v in by_policy.items() if not math.isnan(v)}
+                        if not by_policy:
+                            continue
+                        policy = min(by_policy, key=by_policy.get)
+                        policies_won.add(policy)
+                        sec, sec_rounds = by_policy[policy], times[f"{key}@{policy}"]
+                    elif key in times:
+                        sec, sec_rounds = median(times[key]), times[key]
+                    else:
+                        continue
+                    cell = {"us": sec * 1e6, "gbs": nbytes[key] / sec / 1e9, "us_rounds": [s * 1e6 for s in sec_rounds]}
+                    if "bw_gbs" in row:
+                        cell["of_bw"] = cell["gbs"] / row["bw_gbs"]
+                    row[key] = cell
+                rows.append(row)
+        finally:
+            if lcpp is not None:
+                dropped += lcpp.dropped
+                lcpp.close()
+            for impl in impls:
+                impl.close()
+            del impls
+            gc.collect()
+    if probe is not None:
+        probe.close()
+
+    if peer_note is None:
+        peer_note = (f"llama.cpp (llama-cpp-python {build['version']}, ggml CPU backend built with OpenMP and "
+                     f"{llamacpp_line(build).split(', ', 1)[1]}; {THREADS} threads, one graph of mul_mat nodes over "
+                     "all copies, run by llamacpp_matvec.c --serve between our sweeps): Q4_0 = weights in the "
+                     "CPU_REPACK buffer (llama.cpp's default on AVX2/AVX-512: q4_0_8x8), Q4_0 plain = "
+                     "ggml_vec_dot_q4_0_q8_0 / llamafile sgemm; Q4_0 18 B and Q8_0 34 B per 32 weights; activations "
+                     "quantized to Q8_0 inside each mul_mat; each cell the faster median of OMP_WAIT_POLICY passive "
+                     f"and unset (policies that won: {', '.join(sorted(policies_won)) or '-'}"
+                     + (f"; dropped: {'; '.join(dropped)}" if dropped else "") + ")")
+    head = next((r for r in rows if (r["out"], r["in"], r["batch"]) == (4096, 4096, 1)), rows[0])
+    head_name = f"{head['out']}x{head['in']} batch {head['batch']}"
+
+    def ratio(ours: str, theirs: str) -> float | None:
+        return head[ours]["gbs"] / head[theirs]["gbs"] if ours in head and theirs in head else None
+
+    def of_bw(key: str) -> float | None:
+        return head[key].get("of_bw") if key in head else None
+
+    notes = [f"{rounds} rounds per cell, interleaved: each round times one sweep of every column in turn (the read "
+             "probe first), each cell is the median of its rounds; % = of the probe's median in the same rounds",
+             "GB/s = weight bytes read per call / time (ours: codes + fp16 scales, 0.5625 B/weight; "
              "onnxruntime: codes + fp32 scales, 0.625 B/weight; torch: 4 B/weight); int4 g32 symmetric",
-             f"Python call overhead subtracted: TVM {ours[('overhead',)] * 1e6:.1f} us, "
-             f"torch {torch_t[('overhead',)] * 1e6:.1f} us; onnxruntime runs all copies in one session.run",
+             f"Python call overhead subtracted: TVM {overhead * 1e6:.1f} us"
+             + (f", torch {t_overhead * 1e6:.1f} us" if t_overhead else "")
+             + "; onnxruntime runs all copies in one session.run",
              "ours int8-act = QGemvI8Spec: the same int4 weights, x quantized per 32 values to int8 in the kernel, "
              "u8 x s8 vpdpbusd (AVX-512 VNNI); asym also reads fp16 zeros (0.625 B/weight); n/a without VNNI; "
-             "its % is of the read bandwidth measured in rounds alternating with it (bench_ours_int8); "
              "x16 = QGemvX16Spec, the same weights interleaved 16 output rows per vector as the runtime loads them",
-             lcpp_note]
-    result = {"machine": {"cpu": target.mcpu, "cores": CORES, "threads": THREADS,
+             peer_note]
+    result = {"host": host, "llamacpp_build": build,
+              "machine": {"cpu": target.mcpu, "cores": CORES, "threads": THREADS,
                           "python": platform.python_version(), "vector_bytes": target.vector_bytes},
-              "read_bandwidth_gbs": bw, "rows": rows, "notes": notes,
-              "int4_gemv_fraction_of_bandwidth": head["int4_gemv"]["gbs"] / peak,
-              "int4_gemv_i8a_fraction_of_bandwidth": {  # of the bandwidth measured alongside
-                  key: head[key]["gbs"] / head[f"{key}_bw_gbs"]
-                  for key in ("int4_gemv_i8a", "int4_gemv_i8a_asym", "int4_gemv_x16", "int4_gemv_x16_asym") if key in head},
+              "read_bandwidth_gbs": host["read_bandwidth_gbs"], "rounds": rounds, "smoke": args.smoke,
+              "rows": rows, "notes": notes, "headline_cell": head_name,
+              "int4_gemv_fraction_of_bandwidth": of_bw("int4_gemv"),  # of the probe alongside
+              "int4_gemv_i8a_fraction_of_bandwidth": {
+                  key: of_bw(key) for key in ("int4_gemv_i8a", "int4_gemv_i8a_asym", "int4_gemv_x16",
+                                              "int4_gemv_x16_asym") if key in head},
               # llama.cpp Q4_0 as llama.cpp runs it (repacked); both formats read 0.5625 B/weight
-              "int4_gemv_vs_llamacpp_q4_0": (head["int4_gemv"]["gbs"] / head["llamacpp_q4_0"]["gbs"]
-                                             if "llamacpp_q4_0" in head else None),
+              "int4_gemv_vs_llamacpp_q4_0": ratio("int4_gemv", "llamacpp_q4_0"),
               # like for like: llama.cpp also quantizes the activations to int8 (Q8_0 blocks of 32)
-              "int4_gemv_i8a_vs_llamacpp_q4_0": (head["int4_gemv_i8a"]["gbs"] / head["llamacpp_q4_0"]["gbs"]
-                                                 if "llamacpp_q4_0" in head and "int4_gemv_i8a" in head else None),
-              "llamacpp_q4_0_fraction_of_bandwidth": (head["llamacpp_q4_0"]["gbs"] / peak
-                                                      if "llamacpp_q4_0" in head else None),
-              "llamacpp_q8_0_fraction_of_bandwidth": (head["llamacpp_q8_0"]["gbs"] / peak
-                                                      if "llamacpp_q8_0" in head else None)}
+              "int4_gemv_i8a_vs_llamacpp_q4_0": ratio("int4_gemv_i8a", "llamacpp_q4_0"),
+              "int4_gemv_x16_vs_llamacpp_q4_0": ratio("int4_gemv_x16", "llamacpp_q4_0"),
+              "llamacpp_q4_0_fraction_of_bandwidth": of_bw("llamacpp_q4_0"),
+              "llamacpp_q8_0_fraction_of_bandwidth": of_bw("llamacpp_q8_0")}
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    print(f"# GEMV, {target.mcpu}, {THREADS} of {CORES} cores; read bandwidth {peak:.1f} GB/s (huge pages), "
-          f"{bw['4k_pages']:.1f} GB/s (4 KiB pages)\n")
-    columns = ("int4_gemv", "int4_gemv_i8a", "int4_gemv_i8a_asym", "int4_gemv_x16", "int4_gemv_x16_asym",
-               "torch_fp32", "ort_int4_acc4", "ort_int4_acc0") + tuple(f"llamacpp_{label}" for label in LLAMACPP_COLUMNS)
-    print("| out x in | batch | ours int4 g32 | % of bw | ours int8-act sym (% of bw alongside) | "
-          "ours int8-act asym (% of bw alongside) | ours x16 sym (% of bw alongside) | ours x16 asym (% of bw alongside) "
-          "| torch fp32 | ORT int4 acc4 | ORT int4 acc0 | llama.cpp Q4_0 | llama.cpp Q4_0 plain | llama.cpp Q8_0 |")
+    print(f"# GEMV, {target.mcpu}, {THREADS} of {CORES} cores\n")
+    print(f"- {host_line(host)}")
+    print(f"- {llamacpp_line(build)}\n")
+    print("| out x in | batch | bw alongside | ours int4 g32 | ours int8-act sym | ours int8-act asym | ours x16 sym | "
+          "ours x16 asym | torch fp32 | ORT int4 acc4 | ORT int4 acc0 | llama.cpp Q4_0 | llama.cpp Q4_0 plain | "
+          "llama.cpp Q8_0 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        cells = [f"{r[key]['gbs']:.1f} GB/s ({r[key]['us']:.1f} us"
-                 + (f", {100 * r[key]['gbs'] / r[key + '_bw_gbs']:.0f}% of {r[key + '_bw_gbs']:.1f})"
-                    if key + "_bw_gbs" in r else ")") if key in r else "n/a" for key in columns]
-        print(f"| {r['out']}x{r['in']} | {r['batch']} | {cells[0]} | {100 * r['int4_gemv']['gbs'] / peak:.0f}% | "
-              + " | ".join(cells[1:]) + " |")
+        cells = [(f"{r[key]['gbs']:.1f} GB/s ({r[key]['us']:.1f} us"
+                  + (f", {100 * r[key]['of_bw']:.0f}%)" if "of_bw" in r[key] else ")")) if key in r else "n/a"
+                 for key in COLUMNS]
+        bw = f"{r['bw_gbs']:.1f} GB/s" if "bw_gbs" in r else "n/a"
+        print(f"| {r['out']}x{r['in']} | {r['batch']} | {bw} | " + " | ".join(cells) + " |")
     print()
     for note in notes:
         print(f"- {note}")
-    fraction = result["int4_gemv_fraction_of_bandwidth"]
-    print(f"- int4 GEMV 4096x4096 batch 1: {100 * fraction:.0f}% of the read bandwidth")
-    for key, frac in result["int4_gemv_i8a_fraction_of_bandwidth"].items():
-        print(f"- {key} 4096x4096 batch 1: {100 * frac:.0f}% of the read bandwidth measured alongside")
-    if result["int4_gemv_vs_llamacpp_q4_0"] is not None:
-        print(f"- int4 GEMV 4096x4096 batch 1: {result['int4_gemv_vs_llamacpp_q4_0']:.2f}x llama.cpp Q4_0 "
-              f"(llama.cpp Q4_0 {100 * result['llamacpp_q4_0_fraction_of_bandwidth']:.0f}%, "
-              f"Q8_0 {100 * result['llamacpp_q8_0_fraction_of_bandwidth']:.0f}% of the read bandwidth)")
-    if result["int4_gemv_i8a_vs_llamacpp_q4_0"] is not None:
-        print(f"- int4_gemv_i8a 4096x4096 batch 1: {result['int4_gemv_i8a_vs_llamacpp_q4_0']:.2f}x llama.cpp Q4_0")
+    for key in ("int4_gemv", "int4_gemv_i8a", "int4_gemv_x16", "llamacpp_q4_0", "llamacpp_q8_0"):
+        if of_bw(key) is not None:
+            print(f"- {key} {head_name}: {100 * of_bw(key):.0f}% of the read bandwidth alongside")
+    for key in ("int4_gemv", "int4_gemv_i8a", "int4_gemv_x16"):
+        if result[f"{key}_vs_llamacpp_q4_0"] is not None:
+            print(f"- {key} {head_name}: {result[f'{key}_vs_llamacpp_q4_0']:.2f}x llama.cpp Q4_0 "
+                  "(medians of the same interleaved rounds)")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ interpreter. Each command prints one JSON line on stdout.
     VENV=~/.cache/bitsmith/llamacpp-venv
     $VENV/bin/python bench/peers/llamacpp_decode.py decode MODEL.gguf [--tokens 64] [--runs 5]
         [--threads 2] [--prompt TEXT] [--flash-attn auto|on|off] [--omp-wait-policy default|passive]
+    $VENV/bin/python bench/peers/llamacpp_decode.py serve MODEL.gguf [--tokens 64] [--threads 2] [--prompt TEXT]
+        [--flash-attn ...] [--omp-wait-policy ...]   (then one line `run` per measured run on stdin)
     $VENV/bin/python bench/peers/llamacpp_decode.py table [--types q4_1,q4_0,q8_0,f16,f32]   (SmolLM2)
     $VENV/bin/python bench/peers/llamacpp_decode.py quantize IN.gguf OUT.gguf --type q4_0 [--pure]
     $VENV/bin/python bench/peers/llamacpp_decode.py convert-smollm2 [--types q4_0,q8_0,f16,f32]
@@ -17,6 +19,10 @@ llama_decode calls, each feeding back the greedy argmax of the previous logits, 
 runs; `decode_tok_s_best` the fastest run (the least disturbed on a shared machine). The model file is
 loaded once (mmap, llama.cpp's default; Q4_0 weights are repacked to the CPU_REPACK buffer type on
 AVX2/AVX-512 as in llama-cli).
+
+serve: the same measurement, one run per `run` line read from stdin (after printing {"ready": ...} with
+the model's description once loaded), so a bench can interleave llama.cpp's runs with its own (ABAB...,
+bench/decode.py); `DecodeServer` below drives it from any Python.
 
 quantize: llama_model_quantize. Our SmolLM2 GGUF is Q4_1 (token_embd Q8_0), so every output is
 re-quantized from Q4_1 values (`allow_requantize`): fine for speed, not for quality. Without --pure,
@@ -108,6 +114,44 @@ def convert(src: str | Path, dst: str | Path, kind: str, pure: bool = False, ven
                         venv, timeout)
 
 
+class DecodeServer:
+    """The `serve` command in the venv, one run at a time: ready() once, then run() -> that run's JSON
+    ({"decode_tok_s", "prompt_tok_s", "generated", ...}). A run that does not answer within its timeout
+    kills the process and raises subprocess.TimeoutExpired; a process that dies raises PeerUnavailable."""
+
+    def __init__(self, model: str | Path, tokens: int = 64, threads: int = 2, prompt: str = PROMPT,
+                 flash_attn: str = "auto", omp_wait_policy: str = "default", venv: Path | None = None):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        try:
+            from lineproc import LineProcess, PeerExited
+        finally:
+            sys.path.pop(0)
+        self._exited = PeerExited
+        self.policy = omp_wait_policy
+        cmd = [str(venv_python(venv)), str(Path(__file__).resolve()), "serve", str(model), "--tokens", str(tokens),
+               "--threads", str(threads), "--prompt", prompt, "--flash-attn", flash_attn,
+               "--omp-wait-policy", omp_wait_policy]
+        self.io = LineProcess(cmd, label=f"llama.cpp decode {Path(model).name} (OMP_WAIT_POLICY {omp_wait_policy})")
+
+    def _call(self, command: str | None, timeout: float) -> dict[str, Any]:
+        try:
+            return self.io.ask(command, timeout) if command else self.io.read(timeout)
+        except self._exited as exc:
+            raise PeerUnavailable(str(exc)) from None
+
+    def ready(self, timeout: float = 300) -> dict[str, Any]:
+        return self._call(None, timeout)
+
+    def run(self, timeout: float = 300) -> dict[str, Any]:
+        return self._call("run", timeout)
+
+    def alive(self) -> bool:
+        return self.io.alive()
+
+    def close(self, kill: bool = False) -> None:
+        self.io.close(kill)
+
+
 def smollm2_variant(kind: str, pure: bool = False) -> Path:
     """Where convert-smollm2 puts (or finds) SmolLM2 of one llama.cpp type ('q4_1' is the original)."""
     if kind == "q4_1":
@@ -159,75 +203,104 @@ def cmd_quantize(src: str, dst: str, kind: str, pure: bool = False, threads: int
             "bytes": os.path.getsize(dst), "matrix_types": tensor_types(dst)}
 
 
-def cmd_decode(model_path: str, tokens: int, runs: int, threads: int, prompt: str,
-               flash_attn: str = "auto", omp_wait_policy: str = "default") -> dict[str, Any]:
-    import ctypes
+class _Decoder:
+    """A loaded model and context: run() is one measured run (KV cache cleared, prompt evaluated, then
+    `tokens` single-token llama_decode calls feeding back the greedy argmax)."""
 
-    import numpy as np
+    def __init__(self, model_path: str, tokens: int, threads: int, prompt: str, flash_attn: str = "auto",
+                 omp_wait_policy: str = "default"):
+        import ctypes
 
-    L = _llama(omp_wait_policy)
-    mparams = L.llama_model_default_params()
-    model = L.llama_model_load_from_file(str(model_path).encode(), mparams)
-    if not model:
-        raise SystemExit(f"cannot load {model_path}")
-    vocab = L.llama_model_get_vocab(model)
-    n_vocab = L.llama_vocab_n_tokens(vocab)
-    text = prompt.encode()
-    buf = (L.llama_token * (len(text) + 16))()
-    n_prompt = L.llama_tokenize(vocab, text, len(text), buf, len(buf), True, False)
-    prompt_tokens = list(buf[:n_prompt])
+        L = self.L = _llama(omp_wait_policy)
+        self.model_path, self.tokens, self.threads, self.flash_attn = model_path, tokens, threads, flash_attn
+        self.model = L.llama_model_load_from_file(str(model_path).encode(), L.llama_model_default_params())
+        if not self.model:
+            raise SystemExit(f"cannot load {model_path}")
+        vocab = L.llama_model_get_vocab(self.model)
+        self.n_vocab = L.llama_vocab_n_tokens(vocab)
+        text = prompt.encode()
+        buf = (L.llama_token * (len(text) + 16))()
+        n_prompt = L.llama_tokenize(vocab, text, len(text), buf, len(buf), True, False)
+        self.prompt_tokens = list(buf[:n_prompt])
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = max(256, n_prompt + tokens + 16)
+        cparams.n_batch = cparams.n_ubatch = 512
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.flash_attn_type = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                                   "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
+        self.ctx = L.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            raise SystemExit("cannot create a llama context")
+        self.mem = L.llama_get_memory(self.ctx)
+        desc = ctypes.create_string_buffer(256)
+        L.llama_model_desc(self.model, desc, len(desc))
+        self.info = {"model": str(model_path), "desc": desc.value.decode(), "model_bytes": L.llama_model_size(self.model),
+                     "n_params": L.llama_model_n_params(self.model), "threads": threads, "flash_attn": flash_attn,
+                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+                     "prompt_tokens": n_prompt, "tokens": tokens, "matrix_types": tensor_types(model_path),
+                     "llama_cpp_python": L.__version__}
 
-    cparams = L.llama_context_default_params()
-    cparams.n_ctx = max(256, n_prompt + tokens + 16)
-    cparams.n_batch = cparams.n_ubatch = 512
-    cparams.n_threads = cparams.n_threads_batch = threads
-    cparams.flash_attn_type = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-                               "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
-    ctx = L.llama_init_from_model(model, cparams)
-    if not ctx:
-        raise SystemExit("cannot create a llama context")
-    mem = L.llama_get_memory(ctx)
+    def _decode(self, toks: list[int]) -> int:
+        import ctypes
 
-    def decode(toks: list[int]) -> int:
+        import numpy as np
+
+        L = self.L
         arr = (L.llama_token * len(toks))(*toks)
-        if L.llama_decode(ctx, L.llama_batch_get_one(arr, len(toks))) != 0:
+        if L.llama_decode(self.ctx, L.llama_batch_get_one(arr, len(toks))) != 0:
             raise SystemExit("llama_decode failed")
-        logits = np.ctypeslib.as_array(ctypes.cast(L.llama_get_logits_ith(ctx, -1), ctypes.POINTER(ctypes.c_float)),
-                                       shape=(n_vocab,))
+        logits = np.ctypeslib.as_array(ctypes.cast(L.llama_get_logits_ith(self.ctx, -1), ctypes.POINTER(ctypes.c_float)),
+                                       shape=(self.n_vocab,))
         return int(logits.argmax())
 
-    decode_s, prompt_s, generated = [], [], []
-    for run in range(runs + 1):  # run 0 warms up
-        L.llama_memory_clear(mem, True)
+    def run(self) -> tuple[float, float, list[int]]:
+        """(prompt seconds, decode seconds, generated tokens) of one run."""
+        self.L.llama_memory_clear(self.mem, True)
         t0 = time.perf_counter()
-        tok = decode(prompt_tokens)
+        tok = self._decode(self.prompt_tokens)
         t1 = time.perf_counter()
         out = [tok]
-        for _ in range(tokens):
-            tok = decode([tok])
+        for _ in range(self.tokens):
+            tok = self._decode([tok])
             out.append(tok)
-        t2 = time.perf_counter()
+        return t1 - t0, time.perf_counter() - t1, out
+
+    def free(self) -> None:
+        self.L.llama_free(self.ctx)
+        self.L.llama_model_free(self.model)
+
+
+def cmd_decode(model_path: str, tokens: int, runs: int, threads: int, prompt: str,
+               flash_attn: str = "auto", omp_wait_policy: str = "default") -> dict[str, Any]:
+    dec_model = _Decoder(model_path, tokens, threads, prompt, flash_attn, omp_wait_policy)
+    decode_s, prompt_s, generated = [], [], []
+    for run in range(runs + 1):  # run 0 warms up
+        p_s, d_s, generated = dec_model.run()
         if run:
-            prompt_s.append(t1 - t0)
-            decode_s.append(t2 - t1)
-        generated = out
-    desc = ctypes.create_string_buffer(256)
-    L.llama_model_desc(model, desc, len(desc))
-    model_bytes = L.llama_model_size(model)
+            prompt_s.append(p_s)
+            decode_s.append(d_s)
     dec = tokens / statistics.median(decode_s)
-    result = {"model": str(model_path), "desc": desc.value.decode(), "model_bytes": model_bytes,
-              "n_params": L.llama_model_n_params(model), "threads": threads, "flash_attn": flash_attn,
-              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-              "prompt_tokens": n_prompt, "tokens": tokens, "runs": runs,
-              "decode_tok_s": dec, "decode_tok_s_best": tokens / min(decode_s),
-              "decode_tok_s_runs": [tokens / s for s in decode_s],
-              "prompt_tok_s": n_prompt / statistics.median(prompt_s),
-              "weight_gbs": model_bytes * dec / 1e9,  # every weight byte read once per token (upper bound)
-              "matrix_types": tensor_types(model_path), "generated": generated[:16],
-              "llama_cpp_python": L.__version__}
-    L.llama_free(ctx)
-    L.llama_model_free(model)
+    result = dict(dec_model.info, runs=runs, decode_tok_s=dec, decode_tok_s_best=tokens / min(decode_s),
+                  decode_tok_s_runs=[tokens / s for s in decode_s],
+                  prompt_tok_s=len(dec_model.prompt_tokens) / statistics.median(prompt_s),
+                  weight_gbs=dec_model.info["model_bytes"] * dec / 1e9,  # every weight byte read once per token
+                  generated=generated[:16])
+    dec_model.free()
     return result
+
+
+def cmd_serve(model_path: str, tokens: int, threads: int, prompt: str, flash_attn: str = "auto",
+              omp_wait_policy: str = "default") -> None:
+    """Print {"ready": info} once loaded, then one JSON line per `run` line on stdin, until end of input."""
+    dec_model = _Decoder(model_path, tokens, threads, prompt, flash_attn, omp_wait_policy)
+    print(json.dumps({"ready": dec_model.info}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            raise SystemExit(f"unknown command {line.strip()!r}")
+        p_s, d_s, generated = dec_model.run()
+        print(json.dumps({"decode_tok_s": tokens / d_s, "decode_s": d_s,
+                          "prompt_tok_s": len(dec_model.prompt_tokens) / p_s, "generated": generated[:16]}), flush=True)
+    dec_model.free()
 
 
 def table(kinds: list[str], tokens: int, runs: int, threads: int, pure: bool, as_json: bool) -> None:
@@ -267,6 +340,13 @@ def main() -> None:
     d.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto")
     d.add_argument("--omp-wait-policy", choices=("default", "passive", "active"), default="default",
                    help="OMP_WAIT_POLICY for ggml's OpenMP threads (default: leave the environment's)")
+    sv = sub.add_parser("serve", help="like decode, one run per `run` line on stdin")
+    sv.add_argument("model")
+    sv.add_argument("--tokens", type=int, default=64)
+    sv.add_argument("--threads", type=int, default=2)
+    sv.add_argument("--prompt", default=PROMPT)
+    sv.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto")
+    sv.add_argument("--omp-wait-policy", choices=("default", "passive", "active"), default="default")
     q = sub.add_parser("quantize", help="llama_model_quantize IN OUT")
     q.add_argument("src")
     q.add_argument("dst")
@@ -288,6 +368,8 @@ def main() -> None:
     if args.cmd == "decode":
         print(json.dumps(cmd_decode(args.model, args.tokens, args.runs, args.threads, args.prompt, args.flash_attn,
                                     args.omp_wait_policy)))
+    elif args.cmd == "serve":
+        cmd_serve(args.model, args.tokens, args.threads, args.prompt, args.flash_attn, args.omp_wait_policy)
     elif args.cmd == "quantize":
         print(json.dumps(cmd_quantize(args.src, args.dst, args.type, args.pure, args.threads)))
     elif args.cmd == "table":
