@@ -37,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+# bench/ goes to the END of sys.path (Python puts a script's own folder first): helpers here (hostinfo,
+# peers) are still found, but bench/kernels.py no longer shadows the `kernels` package transformers imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 
 from hostinfo import host_info, host_line, llamacpp_build, llamacpp_line  # noqa: E402
 
