@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from bitsmith.errors import BitsmithError
-from bitsmith.runtime.safetensors_io import read_safetensors
+from bitsmith.runtime.safetensors_io import StoredTensor, read_safetensors, stored_tensors
 from bitsmith.runtime.tokenizer import load_tokenizer
 
 ARTIFACT_FORMAT = "bitsmith-artifact"
@@ -44,6 +44,11 @@ class Artifact:
     @cached_property
     def weights(self) -> dict[str, np.ndarray]:
         return read_safetensors(self.directory / WEIGHTS)
+
+    @cached_property
+    def stored_weights(self) -> dict[str, StoredTensor]:
+        """name -> StoredTensor: where each weight lies in the file, for loaders that read it into their own memory."""
+        return stored_tensors(self.directory / WEIGHTS)
 
     @property
     def config(self) -> dict[str, Any]:

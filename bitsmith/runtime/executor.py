@@ -11,7 +11,8 @@ import numpy as np
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.arena import aligned_bytes, round_up, view
 from bitsmith.runtime.artifact import Artifact
-from bitsmith.runtime.interleave import kernel_weight
+from bitsmith.runtime.interleave import X16, kernel_weight, kernel_weight_layout
+from bitsmith.runtime.kernel_dtypes import kernel_array
 from bitsmith.runtime.schedule import KernelPlan, Schedule
 from bitsmith.runtime.step_runner import StepRunner, bind_calls, constant_arrays, kernel_plan, pool_shape, used_weights
 
@@ -33,10 +34,10 @@ def _check_runs_here(plan: KernelPlan, directory: Path) -> None:
 
 
 def _tensor(array: np.ndarray) -> Any:
-    """A zero-copy TVM tensor over a 64-byte aligned numpy array."""
+    """A zero-copy TVM tensor over a 64-byte aligned numpy array (bf16 as its uint16 bits, see kernel_dtypes.py)."""
     import tvm  # heavy: TVM
 
-    return tvm.runtime.from_dlpack(array)
+    return tvm.runtime.from_dlpack(kernel_array(array))
 
 
 class _Step:
@@ -139,16 +140,25 @@ def _aligned_copy(array: np.ndarray) -> np.ndarray:
 
 
 def _load_weights(artifact: Artifact, names: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
-    """The kernels' weights copied once into one huge-page arena (64-byte aligned each) as TVM tensors."""
-    source = {name: kernel_weight(name, artifact.weights) for name in sorted(names)}
+    """The kernels' weights in one huge-page arena (64-byte aligned each) as TVM tensors.
+
+    Each weight is read from the file straight into its place (no map of the file stays resident, no second
+    copy); an interleaved weight (name@x16...) is built from its stored tensor one at a time. Resident memory
+    after loading is the arena: the artifact's weight bytes, plus nothing.
+    """
+    stored = artifact.stored_weights
+    layouts = {name: kernel_weight_layout(name, stored) for name in sorted(names)}
     offsets, total = {}, 0
-    for name, array in source.items():
+    for name, (shape, dtype) in layouts.items():
         offsets[name] = total
-        total += round_up(array.nbytes)
+        total += round_up(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
     arena = aligned_bytes(total, huge_pages=True)
     tensors = {}
-    for name, array in source.items():
-        dst = view(arena, offsets[name], array.shape, str(array.dtype))
-        dst[...] = array
+    for name, (shape, dtype) in layouts.items():
+        dst = view(arena, offsets[name], shape, str(dtype))
+        if name in stored:
+            stored[name].read_into(dst)
+        else:
+            dst[...] = kernel_weight(name, {name.partition(X16)[0]: stored[name.partition(X16)[0]].read()})
         tensors[name] = _tensor(dst)
     return arena, tensors

@@ -62,6 +62,19 @@ def x16_name(name: str, bits: int | None = None, in_features: int | None = None)
     return f"{name}{X16}" if bits is None else f"{name}{X16}:b{bits}:k{in_features}"
 
 
+def kernel_weight_layout(name: str, weights: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of the array `kernel_weight(name, weights)` returns, without building it; `weights` maps
+    names to anything with .shape and .dtype (arrays, StoredTensors)."""
+    base, found, layout = name.partition(X16)
+    source = weights[base]
+    if not found:
+        return tuple(source.shape), np.dtype(source.dtype)
+    if not layout:
+        return (int(np.prod(source.shape)),), np.dtype(source.dtype)
+    bits, in_features = (int(part[1:]) for part in layout.lstrip(":").split(":"))
+    return (source.shape[0] * in_features * bits // 8,), np.dtype(np.uint8)
+
+
 def kernel_weight(name: str, weights: Any) -> np.ndarray:
     """The array a kernel plan's weight `name` refers to: the artifact's, or its interleaved copy (flat)."""
     base, found, layout = name.partition(X16)

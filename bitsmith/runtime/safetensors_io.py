@@ -67,6 +67,22 @@ class StoredTensor:
                                 fix="the file is truncated; rebuild or re-download it")
         return array.reshape((stop - start, *self.shape[1:]) if self.shape else ())
 
+    def read_into(self, out: np.ndarray) -> None:
+        """Read the tensor straight into `out` (C-contiguous, nbytes equal): no temporary, no map."""
+        target = memoryview(out.reshape(-1).view(np.uint8))
+        if out.nbytes != self.nbytes or not out.flags.c_contiguous:
+            raise BitsmithError(f"cannot read {self.nbytes} bytes into a {out.nbytes}-byte buffer", where=str(self.path),
+                                fix="this is a bug in the loader")
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset)
+            done = 0
+            while done < self.nbytes:
+                n = f.readinto(target[done:done + COPY_CHUNK])
+                if not n:
+                    raise BitsmithError("file ends inside a tensor", where=str(self.path),
+                                        fix="the file is truncated; rebuild or re-download it")
+                done += n
+
     def copy_to(self, out: Any, progress: Any = None) -> None:
         """Append this tensor's bytes to the open binary file `out`, COPY_CHUNK at a time."""
         with open(self.path, "rb") as f:
