@@ -230,6 +230,20 @@ def decode_speed(bundle: Path, prompt: list[int], tokens: int = 64) -> dict:
             "ours_tok_s": ours, "torch_fp16_eager_tok_s": peer, "ratio": ours / peer}
 
 
+def _host() -> dict:
+    """The GPU machine's CPU record (bench/hostinfo.py), without the read-bandwidth probe: nothing here
+    streams from host memory, and that machine may have no C compiler to build the probe."""
+    import sys
+
+    here = str(Path(__file__).resolve().parent)
+    sys.path.append(here)  # last: bench/kernels.py must not shadow the `kernels` package transformers imports
+    try:
+        from hostinfo import host_info
+    finally:
+        sys.path.remove(here)
+    return host_info(probe=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=Path(".gpu"))
@@ -250,6 +264,7 @@ def main() -> None:
     import torch
 
     report["device"] = torch.cuda.get_device_name(0)
+    report["host"] = _host()
     expected = json.loads((args.bundle / "expected.json").read_text())
     have_smollm2 = _reassemble(args.bundle, "smollm2-int4")
     from bitsmith.runtime.cuda_runner import cuda_device_present

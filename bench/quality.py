@@ -8,7 +8,11 @@ Calibration text comes from a part of the file disjoint from the scored tokens (
     python bench/quality.py [--json] [--models tinystories,smollm2] [--methods rtn,gptq,awq] [--tokens N]
                             [--peer-venv DIR]
 
-Writes bench/quality.md; --json also prints one JSON object.
+Writes bench/quality.md; --json also prints one JSON object. Both start with the host record
+(bench/hostinfo.py: CPU, flags, streaming read bandwidth), since compile seconds depend on it.
+
+--smoke: TinyStories-656K, RTN int4 g32 only, 2048 scored tokens, no file written unless --out: checks
+that the bench still runs (tests/bench/test_bench_smoke.py).
 """
 
 from __future__ import annotations
@@ -24,6 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# bench/ goes to the END of sys.path (Python puts a script's own folder first): helpers here (hostinfo)
+# are still found, but bench/kernels.py no longer shadows the `kernels` package transformers imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
+
+from hostinfo import host_info, host_line  # noqa: E402
+
 DATA = Path(os.environ.get("BITSMITH_DATA", HERE.parents[1] / "shared" / "data"))
 SEQLEN = 256  # tokens per calibration sample
 METHODS = ("rtn", "gptq", "awq")
@@ -112,7 +122,8 @@ def peer_row(model: BenchModel, source_path: Path, tokenizer, calib_ids, windows
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_model(key: str, tokens: int, venv: Path, work: Path, methods: tuple[str, ...] = METHODS) -> dict:
+def bench_model(key: str, tokens: int, venv: Path, work: Path, methods: tuple[str, ...] = METHODS,
+                smoke: bool = False) -> dict:
     from bitsmith.compiler.calibration_data import CalibrationOptions, calibration_samples
     from bitsmith.tools.evaluate import evaluate_many, windows_of
     from bitsmith.runtime.artifact import load_artifact
@@ -128,8 +139,8 @@ def bench_model(key: str, tokens: int, venv: Path, work: Path, methods: tuple[st
     else:
         source_path = Path(model.source)
     rows, paths = [], []
-    configs = [(m, *s) for m in methods for s in schemes_for(key)]
-    if key == "smollm2" and "rtn" in methods:  # sanity: asym int4 g32 reproduces the Q4_1 grid exactly (see the model's README)
+    configs = [(m, *s) for m in methods for s in schemes_for(key) if not smoke or s[0] == "int4 g32"]
+    if key == "smollm2" and "rtn" in methods and not smoke:  # sanity: asym int4 g32 reproduces the Q4_1 grid exactly (see the model's README)
         configs.append(("rtn", "int4 g32 asym (sanity)", 4, 32, False))
     for method, label, bits, group, sym in configs:
         out = work / f"{key}-{method}-{bits}-{group}-{'s' if sym else 'a'}"
@@ -165,10 +176,11 @@ def bench_model(key: str, tokens: int, venv: Path, work: Path, methods: tuple[st
                      **peer, "ours_ppl": ours["ppl"]}}
 
 
-def write_markdown(report: dict, path: Path) -> None:
+def write_markdown(report: dict, path: Path, host: dict) -> None:
     lines = ["# Quantization quality", "",
              "`python bench/quality.py --json` (2-core CPU; reference executor). Δppl relative to the unquantized model.",
-             "Every linear weight is quantized (`--no-keep-default`); the tied embedding / lm_head stays 16-bit.", ""]
+             "Every linear weight is quantized (`--no-keep-default`); the tied embedding / lm_head stays 16-bit.", "",
+             f"- {host_line(host)}", ""]
     for key, r in report.items():
         lines += [f"## {r['model']}: {r['tokens']:,} tokens of `{r['text']}`, ctx {r['ctx']}, "
                   f"BOS {'prepended' if r['bos'] else 'not used'}; reference PPL {r['ref_ppl']:.3f}", "",
@@ -195,21 +207,27 @@ def main() -> None:
     parser.add_argument("--smollm2-tokens", type=int, default=None, help="override --tokens for SmolLM2 only")
     parser.add_argument("--peer-venv", type=Path,
                         default=Path(os.environ.get("BITSMITH_PEER_VENV", Path.home() / ".cache/bitsmith/peer-venv")))
-    parser.add_argument("--out", type=Path, default=HERE / "quality.md")
+    parser.add_argument("--out", type=Path, default=None, help="markdown to write (default bench/quality.md)")
+    parser.add_argument("--smoke", action="store_true", help="TinyStories, RTN int4 g32, 2048 tokens, no file")
     args = parser.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"error: {DATA} not found (real models and text live in ../shared/data)")
-    report = {}
+    if args.smoke:
+        args.models, args.methods, args.tokens = "tinystories", "rtn", 2048
     with tempfile.TemporaryDirectory(prefix="bitsmith-quality-") as tmp:
+        out = args.out or (Path(tmp) / "quality.md" if args.smoke else HERE / "quality.md")
+        host = host_info(gib=0.25 if args.smoke else 1.0, rounds=2 if args.smoke else 5)
+        report = {}
         for key in args.models.split(","):
             tokens = args.smollm2_tokens if key == "smollm2" and args.smollm2_tokens else args.tokens
-            report[key] = bench_model(key, tokens, args.peer_venv, Path(tmp), tuple(args.methods.split(",")))
-            write_markdown(report, args.out)  # after each model, so a later failure loses nothing
-    write_markdown(report, args.out)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(args.out.read_text())
+            report[key] = bench_model(key, tokens, args.peer_venv, Path(tmp), tuple(args.methods.split(",")),
+                                      args.smoke)
+            write_markdown(report, out, host)  # after each model, so a later failure loses nothing
+        write_markdown(report, out, host)
+        if args.json:
+            print(json.dumps({"host": host, **report}))
+        else:
+            print(out.read_text())
 
 
 if __name__ == "__main__":

@@ -7,7 +7,12 @@ int4-g32 plan and at that of the heuristic (v_proj and down_proj at int8 in the 
 of the layers and every third layer, int4-g32 elsewhere, like Q4_K_M's Q6_K choices); each plan's KLD
 is measured against the 16-bit model on held-out calibration windows (reference executor, RTN).
 The chosen plan is compiled with kernels and its decode latency measured next to the prediction.
-The search is timed cold (empty cache) and warm. Writes bench/search.md.
+The search is timed cold (empty cache) and warm. Writes bench/search.md, headed by the host line
+(bench/hostinfo.py: CPU, flags, streaming read bandwidth; --json has it under "host"), since search
+seconds and latencies depend on it.
+
+--smoke: TinyStories-656K only, a small search (2 measured plans, 3 Pareto points, 2 calibration
+samples), 8 decode steps once, no file written unless --out (tests/bench/test_bench_smoke.py).
 """
 
 from __future__ import annotations
@@ -24,8 +29,16 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+# bench/ goes to the END of sys.path (Python puts a script's own folder first): helpers here (hostinfo)
+# are still found, but bench/kernels.py no longer shadows the `kernels` package transformers imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
+
+from hostinfo import host_info, host_line  # noqa: E402
+
 DATA = Path(__import__("os").environ.get("BITSMITH_DATA", HERE.parents[1] / "shared" / "data"))
 MODELS = {"smollm2": (None, True, 2048), "tinystories": (DATA / "tinystories-656k", False, 256)}
+SMOKE = {"measure": 2, "pareto_points": 3, "calib_samples": 2}  # --smoke's SearchOptions
+DECODE_RUNS, DECODE_STEPS = 3, 32  # decode_ms: median of runs of steps (--smoke: 1 x 8)
 
 
 def heuristic_plan(tensors: list[str], fixed: set[str], layers: int) -> dict[str, str]:
@@ -55,18 +68,18 @@ def decode_ms(plan_path: Path, source, work: Path, context: int) -> float:
         memory=MemoryOptions(context=min(context, 512), concurrency=1)))
     session = CompiledSession(load_artifact(out))
     runs = []
-    for _ in range(3):
+    for _ in range(DECODE_RUNS):
         session.reset()
         logits = session.prefill([1, 2, 3, 4])[-1]
         t0 = time.perf_counter()
-        for _ in range(32):
+        for _ in range(DECODE_STEPS):
             logits = session.decode(int(np.argmax(logits)))
-        runs.append((time.perf_counter() - t0) / 32 * 1e3)
+        runs.append((time.perf_counter() - t0) / DECODE_STEPS * 1e3)
     shutil.rmtree(out, ignore_errors=True)
     return float(np.median(runs))
 
 
-def bench_model(key: str, cache: Path) -> dict:
+def bench_model(key: str, cache: Path, smoke: bool = False) -> dict:
     from bitsmith.compiler.loader import load_model
     from bitsmith.passes.canonicalize import canonical_model
     from bitsmith.passes.assign_precision import KEEP, AssignPrecision, linear_weights
@@ -81,7 +94,8 @@ def bench_model(key: str, cache: Path) -> dict:
     tensors = linear_weights(model.module)
     fixed = {n for n, s in AssignPrecision(parse_scheme("int4"), keep_default).plan(model.module).items() if s is KEEP}
     layers = model.module["decode"].inputs[2][1].shape[0]
-    base = SearchOptions(memory=1 << 40, context=context, keep_default=keep_default, cache_dir=str(cache))
+    base = SearchOptions(memory=1 << 40, context=context, keep_default=keep_default, cache_dir=str(cache),
+                         **(SMOKE if smoke else {}))
     # bytes of the reference plans, from the same cost model the search uses
     dummy = Sensitivity({t: {s: 0.0 for s in ("16", "int8-g128", "int4-g32", "int4-g64", "int4-g128", "int3-g32",
                                               "int2-g32")} for t in tensors}, {}, 0)
@@ -127,16 +141,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--models", default="tinystories,smollm2")
-    parser.add_argument("--out", type=Path, default=HERE / "search.md")
+    parser.add_argument("--out", type=Path, default=None, help="markdown to write (default bench/search.md)")
+    parser.add_argument("--smoke", action="store_true", help="TinyStories, a small search, no file")
     args = parser.parse_args()
+    global DECODE_RUNS, DECODE_STEPS
+    if args.smoke:
+        args.models, DECODE_RUNS, DECODE_STEPS = "tinystories", 1, 8
+    out = args.out or (None if args.smoke else HERE / "search.md")
+    host = host_info(gib=0.25 if args.smoke else 1.0, rounds=2 if args.smoke else 5)
     report = {}
     for key in args.models.split(","):
         cache = Path(tempfile.mkdtemp(prefix=f"bitsmith-search-{key}-"))  # cold cache for the timing
         print(f"[{key}] searching", file=sys.stderr, flush=True)
-        report[key] = bench_model(key, cache)
+        try:
+            report[key] = bench_model(key, cache, args.smoke)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
         print(f"[{key}] {report[key]}", file=sys.stderr, flush=True)
     lines = ["# Bit-width search", "", "`python bench/search.py --json` (2-core CPU). KLD: mean per token vs the 16-bit "
              "model, measured on held-out calibration windows (RTN plans, reference executor).", "",
+             f"- {host_line(host)}", "",
              "| model | bpw | searched KLD | uniform int4-g32 KLD | heuristic bpw | heuristic KLD | searched KLD at heuristic bpw "
              "| latency pred / meas ms | Spearman (plans) | search s cold / warm |", "|---|" + "---:|" * 9]
     for key, r in report.items():
@@ -144,12 +168,13 @@ def main() -> None:
                      f"{r['uniform_int4_kld']:.5f} | {r['heuristic_bpw']:.2f} | {r['heuristic_kld']:.5f} | "
                      f"{r['searched_kld_at_heuristic_bpw']:.5f} | {r['latency_pred_ms']:.2f} / {r['latency_meas_ms']:.2f} | "
                      f"{r['spearman']} ({r['measured_plans']}) | {r['search_s_cold']} / {r['search_s_warm']} |")
-    args.out.write_text("\n".join(lines) + "\n")
+    if out is not None:
+        out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.json:
         keys = ("bpw", "searched_kld", "uniform_int4_kld", "heuristic_kld", "latency_pred_ms", "latency_meas_ms",
                 "spearman")
-        print(json.dumps({k: {f: v[f] for f in keys} for k, v in report.items()}))
+        print(json.dumps({"host": host, **{k: {f: v[f] for f in keys} for k, v in report.items()}}))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,13 @@ Ours is compiled like llama.cpp's Q4_0 file: 4-bit linears (ours g32 RTN; the fi
 16-bit, as our default policy keeps them) and an 8-bit lm_head (`--scheme lm_head=int8`; Q4_0 files
 store the tied output as Q8_0), int8 activations for the 4/8-bit GEMVs as llama.cpp does, and an int8 KV
 cache (`--kv-dtype int8`; llama.cpp's server keeps its default f16 cache).
+Both servers run at once and the load levels alternate between them (ours at c=1, llama.cpp at c=1,
+ours at c=4, ...), so the shared host's drift over the run hits both alike. The table is headed by the
+host line (bench/hostinfo.py: CPU, flags, streaming read bandwidth; --json has it under "host").
 Prints the table (and with --out writes it to a file); bench/serve.md quotes a run.
+
+--smoke: TinyStories-656K from $BITSMITH_DATA (compiled like the int4 artifact), 4 output tokens,
+concurrency 1 and 2 (tests/bench/test_bench_smoke.py); llama.cpp only if its server is installed.
 """
 
 from __future__ import annotations
@@ -31,9 +37,17 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# bench/ goes to the END of sys.path (Python puts a script's own folder first): helpers here (hostinfo)
+# are still found, but bench/kernels.py no longer shadows the `kernels` package transformers imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
+
+from hostinfo import host_info, host_line  # noqa: E402
+
+DATA = Path(os.environ.get("BITSMITH_DATA", HERE.parents[1] / "shared" / "data"))
 PROMPT = ("The old lighthouse keeper climbed the stairs every evening, counting the steps and listening to the sea. "
           "Ships passed far away, and the light turned slowly over the water. One night he saw")
 LEVELS = (1, 4, 16)
+SMOLLM2_Q4_0 = Path.home() / ".cache" / "bitsmith" / "llamacpp-models" / "SmolLM2-135M-Instruct.from-Q4_1.Q4_0.gguf"
 
 
 def free_port() -> int:
@@ -146,39 +160,54 @@ def main() -> None:
     parser.add_argument("--artifact", type=Path, default=None)
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--llamacpp-venv", type=Path, default=Path.home() / ".cache" / "bitsmith" / "llamacpp-venv")
-    parser.add_argument("--llamacpp-gguf", type=Path,
-                        default=Path.home() / ".cache" / "bitsmith" / "llamacpp-models" / "SmolLM2-135M-Instruct.from-Q4_1.Q4_0.gguf")
+    parser.add_argument("--llamacpp-gguf", type=Path, default=None,
+                        help="default: SmolLM2's Q4_0 conversion (none with --smoke: ours serves TinyStories)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this file")
+    parser.add_argument("--smoke", action="store_true", help="TinyStories-656K, 4 tokens, concurrency 1 and 2")
     args = parser.parse_args()
-    report = {"ours": [], "llamacpp": []}
+    levels, model, concurrency = LEVELS, [], "16"
+    if args.smoke:
+        levels, args.tokens, concurrency = (1, 2), 4, "4"
+        model = [str(DATA / "tinystories-656k")]
+        if not Path(model[0]).is_dir():
+            sys.exit(f"--smoke needs {model[0]} (set BITSMITH_DATA)")
+    host = host_info(gib=0.25 if args.smoke else 1.0, rounds=2 if args.smoke else 5)
+    report: dict = {"host": host, "ours": [], "llamacpp": []}
+    procs = []
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = args.artifact
-        if artifact is None:
-            artifact = Path(tmp) / "smollm2-int4"
-            subprocess.run([sys.executable, "-m", "bitsmith.cli", "compile", "-o", str(artifact), "--method",
-                            "rtn", "--bits", "4", "--group", "32", "--concurrency", "16", "--context", "512",
-                            "--activations", "auto", "--scheme", "lm_head=int8", "--kv-dtype", "int8"],
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        proc, port = serve_ours(artifact)
         try:
-            report["ours"] = [load(port, "bitsmith", c, args.tokens) for c in LEVELS]
+            artifact = args.artifact
+            if artifact is None:
+                artifact = Path(tmp) / "int4"
+                subprocess.run([sys.executable, "-m", "bitsmith.cli", "compile", *model, "-o", str(artifact), "--method",
+                                "rtn", "--bits", "4", "--group", "32", "--concurrency", concurrency, "--context", "512",
+                                "--activations", "auto", "--scheme", "lm_head=int8", "--kv-dtype", "int8"],
+                               check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            proc, port = serve_ours(artifact)
+            procs.append(proc)
+            gguf = args.llamacpp_gguf or (None if args.smoke else SMOLLM2_Q4_0)
+            if gguf is None:
+                peer = "--smoke serves TinyStories: no GGUF of it given (--llamacpp-gguf)"
+            elif not gguf.exists():
+                peer = f"{gguf} missing (bench/peers/llamacpp_decode.py converts it)"
+            else:
+                peer = serve_llamacpp(args.llamacpp_venv, gguf)
+            if isinstance(peer, str):
+                report["llamacpp_error"] = peer
+            else:
+                procs.append(peer[0])
+            for c in levels:  # alternate the servers level by level
+                report["ours"].append(load(port, "bitsmith", c, args.tokens))
+                if not isinstance(peer, str):
+                    report["llamacpp"].append(load(peer[1], "x", c, args.tokens))
         finally:
-            proc.terminate()
-            proc.wait(30)
-    peer = serve_llamacpp(args.llamacpp_venv, args.llamacpp_gguf) if args.llamacpp_gguf.exists() else \
-        f"{args.llamacpp_gguf} missing (bench/peers/llamacpp_decode.py converts it)"
-    if isinstance(peer, str):
-        report["llamacpp_error"] = peer
-    else:
-        proc, port = peer
-        try:
-            report["llamacpp"] = [load(port, "x", c, args.tokens) for c in LEVELS]
-        finally:
-            proc.terminate()
-            proc.wait(30)
-    lines = ["# Serving over HTTP: SmolLM2-135M int4", "",
+            for proc in procs:
+                proc.terminate()
+                proc.wait(30)
+    lines = [f"# Serving over HTTP: {'TinyStories-656K' if args.smoke else 'SmolLM2-135M'} int4", "",
              f"`python bench/serve.py --json` on this 2-core CPU: streaming /v1/completions, greedy, {args.tokens} output "
-             "tokens, closed loop (2c requests, at least 4).", "",
+             "tokens, closed loop (2c requests, at least 4); the servers alternate level by level.", "",
+             f"- {host_line(host)}", "",
              "| server | concurrency | failed | TTFT ms p50 | ITL ms p50 | output tok/s |", "|---|---:|---:|---:|---:|---:|"]
     for name in ("ours", "llamacpp"):
         for r in report[name]:

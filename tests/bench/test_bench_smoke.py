@@ -1,0 +1,124 @@
+"""Every bench script runs once, in its smoke mode, as a user would start it (a subprocess), so a bench that
+no longer runs fails the suite instead of rotting until someone needs its numbers.
+
+Smoke modes use the smallest model each script allows (TinyStories-656K from ../shared/data, or kernels of
+one small shape), one repetition, and skip peers that are not installed; they measure nothing worth
+quoting. Each script must exit 0 and print its table and/or valid JSON that records the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+
+BENCH = REPO_ROOT / "bench"
+TIMEOUT_S = 420  # a hard stop for a hung bench; smoke runs take 10-60 s on the 2-core machine
+
+
+def run_bench(script: str, *args: str, data: Path | None = None) -> str:
+    env = dict(os.environ)
+    if data is not None:
+        env["BITSMITH_DATA"] = str(data)
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=TIMEOUT_S, env=env, cwd=REPO_ROOT)
+    assert proc.returncode == 0, f"{script} {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def last_json(stdout: str) -> dict:
+    """The JSON object a bench printed: all of stdout, or its last line that is one (after a table)."""
+    try:
+        return json.loads(stdout)
+    except json.JSONDecodeError:
+        pass
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise AssertionError(f"no JSON object in the output:\n{stdout[-2000:]}")
+
+
+def check_host(record: dict) -> None:
+    assert record["cpu"] and record["cores"] >= 1
+    assert isinstance(record["flags"], list)
+
+
+def has_table(stdout: str, header: str) -> bool:
+    lines = stdout.splitlines()
+    return any(line.startswith("| " + header) for line in lines) and any(line.startswith("|---") for line in lines)
+
+
+def test_hostinfo_script():
+    out = last_json(run_bench("hostinfo.py", "--json", "--gib", "0.25", "--rounds", "2"))
+    check_host(out)
+    assert "runs_here" in out["llamacpp"]
+
+
+@pytest.mark.slow
+def test_kernels_smoke():
+    table = run_bench("kernels.py", "--smoke")
+    assert has_table(table, "out x in") and "host: " in table
+    out = last_json(run_bench("kernels.py", "--smoke", "--json"))
+    check_host(out["host"])
+    assert out["smoke"] and out["rows"] and out["rows"][0]["int4_gemv"]["gbs"] > 0
+
+
+@pytest.mark.slow
+def test_decode_smoke(shared_data):
+    stdout = run_bench("decode.py", "--smoke", "--json", data=shared_data)
+    assert has_table(stdout, "weights") and "host: " in stdout
+    out = last_json(stdout)
+    check_host(out["host"])
+    row = out["configs"]["int4"]
+    assert row["ours_tok_s"] > 0
+    if out["llamacpp_build"]["runs_here"]:  # the peer is there: its interleaved runs must have happened
+        assert row["llamacpp_tok_s"], row["llamacpp_error"]
+
+
+@pytest.mark.slow
+def test_reference_decode_smoke(shared_data):
+    table = run_bench("reference_decode.py", "--smoke", data=shared_data)
+    assert has_table(table, "model") and "host: " in table
+    out = last_json(run_bench("reference_decode.py", "--smoke", "--json", data=shared_data))
+    check_host(out["host"])
+    assert out["models"]["tinystories-656k"]["ours_tok_s"] > 0
+
+
+@pytest.mark.slow
+def test_quality_smoke(shared_data):
+    out = last_json(run_bench("quality.py", "--smoke", "--json", data=shared_data))
+    check_host(out["host"])
+    (row,) = out["tinystories"]["rows"]
+    assert row["scheme"] == "int4 g32" and row["ppl"] > 1
+
+
+@pytest.mark.slow
+def test_search_smoke(shared_data):
+    stdout = run_bench("search.py", "--smoke", "--json", data=shared_data)
+    assert has_table(stdout, "model") and "host: " in stdout
+    out = last_json(stdout)
+    check_host(out["host"])
+    assert out["tinystories"]["latency_meas_ms"] > 0
+
+
+@pytest.mark.slow
+def test_serve_smoke(shared_data):
+    stdout = run_bench("serve.py", "--smoke", "--json", data=shared_data)
+    assert has_table(stdout, "server") and "host: " in stdout
+    out = last_json(stdout)
+    check_host(out["host"])
+    assert [r["concurrency"] for r in out["ours"]] == [1, 2]
+    assert all(r["failed"] == 0 and r["tok_s"] > 0 for r in out["ours"]), out["ours"]
+
+
+@pytest.mark.parametrize("script", ["gpu_check.py", "gpu_bundle.py"])
+def test_gpu_scripts_parse(script):
+    """The GPU scripts need a GPU (gpu_check) or minutes of CUDA builds (gpu_bundle): here they must at least
+    import and parse their arguments; bench/gpu.md runs them for real."""
+    assert "usage:" in run_bench(script, "--help")
