@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,9 @@ from bitsmith.runtime.interleave import X16, kernel_weight, kernel_weight_layout
 from bitsmith.runtime.kernel_dtypes import kernel_array
 from bitsmith.runtime.schedule import KernelPlan, Schedule
 from bitsmith.runtime.step_runner import StepRunner, bind_calls, constant_arrays, kernel_plan, pool_shape, used_weights
+
+
+LOAD_THREADS = 2  # weights filled at once when loading (each thread holds one unpacked weight)
 
 
 def _machine() -> str:
@@ -153,12 +157,16 @@ def _load_weights(artifact: Artifact, names: list[str]) -> tuple[np.ndarray, dic
         offsets[name] = total
         total += round_up(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
     arena = aligned_bytes(total, huge_pages=True)
-    tensors = {}
-    for name, (shape, dtype) in layouts.items():
-        dst = view(arena, offsets[name], shape, str(dtype))
+
+    def fill(name: str) -> None:
+        dst = view(arena, offsets[name], layouts[name][0], str(layouts[name][1]))
         if name in stored:
             stored[name].read_into(dst)
-        else:
-            dst[...] = kernel_weight(name, {name.partition(X16)[0]: stored[name.partition(X16)[0]].read()})
-        tensors[name] = _tensor(dst)
+        else:  # unpack + interleave in numpy, which releases the GIL: two weights at a time on two cores
+            base = name.partition(X16)[0]
+            dst[...] = kernel_weight(name, {base: stored[base].read()})
+
+    with ThreadPoolExecutor(LOAD_THREADS) as pool:
+        list(pool.map(fill, layouts))
+    tensors = {name: _tensor(view(arena, offsets[name], shape, str(dtype))) for name, (shape, dtype) in layouts.items()}
     return arena, tensors

@@ -94,6 +94,24 @@ def _shards(tensors: list[tuple[str, tuple[int, ...]]], itemsize: int, shard_byt
     return shards
 
 
+def write_padded_tokenizer(source: str | Path, directory: str | Path, vocab_size: int) -> None:
+    """Copy a BPE tokenizer (tokenizer.json and its config files) from the directory `source`, its vocabulary
+    padded with unused tokens to exactly `vocab_size`: converters that size the embedding by the vocabulary
+    (llama.cpp's convert_hf_to_gguf.py) then agree with config.json."""
+    source, directory = Path(source), Path(directory)
+    data = json.loads((source / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    if not isinstance(vocab, dict) or len(vocab) > vocab_size:
+        raise BitsmithError(f"cannot pad the tokenizer of {source} to {vocab_size} tokens", where="synthetic model",
+                            fix="use a BPE tokenizer with at most vocab_size tokens")
+    for token_id in range(len(vocab), vocab_size):
+        vocab[f"<|unused_{token_id}|>"] = token_id
+    (directory / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (source / name).exists():
+            (directory / name).write_text((source / name).read_text())
+
+
 def write_random_llama(directory: str | Path, shape: LlamaShape, dtype: str = "bfloat16",
                        shard_bytes: int = 2 << 30, seed: int = 0, progress=None) -> Path:
     """Write config.json, model-0000k-of-0000n.safetensors shards and their index; memory stays one chunk."""
