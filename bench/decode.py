@@ -59,9 +59,11 @@ ABANDON_FACTOR = 4  # a later policy's run taking this many times the first's is
 
 def compile_artifact(model: Path | None, out: Path, flags: list[str]) -> float:
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "bitsmith.cli", "compile", *([str(model)] if model else []), "-o", str(out),
-                    *flags, *(COMMON if "--method" in flags else COMMON[1:])],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [sys.executable, "-m", "bitsmith.cli", "compile", *([str(model)] if model else []), "-o", str(out),
+           *flags, *(COMMON if "--method" in flags else COMMON[1:])]
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode:  # say why: a bare CalledProcessError hides the compiler's own message
+        sys.exit(f"compile failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
     return time.time() - t0
 
 
@@ -265,7 +267,8 @@ def main() -> None:
             report[key] = {"ours_tok_s": round(ours_tok_s, 1), "llamacpp_tok_s": round(peer, 1) if peer else None,
                            "ratio": round(ours_tok_s / peer, 2) if peer else None,
                            "ours_rounds": [round(v, 1) for v in runs["ours"]],
-                           "llamacpp_rounds": {p: [round(v, 1) for v in vs] for p, vs in runs["llamacpp"].items()},
+                           "llamacpp_rounds": {p: [None if math.isnan(v) else round(v, 1) for v in vs]  # NaN: dropped
+                                               for p, vs in runs["llamacpp"].items()},
                            "llamacpp_policy": max(by_policy, key=by_policy.get) if by_policy else None,
                            "ours_flags": " ".join(cfg["flags"]), "llamacpp_type": cfg["llamacpp"],
                            "llamacpp_gguf": str(gguf) if gguf else None, "llamacpp_error": error,

@@ -534,7 +534,7 @@ def main() -> None:
                         sec, sec_rounds = median(times[key]), times[key]
                     else:
                         continue
-                    cell = {"us": sec * 1e6, "gbs": nbytes[key] / sec / 1e9, "us_rounds": [s * 1e6 for s in sec_rounds]}
+                    cell = {"us": sec * 1e6, "gbs": nbytes[key] / sec / 1e9, "us_rounds": [None if math.isnan(s) else s * 1e6 for s in sec_rounds]}
                     if "bw_gbs" in row:
                         cell["of_bw"] = cell["gbs"] / row["bw_gbs"]
                     row[key] = cell

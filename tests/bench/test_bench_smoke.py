@@ -32,15 +32,22 @@ def run_bench(script: str, *args: str, data: Path | None = None) -> str:
     return proc.stdout
 
 
+def _strict(text: str) -> dict:
+    """json.loads that refuses NaN / Infinity, which Python writes but JSON does not have."""
+    def reject(token: str):
+        raise ValueError(f"{token} is not JSON")
+    return json.loads(text, parse_constant=reject)
+
+
 def last_json(stdout: str) -> dict:
     """The JSON object a bench printed: all of stdout, or its last line that is one (after a table)."""
     try:
-        return json.loads(stdout)
+        return _strict(stdout)
     except json.JSONDecodeError:
         pass
     for line in reversed(stdout.splitlines()):
         if line.startswith("{"):
-            return json.loads(line)
+            return _strict(line)
     raise AssertionError(f"no JSON object in the output:\n{stdout[-2000:]}")
 
 
