@@ -1,0 +1,47 @@
+"""What serving an artifact holds in memory, predicted from its manifest and weight file (inspect, bench/scale.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from bitsmith.runtime.arena import round_up
+from bitsmith.runtime.artifact import Artifact
+from bitsmith.runtime.interleave import kernel_weight_layout
+from bitsmith.runtime.step_runner import constant_arrays, kernel_plan, pool_shape, used_weights
+
+# The process before any weight: Python, numpy, the TVM runtime (tvm_ffi also imports torch where it is
+# installed) and a kernel library. Measured: `bitsmith run` of TinyStories-656K (weights, KV pools and arenas
+# under 10 MB) peaks at 398 MB on x86-64 with apache-tvm 0.27.
+RUNTIME_BASE_BYTES = 390 << 20
+
+
+def serving_memory(artifact: Artifact) -> dict[str, Any] | None:
+    """Bytes the compiled executor keeps resident, by part, or None for an artifact without kernels.
+
+    weights: the kernels' weights, each copied once into one huge-page arena (interleaved ones in their
+    kernel layout: the same bytes as stored); nothing else of the weight file stays resident.
+    workspace: every schedule's activation arena (each row count has its own).
+    kv_cache: the paged KV pools; their pages become resident as sequences fill them, so `loaded` (right after
+    loading) leaves them out and `full` (every block in use) counts them.
+    """
+    plan = kernel_plan(artifact)
+    if plan is None:
+        return None
+    stored = artifact.stored_weights
+    weights = 0
+    for name in used_weights(plan):
+        shape, dtype = kernel_weight_layout(name, stored)
+        weights += round_up(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+    workspace = sum(s.arena_bytes for s in plan.schedules.values())
+    constants = sum(a.nbytes for a in constant_arrays(plan).values())
+    per_layer = int(np.prod(pool_shape(plan.kv), dtype=np.int64))
+    kv = 0
+    for dtype in plan.kv["layer_dtypes"]:
+        kv += per_layer * np.dtype(dtype).itemsize
+        if dtype == "int8":  # fp32 scales per (block, k/v, slot, head)
+            kv += 4 * int(np.prod(pool_shape(plan.kv)[:4], dtype=np.int64))
+    loaded = RUNTIME_BASE_BYTES + weights + workspace + constants
+    return {"runtime": RUNTIME_BASE_BYTES, "weights": weights, "workspace": workspace + constants, "kv_cache": kv,
+            "loaded": loaded, "full": loaded + kv}
