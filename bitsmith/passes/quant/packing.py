@@ -11,6 +11,12 @@ from bitsmith.runtime.packed_layout import LANES, split_row
 
 def pack_lanes(v: np.ndarray, bits: int, units: int) -> np.ndarray:
     """uint8 [..., S, L] (slot, lane) -> uint32 [..., U, L]: each lane's slots as one bit stream."""
+    if 32 % bits == 0:  # 1/2/4/8 bits never straddle a word: stay in uint32 (half the bytes of the general path)
+        words32 = np.zeros(v.shape[:-2] + (units, v.shape[-1]), dtype=np.uint32)
+        for j in range(v.shape[-2]):
+            p, off = divmod(j * bits, 32)
+            words32[..., p, :] |= v[..., j, :].astype(np.uint32) << np.uint32(off)
+        return words32
     words = np.zeros(v.shape[:-2] + (units, v.shape[-1]), dtype=np.uint64)
     for j in range(v.shape[-2]):
         p, off = divmod(j * bits, 32)
