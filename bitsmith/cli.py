@@ -29,7 +29,7 @@ from bitsmith.runtime.sampling import SamplingParams
 from bitsmith.runtime.server import Server
 from bitsmith.tools.describe import describe, format_summary
 from bitsmith.tools.evaluate import evaluate
-from bitsmith.tools.run import run_prompt
+from bitsmith.tools.run import EXECUTORS, run_prompt
 
 # The pipeline and the search load TVM (seconds): imported by the commands that compile or search.
 
@@ -108,7 +108,8 @@ def main() -> None:
               show_default=True,
               help="Where the compiled kernels run: this CPU (its exact LLVM name), 64-bit ARM Linux "
                    "(cross-compiled, NEON), an NVIDIA GPU (built here with nvcc, no GPU needed), or none "
-                   "(reference executor only).")
+                   "(no kernels: run it with --executor reference). An op the target has no kernel for fails "
+                   "the compile.")
 @click.option("--arch", type=click.Choice(CUDA_ARCHS), default=None,
               help="GPU architecture for --target cuda [default: sm_90a, the H100].")
 @click.option("--context", type=click.IntRange(min=16), default=None,
@@ -209,9 +210,10 @@ def inspect(path: Path, show_ir: bool, as_json: bool) -> None:
 @click.option("--seed", default=None, type=int, help="Random seed for sampling.")
 @click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message with the model's chat template.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"text": ..., "token_ids": [...]} (generated ids only).')
-@click.option("--executor", type=click.Choice(["auto", "compiled", "reference"]), default="auto", show_default=True,
-              help="compiled: the artifact's TVM kernels; reference: the numpy reference executor; "
-                   "auto: compiled when the artifact has kernels for this machine.")
+@click.option("--executor", type=click.Choice(EXECUTORS), default="compiled", show_default=True,
+              help="compiled: the artifact's kernels (an artifact without kernels for this machine is an error); "
+                   "reference: the numpy reference executor (slow; the oracle, and the way to run an artifact "
+                   "compiled with --target none).")
 @friendly_errors
 def run(artifact: Path, prompt: str, max_tokens: int, temperature: float, top_k: int, top_p: float,
         seed: int | None, chat: bool, as_json: bool, executor: str) -> None:
@@ -353,9 +355,13 @@ def search(model: Path | None, memory: str, context: int, batch: int, latency: s
               help="Reference model or artifact for KLD (default: the artifact's 16-bit source).")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"ppl", "ref_ppl", "kld_mean", "kld_p99", "top1_agree", "tokens", ...}.')
+@click.option("--executor", type=click.Choice(EXECUTORS), default="compiled", show_default=True,
+              help="What scores ARTIFACT: compiled: its kernels (an artifact without kernels for this machine is an "
+                   "error); reference: the numpy reference executor on its dequantized weights. The reference "
+                   "model always runs on the reference executor.")
 @friendly_errors
 def eval_command(artifact: Path, text_file: Path, tokens: int | None, ctx: int, reference: Path | None,
-                 as_json: bool) -> None:
+                 as_json: bool, executor: str) -> None:
     """Perplexity of ARTIFACT on a text, and KL divergence / top-1 agreement against the 16-bit model.
 
     Protocol: the text is tokenized without special tokens, cut into non-overlapping windows of CTX
@@ -364,7 +370,8 @@ def eval_command(artifact: Path, text_file: Path, tokens: int | None, ctx: int, 
     """
     if not text_file.is_file():
         raise BitsmithError(f"text file {str(text_file)!r} does not exist", fix="check the --text path")
-    result = evaluate(artifact, text_file.read_text(encoding="utf-8", errors="replace"), tokens, ctx, reference)
+    result = evaluate(artifact, text_file.read_text(encoding="utf-8", errors="replace"), tokens, ctx, reference,
+                      executor)
     if as_json:
         click.echo(json.dumps(result.to_json()))
         return

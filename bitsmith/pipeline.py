@@ -69,9 +69,9 @@ def _plan_kv_cache(o: CompileOptions, m: LoadedModel) -> Pass:
 
 
 def _lower_to_kernels(o: CompileOptions, m: LoadedModel) -> Pass:
-    # on the host an op without a kernel falls back to the reference executor; elsewhere it is an error
-    return LowerToKernels(required=o.target.name != "host", int8_activations=use_int8_activations(o),
-                          target=kernel_target(o))
+    # on every target an op without a kernel fails the compile; --target none (no kernels) is the only way to an
+    # artifact for the reference executor
+    return LowerToKernels(int8_activations=use_int8_activations(o), target=kernel_target(o))
 
 
 PIPELINE: tuple[Step, ...] = (
@@ -216,9 +216,9 @@ def build_kernels(ctx: PassContext, target: str, workdir: Path,
                   log: Callable[[str], None] | None) -> tuple[dict | None, dict[str, Path]]:
     """Build the lowered schedules' kernels into workdir; (manifest `kernels` entry, artifact files)."""
     lowered = ctx.lowered
-    if lowered is None:
-        if log and ctx.kernels_skipped is not None:
-            log(f"kernels skipped ({ctx.kernels_skipped}); `bitsmith run` uses the reference executor")
+    if lowered is None:  # --target none: the artifact runs on the reference executor only, as asked
+        if log:
+            log("no kernels (--target none): run it with `bitsmith run ... --executor reference`")
         return None, {}
     tgt = resolve_target(target)
     library = f"kernels/{tgt.name}.so"

@@ -1,20 +1,34 @@
-"""Reading weights inside a kernel, shared by the CPU and GPU kernels (gemv, gemm, embedding): a code of the
-packed layout (bitsmith.runtime.packed_layout) as float32, a load widened to float32, an embedding table's row.
+"""Reading weights inside a kernel, shared by the CPU and GPU kernels (gemv, gemm, embedding, norms): a code of
+the packed layout (bitsmith.runtime.packed_layout) as float32, a dense weight's buffer and a load from it widened
+to float32, an embedding table's row.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from tvm import tirx
+from tvm import te, tirx
 
+from bitsmith.runtime.kernel_dtypes import kernel_dtype
 from bitsmith.runtime.packed_layout import lane_unit
 
 
 def f32(e: Any) -> Any:
-    """`e` as float32 (a cast unless it already is); TE expressions and IRBuilder loads (`ty`, no `dtype`)."""
+    """`e` as float32; TE expressions and IRBuilder loads (`ty`, no `dtype`).
+
+    A uint16 is a bfloat16's bit pattern (the only uint16 a kernel reads, see runtime/kernel_dtypes.py): its 16
+    bits become the top half of a float32, exactly the bf16 value (one zero-extend and one shift, vectorized on
+    every target). Anything else is a cast unless it already is float32.
+    """
     dtype = getattr(e, "dtype", None) or str(e.ty)
+    if dtype == "uint16":
+        return tirx.reinterpret("float32", tirx.Cast("uint32", e) << tirx.const(16, "uint32"))
     return e if dtype == "float32" else tirx.Cast("float32", e)
+
+
+def weight_placeholder(shape: tuple[int, ...], dtype: str, name: str) -> Any:
+    """The TE input of a dense weight stored as `dtype` (float32, float16, or bfloat16 carried as uint16)."""
+    return te.placeholder(shape, kernel_dtype(dtype), name=name)
 
 
 def unpack_code(w: Any, o: Any, word0: Any, j: Any, lane: Any, stride: int, bits: int, biased: bool = False) -> Any:

@@ -1,5 +1,6 @@
 """Elementwise kernels: add/mul, bias add, activations (silu, gelu, gelu_tanh, relu) and the fused
-SwiGLU/GeGLU gates. Activations are float32 in and out; a bias keeps its stored float32/float16 dtype.
+SwiGLU/GeGLU gates. Activations are float32 in and out; a bias keeps its stored float32/float16/bfloat16
+dtype.
 
 The norm, rope and embedding families live in norm_rope.py and embedding.py and are re-exported here.
 """
@@ -98,7 +99,7 @@ class BinarySpec:
 
 @dataclass(frozen=True)
 class BiasAddSpec:
-    """y[rows, n] = x[rows, n] + b[n], b float32 or float16 (args: x, b, y)."""
+    """y[rows, n] = x[rows, n] + b[n], b float32, float16 or bfloat16 (args: x, b, y)."""
 
     rows: int
     n: int

@@ -1,4 +1,4 @@
-"""Embedding lookups: a dense float32/float16 table, or a table packed like a qlinear weight (one
+"""Embedding lookups: a dense float32/float16/bfloat16 table, or a table packed like a qlinear weight (one
 packed row per token, see bitsmith.runtime.packed_layout), dequantized on the fly.
 
 Token ids outside [0, vocab) are clamped to the nearest valid row, so a bad id can never read out of
@@ -30,7 +30,7 @@ def _check_index_range(problems: list[str], elements: int) -> None:
 
 @dataclass(frozen=True)
 class EmbeddingSpec:
-    """y[rows, dim] = table[clamp(ids), :] as float32, table float32 or float16
+    """y[rows, dim] = table[clamp(ids), :] as float32, table float32, float16 or bfloat16
     (args: table [vocab, dim], ids int64 [rows], y)."""
 
     rows: int

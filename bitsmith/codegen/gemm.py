@@ -1,7 +1,7 @@
 """Fused dequantize + GEMM kernels for prefill (y = x @ dequant(W).T for many rows of x) on CPUs; on a GPU the
 spec builds gpu/matmul.py's kernel.
 
-Same arguments as GemvSpec: x f32 [rows, in], W (uint32 packed codes, or fp32/fp16 dense [out, in]),
+Same arguments as GemvSpec: x f32 [rows, in], W (uint32 packed codes, or fp32/fp16/bf16 dense [out, in]),
 [scales f16 [out, groups], [zeros f16 [out, groups]]], y f32 [rows, out]. Written as TIR loops with
 the IRBuilder (not TE + schedule), so the loop nest is exactly (V = vector lanes, 16 with AVX-512):
 
@@ -34,9 +34,10 @@ from tvm.script.ir_builder import tirx as T
 from bitsmith.codegen.dequant import f32, unpack_code
 from bitsmith.codegen.gemv import PackedWeightLayout
 from bitsmith.codegen.gpu.matmul import matmul_func, matmul_reference
-from bitsmith.codegen.spec_checks import DENSE_BITS, refuse
+from bitsmith.codegen.spec_checks import refuse
 from bitsmith.codegen.target import Target
 from bitsmith.codegen.vnni_ir import prefetch
+from bitsmith.runtime.kernel_dtypes import kernel_dtype
 from bitsmith.runtime.packed_layout import LANES, lane_unit
 
 MAX_ROWS = 128  # rows of x per call (any count: the last row vector is zero-padded)
@@ -51,7 +52,7 @@ PREFETCH = True
 
 @dataclass(frozen=True)
 class GemmSpec(PackedWeightLayout):
-    """One kernel: y[rows, out] = x[rows, in] @ W.T, W packed `bits`-bit codes or dense fp32/fp16."""
+    """One kernel: y[rows, out] = x[rows, in] @ W.T, W packed `bits`-bit codes or dense fp32/fp16/bf16."""
 
     out_features: int
     in_features: int
@@ -59,6 +60,7 @@ class GemmSpec(PackedWeightLayout):
     group_size: int = -1
     sym: bool = True
     rows: int = 16
+    bf16: bool = False  # bits 16: the dense weights are bfloat16 (carried as uint16, see runtime/kernel_dtypes.py)
 
     def __post_init__(self) -> None:
         rows = [] if 1 <= self.rows <= MAX_ROWS else [f"rows {self.rows} (use 1..{MAX_ROWS})"]
@@ -143,7 +145,7 @@ def _gemm_func(spec: GemmSpec, target: Target) -> Any:
                 s = T.arg("scales", T.buffer((n_out, spec.n_groups), "float16"))
                 z = None if spec.sym else T.arg("zeros", T.buffer((n_out, spec.n_groups), "float16"))
             else:
-                w = T.arg("weight", T.buffer((n_out, n_in), DENSE_BITS[spec.bits]))
+                w = T.arg("weight", T.buffer((n_out, n_in), kernel_dtype(spec.dense_dtype)))
                 s = z = None
             y = T.arg("y", T.buffer((rows, n_out), fp32))
 

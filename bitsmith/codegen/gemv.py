@@ -8,7 +8,7 @@ from typing import Any
 
 from tvm import te, tirx
 
-from bitsmith.codegen.dequant import f32, unpack_code
+from bitsmith.codegen.dequant import f32, unpack_code, weight_placeholder
 from bitsmith.codegen.gemv_schedule import Stages, accumulators, batch_tile, row_tile, schedule_gemv
 from bitsmith.codegen.gpu.matmul import matmul_func, matmul_reference
 from bitsmith.codegen.spec_checks import DENSE_BITS, refuse
@@ -24,7 +24,7 @@ class PackedWeightLayout:
     """What a dequant-matmul kernel reads for W, shared by GemvSpec and GemmSpec.
 
     Needs the fields out_features, in_features, bits (PACK_BITS packed, or 16/32 dense), group_size
-    (-1: per channel) and sym.
+    (-1: per channel), sym and bf16 (16-bit dense weights are bfloat16, not float16).
     """
 
     out_features: int
@@ -32,12 +32,15 @@ class PackedWeightLayout:
     bits: int
     group_size: int
     sym: bool
+    bf16: bool = False  # a class default for the families of packed weights only (QGemvI8Spec), which lack the field
 
     def layout_problems(self, extra: list[str]) -> list[str]:
         """Unsupported bits, group size, `extra` (the family's own checks) and shape, in that order."""
         problems = []
         if self.bits not in PACK_BITS and self.bits not in DENSE_BITS:
-            problems.append(f"bits {self.bits} (use {PACK_BITS} or 16/32 for dense fp16/fp32 weights)")
+            problems.append(f"bits {self.bits} (use {PACK_BITS} or 16/32 for dense fp16/bf16/fp32 weights)")
+        elif self.bf16 and self.bits != 16:
+            problems.append(f"bf16 with bits {self.bits} (bfloat16 weights are 16-bit dense: bits 16)")
         if self.is_quantized and self.group_size not in GROUP_SIZES:
             problems.append(f"group size {self.group_size} (use one of {GROUP_SIZES})")
         problems += extra
@@ -50,6 +53,11 @@ class PackedWeightLayout:
         return self.bits in PACK_BITS
 
     @property
+    def dense_dtype(self) -> str:
+        """The stored dtype of dense weights: float32, float16 or bfloat16 (meaningless when quantized)."""
+        return "bfloat16" if self.bf16 else DENSE_BITS.get(self.bits, "")
+
+    @property
     def group(self) -> int:
         """Values per scale group (the whole row when group_size is -1)."""
         return self.in_features if self.group_size == -1 else self.group_size
@@ -59,9 +67,9 @@ class PackedWeightLayout:
         return -(-self.in_features // self.group)
 
     def scheme_tag(self) -> str:
-        """The weight part of a kernel name: float16 / float32, or b4_g32_sym, b3_gch_asym, ..."""
+        """The weight part of a kernel name: float16 / bfloat16 / float32, or b4_g32_sym, b3_gch_asym, ..."""
         if not self.is_quantized:
-            return DENSE_BITS[self.bits]
+            return self.dense_dtype
         group = "ch" if self.group_size == -1 else str(self.group_size)
         return f"b{self.bits}_g{group}_{'sym' if self.sym else 'asym'}"
 
@@ -80,7 +88,7 @@ class PackedWeightLayout:
 
 @dataclass(frozen=True)
 class GemvSpec(PackedWeightLayout):
-    """One kernel: y[batch, out] = x[batch, in] @ W.T, W packed `bits`-bit codes or dense fp32/fp16."""
+    """One kernel: y[batch, out] = x[batch, in] @ W.T, W packed `bits`-bit codes or dense fp32/fp16/bf16."""
 
     out_features: int
     in_features: int
@@ -88,6 +96,7 @@ class GemvSpec(PackedWeightLayout):
     group_size: int = -1
     sym: bool = True
     batch: int = 1
+    bf16: bool = False  # bits 16: the dense weights are bfloat16 (carried as uint16, see runtime/kernel_dtypes.py)
 
     def __post_init__(self) -> None:
         batch = [] if 1 <= self.batch <= MAX_BATCH else [f"batch {self.batch} (use 1..{MAX_BATCH})"]
@@ -212,10 +221,10 @@ def _quant_stages(spec: GemvSpec) -> Stages:
 
 
 def _dense_stages(spec: GemvSpec, lanes: int) -> Stages:
-    """y = x @ W.T for fp32/fp16 W: blocks of DENSE_SLOTS x `lanes` k, then a tail."""
+    """y = x @ W.T for fp32/fp16/bf16 W: blocks of DENSE_SLOTS x `lanes` k, then a tail."""
     n_out, n_in, batch = spec.out_features, spec.in_features, spec.batch
     x = te.placeholder((batch, n_in), "float32", name="x")
-    w = te.placeholder((n_out, n_in), DENSE_BITS[spec.bits], name="weight")
+    w = weight_placeholder((n_out, n_in), spec.dense_dtype, "weight")
     acc = accumulators(DENSE_SLOTS, batch_tile(batch) * row_tile(n_out, batch))
     step = acc * lanes
     full, rest = divmod(n_in, step)

@@ -10,6 +10,7 @@ import numpy as np
 import tvm
 
 from bitsmith.codegen.target import Target, resolve_target
+from bitsmith.runtime.kernel_dtypes import kernel_array
 
 # Conventions shared by all families (the lowering pass and the executor rely on them):
 # - a spec is a frozen dataclass; every field is a plain int/float/str/bool/None, so the spec's
@@ -60,14 +61,16 @@ def call_kernel(spec: Any, inputs: list[np.ndarray], outputs: list[np.ndarray], 
     """Run `spec`'s host kernel from `module` (built by `build_module`; default: build `spec` alone for the
     host, once per process); outputs are filled and returned.
 
-    Arrays must already have the kernel's dtypes and shapes; they are copied into 64-byte aligned
-    TVM tensors, and outputs (and inputs the kernel updates in place) are copied back.
+    Arrays must already have the kernel's dtypes and shapes (a bfloat16 weight as an ml_dtypes array: it is
+    passed as its uint16 bits, see runtime/kernel_dtypes.py); they are copied into 64-byte aligned TVM
+    tensors, and outputs (and inputs the kernel updates in place) are copied back.
     """
     dev = tvm.cpu(0)
     func = (module if module is not None else _host_module(spec))[spec.name]
     arrays = [np.ascontiguousarray(a) for a in (*inputs, *outputs)]
-    tensors = [tvm.runtime.tensor(a, dev) for a in arrays]
+    tensors = [tvm.runtime.tensor(kernel_array(a), dev) for a in arrays]
     func(*tensors)
     for a, t, original in zip(arrays, tensors, (*inputs, *outputs)):
-        original[...] = t.numpy().reshape(original.shape) if original.flags.writeable else original
+        if original.flags.writeable:  # back in the array's own dtype (a bf16 array's uint16 bits, reinterpreted)
+            original[...] = t.numpy().view(a.dtype).reshape(original.shape)
     return list(outputs)

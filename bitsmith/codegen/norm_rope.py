@@ -19,6 +19,7 @@ from tvm import te, tirx
 from tvm.s_tir import Schedule
 
 from bitsmith.codegen.common import f32, fconst, finish, rms_stages, schedule_rows, vectorize_part, worth_parallel
+from bitsmith.codegen.dequant import weight_placeholder
 from bitsmith.codegen.gpu.compute import add_rms_norm_tensors, layer_norm_tensors, rms_norm_tensors, rope_tensors
 from bitsmith.codegen.gpu.schedule import dlight, schedule_add_rmsnorm, te_func
 from bitsmith.codegen.kernel import c_float
@@ -39,7 +40,7 @@ def _norm_checks(family: str, rows: int, dim: int, weight_dtype: str, eps: float
 
 @dataclass(frozen=True)
 class RmsNormSpec:
-    """y[rows, dim] = rmsnorm(x) * w, w[dim] float32 or float16 (args: x, w, y)."""
+    """y[rows, dim] = rmsnorm(x) * w, w[dim] float32, float16 or bfloat16 (args: x, w, y)."""
 
     rows: int
     dim: int
@@ -89,7 +90,7 @@ class AddRmsNormSpec:
         shape = (self.rows, self.dim)
         x = te.placeholder(shape, "float32", name="x")
         res = te.placeholder(shape, "float32", name="residual")
-        w = te.placeholder((self.dim,), self.weight_dtype, name="w")
+        w = weight_placeholder((self.dim,), self.weight_dtype, "w")
         total = te.compute(shape, lambda r, d: x[r, d] + res[r, d], name="sum")
         y = rms_stages(total, w, self.rows, self.dim, self.eps)
         # the residual sum first in each row (vectorized), then the norm reads it back from L1
@@ -104,7 +105,7 @@ class AddRmsNormSpec:
 
 @dataclass(frozen=True)
 class LayerNormSpec:
-    """y[rows, dim] = layernorm(x) * w (+ b when has_bias), w and b float32 or float16
+    """y[rows, dim] = layernorm(x) * w (+ b when has_bias), w and b float32, float16 or bfloat16
     (args: x, w, [b], y)."""
 
     rows: int
@@ -128,8 +129,8 @@ class LayerNormSpec:
             return dlight(self.gpu_definition(), target)
         rows, dim = self.rows, self.dim
         x = te.placeholder((rows, dim), "float32", name="x")
-        w = te.placeholder((dim,), self.weight_dtype, name="w")
-        b = te.placeholder((dim,), self.weight_dtype, name="b") if self.has_bias else None
+        w = weight_placeholder((dim,), self.weight_dtype, "w")
+        b = weight_placeholder((dim,), self.weight_dtype, "b") if self.has_bias else None
         k1, k2 = te.reduce_axis((0, dim), "k1"), te.reduce_axis((0, dim), "k2")
         xs = te.compute((rows,), lambda r: te.sum(x[r, k1], axis=k1), name="xsum")
         mu = te.compute((rows,), lambda r: xs[r] / fconst(dim), name="mu")

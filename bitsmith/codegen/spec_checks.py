@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from bitsmith.errors import BitsmithError
 
-PARAM_DTYPES = {"float32": "f32", "float16": "f16"}  # stored dtypes of weights/biases -> name token
+# stored dtypes of dense weights (norm weights, biases, tables, matmul weights) -> name token; bfloat16 reaches
+# a kernel as its uint16 bit pattern (bitsmith.runtime.kernel_dtypes)
+PARAM_DTYPES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 DENSE_BITS = {32: "float32", 16: "float16"}  # a matmul spec's `bits` for dense (unquantized) weights -> dtype
+DENSE_DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}  # dense matmul weight dtype -> a spec's `bits`
 
 
 def refuse(problems: list[str], family: str, fix: str = "pick a supported kernel description") -> None:

@@ -31,8 +31,10 @@ GPU_FAMILIES = ("GemvSpec", "GemmSpec", "PagedAttentionSpec", "BinarySpec", "Bia
                 "GeluMulSpec", "RmsNormSpec", "AddRmsNormSpec", "LayerNormSpec", "RopeSpec", "EmbeddingSpec",
                 "QEmbeddingSpec")
 CPU_FAMILIES = GPU_FAMILIES + ("QGemvI8Spec", "QGemvX16Spec")
-# stored weights every target reads: dense (matmuls, norms, biases, tables) and packed b-bit codes
-WEIGHT_DTYPES = ("float32", "float16", "int2", "int3", "int4", "int8")
+# stored weights every target reads: dense (matmuls, norms, biases, tables) and packed b-bit codes. bfloat16 is
+# read as its bit pattern and widened by a shift in the kernel (runtime/kernel_dtypes.py), so no target needs
+# bf16 arithmetic and none converts it.
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "int2", "int3", "int4", "int8")
 _VNNI_FEATURES = ("avx512bw", "avx512vl", "avx512vnni")  # what int8 activations need (x86-64)
 
 
@@ -121,11 +123,11 @@ class Target:
 
 
 def weight_dtype(spec: Any) -> str | None:
-    """What a spec's weights are stored as: int<b> for packed b-bit codes, float32/float16 for dense ones
+    """What a spec's weights are stored as: int<b> for packed b-bit codes, float32/float16/bfloat16 for dense ones
     (matmul weights, norm weights, biases, embedding tables); None for kernels without weights."""
     bits = getattr(spec, "bits", None)
     if bits is not None:
-        return DENSE_BITS.get(bits, f"int{bits}")
+        return getattr(spec, "dense_dtype", DENSE_BITS.get(bits)) if bits in DENSE_BITS else f"int{bits}"
     for name in ("weight_dtype", "bias_dtype", "dtype"):
         if hasattr(spec, name):
             return getattr(spec, name)

@@ -12,8 +12,8 @@ import numpy as np
 from bitsmith.codegen import families as k
 from bitsmith.codegen.gemv_int8 import I8_MAX_BATCH
 from bitsmith.codegen.gemv_x16 import x16_problems
-from bitsmith.codegen.spec_checks import DENSE_BITS
-from bitsmith.codegen.target import Target, resolve_target
+from bitsmith.codegen.spec_checks import DENSE_DTYPE_BITS
+from bitsmith.codegen.target import Target, resolve_target, weight_dtype
 from bitsmith.compiler.analysis import topological_order
 from bitsmith.compiler.ir import Function, Module, Node, TensorType
 from bitsmith.compiler.ops.llm import rope_inv_freq
@@ -27,7 +27,6 @@ from bitsmith.runtime.schedule import BufferSlot, KernelCall, Schedule
 
 PREFILL_ROWS = 64  # prefill runs in chunks of this many tokens (the last one padded)
 GEMM_MIN_ROWS = 16  # from here the dequant-GEMM beats the batched GEMV per token (bench/kernels.md)
-DENSE_DTYPE_BITS = {dtype: bits for bits, dtype in DENSE_BITS.items()}  # dense weight dtype -> a spec's `bits`
 
 
 def _prod(shape: tuple[int, ...]) -> int:
@@ -50,6 +49,7 @@ class _Lowering:
     target: Target | None = None  # every emitted spec must be one it builds
 
     def __post_init__(self) -> None:
+        self.node: Node | None = None  # the node being lowered (named when its kernel is refused)
         self.calls: list[KernelCall] = []
         self.types: dict[str, TensorType] = {}
         self.alias: dict[str, str] = {}  # reshape output -> the buffer it views
@@ -96,13 +96,33 @@ class _Lowering:
 
     def emit(self, spec: Any, args: list[tuple[str, Any]], value: str) -> None:
         if self.target is not None:
-            self.target.check(spec)
+            try:
+                self.target.check(spec)
+            except BitsmithError as exc:
+                raise self.refused(spec, args, exc) from exc
         self.specs[spec.name] = spec
         self.calls.append(KernelCall(spec.name, tuple(args), value))
 
-    def unsupported(self, node: Node, detail: str = "has no compiled CPU kernel") -> BitsmithError:
+    def unsupported(self, node: Node, detail: str = "has no compiled kernel") -> BitsmithError:
         return BitsmithError(f"op {node.op} ({node.outputs[0]}) {detail}", where=f"pass lower_to_kernels, {self.fn.name}",
-                             fix="run it with `--executor reference`, or compile with `--target none`")
+                             fix="compile with `--target none` and run with `--executor reference`")
+
+    def refused(self, spec: Any, args: list[tuple[str, Any]], exc: BitsmithError) -> BitsmithError:
+        """The target cannot build the kernel of the node being lowered: name the op, the weights it reads, their
+        stored dtype and the way out (a dense dtype the target reads, else the reference executor)."""
+        node, target = self.node, self.target
+        dtype = weight_dtype(spec)
+        weights = [ref for kind, ref, *_ in args if kind == "weight"]
+        what = f", weights {', '.join(weights)} stored as {dtype}" if weights else ""
+        readable = [d for d in DENSE_DTYPE_BITS if target is not None and d in target.weight_dtypes]
+        if dtype in DENSE_DTYPE_BITS and dtype not in readable and readable:
+            fix = f"compile with `--dtype {readable[0]}` (target {target.name} reads {', '.join(readable)} weights)"
+        else:
+            fix = exc.fix or "pick another target"
+        return BitsmithError(f"op {node.op} ({node.outputs[0]}{what}) has no kernel on target "
+                             f"{target.name if target else '?'}: {exc.problem}",
+                             where=f"pass lower_to_kernels, {self.fn.name}",
+                             fix=f"{fix}; or compile with `--target none` and run with `--executor reference`")
 
     def constant(self, prefix: str, values: np.ndarray) -> tuple[str, str]:
         data = np.ascontiguousarray(values, dtype=np.float32)
@@ -200,7 +220,7 @@ def _add_norm_partner(st: _Lowering, value: str) -> int | None:
 
 
 def _matmul_spec(k: Any, n_out: int, n_in: int, bits: int, group: int, sym: bool, rows: int,
-                 int8_activations: bool = False) -> Any:
+                 int8_activations: bool = False, bf16: bool = False) -> Any:
     """Few rows: the fused dequant-GEMV (reads each weight byte once), with int8 activations and VNNI
     dot products for 4/8-bit weights when allowed (bandwidth-bound instead of FMA-bound); from
     GEMM_MIN_ROWS rows the dequant-GEMM (a weight tile dequantized once, then an FMA micro-kernel).
@@ -214,8 +234,8 @@ def _matmul_spec(k: Any, n_out: int, n_in: int, bits: int, group: int, sym: bool
             return k.QGemvX16Spec(n_out, n_in, bits, group, sym, rows)
         return k.QGemvI8Spec(n_out, n_in, bits, group, sym, rows)
     if rows >= GEMM_MIN_ROWS:
-        return k.GemmSpec(n_out, n_in, bits, group, sym, rows)
-    return k.GemvSpec(n_out, n_in, bits, group, sym, rows)
+        return k.GemmSpec(n_out, n_in, bits, group, sym, rows, bf16)
+    return k.GemvSpec(n_out, n_in, bits, group, sym, rows, bf16)
 
 
 def _lower_linear(st: _Lowering, node: Node) -> None:
@@ -225,9 +245,10 @@ def _lower_linear(st: _Lowering, node: Node) -> None:
     if node.op == "linear":
         dtype = st.weight_dtype(ins[1], node)
         if dtype not in DENSE_DTYPE_BITS:
-            raise st.unsupported(node, f"has {dtype} weights; CPU kernels read float32 or float16")
+            raise st.unsupported(node, f"has {dtype} weights; dense matmul kernels read "
+                                       f"{', '.join(DENSE_DTYPE_BITS)}")
         n_out, n_in = st.fn.types[ins[1]].shape
-        spec = _matmul_spec(k, n_out, n_in, DENSE_DTYPE_BITS[dtype], -1, True, rows)
+        spec = _matmul_spec(k, n_out, n_in, DENSE_DTYPE_BITS[dtype], -1, True, rows, bf16=dtype == "bfloat16")
         weights, bias = [st.arg(ins[1])], ins[2] if len(ins) == 3 else None
     else:
         n_out = st.fn.types[ins[1]].shape[0]
@@ -308,11 +329,12 @@ def lower_function(fn: Function, rows: int, kv_plan: KVPlan, specs: dict[str, An
     for index, node in enumerate(fn.nodes):
         if index not in st.fused:
             first_call[index] = len(st.calls)
+            st.node = node
             _lower_node(st, index, node)
     logits = st.alias.get(fn.outputs[0], fn.outputs[0])
     if logits not in st.types:
         raise BitsmithError(f"logits of {fn.name} are not computed by a kernel", where="pass lower_to_kernels",
-                            fix="run it with `--executor reference`")
+                            fix="compile with `--target none` and run with `--executor reference`")
     hidden, head_from = _logits_head(st, first_call, logits)
     inputs = {"tokens": "tokens", "positions": "positions", "block_tables": "block_tables"}
     buffers, arena = plan_buffers(st.calls, st.types, {"tokens", "positions", "block_tables", logits})
@@ -348,7 +370,6 @@ class LowerToKernels(Pass):
     schedules "rows<N>", constant tables, the KV plan); the module itself is unchanged.
     """
 
-    required: bool = True  # False: an op without a kernel is noted (ctx.kernels_skipped), not an error
     int8_activations: bool = False  # 4/8-bit GEMVs may quantize x to int8 per 32 values, where the target can
     target: str = "host"  # the codegen target (host, aarch64-linux, cuda_<arch>): the kernels it builds
     # decode batches of 4/16, and 32 for a 16-sequence batch with a prefill chunk, without 64-row padding
@@ -364,17 +385,11 @@ class LowerToKernels(Pass):
         plan = KVPlan.from_json(module.meta["kv_plan"])
         specs: dict[str, Any] = {}
         constants: dict[str, dict[str, Any]] = {}
-        try:
-            target = resolve_target(self.target)
-            i8 = self.int8_activations and target.supports_int8_activations
-            schedules = {"rows1": lower_function(module["decode"], 1, plan, specs, constants, i8, target)}
-            for rows in self.batch_rows:
-                schedules[f"rows{rows}"] = lower_function(module["prefill"], rows, plan, specs, constants, i8,
-                                                          target)
-        except BitsmithError as exc:
-            if self.required:
-                raise
-            ctx.kernels_skipped = exc.problem
-            return module
+        # every op must get a kernel: an artifact without kernels is asked for (--target none), never a fallback
+        target = resolve_target(self.target)
+        i8 = self.int8_activations and target.supports_int8_activations
+        schedules = {"rows1": lower_function(module["decode"], 1, plan, specs, constants, i8, target)}
+        for rows in self.batch_rows:
+            schedules[f"rows{rows}"] = lower_function(module["prefill"], rows, plan, specs, constants, i8, target)
         ctx.lowered = Lowered(specs, schedules, constants, plan.to_json())
         return module

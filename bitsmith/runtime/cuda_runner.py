@@ -12,6 +12,7 @@ from bitsmith.errors import BitsmithError
 from bitsmith.runtime.artifact import Artifact
 from bitsmith.runtime.step_runner import StepRunner, bind_calls, constant_arrays, kernel_plan, pool_shape, used_weights
 from bitsmith.runtime.interleave import kernel_weight
+from bitsmith.runtime.kernel_dtypes import kernel_array
 from bitsmith.runtime.schedule import Schedule
 
 # A step on the GPU, host <-> device traffic only at its two ends:
@@ -116,8 +117,8 @@ class DeviceKernelRunner(StepRunner):
                                 fix="recompile with `--target host` or `--target cuda`")
         self.device = device
         library = tvm.runtime.load_module(str(artifact.directory / plan.library))
-        weights = {name: tvm.runtime.tensor(np.ascontiguousarray(kernel_weight(name, artifact.weights)), device)
-                   for name in used_weights(plan)}
+        weights = {name: tvm.runtime.tensor(kernel_array(np.ascontiguousarray(kernel_weight(name, artifact.weights))),
+                                            device) for name in used_weights(plan)}  # bf16 as its uint16 bits
         constants = {name: tvm.runtime.tensor(a, device) for name, a in constant_arrays(plan).items()}
         pools, scales = _device_pools(plan.kv, device)
         bound = {"weight": weights, "const": constants, "cache": dict(enumerate(pools)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from bitsmith.errors import BitsmithError
 from bitsmith.runtime.artifact import Artifact
 from bitsmith.runtime.cuda_runner import CudaKernelRunner, cuda_device_present
 from bitsmith.runtime.executor import KernelRunner, runs_on_this_cpu
@@ -25,9 +26,15 @@ RUNNERS: dict[str, RunnerKind] = {
 
 
 def open_runner(artifact: Artifact) -> Any:
-    """The runner for the artifact's kernels (a CPU artifact without kernels gets KernelRunner's error)."""
+    """The runner for the artifact's kernels; an artifact without kernels (compiled with --target none) is refused:
+    nothing falls back to the reference executor unless the user asks for it."""
     plan = kernel_plan(artifact)
-    return RUNNERS[plan.device if plan else "cpu"].open(artifact)
+    if plan is None:
+        raise BitsmithError("the artifact has no compiled kernels (it was compiled with `--target none`)",
+                            where=str(artifact.directory),
+                            fix="recompile with `--target host` (or `--target cuda`), or run it on the numpy reference "
+                                "executor with `bitsmith run/eval ... --executor reference`")
+    return RUNNERS[plan.device].open(artifact)
 
 
 def runs_here(plan: KernelPlan) -> bool:

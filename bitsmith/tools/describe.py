@@ -15,6 +15,7 @@ from bitsmith.compiler.weight_stats import summarize
 from bitsmith.passes.canonicalize import canonical_model
 from bitsmith.passes.quant.scheme import QuantScheme
 from bitsmith.runtime.artifact import is_artifact, load_artifact
+from bitsmith.runtime.interleave import X16
 
 
 def _module_summary(module: Module) -> dict[str, Any]:
@@ -71,7 +72,7 @@ def describe(path: str | Path) -> tuple[dict[str, Any], Module]:
         if module.meta.get("precision_plan") is not None:
             summary["precision"] = precision_summary(module, m["weights"]["table"])
         if m.get("kernels"):
-            summary["kernels"] = kernels_summary(m["kernels"])
+            summary["kernels"] = kernels_summary(m["kernels"], module)
         if m.get("kv_plan"):
             summary["kv_plan"] = m["kv_plan"]
         if m.get("memory_plan"):
@@ -135,24 +136,35 @@ def format_summary(summary: dict[str, Any]) -> str:
         k = summary["kernels"]
         lines.append(f"kernels: {k['library']} ({k['target']}, {k['arch']}, cpu {k['target_cpu']}), "
                      f"{k['distinct_kernels']} distinct kernels")
+        if k.get("weight_dtypes"):
+            read = ", ".join(f"{d} ×{n}" for d, n in sorted(k["weight_dtypes"].items()))
+            widened = " (bfloat16 is widened to float32 inside the kernel)" if "bfloat16" in k["weight_dtypes"] else ""
+            lines.append(f"  weights the kernels read: {read}; each in its stored dtype, nothing converted{widened}")
         for entry, info in k["schedules"].items():
             lines.append(f"  schedule {entry}: {info['rows']} rows/call, {info['calls']} calls, "
                          f"arena {info['arena_bytes'] / 2**10:.1f} KiB (without reuse {info['unplanned_bytes'] / 2**10:.1f} KiB)")
     return "\n".join(lines)
 
 
-def kernels_summary(entry: dict) -> dict:
-    """Library, target and per-schedule call counts and arena sizes from the manifest's `kernels`."""
+def kernels_summary(entry: dict, module: Module | None = None) -> dict:
+    """Library, target, per-schedule call counts and arena sizes from the manifest's `kernels`, and (with the
+    module) how many of the weights the kernels read are of each stored dtype."""
     schedules = {}
-    kernels = set()
+    kernels, weights = set(), set()
     for name, s in entry["schedules"].items():
         kernels |= {c[0] for c in s["calls"]}
+        # an interleaved copy (name@x16...) is made at load from the stored weight: count the stored one
+        weights |= {arg[1].partition(X16)[0] for c in s["calls"] for arg in c[1] if arg[0] == "weight"}
         unplanned = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for _, shape, dtype in s["buffers"].values())
         schedules[name] = {"rows": s["rows"], "calls": len(s["calls"]), "arena_bytes": s["arena_bytes"],
                            "unplanned_bytes": unplanned}
+    dtypes: dict[str, int] = {}
+    for weight in weights if module is not None else ():
+        dtype = module.weights[weight].dtype if weight in module.weights else "?"
+        dtypes[dtype] = dtypes.get(dtype, 0) + 1
     return {"library": entry["library"], "target": entry["target"], "arch": entry["arch"],
             "target_cpu": entry["target_cpu"], "distinct_kernels": len(kernels),
-            "build": entry.get("build"), "schedules": schedules}
+            "build": entry.get("build"), "schedules": schedules, "weight_dtypes": dtypes}
 
 
 def _layer_key(name: str) -> tuple[int, int]:

@@ -17,6 +17,8 @@ from bitsmith.errors import BitsmithError
 from bitsmith.passes.canonicalize import canonical_model
 from bitsmith.passes.plan_kv_cache import with_kv_dtypes
 from bitsmith.runtime.artifact import Artifact, is_artifact, load_artifact
+from bitsmith.runtime.session import CompiledSession
+from bitsmith.tools.run import EXECUTORS
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,8 @@ def windows_of(ids: list[int], ctx: int, bos: int | None) -> list[list[int]]:
 
 
 class Scorer:
-    """log-probabilities of windows under one model; packed weights are dequantized once, up front."""
+    """log-probabilities of windows under one model on the reference executor; packed weights are dequantized
+    once, up front."""
 
     def __init__(self, module: Module, weights):
         self.module, self.weights = densify(module, upcast_weights(weights))
@@ -60,6 +63,18 @@ class Scorer:
         """[len(tokens) - 1, vocab] for predicting tokens[1:]."""
         session = ReferenceSession(self.module, self.weights, len(tokens))
         return log_softmax(session.prefill(tokens)[:-1])
+
+
+class CompiledScorer:
+    """log-probabilities of windows under an artifact's kernels: one session, reset for every window."""
+
+    def __init__(self, artifact: Artifact, max_context: int):
+        self.session = CompiledSession(artifact, max_context)
+
+    def logprobs(self, tokens: list[int]) -> np.ndarray:
+        """[len(tokens) - 1, vocab] for predicting tokens[1:]."""
+        self.session.reset()
+        return log_softmax(self.session.prefill(tokens)[:-1])
 
 
 def densify(module: Module, weights: dict) -> tuple[Module, dict]:
@@ -113,16 +128,20 @@ def _reference_model(artifact: Artifact, reference: str | Path | None, always: b
 
 
 def evaluate(path: str | Path, text: str, tokens: int | None, ctx: int,
-             reference: str | Path | None = None) -> EvalResult:
-    return evaluate_many([path], text, tokens, ctx, reference)[0]
+             reference: str | Path | None = None, executor: str = "compiled") -> EvalResult:
+    return evaluate_many([path], text, tokens, ctx, reference, executor)[0]
 
 
 def evaluate_many(paths: list[str | Path], text: str, tokens: int | None, ctx: int,
-                  reference: str | Path | None = None) -> list[EvalResult]:
+                  reference: str | Path | None = None, executor: str = "compiled") -> list[EvalResult]:
     """Score several artifacts of one model on the same windows; the reference runs once per window.
 
-    Tokenizer, context and (without `reference`) the reference model come from the first artifact.
+    Tokenizer, context and (without `reference`) the reference model come from the first artifact. `executor`
+    scores the artifacts: "compiled" (their kernels; one without kernels is an error) or "reference" (numpy on
+    their dequantized weights); the reference model always runs on the reference executor.
     """
+    if executor not in EXECUTORS:
+        raise BitsmithError(f"unknown executor {executor!r}", fix=f"use one of {', '.join(EXECUTORS)}")
     artifacts = [load_artifact(p) for p in paths]
     tokenizer = artifacts[0].tokenizer()
     ids = tokenizer.encode(text, add_bos=False)
@@ -136,7 +155,8 @@ def evaluate_many(paths: list[str | Path], text: str, tokens: int | None, ctx: i
     if not windows:
         raise BitsmithError(f"the text has {len(ids)} tokens, fewer than one window of {ctx}",
                             fix="pass a longer text or a smaller --ctx")
-    scorers = [Scorer(Module.from_json(a.manifest["ir"]), a.weights) for a in artifacts]
+    scorers = [CompiledScorer(a, len(windows[0])) if executor == "compiled"
+               else Scorer(Module.from_json(a.manifest["ir"]), a.weights) for a in artifacts]
     ref_model = _reference_model(artifacts[0], reference, always=len(paths) > 1)
     ref = Scorer(*ref_model) if ref_model is not None else None
     stats = [{"nll": [], "ref_nll": [], "kld": [], "agree": []} for _ in scorers]

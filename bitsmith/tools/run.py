@@ -10,10 +10,8 @@ from bitsmith.compiler.reference import ReferenceSession
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.artifact import Artifact, load_artifact
 from bitsmith.runtime.generate import generate
-from bitsmith.runtime.runners import runs_here
 from bitsmith.runtime.sampling import SamplingParams
 from bitsmith.runtime.session import CompiledSession
-from bitsmith.runtime.step_runner import kernel_plan
 from bitsmith.runtime.tokenizer import Tokenizer, encode_chat
 
 
@@ -22,14 +20,17 @@ def reference_session(artifact: Artifact, max_context: int | None = None) -> Ref
     return ReferenceSession(module, artifact.weights, max_context or artifact.max_context)
 
 
-def open_session(artifact: Artifact, executor: str = "auto", max_context: int | None = None):
-    """A session for `executor`: "compiled" (TVM kernels), "reference" (numpy) or "auto"."""
-    if executor not in ("auto", "compiled", "reference"):
-        raise BitsmithError(f"unknown executor {executor!r}", fix="use auto, compiled or reference")
-    plan = kernel_plan(artifact)
-    if executor == "compiled" or (executor == "auto" and plan is not None and runs_here(plan)):
-        return CompiledSession(artifact, max_context)
-    return reference_session(artifact, max_context)
+EXECUTORS = ("compiled", "reference")
+
+
+def open_session(artifact: Artifact, executor: str = "compiled", max_context: int | None = None):
+    """A session for `executor`: "compiled" (the artifact's kernels; an artifact without kernels, or with kernels
+    for another machine, is an error that says so) or "reference" (numpy), never one in place of the other."""
+    if executor not in EXECUTORS:
+        raise BitsmithError(f"unknown executor {executor!r}", fix=f"use one of {', '.join(EXECUTORS)}")
+    if executor == "reference":
+        return reference_session(artifact, max_context)
+    return CompiledSession(artifact, max_context)
 
 
 def encode_prompt(artifact: Artifact, prompt: str, chat: bool, tokenizer: Tokenizer | None = None) -> list[int]:
@@ -41,7 +42,7 @@ def encode_prompt(artifact: Artifact, prompt: str, chat: bool, tokenizer: Tokeni
 
 
 def run_prompt(path: str | Path, prompt: str, max_tokens: int, params: SamplingParams, chat: bool = False,
-               on_text: Callable[[str], None] | None = None, executor: str = "auto") -> tuple[str, list[int]]:
+               on_text: Callable[[str], None] | None = None, executor: str = "compiled") -> tuple[str, list[int]]:
     """Generate from `prompt`; returns (generated text, generated ids). `on_text` streams text pieces."""
     artifact = load_artifact(path)
     tokenizer = artifact.tokenizer()

@@ -13,7 +13,7 @@ import pytest
 from bitsmith.compiler.ir import Module
 from bitsmith.compiler.reference import ReferenceSession
 from bitsmith.runtime.artifact import load_artifact
-from conftest import save_tiny_hf_model
+from conftest import attach_char_tokenizer, save_tiny_hf_model
 
 
 def bitsmith(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -186,17 +186,24 @@ def test_bad_quantization_options(cli_artifact, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_target_none_has_no_kernels_and_compiled_run_says_so(cli_artifact, tmp_path):
+def test_target_none_has_no_kernels_and_runs_only_on_the_reference_when_asked(cli_artifact, tmp_path):
     proc = bitsmith("compile", cli_artifact / "model", "-o", tmp_path / "ref", "--target", "none")
     assert proc.returncode == 0, proc.stderr
+    assert "--executor reference" in proc.stderr  # the compile says how to run what it wrote
     artifact = load_artifact(tmp_path / "ref")
     assert artifact.manifest["kernels"] is None
     from bitsmith.tools.run import open_session
     from bitsmith.errors import BitsmithError
 
-    with pytest.raises(BitsmithError, match="no compiled kernels.*--target host"):
-        open_session(artifact, "compiled")
-    assert type(open_session(artifact, "auto")).__name__ == "ReferenceSession"
+    for executor in ((), ("compiled",)):  # the default is the kernels: no silent switch to numpy
+        with pytest.raises(BitsmithError, match="no compiled kernels.*--target host.*--executor reference"):
+            open_session(artifact, *executor)
+    assert type(open_session(artifact, "reference")).__name__ == "ReferenceSession"
+    attach_char_tokenizer(tmp_path / "ref")
+    assert_clean_error(bitsmith("run", tmp_path / "ref", "abc", "--max-tokens", "2"), "no compiled kernels",
+                       "--executor reference")
+    proc = bitsmith("run", tmp_path / "ref", "abc", "--max-tokens", "2", "--json", "--executor", "reference")
+    assert proc.returncode == 0 and len(json.loads(proc.stdout)["token_ids"]) == 2, proc.stderr
 
 
 def test_bad_context(cli_artifact, tmp_path):

@@ -2,7 +2,7 @@
 
 What can be checked on a machine without a GPU: the library holds device code for the requested
 architecture, the schedules use only GPU-capable kernels, and running it here fails with a clear
-error (or falls back to the reference executor under `auto`). The GPU itself is checked by
+error (the reference executor runs it only when asked: `--executor reference`). The GPU itself is checked by
 bench/gpu_check.sh on a lent machine.
 """
 
@@ -50,13 +50,14 @@ def test_library_holds_code_for_the_requested_arch(cuda_artifact):
     assert any(k.startswith("paged_attention") for k in kernels) and any(k.startswith("qgemm") for k in kernels)
 
 
-def test_without_a_gpu_auto_uses_the_reference_and_compiled_says_why(cuda_artifact):
+def test_without_a_gpu_compiled_says_why_and_the_reference_runs_only_when_asked(cuda_artifact):
     if runs_here(kernel_plan(cuda_artifact)):
         pytest.skip("a CUDA GPU is present: bench/gpu_check.sh covers this machine")
-    session = open_session(cuda_artifact, "auto")
+    for executor in ((), ("compiled",)):  # the default is the kernels: never a silent switch to numpy
+        with pytest.raises(BitsmithError, match="no CUDA GPU"):
+            open_session(cuda_artifact, *executor)
+    session = open_session(cuda_artifact, "reference")
     assert np.isfinite(session.prefill([3, 4, 5])).all()
-    with pytest.raises(BitsmithError, match="no CUDA GPU"):
-        open_session(cuda_artifact, "compiled")
 
 
 def test_arch_without_cuda_target_is_refused(tmp_path):

@@ -15,7 +15,7 @@ from typing import Any
 from tvm import te, tirx
 
 from bitsmith.codegen.common import f32, fconst, rms_stages
-from bitsmith.codegen.dequant import table_row, unpack_code
+from bitsmith.codegen.dequant import table_row, unpack_code, weight_placeholder
 from bitsmith.runtime.packed_layout import LANES, lane_unit
 
 
@@ -45,7 +45,7 @@ def binary_tensors(spec: Any) -> list[Any]:
 def bias_add_tensors(spec: Any) -> list[Any]:
     """BiasAddSpec: x, b, y."""
     x = te.placeholder((spec.rows, spec.n), "float32", name="x")
-    b = te.placeholder((spec.n,), spec.bias_dtype, name="b")
+    b = weight_placeholder((spec.n,), spec.bias_dtype, "b")
     return [x, b, te.compute((spec.rows, spec.n), lambda r, i: x[r, i] + f32(b[i]), name="y")]
 
 
@@ -64,7 +64,7 @@ def gated_tensors(n: int, op: str) -> list[Any]:
 def rms_norm_tensors(spec: Any) -> list[Any]:
     """RmsNormSpec: x, w, y."""
     x = te.placeholder((spec.rows, spec.dim), "float32", name="x")
-    w = te.placeholder((spec.dim,), spec.weight_dtype, name="w")
+    w = weight_placeholder((spec.dim,), spec.weight_dtype, "w")
     return [x, w, rms_stages(x, w, spec.rows, spec.dim, spec.eps)]
 
 
@@ -73,7 +73,7 @@ def add_rms_norm_tensors(spec: Any) -> list[Any]:
     shape = (spec.rows, spec.dim)
     x = te.placeholder(shape, "float32", name="x")
     res = te.placeholder(shape, "float32", name="residual")
-    w = te.placeholder((spec.dim,), spec.weight_dtype, name="w")
+    w = weight_placeholder((spec.dim,), spec.weight_dtype, "w")
     # the norm reads its own copy of the sum (inlined by the GPU schedule) rather than the output
     # `sum`: threads of a GPU block may not read back what others wrote to global memory
     out_sum = te.compute(shape, lambda r, d: x[r, d] + res[r, d], name="sum")
@@ -85,8 +85,8 @@ def layer_norm_tensors(spec: Any) -> list[Any]:
     """LayerNormSpec: x, w, [b], y."""
     shape = (spec.rows, spec.dim)
     x = te.placeholder(shape, "float32", name="x")
-    w = te.placeholder((spec.dim,), spec.weight_dtype, name="w")
-    b = te.placeholder((spec.dim,), spec.weight_dtype, name="b") if spec.has_bias else None
+    w = weight_placeholder((spec.dim,), spec.weight_dtype, "w")
+    b = weight_placeholder((spec.dim,), spec.weight_dtype, "b") if spec.has_bias else None
     k1, k2 = te.reduce_axis((0, spec.dim), "k1"), te.reduce_axis((0, spec.dim), "k2")
     xs = te.compute((spec.rows,), lambda r: te.sum(x[r, k1], axis=k1), name="xsum")
     mu = te.compute((spec.rows,), lambda r: xs[r] / fconst(spec.dim), name="mu")
@@ -132,7 +132,7 @@ def rope_tensors(spec: Any) -> list[Any]:
 def embedding_tensors(spec: Any) -> list[Any]:
     """EmbeddingSpec: table, ids, y (ids clamped)."""
     ids = te.placeholder((spec.rows,), "int64", name="ids")
-    table = te.placeholder((spec.vocab, spec.dim), spec.dtype, name="table")
+    table = weight_placeholder((spec.vocab, spec.dim), spec.dtype, "table")
     y = te.compute((spec.rows, spec.dim), lambda r, d: f32(table[table_row(ids, r, spec.vocab), d]), name="y")
     return [table, ids, y]
 

@@ -1,7 +1,7 @@
 """GEMV and GEMM (y = x @ dequant(W).T) on NVIDIA GPUs: a TE definition shaped for 16-byte loads, and its schedule.
 
-Same arguments as the CPU kernels (GemvSpec, GemmSpec): x f32 [rows, in], W (uint32 packed codes, or fp32/fp16
-[out, in]), [scales f16 [out, groups], [zeros f16 [out, groups]]], y f32 [rows, out].
+Same arguments as the CPU kernels (GemvSpec, GemmSpec): x f32 [rows, in], W (uint32 packed codes, or fp32/fp16/
+bf16 [out, in]), [scales f16 [out, groups], [zeros f16 [out, groups]]], y f32 [rows, out].
 
 The definition splits K into "vectors" a thread loads at once, in the packed layout of
 bitsmith.runtime.packed_layout (element k = kb*16*S + j*16 + l, word = kb*16*U + p*16 + l):
@@ -34,7 +34,7 @@ from typing import Any
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
-from bitsmith.codegen.dequant import f32, unpack_code
+from bitsmith.codegen.dequant import f32, unpack_code, weight_placeholder
 from bitsmith.codegen.spec_checks import DENSE_BITS
 from bitsmith.runtime.packed_layout import LANES, lane_unit
 
@@ -54,6 +54,7 @@ class MatmulShape:
     n_groups: int
     sym: bool
     weight_shape: tuple[int, int]
+    dense_dtype: str  # dense weights: float32, float16 or bfloat16
 
     @property
     def is_quantized(self) -> bool:
@@ -95,7 +96,7 @@ class MatmulShape:
 def matmul_shape(spec: Any) -> MatmulShape:
     rows = spec.batch if hasattr(spec, "batch") else spec.rows
     return MatmulShape(rows, spec.out_features, spec.in_features, spec.bits, spec.group, spec.n_groups, spec.sym,
-                       spec.weight_shape())
+                       spec.weight_shape(), spec.dense_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +107,7 @@ def matmul_tensors(shape: MatmulShape) -> list[Any]:
     """The PrimFunc arguments: x, W, [scales, [zeros]], y."""
     x = te.placeholder((shape.rows, shape.in_features), "float32", name="x")
     if not shape.is_quantized:
-        w = te.placeholder(shape.weight_shape, DENSE_BITS[shape.bits], name="weight")
+        w = weight_placeholder(shape.weight_shape, shape.dense_dtype, "weight")
         main = _dense_main(shape, x, w)
         return [x, w, te.compute(main.shape, lambda n, o: main[n, o], name="y")]
     w = te.placeholder(shape.weight_shape, "uint32", name="qweight")
