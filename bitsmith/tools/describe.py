@@ -16,6 +16,7 @@ from bitsmith.passes.canonicalize import canonical_model
 from bitsmith.passes.quant.scheme import QuantScheme
 from bitsmith.runtime.artifact import is_artifact, load_artifact
 from bitsmith.runtime.interleave import X16
+from bitsmith.runtime.memory import serving_memory
 
 
 def _module_summary(module: Module) -> dict[str, Any]:
@@ -77,6 +78,9 @@ def describe(path: str | Path) -> tuple[dict[str, Any], Module]:
             summary["kv_plan"] = m["kv_plan"]
         if m.get("memory_plan"):
             summary["memory_plan"] = m["memory_plan"]
+        serving = serving_memory(artifact)
+        if serving is not None:
+            summary["serving_rss"] = serving
         return summary, module
     model = canonical_model(load_model(path))
     bytes_by_dtype: dict[str, int] = {}
@@ -132,6 +136,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         mp = summary["memory_plan"]
         lines.append("memory plan: " + " + ".join(f"{k} {mp[k] / 2**20:.1f} MiB" for k in ("weights", "kv_cache", "workspace"))
                      + f" = total {mp['total'] / 2**20:.1f} MiB")
+    if "serving_rss" in summary:
+        sr = summary["serving_rss"]
+        lines.append(f"serving RSS (predicted, compiled executor): {sr['loaded'] / 2**20:.0f} MiB once loaded "
+                     f"(runtime {sr['runtime'] / 2**20:.0f} + weights {sr['weights'] / 2**20:.0f} + workspace "
+                     f"{sr['workspace'] / 2**20:.0f}), up to {sr['full'] / 2**20:.0f} MiB with the KV pool full "
+                     f"(+{sr['kv_cache'] / 2**20:.0f}); no weight is read from the file after loading")
     if "kernels" in summary:
         k = summary["kernels"]
         lines.append(f"kernels: {k['library']} ({k['target']}, {k['arch']}, cpu {k['target_cpu']}), "
