@@ -45,7 +45,6 @@ class PassContext:
     kv_plan: KVPlan | None = None  # plan_kv_cache
     memory_estimate: dict[str, int] | None = None  # plan_kv_cache: weights / kv_cache / workspace bytes
     lowered: Lowered | None = None  # lower_to_kernels
-    kernels_skipped: str | None = None  # lower_to_kernels, when not required: why there are no kernels
 
     def __post_init__(self) -> None:
         if not isinstance(self.weights, WeightStore):

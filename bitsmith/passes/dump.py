@@ -21,11 +21,10 @@ class Snapshot:
     meta: dict[str, Any]
     kv_plan: Any
     lowered: Any
-    kernels_skipped: str | None
 
     @classmethod
     def of(cls, module: Module, ctx: PassContext) -> "Snapshot":
-        return cls(ctx.weights.entries(), dict(module.meta), ctx.kv_plan, ctx.lowered, ctx.kernels_skipped)
+        return cls(ctx.weights.entries(), dict(module.meta), ctx.kv_plan, ctx.lowered)
 
     def side_tables(self, module: Module, ctx: PassContext) -> dict[str, str]:
         """suffix -> text for what changed since the snapshot ({} when the pass changed only the IR)."""
@@ -41,7 +40,7 @@ class Snapshot:
         if ctx.kv_plan is not self.kv_plan and ctx.kv_plan is not None:
             data = {"kv_plan": ctx.kv_plan.to_json(), "memory_estimate": ctx.memory_estimate}
             tables["kv_plan.json"] = json.dumps(data, indent=1) + "\n"
-        if ctx.lowered is not self.lowered or ctx.kernels_skipped != self.kernels_skipped:
+        if ctx.lowered is not self.lowered:
             tables["schedules.txt"] = _schedules(ctx)
         return tables
 
@@ -76,7 +75,7 @@ def _quantized_scheme(name: str, ctx: PassContext) -> str:
 
 def _schedules(ctx: PassContext) -> str:
     if ctx.lowered is None:
-        return f"no kernels: {ctx.kernels_skipped}\n" if ctx.kernels_skipped else "no kernels\n"
+        return "no kernels\n"
     lines = [f"# {len(ctx.lowered.specs)} kernels, {len(ctx.lowered.constants)} constant tables",
              "# schedule  entry  rows  calls  arena_bytes"]
     for key, s in ctx.lowered.schedules.items():

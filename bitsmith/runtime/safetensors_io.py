@@ -53,6 +53,11 @@ class StoredTensor:
     def nbytes(self) -> int:
         return self.size * self.dtype.itemsize
 
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """np.asarray(tensor) reads it: code written for arrays takes a StoredTensor too."""
+        array = self.read()
+        return array if dtype is None else array.astype(dtype)
+
     def read(self) -> np.ndarray:
         """A fresh in-memory array (not a map: its memory is freed with it)."""
         return self.read_rows(0, self.shape[0] if self.shape else 1).reshape(self.shape)

@@ -59,7 +59,7 @@ def test_kld_against_a_narrower_copy(tinystories, tmp_path):
     results = []
     for noise in (0.01, 0.1):
         weights = {k: (v + noise * v.std() * rng.standard_normal(v.shape)).astype(np.float32) if v.ndim == 2 else v
-                   for k, v in model.weights.items()}
+                   for k, v in ((k, np.asarray(v)) for k, v in model.weights.items())}  # read from the checkpoint
         noisy = write_artifact(tmp_path / f"noisy{noise}", model.module, weights, model.tokenizer, model.config, {},
                                model.source)
         # written without kernels: scored on the reference executor, which has to be asked for
@@ -67,7 +67,8 @@ def test_kld_against_a_narrower_copy(tinystories, tmp_path):
     small, large = results
     assert 0 < small.kld_mean < large.kld_mean and small.kld_p99 >= small.kld_mean
     assert large.top1_agree < small.top1_agree <= 1.0
-    assert small.ref_ppl == pytest.approx(result.ppl) and large.ppl > small.ppl
+    # the same reference, scored on the numpy executor here and on its kernels above: summation order only
+    assert small.ref_ppl == pytest.approx(result.ppl, rel=1e-5) and large.ppl > small.ppl
 
 
 def test_too_short_text_is_refused(tinystories):
