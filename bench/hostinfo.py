@@ -196,6 +196,9 @@ def host_info(probe: bool = True, gib: float = 1.0, rounds: int = 5) -> dict[str
         "cpu": model, "cores": cores(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
         "flags": [f for f in FLAGS if f in flags], "thp": _thp_mode(), "mem_gib": _mem_gib(),
         "python": platform.python_version(), "read_bandwidth_gbs": None, "probe": None,
+        # other people's work on this shared host: at load 5 on 2 cores a 1 GiB read ran at 17-20 GB/s, not 34,
+        # and llama.cpp's OpenMP threads lose more to it than ours, so ratios move too (bench/kernels.md)
+        "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     if probe:
         try:
@@ -216,7 +219,8 @@ def host_line(info: Mapping[str, Any]) -> str:
               f"median {probe['median_gbs']:.1f})")
     else:
         bw = "read bandwidth not measured" + (f" ({probe['error']})" if probe.get("error") else "")
-    return f"host: {info['cpu']}, {info['cores']} cores, {info.get('mem_gib')} GiB; flags: {flags}; {bw}"
+    load = f"; load average {info['loadavg_1m']}" if info.get("loadavg_1m") is not None else ""
+    return f"host: {info['cpu']}, {info['cores']} cores, {info.get('mem_gib')} GiB; flags: {flags}; {bw}{load}"
 
 
 # ---------------------------------------------------------------------------------------------
