@@ -150,7 +150,9 @@ def bench_model(key: str, tokens: int, venv: Path, work: Path, methods: tuple[st
                      **info})
         paths.append(out)
     print(f"[{key}] scoring {len(paths)} artifacts", file=sys.stderr, flush=True)
-    results = evaluate_many(paths, text, tokens, model.ctx, reference=source_path)
+    # the artifacts are compiled with --target none (no kernels: quality only), so they are scored on the
+    # numpy reference executor, which since 1a350c9 must be asked for
+    results = evaluate_many(paths, text, tokens, model.ctx, reference=source_path, executor="reference")
     for row, res in zip(rows, results):
         row.update({k: getattr(res, k) for k in ("ppl", "kld_mean", "kld_p99", "top1_agree")})
     ref_ppl, scored = results[0].ref_ppl, results[0].tokens
