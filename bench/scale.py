@@ -164,8 +164,7 @@ def serve_ours(artifact: str, prefill: int, tokens: int) -> None:
     load_s = time.perf_counter() - t0
     tok = art.tokenizer()
     short = tok.encode(SHORT_PROMPT)
-    story = tok.encode(STORY * (1 + 4 * prefill // max(1, len(tok.encode(STORY)))))
-    long_prompt = [t for t in story][:prefill]
+    long_prompt = tok.encode(long_text(tok, prefill))
     print(json.dumps({"ready": {"load_s": round(load_s, 2), "rss_gb": vm_rss_gb(os.getpid()),
                                 "short_prompt_tokens": len(short), "long_prompt_tokens": len(long_prompt)}}), flush=True)
     for line in sys.stdin:
@@ -183,6 +182,20 @@ def serve_ours(artifact: str, prefill: int, tokens: int) -> None:
         print(json.dumps(result | {"rss_gb": vm_rss_gb(os.getpid())}), flush=True)
 
 
+def long_text(tokenizer: Any, tokens: int) -> str:
+    """The story repeated and cut at a word so that it is at most `tokens` tokens (llama.cpp evaluates a prompt
+    in one batch of at most 512: a longer one aborts it)."""
+    words = (STORY * (2 + tokens // 20)).split()
+    low, high = 1, len(words)
+    while low < high:  # the most words that fit
+        mid = (low + high + 1) // 2
+        if len(tokenizer.encode(" ".join(words[:mid]))) <= tokens:
+            low = mid
+        else:
+            high = mid - 1
+    return " ".join(words[:low])
+
+
 def serving(artifact: Path, gguf: Path | None, args: argparse.Namespace) -> dict[str, Any]:
     """Interleaved decode rounds, then interleaved prefill rounds, ours vs llama.cpp; load seconds and RSS."""
     from peers.lineproc import LineProcess
@@ -196,7 +209,7 @@ def serving(artifact: Path, gguf: Path | None, args: argparse.Namespace) -> dict
                         str(args.tokens)], label="bitsmith serve")
     out: dict[str, Any] = {"ours": {"ready": ours.read(900)["ready"], "predicted_rss_gb": {k: round(v / GB, 3)
                                                                               for k, v in predicted.items()}}}
-    story = STORY * (1 + args.prefill // 40)
+    story = long_text(load_artifact(artifact, check_hashes=False).tokenizer(), args.prefill)
     for mode, prompt, tokens in (("decode", SHORT_PROMPT, args.tokens), ("prefill", story, 1)):
         peer = None
         if gguf is not None:
@@ -211,11 +224,15 @@ def serving(artifact: Path, gguf: Path | None, args: argparse.Namespace) -> dict
         for _ in range(args.rounds):
             ours_runs.append(ours.ask(mode, 1800))
             if peer is not None:
-                peer_runs.append(peer.run(1800))
+                try:
+                    peer_runs.append(peer.run(1800))
+                except PeerUnavailable as exc:
+                    out["peer"][f"{mode}_error"] = str(exc)[-600:]
+                    peer = None
         key = f"{mode}_tok_s"
         out["ours"][key] = round(statistics.median(r[key] for r in ours_runs), 2)
         out["ours"]["rss_gb"] = ours_runs[-1]["rss_gb"]
-        if peer is not None:
+        if peer is not None and peer_runs:
             peer_key = "decode_tok_s" if mode == "decode" else "prompt_tok_s"
             out["peer"][key] = round(statistics.median(r[peer_key] for r in peer_runs), 2)
             out["peer"]["rss_gb"] = vm_rss_gb(peer.io.proc.pid)
