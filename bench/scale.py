@@ -60,37 +60,41 @@ GB = 1e9
 
 
 def measured(cmd: list[str], timeout: float = 7200) -> dict[str, Any]:
-    """Run cmd; its wall seconds and peak RSS (the child's ru_maxrss, from wait4)."""
+    """Run cmd; its wall seconds and peak RSS: the child's VmHWM, polled every 50 ms. (Not wait4's ru_maxrss:
+    Linux carries the maximum across fork and exec, so a child reports at least this process's own peak.)"""
     t0 = time.perf_counter()
+    peak = 0
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
+        while proc.poll() is None:
+            peak = max(peak, status_kb(proc.pid, "VmHWM") or 0)
             if time.monotonic() > deadline:
                 proc.kill()
-                continue
-            time.sleep(0.2)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+            time.sleep(0.05)
         err.seek(0)
         tail = err.read().decode(errors="replace")[-1500:]
-    result = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_gb": round(usage.ru_maxrss * 1024 / GB, 3),
+    result = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_gb": round(peak * 1024 / GB, 3),
               "rc": proc.returncode}
     if proc.returncode:
         result["error"] = tail
     return result
 
 
-def vm_rss_gb(pid: int) -> float | None:
+def status_kb(pid: int, field: str) -> int | None:
+    """A kB field of /proc/PID/status (VmRSS, VmHWM), None once the process is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) * 1024 / GB, 3)
-    except OSError:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
         return None
     return None
+
+
+def vm_rss_gb(pid: int) -> float | None:
+    kb = status_kb(pid, "VmRSS")
+    return None if kb is None else round(kb * 1024 / GB, 3)
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -281,16 +285,18 @@ def table(report: dict[str, Any]) -> str:
                       else f"FAILED ({ours['error'].strip().splitlines()[-1]})")
             lines.append(f"| {shape} | compile {config} | {ours_s} | {fmt(ours.get('peak_rss_gb'))}"
                          f" | {peer_s} | {fmt(peer.get('peak_rss_gb'))} |")
-    lines += ["", "| shape | weights | ours decode tok/s | llama.cpp decode tok/s | ours prefill tok/s | "
-              "llama.cpp prefill tok/s | ours load s | ours RSS GB (predicted full/loaded) | llama.cpp RSS GB |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| shape | weights | ours decode tok/s | llama.cpp decode tok/s | ours prefill tok/s (tokens) | "
+              "llama.cpp prefill tok/s (tokens) | ours load s | llama.cpp load s | ours RSS GB (predicted full/loaded) | llama.cpp RSS GB |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for shape, r in report["shapes"].items():
         for config, s in r.get("serving", {}).items():
             o, p = s["ours"], s.get("peer", {})
             pred = o["predicted_rss_gb"]
+            peer_prompt = (p.get("prefill_ready") or {}).get("ready", {}).get("prompt_tokens")
             lines.append(f"| {shape} | {config} vs {PEER_TYPE[config]} | {fmt(o.get('decode_tok_s'))} | "
-                         f"{fmt(p.get('decode_tok_s'))} | {fmt(o.get('prefill_tok_s'))} | {fmt(p.get('prefill_tok_s'))}"
-                         f" | {o['ready']['load_s']} | {fmt(o.get('rss_gb'))} ({pred['full']}/{pred['loaded']}) | "
+                         f"{fmt(p.get('decode_tok_s'))} | {fmt(o.get('prefill_tok_s'))} ({o['ready']['long_prompt_tokens']})"
+                         f" | {fmt(p.get('prefill_tok_s'))} ({fmt(peer_prompt)})"
+                         f" | {o['ready']['load_s']} | {fmt((p.get('decode_ready') or {}).get('load_s'))} | {fmt(o.get('rss_gb'))} ({pred['full']}/{pred['loaded']}) | "
                          f"{fmt(p.get('rss_gb'))} |")
     return "\n".join(lines)
 

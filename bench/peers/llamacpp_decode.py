@@ -46,6 +46,7 @@ from typing import Any
 DEFAULT_VENV = Path.home() / ".cache" / "bitsmith" / "llamacpp-venv"
 SMOLLM2 = Path.home() / ".cache" / "bitsmith" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTED = Path.home() / ".cache" / "bitsmith" / "llamacpp-models"
+N_BATCH = 512  # llama.cpp's default logical and physical batch
 PROMPT = "The history of the printing press begins in"
 
 FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q4_k_m": 15, "q6_k": 18}
@@ -224,7 +225,7 @@ class _Decoder:
         self.prompt_tokens = list(buf[:n_prompt])
         cparams = L.llama_context_default_params()
         cparams.n_ctx = max(256, n_prompt + tokens + 16)
-        cparams.n_batch = cparams.n_ubatch = 512
+        cparams.n_batch = cparams.n_ubatch = N_BATCH
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.flash_attn_type = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                                    "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
@@ -246,9 +247,11 @@ class _Decoder:
         import numpy as np
 
         L = self.L
-        arr = (L.llama_token * len(toks))(*toks)
-        if L.llama_decode(self.ctx, L.llama_batch_get_one(arr, len(toks))) != 0:
-            raise SystemExit("llama_decode failed")
+        for start in range(0, len(toks), N_BATCH):  # a prompt longer than the batch goes in batch-sized pieces
+            piece = toks[start:start + N_BATCH]
+            arr = (L.llama_token * len(piece))(*piece)
+            if L.llama_decode(self.ctx, L.llama_batch_get_one(arr, len(piece))) != 0:
+                raise SystemExit("llama_decode failed")
         logits = np.ctypeslib.as_array(ctypes.cast(L.llama_get_logits_ith(self.ctx, -1), ctypes.POINTER(ctypes.c_float)),
                                        shape=(self.n_vocab,))
         return int(logits.argmax())

@@ -129,3 +129,18 @@ def test_gpu_scripts_parse(script):
     """The GPU scripts need a GPU (gpu_check) or minutes of CUDA builds (gpu_bundle): here they must at least
     import and parse their arguments; bench/gpu.md runs them for real."""
     assert "usage:" in run_bench(script, "--help")
+
+
+@pytest.mark.slow
+def test_scale_smoke(shared_data):
+    """A 2-layer synthetic model through every stage: our compiles (int4, int8), the peer's convert + quantize
+    when its venv exists, interleaved serving rounds, and the RSS prediction next to the measured RSS."""
+    out = last_json(run_bench("scale.py", "--smoke", "--json", data=shared_data))
+    check_host(out["host"])
+    shape = out["shapes"]["smoke"]
+    assert all(not c["rc"] and c["peak_rss_gb"] > 0 for c in shape["ours"].values())
+    serving = shape["serving"]["int4"]["ours"]
+    assert serving["decode_tok_s"] > 0 and serving["prefill_tok_s"] > 0
+    assert serving["predicted_rss_gb"]["loaded"] <= serving["predicted_rss_gb"]["full"]
+    # the prediction is of the same process: within 25% of what it measured (tiny weights: mostly the runtime)
+    assert abs(serving["rss_gb"] - serving["predicted_rss_gb"]["loaded"]) < 0.25 * serving["rss_gb"]
