@@ -39,3 +39,23 @@ def test_plan_names_resolve_from_the_artifacts_packed_weights():
     np.testing.assert_array_equal(kernel_weight(x16_name("w.scales"), weights), interleave_rows(scales).reshape(-1))
     assert kernel_weight("w.scales", weights) is scales
     assert interleave_rows(scales)[1, 17, 3] == scales[19, 17]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("out_f,in_f", [(16, 128), (48, 256), (32, 384), (64, 1024)])
+def test_interleave_packed_equals_unpack_then_interleave(bits, out_f, in_f):
+    """The loader's direct path from packed words gives the same bytes as unpacking to codes first."""
+    from bitsmith.passes.quant.packing import pack
+    from bitsmith.runtime.interleave import interleave_packed
+
+    codes = np.random.default_rng(bits * out_f + in_f).integers(0, 1 << bits, (out_f, in_f)).astype(np.uint8)
+    np.testing.assert_array_equal(interleave_packed(pack(codes, bits), bits, in_f), interleave_codes(codes, bits))
+
+
+@pytest.mark.parametrize("bits,out_f,in_f", [(4, 16, 576), (8, 16, 96), (4, 8, 128), (3, 16, 512)])
+def test_interleave_packed_declines_partial_blocks(bits, out_f, in_f):
+    from bitsmith.passes.quant.packing import pack
+    from bitsmith.runtime.interleave import interleave_packed
+
+    codes = np.zeros((out_f, in_f), dtype=np.uint8)
+    assert interleave_packed(pack(codes, bits), bits, in_f) is None  # the loader then unpacks first
