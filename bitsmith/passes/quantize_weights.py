@@ -12,6 +12,7 @@ is silu(gate) * up). Elsewhere (o_proj: GQA heads share value rows) s = 1 and on
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Mapping
@@ -23,10 +24,10 @@ from bitsmith.compiler.ir import Function, Module
 from bitsmith.errors import BitsmithError
 from bitsmith.compiler.weight_store import WeightStore
 from bitsmith.passes.base import PassContext, QuantizedInfo
-from bitsmith.passes.calibrate import initial_envs, linear_inputs, run_segment, split_by_layer
+from bitsmith.passes.calibrate import CALIBRATION_THREADS, initial_envs, linear_inputs, run_samples, split_by_layer
 from bitsmith.passes.manager import Pass
 from bitsmith.passes.quant.awq import quantize_awq, search_awq_scales
-from bitsmith.passes.quant.gptq import accumulate_hessian, quantize_gptq
+from bitsmith.passes.quant.gptq import HessianAccumulator, gptq_factor, quantize_gptq
 from bitsmith.passes.quant.packing import pack
 from bitsmith.passes.quant.rtn import quantize_rtn
 from bitsmith.passes.quant.scheme import QuantizedWeight, QuantScheme, dequantize
@@ -49,15 +50,22 @@ def packed_names(weight: str) -> tuple[str, str, str]:
 
 class SegmentWeights(Mapping[str, np.ndarray]):
     """The store's weights as one calibration segment reads them: each read once, then kept until the segment
-    is done (every calibration sample reads the same layer)."""
+    is done (every calibration sample reads the same layer). The `dense` ones (the segment's linear weights)
+    are kept as float32: the reference linear converts a bf16/fp16 operand on every call, i.e. once per
+    sample, which is the same values at 32x the cost."""
 
-    def __init__(self, store: WeightStore):
-        self.store, self.cache = store, {}
+    def __init__(self, store: WeightStore, dense: set[str] = frozenset()):
+        self.store, self.cache, self.dense = store, {}, dense
+        self.lock = threading.Lock()  # samples run in threads (run_samples): the first asker reads, once
 
     def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self.cache:
-            self.cache[name] = self.store[name]
-        return self.cache[name]
+        with self.lock:
+            if name not in self.cache:
+                value = self.store[name]
+                if name in self.dense and value.dtype != np.float32:
+                    value = value.astype(np.float32)
+                self.cache[name] = value
+            return self.cache[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.store)
@@ -71,14 +79,15 @@ class InputStats:
 
     def __init__(self, need_hessian: set[str], need_rows: set[str], seed: int = 0):
         self.need_hessian, self.need_rows = need_hessian, need_rows
-        self.hessian: dict[str, tuple[np.ndarray, int]] = {}
+        self.hessians: dict[str, HessianAccumulator] = {}
         self.rows: dict[str, list[np.ndarray]] = {}
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, value: str, x: np.ndarray) -> None:
         if value in self.need_hessian:
-            h, n = self.hessian.get(value, (None, 0))
-            self.hessian[value] = accumulate_hessian(h, x, n)
+            if value not in self.hessians:
+                self.hessians[value] = HessianAccumulator(x.shape[-1])
+            self.hessians[value].add(x)
         if value in self.need_rows:
             keep = x if x.shape[0] <= 256 else x[self.rng.choice(x.shape[0], 256, replace=False)]
             self.rows.setdefault(value, []).append(np.array(keep, dtype=np.float32))
@@ -133,21 +142,21 @@ class QuantizeWeights(Pass):
             raise BitsmithError("GPTQ/AWQ need calibration tokens", where=f"pass {self.name}",
                                 fix="compile a model with a tokenizer, or use --method rtn")
         fn = module["prefill"]
-        envs = initial_envs(module, ctx.calibration)
+        envs = initial_envs(module, ctx.calibration, caches=CALIBRATION_THREADS)
         segments = split_by_layer(module)
         targets_of = [{w: v for w, v in linear_inputs(fn, seg).items() if w in plan} for seg in segments]
         last = max(i for i, t in enumerate(targets_of) if t)  # later segments (e.g. the logits) need not run
         for seg, targets in tqdm(list(zip(segments, targets_of))[:last + 1], desc="quantizing layers", leave=False):
+            dense = set(linear_inputs(fn, seg))
             if targets:
                 stats = InputStats({v for w, v in targets.items() if plan[w].method == "gptq"},
                                    {v for w, v in targets.items() if plan[w].method == "awq"})
-                weights = SegmentWeights(ctx.weights)
-                for env in envs:
-                    run_segment(fn, seg, env, weights, stats, set(targets.values()))
+                weights = SegmentWeights(ctx.weights, dense)
+                run_samples(fn, seg, envs, weights, stats, set(targets.values()))
                 del weights
                 self._quantize_segment(fn, targets, plan, stats, ctx)
-            weights = SegmentWeights(ctx.weights)
-            envs = [run_segment(fn, seg, env, weights) for env in envs]
+            weights = SegmentWeights(ctx.weights, dense)
+            envs = run_samples(fn, seg, envs, weights)
             del weights
             for weight in targets:  # the dequantized stand-ins have done their job
                 del ctx.weights[weight]
@@ -165,18 +174,27 @@ class QuantizeWeights(Pass):
             if awq:
                 s = self._awq_scales(fn, value, awq, plan, stats, ctx)
                 awq_scales.update({w: s for w in awq})
-        for weight, value in targets.items():
-            scheme, w = plan[weight], ctx.weights[weight]
-            if scheme.method == "gptq":
-                qw = quantize_gptq(w, stats.hessian[value][0], scheme, damp=self.damp, act_order=self.act_order)
-            elif scheme.method == "awq":
-                qw = quantize_awq(w, stats.sample(value), scheme, awq_scales[weight])
-            else:
-                qw = quantize_rtn(w, scheme)
-            if not np.isfinite(qw.scales.astype(np.float32)).all():
-                raise BitsmithError("quantization produced non-finite scales", where=f"pass {self.name}, weight "
-                                    f"{weight}", fix="check the weight for inf/nan values")
-            self._store(ctx, weight, qw)
+        for value, weights in by_input.items():
+            # one factorisation of the input's Hessian serves every GPTQ linear reading it (q/k/v, gate/up);
+            # the Hessian is dropped once factored, the factor once its linears are done
+            factor = None
+            if value in stats.hessians:
+                factor = gptq_factor(stats.hessians.pop(value).result(), self.damp, self.act_order,
+                                     where=f"pass {self.name}, input of {', '.join(weights)}")
+            for weight in weights:
+                scheme, w = plan[weight], ctx.weights[weight]
+                if scheme.method == "gptq":
+                    qw = quantize_gptq(w, None, scheme, factor=factor)
+                elif scheme.method == "awq":
+                    qw = quantize_awq(w, stats.sample(value), scheme, awq_scales[weight])
+                else:
+                    qw = quantize_rtn(w, scheme)
+                del w
+                if not np.isfinite(qw.scales.astype(np.float32)).all():
+                    raise BitsmithError("quantization produced non-finite scales", where=f"pass {self.name}, "
+                                        f"weight {weight}", fix="check the weight for inf/nan values")
+                self._store(ctx, weight, qw)
+            del factor
 
     def _awq_scales(self, fn: Function, value: str, weights: list[str], plan: dict[str, QuantScheme],
                     stats: InputStats, ctx: PassContext) -> np.ndarray:

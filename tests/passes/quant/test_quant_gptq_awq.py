@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from bitsmith.errors import BitsmithError
-from bitsmith.passes.quant.awq import quantize_awq, search_awq_clip, search_awq_scales
-from bitsmith.passes.quant.gptq import accumulate_hessian, quantize_gptq
+from bitsmith.passes.quant.awq import _rtn_roundtrip, quantize_awq, search_awq_clip, search_awq_scales
+from bitsmith.passes.quant.gptq import HessianAccumulator, accumulate_hessian, gptq_factor, quantize_gptq
 from bitsmith.passes.quant.rtn import group_params, quantize_rtn
 from bitsmith.passes.quant.scheme import QuantScheme, dequantize
 
@@ -140,3 +140,57 @@ def test_awq_rejects_bad_scales():
         quantize_awq(w, x, QuantScheme(4, 32, True, "awq"), np.ones(63))
     with pytest.raises(BitsmithError, match="activations"):
         search_awq_scales([w], x[:, :10], QuantScheme(4, 32, True, "awq"))
+
+
+def test_chunked_hessian_matches_float64_sum():
+    """The pass's accumulator (float32 products of buffered chunks, float64 sum) against the exact float64 H."""
+    _, x = _layer(9, in_f=64, tokens=700)
+    acc = HessianAccumulator(64, chunk=128)
+    for a, b in [(0, 5), (5, 300), (300, 301), (301, 700)]:  # chunks fill across calls and one call spans several
+        acc.add(x[a:b])
+    assert acc.n == 700
+    want = 2.0 / 700 * x.astype(np.float64).T @ x
+    d = np.sqrt(np.diag(want))
+    # float32 products: each entry within 1e-6 of its natural scale sqrt(H_ii H_jj) (cancellation makes a
+    # small off-diagonal entry relatively worse, so a plain rtol would be the wrong test)
+    assert np.all(np.abs(acc.result() - want) <= 1e-6 * np.outer(d, d))
+    with pytest.raises(BitsmithError, match="features"):
+        HessianAccumulator(64).add(x[:, :10])
+
+
+def test_gptq_factor_shared_and_row_chunks_give_the_same_codes():
+    """One factor serves several weights, and sweeping row chunks on threads is the one-thread sweep exactly."""
+    w, x = _layer(10, out_f=600, in_f=96, tokens=800)
+    h, _ = accumulate_hessian(None, x, 0)
+    for scheme, act_order in [(QuantScheme(4, 32, True, "gptq"), True), (QuantScheme(4, 32, False, "gptq"), False)]:
+        alone = quantize_gptq(w, h, scheme, act_order=act_order, threads=1)
+        factor = gptq_factor(h, 0.01, act_order)
+        split = quantize_gptq(w, None, scheme, factor=factor, threads=2)  # 2 chunks of 300 rows
+        np.testing.assert_array_equal(split.q, alone.q)
+        np.testing.assert_array_equal(split.scales, alone.scales)
+        if not scheme.sym:
+            np.testing.assert_array_equal(split.zeros, alone.zeros)
+    with pytest.raises(BitsmithError, match="factor is for 96 inputs"):
+        quantize_gptq(w[:, :64], None, QuantScheme(4, 32, True, "gptq"), factor=factor)
+
+
+def test_inverse_factor_is_the_upper_cholesky_of_the_damped_inverse():
+    _, x = _layer(11, in_f=48, tokens=300)
+    x[:, 7] = 0.0  # a dead input
+    h, _ = accumulate_hessian(None, x, 0)
+    f = gptq_factor(h, 0.01, act_order=True)
+    hd = h.copy()
+    hd[7, 7] = 1.0
+    hd[np.diag_indices(48)] += 0.01 * np.mean(np.diag(hd))
+    hp = hd[np.ix_(f.perm, f.perm)]
+    want = np.linalg.cholesky(np.linalg.inv(hp)).T
+    np.testing.assert_allclose(f.u, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+    assert f.dead[7] and f.dead.sum() == 1
+
+
+def test_rtn_roundtrip_is_dequantize_of_rtn():
+    w, _ = _layer(12, out_f=40, in_f=200)
+    for scheme in (QuantScheme(4, 32, False, "awq"), QuantScheme(3, 64, True, "awq"), QuantScheme(4, -1, True, "awq")):
+        for ratio in (1.0, 0.8):
+            np.testing.assert_array_equal(_rtn_roundtrip(w, scheme, ratio),
+                                          dequantize(quantize_rtn(w, scheme, clip_ratio=ratio)))
