@@ -32,7 +32,7 @@ from bitsmith.passes.quant.packing import pack
 from bitsmith.passes.quant.rtn import quantize_rtn
 from bitsmith.passes.quant.scheme import QuantizedWeight, QuantScheme, dequantize
 from bitsmith.passes.rewrite import producers
-from bitsmith.runtime.packed_layout import unpack
+from bitsmith.runtime.packed_layout import packed_shape, unpack
 
 AWQ_MAX_ROWS = 4096  # activation rows kept per input for the AWQ searches
 RTN_CHUNK_ELEMENTS = 4 << 20  # weights per RTN work item: 16 MB of fp32 rows (rows are independent in RTN)
@@ -257,24 +257,14 @@ def quantize_rtn_streamed(ctx: PassContext, name: str, scheme: QuantScheme, pool
 
     chunks = _row_chunks(out, cols)
     scales, zeros = [], []
-    words = None
-    writer = None
-    try:
-        wave = RTN_THREADS if pool is not None else 1
+    wave = RTN_THREADS if pool is not None else 1
+    with ctx.weights.writer(qname, packed_shape(out, cols, scheme.bits), np.uint32) as writer:
         for first in range(0, len(chunks), wave):  # a wave at a time: results never pile up in memory
             batch = chunks[first:first + wave]
             for packed, s, z in (pool.map(work, batch) if pool is not None else map(work, batch)):
-                if writer is None:
-                    words = packed.shape[1]
-                    writer = ctx.weights.writer(qname, (out, words), np.uint32).__enter__()
                 writer.write(packed)
                 scales.append(s)
                 zeros.append(z)
-    except BaseException as exc:
-        if writer is not None:
-            writer.__exit__(type(exc), exc, None)
-        raise
-    writer.__exit__(None, None, None)
     ctx.weights[sname] = np.concatenate(scales)
     if not scheme.sym:
         ctx.weights[zname] = np.concatenate(zeros)
