@@ -144,3 +144,18 @@ def test_scale_smoke(shared_data):
     assert serving["predicted_rss_gb"]["loaded"] <= serving["predicted_rss_gb"]["full"]
     # the prediction is of the same process: within 25% of what it measured (tiny weights: mostly the runtime)
     assert abs(serving["rss_gb"] - serving["predicted_rss_gb"]["loaded"]) < 0.25 * serving["rss_gb"]
+
+
+@pytest.mark.slow
+def test_compile_methods_smoke(shared_data):
+    """GPTQ and AWQ on a 4-layer synthetic model: ours, and llm-compressor's on the same tokens when its venv exists."""
+    out = last_json(run_bench("compile_methods.py", "--smoke", "--json", data=shared_data))
+    check_host(out["host"])
+    assert out["calib_samples"] == 4 and out["calib_seqlen"] == 32
+    for method in ("gptq", "awq"):
+        ours, peer = out["methods"][method]["ours"], out["methods"][method]["peer"]
+        assert ours["rc"] == 0 and ours["seconds"] > 0 and ours["peak_rss_gb"] > 0, ours
+        if out["peer"]:  # the venv is there: its run must have worked
+            assert peer["rc"] == 0 and peer["phases"]["quantize_s"] >= 0, peer.get("error")
+        else:
+            assert "skipped" in peer
