@@ -31,14 +31,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 
-from hostinfo import host_info, host_line  # noqa: E402
+from hostinfo import host_info, host_line, run_measured  # noqa: E402
 
 DATA = Path(os.environ.get("BITSMITH_DATA", HERE.parents[1] / "shared" / "data"))
 TOKENIZER = DATA / "tinystories-656k"
@@ -50,43 +49,17 @@ def load1() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def status_kb(pid: int, field: str) -> int | None:
-    """A kB field of /proc/PID/status, None once the process is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
-
-
 def measured(cmd: list[str], timeout: float = 4 * 3600) -> dict[str, Any]:
-    """Run cmd: wall seconds, peak RSS (the child's VmHWM, polled: wait4's ru_maxrss carries this process's own
-    peak across fork + exec, e.g. the bandwidth probe's 1 GiB), exit code, its stdout, the load around it."""
+    """Run cmd: wall seconds, peak RSS (hostinfo.run_measured: the child's own VmHWM), exit code, its stdout,
+    the load around it."""
     before = load1()
-    t0 = time.perf_counter()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
-        deadline = time.monotonic() + timeout
-        peak_kb = 0
-        while True:
-            peak_kb = max(peak_kb, status_kb(proc.pid, "VmHWM") or 0)
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-            time.sleep(0.05)
-        code = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, tail = out.read().decode(errors="replace"), err.read().decode(errors="replace")[-2000:]
-    result = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_gb": round(peak_kb * 1024 / GB, 2),
+    run = run_measured(cmd, timeout)
+    code, tail = run["rc"], run["stderr"][-2000:]
+    result = {"seconds": round(run["seconds"], 1), "peak_rss_gb": round(run["peak_kb"] * 1024 / GB, 2),
               "rc": code, "load_before": before, "load_after": load1()}
     if code:
         result["error"] = tail if code > 0 else f"killed by signal {-code}\n{tail}"
-    return result | {"stdout": stdout}
+    return result | {"stdout": run["stdout"]}
 
 
 def make_model(workdir: Path, smoke: bool) -> Path:

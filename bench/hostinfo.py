@@ -223,6 +223,39 @@ def host_line(info: Mapping[str, Any]) -> str:
     return f"host: {info['cpu']}, {info['cores']} cores, {info.get('mem_gib')} GiB; flags: {flags}; {bw}{load}"
 
 
+def status_kb(pid: int, field: str) -> int | None:
+    """A kB field of /proc/PID/status (VmRSS, VmHWM), None once the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def run_measured(cmd: list[str], timeout: float) -> dict[str, Any]:
+    """Run cmd: {"seconds", "peak_kb", "rc", "stdout", "stderr"}. The peak is the child's VmHWM, polled every
+    50 ms: not wait4's ru_maxrss, which Linux carries across fork + exec, so a child would report at least this
+    process's own peak (a bench holding the 1 GiB bandwidth probe's buffer)."""
+    import tempfile
+
+    t0 = time.perf_counter()
+    peak = 0
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            peak = max(peak, status_kb(proc.pid, "VmHWM") or 0)
+            if time.monotonic() > deadline:
+                proc.kill()
+            time.sleep(0.05)
+        out.seek(0)
+        err.seek(0)
+        return {"seconds": time.perf_counter() - t0, "peak_kb": peak, "rc": proc.returncode,
+                "stdout": out.read().decode(errors="replace"), "stderr": err.read().decode(errors="replace")}
+
+
 # ---------------------------------------------------------------------------------------------
 # measuring against a peer
 

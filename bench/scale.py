@@ -32,7 +32,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 
-from hostinfo import host_info, host_line, llamacpp_build, llamacpp_line  # noqa: E402
+from hostinfo import host_info, host_line, llamacpp_build, llamacpp_line, run_measured, status_kb  # noqa: E402
 
 DATA = Path(os.environ.get("BITSMITH_DATA", HERE.parents[1] / "shared" / "data"))
 TOKENIZER = DATA / "tinystories-656k"
@@ -60,36 +59,13 @@ GB = 1e9
 
 
 def measured(cmd: list[str], timeout: float = 7200) -> dict[str, Any]:
-    """Run cmd; its wall seconds and peak RSS: the child's VmHWM, polled every 50 ms. (Not wait4's ru_maxrss:
-    Linux carries the maximum across fork and exec, so a child reports at least this process's own peak.)"""
-    t0 = time.perf_counter()
-    peak = 0
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-        deadline = time.monotonic() + timeout
-        while proc.poll() is None:
-            peak = max(peak, status_kb(proc.pid, "VmHWM") or 0)
-            if time.monotonic() > deadline:
-                proc.kill()
-            time.sleep(0.05)
-        err.seek(0)
-        tail = err.read().decode(errors="replace")[-1500:]
-    result = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_gb": round(peak * 1024 / GB, 3),
-              "rc": proc.returncode}
-    if proc.returncode:
-        result["error"] = tail
+    """Run cmd; its wall seconds and peak RSS (hostinfo.run_measured: the child's own VmHWM)."""
+    run = run_measured(cmd, timeout)
+    result = {"seconds": round(run["seconds"], 1), "peak_rss_gb": round(run["peak_kb"] * 1024 / GB, 3),
+              "rc": run["rc"]}
+    if run["rc"]:
+        result["error"] = run["stderr"][-1500:]
     return result
-
-
-def status_kb(pid: int, field: str) -> int | None:
-    """A kB field of /proc/PID/status (VmRSS, VmHWM), None once the process is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 def vm_rss_gb(pid: int) -> float | None:
