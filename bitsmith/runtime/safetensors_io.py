@@ -107,24 +107,29 @@ class StoredTensor:
 Tensor = Union[np.ndarray, StoredTensor]
 
 
+def safetensors_header(tensors: Iterable[tuple[str, Any, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> bytes:
+    """The bytes before the data: length + JSON header for (name, dtype, shape) laid out back to back, in order."""
+    header: dict[str, Any] = {"__metadata__": metadata or {}}
+    offset = 0
+    for name, dtype, shape in tensors:
+        code = _CODES.get(str(np.dtype(dtype)))
+        if code is None:
+            raise BitsmithError(f"cannot store dtype {dtype} of {name!r} in safetensors")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob
+
+
 def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, Tensor]], metadata: dict[str, str] | None = None,
                       progress: Any = None) -> None:
     """Write tensors in the given order; a StoredTensor is streamed from its file (memory stays one chunk),
     `progress` (a tqdm-like object) is advanced by bytes written."""
     items = [(name, t if isinstance(t, StoredTensor) else np.ascontiguousarray(t)) for name, t in tensors]
-    header: dict[str, Any] = {"__metadata__": metadata or {}}
-    offset = 0
-    for name, tensor in items:
-        code = _CODES.get(str(tensor.dtype))
-        if code is None:
-            raise BitsmithError(f"cannot store dtype {tensor.dtype} of {name!r} in safetensors")
-        header[name] = {"dtype": code, "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes]}
-        offset += tensor.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        f.write(safetensors_header(((n, t.dtype, t.shape) for n, t in items), metadata))
         for _, tensor in items:
             if isinstance(tensor, StoredTensor):
                 tensor.copy_to(f, progress)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -11,9 +10,9 @@ from typing import Iterator
 import numpy as np
 
 from bitsmith.errors import BitsmithError
-from bitsmith.runtime.safetensors_io import numpy_dtype
+from bitsmith.runtime.safetensors_io import numpy_dtype, safetensors_header
 
-CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+CHECKPOINT_DTYPES = ("float32", "float16", "bfloat16")
 CHUNK_ELEMENTS = 16 << 20  # random values drawn per step: 64 MB of fp32, whatever the tensor's size
 
 
@@ -115,9 +114,9 @@ def write_padded_tokenizer(source: str | Path, directory: str | Path, vocab_size
 def write_random_llama(directory: str | Path, shape: LlamaShape, dtype: str = "bfloat16",
                        shard_bytes: int = 2 << 30, seed: int = 0, progress=None) -> Path:
     """Write config.json, model-0000k-of-0000n.safetensors shards and their index; memory stays one chunk."""
-    if dtype not in CODES:
+    if dtype not in CHECKPOINT_DTYPES:
         raise BitsmithError(f"dtype {dtype!r} is not a checkpoint dtype", where="write_random_llama",
-                            fix=f"use one of {sorted(CODES)}")
+                            fix=f"use one of {CHECKPOINT_DTYPES}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     np_dtype = numpy_dtype(dtype)
@@ -126,16 +125,9 @@ def write_random_llama(directory: str | Path, shape: LlamaShape, dtype: str = "b
     weight_map = {}
     for index, shard in enumerate(shards, 1):
         file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, tshape in shard:
-            nbytes = int(np.prod(tshape)) * np_dtype.itemsize
-            header[name] = {"dtype": CODES[dtype], "shape": list(tshape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            weight_map[name] = file
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
+        weight_map.update({name: file for name, _ in shard})
         with open(directory / file, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)) + blob)
+            f.write(safetensors_header(((name, np_dtype, tshape) for name, tshape in shard), {"format": "pt"}))
             for name, tshape in shard:
                 for chunk in _values(rng, name, tshape, np_dtype):
                     chunk.tofile(f)
