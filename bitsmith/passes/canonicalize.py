@@ -16,6 +16,7 @@ from bitsmith.passes.fuse_gelu import FuseGelu
 from bitsmith.passes.fuse_linear_bias import FuseLinearBias
 from bitsmith.passes.fuse_rmsnorm import FuseRmsnorm
 from bitsmith.passes.fuse_rope import FuseRope
+from bitsmith.passes.fuse_router import FuseRouter
 from bitsmith.passes.fuse_silu import FuseSilu
 from bitsmith.passes.manager import Pass, is_traced, run_passes
 from bitsmith.passes.simplify_layout import SimplifyLayout
@@ -24,7 +25,7 @@ from bitsmith.passes.simplify_layout import SimplifyLayout
 # the symbolic `seq` dim to tell the layout, so all of them run on prefill alone; decode is derived afterwards by
 # binding seq = 1, and the last step drops the weights no entry point reads any more.
 CANONICALIZE: tuple[type[Pass], ...] = (EliminateDeadCode, FuseSilu, FuseGelu, FuseLinearBias, FuseRmsnorm, FuseRope,
-                                        SimplifyLayout, DeriveDecode, EliminateDeadCode)
+                                        FuseRouter, SimplifyLayout, DeriveDecode, EliminateDeadCode)
 
 
 def canonicalize(module: Module, weights: dict[str, np.ndarray]) -> tuple[Module, dict[str, np.ndarray]]:

@@ -15,6 +15,7 @@ from bitsmith.compiler.frontends.base import LoadedModel, require_path, sha256_f
 from bitsmith.compiler.frontends.graph_lowering import (CONST_LIMIT, SEQ, GraphLowering, Val, finish_module,
                                                         to_numpy, weight_name)
 from bitsmith.compiler.frontends.hf_files import hf_side_files, read_json, rope_settings
+from bitsmith.compiler.frontends.hf_moe import MoeLowering, inplace_as_values, traceable_experts
 from bitsmith.compiler.ir import Function, Module
 from bitsmith.errors import BitsmithError
 
@@ -35,7 +36,7 @@ RESHAPE = ("view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "flatten",
 BINARY = {"add": "add", "sub": "sub", "rsub": "sub", "mul": "mul", "div": "div", "matmul": "matmul", "bmm": "matmul"}
 
 
-class _AtenLowering(GraphLowering):
+class _AtenLowering(MoeLowering, GraphLowering):
     """Lowers the live part of an exported program into the IR `prefill` function, batch dim dropped."""
 
     def __init__(self, ep: Any, model: Any):
@@ -356,7 +357,7 @@ def trace_module(model: Any, example_ids: Any, rope_candidates: list[dict] | Non
         model.eval()
         if saved is not None and hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation("sdpa")  # attention as one scaled_dot_product_attention op
-        with torch.no_grad():
+        with torch.no_grad(), traceable_experts(model):  # MoE experts as one custom op (hf_moe.py)
             ep = torch.export.export(model, (), kwargs=kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as exc:
         raise BitsmithError(f"torch.export could not trace {type(model).__name__}: {str(exc).splitlines()[0]}",
@@ -365,6 +366,7 @@ def trace_module(model: Any, example_ids: Any, rope_candidates: list[dict] | Non
         if saved is not None and hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(saved)
         model.train(was_training)
+    inplace_as_values(ep.graph)  # `x /= s` in the MoE routers
     prefill, weights, shape_meta = _AtenLowering(ep, model).lower()
     info = {"frontend": "torch_export", **shape_meta, "rope_candidates": rope_candidates or [], **(meta or {})}
     return finish_module(prefill, weights, info)
