@@ -97,11 +97,13 @@ class GraphLowering:
         """An unbatched operand as wide as a batched one drops its leading 1 so the two still broadcast."""
         return self.b.op("reshape", [x.name], hint="unbatch", shape=list(self.b.type_of(x.name).shape[1:]))
 
-    def attention(self, q: Val, k: Val, v: Val, scale: float, window: int | None, hint: str) -> Val:
+    def attention(self, q: Val, k: Val, v: Val, scale: float, window: int | None, hint: str,
+                  softcap: float | None = None) -> Val:
         # traced [1, heads, seq, d] -> IR [heads, seq, d] -> the attention op's [seq, heads, d], and back
         t = [self.b.op("transpose", [x.name], hint=hint + ".in", perm=[1, 0, 2]) for x in (q, k, v)]
+        capped = {"softcap": float(softcap)} if softcap else {}  # (absent when off: older IR reads the same)
         out, self.cache = self.b.op_multi("attention", t + [self.positions, self.cache], hint=hint, layer=self.layer,
-                                          scale=float(scale), sliding_window=window)
+                                          scale=float(scale), sliding_window=window, **capped)
         self.layer += 1
         return Val(self.b.op("transpose", [out], hint=hint, perm=[1, 0, 2]), True)
 

@@ -14,6 +14,7 @@ import numpy as np
 from bitsmith.compiler.frontends.base import LoadedModel, require_path, sha256_file
 from bitsmith.compiler.frontends.graph_lowering import (CONST_LIMIT, SEQ, GraphLowering, Val, finish_module,
                                                         to_numpy, weight_name)
+from bitsmith.compiler.frontends.hf_attention import attention_attrs, is_attention, traced_attention
 from bitsmith.compiler.frontends.hf_files import hf_side_files, read_json, rope_settings
 from bitsmith.compiler.frontends.hf_moe import MoeLowering, inplace_as_values, traceable_experts
 from bitsmith.compiler.ir import Function, Module
@@ -46,10 +47,12 @@ class _AtenLowering(MoeLowering, GraphLowering):
         self.nodes = list(ep.graph.nodes)
         self.user = [n for n in self.nodes if n.op == "placeholder" and n.name not in self.state]
         self.seq_expr = self.user[0].meta["val"].shape[1].node.expr  # input_ids [1, seq]
-        self.sites = [n for n in self.nodes if _packet(n) == "scaled_dot_product_attention"]
+        self.sites = [n for n in self.nodes if _packet(n) == "scaled_dot_product_attention" or is_attention(n)]
         self.v: dict[Any, Any] = {}
         self.weights: dict[str, np.ndarray] = {}
         self.consts: dict[str, np.ndarray] = {}
+        self.merged: set[str] = set()  # IR values whose leading dim is the traced batch (of 1) merged with seq
+        self.right_operands: set = set()  # weight placeholders stored transposed for mm/addmm (Conv1D)
 
     # ------------------------------------------------------------------ which nodes to lower
 
@@ -133,6 +136,7 @@ class _AtenLowering(MoeLowering, GraphLowering):
         for node in self.nodes:  # weights first: the builder needs their types
             if node.op == "placeholder" and node.name in self.state and node in live:
                 self._state_tensor(node)
+        self.transposed_weights()
         self.sites = [n for n in self.sites if n in live]  # layer i of the cache = i-th live attention
         kv = [self.strip_repeat(n.args[2]).meta["val"].shape for n in self.sites]  # [1, kv_heads, seq, d]
         self.begin(self.weights, len(self.sites), {(int(s[1]), int(s[-1])) for s in kv})
@@ -170,14 +174,61 @@ class _AtenLowering(MoeLowering, GraphLowering):
         if name in IDENTITY:
             return self.arg(node, 0, "input")
         if name in RESHAPE:
-            x = self.arg(node, 0, "self")
-            return self.emit(node, "reshape", [x.name], x.batched, shape=self.dims(node, x.batched))
+            return self.reshape(node, self.arg(node, 0, "self"))
         if name in BINARY:
             return self.binary(node, name)
         if handler is None:
             raise BitsmithError(f"ATen op {node.target} has no IR lowering", where=_source_line(node),
                                 fix="rewrite that part of the model with supported ops, or add a lowering")
         return handler(node)
+
+    def reshape(self, node: Any, x: Val) -> Val:
+        """A reshape; Conv1D-style code flattens [1, seq, n] to [seq, n] around a matmul and back, which merges
+        the batch of 1 into the tokens (`merged`) and then splits it off again."""
+        out = list(node.meta["val"].shape)
+        leading = out[0] if isinstance(out[0], int) else out[0].node.expr
+        if x.batched and leading != 1:  # [1, seq, ...] -> [seq, ...]: no batch dim any more
+            val = self.emit(node, "reshape", [x.name], False, shape=self.dims(node, False))
+            self.merged.add(val.name)
+            return val
+        if not x.batched and x.name in self.merged and leading == 1:  # [seq, ...] -> [1, seq, ...]
+            return self.emit(node, "reshape", [x.name], True, shape=self.dims(node, True))
+        return self.emit(node, "reshape", [x.name], x.batched, shape=self.dims(node, x.batched))
+
+    def transposed_weights(self) -> None:
+        """Weights that are only ever the right operand of mm/addmm (GPT-2's Conv1D stores [in, out]) are stored
+        transposed, [out, in], so those matmuls become ordinary `linear` ops that quantize and pack."""
+        uses: dict[Any, set] = {}
+        for node in self.nodes:
+            for i, a in enumerate(node.args):
+                if getattr(a, "op", None) == "placeholder" and a.name in self.state:
+                    uses.setdefault(a, set()).add((_packet(node), i))
+        for node, how in uses.items():
+            name = weight_name(self.state[node.name])
+            if name in self.weights and how in ({("addmm", 2)}, {("mm", 1)}) and self.weights[name].ndim == 2:
+                self.weights[name] = np.ascontiguousarray(self.weights[name].T)
+                self.right_operands.add(node)
+
+    def op_addmm(self, node: Any) -> Val:
+        bias, x = self.arg(node, 0, "self"), self.arg(node, 1, "mat1")
+        w = node.args[2 if _packet(node) == "addmm" else 1]
+        if w not in self.right_operands or node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            raise BitsmithError(f"{node.target} of activations (or with beta/alpha) is not supported",
+                                where=_source_line(node), fix="use nn.Linear, or a weight as the right operand")
+        val = self.emit(node, "linear", [x.name, self.v[w].name] + ([bias.name] if bias is not None else []),
+                        x.batched)
+        if x.name in self.merged:
+            self.merged.add(val.name)
+        return val
+
+    def op_mm(self, node: Any) -> Val:
+        x, w = self.arg(node, 0, "self"), node.args[1]
+        if w not in self.right_operands:
+            return self.binary(node, "matmul")
+        val = self.emit(node, "linear", [x.name, self.v[w].name], x.batched)
+        if x.name in self.merged:
+            self.merged.add(val.name)
+        return val
 
     def binary(self, node: Any, name: str) -> Val:
         a, b = self.arg(node, 0, "self"), self.arg(node, 1, "other")
@@ -316,6 +367,13 @@ class _AtenLowering(MoeLowering, GraphLowering):
                 return mod.config.sliding_window or None
         return None
 
+    def op_attention(self, node: Any) -> Val:
+        if not is_attention(node):
+            raise BitsmithError(f"ATen op {node.target} has no IR lowering", where=_source_line(node))
+        q, k, v = (self.v[n] for n in node.args[:3])  # [1, heads | kv_heads, seq, d]
+        scale, window, softcap = attention_attrs(node)
+        return self.attention(q, k, v, scale, window, self.hint(node), softcap)
+
     def op_scaled_dot_product_attention(self, node: Any) -> Val:
         q, k, v = (self.v[n] for n in (node.args[0], self.strip_repeat(node.args[1]), self.strip_repeat(node.args[2])))
         mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
@@ -352,19 +410,16 @@ def trace_module(model: Any, example_ids: Any, rope_candidates: list[dict] | Non
         kwargs["position_ids"], dyn["position_ids"] = torch.arange(ids.shape[1])[None], {1: seq}
     if accepts("use_cache"):
         kwargs["use_cache"], dyn["use_cache"] = False, None
-    saved, was_training = getattr(getattr(model, "config", None), "_attn_implementation", None), model.training
+    was_training = model.training
     try:
         model.eval()
-        if saved is not None and hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation("sdpa")  # attention as one scaled_dot_product_attention op
-        with torch.no_grad(), traceable_experts(model):  # MoE experts as one custom op (hf_moe.py)
+        # HF attention as one bitsmith::attention op (hf_attention.py); other modules' SDPA is lowered as is
+        with torch.no_grad(), traced_attention(model), traceable_experts(model):  # MoE experts as one custom op (hf_moe.py)
             ep = torch.export.export(model, (), kwargs=kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as exc:
         raise BitsmithError(f"torch.export could not trace {type(model).__name__}: {str(exc).splitlines()[0]}",
                             fix="make the model traceable with torch.export.export(..., strict=False)") from exc
     finally:
-        if saved is not None and hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation(saved)
         model.train(was_training)
     inplace_as_values(ep.graph)  # `x /= s` in the MoE routers
     prefill, weights, shape_meta = _AtenLowering(ep, model).lower()

@@ -149,6 +149,7 @@ def _attention_infer(in_types, attrs, weights):
     check(cache.shape[3:] == k.shape[1:], f"kv cache {cache.shape} does not match k {k.shape}")
     check(isinstance(cache.shape[0], int) and 0 <= attrs["layer"] < cache.shape[0], f"layer {attrs['layer']} out of range")
     check(attrs.get("kv_dtype", "float32") in ("float32", "float16", "int8"), f"unknown kv_dtype {attrs.get('kv_dtype')}")
+    check(attrs.get("softcap") is None or attrs["softcap"] > 0, f"softcap {attrs.get('softcap')} must be > 0 (or absent)")
     return [TensorType(q.shape, COMPUTE_DTYPE), cache]
 
 
@@ -188,6 +189,10 @@ def _attention_ref(xs, attrs, ctx):
     qg = q.reshape(seq, kv, group, d).transpose(1, 0, 2, 3).reshape(kv, seq * group, d)
     scores = np.matmul(qg, keys.transpose(1, 2, 0))
     scores *= np.float32(attrs["scale"])
+    if attrs.get("softcap"):  # Gemma 2: scores = softcap * tanh(scale * q.k / softcap)
+        cap = np.float32(attrs["softcap"])
+        scores = np.tanh(scores / cap, out=scores)
+        scores *= cap
     slots = np.arange(span)
     visible = slots[None, :] <= pos[:, None]  # causal: a token sees every slot up to its own position
     if attrs.get("sliding_window"):
