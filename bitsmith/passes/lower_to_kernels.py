@@ -20,6 +20,7 @@ from bitsmith.compiler.ops.llm import rope_inv_freq
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.base import Lowered, PassContext
 from bitsmith.passes.kv_plan import KVPlan
+from bitsmith.passes.lower_moe import MOE_OPS, lower_moe
 from bitsmith.passes.manager import Pass
 from bitsmith.runtime.arena import round_up
 from bitsmith.runtime.interleave import x16_name
@@ -154,6 +155,8 @@ def _lower_node(st: _Lowering, index: int, node: Node) -> None:
                 out)
     elif op in ("linear", "qlinear"):
         _lower_linear(st, node)
+    elif op in MOE_OPS:
+        lower_moe(st, node)
     elif op == "rope":
         rows, heads, hd = st.shape(ins[0])
         rot = a.get("rotary_dim", hd)
