@@ -50,6 +50,17 @@ _EXP2_COEFFS = (0.9999999999595282, 0.6931472067218104, 0.2402265121378914, 0.05
 KEY_GROUP = 2  # key positions whose scores are summed together (see `key_group_scores`)
 
 
+def ring_blocks_needed(window: int | None, rows: int, block_size: int) -> int | None:
+    """Blocks of a ring that never overwrites a key a query of the same call still needs (None: no window).
+
+    RING: a windowed layer may keep only a ring of blocks per sequence: logical block i lives in table entry
+    i % ring_blocks. A call writes rows' keys at positions up to p0 + rows - 1 before any query reads, and its
+    first query p0 reads back to p0 - window + 1: those window + rows - 1 positions span at most
+    (window + rows - 2) // block_size + 2 blocks, which must all be distinct in the ring.
+    """
+    return None if not window else (window + rows - 2) // block_size + 2
+
+
 @dataclass(frozen=True)
 class PagedAttentionSpec:
     """out[r, h] = softmax_s(scale * q[r, h] . K_r[s, h // group]) @ V_r[s, h // group], K_r/V_r read
@@ -69,6 +80,8 @@ class PagedAttentionSpec:
     zeros. Table entries outside [0, num_blocks) are never dereferenced: a row whose write block is one
     writes nothing, and a row whose visible blocks (those holding [lo, p]) include one gets zeros. Entries
     for blocks wholly outside [lo, p] are not read (they may be stale, e.g. freed by a sliding window).
+    With `softcap` the scores are softcap * tanh(scale * q.k / softcap). With `ring_blocks` the tables are
+    [rows, ring_blocks] and logical block i is entry i % ring_blocks (see `ring_blocks_needed`).
     """
 
     rows: int
@@ -81,6 +94,8 @@ class PagedAttentionSpec:
     scale: float
     sliding_window: int | None = None
     kv_dtype: str = "float32"
+    softcap: float | None = None  # scores = softcap * tanh(scale * q.k / softcap) (Gemma 2)
+    ring_blocks: int | None = None  # windowed layers: the table holds a ring of this many blocks (see RING)
 
     def __post_init__(self) -> None:
         problems = []
@@ -103,6 +118,13 @@ class PagedAttentionSpec:
             problems.append(f"sliding window {self.sliding_window} (use None or >= 1)")
         if not math.isfinite(self.scale):
             problems.append(f"scale {self.scale}")
+        if self.softcap is not None and not (math.isfinite(self.softcap) and self.softcap > 0):
+            problems.append(f"softcap {self.softcap} (use None or > 0)")
+        if self.ring_blocks is not None:
+            need = ring_blocks_needed(self.sliding_window, self.rows, self.block_size)
+            if need is None or self.ring_blocks < need:
+                problems.append(f"a ring of {self.ring_blocks} blocks for window {self.sliding_window} and "
+                                f"{self.rows} rows (needs a window and at least {need} blocks)")
         if self.kv_dtype not in KV_DTYPES:
             problems.append(f"kv dtype {self.kv_dtype!r} (use one of {tuple(KV_DTYPES)})")
         refuse(problems, "paged attention")
@@ -110,9 +132,16 @@ class PagedAttentionSpec:
     @property
     def name(self) -> str:
         window = "full" if self.sliding_window is None else f"w{self.sliding_window}"
+        cap = "" if self.softcap is None else f"_c{c_float(self.softcap)}"
+        ring = "" if self.ring_blocks is None else f"_ring{self.ring_blocks}"
         return (f"paged_attention_r{self.rows}_h{self.heads}_kv{self.kv_heads}_d{self.head_dim}"
                 f"_b{self.block_size}_n{self.num_blocks}_m{self.max_blocks}_s{c_float(self.scale)}_{window}"
-                f"_{KV_DTYPES[self.kv_dtype]}")
+                f"_{KV_DTYPES[self.kv_dtype]}{cap}{ring}")
+
+    @property
+    def table_blocks(self) -> int:
+        """Entries of a row's block table: the ring's blocks, or max_blocks."""
+        return self.ring_blocks or self.max_blocks
 
     @property
     def group(self) -> int:
@@ -171,9 +200,20 @@ def _exp2(x: Any) -> Any:
     return tirx.Let(xv, tirx.max(x, tirx.const(-126.0, f32)), body)
 
 
-def tile_macros(heads: int, lanes: int, head_dim: int, qscale: float) -> Any:
+def _tanh(x: Any) -> Any:
+    """tanh(x) = sign(x) (1 - t) / (1 + t), t = 2^(-2 |x| log2 e) (absolute error ~2e-7)."""
+    f32 = "float32"
+    xv, tv = tirx.Var("thx", f32), tirx.Var("tht", f32)
+    mag = (tirx.const(1.0, f32) - tv) / (tirx.const(1.0, f32) + tv)
+    body = tirx.Let(tv, _exp2(tirx.const(-2.0 * math.log2(math.e), f32) * tirx.abs(xv)),
+                    tirx.Select(xv < tirx.const(0.0, f32), -mag, mag))
+    return tirx.Let(xv, x, body)
+
+
+def tile_macros(heads: int, lanes: int, head_dim: int, qscale: float, cap: float = 0.0) -> Any:
     """TVMScript macros for the per-task steps that do not touch the pool. `heads`: query heads per task
-    (HG), `lanes`: the head_dim vector width, `qscale`: scale * log2(e). Buffers as in `_lower`: qs/acc
+    (HG), `lanes`: the head_dim vector width, `qscale`: scale * log2(e), `cap`: the soft-cap in the log2
+    domain (softcap * log2(e); 0: none), applied to a tile's scores before its max. Buffers as in `_lower`: qs/acc
     [HG * D], sc/red [HG * TILE], part [HG * lanes], st [HG * 4] (per head: running max, running sum,
     scratch x2).
 
@@ -186,7 +226,8 @@ def tile_macros(heads: int, lanes: int, head_dim: int, qscale: float) -> Any:
     HG, L, D, B = heads, lanes, head_dim, TILE
     assert B == 32, "the tile reductions are written for 32 slots"
     neg = -3.0e38  # the running max before the first tile (exp2 of (neg - m) clamps to ~0)
-    exp2 = _exp2
+    exp2, tanh = _exp2, _tanh
+    capped = cap != 0.0  # (a Python bool: the macro's `if` is resolved when the script is parsed)
 
     @T.macro
     def start(q, r, h0, qs, acc, st):
@@ -217,6 +258,9 @@ def tile_macros(heads: int, lanes: int, head_dim: int, qscale: float) -> Any:
     @T.macro
     def softmax_step(sc, red, st, acc, cnt):
         for hh in T.unroll(HG):
+            if capped:  # soft-capped scores: cap * tanh(s / cap) (scale and log2 e cancel in s / cap)
+                for j in T.vectorized(B):
+                    sc[hh * B + j] = T.float32(cap) * tanh(sc[hh * B + j] * T.float32(1.0 / cap))
             # the tile's max (lanes past cnt masked), as a halving tree
             for j in T.vectorized(B):
                 red[hh * B + j] = T.Select(j < cnt, sc[hh * B + j], T.float32(neg))
@@ -274,6 +318,10 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
     B = TILE
     SPB = min(BS, B)  # slots of one block inside one tile
     CTX = MB * BS  # positions a block table can address
+    TB = spec.table_blocks  # entries of a row's table (a ring: logical block i -> entry i % TB)
+
+    def entry(block: Any) -> Any:
+        return block % TB if spec.ring_blocks else block
     W = spec.sliding_window or 0
     windowed = W > 0
     dt = spec.kv_dtype
@@ -282,7 +330,7 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
     LINES = -(-D // PER_LINE)  # cache lines of one kv head's row
     # key positions whose scores one pairing tree sums (1: each alone); the tree takes at most L vectors
     QP = KEY_GROUP if KEY_GROUP * HG <= L else 1
-    m = tile_macros(HG, L, D, float(spec.scale) * math.log2(math.e))
+    m = tile_macros(HG, L, D, float(spec.scale) * math.log2(math.e), float(spec.softcap or 0) * math.log2(math.e))
     start, scores_sum, softmax_step, finish, zeros = m.start, m.scores_sum, m.softmax_step, m.finish, m.zeros
 
     def widen(x: Any) -> Any:
@@ -311,7 +359,7 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
         blocks are checked): the rows of one kv head are 1/KV of each slot's bytes, scattered over the
         pool, and the hardware prefetchers leave a task latency-bound when the pool is in DRAM."""
         nxt = T.bind(T.min(s2 + 1, p))
-        pbn = T.bind(block_tables[r, nxt // BS])
+        pbn = T.bind(block_tables[r, entry(nxt // BS)])
         for j in T.unroll(SPB):
             for half in T.unroll(2):
                 for line in T.unroll(LINES):
@@ -354,7 +402,7 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
         for r in range(R):
             if positions[r] >= T.int64(0) and positions[r] < T.int64(CTX):
                 p = T.bind(T.Cast("int32", positions[r]))
-                pb = T.bind(block_tables[r, p // BS])
+                pb = T.bind(block_tables[r, entry(p // BS)])
                 if pb >= 0 and pb < NB:
                     for kh in range(KV):
                         store(k, r, pb, p % BS, kh, 0, cache, scales, qt)
@@ -380,7 +428,7 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
                 # every block holding a visible position must be in the pool (never dereference others)
                 ok[0] = 1
                 for b in range(p // BS - lo // BS + 1):
-                    if block_tables[r, lo // BS + b] < 0 or block_tables[r, lo // BS + b] >= NB:
+                    if block_tables[r, entry(lo // BS + b)] < 0 or block_tables[r, entry(lo // BS + b)] >= NB:
                         ok[0] = 0
                 if ok[0] == 0:
                     zeros(out, r, h0)
@@ -395,7 +443,7 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
                         for c in range((e - t0) // SPB - c0 + 1):
                             s1 = T.bind(T.max(a, t0 + (c0 + c) * SPB))
                             s2 = T.bind(T.min(e, t0 + (c0 + c) * SPB + SPB - 1))
-                            pb = T.bind(block_tables[r, s1 // BS])
+                            pb = T.bind(block_tables[r, entry(s1 // BS)])
                             base = T.bind(s1 % BS)
                             prefetch_next_run(block_tables, cache, r, kh, s2, p)
                             for jp in range((s2 - s1 + 1) // QP):  # QP positions at a time (see `key_group_scores`)
@@ -413,7 +461,7 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
                         for c in range((e - t0) // SPB - c0 + 1):
                             s1 = T.bind(T.max(a, t0 + (c0 + c) * SPB))
                             s2 = T.bind(T.min(e, t0 + (c0 + c) * SPB + SPB - 1))
-                            pb = T.bind(block_tables[r, s1 // BS])
+                            pb = T.bind(block_tables[r, entry(s1 // BS)])
                             base = T.bind(s1 % BS)
                             for j in range(s2 - s1 + 1):  # (int8: the value's scale joins its probability)
                                 for d0 in T.unroll(DO):
@@ -427,7 +475,7 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
     # parameter buffer types (one object per parameter: a shared one would alias the parameters)
     QBuf, OutBuf = T.Buffer((R, H, D), "float32"), T.Buffer((R, H, D), "float32")
     KBuf, VBuf = T.Buffer((R, KV, D), "float32"), T.Buffer((R, KV, D), "float32")
-    PosBuf, TabBuf = T.Buffer((R,), "int64"), T.Buffer((R, MB), "int32")
+    PosBuf, TabBuf = T.Buffer((R,), "int64"), T.Buffer((R, TB), "int32")
     PoolBuf, ScaleBuf = T.Buffer((NB, 2, BS, KV, D), dt), T.Buffer((NB, 2, BS, KV), "float32")
 
     if quant:

@@ -33,7 +33,7 @@ from test_elementwise import (DTYPES, EXACT, ROPE, TRANSCENDENTAL, _activation_i
                               normal, out, ref, rng_for)
 from test_paged_attention import SPECS as PAGED_SPECS
 from test_paged_attention import TOL as PAGED_TOL
-from test_paged_attention import _batch, _reference, _scenarios
+from test_paged_attention import _batch, _reference, _scenarios, check_ring
 
 MATMUL_RTOL = 1e-4  # of max|y|, as the CPU GEMV/GEMM tests
 
@@ -238,6 +238,11 @@ def test_paged_attention_matches_oracle(spec):
             raise AssertionError(f"scenario {label}: {err}") from None
 
 
+def test_paged_attention_ring_of_blocks():
+    """A windowed layer's ring of blocks (soft-capped), against numpy over the whole history."""
+    check_ring(lambda spec, inputs, result: run(spec, inputs, [result])[0])
+
+
 def test_paged_attention_later_rows_win_and_bad_tables_give_zeros():
     """Two rows writing one slot: the later row's k/v stay (rows write in parallel on the GPU). A row whose
     visible block is outside the pool writes nothing and gets zeros; a long context spans several tiles."""
@@ -314,6 +319,7 @@ BUILD_SPECS = [
     AddRmsNormSpec(1, 576, "float32", 1e-5), LayerNormSpec(4, 576, "float32", 1e-5, True),
     RopeSpec(16, 9, 64, 64, "half"), RopeSpec(1, 3, 64, 32, "interleaved"), EmbeddingSpec(4, 49152, 576, "float16"),
     QEmbeddingSpec(1, 49152, 576, 4, -1, True),
+    PagedAttentionSpec(64, 8, 4, 256, 16, 512, 512, 0.0625, 4096, "float16", 50.0, 262),  # Gemma 2: cap, ring
     PagedAttentionSpec(16, 9, 3, 64, 16, 512, 128, 0.125, None, "int8"),
     PagedAttentionSpec(4, 32, 8, 128, 16, 256, 64, 0.088, 4096, "float16"),
 ]

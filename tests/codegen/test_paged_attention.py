@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bitsmith.codegen.kernel import call_kernel
-from bitsmith.codegen.paged_attention import PagedAttentionSpec, heads_per_task
+from bitsmith.codegen.paged_attention import PagedAttentionSpec, heads_per_task, ring_blocks_needed
 from bitsmith.codegen.target import host_target
 from bitsmith.compiler.ops.llm import _attention_ref
 from bitsmith.errors import BitsmithError
@@ -20,8 +20,9 @@ MAX_BLOCKS, NUM_BLOCKS = 6, 128
 ERRORS: dict[str, list[float]] = {}  # max |out - out with float32 storage| per scenario (reported by -s runs)
 
 
-def _spec(rows, heads, kv, d, bs, window, dtype, num_blocks=NUM_BLOCKS, max_blocks=MAX_BLOCKS):
-    return PagedAttentionSpec(rows, heads, kv, d, bs, num_blocks, max_blocks, 1.0 / np.sqrt(d), window, dtype)
+def _spec(rows, heads, kv, d, bs, window, dtype, num_blocks=NUM_BLOCKS, max_blocks=MAX_BLOCKS, softcap=None):
+    return PagedAttentionSpec(rows, heads, kv, d, bs, num_blocks, max_blocks, 1.0 / np.sqrt(d), window, dtype,
+                              softcap)
 
 
 # a covering set: every dtype meets every head layout, both (head_dim, block size) pairs, rows 1/5/16
@@ -32,6 +33,9 @@ SPECS += [_spec(1, 9, 3, 64, 16, None, dtype) for dtype in DTYPES]
 # the other pairings, and blocks of 8 (four per tile) and 64 (two tiles per block)
 SPECS += [_spec(16, 4, 4, 16, 32, 8, "float32"), _spec(5, 8, 2, 32, 8, 8, "int8"),
           _spec(16, 9, 3, 16, 64, None, "float16")]
+# Gemma 2's attention-logit soft-cap (0.7: most random scores are capped hard), with and without a window
+SPECS += [_spec(5, 8, 2, 16, 16, 8, "float32", softcap=0.7), _spec(1, 9, 3, 64, 16, None, "int8", softcap=0.7),
+          _spec(16, 4, 4, 32, 8, None, "float16", softcap=0.7)]
 
 
 def _store(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -64,7 +68,7 @@ def _reference(spec, q, k, v, positions, tables, cache, scales):
                     scales[tables[r, p // bs], half, p % bs] = scale
     values = _load(cache, scales)
     out = np.zeros(q.shape, np.float32)
-    attrs = {"layer": 0, "scale": spec.scale, "sliding_window": spec.sliding_window}
+    attrs = {"layer": 0, "scale": spec.scale, "sliding_window": spec.sliding_window, "softcap": spec.softcap}
     for r, p in enumerate(positions):  # phase 2, one row at a time on its gathered contiguous cache
         if not 0 <= p < ctx:
             continue
@@ -250,3 +254,49 @@ def test_spec_names_and_validation():
                 {"scale": float("nan")}, {"kv_dtype": "bfloat16"}, {"num_blocks": 1 << 20}):
         with pytest.raises(BitsmithError):
             PagedAttentionSpec(**{**fields, **bad})
+
+
+def test_ring_of_blocks_matches_full_history():
+    check_ring(lambda spec, inputs, out: (call_kernel(spec, inputs, [out]), out)[1])
+
+
+def check_ring(call):
+    """`call(spec, inputs, out)` -> out, updating the pool (inputs[5]) in place. Windowed layers on a ring of blocks (entry i % ring_blocks): two sequences prefilled in chunks as long as
+    the call's rows, then decoded far past the ring's span, against numpy attention over their whole history.
+    The ring is the smallest `ring_blocks_needed` allows (a chunk's writes never clobber keys its first
+    query still reads); one block less is refused."""
+    rows, bs, window, d = 16, 8, 12, 16
+    ring = ring_blocks_needed(window, rows, bs)
+    assert ring == (window + rows - 2) // bs + 2 == 5
+    with pytest.raises(BitsmithError, match="ring"):
+        PagedAttentionSpec(rows, 4, 2, d, bs, 2 * ring, 16, 0.25, window, "float32", 0.7, ring - 1)
+    spec = PagedAttentionSpec(rows, 4, 2, d, bs, 2 * ring, 16, 0.25, window, "float32", 0.7, ring)
+    rng = np.random.default_rng(7)
+    pool = np.full((2 * ring, 2, bs, 2, d), np.nan, np.float32)
+    tables = [np.arange(ring, dtype=np.int32)[::-1].copy(), np.arange(ring, 2 * ring, dtype=np.int32)]
+    history = [np.zeros((1, 2, 16 * bs, 2, d), np.float32) for _ in tables]  # the oracle's contiguous caches
+    attrs = {"layer": 0, "scale": spec.scale, "sliding_window": window, "softcap": spec.softcap}
+    done = [0, 0]
+    # (tokens of sequence 0, tokens of sequence 1) per call: long prefill chunks at odd offsets, then decode
+    for counts in [(16, 0), (0, 13), (11, 5), (16, 0), (3, 13)] + [(1, 1)] * 60:
+        positions = np.full(rows, -1, np.int64)
+        block_tables = np.full((rows, ring), -1, np.int32)
+        owner, row = [], 0
+        for i, n in enumerate(counts):
+            positions[row:row + n] = np.arange(done[i], done[i] + n)
+            block_tables[row:row + n] = tables[i]
+            owner += [i] * n
+            row += n
+        q = rng.standard_normal((rows, 4, d)).astype(np.float32)
+        k, v = (rng.standard_normal((rows, 2, d)).astype(np.float32) for _ in range(2))
+        out = call(spec, [q, k, v, positions, block_tables, pool], np.full((rows, 4, d), np.nan, np.float32))
+        row = 0
+        for i, n in enumerate(counts):
+            if n:
+                sl = slice(row, row + n)
+                expect, _ = _attention_ref([q[sl], k[sl], v[sl], positions[sl], history[i]], attrs, None)
+                np.testing.assert_allclose(out[sl], expect, rtol=TOL, atol=TOL, err_msg=f"sequence {i} at {done[i]}")
+            done[i] += n
+            row += n
+        assert not out[row:].any()
+    assert done[0] > 2 * ring * bs  # the ring wrapped more than twice

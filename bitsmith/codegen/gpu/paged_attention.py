@@ -65,10 +65,15 @@ def _check(spec: Any) -> None:
 def _arguments(spec: Any) -> dict[str, Any]:
     R, H, KV, D = spec.rows, spec.heads, spec.kv_heads, spec.head_dim
     shapes = {"q": ((R, H, D), "float32"), "k": ((R, KV, D), "float32"), "v": ((R, KV, D), "float32"),
-              "positions": ((R,), "int64"), "block_tables": ((R, spec.max_blocks), "int32"),
+              "positions": ((R,), "int64"), "block_tables": ((R, spec.table_blocks), "int32"),
               "cache": ((spec.num_blocks, 2, spec.block_size, KV, D), spec.kv_dtype),
               "scales": ((spec.num_blocks, 2, spec.block_size, KV), "float32"), "out": ((R, H, D), "float32")}
     return {name: T.arg(name, T.buffer(*shapes[name])) for name in spec.arg_names}
+
+
+def _entry(spec: Any, block: Any) -> Any:
+    """The table entry of logical block `block`: itself, or its place in the ring of a windowed layer."""
+    return block % spec.ring_blocks if spec.ring_blocks else block
 
 
 def _target_slot(spec: Any, a: dict[str, Any], r: Any) -> tuple[Any, Any, Any]:
@@ -77,7 +82,7 @@ def _target_slot(spec: Any, a: dict[str, Any], r: Any) -> tuple[Any, Any, Any]:
     pos = a["positions"][r]
     in_range = tirx.all(pos >= tirx.const(0, "int64"), pos < tirx.const(ctx, "int64"))
     p = tirx.Cast("int32", tirx.max(tirx.min(pos, tirx.const(ctx - 1, "int64")), tirx.const(0, "int64")))
-    pb = a["block_tables"][r, p // spec.block_size]
+    pb = a["block_tables"][r, _entry(spec, p // spec.block_size)]
     return tirx.all(in_range, pb >= 0, pb < spec.num_blocks), pb, p % spec.block_size
 
 
@@ -225,7 +230,7 @@ def _check_blocks(spec: Any, loops: Loops, a: dict[str, Any], s: _Shared, r: Any
         T.buffer_store(bad, fconst(0.0), [0])
         with T.serial(0, -(-spec.max_blocks // NT)) as i:
             b = i * NT + t
-            entry = a["block_tables"][r, tirx.min(first + b, spec.max_blocks - 1)]
+            entry = a["block_tables"][r, _entry(spec, tirx.min(first + b, spec.max_blocks - 1))]
             outside = tirx.all(b < count, tirx.any(entry < 0, entry >= spec.num_blocks))
             T.buffer_store(bad, tirx.Select(outside, fconst(1.0), bad[0]), [0])
         T.buffer_store(s.flag, bad[0], [t])
@@ -266,7 +271,7 @@ def _attend(spec: Any, loops: Loops, a: dict[str, Any], s: _Shared, r: Any, kh: 
 
 def _pool_index(spec: Any, a: dict[str, Any], r: Any, position: Any) -> tuple[Any, Any]:
     """(physical block, slot) of a visible position of row r (its table entry was checked)."""
-    return a["block_tables"][r, position // spec.block_size], position % spec.block_size
+    return a["block_tables"][r, _entry(spec, position // spec.block_size)], position % spec.block_size
 
 
 def _scores(spec: Any, loops: Loops, a: dict[str, Any], s: _Shared, r: Any, kh: Any, start: Any,
@@ -291,8 +296,12 @@ def _scores(spec: Any, loops: Loops, a: dict[str, Any], s: _Shared, r: Any, kh: 
                             key = tirx.Cast("float32", kv[v]) if spec.kv_dtype != "float32" else kv[v]
                             T.buffer_store(dots, dots[g] + s.qs[g * D + d0 * vec + v] * key, [g])
                 kscale = a["scales"][pb, 0, slot, kh] if spec.kv_dtype == "int8" else None
+                cap = float(spec.softcap or 0) * math.log2(math.e)  # log2 domain: scale and log2 e cancel in s / cap
                 with T.unroll(0, G) as g:
-                    T.buffer_store(s.sc, dots[g] if kscale is None else dots[g] * kscale, [g * NT + t])
+                    score = dots[g] if kscale is None else dots[g] * kscale
+                    if cap:
+                        score = fconst(cap) * tirx.tanh(score * fconst(1.0 / cap))
+                    T.buffer_store(s.sc, score, [g * NT + t])
             with T.Else():
                 with T.unroll(0, G) as g:
                     T.buffer_store(s.sc, tirx.min_value("float32"), [g * NT + t])
