@@ -169,7 +169,8 @@ def _lower_node(st: _Lowering, index: int, node: Node) -> None:
         plan, layer = st.kv_plan, a["layer"]
         kv_dtype = plan.layer_dtypes[layer]
         spec = k.PagedAttentionSpec(rows, heads, kv, hd, plan.block_size, plan.num_blocks, plan.max_blocks,
-                                    float(a["scale"]), a.get("sliding_window") or None, kv_dtype)
+                                    float(a["scale"]), a.get("sliding_window") or None, kv_dtype,
+                                    a.get("softcap") or None)
         st.cache_values.add(node.outputs[1])
         scales = [("kv_scales", layer)] if kv_dtype == "int8" else []
         st.emit(spec, [st.arg(ins[0]), st.arg(ins[1]), st.arg(ins[2]), st.arg(ins[3]),
