@@ -21,7 +21,7 @@ from bitsmith.codegen.norm_rope import AddRmsNormSpec, LayerNormSpec, RmsNormSpe
 from bitsmith.codegen.spec_checks import PARAM_DTYPES, check_param_dtype, check_positive, refuse
 from bitsmith.codegen.target import Target
 
-UNARY_OPS = ("silu", "gelu", "gelu_tanh", "relu")
+UNARY_OPS = ("silu", "gelu", "gelu_tanh", "relu", "tanh")
 BINARY_OPS = ("add", "mul")
 __all__ = ["AddRmsNormSpec", "BiasAddSpec", "BinarySpec", "EmbeddingSpec", "GeluMulSpec", "LayerNormSpec",
            "QEmbeddingSpec", "RmsNormSpec", "RopeSpec", "SiluMulSpec", "UnarySpec"]
@@ -65,6 +65,8 @@ def activation(op: str, x: Any) -> Any:
         return half * x * (one + vtanh(inner))
     if op == "relu":
         return tirx.max(x, fconst(0.0))
+    if op == "tanh":
+        return vtanh(x)
     raise ValueError(op)
 
 

@@ -12,6 +12,7 @@ from bitsmith.compiler.ir import Module
 from bitsmith.passes.base import PassContext
 from bitsmith.passes.derive_decode import DeriveDecode
 from bitsmith.passes.eliminate_dead_code import EliminateDeadCode
+from bitsmith.passes.fold_weight_expressions import FoldWeightExpressions
 from bitsmith.passes.fuse_gelu import FuseGelu
 from bitsmith.passes.fuse_linear_bias import FuseLinearBias
 from bitsmith.passes.fuse_rmsnorm import FuseRmsnorm
@@ -24,8 +25,9 @@ from bitsmith.passes.simplify_layout import SimplifyLayout
 # What a traced module (prefill alone) goes through; each fusion drops the nodes it left unread. fuse_rope needs
 # the symbolic `seq` dim to tell the layout, so all of them run on prefill alone; decode is derived afterwards by
 # binding seq = 1, and the last step drops the weights no entry point reads any more.
-CANONICALIZE: tuple[type[Pass], ...] = (EliminateDeadCode, FuseSilu, FuseGelu, FuseLinearBias, FuseRmsnorm, FuseRope,
-                                        FuseRouter, SimplifyLayout, DeriveDecode, EliminateDeadCode)
+CANONICALIZE: tuple[type[Pass], ...] = (EliminateDeadCode, FoldWeightExpressions, FuseSilu, FuseGelu, FuseLinearBias,
+                                        FuseRmsnorm, FuseRope, FuseRouter, SimplifyLayout, DeriveDecode,
+                                        EliminateDeadCode)
 
 
 def canonicalize(module: Module, weights: dict[str, np.ndarray]) -> tuple[Module, dict[str, np.ndarray]]:

@@ -55,6 +55,7 @@ class _Lowering:
         self.types: dict[str, TensorType] = {}
         self.alias: dict[str, str] = {}  # reshape output -> the buffer it views
         self.cache_values: set[str] = set()
+        self.consts: dict[str, Node] = {}  # const nodes: compile-time scalars of the kernels that read them
         self.users: dict[str, list[int]] = {}
         for index, node in enumerate(self.fn.nodes):
             for value in node.inputs:
@@ -76,6 +77,9 @@ class _Lowering:
         """A call argument; buffers are viewed with the kernel's `shape` (default: the value's own)."""
         if value in self.weight_of:
             return ("weight", self.weight_of[value])
+        if value in self.consts:
+            raise self.unsupported(self.consts[value], f"is read as a tensor by op {self.node.op if self.node else '?'}"
+                                   " (only a one-element const folds into a kernel)")
         return ("buffer", self.alias.get(value, value), tuple(shape or self.shape(value)))
 
     def define(self, value: str, dtype: str = "float32", shape: tuple[int, ...] | None = None) -> tuple[Any, ...]:
@@ -132,6 +136,26 @@ class _Lowering:
         return ("const", name)
 
 
+def _scalar_const(st: _Lowering, value: str) -> float | None:
+    """The float of a one-element `const` node, else None."""
+    node = st.consts.get(value)
+    values = np.asarray(node.attrs["value"], dtype=np.float64).reshape(-1) if node is not None else ()
+    return float(values[0]) if len(values) == 1 else None
+
+
+def _lower_slice(st: _Lowering, node: Node) -> None:
+    """A strided slice along one axis as a copy of [outer, axis, inner] rows (fused qkv / gate-up splits)."""
+    a, x, out = node.attrs, node.inputs[0], node.outputs[0]
+    shape = st.shape(x)
+    axis = a["axis"] % len(shape)
+    picked = range(*slice(a["start"], a["end"], a.get("step", 1)).indices(shape[axis]))
+    if len(picked) == 0 or picked.step < 0:
+        raise st.unsupported(node, f"selects {len(picked)} elements with step {picked.step}")
+    outer, inner = _prod(shape[:axis]), _prod(shape[axis + 1:])
+    spec = k.SliceSpec(outer, shape[axis], inner, picked.start, len(picked), picked.step)
+    st.emit(spec, [st.arg(x, (outer, shape[axis], inner)), st.define(out, shape=(outer, len(picked), inner))], out)
+
+
 def _lower_node(st: _Lowering, index: int, node: Node) -> None:
     op, ins, out = node.op, node.inputs, node.outputs[0]
     a = node.attrs
@@ -181,7 +205,19 @@ def _lower_node(st: _Lowering, index: int, node: Node) -> None:
         other = next(v for v in ins if v != st.fn.nodes[silu].outputs[0])
         n = st.flat(out)
         st.emit(k.SiluMulSpec(n[0]), [st.arg(gate, n), st.arg(other, n), st.define(out, shape=n)], out)
-    elif op in ("silu", "gelu", "relu"):
+    elif op == "const":
+        st.consts[out] = node  # read only by the kernels that take it as a compile-time scalar (below)
+    elif op == "slice":
+        _lower_slice(st, node)
+    elif op in ("add", "sub", "mul", "div") and any(_scalar_const(st, v) is not None for v in ins):
+        first = _scalar_const(st, ins[0]) is not None
+        x = ins[1] if first else ins[0]
+        n = st.flat(out)
+        if st.shape(x) != st.shape(out):
+            raise st.unsupported(node, f"broadcasts {st.shape(x)} to {st.shape(out)}")
+        spec = k.ScalarSpec(n[0], op, _scalar_const(st, ins[0] if first else ins[1]), first)
+        st.emit(spec, [st.arg(x, n), st.define(out, shape=n)], out)
+    elif op in ("silu", "gelu", "relu", "tanh"):
         kind = "gelu_tanh" if op == "gelu" and a.get("approximate", "none") == "tanh" else op
         n = st.flat(out)
         st.emit(k.UnarySpec(n[0], kind), [st.arg(ins[0], n), st.define(out, shape=n)], out)

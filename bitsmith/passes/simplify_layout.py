@@ -1,10 +1,18 @@
-"""Remove layout no-ops: identity reshape/transpose/cast/broadcast, transpose pairs, reshape chains."""
+"""Remove layout no-ops: identity reshape/transpose/cast/broadcast, transpose pairs, reshape chains, empty concat
+parts; move transposes that keep the last axis past per-row norms so pairs of them meet and cancel."""
 
 from __future__ import annotations
 
 from bitsmith.compiler.ir import Function, Module, Node
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.rewrite import FunctionRewriter, TracedRewrite, map_functions
+
+
+ROW_OPS = ("rmsnorm", "layernorm")  # ops that work on each last-axis row alone
+
+
+def _keeps_last(perm: list[int]) -> bool:
+    return list(perm)[-1] == len(perm) - 1
 
 
 def _simplified(node: Node, rw: FunctionRewriter, fn: Function) -> str | None:
@@ -19,6 +27,18 @@ def _simplified(node: Node, rw: FunctionRewriter, fn: Function) -> str | None:
             return rw.emit("reshape", [prev.inputs[0]], hint=node.outputs[0], shape=node.attrs["shape"])
         except BitsmithError:  # a -1 the shorter chain cannot resolve symbolically: keep both
             return None
+    if node.op == "concat":  # a zero-width part (the empty pass-through half of a full rotary) adds nothing
+        axis = node.attrs["axis"] % out_type.rank
+        parts = [v for v in node.inputs if rw.type_of(v).shape[axis] != 0]
+        if len(parts) == 1:
+            return parts[0]
+        if len(parts) < len(node.inputs):
+            return rw.emit("concat", parts, hint=node.outputs[0], axis=node.attrs["axis"])
+    if node.op in ROW_OPS and prev is not None and prev.op == "transpose" and _keeps_last(prev.attrs["perm"]):
+        # a per-row op commutes with a transpose that keeps the last axis: norm first, so the transposes around it
+        # meet and cancel (Gemma 3's q/k norm in the [heads, seq, d] layout)
+        normed = rw.emit(node.op, [prev.inputs[0], *node.inputs[1:]], hint=node.outputs[0], **node.attrs)
+        return rw.emit("transpose", [normed], hint=node.outputs[0], perm=prev.attrs["perm"])
     if node.op == "transpose":
         perm = list(node.attrs["perm"])
         if perm == sorted(perm):

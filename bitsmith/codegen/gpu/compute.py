@@ -31,6 +31,8 @@ def activation(op: str, x: Any) -> Any:
         return half * x * (one + tirx.tanh(inner))
     if op == "relu":
         return tirx.max(x, fconst(0.0))
+    if op == "tanh":
+        return tirx.tanh(x)
     raise ValueError(op)
 
 
