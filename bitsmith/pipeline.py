@@ -23,6 +23,7 @@ from bitsmith.passes.base import PassContext
 from bitsmith.passes.canonicalize import CANONICALIZE
 from bitsmith.passes.cast_weights import STORAGE_DTYPES, CastWeights
 from bitsmith.passes.eliminate_dead_code import EliminateDeadCode
+from bitsmith.passes.expert_usage import MeasureExpertUsage, has_experts
 from bitsmith.passes.kv_plan import KVPlanOptions, parse_bytes
 from bitsmith.passes.lower_to_kernels import LowerToKernels
 from bitsmith.passes.manager import Pass, is_traced, run_passes
@@ -54,6 +55,8 @@ CONDITIONS: dict[str, Callable[[CompileOptions, LoadedModel], bool]] = {
     "lm_head quantized": lambda o, m: quantizes_lm_head(o),
     "quantizing": lambda o, m: o.quant.enabled,
     "kernels": lambda o, m: o.target.name != "none",
+    # a quantized mixture of experts (known once loaded; no line in the model-less pass list)
+    "quantizing experts": lambda o, m: o.quant.enabled and m is not None and has_experts(m.module),
 }
 MODEL_CONDITIONS = ("traced input", "canonical input")  # known once the model is loaded
 
@@ -78,6 +81,7 @@ PIPELINE: tuple[Step, ...] = (
     *(Step("canonicalize", kind, "traced input") for kind in CANONICALIZE),
     Step("canonicalize", EliminateDeadCode, "canonical input"),
     Step("precision", UntieLmHead, "lm_head quantized"),
+    Step("precision", MeasureExpertUsage, "quantizing experts"),
     Step("precision", AssignPrecision, "quantizing", _assign_precision),
     Step("quantize/pack", QuantizeWeights, "quantizing"),
     Step("quantize/pack", CastWeights, "always", lambda o, m: CastWeights(storage_dtype(o, m))),

@@ -18,6 +18,15 @@ def weight_table(module: Module, nbytes: Mapping[str, int]) -> dict[str, dict[st
     fn = module["prefill"]
     weight_of = {n.outputs[0]: n.attrs["name"] for n in fn.nodes if n.op == "weight"}
     for node in fn.nodes:
+        if node.op == "qmoe":  # two stacked expert tensors [E, out, in], each packed as E qlinear weights
+            a, n = node.attrs, 2 if node.attrs["sym"] else 3
+            for first, (out, n_in) in ((3, (2 * a["inter"], a["hidden"])), (3 + n, (a["hidden"], a["inter"]))):
+                parts = [weight_of[v] for v in node.inputs[first:first + n]]
+                stem, params = parts[0].removesuffix(".qweight"), a["experts"] * out * n_in
+                size = sum(nbytes[p] for p in parts)
+                table[stem] = {"params": params, "bytes": size, "bits_per_weight": 8 * size / params,
+                               "scheme": plan.get(stem)}
+                packed_parts.update(parts)
         if node.op != "qlinear":
             continue
         parts = [weight_of[v] for v in node.inputs[1:] if v in weight_of and not weight_of[v].endswith(".bias")]

@@ -17,7 +17,8 @@ KEEP_SCHEMES = ("16", "fp16", "keep")  # --scheme values that mean 16-bit
 
 
 def linear_weights(module: Module) -> list[str]:
-    """Weights read as the matrix of a `linear` node and by nothing else, in module order.
+    """Weights read as the matrix of a `linear` node and by nothing else, in module order; and the stacked expert
+    tensors of `moe` nodes (`layers.N.mlp.experts.gate_up_proj` [E, out, in], quantized per expert slice).
 
     A tied embedding (read by `embedding` too) is not quantizable here: it must stay dense for the lookup.
     """
@@ -28,7 +29,7 @@ def linear_weights(module: Module) -> list[str]:
             for slot, value in enumerate(node.inputs):
                 if value in producer:
                     uses.setdefault(producer[value], set()).add(f"{node.op}:{slot}")
-    return [name for name in module.weights if uses.get(name) == {"linear:1"}]
+    return [name for name in module.weights if uses.get(name) in ({"linear:1"}, {"moe:3"}, {"moe:4"})]
 
 
 def override_scheme(text: str, default: QuantScheme) -> QuantScheme:

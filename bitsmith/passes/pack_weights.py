@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bitsmith.compiler.ir import Function, Module, Node, TensorType
+from bitsmith.errors import BitsmithError
 from bitsmith.passes.base import PassContext, QuantizedInfo
 from bitsmith.passes.manager import Pass
 from bitsmith.passes.quantize_weights import packed_names
@@ -13,6 +14,24 @@ from bitsmith.passes.quantize_weights import packed_names
 def qlinear_attrs(qw: QuantizedInfo) -> dict:
     return {"bits": qw.scheme.bits, "group_size": qw.scheme.group_size, "in_features": qw.in_features,
             "sym": qw.scheme.sym}
+
+
+def qmoe_node(node: Node, parts: dict[str, tuple[str, ...]], source: dict[str, str],
+              quantized: dict[str, QuantizedInfo], types: dict[str, TensorType]) -> Node:
+    """moe(x, w, idx, gate_up, down) -> qmoe over both stacked tensors' packed parts (one scheme for the two)."""
+    gate_up, down = node.inputs[3:5]
+    schemes = {quantized[source[v]].scheme if v in parts else None for v in (gate_up, down)}
+    if len(schemes) != 1:
+        names = [source.get(v, v) for v in (gate_up, down)]
+        raise BitsmithError(f"the experts {names[0]} and {names[1]} of one MoE block have different schemes "
+                            f"({', '.join(sorted(s.name if s else '16-bit' for s in schemes))})",
+                            where="pass pack_weights", fix="give both stacked expert tensors of a block the same "
+                            "--scheme (e.g. '*.experts.*=int8')")
+    info = quantized[source[gate_up]]
+    attrs = {"bits": info.scheme.bits, "group_size": info.scheme.group_size, "sym": info.scheme.sym,
+             "hidden": info.in_features, "inter": info.out_features // 2, "experts": types[parts[gate_up][0]].shape[0],
+             "act": node.attrs.get("act", "silu")}
+    return Node("qmoe", (*node.inputs[:3], *parts[gate_up], *parts[down]), node.outputs, attrs)
 
 
 def _rewrite(fn: Function, quantized: dict[str, QuantizedInfo], weights: dict[str, TensorType]) -> Function:
@@ -31,6 +50,8 @@ def _rewrite(fn: Function, quantized: dict[str, QuantizedInfo], weights: dict[st
                 types[v] = weights[n]
             parts[node.outputs[0]], source[node.outputs[0]] = values, name
             types.pop(node.outputs[0], None)
+        elif node.op == "moe" and (node.inputs[3] in parts or node.inputs[4] in parts):
+            nodes.append(qmoe_node(node, parts, source, quantized, types))
         elif node.op == "linear" and node.inputs[1] in parts:
             attrs = qlinear_attrs(quantized[source[node.inputs[1]]]) | {"has_bias": len(node.inputs) == 3}
             nodes.append(Node("qlinear", (node.inputs[0], *parts[node.inputs[1]], *node.inputs[2:]), node.outputs,

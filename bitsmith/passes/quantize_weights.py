@@ -30,6 +30,7 @@ from bitsmith.passes.quant.awq import quantize_awq, search_awq_scales
 from bitsmith.passes.quant.gptq import HessianAccumulator, gptq_factor, quantize_gptq
 from bitsmith.passes.quant.packing import pack
 from bitsmith.passes.quant.rtn import quantize_rtn
+from bitsmith.passes.quantize_experts import is_stacked, quantize_experts_rtn, refuse_calibrated
 from bitsmith.passes.quant.scheme import QuantizedWeight, QuantScheme, dequantize
 from bitsmith.passes.rewrite import producers
 from bitsmith.runtime.packed_layout import packed_shape, unpack
@@ -133,10 +134,21 @@ class QuantizeWeights(Pass):
         plan = {k: QuantScheme.from_json(v) for k, v in module.meta.get("precision_plan", {}).items() if v}
         if not plan:
             return module
+        experts = [name for name in plan if is_stacked(ctx, name)]  # [E, out, in]: RTN per expert slice
         if all(s.method == "rtn" for s in plan.values()):
             with ThreadPoolExecutor(RTN_THREADS) as pool:
                 for name, scheme in tqdm(plan.items(), desc="quantizing (rtn)", leave=False, disable=len(plan) < 16):
-                    quantize_rtn_streamed(ctx, name, scheme, pool)
+                    if name in experts:
+                        quantize_experts_rtn(ctx, name, scheme, packed_names(name))
+                    else:
+                        quantize_rtn_streamed(ctx, name, scheme, pool)
+            return module
+        refuse_calibrated(experts, plan)
+        for name in experts:  # dequantized stand-ins while the other layers calibrate, dropped at the end
+            quantize_experts_rtn(ctx, name, plan.pop(name), packed_names(name), standin=True)
+        if not plan:
+            for name in experts:
+                del ctx.weights[name]
             return module
         if ctx.calibration is None:
             raise BitsmithError("GPTQ/AWQ need calibration tokens", where=f"pass {self.name}",
@@ -160,6 +172,8 @@ class QuantizeWeights(Pass):
             del weights
             for weight in targets:  # the dequantized stand-ins have done their job
                 del ctx.weights[weight]
+        for name in experts:
+            del ctx.weights[name]
         return module
 
     def _quantize_segment(self, fn: Function, targets: dict[str, str], plan: dict[str, QuantScheme],

@@ -17,6 +17,7 @@ from bitsmith.passes.quant.scheme import QuantScheme
 from bitsmith.runtime.artifact import is_artifact, load_artifact
 from bitsmith.runtime.interleave import X16
 from bitsmith.runtime.memory import serving_memory
+from bitsmith.tools.experts import experts_summary, format_experts
 
 
 def _module_summary(module: Module) -> dict[str, Any]:
@@ -72,6 +73,9 @@ def describe(path: str | Path) -> tuple[dict[str, Any], Module]:
         }
         if module.meta.get("precision_plan") is not None:
             summary["precision"] = precision_summary(module, m["weights"]["table"])
+        experts = experts_summary(module, {k: v["bytes"] for k, v in m["weights"]["table"].items()})
+        if experts:
+            summary["experts"] = experts
         if m.get("kernels"):
             summary["kernels"] = kernels_summary(m["kernels"], module)
         if m.get("kv_plan"):
@@ -97,6 +101,9 @@ def describe(path: str | Path) -> tuple[dict[str, Any], Module]:
         "provenance": {"source": model.source},
         "ir": _module_summary(model.module),
     }
+    experts = experts_summary(model.module, {k: int(w.nbytes) for k, w in model.weights.items()})
+    if experts:
+        summary["experts"] = experts
     return summary, model.module
 
 
@@ -125,6 +132,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         for layer, row in sorted(p["layers"].items(), key=lambda kv: _layer_key(kv[0])):
             lines.append(f"  {layer:<12} {row['bytes']:>12,} {row['bits_per_weight']:>7.3f}  "
                          f"{', '.join(row['schemes']) or '-'}")
+    if "experts" in summary:
+        lines += format_experts(summary["experts"])
     if "kv_plan" in summary:
         kv = summary["kv_plan"]
         layer_dtypes = kv["layer_dtypes"]
