@@ -194,3 +194,17 @@ def test_fusion_passes_keep_the_numbers_and_leave_their_input_alone():
     args = ({"w": np.linspace(0.5, 1.5, 8, dtype=np.float32)}, {"x": np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)})
     np.testing.assert_allclose(run_function(fused["prefill"], *args)[0], run_function(module["prefill"], *args)[0],
                                rtol=1e-5)
+
+
+def test_gpt2_conv1d_becomes_linear_on_transposed_weights():
+    from family_zoo import zoo_model
+
+    model = zoo_model("gpt2")
+    module, weights = traced(model, EXAMPLE)
+    verify_module(module)
+    assert_matches_transformers(model, module, weights)
+    counts = op_counts(module)
+    assert counts["linear"] == 2 * 4 + 1 and "matmul" not in counts  # c_attn, c_proj, c_fc, mlp c_proj; lm_head
+    conv = model.transformer.h[0].attn.c_attn.weight.detach().numpy()  # Conv1D: [in, out]
+    assert np.array_equal(weights["transformer.h.0.attn.c_attn.weight"], conv.T)  # stored as linear's [out, in]
+    assert counts["embedding"] == 2  # tokens and learned absolute positions
