@@ -41,6 +41,7 @@ from bitsmith.codegen.kv_pool import INT8_MAX, KV_DTYPES
 from bitsmith.codegen.spec_checks import refuse
 from bitsmith.codegen.target import Target
 from bitsmith.codegen.vnni_ir import fold_rows
+from bitsmith.runtime.kv_cache import ring_blocks_needed
 
 TILE = 32  # positions per online-softmax step (the reduction trees below are written for 32)
 MAX_CACHE_ELEMENTS = (1 << 31) - 1  # buffer offsets are int32
@@ -48,17 +49,6 @@ MAX_CACHE_ELEMENTS = (1 << 31) - 1  # buffer offsets are int32
 _EXP2_COEFFS = (0.9999999999595282, 0.6931472067218104, 0.2402265121378914, 0.05550327190337649,
                 0.009618025577116437, 0.001340044171424479, 0.00015469740248317705)
 KEY_GROUP = 2  # key positions whose scores are summed together (see `key_group_scores`)
-
-
-def ring_blocks_needed(window: int | None, rows: int, block_size: int) -> int | None:
-    """Blocks of a ring that never overwrites a key a query of the same call still needs (None: no window).
-
-    RING: a windowed layer may keep only a ring of blocks per sequence: logical block i lives in table entry
-    i % ring_blocks. A call writes rows' keys at positions up to p0 + rows - 1 before any query reads, and its
-    first query p0 reads back to p0 - window + 1: those window + rows - 1 positions span at most
-    (window + rows - 2) // block_size + 2 blocks, which must all be distinct in the ring.
-    """
-    return None if not window else (window + rows - 2) // block_size + 2
 
 
 @dataclass(frozen=True)
@@ -81,7 +71,7 @@ class PagedAttentionSpec:
     writes nothing, and a row whose visible blocks (those holding [lo, p]) include one gets zeros. Entries
     for blocks wholly outside [lo, p] are not read (they may be stale, e.g. freed by a sliding window).
     With `softcap` the scores are softcap * tanh(scale * q.k / softcap). With `ring_blocks` the tables are
-    [rows, ring_blocks] and logical block i is entry i % ring_blocks (see `ring_blocks_needed`).
+    [rows, ring_blocks] and logical block i is entry i % ring_blocks (see runtime/kv_cache.py `ring_blocks_needed`).
     """
 
     rows: int
@@ -95,7 +85,7 @@ class PagedAttentionSpec:
     sliding_window: int | None = None
     kv_dtype: str = "float32"
     softcap: float | None = None  # scores = softcap * tanh(scale * q.k / softcap) (Gemma 2)
-    ring_blocks: int | None = None  # windowed layers: the table holds a ring of this many blocks (see RING)
+    ring_blocks: int | None = None  # windowed layers: the table is a ring of this many blocks
 
     def __post_init__(self) -> None:
         problems = []

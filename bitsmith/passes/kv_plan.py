@@ -6,6 +6,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from bitsmith.errors import BitsmithError
+from bitsmith.runtime.kv_cache import ring_blocks_needed
 
 KV_DTYPES = ("float32", "float16", "int8")
 BLOCK_SIZES = (8, 16, 32, 64)  # tokens per KV block
@@ -19,6 +20,11 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "int8": 1}
 #   +---+---+---+---+
 #   | 7 | 2 | 9 | . |   a sequence of 2.5 blocks; blocks shared by a common prefix appear in
 #   +---+---+---+---+   several tables (read-only, reference counted)
+#
+# Sliding-window layers (Mistral, Gemma 2/3's local layers) only read a sequence's last `window` tokens.
+# When that is less than the context, those layers get their own pools of ring_slots x ring_blocks blocks:
+# sequence slot s owns blocks s*ring_blocks .. (s+1)*ring_blocks-1 of them, logical block i in ring entry
+# i % ring_blocks, so their KV memory is bounded by the window (plus one call's rows), not the context.
 
 
 def parse_bytes(text: str | int | None) -> int | None:
@@ -42,6 +48,7 @@ class KVPlanOptions:
     concurrency: int = 4  # sequences expected at once, each up to max_context tokens
     kv_dtype: str = "auto"  # auto: float16 unless the budget forces int8
     block_size: int = 16
+    chunk_rows: int = 64  # the most rows one kernel call writes (the largest step): a ring holds window + that
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -57,10 +64,24 @@ class KVPlan:
     head_dim: int
     max_context: int
     concurrency: int
+    layer_windows: tuple[int, ...] = ()  # per layer: its sliding window, 0 for global attention (() = all 0)
+    ring_blocks: int = 0  # blocks of a windowed layer's ring per sequence (0: windowed layers use the full table)
+    ring_slots: int = 0  # sequences the ring pools hold at once
+
+    def ring_layer(self, layer: int) -> bool:
+        """Whether `layer` keeps its KV in a ring (a windowed layer, when rings are planned)."""
+        return bool(self.ring_blocks and self.layer_windows and self.layer_windows[layer])
+
+    def layer_blocks(self, layer: int) -> int:
+        """Blocks of `layer`'s pool: ring_slots x ring_blocks for a ring layer, else num_blocks."""
+        return self.ring_slots * self.ring_blocks if self.ring_layer(layer) else self.num_blocks
+
+    def layer_bytes(self, layer: int) -> int:
+        return self.block_bytes(self.layer_dtypes[layer]) * self.layer_blocks(layer)
 
     @property
     def bytes(self) -> int:
-        return sum(self.block_bytes(d) for d in self.layer_dtypes) * self.num_blocks
+        return sum(self.layer_bytes(i) for i in range(len(self.layer_dtypes)))
 
     def block_bytes(self, dtype: str) -> int:
         per_token = 2 * self.kv_heads * (self.head_dim * DTYPE_BYTES[dtype] + (4 if dtype == "int8" else 0))
@@ -69,6 +90,8 @@ class KVPlan:
     def to_json(self) -> dict:
         data = asdict(self)
         data["layer_dtypes"] = list(self.layer_dtypes)
+        data["layer_windows"] = list(self.layer_windows)
+        data["layer_bytes"] = [self.layer_bytes(i) for i in range(len(self.layer_dtypes))]
         data["bytes"] = self.bytes
         data["layout"] = "pool[num_blocks, 2, block_size, kv_heads, head_dim] per layer (+ fp32 scales[.., kv_heads] for int8)"
         return data
@@ -77,7 +100,9 @@ class KVPlan:
     def from_json(cls, data: dict) -> "KVPlan":
         fields = {k: data[k] for k in ("block_size", "num_blocks", "max_blocks", "kv_heads", "head_dim",
                                         "max_context", "concurrency")}
-        return cls(layer_dtypes=tuple(data["layer_dtypes"]), **fields)
+        rings = {k: data.get(k, 0) for k in ("ring_blocks", "ring_slots")}  # (absent in older manifests)
+        return cls(layer_dtypes=tuple(data["layer_dtypes"]), layer_windows=tuple(data.get("layer_windows", ())),
+                   **rings, **fields)
 
 
 def layer_dtypes_for(kind: str, num_layers: int) -> tuple[str, ...]:
@@ -88,8 +113,9 @@ def layer_dtypes_for(kind: str, num_layers: int) -> tuple[str, ...]:
 
 
 def plan_kv_cache(options: KVPlanOptions, num_layers: int, kv_heads: int, head_dim: int, weight_bytes: int,
-                  workspace_bytes: int) -> KVPlan:
-    """The plan for `options`, or a BitsmithError that says what would fit instead."""
+                  workspace_bytes: int, layer_windows: tuple[int | None, ...] = ()) -> KVPlan:
+    """The plan for `options`, or a BitsmithError that says what would fit instead. `layer_windows`: each
+    layer's sliding window (None/0: global); windowed layers get rings when that saves memory."""
     bs = options.block_size
     if bs not in BLOCK_SIZES:
         raise BitsmithError(f"block size {bs} is not supported", where="kv plan", fix="use 8, 16, 32 or 64")
@@ -102,16 +128,22 @@ def plan_kv_cache(options: KVPlanOptions, num_layers: int, kv_heads: int, head_d
     if options.kv_dtype not in KV_DTYPES + ("auto",):
         raise BitsmithError(f"unknown KV dtype {options.kv_dtype!r}", where="kv plan", fix=f"use auto or one of {KV_DTYPES}")
 
+    windows = tuple(int(w or 0) for w in layer_windows) or (0,) * num_layers
+    ring = ring_blocks_needed(max(windows), options.chunk_rows, bs) or 0
+    ring = ring if ring < max_blocks else 0  # a ring as long as the context saves nothing
+
     def plan(kind: str, blocks: int) -> KVPlan:
         return KVPlan(bs, blocks, max_blocks, layer_dtypes_for(kind, num_layers), kv_heads, head_dim,
-                      options.max_context, options.concurrency)
+                      options.max_context, options.concurrency, windows, ring, options.concurrency if ring else 0)
 
     if options.memory is None:
         return plan(kinds[0], needed)
     room = options.memory - weight_bytes - workspace_bytes
     for kind in kinds:
-        per_block = plan(kind, 1).bytes
-        fit = room // per_block if room > 0 else 0
+        rings = plan(kind, 0).bytes  # the ring pools: fixed by the window, the chunk and the concurrency
+        per_block = plan(kind, 1).bytes - rings  # a block of every global layer
+        spare = room - rings
+        fit = (spare // per_block if per_block else 4 * needed) if spare >= 0 else 0
         if fit >= needed:
             # spare budget becomes prefix-cache headroom, up to 4x what the sequences need
             return plan(kind, int(min(fit, 4 * needed)))

@@ -192,13 +192,16 @@ def _lower_node(st: _Lowering, index: int, node: Node) -> None:
         kv = st.shape(ins[1])[1]
         plan, layer = st.kv_plan, a["layer"]
         kv_dtype = plan.layer_dtypes[layer]
-        spec = k.PagedAttentionSpec(rows, heads, kv, hd, plan.block_size, plan.num_blocks, plan.max_blocks,
+        ring = plan.ring_layer(layer)  # a windowed layer on its ring pool, read through the ring tables
+        spec = k.PagedAttentionSpec(rows, heads, kv, hd, plan.block_size, plan.layer_blocks(layer), plan.max_blocks,
                                     float(a["scale"]), a.get("sliding_window") or None, kv_dtype,
-                                    a.get("softcap") or None)
+                                    a.get("softcap") or None, plan.ring_blocks if ring else None)
+        tables = ("buffer", "ring_tables", (rows, plan.ring_blocks)) if ring else \
+            ("buffer", "block_tables", (rows, plan.max_blocks))
         st.cache_values.add(node.outputs[1])
         scales = [("kv_scales", layer)] if kv_dtype == "int8" else []
         st.emit(spec, [st.arg(ins[0]), st.arg(ins[1]), st.arg(ins[2]), st.arg(ins[3]),
-                       ("buffer", "block_tables", (rows, plan.max_blocks)), ("cache", layer), *scales,
+                       tables, ("cache", layer), *scales,
                        st.define(out)], out)
     elif op == "mul" and (silu := _silu_partner(st, node)) is not None:
         gate = st.fn.nodes[silu].inputs[0]
@@ -364,6 +367,10 @@ def lower_function(fn: Function, rows: int, kv_plan: KVPlan, specs: dict[str, An
     st.define("tokens", "int64")
     st.define("positions", "int64")
     st.types["block_tables"] = TensorType((rows, kv_plan.max_blocks), "int32")
+    tables = {"block_tables": "block_tables"}
+    if kv_plan.ring_blocks:  # windowed layers' ring tables [rows, ring_blocks] (kv_plan.py)
+        st.types["ring_tables"] = TensorType((rows, kv_plan.ring_blocks), "int32")
+        tables["ring_tables"] = "ring_tables"
     st.cache_values.add("kv_cache")
     first_call: dict[int, int] = {}  # node index -> index of its first call
     for index, node in enumerate(fn.nodes):
@@ -376,8 +383,8 @@ def lower_function(fn: Function, rows: int, kv_plan: KVPlan, specs: dict[str, An
         raise BitsmithError(f"logits of {fn.name} are not computed by a kernel", where="pass lower_to_kernels",
                             fix="compile with `--target none` and run with `--executor reference`")
     hidden, head_from = _logits_head(st, first_call, logits)
-    inputs = {"tokens": "tokens", "positions": "positions", "block_tables": "block_tables"}
-    buffers, arena = plan_buffers(st.calls, st.types, {"tokens", "positions", "block_tables", logits})
+    inputs = {"tokens": "tokens", "positions": "positions", **tables}
+    buffers, arena = plan_buffers(st.calls, st.types, {"tokens", "positions", *tables, logits})
     return Schedule(fn.name, rows, kv_plan.max_context, arena, buffers, inputs, logits, tuple(st.calls),
                     hidden, head_from)
 

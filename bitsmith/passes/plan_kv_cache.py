@@ -50,7 +50,11 @@ class PlanKVCache(Pass):
         layers, _, _, kv_heads, head_dim = cache_shape
         weight_bytes = sum(ctx.weights.nbytes(n) for n in module.weights)
         workspace = peak_activation_bytes(module["prefill"], self.workspace_rows)
-        plan = plan_kv_cache(self.options, layers, kv_heads, head_dim, weight_bytes, workspace)
+        windows = [0] * layers  # each layer's sliding window, as its attention node says (0: global)
+        for node in decode.nodes:
+            if node.op == "attention" and 0 <= node.attrs["layer"] < layers:
+                windows[node.attrs["layer"]] = int(node.attrs.get("sliding_window") or 0)
+        plan = plan_kv_cache(self.options, layers, kv_heads, head_dim, weight_bytes, workspace, tuple(windows))
         ctx.kv_plan = plan
         ctx.memory_estimate = {"weights": weight_bytes, "kv_cache": plan.bytes, "workspace": workspace}
         module = with_kv_dtypes(module, plan.layer_dtypes)

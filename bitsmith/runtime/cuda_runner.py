@@ -87,8 +87,12 @@ class _DeviceStep:
         self.host_tokens = np.zeros(rows, dtype=np.int64)
         self.host_positions = np.full(rows, -1, dtype=np.int64)
         self.host_tables = np.zeros(tables, dtype=np.int32)
+        ring = schedule.inputs.get("ring_tables")  # windowed layers' ring tables, when the KV plan has rings
+        self.ring_tables = buffer_tensor(ring, tuple(schedule.buffers[ring].shape)) if ring else None
+        self.host_rings = np.zeros(schedule.buffers[ring].shape, dtype=np.int32) if ring else None
 
-    def run(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray) -> np.ndarray:
+    def run(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray,
+            ring_tables: np.ndarray | None = None) -> np.ndarray:
         """Logits [n, vocab] of n = len(tokens) rows (the rest padding: position -1, no cache write)."""
         n = len(tokens)
         self.host_tokens[:n], self.host_tokens[n:] = tokens, 0
@@ -97,6 +101,12 @@ class _DeviceStep:
         self.tokens.copyfrom(self.host_tokens)
         self.positions.copyfrom(self.host_positions)
         self.block_tables.copyfrom(self.host_tables)
+        if self.ring_tables is not None:
+            if ring_tables is None:
+                raise BitsmithError("the artifact's windowed layers keep their KV in rings: pass ring_tables",
+                                    where="device kernel runner", fix="run it through the Engine or CompiledSession")
+            self.host_rings[:n] = ring_tables
+            self.ring_tables.copyfrom(self.host_rings)
         for func, args in self.calls:
             func(*args)
         return self.logits.numpy().reshape(self.schedule.rows, -1)[:n]
@@ -126,9 +136,10 @@ class DeviceKernelRunner(StepRunner):
         self._set_steps(plan, [_DeviceStep(s, library, bound, device) for s in plan.schedules.values()])
 
     def run(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray,
-            logits_rows: np.ndarray | list[int] | None = None) -> np.ndarray:
-        """Logits [n, vocab], or of just `logits_rows`; block_tables int32 [n, max_blocks]."""
-        logits = self._step_for(len(tokens)).run(tokens, positions, block_tables)
+            logits_rows: np.ndarray | list[int] | None = None, ring_tables: np.ndarray | None = None) -> np.ndarray:
+        """Logits [n, vocab], or of just `logits_rows`; block_tables int32 [n, max_blocks]; ring_tables as
+        KernelRunner.run's."""
+        logits = self._step_for(len(tokens)).run(tokens, positions, block_tables, ring_tables)
         return logits if logits_rows is None else logits[np.asarray(logits_rows, dtype=np.int64)]
 
 
@@ -155,7 +166,8 @@ def _device_pools(kv: dict[str, Any], dev: Any) -> tuple[list[Any], list[Any | N
     is always written before any row reads it."""
     import tvm  # heavy: TVM
 
-    shape = pool_shape(kv)
-    pools = [tvm.runtime.empty(shape, dtype, dev) for dtype in kv["layer_dtypes"]]
-    scales = [tvm.runtime.empty(shape[:4], "float32", dev) if dtype == "int8" else None for dtype in kv["layer_dtypes"]]
+    shapes = [pool_shape(kv, layer) for layer in range(len(kv["layer_dtypes"]))]  # (ring layers' are smaller)
+    pools = [tvm.runtime.empty(shape, dtype, dev) for shape, dtype in zip(shapes, kv["layer_dtypes"])]
+    scales = [tvm.runtime.empty(shape[:4], "float32", dev) if dtype == "int8" else None
+              for shape, dtype in zip(shapes, kv["layer_dtypes"])]
     return pools, scales

@@ -40,6 +40,7 @@ class Sequence:
     first_token_time: float | None = None
     detokenize: Callable[[list[int]], str] | None = None  # the engine's tokenizer, when it has one
     stopped_text: str | None = None  # the output cut before a stop string
+    ring_slot: int | None = None  # its windowed layers' ring (runner.ring_table), while it holds one
     _text: tuple[int, str] = (0, "")  # (generated tokens covered, their text)
 
     @property
@@ -85,6 +86,10 @@ class Engine:
         self.budget = min(token_budget or runner.max_rows, runner.max_rows)
         self.pool = BlockPool(runner.num_blocks, runner.block_size)
         self.kv = KVCacheManager(self.pool, runner.max_blocks)
+        # windowed layers on rings (passes/kv_plan.py): a running sequence holds one of ring_slots slots, and
+        # prefix caching is off (a cached prefix's window would have to be in the new sequence's ring)
+        self.rings = int(getattr(runner, "ring_blocks", 0) or 0)
+        self.ring_free = list(range(int(getattr(runner, "ring_slots", 0) or 0)))
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.stats = EngineStats()
@@ -114,9 +119,16 @@ class Engine:
         for queue in (self.waiting, self.running):
             if seq in queue:
                 queue.remove(seq)
-        self.kv.free(seq.blocks)
+        self._release(seq)
         if seq.finish_reason is None:
             seq.finish_reason = "abort"
+
+    def _release(self, seq: Sequence) -> None:
+        """Its blocks back to the pool and its ring slot (if any) to the free slots."""
+        self.kv.free(seq.blocks)
+        if seq.ring_slot is not None:
+            self.ring_free.append(seq.ring_slot)
+            seq.ring_slot = None
 
     # ------------------------------------------------------------------ scheduling
     def _preempt_newest(self) -> Sequence | None:
@@ -124,7 +136,7 @@ class Engine:
             return None
         victim = max(self.running, key=lambda s: s.arrival)
         self.running.remove(victim)
-        self.kv.free(victim.blocks)
+        self._release(victim)
         victim.computed = 0
         victim.preemptions += 1
         self.stats.preemptions += 1
@@ -151,7 +163,9 @@ class Engine:
         budget = self._fitted_prefill(self.budget - budget, budget)
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            if seq.computed == 0 and not seq.blocks.table:
+            if self.rings and not self.ring_free:
+                break  # every ring slot is taken: it waits for a sequence to finish
+            if seq.computed == 0 and not seq.blocks.table and not self.rings:
                 seq.computed = self.kv.match_prefix(seq.blocks, seq.tokens)
             count = min(len(seq.tokens) - seq.computed, budget)
             if not self.kv.ensure(seq.blocks, seq.computed + count):
@@ -160,6 +174,8 @@ class Engine:
                                         fix="recompile with a larger --memory or a smaller --context")
                 break
             self.waiting.pop(0)
+            if self.rings:
+                seq.ring_slot = self.ring_free.pop(0)
             self.running.append(seq)
             plan.append((seq, seq.computed, count))
             budget -= count
@@ -183,18 +199,21 @@ class Engine:
         plan = self._schedule()
         if not plan:
             return []
-        ids, positions, tables = [], [], []
+        ids, positions, tables, rings = [], [], [], []
         for seq, start, count in plan:
             ids.extend(seq.tokens[start:start + count])
             positions.extend(range(start, start + count))
             table = np.zeros(self.runner.max_blocks, dtype=np.int32)
             table[:len(seq.blocks.table)] = seq.blocks.table
             tables.extend([table] * count)
+            if self.rings:
+                rings.extend([self.runner.ring_table(seq.ring_slot)] * count)
         # logits only for each chunk's last row when it completes its sequence's known tokens
         last_rows = list(itertools.accumulate(count for _, _, count in plan))
         sampled = [row - 1 for (seq, start, count), row in zip(plan, last_rows) if start + count == len(seq.tokens)]
+        extra = {"ring_tables": np.stack(rings)} if self.rings else {}
         logits = self.runner.run(np.asarray(ids, dtype=np.int64), np.asarray(positions, dtype=np.int64),
-                                 np.stack(tables), logits_rows=sampled)
+                                 np.stack(tables), logits_rows=sampled, **extra)
         self.stats.steps += 1
         self.stats.rows += len(ids)
         touched, sample = [], iter(logits)
@@ -209,7 +228,7 @@ class Engine:
         for seq in touched:
             if seq.done:
                 self.running.remove(seq)
-                self.kv.free(seq.blocks)
+                self._release(seq)
         return touched
 
     def _append(self, seq: Sequence, token: int) -> None:

@@ -62,16 +62,24 @@ class _Step:
         self.tokens = self.views[schedule.inputs["tokens"]]
         self.positions = self.views[schedule.inputs["positions"]]
         self.block_tables = self.views[schedule.inputs["block_tables"]]
+        ring = schedule.inputs.get("ring_tables")  # windowed layers' ring tables, when the KV plan has rings
+        self.ring_tables = self.views[ring] if ring else None
         self.logits = self.views[schedule.output].reshape(schedule.rows, -1)
         self.hidden = self.views[schedule.hidden].reshape(schedule.rows, -1) if schedule.hidden else None
 
-    def run_trunk(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray) -> None:
+    def run_trunk(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray,
+                  ring_tables: np.ndarray | None = None) -> None:
         """Every call before the lm_head for n = len(tokens) rows; the rest are padding (position -1: no
         cache write). Without a head split this is the whole step."""
         n = len(tokens)
         self.tokens[:n], self.tokens[n:] = tokens, 0
         self.positions[:n], self.positions[n:] = positions, -1
         self.block_tables[:n] = block_tables
+        if self.ring_tables is not None:
+            if ring_tables is None:
+                raise BitsmithError("the artifact's windowed layers keep their KV in rings: pass ring_tables",
+                                    where="kernel runner", fix="run it through the Engine or CompiledSession")
+            self.ring_tables[:n] = ring_tables
         for func, args in self.calls[:self.schedule.head_from]:
             func(*args)
 
@@ -109,12 +117,13 @@ class KernelRunner(StepRunner):
         self._set_steps(plan, [_Step(s, library, bound) for s in plan.schedules.values()])
 
     def run(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray,
-            logits_rows: np.ndarray | list[int] | None = None) -> np.ndarray:
+            logits_rows: np.ndarray | list[int] | None = None, ring_tables: np.ndarray | None = None) -> np.ndarray:
         """Logits [n, vocab], or [len(logits_rows), vocab] for just those rows (the ones that will be
-        sampled: the lm_head then runs on them alone); block_tables int32 [n, max_blocks]."""
+        sampled: the lm_head then runs on them alone); block_tables int32 [n, max_blocks]; ring_tables
+        int32 [n, ring_blocks] when the plan has rings (each row's sequence slot's `ring_table`)."""
         n = len(tokens)
         step = self._step_for(n)
-        step.run_trunk(tokens, positions, block_tables)
+        step.run_trunk(tokens, positions, block_tables, ring_tables)
         if step.hidden is None:  # no head split: the trunk computed every row's logits
             rows = slice(None) if logits_rows is None else np.asarray(logits_rows, dtype=np.int64)
             return step.logits[:n][rows].copy()
@@ -127,9 +136,9 @@ class KernelRunner(StepRunner):
 def _allocate_pools(kv: dict[str, Any]) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
     """Per layer: the block pool [num_blocks, 2, block_size, kv_heads, head_dim] of the layer's KV dtype
     and, for int8 layers, fp32 scales [num_blocks, 2, block_size, kv_heads]."""
-    shape = pool_shape(kv)
     pools, scales = [], []
-    for dtype in kv["layer_dtypes"]:
+    for layer, dtype in enumerate(kv["layer_dtypes"]):
+        shape = pool_shape(kv, layer)
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         pools.append(view(aligned_bytes(nbytes, huge_pages=nbytes >= (8 << 20)), 0, shape, dtype))
         scales.append(view(aligned_bytes(4 * int(np.prod(shape[:4]))), 0, shape[:4], "float32")

@@ -19,6 +19,18 @@ import numpy as np
 #                                 cached, evictable (refcount 0, LRU) --evict--> reused
 
 
+def ring_blocks_needed(window: int | None, rows: int, block_size: int) -> int | None:
+    """Blocks of a windowed layer's ring that never overwrite a key a query of the same call still needs
+    (None: no window).
+
+    A ring keeps a sequence's last blocks only: logical block i lives in ring entry i % ring_blocks. A kernel
+    call writes its rows' keys, up to position p0 + rows - 1, before any query reads, and its first query p0
+    reads back to p0 - window + 1: those window + rows - 1 positions span at most
+    (window + rows - 2) // block_size + 2 blocks, which must all be distinct entries of the ring.
+    """
+    return None if not window else (window + rows - 2) // block_size + 2
+
+
 def block_hashes(tokens: list[int], block_size: int) -> list[str]:
     """Chained hashes of the full blocks of `tokens` (a block's hash covers the whole prefix)."""
     out, parent = [], ""

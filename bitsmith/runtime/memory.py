@@ -36,12 +36,12 @@ def serving_memory(artifact: Artifact) -> dict[str, Any] | None:
         weights += round_up(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
     workspace = sum(s.arena_bytes for s in plan.schedules.values())
     constants = sum(a.nbytes for a in constant_arrays(plan).values())
-    per_layer = int(np.prod(pool_shape(plan.kv), dtype=np.int64))
     kv = 0
-    for dtype in plan.kv["layer_dtypes"]:
-        kv += per_layer * np.dtype(dtype).itemsize
+    for layer, dtype in enumerate(plan.kv["layer_dtypes"]):  # (a windowed layer's ring pool is smaller)
+        shape = pool_shape(plan.kv, layer)
+        kv += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         if dtype == "int8":  # fp32 scales per (block, k/v, slot, head)
-            kv += 4 * int(np.prod(pool_shape(plan.kv)[:4], dtype=np.int64))
+            kv += 4 * int(np.prod(shape[:4], dtype=np.int64))
     loaded = RUNTIME_BASE_BYTES + weights + workspace + constants
     return {"runtime": RUNTIME_BASE_BYTES, "weights": weights, "workspace": workspace + constants, "kv_cache": kv,
             "loaded": loaded, "full": loaded + kv}

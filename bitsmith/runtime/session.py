@@ -21,6 +21,8 @@ class CompiledSession:
             raise BitsmithError("the KV pool is smaller than one full-context sequence", where=str(artifact.directory),
                                 fix="recompile with a larger --memory or a smaller --context")
         self.block_table = np.arange(self.runner.max_blocks, dtype=np.int32)  # identity: blocks 0..max_blocks-1
+        # windowed layers' ring (kv_plan.py): slot 0's blocks
+        self.ring_table = self.runner.ring_table(0) if getattr(self.runner, "ring_blocks", 0) else None
         self.position = 0
 
     def reset(self) -> None:
@@ -59,4 +61,7 @@ class CompiledSession:
 
     def _run(self, ids: np.ndarray, positions: np.ndarray, logits_rows: list[int] | None = None) -> np.ndarray:
         tables = np.broadcast_to(self.block_table, (len(ids), len(self.block_table)))
-        return self.runner.run(ids, positions, tables, logits_rows=logits_rows)
+        if self.ring_table is None:
+            return self.runner.run(ids, positions, tables, logits_rows=logits_rows)
+        rings = np.broadcast_to(self.ring_table, (len(ids), len(self.ring_table)))
+        return self.runner.run(ids, positions, tables, logits_rows=logits_rows, ring_tables=rings)

@@ -44,10 +44,16 @@ def constant_arrays(plan: KernelPlan) -> dict[str, np.ndarray]:
     return {name: np.asarray(c["values"], dtype=c["dtype"]).reshape(c["shape"]) for name, c in plan.constants.items()}
 
 
-def pool_shape(kv: dict[str, Any]) -> tuple[int, int, int, int, int]:
-    """One layer's block pool: [num_blocks, 2 (keys, values), block_size, kv_heads, head_dim]; int8
-    layers add fp32 scales of shape pool_shape[:4]."""
-    return int(kv["num_blocks"]), 2, int(kv["block_size"]), int(kv["kv_heads"]), int(kv["head_dim"])
+def pool_shape(kv: dict[str, Any], layer: int | None = None) -> tuple[int, int, int, int, int]:
+    """A layer's block pool: [blocks, 2 (keys, values), block_size, kv_heads, head_dim]; int8 layers add fp32
+    scales of shape pool_shape[:4]. blocks: num_blocks, or for a windowed layer with a ring (passes/kv_plan.py)
+    ring_slots x ring_blocks. layer None: the shape of a global layer's pool."""
+    ring = int(kv.get("ring_blocks", 0))
+    windows = kv.get("layer_windows") or ()
+    blocks = int(kv["num_blocks"])
+    if layer is not None and ring and windows and windows[layer]:
+        blocks = int(kv["ring_slots"]) * ring
+    return blocks, 2, int(kv["block_size"]), int(kv["kv_heads"]), int(kv["head_dim"])
 
 
 class StepRunner:
@@ -60,6 +66,12 @@ class StepRunner:
         self.max_rows = self.steps[-1].schedule.rows
         self.block_size, self.num_blocks = int(plan.kv["block_size"]), int(plan.kv["num_blocks"])
         self.max_blocks, self.max_context = int(plan.kv["max_blocks"]), int(plan.kv["max_context"])
+        # windowed layers' rings (0: none): sequence slot s < ring_slots owns ring blocks s*ring_blocks...
+        self.ring_blocks, self.ring_slots = int(plan.kv.get("ring_blocks", 0)), int(plan.kv.get("ring_slots", 0))
+
+    def ring_table(self, slot: int) -> np.ndarray:
+        """The ring table int32 [ring_blocks] of sequence slot `slot`."""
+        return np.arange(slot * self.ring_blocks, (slot + 1) * self.ring_blocks, dtype=np.int32)
 
     @property
     def step_rows(self) -> tuple[int, ...]:

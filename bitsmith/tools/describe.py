@@ -141,6 +141,17 @@ def format_summary(summary: dict[str, Any]) -> str:
         counts = ", ".join(f"{d}: {layer_dtypes.count(d)} layers" for d in dtypes)
         lines.append(f"KV cache: {kv['num_blocks']} blocks x {kv['block_size']} tokens ({counts}), "
                      f"for {kv['concurrency']} x {kv['max_context']} tokens")
+        windows = kv.get("layer_windows") or []
+        if any(windows):
+            by_window = {w: [i for i, x in enumerate(windows) if x == w] for w in sorted(set(windows) - {0})}
+            where = ", ".join(f"window {w}: {len(ls)} layer{'s' * (len(ls) != 1)}" for w, ls in by_window.items())
+            if kv.get("ring_blocks"):
+                ring_bytes = sum(b for b, w in zip(kv["layer_bytes"], windows) if w)
+                lines.append(f"  windowed layers ({where}): a ring of {kv['ring_blocks']} blocks per sequence for "
+                             f"{kv['ring_slots']} sequences, {ring_bytes / 2**20:.2f} MiB; global layers "
+                             f"{(kv['bytes'] - ring_bytes) / 2**20:.2f} MiB")
+            else:
+                lines.append(f"  windowed layers ({where}): full blocks (the window and a chunk span the context)")
     if "memory_plan" in summary:
         mp = summary["memory_plan"]
         lines.append("memory plan: " + " + ".join(f"{k} {mp[k] / 2**20:.1f} MiB" for k in ("weights", "kv_cache", "workspace"))

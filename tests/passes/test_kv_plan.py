@@ -8,7 +8,7 @@ import pytest
 from bitsmith.compiler.reference import ReferenceSession
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.base import PassContext
-from bitsmith.passes.kv_plan import KVPlanOptions, parse_bytes, plan_kv_cache
+from bitsmith.passes.kv_plan import KVPlan, KVPlanOptions, parse_bytes, plan_kv_cache
 from bitsmith.passes.plan_kv_cache import PlanKVCache
 from conftest import RANDOM_CONFIGS, random_model
 
@@ -69,3 +69,38 @@ def test_pass_tags_attention_and_the_reference_stores_rounded_kv():
     err16 = np.abs(logits["float16"] - logits["float32"]).max()
     err8 = np.abs(logits["int8"] - logits["float32"]).max()
     assert 0 < err16 < 1e-2 and err16 < err8 < 0.2 * np.abs(logits["float32"]).max()
+
+
+def test_windowed_layers_get_rings_bounded_by_the_window():
+    """Gemma 2 shape (alternating window 4096 / global) at 8192 tokens: a windowed layer holds window + one
+    64-row chunk per sequence, in blocks ((4096 + 62) // 16 + 2 = 261), not the context (512 blocks)."""
+    windows = (4096, 0) * 4
+    plan = plan_kv_cache(KVPlanOptions(None, 8192, 4), 8, 4, 256, 0, 0, windows)
+    per_block = 2 * 4 * 256 * 2 * 16  # k and v, 4 kv heads x 256 dims, float16, 16 tokens
+    assert plan.ring_blocks == 261 and plan.ring_slots == 4 and plan.num_blocks == 4 * 512
+    assert [plan.layer_blocks(i) for i in range(2)] == [4 * 261, 4 * 512]
+    assert plan.layer_bytes(0) == 4 * 261 * per_block and plan.layer_bytes(1) == 4 * 512 * per_block
+    assert plan.bytes == 4 * (4 * 261 + 4 * 512) * per_block < 0.8 * plan_kv_cache(KVPlanOptions(None, 8192, 4), 8, 4,
+                                                                                      256, 0, 0).bytes
+    again = KVPlan.from_json(plan.to_json())
+    assert again == plan and plan.to_json()["layer_bytes"][:2] == [plan.layer_bytes(0), plan.layer_bytes(1)]
+    legacy = {k: v for k, v in plan.to_json().items() if k not in ("layer_windows", "ring_blocks", "ring_slots")}
+    assert KVPlan.from_json(legacy).bytes == 8 * 4 * 512 * per_block  # older manifests: no rings
+
+
+def test_no_ring_when_window_and_chunk_span_the_context():
+    plan = plan_kv_cache(KVPlanOptions(None, 1024, 2), 2, 2, 16, 0, 0, (4096, 0))
+    assert plan.ring_blocks == 0 and plan.layer_blocks(0) == plan.num_blocks == 2 * 64
+
+
+def test_a_budget_counts_the_rings_and_gives_the_rest_to_global_layers():
+    windows = (512, 0)
+    free = plan_kv_cache(KVPlanOptions(None, 4096, 2, "float16"), 2, 2, 64, 0, 0, windows)
+    rings = free.layer_bytes(0)
+    budget = 10 * MiB + rings + free.layer_bytes(1)  # exactly the rings + every sequence's global blocks
+    plan = plan_kv_cache(KVPlanOptions(budget, 4096, 2, "float16"), 2, 2, 64, 10 * MiB, 0, windows)
+    assert plan.layer_bytes(0) == rings and plan.num_blocks == 2 * 256 and plan.bytes <= budget - 10 * MiB
+    # every layer windowed (Mistral): the rings are the whole cache; the block tables cost nothing
+    mistral = plan_kv_cache(KVPlanOptions(10 * MiB + 2 * rings, 4096, 2, "float16"), 2, 2, 64, 10 * MiB, 0,
+                            (512, 512))
+    assert mistral.bytes == 2 * rings and mistral.num_blocks >= 2 * 256
