@@ -48,6 +48,13 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # per layer: its sliding window (None: global); empty: every layer has `sliding_window` (Qwen2 windows only
+    # the layers from max_window_layers on, as config.json's layer_types says)
+    layer_windows: tuple[int | None, ...] = ()
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer` (None: global attention)."""
+        return self.layer_windows[layer] if self.layer_windows else self.sliding_window
 
     def __post_init__(self) -> None:
         if self.rope_style not in ROPE_STYLES:

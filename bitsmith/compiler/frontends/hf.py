@@ -32,6 +32,12 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     window = cfg.get("sliding_window")
     if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
         window = None
+    layers = cfg["num_hidden_layers"]
+    kinds = cfg.get("layer_types")  # transformers' per-layer "sliding_attention" / "full_attention"
+    if window and not kinds and model_type in ("qwen2", "qwen3"):  # older configs: windowed from max_window_layers
+        first = cfg.get("max_window_layers", layers)
+        kinds = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    layer_windows = tuple(window if kind == "sliding_attention" else None for kind in kinds) if window and kinds else ()
     if cfg.get("attention_bias") and model_type != "qwen2":
         raise BitsmithError(f"{model_type} with attention_bias=true is not supported", where="config.json")
     return ModelConfig(
@@ -50,6 +56,7 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         hidden_act=cfg.get("hidden_act", "silu"),
         sliding_window=window,
+        layer_windows=layer_windows,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),
         **family,

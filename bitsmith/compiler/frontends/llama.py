@@ -38,7 +38,7 @@ def _decoder_layer(b: FunctionBuilder, config: ModelConfig, i: int, x: str, pos:
     k = b.op("rope", [k, pos], hint=p + "k_rope", **rope)
     attn, cache = b.op_multi(
         "attention", [q, k, v, pos, cache], hint=p + "attn",
-        layer=i, scale=1.0 / math.sqrt(d), sliding_window=config.sliding_window,
+        layer=i, scale=1.0 / math.sqrt(d), sliding_window=config.window(i),
     )
     attn = b.op("reshape", [attn], hint=p + "attn_flat", shape=[-1, nh * d])
     x = b.op("add", [x, b.op("linear", [attn, b.weight(p + "self_attn.o_proj.weight")], hint=p + "o_proj")],

@@ -108,3 +108,37 @@ def test_engine_batches_sequences_over_the_rings(gemma2):
     assert [s.generated for s in seqs] == [alone(p) for p in prompts]
     assert sorted(engine.ring_free) == [0, 1, 2] and engine.pool.available() == engine.pool.num_blocks
     assert seqs[2].generated == _greedy_transformers(model, prompts[2], 6)
+
+
+def test_device_runner_reads_the_rings_too(gemma2):
+    """The device runner's path (here on tvm.cpu()) with ring tables gives the host runner's logits."""
+    import tvm
+
+    from bitsmith.runtime.cuda_runner import DeviceKernelRunner
+    from bitsmith.runtime.session import CompiledSession
+
+    _, art = gemma2
+    ids = [int(t) for t in np.random.default_rng(2).integers(3, 96, size=90)]
+    out = []
+    for session in (CompiledSession(art), CompiledSession(art, runner=DeviceKernelRunner(art, tvm.cpu()))):
+        out.append(np.concatenate([session.prefill(ids[:80])] + [session.decode(t)[None] for t in ids[80:]]))
+    np.testing.assert_allclose(out[1], out[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family, overrides", [
+    ("mistral", {"sliding_window": 8}),  # every layer windowed: the rings are the whole cache
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8,
+               "layer_types": ["full_attention", "sliding_attention"]}),  # layer 1 windowed (max_window_layers 1)
+])
+def test_windowed_families_on_rings_match_transformers(family, overrides, tmp_path):
+    model = zoo_model(family, max_position_embeddings=CONTEXT, **overrides)
+    model.save_pretrained(tmp_path / "hf")
+    art = load_artifact(compile_model(tmp_path / "hf", tmp_path / "art", CompileOptions(
+        memory=MemoryOptions(context=CONTEXT, concurrency=2, kv_dtype="float32"))))
+    windows = art.manifest["kv_plan"]["layer_windows"]
+    assert windows == ([8, 8] if family == "mistral" else [0, 8]) and art.manifest["kv_plan"]["ring_blocks"] == 6
+    ids = [int(t) for t in np.random.default_rng(3).integers(3, model.config.vocab_size, size=30)]
+    ref = _transformers(model, ids)
+    session = open_session(art, "compiled")
+    ours = np.concatenate([session.prefill(ids[:22])] + [session.decode(t)[None] for t in ids[22:]])
+    assert np.abs(ours - ref).max() / np.abs(ref).max() < RTOL
