@@ -50,6 +50,12 @@ def _hf_attention(module: Any, query: Any, key: Any, value: Any, attention_mask:
 
         raise BitsmithError(f"{type(module).__name__} is not causal", where="hf attention",
                             fix="only causal decoders can run with a KV cache")
+    sinks = [k for k in ("s_aux", "sinks") if kwargs.get(k) is not None]
+    if sinks:  # (gpt-oss) a learned logit every softmax row includes: the IR attention op has none
+        from bitsmith.errors import BitsmithError
+
+        raise BitsmithError(f"{type(module).__name__} uses attention sinks ({sinks[0]})", where="hf attention",
+                            fix="attention sinks are not supported yet")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = torch.ops.bitsmith.attention(query, key, value, float(scale), int(sliding_window or 0), float(softcap or 0.0))
     return out.transpose(1, 2).contiguous(), None  # [b, s, h, d], as the HF attention functions return
