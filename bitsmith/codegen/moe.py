@@ -148,32 +148,37 @@ class MoeSpec:
             out += [(E,) + packed_shape(n_out, n_in, self.bits)] + [(E, n_out, groups)] * (1 + (not self.sym))
         return out
 
-    def _loader(self, params: tuple[Any, ...], n_in: int) -> Any:
-        """load(e, o, k): element k of weight row o of expert e as float32. Packed (U = 1, S codes per word):
-        k = kb*16*S + j*16 + l sits in word kb*16 + l at bits [j*b, j*b + b); a tail block of L lanes holds
-        k = base + j*L + l in word base_w + l."""
+    def _loaders(self, params: tuple[Any, ...], n_in: int) -> tuple[int, int, Any, Any]:
+        """(full blocks, slots per block, block(e, o, kb, j, l), tail(e, o, k)): weight row o of expert e as float32,
+        element k = kb*16*S + j*16 + l of a full block, or k of the tail. Packed (U = 1 word of S = 32 / b codes):
+        that element sits in word kb*16 + l at bits [j*b, j*b + b) (no division in a full block, so it
+        vectorizes); the tail block of L lanes holds k = base + j*L + l in word base_w + l. Dense: S = 1."""
         if not self.quantized:
-            return lambda e, o, k: f32(params[0][e, o, k])
+            w = params[0]
+            return n_in // LANES, 1, (lambda e, o, kb, j, l: f32(w[e, o, kb * LANES + l])), \
+                (lambda e, o, k: f32(w[e, o, k]))
         b, S = self.bits, 32 // self.bits
         full = n_in // (LANES * S)
         base = full * LANES * S
-        tail = -(-(n_in - base) // S)
+        tail = max(-(-(n_in - base) // S), 1)
         q, s = params[0], params[1]
         z = params[2] if not self.sym else None
-        group = n_in if self.group_size == -1 else self.group_size
+        per_channel = self.group_size == -1
 
-        def load(e: Any, o: Any, k: Any) -> Any:
-            in_full = k < base
-            kb, j, lane = k // (LANES * S), (k // LANES) % S, k % LANES
-            tj, tl = (k - base) // max(tail, 1), (k - base) % max(tail, 1)
-            word = T.if_then_else(in_full, kb * LANES + lane, full * LANES + tl)
-            shift = T.Cast("uint32", T.if_then_else(in_full, j, tj) * b)
-            code = T.Cast("float32", (q[e, o, word] >> shift) & T.uint32((1 << b) - 1))
-            g = k // group
+        def deq(e: Any, o: Any, word: Any, shift: Any, g: Any) -> Any:
+            code = T.Cast("float32", (q[e, o, word] >> T.Cast("uint32", shift)) & T.uint32((1 << b) - 1))
             zero = T.float32(1 << (b - 1)) if z is None else f32(z[e, o, g])
             return (code - zero) * f32(s[e, o, g])
 
-        return load
+        def block(e: Any, o: Any, kb: Any, j: Any, l: Any) -> Any:  # a group (a multiple of 16) covers whole slots
+            g = 0 if per_channel else (kb * LANES * S + j * LANES) // self.group_size
+            return deq(e, o, kb * LANES + l, j * b, g)
+
+        def rest(e: Any, o: Any, k: Any) -> Any:
+            g = 0 if per_channel else k // self.group_size
+            return deq(e, o, full * LANES + (k - base) % tail, (k - base) // tail * b, g)
+
+        return full, S, block, rest
 
     def prim_func(self, target: Target) -> Any:
         """The CPU PrimFunc (KernelSpec protocol); GPU targets do not list this family (Target.check refuses)."""
@@ -195,8 +200,9 @@ class MoeSpec:
                 acc[0] = acc[0] + acc[l]
 
         @T.macro
-        def project(src, dst, cnt, order, ld, n_out, n_in, row_of):
-            # dst[slot, o] = src[row or slot] . W_e[o, :] for every slot routed to e, weight rows in parallel blocks
+        def project(src, dst, cnt, order, full, S, block, rest, n_out, n_in, row_of):
+            # dst[slot, o] = src[row or slot] . W_e[o, :] for every slot routed to e, weight rows in parallel blocks;
+            # a weight row is unpacked once into wrow, then dotted with each routed row
             for c in T.parallel((n_out + CHUNK - 1) // CHUNK):
                 wrow = T.alloc_buffer((n_in,), "float32", scope="local")
                 acc = T.alloc_buffer((V,), "float32", scope="local")
@@ -204,8 +210,12 @@ class MoeSpec:
                     if cnt[e] > 0:
                         for oo in range(CHUNK):
                             if c * CHUNK + oo < n_out:
-                                for k in range(n_in):
-                                    wrow[k] = ld(e, c * CHUNK + oo, k)
+                                for kb in range(full):
+                                    for j in T.unroll(S):
+                                        for l in T.vectorized(LANES):
+                                            wrow[kb * LANES * S + j * LANES + l] = block(e, c * CHUNK + oo, kb, j, l)
+                                for k in range(full * LANES * S, n_in):
+                                    wrow[k] = rest(e, c * CHUNK + oo, k)
                                 for t in range(cnt[e]):
                                     dot(acc, src, row_of(order[e, t]), wrow, n_in)
                                     dst[order[e, t], c * CHUNK + oo] = acc[0]
@@ -223,11 +233,11 @@ class MoeSpec:
                 ex = T.Cast("int32", T.max(T.min(idx[s // K, s % K], T.int64(E - 1)), T.int64(0)))
                 order[ex, cnt[ex]] = s
                 cnt[ex] = cnt[ex] + 1
-            project(x, gu, cnt, order, ld_gu, N2, H, lambda s: s // K)  # x by token row
+            project(x, gu, cnt, order, ld_gu[0], ld_gu[1], ld_gu[2], ld_gu[3], N2, H, lambda s: s // K)  # x by token row
             for s in range(S):
                 for i in T.vectorized(I):
                     h[s, i] = gu[s, i] / (T.float32(1) + T.exp(T.float32(0) - gu[s, i])) * gu[s, I + i]
-            project(h, ys, cnt, order, ld_dn, H, I, lambda s: s)  # h by (row, slot)
+            project(h, ys, cnt, order, ld_dn[0], ld_dn[1], ld_dn[2], ld_dn[3], H, I, lambda s: s)  # h by (row, slot)
             for r in range(R):
                 for o in T.vectorized(H):
                     y[r, o] = T.float32(0)
@@ -243,14 +253,14 @@ class MoeSpec:
             def moe(x: T.Buffer((R, H), "float32"), w: T.Buffer((R, K), "float32"), idx: T.Buffer((R, K), "int64"),
                     g0: T.Buffer(shapes[0], dt[0]), d0: T.Buffer(shapes[1], dt[0]), y: T.Buffer((R, H), "float32")):
                 T.func_attr({"tirx.noalias": True})
-                body(x, w, idx, y, self._loader((g0,), H), self._loader((d0,), I))
+                body(x, w, idx, y, self._loaders((g0,), H), self._loaders((d0,), I))
         elif n == 2:
             @T.prim_func
             def moe(x: T.Buffer((R, H), "float32"), w: T.Buffer((R, K), "float32"), idx: T.Buffer((R, K), "int64"),
                     g0: T.Buffer(shapes[0], dt[0]), g1: T.Buffer(shapes[1], dt[1]),
                     d0: T.Buffer(shapes[2], dt[0]), d1: T.Buffer(shapes[3], dt[1]), y: T.Buffer((R, H), "float32")):
                 T.func_attr({"tirx.noalias": True})
-                body(x, w, idx, y, self._loader((g0, g1), H), self._loader((d0, d1), I))
+                body(x, w, idx, y, self._loaders((g0, g1), H), self._loaders((d0, d1), I))
         else:
             @T.prim_func
             def moe(x: T.Buffer((R, H), "float32"), w: T.Buffer((R, K), "float32"), idx: T.Buffer((R, K), "int64"),
@@ -258,6 +268,6 @@ class MoeSpec:
                     d0: T.Buffer(shapes[3], dt[0]), d1: T.Buffer(shapes[4], dt[1]), d2: T.Buffer(shapes[5], dt[2]),
                     y: T.Buffer((R, H), "float32")):
                 T.func_attr({"tirx.noalias": True})
-                body(x, w, idx, y, self._loader((g0, g1, g2), H), self._loader((d0, d1, d2), I))
+                body(x, w, idx, y, self._loaders((g0, g1, g2), H), self._loaders((d0, d1, d2), I))
 
         return moe.with_attr("global_symbol", self.name)

@@ -159,3 +159,15 @@ def test_compile_methods_smoke(shared_data):
             assert peer["rc"] == 0 and peer["phases"]["quantize_s"] >= 0, peer.get("error")
         else:
             assert "skipped" in peer
+
+
+@pytest.mark.slow
+def test_moe_smoke():
+    """A 1-layer 2-of-8 MoE and its dense equivalent (random weights, int8), compiled and decoded interleaved."""
+    stdout = run_bench("moe.py", "--smoke", "--json")
+    assert has_table(stdout, "model") and "host: " in stdout
+    out = last_json(stdout)
+    check_host(out["host"])
+    moe, dense = out["rows"]["moe"], out["rows"]["dense"]
+    assert moe["tok_s"] > 0 and dense["tok_s"] > 0
+    assert moe["read_mb_per_token"] < dense["read_mb_per_token"]  # only the chosen experts are read
