@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -74,4 +74,7 @@ def calibration_tokens(model: LoadedModel, options: CalibrationOptions) -> np.nd
     tokenizer = tokenizer_from_spec(model.tokenizer)
     where = options.path or "built-in calibration text"
     ids = tokenizer.encode(read_calibration_text(options.path), add_bos=False)
+    limit = int(model.config.get("max_position") or options.seqlen)
+    if options.seqlen > limit:  # a sample longer than the model's positions (GPT-2's learned table) cannot run
+        options = replace(options, seqlen=limit)
     return calibration_samples(ids, options, tokenizer.bos_token_id if tokenizer.add_bos else None, where)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
-import re
 from dataclasses import dataclass
 
 from bitsmith.compiler.ir import Module
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.base import PassContext
+from bitsmith.passes.calibrate import layer_index
 from bitsmith.passes.manager import Pass
 from bitsmith.passes.quant.scheme import QuantScheme, parse_scheme
 
@@ -47,11 +47,6 @@ def override_scheme(text: str, default: QuantScheme) -> QuantScheme:
     )
 
 
-def _layer_index(name: str) -> int | None:
-    match = re.match(r"layers\.(\d+)\.", name)
-    return int(match.group(1)) if match else None
-
-
 def matches_pattern(pattern: str, name: str) -> bool:
     """Glob on the weight name, with or without its `.weight` suffix; a bare suffix matches anywhere."""
     stem = name.removesuffix(".weight")
@@ -73,11 +68,11 @@ class AssignPrecision(Pass):
 
     def plan(self, module: Module) -> dict[str, QuantScheme | None]:
         candidates = linear_weights(module)
-        layers = [i for n in module.weights if (i := _layer_index(n)) is not None]
+        layers = [i for n in module.weights if (i := layer_index(n)) is not None]
         edge = {min(layers), max(layers)} if layers else set()
         plan: dict[str, QuantScheme | None] = {}
         for name in candidates:
-            is_edge = _layer_index(name) in edge or _layer_index(name) is None  # lm_head has no layer
+            is_edge = layer_index(name) in edge or layer_index(name) is None  # lm_head has no layer
             plan[name] = KEEP if self.keep_default and is_edge else self.default
         for pattern, scheme in self.overrides:
             self._apply(plan, pattern, KEEP if scheme in KEEP_SCHEMES else override_scheme(scheme, self.default))

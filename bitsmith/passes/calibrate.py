@@ -21,11 +21,20 @@ from bitsmith.errors import BitsmithError
 ValueObserver = Callable[[str, np.ndarray], None]  # (value name, activations [tokens, features])
 
 
+LAYER_NAME = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")  # layers.3. / transformer.h.3. / gpt_neox.layers.3.
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a weight belongs to, from its name; None for embeddings, final norm and head."""
+    match = LAYER_NAME.search(name)
+    return int(match.group(1)) if match else None
+
+
 def _weight_layer(name: str, num_layers: int) -> int:
-    match = re.match(r"layers\.(\d+)\.", name)
-    if match:
-        return int(match.group(1))
-    return -1 if name.startswith("embed") else num_layers  # embeddings first, final norm / lm_head last
+    index = layer_index(name)
+    if index is not None:
+        return index
+    return num_layers  # final norm / lm_head last (embeddings: see layer_of_nodes)
 
 
 def layer_of_nodes(fn: Function, num_layers: int) -> list[int]:
@@ -35,10 +44,12 @@ def layer_of_nodes(fn: Function, num_layers: int) -> list[int]:
     stable-sorting by segment keeps every input before its use.
     """
     layer_of_value: dict[str, int] = {name: -1 for name, _ in fn.inputs}
+    # a table that an `embedding` reads is segment -1 even when named lm_head.weight (tied) or transformer.wpe
+    tables = {n.inputs[0] for n in fn.nodes if n.op == "embedding"}
     layers = []
     for node in fn.nodes:
         if node.op == "weight":
-            layer = _weight_layer(node.attrs["name"], num_layers)
+            layer = -1 if node.outputs[0] in tables else _weight_layer(node.attrs["name"], num_layers)
         else:
             layer = max((layer_of_value[v] for v in node.inputs), default=-1)
         for v in node.outputs:
@@ -57,7 +68,7 @@ class Segment:
 def split_by_layer(module: Module, entry: str = "prefill") -> list[Segment]:
     fn = module[entry]
     num_layers = module.meta.get("config", {}).get("num_layers") or 1 + max(
-        (int(m.group(1)) for n in module.weights if (m := re.match(r"layers\.(\d+)\.", n))), default=-1)
+        (i for n in module.weights if (i := layer_index(n)) is not None), default=-1)
     layers = layer_of_nodes(fn, num_layers)
     order = sorted(range(len(fn.nodes)), key=lambda i: layers[i])
     segments: list[Segment] = []
@@ -89,6 +100,10 @@ def run_segment(fn: Function, seg: Segment, env: dict[str, np.ndarray], weights:
     ctx = RefContext(weights, {"seq": int(env["tokens"].shape[0]), "ctx": int(env["kv_cache"].shape[2])})
     values = dict(env)
     pending = set(observed or ())
+    for name in sorted(pending & set(env)):  # a linear reading the segment's input (OLMo 2: no pre-norm)
+        pending.discard(name)
+        if observe:
+            observe(name, env[name].reshape(-1, env[name].shape[-1]))
     for node in seg.nodes:
         args = [values[v] for v in node.inputs]
         for name, value in zip(node.outputs, OPS[node.op].ref(args, node.attrs, ctx)):

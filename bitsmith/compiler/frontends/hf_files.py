@@ -67,10 +67,15 @@ def load_hf_tokenizer(directory: Path, config: ModelConfig) -> TokenizerSpec | N
     return TokenizerSpec("hf", files, bos, tuple(eos), add_bos, template)
 
 
+def max_positions(cfg: dict) -> int:
+    """The model's context length: max_position_embeddings, or GPT-2's n_positions (its learned position table)."""
+    return int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048)
+
+
 def hf_side_files(directory: Path, cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """(tokenizer spec or None, config with `max_position`) from an HF-style directory. Shared with ONNX."""
     eos = cfg.get("eos_token_id")
     ids = SimpleNamespace(bos_token_id=cfg.get("bos_token_id"),  # what load_hf_tokenizer reads of a ModelConfig
                           eos_ids=list(eos) if isinstance(eos, list) else ([eos] if eos is not None else []))
-    config = {**cfg, "architecture": cfg.get("model_type"), "max_position": cfg.get("max_position_embeddings", 2048)}
+    config = {**cfg, "architecture": cfg.get("model_type"), "max_position": max_positions(cfg)}
     return load_hf_tokenizer(directory, ids), config
