@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from bitsmith.compiler.calibration_data import CalibrationOptions, calibration_tokens
+from bitsmith.compiler.experts import expert_weights
 from bitsmith.compiler.loader import load_model
 from bitsmith.compiler.reference import ReferenceSession, upcast_weights
 from bitsmith.errors import BitsmithError
@@ -19,9 +20,9 @@ from bitsmith.passes.assign_precision import KEEP, AssignPrecision, linear_weigh
 from bitsmith.passes.canonicalize import canonical_model
 from bitsmith.passes.kv_plan import KVPlanOptions, plan_kv_cache
 from bitsmith.passes.plan_kv_cache import peak_activation_bytes
-from bitsmith.passes.quant.rtn import quantize_rtn
-from bitsmith.passes.quant.scheme import dequantize, parse_scheme
+from bitsmith.passes.quant.scheme import parse_scheme
 from bitsmith.search.cost import LatencyTable, tensor_bytes
+from bitsmith.search.experts import expand, expert_choice, roundtrip, tie, units
 from bitsmith.search.sensitivity import CANDIDATES, KEEP16, measure_sensitivity
 from bitsmith.search.solver import Choice, minimum_bytes, solve
 
@@ -53,7 +54,8 @@ class SearchModel:
     kv_bytes: int
     workspace_bytes: int
     params: int  # weights in the searched tensors
-    shapes: dict[str, tuple[int, int]]
+    shapes: dict[str, tuple[int, ...]]
+    units: dict[str, list[str]] = field(default_factory=dict)  # `layers.N.mlp.experts` -> its stacked tensors
 
 
 def model_hash(source: dict) -> str:
@@ -71,19 +73,24 @@ def build_search_model(model, opts: SearchOptions, sens, latency: LatencyTable) 
     tensors = linear_weights(module)
     fixed16 = fixed_tensors(module, opts)
     shapes = {t: tuple(model.weights[t].shape) for t in tensors}
+    experts = expert_weights(module)  # stacked [E, out, in]: all E stored, top_k slices read per token
     options: dict[str, list[Choice]] = {}
     for t in tensors:
-        out_f, in_f = shapes[t]
+        out_f, in_f = shapes[t][-2:]
         schemes = [KEEP16] if t in fixed16 else [KEEP16, *CANDIDATES]
         options[t] = [Choice(s, tensor_bytes(out_f, in_f, s), latency.seconds(out_f, in_f, s, opts.batch),
                              sens.kld[t][s] if t in sens.kld else 0.0) for s in schemes]
+        if t in experts:
+            options[t] = [expert_choice(experts[t], c.scheme, c.bytes, c.seconds, c.kld) for c in options[t]]
+    unit_map = units({t: experts[t] for t in tensors if t in experts})
+    options = tie(options, unit_map)  # a block's gate_up and down take one scheme (the qmoe kernel reads both)
     other = sum(2 * int(np.prod(w.shape)) for name, w in model.weights.items() if name not in shapes)
     cache_shape = module["decode"].inputs[2][1].shape
     kv = plan_kv_cache(KVPlanOptions(None, opts.context, opts.batch, "float16"), cache_shape[0], cache_shape[3],
                        cache_shape[4], 0, 0).bytes
     workspace = peak_activation_bytes(module["prefill"], 16)
     return SearchModel(options, other + kv + workspace, kv, workspace,
-                       sum(a * b for a, b in shapes.values()), shapes)
+                       sum(int(np.prod(s)) for s in shapes.values()), shapes, unit_map)
 
 
 def plan_stats(sm: SearchModel, picked: dict[str, Choice], overhead_s: float) -> dict[str, float]:
@@ -99,7 +106,7 @@ def measured_kld(module, weights: dict[str, np.ndarray], plan: dict[str, str], s
     quantized = dict(weights)
     for name, scheme in plan.items():
         if scheme != KEEP16:
-            quantized[name] = dequantize(quantize_rtn(weights[name], parse_scheme(scheme)))
+            quantized[name] = roundtrip(weights[name], scheme)
     total, count = 0.0, 0
     for sample in samples:
         ref = ReferenceSession(module, weights, len(sample)).prefill(list(sample))
@@ -151,7 +158,7 @@ def run_search(source: str | Path | None, opts: SearchOptions, out: Path,
                             fix="raise --latency or --memory")
     pareto = pareto_front(sm, opts, max_s, overhead_s)
     _measure(model.module, weights, pareto, held_out, opts.measure)
-    plan = {t: c.scheme for t, c in sorted(chosen.items())}
+    plan = expand({t: c.scheme for t, c in sorted(chosen.items())}, sm.units)
     stats = plan_stats(sm, chosen, overhead_s)
     stats["kld_meas"] = measured_kld(model.module, weights, plan, held_out)
     report = {"format": PLAN_FORMAT, "version": 1, "model": str(source) if source else "default",
@@ -181,7 +188,8 @@ def pareto_front(sm: SearchModel, opts: SearchOptions, max_s: float | None, over
         if key in seen:
             continue
         seen.add(key)
-        points.append({**plan_stats(sm, picked, overhead_s), "plan": {t: c.scheme for t, c in picked.items()}})
+        points.append({**plan_stats(sm, picked, overhead_s),
+                       "plan": expand({t: c.scheme for t, c in picked.items()}, sm.units)})
     return points
 
 

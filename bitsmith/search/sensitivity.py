@@ -14,8 +14,7 @@ from tqdm import tqdm
 from bitsmith.compiler.ir import Module
 from bitsmith.compiler.reference import upcast_weights
 from bitsmith.passes.calibrate import initial_envs, linear_inputs, run_segment, split_by_layer
-from bitsmith.passes.quant.rtn import quantize_rtn
-from bitsmith.passes.quant.scheme import dequantize, parse_scheme
+from bitsmith.search.experts import roundtrip
 
 # Why this estimator: the true effect of a scheme on a tensor is the KL divergence of the model's
 # next-token distribution with only that tensor quantized. Measuring it for every (tensor, scheme)
@@ -72,7 +71,7 @@ def measure_sensitivity(module: Module, weights: dict[str, np.ndarray], samples:
     # one reference pass: the env entering every segment, each linear's Hessian, the reference logits
     hessians: dict[str, np.ndarray] = {}
     input_of = {w: v for seg in segments for w, v in linear_inputs(fn, seg).items()}
-    wanted = {input_of[t] for t in tensors}
+    wanted = {input_of[t] for t in tensors if t in input_of}  # a stacked expert tensor has no single input
 
     def observe(value: str, x: np.ndarray) -> None:
         x64 = x.astype(np.float64)
@@ -85,6 +84,8 @@ def measure_sensitivity(module: Module, weights: dict[str, np.ndarray], samples:
         envs = [run_segment(fn, seg, env, weights, observe, wanted) for env in envs]
     ref_logp = [_log_softmax(env[fn.outputs[0]]) for env in envs]
     segment_of = {w: i for i, seg in enumerate(segments) for w in linear_inputs(fn, seg)}
+    segment_of |= {n.attrs["name"]: i for i, seg in enumerate(segments) for n in seg.nodes
+                   if n.op == "weight" and n.attrs["name"] in tensors and n.attrs["name"] not in segment_of}
 
     def kld_with(tensor: str, w_q: np.ndarray) -> float:
         original = weights[tensor]
@@ -100,17 +101,16 @@ def measure_sensitivity(module: Module, weights: dict[str, np.ndarray], samples:
             weights[tensor] = original
         return total / samples.size
 
-    probe = parse_scheme(PROBE)
     kld: dict[str, dict[str, float]] = {}
     probe_kld: dict[str, float] = {}
     for tensor in tqdm(tensors, desc="sensitivity", unit="tensor", leave=False):
         w = weights[tensor]
-        h = hessians[input_of[tensor]]
+        h = hessians.get(input_of.get(tensor, ""))  # experts: rows differ per expert, plain squared error instead
         errors = {}
         for scheme in CANDIDATES + (PROBE,):
-            delta = (w - dequantize(quantize_rtn(w, parse_scheme(scheme)))).astype(np.float64)
-            errors[scheme] = float(np.einsum("ij,jk,ik->", delta, h, delta))
-        probe_kld[tensor] = max(kld_with(tensor, dequantize(quantize_rtn(w, probe))), 0.0)
+            delta = (w - roundtrip(w, scheme)).astype(np.float64)
+            errors[scheme] = float(np.einsum("ij,jk,ik->", delta, h, delta) if h is not None else (delta ** 2).sum())
+        probe_kld[tensor] = max(kld_with(tensor, roundtrip(w, PROBE)), 0.0)
         scale = probe_kld[tensor] / errors[PROBE] if errors[PROBE] > 0 else 0.0
         kld[tensor] = {s: scale * errors[s] for s in CANDIDATES} | {KEEP16: 0.0}
     result = Sensitivity(kld, probe_kld, int(samples.size))

@@ -1,0 +1,52 @@
+"""Experts in the search: a stacked tensor's per-slice RTN round trip, its cost (all experts stored, top_k read per
+token), and one search unit per MoE block (its gate_up and down share a scheme, as the qmoe kernel reads them)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bitsmith.compiler.experts import ExpertWeight
+from bitsmith.passes.quant.rtn import quantize_rtn
+from bitsmith.passes.quant.scheme import dequantize, parse_scheme
+from bitsmith.search.solver import Choice
+
+
+def roundtrip(w: np.ndarray, scheme: str) -> np.ndarray:
+    """RTN quantize + dequantize: [out, in] as one weight, [E, out, in] one expert slice at a time."""
+    s = parse_scheme(scheme)
+    if w.ndim == 3:
+        return np.stack([dequantize(quantize_rtn(w[e], s)) for e in range(w.shape[0])])
+    return dequantize(quantize_rtn(w, s))
+
+
+def expert_choice(expert: ExpertWeight, scheme: str, bytes_one: int, seconds_one: float, kld: float) -> Choice:
+    """One expert slice's bytes / GEMV seconds -> the stacked tensor's: every expert stored, top_k read per token."""
+    return Choice(scheme, bytes_one * expert.experts, seconds_one * expert.top_k, kld)
+
+
+def units(experts: dict[str, ExpertWeight]) -> dict[str, list[str]]:
+    """`layers.N.mlp.experts` -> its stacked tensors (searched as one)."""
+    out: dict[str, list[str]] = {}
+    for name, w in sorted(experts.items()):
+        out.setdefault(f"{w.block}.experts", []).append(name)
+    return out
+
+
+def tie(options: dict[str, list[Choice]], unit_map: dict[str, list[str]]) -> dict[str, list[Choice]]:
+    """The tensors of each unit replaced by the unit: per scheme the sum of their bytes, seconds and KLD."""
+    tied = {k: v for k, v in options.items() if not any(k in ts for ts in unit_map.values())}
+    for unit, tensors in unit_map.items():
+        by_scheme = [{c.scheme: c for c in options[t]} for t in tensors]
+        schemes = [s for s in by_scheme[0] if all(s in b for b in by_scheme)]
+        tied[unit] = [Choice(s, sum(b[s].bytes for b in by_scheme), sum(b[s].seconds for b in by_scheme),
+                             sum(b[s].kld for b in by_scheme)) for s in schemes]
+    return tied
+
+
+def expand(plan: dict[str, str], unit_map: dict[str, list[str]]) -> dict[str, str]:
+    """A plan over units -> over tensors."""
+    out = {}
+    for name, scheme in plan.items():
+        for t in unit_map.get(name, [name]):
+            out[t] = scheme
+    return out
