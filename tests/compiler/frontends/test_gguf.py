@@ -158,10 +158,37 @@ def test_no_tokenizer(tmp_path):
 
 
 def test_other_architecture(tmp_path):
-    write_gguf(tmp_path / "m.gguf", hf_weights(True, seed=5), arch="qwen2")
-    with pytest.raises(BitsmithError, match="'qwen2'") as info:
+    write_gguf(tmp_path / "m.gguf", hf_weights(True, seed=5), arch="bloom")
+    with pytest.raises(BitsmithError, match="GGUF architecture 'bloom' is not supported") as info:
         load_gguf(tmp_path / "m.gguf")
     assert "Hugging Face directory" in str(info.value) and "m.gguf" in str(info.value)
+    assert "gemma3" in str(info.value) and "\n" not in str(info.value).split(" (fix")[0]  # one line, names the others
+
+
+def test_unreadable_tensor_type_names_it(tmp_path):
+    import gguf
+
+    path = tmp_path / "m.gguf"
+    write_gguf(path, hf_weights(True, seed=7))
+    reader = gguf.GGUFReader(path)
+    writer = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
+    for field in reader.fields.values():  # copy the metadata, then the tensors with one as Q8_1 (no dequantizer)
+        if not field.name.startswith("GGUF.") and field.name != "general.architecture":
+            writer.add_key_value(field.name, field.contents(), field.types[0],
+                                 field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+    for tensor in reader.tensors:
+        if tensor.name == "blk.0.attn_v.weight":  # 16 rows of 32: one 40-byte Q8_1 block each
+            raw = np.zeros((KV_HEADS * HEAD_DIM, 40), dtype=np.uint8)
+            writer.add_tensor(tensor.name, raw, raw_dtype=gguf.GGMLQuantizationType.Q8_1)
+        else:
+            writer.add_tensor(tensor.name, np.array(tensor.data).reshape([int(d) for d in reversed(tensor.shape)]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(BitsmithError, match="'blk.0.attn_v.weight' \\(Q8_1\\)") as info:
+        load_gguf(tmp_path / "q.gguf")
+    assert "q.gguf" in str(info.value)
 
 
 def test_not_gguf(tmp_path):
@@ -225,9 +252,10 @@ def test_smollm2_weights_match_transformers(shared_data: Path, smollm2_gguf: Pat
 def test_smollm2_tokenizer_matches_reference(shared_data: Path, smollm2_gguf: Path):
     from tokenizers import Tokenizer
 
-    from bitsmith.compiler.frontends.gguf import _metadata, _open_reader, _tokenizer
+    from bitsmith.compiler.frontends.gguf import _metadata, _open_reader
+    from bitsmith.compiler.frontends.gguf_tokenizer import gguf_tokenizer
 
-    spec = _tokenizer(smollm2_gguf, _metadata(_open_reader(smollm2_gguf), smollm2_gguf))
+    spec = gguf_tokenizer(smollm2_gguf, _metadata(_open_reader(smollm2_gguf), smollm2_gguf))
     assert (spec.bos_token_id, spec.eos_token_ids, spec.add_bos) == (1, (2,), False)
     assert "<|im_start|>" in spec.chat_template
     ours = Tokenizer.from_str(spec.files["tokenizer.json"].decode())

@@ -1,0 +1,185 @@
+"""What each GGUF architecture llama.cpp writes maps back to: an HF model_type, config keys and tensor names."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bitsmith.compiler.frontends.llama2c import interleaved_to_half
+from bitsmith.errors import BitsmithError
+
+FIX_HF = "convert the model to a Hugging Face directory (config.json + safetensors) and compile that"
+
+
+@dataclass(frozen=True)
+class GgufArch:
+    """How llama.cpp's converter wrote one architecture, i.e. what to undo to get the HF checkpoint back."""
+
+    model_type: str  # the transformers model_type the file becomes
+    config: dict[str, str] = field(default_factory=dict)  # "<arch>.KEY" -> HF config key, beyond COMMON_CONFIG
+    blocks: dict[str, str] = field(default_factory=dict)  # blk.N.NAME -> HF suffix under model.layers.N., over BLOCKS
+    defaults: dict[str, Any] = field(default_factory=dict)  # HF config values llama.cpp assumes without storing them
+    permute_qk: bool = False  # q/k rows were permuted into interleaved RoPE pairs (llama.cpp's LlamaModel)
+    norm_shift: float = 0.0  # every *norm.weight was stored as w + shift (Gemma's RMSNorm scales by 1 + w)
+    head_dim_scale: bool = False  # query_pre_attn_scalar = head_dim (llama.cpp's rule for all but Gemma 27B)
+
+
+COMMON_CONFIG = {
+    "context_length": "max_position_embeddings",
+    "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size",
+    "block_count": "num_hidden_layers",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.key_length": "head_dim",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "rope.freq_base": "rope_theta",
+}
+GLOBALS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+BLOCKS = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# Mixture of experts: llama.cpp stores each expert matrix stacked, [n_expert, out, in]; transformers fuses
+# gate and up into one gate_up_proj [n_expert, 2 * ff, hidden] with gate first.
+MOE_BLOCKS = {"ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.gate_up_proj#0",
+              "ffn_up_exps": "mlp.experts.gate_up_proj#1", "ffn_down_exps": "mlp.experts.down_proj"}
+GEMMA2_NORMS = {"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+                "post_ffw_norm": "post_feedforward_layernorm"}
+EXPERTS = {"expert_count": "num_local_experts", "expert_used_count": "num_experts_per_tok"}
+
+# GGUF architecture (general.architecture; "llama+experts" is llama with llama.expert_count > 0) -> its map.
+# The README's architecture table is generated from this dict.
+GGUF_ARCHS: dict[str, GgufArch] = {
+    "llama": GgufArch("llama", permute_qk=True),
+    "llama+experts": GgufArch("mixtral", config=EXPERTS, blocks=MOE_BLOCKS, permute_qk=True),
+    "qwen2": GgufArch("qwen2", defaults={"use_sliding_window": False}),
+    "qwen3": GgufArch("qwen3", defaults={"use_sliding_window": False}),
+    "qwen3moe": GgufArch("qwen3_moe", config={**EXPERTS, "expert_feed_forward_length": "moe_intermediate_size"},
+                         blocks=MOE_BLOCKS, defaults={"norm_topk_prob": True, "decoder_sparse_step": 1,
+                                                      "mlp_only_layers": [], "use_sliding_window": False}),
+    "gemma": GgufArch("gemma", norm_shift=1.0),
+    "gemma2": GgufArch("gemma2", config={"attn_logit_softcapping": "attn_logit_softcapping",
+                                         "final_logit_softcapping": "final_logit_softcapping",
+                                         "attention.sliding_window": "sliding_window"},
+                       blocks=GEMMA2_NORMS, norm_shift=1.0, head_dim_scale=True),
+    "gemma3": GgufArch("gemma3_text", config={"final_logit_softcapping": "final_logit_softcapping",
+                                              "attention.sliding_window": "sliding_window"},
+                       blocks=GEMMA2_NORMS, norm_shift=1.0, head_dim_scale=True),
+    "phi3": GgufArch("phi3", config={"rope.scaling.original_context_length": "original_max_position_embeddings",
+                                     "attention.sliding_window": "sliding_window"},
+                     blocks={"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}),
+}
+_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def arch_key(meta: dict[str, Any], path: Path) -> str:
+    """The GGUF_ARCHS key of a file, or a BitsmithError naming its unsupported architecture."""
+    arch = meta.get("general.architecture")
+    if arch == "llama" and int(meta.get("llama.expert_count", 0) or 0) > 0:
+        return "llama+experts"
+    if arch not in GGUF_ARCHS:
+        supported = ", ".join(sorted(k for k in GGUF_ARCHS if "+" not in k))
+        raise BitsmithError(f"GGUF architecture {arch!r} is not supported (supported: {supported})",
+                            where=str(path), fix=FIX_HF)
+    return arch
+
+
+def _f32(value: Any) -> Any:
+    """A float32 metadata value as its shortest decimal (1e-5, not 9.999999747378752e-06)."""
+    return float(str(np.float32(value))) if isinstance(value, float) else value
+
+
+def hf_config(key: str, meta: dict[str, Any], tensors: dict[str, tuple[int, ...]], path: Path) -> dict[str, Any]:
+    """An HF config.json dict from the metadata (`tensors`: GGUF name -> (out, in) shape)."""
+    spec, arch = GGUF_ARCHS[key], meta["general.architecture"]
+    cfg: dict[str, Any] = {"model_type": spec.model_type, **spec.defaults}
+    for gguf_key, hf_key in {**COMMON_CONFIG, **spec.config}.items():
+        if f"{arch}.{gguf_key}" in meta:
+            cfg[hf_key] = _f32(meta[f"{arch}.{gguf_key}"])
+    for required in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        if required not in cfg:
+            raise BitsmithError(f"GGUF metadata lacks the {arch} key for {required}", where=str(path),
+                                fix="re-convert the model with llama.cpp's convert_hf_to_gguf.py")
+    heads = cfg["num_attention_heads"]
+    cfg.setdefault("num_key_value_heads", heads)
+    head_dim = cfg.setdefault("head_dim", cfg["hidden_size"] // heads)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    cfg["vocab_size"] = len(tokens) if tokens is not None else tensors["token_embd.weight"][0]
+    cfg["tie_word_embeddings"] = "output.weight" not in tensors
+    for name, gguf_name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                            ("pad_token_id", "padding_token_id")):
+        if f"tokenizer.ggml.{gguf_name}" in meta:
+            cfg[name] = int(meta[f"tokenizer.ggml.{gguf_name}"])
+    rope_dims = meta.get(f"{arch}.rope.dimension_count")
+    if key == "phi3":
+        cfg["partial_rotary_factor"] = (int(rope_dims) if rope_dims is not None else head_dim) / head_dim
+        cfg["sliding_window"] = cfg.get("sliding_window") or None  # 0 marks "none" (Phi-4)
+        if "rope_factors_long.weight" in tensors:
+            raise BitsmithError("Phi-3 LongRoPE (rope_factors_long/short) is not supported for GGUF input",
+                                where=str(path), fix=FIX_HF)
+    elif rope_dims is not None and int(rope_dims) != head_dim:
+        raise BitsmithError(f"partial rotary embedding (rope.dimension_count {rope_dims}, head_dim {head_dim})",
+                            where=str(path), fix=FIX_HF)
+    if spec.head_dim_scale:
+        cfg["query_pre_attn_scalar"] = head_dim
+    if key == "gemma3" and not cfg.get("sliding_window"):  # the converter omits the window when no layer slides
+        cfg["layer_types"] = ["full_attention"] * cfg["num_hidden_layers"]
+    scaling = _rope_scaling(arch, meta, path)
+    if scaling is not None:
+        cfg["rope_scaling"] = scaling
+    return cfg
+
+
+def _rope_scaling(arch: str, meta: dict[str, Any], path: Path) -> dict[str, Any] | None:
+    """None or linear scaling; other schemes (yarn, llama3 rope_freqs) are not mapped yet."""
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    if kind == "linear":
+        factor = meta.get(f"{arch}.rope.scaling.factor")
+        if factor is None:
+            raise BitsmithError(f"GGUF metadata lacks {arch + '.rope.scaling.factor'!r}", where=str(path),
+                                fix="re-convert the model with llama.cpp's convert_hf_to_gguf.py")
+        return {"rope_type": "linear", "factor": _f32(factor)}
+    raise BitsmithError(f"RoPE scaling {kind!r} is not supported for GGUF input", where=str(path), fix=FIX_HF)
+
+
+def hf_name(key: str, gguf_name: str, path: Path) -> tuple[str, int | None]:
+    """(HF state-dict name, half of a fused gate_up tensor or None) of a GGUF tensor name."""
+    base, _, kind = gguf_name.rpartition(".")
+    if base in GLOBALS and kind == "weight":
+        return f"{GLOBALS[base]}.weight", None
+    match = _BLOCK.fullmatch(gguf_name)
+    blocks = {**BLOCKS, **GGUF_ARCHS[key].blocks}
+    if match and match.group(2) in blocks:
+        target, _, half = blocks[match.group(2)].partition("#")
+        suffix = "" if target.startswith("mlp.experts.") else f".{match.group(3)}"
+        return f"model.layers.{match.group(1)}.{target}{suffix}", int(half) if half else None
+    fix = "llama3-style RoPE scaling is not supported yet; " + FIX_HF if gguf_name == "rope_freqs.weight" else FIX_HF
+    raise BitsmithError(f"GGUF tensor {gguf_name!r} has no mapping to a {GGUF_ARCHS[key].model_type} weight",
+                        where=str(path), fix=fix)
+
+
+def undo_conversion(key: str, gguf_name: str, w: np.ndarray, cfg: dict[str, Any]) -> np.ndarray:
+    """Undo what llama.cpp's converter did to one dequantized tensor (in HF (out, in) layout)."""
+    spec = GGUF_ARCHS[key]
+    if spec.norm_shift and gguf_name.endswith("norm.weight"):
+        return w - np.float32(spec.norm_shift)
+    if spec.permute_qk and gguf_name.endswith((".attn_q.weight", ".attn_k.weight")):
+        heads = cfg["num_attention_heads"] if ".attn_q." in gguf_name else cfg["num_key_value_heads"]
+        return interleaved_to_half(w, heads)
+    return w

@@ -1,0 +1,140 @@
+"""GGUF files made the way users get them: a tiny random HF model of a family (tests/family_zoo.py), converted by
+llama.cpp's convert_hf_to_gguf.py and quantized by llama_model_quantize, both run in the llama.cpp peer's venv
+(bench/peers/setup_llamacpp.sh). Without that venv the tests that need it skip, saying so."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+VENV = Path(os.environ.get("BITSMITH_LLAMACPP_VENV", Path.home() / ".cache" / "bitsmith" / "llamacpp-venv"))
+VOCAB = 2048  # TinyStories-656K's BPE vocabulary; sentencepiece vocabularies are padded up to it by the converter
+# llama_ftype values (llama.h) of the files the tests make
+FTYPES = {"F32": 0, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_M": 12, "Q4_K_M": 15,
+          "Q5_K_M": 17, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30, "Q4_K_S": 14, "Q5_K_S": 16}
+# K-quants need rows that are multiples of 256 (llama.cpp falls back to other types for narrower tensors)
+WIDE = dict(hidden_size=256, intermediate_size=512, vocab_size=VOCAB, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=64, max_position_embeddings=128)
+FAMILY_OVERRIDES = {  # Gemma 2/3: llama.cpp scales queries by 1/sqrt(head_dim), transformers by query_pre_attn_scalar
+    "gemma2": dict(head_dim=256, num_attention_heads=2, num_key_value_heads=1, query_pre_attn_scalar=256),
+    "gemma3": dict(head_dim=256, num_attention_heads=2, num_key_value_heads=1, query_pre_attn_scalar=256),
+    # transformers' GGUF loader ignores qwen3.attention.key_length and assumes Qwen3's head_dim of 128
+    "qwen3": dict(head_dim=128),
+    "qwen3_moe": dict(head_dim=128, moe_intermediate_size=256),
+    "mixtral": dict(intermediate_size=256),
+}
+SENTENCEPIECE_FAMILIES = ("gemma", "gemma2")  # llama.cpp's Gemma and Gemma 2 converters read tokenizer.model only
+
+# convert_hf_to_gguf.py refuses a BPE tokenizer whose pre-tokenizer hash it does not know (ours is TinyStories'):
+# run it with that check answering "gpt-2" (GPT-2's split, which ours uses) instead of raising.
+_CONVERT = """
+import runpy, sys
+from pathlib import Path
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path[:0] = [str(Path(script).parent), str(Path(script).parent / "gguf-py")]
+from conversion import base
+known = base.TextModel.get_vocab_base_pre
+def get_vocab_base_pre(self, tokenizer):
+    try:
+        return known(self, tokenizer)
+    except NotImplementedError:
+        return "gpt-2"
+base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+runpy.run_path(script, run_name="__main__")
+"""
+_QUANTIZE = """
+import sys, llama_cpp
+llama_cpp.llama_backend_init()
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype, params.nthread, params.pure = int(sys.argv[3]), 2, sys.argv[4] == "pure"
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params))
+"""
+_SENTENCEPIECE = """
+import sys, sentencepiece as spm
+spm.SentencePieceTrainer.train(input=sys.argv[1], model_prefix=sys.argv[2], vocab_size=int(sys.argv[3]),
+                               model_type="bpe", character_coverage=1.0, byte_fallback=True,
+                               user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], minloglevel=2)
+"""
+
+
+def peer() -> tuple[Path, str]:
+    """(venv python, convert_hf_to_gguf.py), or skip the test saying what is missing."""
+    env_file = VENV / "llamacpp.env"
+    if not env_file.exists():
+        pytest.skip(f"no llama.cpp peer at {VENV} (run bench/peers/setup_llamacpp.sh)")
+    env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
+    convert = env.get("LLAMACPP_CONVERT", "")
+    if not Path(convert).exists():
+        pytest.skip(f"no convert_hf_to_gguf.py recorded in {env_file} (rerun setup_llamacpp.sh)")
+    return VENV / "bin" / "python", convert
+
+
+def _run(args: list, what: str, timeout: float = 600) -> None:
+    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{what} failed ({proc.returncode}): {proc.stderr.strip()[-1500:]}")
+
+
+def write_hf_dir(family: str, directory: Path, shared_data: Path, seed: int = 0) -> Path:
+    """A random zoo model of `family`, K-quant wide, saved with a tokenizer convert_hf_to_gguf.py accepts."""
+    from family_zoo import zoo_model
+
+    overrides = {**WIDE, **FAMILY_OVERRIDES.get(family, {})}
+    if family == "phi3":
+        overrides.pop("head_dim")  # Phi-3 derives it
+    model = zoo_model(family, seed=seed, **overrides)
+    model.save_pretrained(directory)
+    if family in SENTENCEPIECE_FAMILIES:
+        python, _ = peer()
+        _run([python, "-c", _SENTENCEPIECE, shared_data / "tinystories-valid-subset" / "tinystories_valid_head.txt",
+              directory / "tokenizer", 1000], "training a sentencepiece tokenizer")
+        (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    else:
+        write_bpe_tokenizer(directory, shared_data / "tinystories-valid-subset" / "tinystories_valid_head.txt")
+    return directory
+
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+
+def write_bpe_tokenizer(directory: Path, text: Path, vocab: int = VOCAB) -> None:
+    """A GPT-2-style byte-level BPE (as Qwen, Llama 3, Phi-4 ship) trained on `text`, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(text)], trainer)
+    tok.save(str(directory / "tokenizer.json"))
+    # GPT2Tokenizer: Phi-3's converter then reads tokenizer.json rather than a sentencepiece tokenizer.model
+    config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
+              "chat_template": TEMPLATE, "add_bos_token": False}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def convert(hf_dir: Path, out: Path, outtype: str = "f32") -> Path:
+    python, script = peer()
+    _run([python, "-c", _CONVERT, script, hf_dir, "--outfile", out, "--outtype", outtype], "convert_hf_to_gguf.py")
+    return out
+
+
+def quantize(src: Path, dst: Path, ftype: str, pure: bool = False) -> Path:
+    python, _ = peer()
+    _run([python, "-c", _QUANTIZE, src, dst, FTYPES[ftype], "pure" if pure else "mixed"],
+         f"llama_model_quantize {ftype}")
+    return dst
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    """GGUF tensor name -> its ggml type name, read back from the file."""
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
