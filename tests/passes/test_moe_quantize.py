@@ -88,3 +88,21 @@ def test_inspect_shows_expert_usage_and_bytes_read_per_token(tmp_path, shared_da
     assert experts["weight_bytes"] - experts["decode_bytes_per_token"] == experts["expert_bytes"] * (1 - 2 / 4)
     text = format_summary(summary)
     assert "a decode token reads" in text and "layers.1.mlp.experts[0..3]" in text and "usage on 256" in text
+
+
+def test_cuda_target_refuses_the_moe_ops_by_name(tmp_path):
+    """No CUDA MoE kernels yet: the compile stops in lower_to_kernels naming the op, no silent fallback."""
+    _, path = _saved(tmp_path)
+    with pytest.raises(BitsmithError, match=r"op router .* has no kernel on target cuda.*builds no RouterSpec") as err:
+        compile_model(path, tmp_path / "art", CompileOptions(target=TargetOptions("cuda"),
+                                                              memory=MemoryOptions(context=64)))
+    assert "--target none" in err.value.fix
+    assert not (tmp_path / "art").exists()
+
+
+def test_memory_plan_counts_every_expert(tmp_path):
+    _, path = _saved(tmp_path)
+    summary, _ = describe(compile_model(path, tmp_path / "art", CompileOptions(memory=MemoryOptions(context=64),
+                                                                                target=NONE)))
+    experts = summary["experts"]
+    assert summary["memory_plan"]["weights"] >= experts["weight_bytes"] > experts["decode_bytes_per_token"]
