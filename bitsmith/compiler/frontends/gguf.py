@@ -16,7 +16,8 @@ from gguf.quants import dequantize
 from tqdm import tqdm
 
 from bitsmith.compiler.frontends.base import Checkpoint, LoadedModel, require_path, sha256_file
-from bitsmith.compiler.frontends.gguf_arch import FIX_HF, GGUF_ARCHS, arch_key, hf_config, hf_name, undo_conversion
+from bitsmith.compiler.frontends.gguf_arch import (FIX_HF, arch_key, hf_config, hf_name, llama3_rope_scaling,
+                                                   undo_conversion)
 from bitsmith.compiler.frontends.gguf_tokenizer import gguf_tokenizer
 from bitsmith.compiler.frontends.hf import HAND_WRITTEN, config_from_hf, tie_embeddings
 from bitsmith.compiler.frontends.hf_files import rope_settings
@@ -55,6 +56,10 @@ def _read(path: Path) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, np
     key = arch_key(meta, path)
     shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
     cfg = hf_config(key, meta, shapes, path)
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:  # llama3 RoPE scaling, stored as its per-frequency divisors
+        cfg["rope_scaling"] = llama3_rope_scaling(np.asarray(freqs.data), cfg.get("rope_theta", 10000.0),
+                                                  cfg["head_dim"], path)
     state, types = _state_dict(reader, key, cfg, path)
     return reader, meta, cfg, state, types
 
@@ -94,6 +99,8 @@ def _state_dict(reader: Any, key: str, cfg: dict[str, Any], path: Path) -> tuple
     types: Counter = Counter()
     bar = tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", leave=False, disable=len(reader.tensors) < 64)
     for tensor in bar:
+        if tensor.name == "rope_freqs.weight":  # read into cfg["rope_scaling"]
+            continue
         name, half = hf_name(key, tensor.name, path)
         types[tensor.tensor_type.name] += 1
         shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists the fastest dimension first

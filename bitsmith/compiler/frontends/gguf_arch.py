@@ -169,9 +169,45 @@ def hf_name(key: str, gguf_name: str, path: Path) -> tuple[str, int | None]:
         target, _, half = blocks[match.group(2)].partition("#")
         suffix = "" if target.startswith("mlp.experts.") else f".{match.group(3)}"
         return f"model.layers.{match.group(1)}.{target}{suffix}", int(half) if half else None
-    fix = "llama3-style RoPE scaling is not supported yet; " + FIX_HF if gguf_name == "rope_freqs.weight" else FIX_HF
     raise BitsmithError(f"GGUF tensor {gguf_name!r} has no mapping to a {GGUF_ARCHS[key].model_type} weight",
-                        where=str(path), fix=fix)
+                        where=str(path), fix=FIX_HF)
+
+
+def llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int, path: Path) -> dict[str, Any]:
+    """The llama3 rope_scaling dict behind llama.cpp's rope_freqs.weight (one divisor per frequency pair).
+
+    The converter stores only the divisors: 1 for short wavelengths, `factor` for long ones and, in between,
+    1 / ((1 - s) / factor + s) with s = orig / wavelen / (high - low) - low / (high - low), linear in 1 / wavelen.
+    A line fitted through the in-between pairs gives the two coefficients; low_freq_factor = 1 (Meta's value) fixes
+    the rest. The result is checked by recomputing every divisor.
+    """
+    factors = np.asarray(factors, dtype=np.float64).reshape(-1)
+    factor = float(factors.max())
+    inv_wavelen = (1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)) / (2 * np.pi)
+    band = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}  # Meta's Llama 3.1 values, when the band is too narrow
+    if band.sum() >= 2 and factor > 1:
+        smooth = (1.0 / factors[band] - 1.0 / factor) / (1.0 - 1.0 / factor)
+        a, b = np.polyfit(inv_wavelen[band], smooth, 1)
+        if b < 0:
+            high = 1.0 - 1.0 / b
+            scaling.update(high_freq_factor=_round(high), original_max_position_embeddings=int(round(-a / b)))
+    if factors.shape != inv_wavelen.shape or not np.allclose(_llama3_factors(scaling, inv_wavelen), factors,
+                                                            rtol=1e-4, atol=0):
+        raise BitsmithError("rope_freqs.weight does not follow llama3 RoPE scaling", where=str(path), fix=FIX_HF)
+    return {**scaling, "factor": _round(factor)}
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+def _llama3_factors(scaling: dict[str, Any], inv_wavelen: np.ndarray) -> np.ndarray:
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    orig, factor = scaling["original_max_position_embeddings"], scaling["factor"]
+    smooth = np.clip((orig * inv_wavelen - low) / (high - low), 0.0, 1.0)
+    return 1.0 / ((1.0 - smooth) / factor + smooth)
 
 
 def undo_conversion(key: str, gguf_name: str, w: np.ndarray, cfg: dict[str, Any]) -> np.ndarray:

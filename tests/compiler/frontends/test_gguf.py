@@ -191,6 +191,25 @@ def test_unreadable_tensor_type_names_it(tmp_path):
     assert "q.gguf" in str(info.value)
 
 
+@pytest.mark.parametrize("scaling", [
+    {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 2.0, "original_max_position_embeddings": 4096}])
+def test_llama3_rope_scaling_from_rope_freqs(scaling):
+    """rope_freqs.weight (llama.cpp's per-frequency divisors) gives back the rope_scaling it was computed from."""
+    from bitsmith.compiler.frontends.gguf_arch import llama3_rope_scaling
+
+    theta, head_dim = 500000.0, 128
+    wavelen = 2 * np.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
+    low, high, orig, factor = (scaling[k] for k in ("low_freq_factor", "high_freq_factor",
+                                                    "original_max_position_embeddings", "factor"))
+    smooth = np.clip((orig / wavelen - low) / (high - low), 0, 1)
+    divisors = (1 / ((1 - smooth) / factor + smooth)).astype(np.float32)
+    assert llama3_rope_scaling(divisors, theta, head_dim, Path("m.gguf")) == {"rope_type": "llama3", **scaling}
+    with pytest.raises(BitsmithError, match="does not follow llama3"):
+        llama3_rope_scaling(divisors[::-1], theta, head_dim, Path("m.gguf"))
+
+
 def test_not_gguf(tmp_path):
     path = tmp_path / "x.gguf"
     path.write_bytes(b"this is not a gguf file at all" * 4)

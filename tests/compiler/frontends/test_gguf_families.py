@@ -19,8 +19,9 @@ from bitsmith.passes.canonicalize import canonical_model
 
 # architectures transformers' GGUF loader reads, and the zoo family that writes each
 WITH_TRANSFORMERS = ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen3_moe"]
-WITHOUT_TRANSFORMERS = ["gemma", "mixtral"]  # transformers reads llama GGUFs with experts as dense llama
-ALL = ["llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "qwen3_moe", "mixtral"]
+# transformers reads llama GGUFs with experts as dense llama, and without rope_freqs (llama3 RoPE scaling)
+WITHOUT_TRANSFORMERS = ["gemma", "mixtral", "llama3"]
+ALL = ["llama", "llama3", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "qwen3_moe", "mixtral"]
 N_NEW = 16
 REL = 1e-4  # teacher-forced logits of our IR vs transformers, both float32, relative to the largest logit
 _LLAMACPP_LOGITS = """
