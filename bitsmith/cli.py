@@ -184,6 +184,17 @@ def compile(model: Path | None, output: Path | None, dtype: str | None, tokenize
 
 
 @main.command()
+@friendly_errors
+def architectures() -> None:
+    """List the model architectures bitsmith compiles, by input format (HF directory, GGUF), and what each gets
+    (quantization methods, host and CUDA kernels, serving). Other decoder-only models transformers knows are
+    traced through torch.export; an op the IR lacks is named in the error."""
+    from bitsmith.compiler.architectures import support_table
+
+    click.echo(support_table())
+
+
+@main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--ir", "show_ir", is_flag=True, help="Print the whole IR (both entry points).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")

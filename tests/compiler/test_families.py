@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bitsmith.errors import BitsmithError
 from bitsmith.pipeline import CompileOptions, MemoryOptions, QuantOptions, compile_model
 from bitsmith.runtime.artifact import load_artifact
 from bitsmith.tools.run import open_session
@@ -108,3 +109,47 @@ def test_calibrated_methods_run_on_every_dense_family(family, tmp_path, shared_d
     rtn, gptq, awq = (r.kld_mean for r in evaluate_many(arts, text, tokens=512, ctx=64, executor="reference"))
     print(f"{family}: int4 g32 KLD rtn {rtn:.2e} gptq {gptq:.2e} awq {awq:.2e}")
     assert 0 < gptq < rtn and 0 < awq <= AWQ_VS_RTN * rtn
+
+
+@pytest.mark.parametrize("family", sorted(ZOO))
+def test_cuda_target_lowers_every_family_as_the_registry_says(family, tmp_path):
+    """Every kernel the family lowers to for CUDA is one the CUDA target builds (lowering checks each spec against
+    the target; nvcc is not run here: tests/codegen/test_gpu_kernels.py builds the families)."""
+    from bitsmith.compiler.architectures import BY_MODEL_TYPE
+    from bitsmith.compiler.loader import load_model
+    from bitsmith.pipeline import TargetOptions, run_pipeline
+
+    model = zoo_model(family)
+    model.save_pretrained(tmp_path)
+    options = CompileOptions(memory=MEMORY, target=TargetOptions("cuda"))
+    if BY_MODEL_TYPE[model.config.model_type].cuda:
+        _, ctx = run_pipeline(load_model(tmp_path), options)
+        assert ctx.lowered is not None and ctx.lowered.specs
+    else:
+        with pytest.raises(BitsmithError, match="no kernel on target cuda"):
+            run_pipeline(load_model(tmp_path), options)
+
+
+def test_registry_lists_exactly_the_families_tested_here():
+    from bitsmith.compiler.architectures import ARCHITECTURES
+    from family_zoo import zoo_config
+
+    assert {zoo_config(f).model_type for f in ZOO} == {a.model_type for a in ARCHITECTURES}
+
+
+def test_readme_table_is_the_registry():
+    from bitsmith.compiler.architectures import support_table
+    from conftest import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    table = readme.split("<!-- architectures:begin -->\n")[1].split("\n<!-- architectures:end -->")[0]
+    assert table == support_table(), "regenerate the README table from `bitsmith architectures`"
+
+
+def test_cli_lists_the_architectures():
+    from click.testing import CliRunner
+
+    from bitsmith.cli import main
+
+    result = CliRunner().invoke(main, ["architectures"])
+    assert result.exit_code == 0 and "| Gemma 2 | `gemma2` | torch.export |" in result.output
