@@ -142,3 +142,36 @@ def test_windowed_families_on_rings_match_transformers(family, overrides, tmp_pa
     session = open_session(art, "compiled")
     ours = np.concatenate([session.prefill(ids[:22])] + [session.decode(t)[None] for t in ids[22:]])
     assert np.abs(ours - ref).max() / np.abs(ref).max() < RTOL
+
+
+@pytest.mark.parametrize("scale, window, softcap", [(0.25, 0, 0.0), (0.2, 3, 0.0), (0.5, 0, 2.0), (0.3, 4, 1.5)])
+def test_custom_op_is_transformers_eager_attention(scale, window, softcap):
+    """bitsmith::attention's eager body (what torch.export records, and what the IR op is) against transformers'
+    own eager attention with its causal / sliding-window mask, on GQA shapes."""
+    import torch
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    from bitsmith.compiler.frontends.hf_attention import register
+
+    register()
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 6, 9, 8), torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)
+    pos = torch.arange(9)
+    visible = (pos[None, :] <= pos[:, None]) & ((pos[None, :] > pos[:, None] - window) if window else True)
+    mask = torch.where(visible, 0.0, float("-inf"))[None, None]
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.training = 3, False
+    expect, _ = eager_attention_forward(module, q, k, v, mask, scaling=scale, softcap=softcap or None)
+    got = torch.ops.bitsmith.attention(q, k, v, scale, window, softcap).transpose(1, 2)
+    torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-6)
+
+
+def test_attention_sinks_are_refused():
+    import torch
+
+    from bitsmith.compiler.frontends.hf_attention import _hf_attention
+    from bitsmith.errors import BitsmithError
+
+    q = torch.zeros(1, 2, 3, 4)
+    with pytest.raises(BitsmithError, match="attention sinks"):
+        _hf_attention(torch.nn.Module(), q, q, q, None, scaling=0.5, s_aux=torch.zeros(2))
