@@ -30,7 +30,8 @@ from bitsmith.passes.quant.awq import quantize_awq, search_awq_scales
 from bitsmith.passes.quant.gptq import HessianAccumulator, gptq_factor, quantize_gptq
 from bitsmith.passes.quant.packing import pack
 from bitsmith.passes.quant.rtn import quantize_rtn
-from bitsmith.passes.quantize_experts import is_stacked, quantize_experts_rtn, refuse_calibrated
+from bitsmith.passes.quantize_experts import (ExpertHessians, gptq_experts, is_stacked, quantize_experts_rtn,
+                                              refuse_awq)
 from bitsmith.passes.quant.scheme import QuantizedWeight, QuantScheme, dequantize
 from bitsmith.passes.rewrite import producers
 from bitsmith.runtime.packed_layout import packed_shape, unpack
@@ -143,9 +144,9 @@ class QuantizeWeights(Pass):
                     else:
                         quantize_rtn_streamed(ctx, name, scheme, pool)
             return module
-        refuse_calibrated(experts, plan)
-        for name in experts:  # dequantized stand-ins while the other layers calibrate, dropped at the end
-            quantize_experts_rtn(ctx, name, plan.pop(name), packed_names(name), standin=True)
+        refuse_awq(experts, plan)
+        for name in [n for n in experts if plan[n].method == "rtn"]:  # dequantized stand-ins while the layers
+            quantize_experts_rtn(ctx, name, plan.pop(name), packed_names(name), standin=True)  # calibrate
         if not plan:
             for name in experts:
                 del ctx.weights[name]
@@ -157,16 +158,21 @@ class QuantizeWeights(Pass):
         envs = initial_envs(module, ctx.calibration, caches=CALIBRATION_THREADS)
         segments = split_by_layer(module)
         targets_of = [{w: v for w, v in linear_inputs(fn, seg).items() if w in plan} for seg in segments]
-        last = max(i for i, t in enumerate(targets_of) if t)  # later segments (e.g. the logits) need not run
-        for seg, targets in tqdm(list(zip(segments, targets_of))[:last + 1], desc="quantizing layers", leave=False):
+        moe_of = [gptq_experts(fn, seg.nodes, plan) for seg in segments]  # GPTQ experts: Hessians per expert
+        last = max(i for i, (t, m) in enumerate(zip(targets_of, moe_of)) if t or m)  # later segments need not run
+        for seg, targets, moe in tqdm(list(zip(segments, targets_of, moe_of))[:last + 1], desc="quantizing layers",
+                                      leave=False):
             dense = set(linear_inputs(fn, seg))
-            if targets:
+            if targets or moe:
                 stats = InputStats({v for w, v in targets.items() if plan[w].method == "gptq"},
                                    {v for w, v in targets.items() if plan[w].method == "awq"})
+                hessians = ExpertHessians(moe, ctx.weights)
                 weights = SegmentWeights(ctx.weights, dense)
-                run_samples(fn, seg, envs, weights, stats, set(targets.values()))
+                observe = (lambda v, x: (stats(v, x), hessians(v, x))) if moe else stats
+                run_samples(fn, seg, envs, weights, observe, set(targets.values()) | hessians.observed)
                 del weights
                 self._quantize_segment(fn, targets, plan, stats, ctx)
+                hessians.quantize(ctx, plan, packed_names, self.damp, self.act_order)
             weights = SegmentWeights(ctx.weights, dense)
             envs = run_samples(fn, seg, envs, weights)
             del weights
