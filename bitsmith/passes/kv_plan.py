@@ -48,7 +48,9 @@ class KVPlanOptions:
     concurrency: int = 4  # sequences expected at once, each up to max_context tokens
     kv_dtype: str = "auto"  # auto: float16 unless the budget forces int8
     block_size: int = 16
-    chunk_rows: int = 64  # the most rows one kernel call writes (the largest step): a ring holds window + that
+    # the most rows one kernel call writes (lower_to_kernels' largest step, PREFILL_ROWS): a ring holds the
+    # window + that many positions; lower_to_kernels refuses larger steps on a plan with rings
+    chunk_rows: int = 64
 
     def to_json(self) -> dict:
         return asdict(self)

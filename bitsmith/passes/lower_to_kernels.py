@@ -24,6 +24,7 @@ from bitsmith.passes.lower_moe import MOE_OPS, lower_moe
 from bitsmith.passes.manager import Pass
 from bitsmith.runtime.arena import round_up
 from bitsmith.runtime.interleave import x16_name
+from bitsmith.runtime.kv_cache import ring_blocks_needed
 from bitsmith.runtime.schedule import BufferSlot, KernelCall, Schedule
 
 PREFILL_ROWS = 64  # prefill runs in chunks of this many tokens (the last one padded)
@@ -430,6 +431,12 @@ class LowerToKernels(Pass):
             raise BitsmithError("the module has no KV plan", where="pass lower_to_kernels",
                                 fix="run plan_kv_cache before lower_to_kernels")
         plan = KVPlan.from_json(module.meta["kv_plan"])
+        windows = [w for w in plan.layer_windows if w]
+        if plan.ring_blocks and ring_blocks_needed(max(windows), max(self.batch_rows), plan.block_size) > plan.ring_blocks:
+            raise BitsmithError(f"steps of {max(self.batch_rows)} rows overrun the windowed layers' ring of "
+                                f"{plan.ring_blocks} blocks (planned for window {max(windows)})",
+                                where="pass lower_to_kernels",
+                                fix=f"plan the KV cache with KVPlanOptions(chunk_rows={max(self.batch_rows)})")
         specs: dict[str, Any] = {}
         constants: dict[str, dict[str, Any]] = {}
         # every op must get a kernel: an artifact without kernels is asked for (--target none), never a fallback

@@ -104,3 +104,16 @@ def test_a_budget_counts_the_rings_and_gives_the_rest_to_global_layers():
     mistral = plan_kv_cache(KVPlanOptions(10 * MiB + 2 * rings, 4096, 2, "float16"), 2, 2, 64, 10 * MiB, 0,
                             (512, 512))
     assert mistral.bytes == 2 * rings and mistral.num_blocks >= 2 * 256
+
+
+def test_steps_longer_than_the_ring_allows_are_refused():
+    from bitsmith.passes.lower_to_kernels import LowerToKernels
+
+    plan = plan_kv_cache(KVPlanOptions(None, 1024, 1, "float32", chunk_rows=16), 2, 2, 16, 0, 0, (8, 0))
+    assert plan.ring_blocks == (8 + 16 - 2) // 16 + 2 == 3
+
+    class Module:
+        meta = {"kv_plan": plan.to_json()}
+
+    with pytest.raises(BitsmithError, match="overrun the windowed layers' ring.*chunk_rows=64"):
+        LowerToKernels().run(Module(), PassContext({}))
