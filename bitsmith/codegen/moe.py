@@ -122,6 +122,8 @@ class MoeSpec:
             problems.append(f"{self.bits}-bit expert weights (use 2, 4 or 8, or dense float)")
         elif self.group_size != -1 and (self.group_size % LANES or self.group_size <= 0):
             problems.append(f"group size {self.group_size} (per channel, or a multiple of {LANES})")
+        if self.experts * 2 * self.inter * self.hidden >= 1 << 31:  # element offsets are int32
+            problems.append(f"{self.experts} x {2 * self.inter} x {self.hidden} expert weights (at most 2^31 - 1)")
         refuse(problems, "moe", fix="quantize experts with 2/4/8 bits per channel or in groups of 32/64/128")
 
     @property

@@ -73,3 +73,15 @@ def test_moe_kernels_are_refused_on_cuda():
         resolve_target("cuda_sm_90a").check(MoeSpec(1, 8, 2, 64, 32))
     with pytest.raises(BitsmithError, match="3-bit expert weights"):
         MoeSpec(1, 8, 2, 64, 32, bits=3)
+
+
+def test_unchosen_experts_are_never_touched():
+    """Decode reads only the chosen experts: with every other expert's weights NaN the output is still exact."""
+    x, w, idx, gate_up, down = _case(1, 8, 2, 64, 32, seed=5)
+    poisoned = [a.copy() for a in (gate_up, down)]
+    for a in poisoned:
+        a[np.setdiff1d(np.arange(8), idx[0])] = np.nan
+    y = np.zeros_like(x)
+    call_kernel(MoeSpec(1, 8, 2, 64, 32), [x, w, idx, *poisoned], [y])
+    ref = moe_reference(x, w, idx, lambda e: (gate_up[e], down[e]))
+    assert np.isfinite(y).all() and np.abs(y - ref).max() / np.abs(ref).max() < RTOL
