@@ -14,8 +14,9 @@ import pytest
 VENV = Path(os.environ.get("BITSMITH_LLAMACPP_VENV", Path.home() / ".cache" / "bitsmith" / "llamacpp-venv"))
 VOCAB = 2048  # TinyStories-656K's BPE vocabulary; sentencepiece vocabularies are padded up to it by the converter
 # llama_ftype values (llama.h) of the files the tests make
-FTYPES = {"F32": 0, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_M": 12, "Q4_K_M": 15,
-          "Q5_K_M": 17, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30, "Q4_K_S": 14, "Q5_K_S": 16}
+FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_M": 12,
+          "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q6_K": 18, "IQ4_NL": 25, "IQ3_S": 26, "IQ4_XS": 30, "BF16": 32,
+          "TQ1_0": 36, "TQ2_0": 37}
 # K-quants need rows that are multiples of 256 (llama.cpp falls back to other types for narrower tensors)
 WIDE = dict(hidden_size=256, intermediate_size=512, vocab_size=VOCAB, num_attention_heads=4, num_key_value_heads=2,
             head_dim=64, max_position_embeddings=128)
@@ -59,6 +60,43 @@ import sys, sentencepiece as spm
 spm.SentencePieceTrainer.train(input=sys.argv[1], model_prefix=sys.argv[2], vocab_size=int(sys.argv[3]),
                                model_type="bpe", character_coverage=1.0, byte_fallback=True,
                                user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], minloglevel=2)
+"""
+
+
+# ggml types llama_model_quantize refuses without an importance matrix, which its C++ API takes as a std::map:
+# these are quantized tensor by tensor through ggml_quantize_chunk (equal importance for every column).
+_GGML_QUANTIZE = """
+import ctypes, sys
+import numpy as np
+import gguf
+src, dst, libdir, kind = sys.argv[1:5]
+T = gguf.GGMLQuantizationType[kind]
+lib = ctypes.CDLL(f"{libdir}/libggml-base.so")
+lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                    ctypes.c_int64, ctypes.c_void_p]
+reader = gguf.GGUFReader(src)
+writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
+for field in reader.fields.values():
+    if not field.name.startswith("GGUF.") and field.name != "general.architecture":
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub)
+block, size = gguf.GGML_QUANT_SIZES[T]
+for t in reader.tensors:
+    x = np.ascontiguousarray(np.array(t.data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)]))
+    if x.ndim == 2 and x.shape[1] % block == 0:
+        out = np.zeros((x.shape[0], x.shape[1] // block * size), dtype=np.uint8)
+        imatrix = np.ones(x.shape[1], dtype=np.float32)
+        n = lib.ggml_quantize_chunk(int(T), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1],
+                                    imatrix.ctypes.data)
+        assert n == out.nbytes, (n, out.nbytes)
+        writer.add_tensor(t.name, out, raw_dtype=T)
+    else:
+        writer.add_tensor(t.name, x)
+writer.write_header_to_file()
+writer.write_kv_data_to_file()
+writer.write_tensors_to_file()
+writer.close()
 """
 
 
@@ -131,6 +169,23 @@ def quantize(src: Path, dst: Path, ftype: str, pure: bool = False) -> Path:
     _run([python, "-c", _QUANTIZE, src, dst, FTYPES[ftype], "pure" if pure else "mixed"],
          f"llama_model_quantize {ftype}")
     return dst
+
+
+def quantize_with_imatrix(src: Path, dst: Path, kind: str) -> Path:
+    """Every matrix of the F32 GGUF `src` as ggml type `kind` (IQ1_S ... IQ3_XXS), with an all-ones importance matrix."""
+    python, _ = peer()
+    env = dict(line.split("=", 1) for line in (VENV / "llamacpp.env").read_text().splitlines() if "=" in line)
+    _run([python, "-c", _GGML_QUANTIZE, src, dst, env.get("LLAMACPP_LIBDIR", ""), kind], f"ggml_quantize_chunk {kind}")
+    return dst
+
+
+def make_family(folder: Path, family: str, shared_data: Path) -> Path:
+    """folder/hf (the random model), F32.gguf, Q4_K_M.gguf and Q8_0.gguf of `family`."""
+    write_hf_dir(family, folder / "hf", shared_data)
+    convert(folder / "hf", folder / "F32.gguf")
+    for kind in ("Q4_K_M", "Q8_0"):
+        quantize(folder / "F32.gguf", folder / f"{kind}.gguf", kind)
+    return folder
 
 
 def tensor_types(path: Path) -> dict[str, str]:

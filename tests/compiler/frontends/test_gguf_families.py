@@ -44,12 +44,7 @@ def made_cache(tmp_path_factory):
 
     def make(family: str, shared_data: Path) -> Path:
         if family not in cache:
-            folder = tmp_path_factory.mktemp(family)
-            peer.write_hf_dir(family, folder / "hf", shared_data)
-            peer.convert(folder / "hf", folder / "F32.gguf")
-            for kind in ("Q4_K_M", "Q8_0"):
-                peer.quantize(folder / "F32.gguf", folder / f"{kind}.gguf", kind)
-            cache[family] = folder
+            cache[family] = peer.make_family(tmp_path_factory.mktemp(family), family, shared_data)
         return cache[family]
 
     return make
