@@ -28,7 +28,8 @@ FAMILY_OVERRIDES = {  # Gemma 2/3: llama.cpp scales queries by 1/sqrt(head_dim),
     "qwen3_moe": dict(head_dim=128, moe_intermediate_size=256),
     "mixtral": dict(intermediate_size=256),
 }
-SENTENCEPIECE_FAMILIES = ("gemma", "gemma2")  # llama.cpp's Gemma and Gemma 2 converters read tokenizer.model only
+# Gemma 1-3 and Phi-3 ship sentencepiece vocabularies (llama.cpp's Gemma and Gemma 2 converters read nothing else)
+SENTENCEPIECE_FAMILIES = ("gemma", "gemma2", "gemma3", "phi3")
 
 # convert_hf_to_gguf.py refuses a BPE tokenizer whose pre-tokenizer hash it does not know (ours is TinyStories'):
 # run it with that check answering "gpt-2" (GPT-2's split, which ours uses) instead of raising.
@@ -131,7 +132,8 @@ def write_hf_dir(family: str, directory: Path, shared_data: Path, seed: int = 0)
         python, _ = peer()
         _run([python, "-c", _SENTENCEPIECE, shared_data / "tinystories-valid-subset" / "tinystories_valid_head.txt",
               directory / "tokenizer", 1000], "training a sentencepiece tokenizer")
-        (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+        config = {"tokenizer_class": "LlamaTokenizer", "chat_template": TEMPLATE}  # Phi-3's converter reads the class
+        (directory / "tokenizer_config.json").write_text(json.dumps(config))
     else:
         write_bpe_tokenizer(directory, shared_data / "tinystories-valid-subset" / "tinystories_valid_head.txt")
     return directory
