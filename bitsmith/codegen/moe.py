@@ -190,16 +190,39 @@ class MoeSpec:
         n = len(self.weight_shapes()) // 2
 
         @T.macro
-        def dot(acc, a, row, wrow, n_in):  # sum_k a[row, k] * wrow[k], V lanes at a time, then the rest
-            for l in T.vectorized(V):
+        def dot(acc, a, row, wrow, n_in):  # sum_k a[row, k] * wrow[k]: 4 independent V-lane chains, then the rest
+            for l in T.vectorized(4 * V):
                 acc[l] = T.float32(0)
-            for kb in range(n_in // V):
+            for kb in range(n_in // (4 * V)):
+                for u in T.unroll(4):
+                    for l in T.vectorized(V):
+                        acc[u * V + l] = acc[u * V + l] + a[row, (kb * 4 + u) * V + l] * wrow[(kb * 4 + u) * V + l]
+            for kb in range(n_in // (4 * V) * 4, n_in // V):
                 for l in T.vectorized(V):
                     acc[l] = acc[l] + a[row, kb * V + l] * wrow[kb * V + l]
             for l in range(n_in // V * V, n_in):
                 acc[0] = acc[0] + a[row, l] * wrow[l]
-            for l in range(1, V):
+            for l in range(1, 4 * V):
                 acc[0] = acc[0] + acc[l]
+
+        @T.macro
+        def dot4(acc, a, r0, r1, r2, r3, wrow, n_in):  # four rows against one wrow: each wrow load serves 4 FMAs
+            for l in T.vectorized(4 * V):
+                acc[l] = T.float32(0)
+            for kb in range(n_in // V):
+                for l in T.vectorized(V):
+                    acc[l] = acc[l] + a[r0, kb * V + l] * wrow[kb * V + l]
+                    acc[V + l] = acc[V + l] + a[r1, kb * V + l] * wrow[kb * V + l]
+                    acc[2 * V + l] = acc[2 * V + l] + a[r2, kb * V + l] * wrow[kb * V + l]
+                    acc[3 * V + l] = acc[3 * V + l] + a[r3, kb * V + l] * wrow[kb * V + l]
+            for l in range(n_in // V * V, n_in):
+                acc[0] = acc[0] + a[r0, l] * wrow[l]
+                acc[V] = acc[V] + a[r1, l] * wrow[l]
+                acc[2 * V] = acc[2 * V] + a[r2, l] * wrow[l]
+                acc[3 * V] = acc[3 * V] + a[r3, l] * wrow[l]
+            for i in range(4):
+                for l in range(1, V):
+                    acc[i * V] = acc[i * V] + acc[i * V + l]
 
         @T.macro
         def project(src, dst, cnt, order, full, S, block, rest, n_out, n_in, row_of):
@@ -207,7 +230,7 @@ class MoeSpec:
             # a weight row is unpacked once into wrow, then dotted with each routed row
             for c in T.parallel((n_out + CHUNK - 1) // CHUNK):
                 wrow = T.alloc_buffer((n_in,), "float32", scope="local")
-                acc = T.alloc_buffer((V,), "float32", scope="local")
+                acc = T.alloc_buffer((4 * V,), "float32", scope="local")
                 for e in range(E):
                     if cnt[e] > 0:
                         for oo in range(CHUNK):
@@ -218,7 +241,12 @@ class MoeSpec:
                                             wrow[kb * LANES * S + j * LANES + l] = block(e, c * CHUNK + oo, kb, j, l)
                                 for k in range(full * LANES * S, n_in):
                                     wrow[k] = rest(e, c * CHUNK + oo, k)
-                                for t in range(cnt[e]):
+                                for t4 in range(cnt[e] // 4):  # 4 routed rows per pass over wrow
+                                    dot4(acc, src, row_of(order[e, t4 * 4]), row_of(order[e, t4 * 4 + 1]),
+                                         row_of(order[e, t4 * 4 + 2]), row_of(order[e, t4 * 4 + 3]), wrow, n_in)
+                                    for i in range(4):
+                                        dst[order[e, t4 * 4 + i], c * CHUNK + oo] = acc[i * V]
+                                for t in range(cnt[e] // 4 * 4, cnt[e]):
                                     dot(acc, src, row_of(order[e, t]), wrow, n_in)
                                     dst[order[e, t], c * CHUNK + oo] = acc[0]
 
