@@ -225,6 +225,20 @@ class MoeSpec:
                     acc[i * V] = acc[i * V] + acc[i * V + l]
 
         @T.macro
+        def fused_dot(acc, a, row, e, o, full, S, block, rest, n_in):  # one routed row: no unpacked copy
+            for l in T.vectorized(4 * V):
+                acc[l] = T.float32(0)
+            for kb in range(full):
+                for j in T.unroll(S):  # slot j into chain j % 4 (4 chains from 4 slots on 8-bit, 8 on 4-bit)
+                    for l in T.vectorized(LANES):
+                        acc[j % 4 * V + l] = acc[j % 4 * V + l] + a[row, kb * LANES * S + j * LANES + l] * block(
+                            e, o, kb, j, l)
+            for k in range(full * LANES * S, n_in):
+                acc[0] = acc[0] + a[row, k] * rest(e, o, k)
+            for l in range(1, 4 * V):
+                acc[0] = acc[0] + acc[l]
+
+        @T.macro
         def project(src, dst, cnt, order, full, S, block, rest, n_out, n_in, row_of):
             # dst[slot, o] = src[row or slot] . W_e[o, :] for every slot routed to e, weight rows in parallel blocks;
             # a weight row is unpacked once into wrow, then dotted with each routed row
@@ -234,7 +248,10 @@ class MoeSpec:
                 for e in range(E):
                     if cnt[e] > 0:
                         for oo in range(CHUNK):
-                            if c * CHUNK + oo < n_out:
+                            if c * CHUNK + oo < n_out and cnt[e] == 1:  # decode: unpack straight into the dot
+                                fused_dot(acc, src, row_of(order[e, 0]), e, c * CHUNK + oo, full, S, block, rest, n_in)
+                                dst[order[e, 0], c * CHUNK + oo] = acc[0]
+                            elif c * CHUNK + oo < n_out:
                                 for kb in range(full):
                                     for j in T.unroll(S):
                                         for l in T.vectorized(LANES):
