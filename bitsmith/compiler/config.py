@@ -74,7 +74,9 @@ class ModelConfig:
         return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["layer_windows"] = list(self.layer_windows)  # as JSON gives it back: a manifest round-trips equal
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ModelConfig":

@@ -40,17 +40,18 @@ def test_options_choose_the_passes_and_every_list_is_in_order(case):
     assert canonical == ["eliminate_dead_code", *after_canonicalize]
     traced = [p.name for p in default_passes(options, models["traced"])]
     assert traced == [p.name for p in CANONICALIZE] + after_canonicalize
-    assert traced[:10] == ["eliminate_dead_code", "fuse_silu", "fuse_gelu", "fuse_linear_bias", "fuse_rmsnorm",
-                          "fuse_rope", "fuse_router", "simplify_layout", "derive_decode", "eliminate_dead_code"]
+    assert traced[:11] == ["eliminate_dead_code", "fold_weight_expressions", "fuse_silu", "fuse_gelu",
+                          "fuse_linear_bias", "fuse_rmsnorm", "fuse_rope", "fuse_router", "simplify_layout",
+                          "derive_decode", "eliminate_dead_code"]
     for model in models.values():
         check_order(default_passes(options, model), module_facts(model.module))
 
 
 def test_the_pipeline_prints_by_phase():
     assert describe_pipeline(GPTQ_LM_HEAD).splitlines() == [
-        "canonicalize   traced input: eliminate_dead_code, fuse_silu, fuse_gelu, fuse_linear_bias,",
-        "                 fuse_rmsnorm, fuse_rope, fuse_router, simplify_layout, derive_decode,",
-        "                 eliminate_dead_code",
+        "canonicalize   traced input: eliminate_dead_code, fold_weight_expressions, fuse_silu, fuse_gelu,",
+        "                 fuse_linear_bias, fuse_rmsnorm, fuse_rope, fuse_router, simplify_layout,",
+        "                 derive_decode, eliminate_dead_code",
         "               canonical input: eliminate_dead_code",
         "precision      untie_lm_head, assign_precision",
         "quantize/pack  quantize_weights, cast_weights, pack_weights",
