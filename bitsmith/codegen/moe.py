@@ -249,7 +249,8 @@ class MoeSpec:
                     if cnt[e] > 0:
                         for oo in range(CHUNK):
                             if c * CHUNK + oo < n_out and cnt[e] == 1:  # decode: unpack straight into the dot
-                                fused_dot(acc, src, row_of(order[e, 0]), e, c * CHUNK + oo, full, S, block, rest, n_in)
+                                r = row_of(order[e, 0])
+                                fused_dot(acc, src, r, e, c * CHUNK + oo, full, S, block, rest, n_in)
                                 dst[order[e, 0], c * CHUNK + oo] = acc[0]
                             elif c * CHUNK + oo < n_out:
                                 for kb in range(full):
@@ -259,12 +260,16 @@ class MoeSpec:
                                 for k in range(full * LANES * S, n_in):
                                     wrow[k] = rest(e, c * CHUNK + oo, k)
                                 for t4 in range(cnt[e] // 4):  # 4 routed rows per pass over wrow
-                                    dot4(acc, src, row_of(order[e, t4 * 4]), row_of(order[e, t4 * 4 + 1]),
-                                         row_of(order[e, t4 * 4 + 2]), row_of(order[e, t4 * 4 + 3]), wrow, n_in)
+                                    r0 = row_of(order[e, t4 * 4])  # bound once, not reloaded in the loop
+                                    r1 = row_of(order[e, t4 * 4 + 1])
+                                    r2 = row_of(order[e, t4 * 4 + 2])
+                                    r3 = row_of(order[e, t4 * 4 + 3])
+                                    dot4(acc, src, r0, r1, r2, r3, wrow, n_in)
                                     for i in range(4):
                                         dst[order[e, t4 * 4 + i], c * CHUNK + oo] = acc[i * V]
                                 for t in range(cnt[e] // 4 * 4, cnt[e]):
-                                    dot(acc, src, row_of(order[e, t]), wrow, n_in)
+                                    rt = row_of(order[e, t])
+                                    dot(acc, src, rt, wrow, n_in)
                                     dst[order[e, t], c * CHUNK + oo] = acc[0]
 
         @T.macro
