@@ -28,6 +28,12 @@ FAMILY_OVERRIDES = {  # Gemma 2/3: llama.cpp scales queries by 1/sqrt(head_dim),
     "qwen3_moe": dict(head_dim=128, moe_intermediate_size=256),
     "mixtral": dict(intermediate_size=256),
 }
+# variants: name -> (zoo family, overrides). Gemma 3 4B+ scales RoPE linearly on its global layers only, every 6th
+# (a GGUF does not store the pattern: llama.cpp and transformers both assume 5 sliding layers, then 1 global)
+VARIANTS = {"gemma3_rope8": ("gemma3", {"num_hidden_layers": 6, "layer_types": ["sliding_attention"] * 5 + [
+    "full_attention"], "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                           "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                              "rope_theta": 1000000.0}}})}
 # Gemma 1-3 and Phi-3 ship sentencepiece vocabularies (llama.cpp's Gemma and Gemma 2 converters read nothing else)
 SENTENCEPIECE_FAMILIES = ("gemma", "gemma2", "gemma3", "phi3")
 
@@ -123,7 +129,8 @@ def write_hf_dir(family: str, directory: Path, shared_data: Path, seed: int = 0)
     """A random zoo model of `family`, K-quant wide, saved with a tokenizer convert_hf_to_gguf.py accepts."""
     from family_zoo import zoo_model
 
-    overrides = {**WIDE, **FAMILY_OVERRIDES.get(family, {})}
+    family, extra = VARIANTS.get(family, (family, {}))
+    overrides = {**WIDE, **FAMILY_OVERRIDES.get(family, {}), **extra}
     if family == "phi3":
         overrides.pop("head_dim")  # Phi-3 derives it
     model = zoo_model(family, seed=seed, **overrides)

@@ -18,10 +18,15 @@ from bitsmith.compiler.frontends.gguf import gguf_hf_checkpoint, load_gguf
 from bitsmith.passes.canonicalize import canonical_model
 
 # architectures transformers' GGUF loader reads, and the zoo family that writes each
-WITH_TRANSFORMERS = ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen3_moe"]
+WITH_TRANSFORMERS = ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_rope8", "phi3", "qwen3_moe"]
 # transformers reads llama GGUFs with experts as dense llama, and without rope_freqs (llama3 RoPE scaling)
 WITHOUT_TRANSFORMERS = ["gemma", "mixtral", "llama3"]
-ALL = ["llama", "llama3", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "qwen3_moe", "mixtral"]
+# transformers' GGUF loader ignores gemma2.attn_logit_softcapping / final_logit_softcapping (it keeps Gemma 2's
+# defaults, 50 and 30), qwen3moe.expert_feed_forward_length (768) and gemma3.rope.scaling.*: it is given the config
+# the file was converted from (the weights still come from the GGUF)
+CONFIG_FROM_HF = ("gemma2", "qwen3_moe", "gemma3_rope8")
+ALL = ["llama", "llama3", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_rope8", "phi3", "qwen3_moe",
+       "mixtral"]
 N_NEW = 16
 REL = 1e-4  # teacher-forced logits of our IR vs transformers, both float32, relative to the largest logit
 _LLAMACPP_LOGITS = """
@@ -92,10 +97,7 @@ def transformers_from_gguf(path: Path, family: str):
     import torch
     import transformers
 
-    # transformers' GGUF loader ignores gemma2.attn_logit_softcapping / final_logit_softcapping (it keeps Gemma 2's
-    # defaults, 50 and 30) and qwen3moe.expert_feed_forward_length (768): give it the config the file was converted
-    # from; the weights still come from the GGUF
-    config = transformers.AutoConfig.from_pretrained(path.parent / "hf") if family in ("gemma2", "qwen3_moe") else None
+    config = transformers.AutoConfig.from_pretrained(path.parent / "hf") if family in CONFIG_FROM_HF else None
     return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config,
                                                              dtype=torch.float32).eval()
 
