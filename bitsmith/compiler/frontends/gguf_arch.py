@@ -83,6 +83,10 @@ GGUF_ARCHS: dict[str, GgufArch] = {
                                      "attention.sliding_window": "sliding_window"},
                      blocks={"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}),
 }
+# ggml tensor types that load (dequantized to float32 by the gguf package), each checked against llama.cpp's own
+# output on the same file (tests/compiler/frontends/test_gguf_types.py); any other is refused, naming it
+GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+              "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0")
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 

@@ -29,6 +29,12 @@ TYPES = {
 NEEDS_IMATRIX = ("IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
 
 
+def test_the_registry_lists_exactly_the_tested_types():
+    from bitsmith.compiler.frontends.gguf_arch import GGUF_TYPES
+
+    assert set(GGUF_TYPES) == {kind for kind, _ in TYPES.values()} | {"F32"}
+
+
 @pytest.fixture(scope="module")
 def llama_f32(tmp_path_factory):
     folder: dict = {}
