@@ -60,3 +60,16 @@ def expert_weights(module: Module) -> dict[str, ExpertWeight]:
                 name = name.removesuffix(".qweight")
             found[name] = ExpertWeight(name, block_of(name), int(e), int(top_k), int(out_f), int(in_f))
     return found
+
+
+def router_weights(module: Module) -> set[str]:
+    """Weights of the linears whose output is a `router`'s logits (`layers.N.mlp.gate.weight`)."""
+    fn = module["decode"] if "decode" in module.functions else module["prefill"]
+    weight_of = {n.outputs[0]: n.attrs["name"] for n in fn.nodes if n.op == "weight"}
+    producer = {n.outputs[0]: n for n in fn.nodes}
+    out = set()
+    for node in fn.nodes:
+        src = producer.get(node.inputs[0]) if node.op == "router" else None
+        if src is not None and src.op in ("linear", "qlinear") and src.inputs[1] in weight_of:
+            out.add(weight_of[src.inputs[1]])
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
+from bitsmith.compiler.experts import router_weights
 from bitsmith.compiler.ir import Module
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.base import PassContext
@@ -56,7 +57,7 @@ def matches_pattern(pattern: str, name: str) -> bool:
 
 @dataclass(frozen=True)
 class AssignPrecision(Pass):
-    """Default policy: keep lm_head and the first and last decoder layers 16-bit, quantize the rest."""
+    """Default policy: keep lm_head, the first and last decoder layers and MoE routers 16-bit, quantize the rest."""
 
     default: QuantScheme
     keep_default: bool = True
@@ -70,10 +71,11 @@ class AssignPrecision(Pass):
         candidates = linear_weights(module)
         layers = [i for n in module.weights if (i := layer_index(n)) is not None]
         edge = {min(layers), max(layers)} if layers else set()
+        routers = router_weights(module)  # MoE routers: E x hidden, tiny, and a rounding flips expert choices
         plan: dict[str, QuantScheme | None] = {}
         for name in candidates:
             is_edge = layer_index(name) in edge or layer_index(name) is None  # lm_head has no layer
-            plan[name] = KEEP if self.keep_default and is_edge else self.default
+            plan[name] = KEEP if self.keep_default and (is_edge or name in routers) else self.default
         for pattern, scheme in self.overrides:
             self._apply(plan, pattern, KEEP if scheme in KEEP_SCHEMES else override_scheme(scheme, self.default))
         for pattern in self.keep:  # an explicit --keep wins over any --scheme

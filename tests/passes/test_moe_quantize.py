@@ -126,3 +126,11 @@ def test_memory_plan_counts_every_expert(tmp_path):
                                                                                 target=NONE)))
     experts = summary["experts"]
     assert summary["memory_plan"]["weights"] >= experts["weight_bytes"] > experts["decode_bytes_per_token"]
+
+
+def test_default_policy_keeps_routers_16_bit(tmp_path):
+    _, path = _saved(tmp_path, num_hidden_layers=3)
+    plan = run_pipeline(load_model(path), CompileOptions(quant=QuantOptions("rtn", bits=4), target=NONE))[0].meta[
+        "precision_plan"]
+    assert plan["layers.1.mlp.gate.weight"] is None  # a middle layer's router: kept by the default policy
+    assert plan["layers.1.mlp.experts.gate_up_proj"]["bits"] == 4 and plan["layers.1.self_attn.q_proj.weight"]
