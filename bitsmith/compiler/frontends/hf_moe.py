@@ -79,20 +79,37 @@ def traceable_experts(model: Any) -> Iterator[None]:
 
 
 INPLACE = ("add_", "sub_", "mul_", "div_")
+# ops whose result may share storage with their input: an in-place op on one also changes the base tensor
+VIEWS = ("view", "reshape", "_unsafe_view", "slice", "select", "transpose", "permute", "expand", "unsqueeze",
+         "squeeze", "flatten", "as_strided", "t", "alias", "diagonal", "unfold", "narrow", "split", "chunk",
+         "split_with_sizes", "unbind")
+
+
+def _packet_name(node: Any) -> str:
+    packet = getattr(getattr(node, "target", None), "overloadpacket", None)
+    return getattr(packet, "__name__", "") if getattr(node, "op", "") == "call_function" else ""
 
 
 def inplace_as_values(graph: Any) -> None:
     """`x /= s` (aten.div_, as a non-strict export keeps it): later readers of x read the in-place op's result,
-    so the op becomes an ordinary value (the routers' top-k renormalisation is written this way)."""
+    so the op becomes an ordinary value (the routers' top-k renormalisation is written this way). Only for
+    add_/sub_/mul_/div_ where x owns its storage (not a view, not a graph input); any other in-place op is
+    refused here, live or not: the IR would otherwise silently read x as it was before the write."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in list(graph.nodes):
-        packet = getattr(getattr(node, "target", None), "overloadpacket", None)
-        if node.op != "call_function" or getattr(packet, "__name__", "") not in INPLACE:
+        name = _packet_name(node)
+        if not name.endswith("_") or name.startswith("_"):
             continue
         x = node.args[0]
+        if name not in INPLACE or x.op != "call_function" or _packet_name(x) in VIEWS:
+            trace = (node.meta.get("stack_trace") or "").strip().splitlines()
+            raise BitsmithError(f"in-place aten.{name} on {'a view' if x.op == 'call_function' else 'an input'} "
+                                "is not supported", where=trace[-1].strip() if trace else f"node {node.name}",
+                                fix="write it out of place (y = x * s instead of x.mul_(s))")
         for user in list(x.users):
             if user is not node and order[user] > order[node]:
                 user.replace_input_with(x, node)
+        node.meta["bitsmith_inplace_as_value"] = True
 
 
 class MoeLowering:
@@ -115,11 +132,24 @@ class MoeLowering:
         axes = [self.axis(x, d, node) for d in dims]
         return self.emit(node, "sum", [x.name], x.batched, axes=axes, keepdim=bool(keep))
 
-    def op_div_(self, node: Any) -> Val:  # in place: inplace_as_values made later readers read this node
-        return self.binary(node, "div")
+    def _inplace(self, node: Any, op: str) -> Val:
+        """An in-place op that inplace_as_values turned into a value (it refused every other)."""
+        if not node.meta.get("bitsmith_inplace_as_value"):
+            raise BitsmithError(f"in-place {node.target} was not rewritten", where=self.locate(node),
+                                fix="run inplace_as_values on the exported graph first")
+        return self.binary(node, op)
+
+    def op_div_(self, node: Any) -> Val:
+        return self._inplace(node, "div")
 
     def op_mul_(self, node: Any) -> Val:
-        return self.binary(node, "mul")
+        return self._inplace(node, "mul")
+
+    def op_add_(self, node: Any) -> Val:
+        return self._inplace(node, "add")
+
+    def op_sub_(self, node: Any) -> Val:
+        return self._inplace(node, "sub")
 
     def op_moe_experts(self, node: Any) -> Val:
         x, idx, w, gate_up, down = (self.arg(node, i, n) for i, n in

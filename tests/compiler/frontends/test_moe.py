@@ -50,3 +50,24 @@ def test_router_reference_matches_torch():
     np.testing.assert_allclose(w, (values / values.sum(-1, keepdim=True)).numpy(), rtol=1e-6)
     v, i = topk_last(logits, 3)
     np.testing.assert_array_equal(i, torch.topk(torch.tensor(logits), 3, dim=-1).indices.numpy())
+
+
+def test_an_in_place_write_through_a_view_is_refused():
+    """`x /= s` on a fresh tensor (the routers) becomes a value; through a view the IR would silently read the
+    base as it was before the write, so the trace stops and names the line."""
+    from bitsmith.compiler.frontends.torch_export import trace_module
+    from bitsmith.errors import BitsmithError
+
+    class ScaledHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = torch.nn.Embedding(32, 16), torch.nn.Linear(16, 32, bias=False)
+
+        def forward(self, input_ids):
+            h = self.emb(input_ids) * 1.0
+            h[..., :4].mul_(2.0)
+            return self.head(h)
+
+    with pytest.raises(BitsmithError, match="in-place aten.mul_ on a view") as err:
+        trace_module(ScaledHead(), EXAMPLE)
+    assert "h[..., :4].mul_(2.0)" in err.value.where
