@@ -19,9 +19,18 @@ def roundtrip(w: np.ndarray, scheme: str) -> np.ndarray:
     return dequantize(quantize_rtn(w, s))
 
 
-def expert_choice(expert: ExpertWeight, scheme: str, bytes_one: int, seconds_one: float, kld: float) -> Choice:
-    """One expert slice's bytes / GEMV seconds -> the stacked tensor's: every expert stored, top_k read per token."""
-    return Choice(scheme, bytes_one * expert.experts, seconds_one * expert.top_k, kld)
+def active_experts(expert: ExpertWeight, frequency: list[float] | None, batch: int) -> float:
+    """Expected distinct experts a decode step of `batch` rows reads: sum_e 1 - (1 - f_e)^batch, f_e the share of
+    tokens routed to e (measured on the calibration tokens; uniform top_k / E without). top_k at batch 1."""
+    freq = frequency or [expert.top_k / expert.experts] * expert.experts
+    return float(sum(1 - (1 - min(f, 1.0)) ** batch for f in freq))
+
+
+def expert_choice(expert: ExpertWeight, scheme: str, bytes_one: int, seconds_one: float, kld: float,
+                  active: float) -> Choice:
+    """One expert slice's bytes / GEMV seconds -> the stacked tensor's: every expert stored, `active` read per step
+    (each chosen expert once, its rows batched)."""
+    return Choice(scheme, bytes_one * expert.experts, seconds_one * active, kld)
 
 
 def units(experts: dict[str, ExpertWeight]) -> dict[str, list[str]]:

@@ -22,7 +22,8 @@ from bitsmith.passes.kv_plan import KVPlanOptions, plan_kv_cache
 from bitsmith.passes.plan_kv_cache import peak_activation_bytes
 from bitsmith.passes.quant.scheme import parse_scheme
 from bitsmith.search.cost import LatencyTable, tensor_bytes
-from bitsmith.search.experts import expand, expert_choice, roundtrip, tie, units
+from bitsmith.passes.expert_usage import measure_usage
+from bitsmith.search.experts import active_experts, expand, expert_choice, roundtrip, tie, units
 from bitsmith.search.sensitivity import CANDIDATES, KEEP16, measure_sensitivity
 from bitsmith.search.solver import Choice, minimum_bytes, solve
 
@@ -68,7 +69,9 @@ def fixed_tensors(module, opts: SearchOptions) -> set[str]:
     return {name for name, s in plan.items() if s is KEEP}
 
 
-def build_search_model(model, opts: SearchOptions, sens, latency: LatencyTable) -> SearchModel:
+def build_search_model(model, opts: SearchOptions, sens, latency: LatencyTable,
+                       usage: dict[str, dict] | None = None) -> SearchModel:
+    """`usage`: measured expert usage per MoE block (measure_usage); without it experts are used uniformly."""
     module = model.module
     tensors = linear_weights(module)
     fixed16 = fixed_tensors(module, opts)
@@ -80,8 +83,11 @@ def build_search_model(model, opts: SearchOptions, sens, latency: LatencyTable) 
         schemes = [KEEP16] if t in fixed16 else [KEEP16, *CANDIDATES]
         options[t] = [Choice(s, tensor_bytes(out_f, in_f, s), latency.seconds(out_f, in_f, s, opts.batch),
                              sens.kld[t][s] if t in sens.kld else 0.0) for s in schemes]
-        if t in experts:
-            options[t] = [expert_choice(experts[t], c.scheme, c.bytes, c.seconds, c.kld) for c in options[t]]
+        if t in experts:  # one slice's GEMV (its rows of the batch), times the experts a step reads
+            ex = experts[t]
+            active = active_experts(ex, (usage or {}).get(ex.block, {}).get("frequency"), opts.batch)
+            options[t] = [expert_choice(ex, c.scheme, c.bytes, latency.seconds(out_f, in_f, c.scheme, 1), c.kld, active)
+                          for c in options[t]]
     unit_map = units({t: experts[t] for t in tensors if t in experts})
     options = tie(options, unit_map)  # a block's gate_up and down take one scheme (the qmoe kernel reads both)
     other = sum(2 * int(np.prod(w.shape)) for name, w in model.weights.items() if name not in shapes)
@@ -141,7 +147,8 @@ def run_search(source: str | Path | None, opts: SearchOptions, out: Path,
     tensors = [t for t in linear_weights(model.module) if t not in fixed16]  # fixed ones need no sensitivity
     sens = measure_sensitivity(model.module, weights, samples, tensors, cache, model_hash(model.source), log)
     latency = LatencyTable(cache)
-    sm = build_search_model(model, opts, sens, latency)
+    usage = measure_usage(model.module, weights, samples) if expert_weights(model.module) else {}
+    sm = build_search_model(model, opts, sens, latency, usage)
     if overhead_s is None:  # non-GEMV work per step: lm_head (a dense GEMV), attention, norms, ... (estimated)
         overhead_s = _overhead_estimate(model, opts, latency)
     budget = opts.memory - sm.fixed_bytes
@@ -164,7 +171,8 @@ def run_search(source: str | Path | None, opts: SearchOptions, out: Path,
     report = {"format": PLAN_FORMAT, "version": 1, "model": str(source) if source else "default",
               "model_hash": model_hash(model.source), "method": "rtn", "weights": plan,
               "options": asdict(opts), "predicted": stats, "pareto": pareto, "spearman": _spearman(pareto),
-              "seconds": round(time.time() - t0, 1), "fixed_bytes": sm.fixed_bytes, "kv_bytes": sm.kv_bytes}
+              "seconds": round(time.time() - t0, 1), "fixed_bytes": sm.fixed_bytes, "kv_bytes": sm.kv_bytes,
+              **({"expert_usage": usage} if usage else {})}
     write_outputs(report, out)
     return report
 

@@ -1,5 +1,6 @@
 """The bit-width search on a mixture of experts: a block's experts are one search unit (gate_up and down share a
-scheme), all experts are stored (bytes) but only top_k are read per token (latency), and the plan compiles."""
+scheme), all experts are stored (bytes) but only those a step's rows chose are read (latency, from the measured
+usage), and the plan compiles."""
 
 from __future__ import annotations
 
@@ -30,7 +31,17 @@ def test_search_sees_experts_and_its_plan_compiles(tmp_path, shared_data):
     choice = {c.scheme: c for c in sm.options[UNIT]}["int4-g32"]
     assert choice.bytes == 4 * (tensor_bytes(256, 64, "int4-g32") + tensor_bytes(64, 128, "int4-g32"))
     assert abs(choice.seconds - 2 * (latency.seconds(256, 64, "int4-g32", 1) + latency.seconds(64, 128, "int4-g32", 1))) < 1e-12
+    # a batch of 4 reads each expert some row chose: 4 x (1 - (1 - 2/4)^4) = 3.75 expected, measured usage if given
+    batched = build_search_model(loaded, SearchOptions(**{**opts.__dict__, "batch": 4}), Sensitivity({}, {}, 0), latency)
+    one = latency.seconds(256, 64, "int4-g32", 1) + latency.seconds(64, 128, "int4-g32", 1)
+    assert abs({c.scheme: c for c in batched.options[UNIT]}["int4-g32"].seconds - 3.75 * one) < 1e-12
+    skewed = {"layers.0.mlp": {"frequency": [1.0, 1.0, 0.0, 0.0]}}  # two experts take every token
+    sm2 = build_search_model(loaded, SearchOptions(**{**opts.__dict__, "batch": 4}), Sensitivity({}, {}, 0), latency,
+                             skewed)
+    assert abs({c.scheme: c for c in sm2.options[UNIT]}["int4-g32"].seconds - 2 * one) < 1e-12
     report = run_search(tmp_path / "hf", opts, tmp_path / "plan.json")
+    usage = report["expert_usage"]["layers.1.mlp"]
+    assert usage["tokens"] == 2 * 32 and abs(sum(usage["frequency"]) - 2) < 1e-2
     plan = report["weights"]
     for layer in (0, 1):
         assert plan[f"layers.{layer}.mlp.experts.gate_up_proj"] == plan[f"layers.{layer}.mlp.experts.down_proj"]
