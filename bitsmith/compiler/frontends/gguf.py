@@ -1,8 +1,4 @@
-"""GGUF checkpoints (llama, qwen2/3, gemma 1-3, phi3, MoE) into dequantized float32 weights, IR and a tokenizer.
-
-The architectures with a hand-written IR (llama, qwen2, qwen3) become a Checkpoint; the others are mapped back
-to a transformers config + state dict and traced through torch.export (see gguf_arch.GGUF_ARCHS).
-"""
+"""GGUF files of the architectures in gguf_arch.GGUF_ARCHS into float32 weights, IR and a tokenizer."""
 
 from __future__ import annotations
 
@@ -28,7 +24,8 @@ _FIX_FILE = "re-download the GGUF, or check that the path is a GGUF file"
 
 
 def load_gguf(path: str | Path) -> Checkpoint | LoadedModel:
-    """Load a GGUF of an architecture in GGUF_ARCHS: dequantized float32 weights, config, tokenizer.json."""
+    """Load a GGUF: llama, qwen2 and qwen3 become a Checkpoint of the hand-written IR; the other architectures are
+    mapped back to their transformers model (config + dequantized state dict) and traced through torch.export."""
     path = require_path(path, "GGUF file")
     reader, meta, cfg, state, types = _read(path)
     source = {"path": str(path), "format": "gguf", "files": {path.name: sha256_file(path)},
