@@ -281,7 +281,8 @@ def test_targets_declare_the_families_they_build():
     """CPUs build every family the lowering can emit; GPUs all but the int8-activation matmuls, and every
     family a GPU builds has a GPU definition."""
     assert set(CPU_FAMILIES) == set(families.__all__)
-    assert set(CPU_FAMILIES) - set(GPU_FAMILIES) == {"QGemvI8Spec", "QGemvX16Spec"}
+    # int8-activation GEMVs need AVX-512 VNNI; the MoE router and expert kernels have no CUDA schedule yet
+    assert set(CPU_FAMILIES) - set(GPU_FAMILIES) == {"QGemvI8Spec", "QGemvX16Spec", "RouterSpec", "MoeSpec"}
     assert resolve_target("cuda").families == GPU_FAMILIES and host_target().families == CPU_FAMILIES
     assert all(hasattr(getattr(families, name), "gpu_definition") for name in GPU_FAMILIES)
     assert resolve_target("cuda").activations == ("float32",) and "float32" in host_target().activations

@@ -218,7 +218,7 @@ def test_print_passes_shows_the_phased_list_and_dump_ir_every_pass(cli_artifact)
     proc = bitsmith("compile", "--print-passes", "--method", "gptq", "--scheme", "lm_head=int8", "--target", "host")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("canonicalize   traced input: eliminate_dead_code, fuse_silu")
+    assert lines[0].startswith("canonicalize   traced input: eliminate_dead_code, fold_weight_expressions, fuse_silu")
     precision = next(i for i, line in enumerate(lines) if line.startswith("precision"))  # after the wrapped list
     assert lines[precision:] == ["precision      untie_lm_head, assign_precision",
                          "quantize/pack  quantize_weights, cast_weights, pack_weights",
