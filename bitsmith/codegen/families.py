@@ -7,11 +7,12 @@ from bitsmith.codegen.gemv import GemvSpec
 from bitsmith.codegen.gemv_int8 import QGemvI8Spec
 from bitsmith.codegen.gemv_x16 import QGemvX16Spec
 from bitsmith.codegen.norm_rope import AddRmsNormSpec, LayerNormSpec, RmsNormSpec, RopeSpec
+from bitsmith.codegen.moe import MoeSpec, RouterSpec
 from bitsmith.codegen.paged_attention import PagedAttentionSpec
 from bitsmith.codegen.scalar_slice import ScalarSpec, SliceSpec
 
 __all__ = [
     "AddRmsNormSpec", "BiasAddSpec", "BinarySpec", "EmbeddingSpec", "GeluMulSpec", "GemmSpec", "GemvSpec",
-    "LayerNormSpec", "PagedAttentionSpec", "QEmbeddingSpec", "QGemvI8Spec", "QGemvX16Spec", "RmsNormSpec", "RopeSpec",
-    "ScalarSpec", "SiluMulSpec", "SliceSpec", "UnarySpec",
+    "LayerNormSpec", "MoeSpec", "PagedAttentionSpec", "QEmbeddingSpec", "QGemvI8Spec", "QGemvX16Spec", "RmsNormSpec",
+    "RopeSpec", "RouterSpec", "ScalarSpec", "SiluMulSpec", "SliceSpec", "UnarySpec",
 ]
