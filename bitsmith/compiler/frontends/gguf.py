@@ -144,14 +144,26 @@ def _traced(cfg: dict[str, Any], state: dict[str, np.ndarray], tokenizer: Any, s
     if config.tie_word_embeddings:
         model.tie_weights()
     model.eval()
-    try:
-        theta, scaling = rope_settings(cfg)
-        rope = [{"theta": theta, "scaling": scaling}] if scaling else []
-    except BitsmithError:  # a RoPE kind the IR op lacks: left unfused (still correct)
-        rope = []
+    rope = [{"theta": theta, "scaling": scaling} for theta, scaling in _rope_kinds(cfg) if scaling]
     module, weights = trace_module(model, torch.arange(2, 10), rope, meta={"architecture": model_type})
     config_json = {**cfg, "architecture": model_type, "max_position": cfg.get("max_position_embeddings", 2048)}
     return LoadedModel(module, weights, tokenizer, config_json, source, dtype)
+
+
+def _rope_kinds(cfg: dict[str, Any]) -> list[tuple[float, dict[str, Any] | None]]:
+    """(theta, scaling) of each RoPE in the config: one, or one per layer kind (Gemma 3's rope_parameters)."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and params and all(isinstance(p, dict) for p in params.values()):
+        configs = [{"rope_parameters": p} for p in params.values()]
+    else:
+        configs = [cfg]
+    kinds = []
+    for config in configs:
+        try:
+            kinds.append(rope_settings(config))
+        except BitsmithError:  # a RoPE kind the IR op lacks: left unfused (still correct)
+            continue
+    return kinds
 
 
 def _storage_dtype(reader: Any) -> str:

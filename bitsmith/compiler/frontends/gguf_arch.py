@@ -25,7 +25,9 @@ class GgufArch:
     defaults: dict[str, Any] = field(default_factory=dict)  # HF config values llama.cpp assumes without storing them
     permute_qk: bool = False  # q/k rows were permuted into interleaved RoPE pairs (llama.cpp's LlamaModel)
     norm_shift: float = 0.0  # every *norm.weight was stored as w + shift (Gemma's RMSNorm scales by 1 + w)
-    head_dim_scale: bool = False  # query_pre_attn_scalar = head_dim (llama.cpp's rule for all but Gemma 27B)
+    # queries are scaled by 1/sqrt(head_dim), except by 1/sqrt(hidden / heads) in the 27B model, which llama.cpp
+    # recognises by this layer count (the file stores no scale): Gemma 2 and 3's query_pre_attn_scalar
+    query_scale_27b_layers: int | None = None
 
 
 COMMON_CONFIG = {
@@ -75,10 +77,10 @@ GGUF_ARCHS: dict[str, GgufArch] = {
     "gemma2": GgufArch("gemma2", config={"attn_logit_softcapping": "attn_logit_softcapping",
                                          "final_logit_softcapping": "final_logit_softcapping",
                                          "attention.sliding_window": "sliding_window"},
-                       blocks=GEMMA2_NORMS, norm_shift=1.0, head_dim_scale=True),
+                       blocks=GEMMA2_NORMS, norm_shift=1.0, query_scale_27b_layers=46),
     "gemma3": GgufArch("gemma3_text", config={"final_logit_softcapping": "final_logit_softcapping",
                                               "attention.sliding_window": "sliding_window"},
-                       blocks=GEMMA2_NORMS, norm_shift=1.0, head_dim_scale=True),
+                       blocks=GEMMA2_NORMS, norm_shift=1.0, query_scale_27b_layers=62),
     "phi3": GgufArch("phi3", config={"rope.scaling.original_context_length": "original_max_position_embeddings",
                                      "attention.sliding_window": "sliding_window"},
                      blocks={"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}),
@@ -138,12 +140,17 @@ def hf_config(key: str, meta: dict[str, Any], tensors: dict[str, tuple[int, ...]
     elif rope_dims is not None and int(rope_dims) != head_dim:
         raise BitsmithError(f"partial rotary embedding (rope.dimension_count {rope_dims}, head_dim {head_dim})",
                             where=str(path), fix=FIX_HF)
-    if spec.head_dim_scale:
-        cfg["query_pre_attn_scalar"] = head_dim
-    if key == "gemma3" and not cfg.get("sliding_window"):  # the converter omits the window when no layer slides
-        cfg["layer_types"] = ["full_attention"] * cfg["num_hidden_layers"]
+    if spec.query_scale_27b_layers is not None:
+        is_27b = cfg["num_hidden_layers"] == spec.query_scale_27b_layers
+        cfg["query_pre_attn_scalar"] = cfg["hidden_size"] // heads if is_27b else head_dim
     scaling = _rope_scaling(arch, meta, path)
-    if scaling is not None:
+    if key == "gemma3":  # RoPE per layer kind: local layers have their own base (10000 unless the file says)
+        full = {"rope_type": "default", "rope_theta": cfg.pop("rope_theta", 1000000.0), **(scaling or {})}
+        local = {"rope_type": "default", "rope_theta": _f32(meta.get(f"{arch}.rope.freq_base_swa", 10000.0))}
+        cfg["rope_parameters"] = {"sliding_attention": local, "full_attention": full}
+        if not cfg.get("sliding_window"):  # the converter omits the window when no layer slides
+            cfg["layer_types"] = ["full_attention"] * cfg["num_hidden_layers"]
+    elif scaling is not None:
         cfg["rope_scaling"] = scaling
     return cfg
 

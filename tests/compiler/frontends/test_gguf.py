@@ -210,6 +210,39 @@ def test_llama3_rope_scaling_from_rope_freqs(scaling):
         llama3_rope_scaling(divisors[::-1], theta, head_dim, Path("m.gguf"))
 
 
+def gemma_meta(arch: str, layers: int, hidden: int, **extra) -> dict:
+    return {"general.architecture": arch, f"{arch}.block_count": layers, f"{arch}.embedding_length": hidden,
+            f"{arch}.attention.head_count": 32, f"{arch}.attention.key_length": 128,
+            f"{arch}.feed_forward_length": 4 * hidden, **extra}
+
+
+@pytest.mark.parametrize("arch, layers, hidden, scalar", [("gemma2", 42, 3584, 128), ("gemma2", 46, 4608, 144),
+                                                          ("gemma3", 34, 2560, 128), ("gemma3", 62, 5376, 168)])
+def test_gemma_query_scale_follows_llamacpp(arch, layers, hidden, scalar):
+    """Gemma 2/3 27B scale queries by hidden / heads, the others by head_dim; llama.cpp tells them by layer count."""
+    from bitsmith.compiler.frontends.gguf_arch import hf_config
+
+    cfg = hf_config(arch, gemma_meta(arch, layers, hidden), {"token_embd.weight": (256, hidden)}, Path("m.gguf"))
+    assert cfg["query_pre_attn_scalar"] == scalar and cfg["head_dim"] == 128
+
+
+def test_gemma3_rope_per_layer_kind():
+    from bitsmith.compiler.frontends.gguf_arch import hf_config
+
+    meta = gemma_meta("gemma3", 34, 2560, **{"gemma3.rope.freq_base": 1e6, "gemma3.rope.freq_base_swa": 5e4,
+                                              "gemma3.rope.scaling.type": "linear", "gemma3.rope.scaling.factor": 8.0,
+                                              "gemma3.attention.sliding_window": 1024})
+    cfg = hf_config("gemma3", meta, {"token_embd.weight": (256, 2560)}, Path("m.gguf"))
+    assert cfg["rope_parameters"] == {"sliding_attention": {"rope_type": "default", "rope_theta": 5e4},
+                                      "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}
+    assert cfg["sliding_window"] == 1024 and "layer_types" not in cfg  # llama.cpp's pattern: 5 local, 1 global
+    import transformers
+
+    config = transformers.AutoConfig.for_model(**cfg)
+    assert config.layer_types[:6] == ["sliding_attention"] * 5 + ["full_attention"]
+    assert config.rope_parameters["full_attention"]["factor"] == 8.0
+
+
 def test_not_gguf(tmp_path):
     path = tmp_path / "x.gguf"
     path.write_bytes(b"this is not a gguf file at all" * 4)
