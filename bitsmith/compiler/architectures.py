@@ -60,7 +60,7 @@ def support_table() -> str:
             "|---|---|---|---|---|---|---|---|---|"]
     for a in ARCHITECTURES:
         gguf = ", ".join(f"`{g}`" for g in gguf_names(a.model_type)) or "no"
-        quant = "RTN (per expert), GPTQ/AWQ on the dense layers" if a.moe else "RTN, GPTQ, AWQ"
+        quant = "RTN, GPTQ (experts: per expert; AWQ refused)" if a.moe else "RTN, GPTQ, AWQ"
         rows.append(f"| {a.name} | `{a.model_type}` | {hf_route(a.model_type)} | {gguf} | {quant} | yes | "
                     f"{'yes' if a.cuda else 'no'} | yes | {a.exercises} |")
     return "\n".join(rows)
