@@ -10,8 +10,6 @@ import networkx as nx
 import numpy as np
 
 from bitsmith.codegen import families as k
-from bitsmith.codegen.gemv_int8 import I8_MAX_BATCH
-from bitsmith.codegen.gemv_x16 import x16_problems
 from bitsmith.codegen.spec_checks import DENSE_DTYPE_BITS
 from bitsmith.codegen.target import Target, resolve_target, weight_dtype
 from bitsmith.compiler.analysis import topological_order
@@ -20,15 +18,14 @@ from bitsmith.compiler.ops.llm import rope_inv_freq
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.base import Lowered, PassContext
 from bitsmith.passes.kv_plan import KVPlan
+from bitsmith.passes.lower_linear import GEMM_MIN_ROWS, lower_linear  # noqa: F401 (GEMM_MIN_ROWS re-exported)
 from bitsmith.passes.lower_moe import MOE_OPS, lower_moe
 from bitsmith.passes.manager import Pass
 from bitsmith.runtime.arena import round_up
-from bitsmith.runtime.interleave import x16_name
 from bitsmith.runtime.kv_cache import ring_blocks_needed
 from bitsmith.runtime.schedule import BufferSlot, KernelCall, Schedule
 
 PREFILL_ROWS = 64  # prefill runs in chunks of this many tokens (the last one padded)
-GEMM_MIN_ROWS = 16  # from here the dequant-GEMM beats the batched GEMV per token (bench/kernels.md)
 
 
 def _prod(shape: tuple[int, ...]) -> int:
@@ -179,7 +176,7 @@ def _lower_node(st: _Lowering, index: int, node: Node) -> None:
         st.emit(spec, [st.arg(ins[0], (rows, dim)), *[st.arg(v) for v in ins[1:]], st.define(out, shape=(rows, dim))],
                 out)
     elif op in ("linear", "qlinear"):
-        _lower_linear(st, node)
+        lower_linear(st, node)
     elif op in MOE_OPS:
         lower_moe(st, node)
     elif op == "rope":
@@ -261,58 +258,6 @@ def _add_norm_partner(st: _Lowering, value: str) -> int | None:
         if node.op == "rmsnorm" and node.inputs[0] == value and len(node.inputs) == 2:
             return user
     return None
-
-
-def _matmul_spec(k: Any, n_out: int, n_in: int, bits: int, group: int, sym: bool, rows: int,
-                 int8_activations: bool = False, bf16: bool = False) -> Any:
-    """Few rows: the fused dequant-GEMV (reads each weight byte once), with int8 activations and VNNI
-    dot products for 4/8-bit weights when allowed (bandwidth-bound instead of FMA-bound); from
-    GEMM_MIN_ROWS rows the dequant-GEMM (a weight tile dequantized once, then an FMA micro-kernel).
-    The VNNI kernel also beats the GEMM on many rows, where it transposes 4 blocks of codes at a time
-    (chunks): on SmolLM2's int4 layers at 16 and 64 rows, on its int8 lm_head at 16 and ties it at 64
-    (bench/kernels.md), so it takes every row count it has. Where rows are a multiple of 16 and inputs of
-    32 the interleaved-layout kernel (QGemvX16Spec) takes its place: it reads the weights from DRAM in less
-    time at 4-64 rows and the same at 1 (bench/serve.md)."""
-    if int8_activations and bits in (4, 8) and rows <= I8_MAX_BATCH:
-        if not x16_problems(n_out, n_in, bits, group):
-            return k.QGemvX16Spec(n_out, n_in, bits, group, sym, rows)
-        return k.QGemvI8Spec(n_out, n_in, bits, group, sym, rows)
-    if rows >= GEMM_MIN_ROWS:
-        return k.GemmSpec(n_out, n_in, bits, group, sym, rows, bf16)
-    return k.GemvSpec(n_out, n_in, bits, group, sym, rows, bf16)
-
-
-def _lower_linear(st: _Lowering, node: Node) -> None:
-    ins, out, a = node.inputs, node.outputs[0], node.attrs
-    x_shape = st.shape(ins[0])
-    rows = _prod(x_shape[:-1])
-    if node.op == "linear":
-        dtype = st.weight_dtype(ins[1], node)
-        if dtype not in DENSE_DTYPE_BITS:
-            raise st.unsupported(node, f"has {dtype} weights; dense matmul kernels read "
-                                       f"{', '.join(DENSE_DTYPE_BITS)}")
-        n_out, n_in = st.fn.types[ins[1]].shape
-        spec = _matmul_spec(k, n_out, n_in, DENSE_DTYPE_BITS[dtype], -1, True, rows, bf16=dtype == "bfloat16")
-        weights, bias = [st.arg(ins[1])], ins[2] if len(ins) == 3 else None
-    else:
-        n_out = st.fn.types[ins[1]].shape[0]
-        spec = _matmul_spec(k, n_out, a["in_features"], a["bits"], a["group_size"], a["sym"], rows,
-                            st.int8_activations)
-        n_params = 2 if a["sym"] else 3
-        weights = [st.arg(v) for v in ins[1:1 + n_params]]
-        if isinstance(spec, k.QGemvX16Spec):  # the runtime interleaves the artifact's weights when it loads
-            weights = [("weight", x16_name(ref, a["bits"], a["in_features"]) if i == 0 else x16_name(ref))
-                       for i, (_, ref) in enumerate(weights)]
-        bias = ins[-1] if a.get("has_bias") else None
-    x = st.arg(ins[0], (rows, x_shape[-1]))
-    if bias is not None:
-        partial = f"{out}.nobias"
-        st.types[partial] = TensorType((rows, n_out), "float32")
-        st.emit(spec, [x, *weights, ("buffer", partial, (rows, n_out))], partial)
-        bias_spec = k.BiasAddSpec(rows, n_out, st.weight_dtype(bias, node))
-        st.emit(bias_spec, [("buffer", partial, (rows, n_out)), st.arg(bias), st.define(out, shape=(rows, n_out))], out)
-    else:
-        st.emit(spec, [x, *weights, st.define(out, shape=(rows, n_out))], out)
 
 
 def plan_buffers(calls: list[KernelCall], types: dict[str, TensorType], pinned: set[str]) -> tuple[dict[str, BufferSlot], int]:
