@@ -17,6 +17,7 @@ from bitsmith.compiler.frontends.gguf_arch import (FIX_HF, arch_key, hf_config, 
 from bitsmith.compiler.frontends.gguf_tokenizer import gguf_tokenizer
 from bitsmith.compiler.frontends.hf import HAND_WRITTEN, config_from_hf, tie_embeddings
 from bitsmith.compiler.frontends.hf_files import rope_settings
+from bitsmith.compiler.frontends.torch_export import trace_module
 from bitsmith.errors import BitsmithError
 
 _UNPACKED_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -124,12 +125,9 @@ def _traced(cfg: dict[str, Any], state: dict[str, np.ndarray], tokenizer: Any, s
     """Build the transformers model of `cfg` around `state` and trace it (architectures without a hand-written IR)."""
     import torch  # heavy: torch
     import transformers  # heavy: torch
-
-    from bitsmith.compiler.frontends.torch_export import trace_module
+    from transformers.initialization import no_init_weights  # heavy: torch
 
     model_type = cfg["model_type"]
-    from transformers.initialization import no_init_weights
-
     config = transformers.AutoConfig.for_model(**cfg)
     with no_init_weights():  # parameters left unset (replaced below); buffers such as RoPE frequencies are built
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
