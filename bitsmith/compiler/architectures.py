@@ -53,13 +53,19 @@ def gguf_names(model_type: str) -> list[str]:
     return sorted(key for key, arch in GGUF_ARCHS.items() if arch.model_type == model_type)
 
 
+def _gguf_label(key: str) -> str:
+    """A GGUF_ARCHS key as a user sees the file: `llama+experts` is `llama` with llama.expert_count > 0."""
+    arch, _, extra = key.partition("+")
+    return f"`{arch}` with {arch}.expert_count > 0" if extra == "experts" else f"`{arch}`"
+
+
 def support_table() -> str:
     """The Markdown table of ARCHITECTURES (the README's copy must equal it: a test checks)."""
     rows = ["| architecture | HF `model_type` | HF directory | GGUF `general.architecture` | quantized | host kernels "
             "| CUDA kernels | serving | beyond a Llama block |",
             "|---|---|---|---|---|---|---|---|---|"]
     for a in ARCHITECTURES:
-        gguf = ", ".join(f"`{g}`" for g in gguf_names(a.model_type)) or "no"
+        gguf = ", ".join(_gguf_label(g) for g in gguf_names(a.model_type)) or "no"
         quant = "RTN, GPTQ (experts: per expert; AWQ refused)" if a.moe else "RTN, GPTQ, AWQ"
         rows.append(f"| {a.name} | `{a.model_type}` | {hf_route(a.model_type)} | {gguf} | {quant} | yes | "
                     f"{'yes' if a.cuda else 'no'} | yes | {a.exercises} |")
