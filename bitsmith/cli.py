@@ -29,6 +29,8 @@ from bitsmith.runtime.sampling import SamplingParams
 from bitsmith.runtime.server import Server
 from bitsmith.tools.describe import describe, format_summary
 from bitsmith.tools.evaluate import evaluate
+from bitsmith.tools.package import PACKAGE_TARGETS
+from bitsmith.tools.package import package as package_bundle
 from bitsmith.tools.run import EXECUTORS, run_prompt
 
 # The pipeline and the search load TVM (seconds): imported by the commands that compile or search.
@@ -269,6 +271,22 @@ def serve(artifact: Path, host: str, port: int, max_pending: int, model_name: st
     signal.signal(signal.SIGINT, stop)
     server.serve_forever()
     _log("stopped")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Bundle directory to write (BUNDLE.tar.gz is written next to it).")
+@click.option("--target", type=click.Choice(PACKAGE_TARGETS), default="host", show_default=True,
+              help="The device: the artifact must have kernels for it (`bitsmith compile --target ...`).")
+@click.option("--offline", is_flag=True,
+              help="Add the target's wheels of every requirement, so the device installs without a network.")
+@friendly_errors
+def package(artifact: Path, output: Path, target: str, offline: bool) -> None:
+    """Bundle ARTIFACT for a device: the artifact, the runtime alone (TVM's runtime library, no compiler, no
+    torch), pinned requirements, `run`/`serve`/`install` launchers and a README with the sizes."""
+    report = package_bundle(artifact, output, target, offline, log=_log)
+    click.echo(report.summary())
 
 
 @main.command()
