@@ -21,6 +21,11 @@ from bitsmith.codegen.target import Target, resolve_target
 from bitsmith.errors import BitsmithError
 
 LINKERS = {"aarch64-linux": "aarch64-linux-gnu-gcc"}  # target -> C compiler that links its .so
+# target -> the Debian/Ubuntu packages its link needs: the cross gcc, and the target's C library (crti.o, libc.so),
+# which `apt-get install --no-install-recommends gcc-aarch64-linux-gnu` leaves out.
+CROSS_PACKAGES = {"aarch64-linux": ("gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross")}
+# What a linker says when a library or start file of the target's C library is not installed.
+MISSING_LIBC = ("cannot find crt", "cannot find -lc", "cannot find -lgcc", "cannot find libc.so")
 
 
 @dataclass(frozen=True)
@@ -72,10 +77,26 @@ def _build_cpu(specs: dict[str, Any], target: Target, out: Path, cache: Path) ->
     try:
         cc.create_shared(str(out), objects, cc=linker) if linker else cc.create_shared(str(out), objects)
     except RuntimeError as exc:
-        raise BitsmithError(f"linking {len(objects)} kernels failed: {str(exc).strip().splitlines()[-1]}",
-                            where=f"codegen build {out.name}",
-                            fix=f"clear the kernel cache {cache} and rebuild") from exc
+        raise link_error(str(exc), target, len(objects), out, cache) from exc
     return built
+
+
+def link_error(output: str, target: Target, count: int, out: Path, cache: Path) -> BitsmithError:
+    """The linker's own complaint (not TVM's last line, the command line), and the fix it points to."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    said = [line for line in lines if "cannot find" in line or "undefined" in line] or \
+        [line for line in lines if "error" in line and not line.startswith(("Compilation error", "Command line"))]
+    problem = f"linking {count} kernels failed: {'; '.join(said[:3]) or (lines[-1] if lines else 'no output')}"
+    where = f"codegen build {out.name} (linker {LINKERS.get(target.name, 'cc')})"
+    if target.name in CROSS_PACKAGES and any(m in output for m in MISSING_LIBC):
+        packages = " ".join(CROSS_PACKAGES[target.name])
+        return BitsmithError(problem, where=where,
+                             fix=f"the {target.name} C library is not installed: apt-get install {packages} "
+                                 f"(gcc-aarch64-linux-gnu without recommends lacks libc6-dev-arm64-cross)")
+    if any(m in output for m in MISSING_LIBC):
+        return BitsmithError(problem, where=where, fix="install the C library development files (libc6-dev)")
+    return BitsmithError(problem, where=where,
+                         fix=f"if an object file is damaged, clear the kernel cache {cache} and rebuild")
 
 
 def _compile_object(spec: Any, target: Target, path: Path) -> None:
@@ -90,5 +111,5 @@ def _linker(target: Target) -> str | None:
     cc = LINKERS.get(target.name)
     if cc is not None and shutil.which(cc) is None:
         raise BitsmithError(f"the {target.name} linker {cc} is not installed", where="codegen build",
-                            fix="apt-get install gcc-aarch64-linux-gnu (Debian/Ubuntu)")
+                            fix=f"apt-get install {' '.join(CROSS_PACKAGES.get(target.name, ()))} (Debian/Ubuntu)")
     return cc
