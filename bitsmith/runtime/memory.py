@@ -45,3 +45,31 @@ def serving_memory(artifact: Artifact) -> dict[str, Any] | None:
     loaded = RUNTIME_BASE_BYTES + weights + workspace + constants
     return {"runtime": RUNTIME_BASE_BYTES, "weights": weights, "workspace": workspace + constants, "kv_cache": kv,
             "loaded": loaded, "full": loaded + kv}
+
+
+def decode_traffic(artifact: Artifact) -> dict[str, int] | None:
+    """Bytes one decode step (one sequence, the 1-row schedule) reads, by part, or None without kernels: every
+    weight a kernel reads once (an embedding gather reads one row of its table), and the KV cache bytes per
+    position already cached (keys + values of every layer, int8 with its fp32 scales), which grow with the context.
+    A decode step on a CPU streams these from memory, so bandwidth / bytes is its speed ceiling."""
+    plan = kernel_plan(artifact)
+    if plan is None:
+        return None
+    schedule = min(plan.schedules.values(), key=lambda s: s.rows)
+    stored = artifact.stored_weights
+    full, gathered = set(), set()
+    for call in schedule.calls:
+        names = {ref for kind, ref, *_ in call.args if kind == "weight"}
+        (gathered if call.kernel.startswith("embedding") else full).update(names)
+    weights, table = 0, 0
+    for name in sorted(full | gathered):
+        shape, dtype = kernel_weight_layout(name, stored)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        weights += nbytes if name in full else nbytes // max(int(shape[0]), 1) * schedule.rows
+        table += 0 if name in full else int(np.prod(stored[name].shape, dtype=np.int64))
+    kv = 0
+    for dtype in plan.kv["layer_dtypes"]:
+        per_position = 2 * plan.kv["kv_heads"] * plan.kv["head_dim"] * np.dtype(dtype).itemsize
+        kv += per_position + (2 * plan.kv["kv_heads"] * 4 if dtype == "int8" else 0)
+    # gathered_elements: entries of tables only gathered from (untied embeddings): parameters that cost no FLOPs
+    return {"weights": weights, "kv_per_position": kv, "gathered_elements": table}
