@@ -114,6 +114,11 @@ def main() -> None:
                    "the compile.")
 @click.option("--arch", type=click.Choice(CUDA_ARCHS), default=None,
               help="GPU architecture for --target cuda [default: sm_90a, the H100].")
+@click.option("--cpu", default=None, metavar="LLVM_CPU",
+              help="CPU for --target aarch64-linux, as LLVM names it: cortex-a76 (Raspberry Pi 5: dotprod, so int8 "
+                   "activations with sdot), cortex-a72 (Pi 4: NEON only) [default: generic, NEON only].")
+@click.option("--features", default="", metavar="F1,F2",
+              help="Extra LLVM features for --target aarch64-linux, e.g. dotprod,i8mm (i8mm: usdot for int8 weights).")
 @click.option("--context", type=click.IntRange(min=16), default=None,
               help="Longest sequence (prompt + output) [default: the model's maximum, at most 2048].")
 @click.option("--memory", default=None, metavar="SIZE",
@@ -127,15 +132,17 @@ def main() -> None:
               help="Tokens per KV-cache block (the paging and prefix-caching unit).")
 @click.option("--activations", type=click.Choice(ACTIVATIONS), default="float32", show_default=True,
               help="Inputs of the 4/8-bit decode GEMVs: float32 (exact: the reference executor's greedy tokens), "
-                   "int8 per 32 values with VNNI dot products (reads weights at memory bandwidth, as llama.cpp "
-                   "does; ~1%% relative output change), auto: int8 where the CPU has AVX-512 VNNI.")
+                   "int8 per 32 values with VNNI dot products (sdot on aarch64 --cpu with dotprod; reads weights at "
+                   "memory bandwidth, as llama.cpp does; ~1%% relative output change), auto: int8 where the CPU "
+                   "has AVX-512 VNNI or dotprod.")
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
               help="Build exactly the per-tensor plan written by `bitsmith search` (overrides --method/--bits/...).")
 @friendly_errors
 def compile(model: Path | None, output: Path | None, dtype: str | None, tokenizer: Path | None, verify: bool,
             dump_ir: Path | None, print_passes: bool, method: str | None, bits: str, group_size: str, sym: bool,
             keep: tuple[str, ...], schemes: tuple[str, ...], no_keep_default: bool, calib: Path | None,
-            calib_samples: int, calib_seqlen: int, target: str, arch: str | None, context: int | None,
+            calib_samples: int, calib_seqlen: int, target: str, arch: str | None, cpu: str | None, features: str,
+            context: int | None,
             memory: str | None, concurrency: int, kv_dtype: str, block_size: str, activations: str,
             plan_path: Path | None) -> None:
     """Compile MODEL into an artifact directory, optionally quantizing its weights.
@@ -173,7 +180,8 @@ def compile(model: Path | None, output: Path | None, dtype: str | None, tokenize
                            schemes=tuple(overrides),
                            calibration=CalibrationOptions(str(calib) if calib else None, calib_samples, calib_seqlen)),
         memory=MemoryOptions(context, memory, concurrency, kv_dtype, int(block_size)),
-        target=TargetOptions(target, arch, activations),
+        target=TargetOptions(target, arch, activations, cpu, tuple(f.strip().lstrip("+") for f in features.split(",")
+                                                                   if f.strip())),
     )
     from bitsmith.pipeline import compile_model, describe_pipeline  # heavy: TVM
 

@@ -57,6 +57,8 @@ class TargetOptions:
     name: str = "host"  # "host" | "aarch64-linux" | "cuda" | "none" (reference executor only)
     arch: str | None = None  # CUDA SM architecture for target "cuda" (None: sm_90a)
     activations: str = "float32"  # quantized GEMV inputs: float32 (exact) | int8 (VNNI, bandwidth-bound) | auto
+    cpu: str | None = None  # aarch64-linux: LLVM CPU name (cortex-a76: +dotprod, int8 GEMVs with sdot); None: generic
+    features: tuple[str, ...] = ()  # aarch64-linux: extra LLVM features, e.g. ("dotprod", "i8mm")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from bitsmith.codegen.build import build_kernel_library
-from bitsmith.codegen.target import DEFAULT_CUDA_ARCH, resolve_target
+from bitsmith.codegen.target import DEFAULT_CUDA_ARCH, resolve_target, target_key
 from bitsmith.compiler.artifact import SPILL, staging_directory, write_artifact
 from bitsmith.compiler.calibration_data import calibration_tokens
 from bitsmith.compiler.frontends.base import LoadedModel
@@ -157,14 +157,17 @@ def quantizes_lm_head(options: CompileOptions) -> bool:
 
 
 def kernel_target(options: CompileOptions) -> str:
-    """The codegen target name: host, aarch64-linux or cuda_<arch>."""
+    """The codegen target name: host, aarch64-linux[:<cpu>[+feature...]] or cuda_<arch>."""
     target = options.target
     if target.name == "cuda":
         return f"cuda_{target.arch or DEFAULT_CUDA_ARCH}"
     if target.arch is not None:
         raise BitsmithError(f"--arch {target.arch} is only for --target cuda (the target is {target.name})",
                             where="compile options", fix="drop --arch, or add --target cuda")
-    return target.name
+    if (target.cpu or target.features) and target.name != "aarch64-linux":
+        raise BitsmithError(f"--cpu / --features are for --target aarch64-linux (the target is {target.name})",
+                            where="compile options", fix="drop them (host uses this CPU's exact LLVM name)")
+    return target_key(target.name, target.cpu, target.features)
 
 
 def use_int8_activations(options: CompileOptions) -> bool:
@@ -173,8 +176,11 @@ def use_int8_activations(options: CompileOptions) -> bool:
     if options.target.activations == "float32" or options.target.name == "none":
         return False
     if options.target.activations == "int8" and not resolve_target(kernel_target(options)).supports_int8_activations:
-        raise BitsmithError(f"--activations int8 needs AVX-512 VNNI, which target {options.target.name} lacks",
-                            where="compile options", fix="use --activations float32 (or auto)")
+        tgt = resolve_target(kernel_target(options))
+        raise BitsmithError(f"--activations int8 needs {tgt.int8_requirement}, which target {options.target.name} "
+                            f"({tgt.mcpu}) lacks", where="compile options",
+                            fix="use --activations float32 (or auto)" + (
+                                "; or --cpu with dotprod (e.g. cortex-a76, Raspberry Pi 5)" if tgt.arch == "aarch64" else ""))
     return True
 
 

@@ -1,9 +1,9 @@
-"""Quantized GEMV with int8 activations and AVX-512 VNNI integer dot products (x86-64 only): the kernel
-description (QGemvI8Spec); gemv_int8_tir.py builds the TIR.
+"""Quantized GEMV with int8 activations and integer dot products (AVX-512 VNNI on x86-64, sdot on aarch64
++dotprod): the kernel description (QGemvI8Spec); gemv_int8_tir.py / gemv_int8_neon.py build the TIR.
 
 Same arguments and weights as GemvSpec (x f32 [batch, in], packed uint32 codes, fp16 scales, [fp16
 zeros], y f32 [batch, out]); x is quantized to int8 per 32 values inside the kernel. Bits 2/3 and
-targets without AVX-512 VNNI are refused (BitsmithError): use GemvSpec there
+targets without VNNI / dotprod are refused (BitsmithError): use GemvSpec there
 (`Target.supports_int8_activations`).
 """
 
@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from bitsmith.codegen.gemm import GemmSpec
 from bitsmith.codegen.gemv import MAX_BATCH, GemvSpec, PackedWeightLayout
+from bitsmith.codegen.gemv_int8_neon import build_qgemv_i8_neon
 from bitsmith.codegen.gemv_int8_tir import build_qgemv_i8
 from bitsmith.codegen.spec_checks import refuse
 from bitsmith.codegen.target import Target
@@ -58,6 +59,9 @@ class QGemvI8Spec(PackedWeightLayout):
         return f"qgemv_i8a_{self.scheme_tag()}_n{self.out_features}_k{self.in_features}_bs{self.batch}"
 
     def prim_func(self, target: Target) -> Any:
-        """The PrimFunc (KernelSpec protocol); refuses targets without AVX-512 VNNI (GPUs included)."""
+        """The PrimFunc (KernelSpec protocol): VNNI on x86-64, sdot on aarch64 (gemv_int8_neon.py, usdot for
+        int8 codes with +i8mm); refuses targets without either (GPUs included)."""
         target.check(self)
+        if target.arch == "aarch64":
+            return build_qgemv_i8_neon(self, usdot="i8mm" in target.features)
         return build_qgemv_i8(self)

@@ -36,6 +36,9 @@ CPU_FAMILIES = GPU_FAMILIES + ("QGemvI8Spec", "QGemvX16Spec", "RouterSpec", "Moe
 # bf16 arithmetic and none converts it.
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "int2", "int3", "int4", "int8")
 _VNNI_FEATURES = ("avx512bw", "avx512vl", "avx512vnni")  # what int8 activations need (x86-64)
+# aarch64: sdot/udot (FEAT_DotProd, Armv8.2+: Cortex-A55/A76 and later, Neoverse N1); i8mm adds usdot
+_DOTPROD_FEATURES = ("neon", "dotprod")
+_X86_ONLY_FAMILIES = ("QGemvX16Spec",)  # the interleaved-layout VNNI kernel has no aarch64 build
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,9 @@ class Target:
     @property
     def families(self) -> tuple[str, ...]:
         """The kernel families (spec class names) this target builds."""
-        return GPU_FAMILIES if self.is_gpu else CPU_FAMILIES
+        if self.is_gpu:
+            return GPU_FAMILIES
+        return tuple(f for f in CPU_FAMILIES if f not in _X86_ONLY_FAMILIES) if self.arch == "aarch64" else CPU_FAMILIES
 
     @property
     def weight_dtypes(self) -> tuple[str, ...]:
@@ -87,15 +92,25 @@ class Target:
         return WEIGHT_DTYPES
 
     @functools.cached_property
-    def supports_int8_activations(self) -> bool:
-        """Whether matmuls may quantize their activations to int8 (QGemvI8Spec, QGemvX16Spec): x86-64 with
-        AVX-512 BW/VL and VNNI."""
-        if self.arch != "x86_64":
-            return False
+    def features(self) -> frozenset[str]:
+        """LLVM's feature names for this CPU and its mattr (e.g. avx512vnni, dotprod, i8mm); empty for GPUs."""
+        if self.is_gpu:
+            return frozenset()
         from tvm.target import codegen  # heavy: TVM
 
-        features = codegen.llvm_get_cpu_features(self.tvm_target())
-        return all(f in features for f in _VNNI_FEATURES)
+        return frozenset(str(f) for f in codegen.llvm_get_cpu_features(self.tvm_target()))
+
+    @property
+    def supports_int8_activations(self) -> bool:
+        """Whether matmuls may quantize their activations to int8 (QGemvI8Spec, QGemvX16Spec): x86-64 with
+        AVX-512 BW/VL and VNNI, or aarch64 with the dot-product extension (sdot)."""
+        needs = {"x86_64": _VNNI_FEATURES, "aarch64": _DOTPROD_FEATURES}.get(self.arch)
+        return needs is not None and all(f in self.features for f in needs)
+
+    @property
+    def int8_requirement(self) -> str:
+        """What int8 activations need on this target's architecture, in words."""
+        return "the dot-product extension (+dotprod)" if self.arch == "aarch64" else "AVX-512 VNNI"
 
     @property
     def activations(self) -> tuple[str, ...]:
@@ -113,7 +128,7 @@ class Target:
         elif weights is not None and weights not in self.weight_dtypes:
             problems.append(f"{weights} weights on target {self.name}")
         elif activations not in self.activations:
-            lacks = f" ({self.mcpu}), which lacks AVX-512 VNNI" if activations == "int8" else ""
+            lacks = f" ({self.mcpu}), which lacks {self.int8_requirement}" if activations == "int8" else ""
             problems.append(f"{activations} activations on target {self.name}{lacks}")
         if activations == "int8":
             fix = "use GemvSpec (float32 activations) on this target"
@@ -165,13 +180,42 @@ def host_target() -> Target:
     return Target("host", tvm_dict, _vector_bytes(tvm_dict), cores)
 
 
-def cross_target(name: str, num_cores: int = 4) -> Target:
-    """A target for another machine (built here, exported with a cross compiler)."""
+def cross_target(name: str, num_cores: int = 4, cpu: str | None = None, mattr: tuple[str, ...] = ()) -> Target:
+    """A target for another machine (built here, exported with a cross compiler). aarch64: `cpu` is LLVM's exact
+    CPU name (cortex-a76: +dotprod, so int8-activation GEMVs with sdot; cortex-a72: NEON only), default generic
+    (+neon, float activations only); `mattr` adds features (e.g. "+dotprod", "+i8mm") to that CPU's own."""
     if name != "aarch64-linux":
         raise _unknown(name)
-    tvm_dict: dict[str, Any] = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "generic",
-                                "mattr": ["+neon"], "num-cores": num_cores, **_FAST_MATH}
+    _check_cpu(cpu or "generic")
+    attrs = list(dict.fromkeys(["+neon", *mattr]))
+    bad = [a for a in attrs if not a.startswith(("+", "-"))]
+    if bad:
+        raise BitsmithError(f"target features {bad} need a sign", where="codegen target",
+                            fix="write features as +dotprod, +i8mm (or -name to remove one)")
+    tvm_dict: dict[str, Any] = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": cpu or "generic",
+                                "mattr": attrs, "num-cores": num_cores, **_FAST_MATH}
     return Target(name, tvm_dict, _vector_bytes(tvm_dict), num_cores)
+
+
+def target_key(name: str, cpu: str | None = None, features: tuple[str, ...] = ()) -> str:
+    """The name `resolve_target` reads for an aarch64 CPU: aarch64-linux:cortex-a76, aarch64-linux:generic+dotprod
+    (features as LLVM spells them, with or without +). Other targets keep their name."""
+    if name != "aarch64-linux" or (cpu is None and not features):
+        return name
+    return f"{name}:{cpu or 'generic'}" + "".join(f"+{f.lstrip('+')}" for f in features)
+
+
+def _check_cpu(cpu: str) -> None:
+    """LLVM silently treats an unknown CPU name as generic (no dotprod): refuse it instead."""
+    import tvm  # heavy: TVM
+    from tvm.target import codegen  # heavy: TVM
+
+    known = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
+    names = [str(c) for c in codegen.llvm_get_cpu_archlist(known)]
+    if cpu not in names:
+        near = [n for n in names if n.startswith(cpu.split("-")[0])][:8]
+        raise BitsmithError(f"unknown aarch64 CPU {cpu!r}", where="codegen target",
+                            fix=f"use an LLVM CPU name, e.g. {', '.join(near or ['cortex-a76', 'cortex-a72'])}")
 
 
 def cuda_target(arch: str = DEFAULT_CUDA_ARCH) -> Target:
@@ -195,6 +239,9 @@ def resolve_target(name: str | Target) -> Target:
         return host_target()
     if name in SUPPORTED_TARGETS:
         return cross_target(name)
+    if isinstance(name, str) and name.startswith("aarch64-linux:"):  # aarch64-linux:<cpu>[+feature...]
+        cpu, *features = name.split(":", 1)[1].split("+")
+        return cross_target("aarch64-linux", cpu=cpu or None, mattr=tuple(f"+{f}" for f in features if f))
     if name == "cuda":
         return cuda_target()
     if isinstance(name, str) and name.startswith("cuda_"):

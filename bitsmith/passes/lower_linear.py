@@ -16,7 +16,7 @@ GEMM_MIN_ROWS = 16  # from here the dequant-GEMM beats the batched GEMV per toke
 
 
 def matmul_spec(k: Any, n_out: int, n_in: int, bits: int, group: int, sym: bool, rows: int,
-                 int8_activations: bool = False, bf16: bool = False) -> Any:
+                 int8_activations: bool = False, bf16: bool = False, arch: str = "x86_64") -> Any:
     """Few rows: the fused dequant-GEMV (reads each weight byte once), with int8 activations and VNNI
     dot products for 4/8-bit weights when allowed (bandwidth-bound instead of FMA-bound); from
     GEMM_MIN_ROWS rows the dequant-GEMM (a weight tile dequantized once, then an FMA micro-kernel).
@@ -24,8 +24,11 @@ def matmul_spec(k: Any, n_out: int, n_in: int, bits: int, group: int, sym: bool,
     (chunks): on SmolLM2's int4 layers at 16 and 64 rows, on its int8 lm_head at 16 and ties it at 64
     (bench/kernels.md), so it takes every row count it has. Where rows are a multiple of 16 and inputs of
     32 the interleaved-layout kernel (QGemvX16Spec) takes its place: it reads the weights from DRAM in less
-    time at 4-64 rows and the same at 1 (bench/serve.md)."""
+    time at 4-64 rows and the same at 1 (bench/serve.md). On aarch64 (`arch`, a +dotprod CPU) the int8 path is
+    QGemvI8Spec with sdot at every row count (there is no interleaved aarch64 kernel; bench/neon.md)."""
     if int8_activations and bits in (4, 8) and rows <= I8_MAX_BATCH:
+        if arch == "aarch64":
+            return k.QGemvI8Spec(n_out, n_in, bits, group, sym, rows)
         if not x16_problems(n_out, n_in, bits, group):
             return k.QGemvX16Spec(n_out, n_in, bits, group, sym, rows)
         return k.QGemvI8Spec(n_out, n_in, bits, group, sym, rows)
@@ -50,7 +53,7 @@ def lower_linear(st: Any, node: Node) -> None:
     else:
         n_out = st.fn.types[ins[1]].shape[0]
         spec = matmul_spec(k, n_out, a["in_features"], a["bits"], a["group_size"], a["sym"], rows,
-                            st.int8_activations)
+                            st.int8_activations, arch=st.target.arch if st.target is not None else "x86_64")
         n_params = 2 if a["sym"] else 3
         weights = [st.arg(v) for v in ins[1:1 + n_params]]
         if isinstance(spec, k.QGemvX16Spec):  # the runtime interleaves the artifact's weights when it loads
