@@ -245,10 +245,12 @@ def package(artifact_path: Path, output: Path, target: str = "host", offline: bo
     runtime_bytes = tree_bytes(staging / "runtime")
     installed = tree_bytes(staging, skip=("wheels",)) + sum(s["unpacked"] or 0 for n, s in sizes.items() if n != TVM_DIST)
     naive = artifact_bytes + sum(s["unpacked"] or 0 for s in sizes.values())
+    known = all(s["wheel"] is not None for s in sizes.values())
+    naive_copy = artifact_bytes + sum(s["wheel"] or 0 for s in sizes.values()) if known else None
     info = {"target": target, "python": f"{sys.version_info.major}.{sys.version_info.minor}",
             "offline": offline, "requirements": requirements, "tvm": pins[TVM_DIST],
             "artifact_bytes": artifact_bytes, "runtime_bytes": runtime_bytes, "installed_bytes": installed,
-            "naive_installed_bytes": naive, "wheels": sizes}
+            "naive_installed_bytes": naive, "naive_copy_bytes": naive_copy, "wheels": sizes}
     (staging / "README.md").write_text(readme_text(info | {"bundle_bytes": None, "archive_bytes": None}))
     bundle_bytes = tree_bytes(staging)
     archive = output.with_name(output.name + ".tar.gz")

@@ -83,6 +83,7 @@ a venv. The device needs Python {info['python']} (the pins are for it).
 | runtime/ (bitsmith runtime + TVM runtime) | {_mib(info['runtime_bytes'])} |
 | installed on the device (bundle without wheels/ + requirements unpacked) | {_mib(info['installed_bytes'])} |
 | instead: artifact + a full install (apache-tvm with its compiler + requirements, unpacked) | {_mib(info['naive_installed_bytes'])} |
+| instead: artifact + every wheel of a full install (apache-tvm + requirements), as copied | {_mib(info.get('naive_copy_bytes')) if info.get('naive_copy_bytes') else '-'} |
 
 | requirement | wheel | unpacked |
 |---|---|---|
