@@ -27,7 +27,9 @@ from bitsmith.runtime.engine import Engine
 from bitsmith.runtime.runners import open_runner
 from bitsmith.runtime.sampling import SamplingParams
 from bitsmith.runtime.server import Server
+from bitsmith.devices import device_names, device_profile, for_device
 from bitsmith.tools.describe import describe, format_summary
+from bitsmith.tools.fit import check_fit, format_fit
 from bitsmith.tools.evaluate import evaluate
 from bitsmith.tools.package import PACKAGE_TARGETS
 from bitsmith.tools.package import package as package_bundle
@@ -137,6 +139,10 @@ def main() -> None:
                    "has AVX-512 VNNI or dotprod.")
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
               help="Build exactly the per-tensor plan written by `bitsmith search` (overrides --method/--bits/...).")
+@click.option("--device", default=None, metavar="NAME|FILE",
+              help=f"Plan for a device: its memory is the budget (a plan that does not fit is refused, naming the "
+                   f"context and bits that would) and an ARM device gets aarch64 kernels for its core. "
+                   f"One of {', '.join(device_names())}, or a .json/.toml profile.")
 @friendly_errors
 def compile(model: Path | None, output: Path | None, dtype: str | None, tokenizer: Path | None, verify: bool,
             dump_ir: Path | None, print_passes: bool, method: str | None, bits: str, group_size: str, sym: bool,
@@ -144,7 +150,7 @@ def compile(model: Path | None, output: Path | None, dtype: str | None, tokenize
             calib_samples: int, calib_seqlen: int, target: str, arch: str | None, cpu: str | None, features: str,
             context: int | None,
             memory: str | None, concurrency: int, kv_dtype: str, block_size: str, activations: str,
-            plan_path: Path | None) -> None:
+            plan_path: Path | None, device: str | None) -> None:
     """Compile MODEL into an artifact directory, optionally quantizing its weights.
 
     MODEL is a Hugging Face directory (config.json + safetensors), a .gguf file, a llama2.c .bin
@@ -183,6 +189,8 @@ def compile(model: Path | None, output: Path | None, dtype: str | None, tokenize
         target=TargetOptions(target, arch, activations, cpu, tuple(f.strip().lstrip("+") for f in features.split(",")
                                                                    if f.strip())),
     )
+    if device is not None:
+        options = for_device(options, device_profile(device))
     from bitsmith.pipeline import compile_model, describe_pipeline  # heavy: TVM
 
     if print_passes:
@@ -208,14 +216,23 @@ def architectures() -> None:
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--ir", "show_ir", is_flag=True, help="Print the whole IR (both entry points).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--device", default=None, metavar="NAME|FILE",
+              help="Predict an artifact's resident memory and decode/prefill tok/s on a device: one of "
+                   f"{', '.join(device_names())} (measured now), or a .json/.toml profile.")
 @friendly_errors
-def inspect(path: Path, show_ir: bool, as_json: bool) -> None:
+def inspect(path: Path, show_ir: bool, as_json: bool, device: str | None) -> None:
     """Summarise a model or an artifact: architecture, parameters, bytes by dtype, IR."""
     summary, module = describe(path)
+    profile = device_profile(device) if device is not None else None
+    fit = check_fit(path, profile) if profile is not None else None
+    if fit is not None:
+        summary["device"] = {"profile": profile.to_json(), "fit": fit.to_json()}
     if as_json:
         click.echo(json.dumps(summary, indent=1))
     else:
         click.echo(format_summary(summary))
+        if fit is not None:
+            click.echo("\n".join(format_fit(fit, profile)))
     if show_ir:
         click.echo(print_module(module))
 
@@ -342,7 +359,9 @@ def bench(artifact: Path, levels: str, prompt_tokens: int, output_tokens: int, r
 
 @main.command()
 @click.argument("model", required=False, type=click.Path(path_type=Path))
-@click.option("--memory", required=True, metavar="SIZE", help="Budget for weights + KV cache + workspace, e.g. 80MB.")
+@click.option("--memory", default=None, metavar="SIZE", help="Budget for weights + KV cache + workspace, e.g. 80MB.")
+@click.option("--device", default=None, metavar="NAME|FILE",
+              help="Take the budget from a device profile (its usable memory less the runtime), instead of --memory.")
 @click.option("--context", default=2048, show_default=True, type=click.IntRange(min=16), help="Tokens per sequence.")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 16), help="Sequences decoded at once.")
 @click.option("--latency", default=None, metavar="TIME", help="Budget per decode step, e.g. 20ms.")
@@ -355,8 +374,9 @@ def bench(artifact: Path, levels: str, prompt_tokens: int, output_tokens: int, r
               help="Pareto plans whose KLD is measured, not only predicted.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="plan.json to write.")
 @friendly_errors
-def search(model: Path | None, memory: str, context: int, batch: int, latency: str | None, target: str,
-           keep: tuple[str, ...], no_keep_default: bool, calib: Path | None, measure: int, output: Path) -> None:
+def search(model: Path | None, memory: str | None, device: str | None, context: int, batch: int, latency: str | None,
+           target: str, keep: tuple[str, ...], no_keep_default: bool, calib: Path | None, measure: int,
+           output: Path) -> None:
     """Search per-tensor bit widths for MODEL under a memory (and latency) budget.
 
     \b
@@ -375,7 +395,10 @@ def search(model: Path | None, memory: str, context: int, batch: int, latency: s
             seconds = float(text[:-2]) / 1e3 if text.endswith("ms") else float(text.rstrip("s"))
         except ValueError as exc:
             raise BitsmithError(f"cannot read the latency {latency!r}", fix="write e.g. 20ms or 0.02s") from exc
-    opts = SearchOptions(memory=parse_bytes(memory), context=context, batch=batch, latency=seconds, keep=keep,
+    if (memory is None) == (device is None):
+        raise click.UsageError("give one of --memory SIZE or --device NAME")
+    budget = parse_bytes(memory) if memory is not None else device_profile(device).model_budget
+    opts = SearchOptions(memory=budget, context=context, batch=batch, latency=seconds, keep=keep,
                          keep_default=not no_keep_default, calib=str(calib) if calib else None, measure=measure)
     _log(f"search {model or '<default: SmolLM2-135M-Instruct>'} options={opts}")
     report = run_search(model, opts, output, log=_log)

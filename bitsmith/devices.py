@@ -7,7 +7,7 @@ import os
 import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -250,3 +250,28 @@ def host_profile() -> DeviceProfile:
         llvm_cpu=None, gflops=round(gflops, 1),
         source="measured now: /proc/meminfo (usable = MemAvailable), /proc/cpuinfo, a threaded numpy streaming read "
                "of 256 MiB (best of 5), numpy fp32 GEMM 1024^3 (best of 3)")
+
+
+def budget_label(profile: DeviceProfile) -> str:
+    """How a device's model budget comes about, for the KV plan's refusal."""
+    return (f"{profile.name} ({profile.ram_bytes / GiB:.1f} GiB RAM, {profile.usable_bytes / GiB:.1f} usable, less "
+            f"{RUNTIME_BASE_BYTES >> 20} MiB for the runtime)")
+
+
+def for_device(options: Any, profile: DeviceProfile) -> Any:
+    """CompileOptions planned for `profile`: the KV plan's budget is the device's model budget (or --memory when
+    smaller), and an aarch64 device gets aarch64 kernels for its core (`--target host` cannot run there)."""
+    budget = profile.model_budget
+    if options.memory.budget is not None:
+        budget = min(budget, parse_bytes(options.memory.budget))
+    memory = replace(options.memory, budget=str(budget), device=budget_label(profile))
+    target = options.target
+    if profile.arch == "aarch64" and target.name in ("host", "aarch64-linux"):
+        target = replace(target, name="aarch64-linux", cpu=target.cpu or profile.llvm_cpu)
+    elif profile.arch == "aarch64" and target.name != "none":
+        raise BitsmithError(f"--target {target.name} does not run on {profile.name} ({profile.arch})",
+                            where="--device", fix="drop --target (the device picks aarch64-linux) or use --target none")
+    elif profile.arch != platform.machine().lower().replace("amd64", "x86_64") and target.name == "host":
+        raise BitsmithError(f"{profile.name} is {profile.arch}; this machine's kernels do not run there",
+                            where="--device", fix="compile on that kind of machine, or use --target none")
+    return replace(options, memory=memory, target=target)

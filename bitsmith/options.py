@@ -48,6 +48,7 @@ class MemoryOptions:
     concurrency: int = 4  # sequences served at once, each up to `context` tokens
     kv_dtype: str = "auto"  # auto | float16 | int8 | float32 (auto: float16 unless the budget needs int8)
     block_size: int = 16
+    device: str = ""  # --device: the profile the budget came from, e.g. "raspberry-pi-4 (4.0 GiB RAM, ...)"
 
 
 @dataclass(frozen=True)

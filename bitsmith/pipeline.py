@@ -68,7 +68,7 @@ def _assign_precision(o: CompileOptions, m: LoadedModel) -> Pass:
 def _plan_kv_cache(o: CompileOptions, m: LoadedModel) -> Pass:
     mem = o.memory
     return PlanKVCache(KVPlanOptions(parse_bytes(mem.budget), kernel_context(o, m), mem.concurrency, mem.kv_dtype,
-                                     mem.block_size))
+                                     mem.block_size, device=mem.device))
 
 
 def _lower_to_kernels(o: CompileOptions, m: LoadedModel) -> Pass:

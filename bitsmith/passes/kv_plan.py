@@ -51,6 +51,8 @@ class KVPlanOptions:
     # the most rows one kernel call writes (lower_to_kernels' largest step, PREFILL_ROWS): a ring holds the
     # window + that many positions; lower_to_kernels refuses larger steps on a plan with rings
     chunk_rows: int = 64
+    # the budget's origin for the refusal, e.g. "raspberry-pi-4 (3.1 GiB: 4 GiB RAM less ...)"; "": --memory
+    device: str = ""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -115,9 +117,10 @@ def layer_dtypes_for(kind: str, num_layers: int) -> tuple[str, ...]:
 
 
 def plan_kv_cache(options: KVPlanOptions, num_layers: int, kv_heads: int, head_dim: int, weight_bytes: int,
-                  workspace_bytes: int, layer_windows: tuple[int | None, ...] = ()) -> KVPlan:
+                  workspace_bytes: int, layer_windows: tuple[int | None, ...] = (), weight_params: int = 0) -> KVPlan:
     """The plan for `options`, or a BitsmithError that says what would fit instead. `layer_windows`: each
-    layer's sliding window (None/0: global); windowed layers get rings when that saves memory."""
+    layer's sliding window (None/0: global); windowed layers get rings when that saves memory. `weight_params`
+    (logical parameters) lets the refusal name the bits per weight that would fit."""
     bs = options.block_size
     if bs not in BLOCK_SIZES:
         raise BitsmithError(f"block size {bs} is not supported", where="kv plan", fix="use 8, 16, 32 or 64")
@@ -149,25 +152,45 @@ def plan_kv_cache(options: KVPlanOptions, num_layers: int, kv_heads: int, head_d
         if fit >= needed:
             # spare budget becomes prefix-cache headroom, up to 4x what the sequences need
             return plan(kind, int(min(fit, 4 * needed)))
-    raise _does_not_fit(options, plan, room, weight_bytes, workspace_bytes, needed)
+    raise _does_not_fit(options, plan, room, weight_bytes, workspace_bytes, needed, weight_params)
 
 
 def _does_not_fit(options: KVPlanOptions, plan, room: int, weight_bytes: int, workspace_bytes: int,
-                  needed: int) -> BitsmithError:
+                  needed: int, weight_params: int = 0) -> BitsmithError:
     mib = 2 ** 20
     smallest = plan("int8", needed).bytes
+
+    def largest_context(space: int, kind: str) -> int:
+        return max(space, 0) // options.concurrency // plan(kind, 1).bytes * options.block_size
+
     hints = []
     for kind in ("float16", "int8"):
         per_seq = plan(kind, needed // options.concurrency).bytes
         if room > 0:
-            ctx = (room // options.concurrency // plan(kind, 1).bytes) * options.block_size
+            ctx = largest_context(room, kind)
             seqs = room // per_seq
             if ctx >= options.block_size:
                 hints.append(f"--context {ctx} with {kind} KV")
             if seqs >= 1:
                 hints.append(f"--concurrency {seqs} with {kind} KV")
-    hints.append(f"--memory {(weight_bytes + workspace_bytes + smallest) / mib:.0f}MiB (int8 KV), or fewer weight bits")
+    if weight_params:
+        now = 8 * weight_bytes / weight_params
+        fit_bits = 8 * (options.memory - workspace_bytes - smallest) / weight_params
+        if fit_bits >= 2:  # the fewest bits a scheme has (int2 + its scales is a little more)
+            hints.append(f"weights of at most {fit_bits:.1f} bits/weight on average (now {now:.1f}) with int8 KV")
+        if largest_context(room, "int8") < options.block_size and now > 4.5:
+            # ~4.5 bits/weight: int4 with per-group scales, some layers kept at 16 bits
+            ctx = largest_context(options.memory - workspace_bytes - weight_params * 9 // 16, "int8")
+            if ctx >= options.block_size:
+                hints.append(f"--context {ctx} with int8 KV and weights at ~4.5 bits/weight (--method rtn --bits 4)")
+    if options.device:
+        hints.append(f"`bitsmith search --device {options.device.split()[0]} --context {options.max_context}` to "
+                     f"pick per-layer bits")
+        budget = f"{options.device} holds {options.memory / mib:.0f} MiB for the model, which"
+    else:
+        hints.append(f"--memory {(weight_bytes + workspace_bytes + smallest) / mib:.0f}MiB (int8 KV), or fewer weight bits")
+        budget = f"the budget of {options.memory / mib:.1f} MiB"
     return BitsmithError(
-        f"the budget of {options.memory / mib:.1f} MiB does not fit weights {weight_bytes / mib:.1f} MiB + workspace "
+        f"{budget} does not fit weights {weight_bytes / mib:.1f} MiB + workspace "
         f"{workspace_bytes / mib:.1f} MiB + a KV cache for {options.concurrency} x {options.max_context} tokens "
         f"(at least {smallest / mib:.1f} MiB with int8 KV)", where="kv plan", fix="try " + "; or ".join(hints))

@@ -8,6 +8,7 @@ import numpy as np
 
 from bitsmith.compiler.analysis import liveness
 from bitsmith.compiler.ir import Function, Module, Node
+from bitsmith.compiler.weight_stats import weight_table
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.base import PassContext
 from bitsmith.passes.kv_plan import KVPlanOptions, plan_kv_cache
@@ -54,7 +55,9 @@ class PlanKVCache(Pass):
         for node in decode.nodes:
             if node.op == "attention" and 0 <= node.attrs["layer"] < layers:
                 windows[node.attrs["layer"]] = int(node.attrs.get("sliding_window") or 0)
-        plan = plan_kv_cache(self.options, layers, kv_heads, head_dim, weight_bytes, workspace, tuple(windows))
+        table = weight_table(module, {n: ctx.weights.nbytes(n) for n in module.weights})
+        params = sum(row["params"] for row in table.values())  # logical parameters: the refusal names bits/weight
+        plan = plan_kv_cache(self.options, layers, kv_heads, head_dim, weight_bytes, workspace, tuple(windows), params)
         ctx.kv_plan = plan
         ctx.memory_estimate = {"weights": weight_bytes, "kv_cache": plan.bytes, "workspace": workspace}
         module = with_kv_dtypes(module, plan.layer_dtypes)

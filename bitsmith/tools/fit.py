@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bitsmith.devices import DeviceProfile
 from bitsmith.errors import BitsmithError
-from bitsmith.runtime.artifact import Artifact, load_artifact
+from bitsmith.runtime.artifact import Artifact, is_artifact, load_artifact
 from bitsmith.runtime.memory import decode_traffic, serving_memory
 
 MiB = 1 << 20
@@ -33,6 +33,7 @@ class FitReport:
     batch_tok_s_full: float  # all `concurrency` sequences at the full context, one weight read per step
     prefill_tok_s: float  # min(compute ceiling: 2 FLOPs per weight, bandwidth: weights once per prefill chunk)
     prefill_rows: int  # rows of the largest prefill chunk
+    kernels_arch: str = ""  # the artifact's kernels (x86_64 kernels read the same weight bytes an aarch64 build does)
 
     @property
     def resident(self) -> int:
@@ -48,6 +49,10 @@ class FitReport:
 
 def check_fit(artifact: Artifact | str | Path, device: DeviceProfile) -> FitReport:
     """The FitReport of a compiled artifact (it must have kernels: they fix the weights read and the arenas)."""
+    if not isinstance(artifact, Artifact) and not is_artifact(Path(artifact)):
+        raise BitsmithError(f"{str(artifact)!r} is not a compiled artifact: the fit check needs its kernels and plans",
+                            where=f"fit check for {device.name}",
+                            fix=f"bitsmith compile MODEL -o DIR --device {device.name}, then inspect DIR --device ...")
     art = artifact if isinstance(artifact, Artifact) else load_artifact(artifact, check_hashes=False)
     memory, traffic = serving_memory(art), decode_traffic(art)
     if memory is None or traffic is None:
@@ -65,7 +70,7 @@ def check_fit(artifact: Artifact | str | Path, device: DeviceProfile) -> FitRepo
     prefill = min(compute, bandwidth * rows / first)
     return FitReport(device.name, device.usable_bytes, memory["runtime"], memory["weights"], memory["workspace"],
                      memory["kv_cache"], context, concurrency, first, full, bandwidth / first, bandwidth / full,
-                     concurrency * bandwidth / batch, prefill, rows)
+                     concurrency * bandwidth / batch, prefill, rows, art.manifest["kernels"]["arch"])
 
 
 def require_fit(artifact: Artifact | str | Path, device: DeviceProfile) -> FitReport:
@@ -99,4 +104,6 @@ def format_fit(report: FitReport, device: DeviceProfile) -> list[str]:
         f"  prefill (ceiling, {device.gflops:.0f} GFLOP/s fp32, {report.prefill_rows}-row chunks): "
         f"{report.prefill_tok_s:.0f} tok/s",
         f"  figures: {device.source}",
-    ]
+    ] + ([f"  (the artifact's kernels are {report.kernels_arch}; `bitsmith compile ... --device {device.name}` builds "
+          f"{device.arch} ones: the same weight bytes, KV plan sized to the device)"]
+         if report.kernels_arch and report.kernels_arch != device.arch else [])
