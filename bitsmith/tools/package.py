@@ -19,7 +19,7 @@ import bitsmith
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.artifact import load_artifact
 from bitsmith.runtime.step_runner import kernel_plan
-from bitsmith.tools.package_files import LAUNCHERS, readme_text
+from bitsmith.tools.package_files import launchers, readme_text
 
 PACKAGE_TARGETS = ("host", "aarch64-linux")
 # pip's view of each target: platform tags newest first (numpy and tvm are tagged 2_27/2_28, tokenizers 2_17).
@@ -231,7 +231,7 @@ def package(artifact_path: Path, output: Path, target: str = "host", offline: bo
         (staging / "wheels").mkdir()
         for name in requirements:
             shutil.copy2(wheels[name], staging / "wheels" / wheels[name].name)
-    for name, text in LAUNCHERS.items():
+    for name, text in launchers(Path(artifact_path).resolve().name).items():
         (staging / name).write_text(text)
         os.chmod(staging / name, 0o755)
 

@@ -17,12 +17,18 @@ export PYTHONPATH="$here/runtime${BUNDLE_SITE:+:$BUNDLE_SITE}"
 export TVM_USE_RUNTIME_LIB=1
 """
 
-LAUNCHERS = {
-    "run": _PREAMBLE + '# ./run "Once upon a time" [--max-tokens N] [--json] [--chat] [--temperature T]\n'
-                       'exec $PYTHON -m bitsmith.runtime run "$here/artifact" "$@"\n',
-    "serve": _PREAMBLE + "# ./serve [--host 0.0.0.0] [--port 8000]: an OpenAI-compatible API on the artifact\n"
-                         'exec $PYTHON -m bitsmith.runtime serve "$here/artifact" "$@"\n',
-    "install": """#!/bin/sh
+
+def launchers(model_name: str) -> dict[str, str]:
+    """name -> the script; `serve` reports the artifact's original directory name as its model id."""
+    quoted = "'" + model_name.replace("'", "'\\''") + "'"
+    return {"run": _PREAMBLE + '# ./run "Once upon a time" [--max-tokens N] [--json] [--chat] [--temperature T]\n'
+                               'exec $PYTHON -m bitsmith.runtime run "$here/artifact" "$@"\n',
+            "serve": _PREAMBLE + "# ./serve [--host 0.0.0.0] [--port 8000] [--model-name NAME]: an OpenAI-compatible API\n"
+                                 f'exec $PYTHON -m bitsmith.runtime serve "$here/artifact" --model-name {quoted} "$@"\n',
+            "install": INSTALL}
+
+
+INSTALL = """#!/bin/sh
 # ./install: a virtual environment in .venv with requirements.txt, from wheels/ when the bundle has them (no network).
 set -e
 here=$(cd "$(dirname "$0")" && pwd)
@@ -32,8 +38,7 @@ if [ -d "$here/wheels" ]; then
 else
   "$here/.venv/bin/pip" install --no-deps -r "$here/requirements.txt"
 fi
-""",
-}
+"""
 
 
 def _mib(n: int | None) -> str:

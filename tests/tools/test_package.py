@@ -114,3 +114,32 @@ def test_aarch64_bundle_carries_arm_runtime_and_wheels(shared_data, tmp_path):
     readme = (report.bundle / "README.md").read_text()
     assert f"| bundle .tar.gz | {report.archive_bytes / 2**20:.1f} MiB |" in readme
     assert report.archive_bytes < 40 << 20 and report.installed_bytes < report.naive_bytes / 3
+
+
+def test_host_bundle_serves(tiny_artifact, tmp_path):
+    """./serve answers an OpenAI completion with bitsmith run's greedy text, under the artifact's own name."""
+    import select
+    import urllib.request
+
+    artifact = tmp_path / "tiny-art"
+    shutil.copytree(tiny_artifact(CompileOptions(target=TargetOptions("host"))), artifact)
+    attach_char_tokenizer(artifact)
+    bundle = package(artifact, tmp_path / "bundle").bundle
+    expected_text, _ = run_prompt(artifact, "abc", 8, SamplingParams())
+    env = dict(os.environ, PYTHON=shutil.which("python3") or "python3", BUNDLE_SITE=str(probe_site(tmp_path / "s")),
+               PROBE_OUT=str(tmp_path / "probe.json"))
+    server = subprocess.Popen([str(bundle / "serve"), "--port", "0"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        ready, _, _ = select.select([server.stderr], [], [], 120)
+        assert ready, "the server did not start in 120 s"
+        line = server.stderr.readline()
+        assert "serving tiny-art on http://" in line, line
+        url = line.split()[-1]
+        body = json.dumps({"model": "tiny-art", "prompt": "abc", "max_tokens": 8, "temperature": 0}).encode()
+        request = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+        assert answer["choices"][0]["text"] == expected_text
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
