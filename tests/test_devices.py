@@ -124,9 +124,9 @@ def test_device_refusal_names_the_context_and_bits_that_fit():
     with pytest.raises(BitsmithError) as info:
         plan_kv_cache(KVPlanOptions(budget, 32768, 4, device=label), 24, 32, 64, 2 * params, 0, weight_params=params)
     text = str(info.value)
-    ctx = (budget - params * 9 // 16) // 4 // (16 * per_token) * 16
+    ctx = (budget - params * 5 // 8) // 4 // (16 * per_token) * 16
     assert "\n" not in text and text.startswith("kv plan: pi (4 GiB) holds 3000 MiB for the model")
-    assert f"--context {ctx} with int8 KV and weights at ~4.5 bits/weight" in text
+    assert f"--context {ctx} with int8 KV and weights at ~5 bits/weight" in text
     assert "bitsmith search --device pi --context 32768" in text and "bits/weight on average" not in text
     with pytest.raises(BitsmithError) as info:
         plan_kv_cache(KVPlanOptions(budget, 2048, 1, device=label), 24, 32, 64, 2 * params, 0, weight_params=params)

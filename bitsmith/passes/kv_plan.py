@@ -178,11 +178,13 @@ def _does_not_fit(options: KVPlanOptions, plan, room: int, weight_bytes: int, wo
         fit_bits = 8 * (options.memory - workspace_bytes - smallest) / weight_params
         if fit_bits >= 2:  # the fewest bits a scheme has (int2 + its scales is a little more)
             hints.append(f"weights of at most {fit_bits:.1f} bits/weight on average (now {now:.1f}) with int8 KV")
-        if largest_context(room, "int8") < options.block_size and now > 4.5:
-            # ~4.5 bits/weight: int4 with per-group scales, some layers kept at 16 bits
-            ctx = largest_context(options.memory - workspace_bytes - weight_params * 9 // 16, "int8")
+        if largest_context(room, "int8") < options.block_size and now > 5:
+            # ~5 bits/weight: int4 with group-128 fp16 scales and a 16-bit embedding table (measured: a 1.7B
+            # Llama shape at int4-g32 without kept layers, untied lm_head, stores 5.36 bits/weight; g128 ~4.8)
+            ctx = largest_context(options.memory - workspace_bytes - weight_params * 5 // 8, "int8")
             if ctx >= options.block_size:
-                hints.append(f"--context {ctx} with int8 KV and weights at ~4.5 bits/weight (--method rtn --bits 4)")
+                hints.append(f"--context {ctx} with int8 KV and weights at ~5 bits/weight "
+                             f"(--method rtn --bits 4 --no-keep-default)")
     if options.device:
         hints.append(f"`bitsmith search --device {options.device.split()[0]} --context {options.max_context}` to "
                      f"pick per-layer bits")

@@ -34,6 +34,7 @@ class FitReport:
     prefill_tok_s: float  # min(compute ceiling: 2 FLOPs per weight, bandwidth: weights once per prefill chunk)
     prefill_rows: int  # rows of the largest prefill chunk
     kernels_arch: str = ""  # the artifact's kernels (x86_64 kernels read the same weight bytes an aarch64 build does)
+    pool_tokens: int = 0  # tokens the KV pool holds: concurrency x context, plus prefix-cache headroom a budget allows
 
     @property
     def resident(self) -> int:
@@ -70,7 +71,8 @@ def check_fit(artifact: Artifact | str | Path, device: DeviceProfile) -> FitRepo
     prefill = min(compute, bandwidth * rows / first)
     return FitReport(device.name, device.usable_bytes, memory["runtime"], memory["weights"], memory["workspace"],
                      memory["kv_cache"], context, concurrency, first, full, bandwidth / first, bandwidth / full,
-                     concurrency * bandwidth / batch, prefill, rows, art.manifest["kernels"]["arch"])
+                     concurrency * bandwidth / batch, prefill, rows, art.manifest["kernels"]["arch"],
+                     int(kv["num_blocks"]) * int(kv["block_size"]))
 
 
 def require_fit(artifact: Artifact | str | Path, device: DeviceProfile) -> FitReport:
@@ -95,7 +97,8 @@ def format_fit(report: FitReport, device: DeviceProfile) -> list[str]:
         f"device {device.summary()}",
         f"  predicted RSS on {device.name}: {report.resident / MiB:.0f} MiB = runtime {report.runtime / MiB:.0f} + "
         f"weights {report.weights / MiB:.0f} + workspace {report.workspace / MiB:.0f} + KV cache "
-        f"{report.kv_cache / MiB:.0f} ({report.concurrency} x {report.context} tokens, pool full) of "
+        f"{report.kv_cache / MiB:.0f} (a pool of {report.pool_tokens} tokens for {report.concurrency} x "
+        f"{report.context}, every block in use; {(report.resident - report.kv_cache) / MiB:.0f} MiB once loaded) of "
         f"{report.usable / MiB:.0f} MiB usable: {verdict}",
         f"  decode (ceiling, {device.bandwidth_gbs:g} GB/s read): {report.decode_tok_s_first:.1f} tok/s at the first "
         f"token ({report.decode_bytes_first / MiB:.1f} MiB/token), {report.decode_tok_s_full:.1f} tok/s at token "
