@@ -302,15 +302,20 @@ def serve(artifact: Path, host: str, port: int, max_pending: int, model_name: st
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Bundle directory to write (BUNDLE.tar.gz is written next to it).")
-@click.option("--target", type=click.Choice(PACKAGE_TARGETS), default="host", show_default=True,
-              help="The device: the artifact must have kernels for it (`bitsmith compile --target ...`).")
+@click.option("--target", type=click.Choice(PACKAGE_TARGETS), default=None,
+              help="The device's kind: the artifact must have kernels for it (`bitsmith compile --target ...`) "
+                   "[default: the --device's, else host].")
 @click.option("--offline", is_flag=True,
               help="Add the target's wheels of every requirement, so the device installs without a network.")
+@click.option("--device", default=None, metavar="NAME|FILE",
+              help=f"Check the artifact fits this device and has kernels for its core before bundling: one of "
+                   f"{', '.join(device_names())}, or a .json/.toml profile.")
 @friendly_errors
-def package(artifact: Path, output: Path, target: str, offline: bool) -> None:
+def package(artifact: Path, output: Path, target: str | None, offline: bool, device: str | None) -> None:
     """Bundle ARTIFACT for a device: the artifact, the runtime alone (TVM's runtime library, no compiler, no
     torch), pinned requirements, `run`/`serve`/`install` launchers and a README with the sizes."""
-    report = package_bundle(artifact, output, target, offline, log=_log)
+    profile = device_profile(device) if device is not None else None
+    report = package_bundle(artifact, output, target, offline, log=_log, device=profile)
     click.echo(report.summary())
 
 

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Callable
 
 import bitsmith
+from bitsmith.devices import DeviceProfile
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.artifact import load_artifact
 from bitsmith.runtime.step_runner import kernel_plan
+from bitsmith.tools.fit import format_fit, require_fit
 from bitsmith.tools.package_files import launchers, readme_text
 
 PACKAGE_TARGETS = ("host", "aarch64-linux")
@@ -187,19 +189,43 @@ def copy_tvm_runtime(files: list[str], destination: Path, wheel: Path | None) ->
     os.chmod(destination / "lib" / "libtvm_runtime.so", 0o755)
 
 
-def package(artifact_path: Path, output: Path, target: str = "host", offline: bool = False,
-            log: Callable[[str], None] | None = None) -> BundleReport:
-    """Write the bundle directory `output` and `output`.tar.gz; see tools/package_files.py for the layout."""
+def device_target(device: DeviceProfile) -> str:
+    return "aarch64-linux" if device.arch == "aarch64" else "host"
+
+
+def check_device(artifact_path: Path, plan_cpu: str, device: DeviceProfile) -> list[str]:
+    """The fit check's lines for `device`, or a BitsmithError: kernels for another core, or a plan that does not fit."""
+    if device.arch == "aarch64" and plan_cpu not in ("generic", device.llvm_cpu):
+        # a core's kernels may use instructions another lacks (sdot on a Cortex-A72 is SIGILL)
+        raise BitsmithError(f"the kernels were built for {plan_cpu}, {device.name} is a {device.llvm_cpu}",
+                            where=str(artifact_path),
+                            fix=f"compile with `bitsmith compile MODEL -o DIR --device {device.name}`")
+    return format_fit(require_fit(artifact_path, device), device)
+
+
+def package(artifact_path: Path, output: Path, target: str | None = None, offline: bool = False,
+            log: Callable[[str], None] | None = None, device: DeviceProfile | None = None) -> BundleReport:
+    """Write the bundle directory `output` and `output`.tar.gz; see tools/package_files.py for the layout.
+    `target` defaults to the device's (aarch64-linux for an ARM profile) or host; with `device`, the artifact must
+    fit it (tools/fit.py) and its kernels must be for its core."""
     log = log or (lambda _: None)
+    if target is None:
+        target = device_target(device) if device is not None else "host"
+    elif device is not None and device_target(device) != target:
+        raise BitsmithError(f"--target {target} does not run on {device.name} ({device.arch})", where="package",
+                            fix=f"drop --target, or use --target {device_target(device)}")
     if target not in PACKAGE_TARGETS:
         raise BitsmithError(f"cannot package for target {target!r}", where="package",
                             fix=f"use one of {', '.join(PACKAGE_TARGETS)}")
     artifact = load_artifact(artifact_path)
     plan = kernel_plan(artifact)
-    if plan is None or plan.target != target:
+    if plan is None or plan.target.partition(":")[0] != target:
         built = "no kernels" if plan is None else f"kernels for {plan.target}"
         raise BitsmithError(f"the artifact has {built}, the bundle is for {target}", where=str(artifact_path),
                             fix=f"compile it with `bitsmith compile MODEL -o DIR --target {target}`")
+    fit = check_device(artifact_path, plan.target_cpu, device) if device is not None else []
+    for line in fit:
+        log(line)
     if output.exists():
         raise BitsmithError("the bundle directory already exists", where=str(output),
                             fix="remove it or choose another -o")
@@ -250,7 +276,8 @@ def package(artifact_path: Path, output: Path, target: str = "host", offline: bo
     info = {"target": target, "python": f"{sys.version_info.major}.{sys.version_info.minor}",
             "offline": offline, "requirements": requirements, "tvm": pins[TVM_DIST],
             "artifact_bytes": artifact_bytes, "runtime_bytes": runtime_bytes, "installed_bytes": installed,
-            "naive_installed_bytes": naive, "naive_copy_bytes": naive_copy, "wheels": sizes}
+            "naive_installed_bytes": naive, "naive_copy_bytes": naive_copy, "wheels": sizes,
+            "kernels": plan.target, "device_fit": fit}
     (staging / "README.md").write_text(readme_text(info | {"bundle_bytes": None, "archive_bytes": None}))
     bundle_bytes = tree_bytes(staging)
     archive = output.with_name(output.name + ".tar.gz")

@@ -50,6 +50,8 @@ def readme_text(info: dict[str, Any]) -> str:
     wheels = info["wheels"]
     rows = "\n".join(f"| {name} | {_mib(s['wheel']) if s['wheel'] is not None else '-'} | {_mib(s['unpacked'])} |"
                      for name, s in wheels.items())
+    fit = "".join(f"\n    {line}" for line in info.get("device_fit") or ())
+    fit = f"\nFit check (`bitsmith inspect artifact --device`):\n```{fit}\n```\n" if fit else ""
     offline = "yes: wheels/ holds every requirement" if info["offline"] else "no: ./install fetches requirements.txt from PyPI"
     return f"""# bitsmith bundle ({info['target']}, Python {info['python']})
 
@@ -67,8 +69,8 @@ install            python3 -m venv .venv and the requirements (offline from whee
 run, serve         launchers: python -m bitsmith.runtime run|serve artifact/ with PYTHONPATH=runtime/
 bundle.json        what this README says, as data
 ```
-Offline: {offline}.
-
+Offline: {offline}. Kernels: {info.get('kernels', info['target'])}.
+{fit}
 ## Use
 ```
 ./install                                  # once: .venv with requirements.txt

@@ -143,3 +143,19 @@ def test_host_bundle_serves(tiny_artifact, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def test_device_checks_core_and_fit(tiny_artifact, tmp_path):
+    """--device: kernels for a newer core are refused for an older one (sdot on a Cortex-A72 is SIGILL), a device of
+    another architecture is refused, and a bundle for a device that fits carries the fit check in its README."""
+    from bitsmith.devices import device_profile
+    from bitsmith.tools.package import check_device
+
+    artifact = tiny_artifact(CompileOptions(target=TargetOptions("host")))
+    with pytest.raises(BitsmithError, match="--device raspberry-pi-4"):
+        check_device(artifact, "cortex-a76", device_profile("raspberry-pi-4"))
+    with pytest.raises(BitsmithError, match="does not run on raspberry-pi-5"):
+        package(artifact, tmp_path / "b0", target="host", device=device_profile("raspberry-pi-5"))
+    report = package(artifact, tmp_path / "b1", device=device_profile("host"))
+    readme = (report.bundle / "README.md").read_text()
+    assert "predicted RSS on host" in readme and json.loads((report.bundle / "bundle.json").read_text())["device_fit"]
