@@ -101,6 +101,7 @@ PROFILES: dict[str, DeviceProfile] = {p.name: p for p in (
 )}
 
 HOST = "host"
+AARCH64_KERNEL_FEATURES = ("dotprod", "i8mm")  # what selects aarch64 kernels (sdot, usdot): codegen/gemv_int8_neon.py
 
 
 def device_names() -> tuple[str, ...]:
@@ -267,7 +268,11 @@ def for_device(options: Any, profile: DeviceProfile) -> Any:
     memory = replace(options.memory, budget=str(budget), device=budget_label(profile))
     target = options.target
     if profile.arch == "aarch64" and target.name in ("host", "aarch64-linux"):
-        target = replace(target, name="aarch64-linux", cpu=target.cpu or profile.llvm_cpu)
+        # the features the aarch64 kernels use go along too: a user profile may have them without an LLVM cpu
+        # that implies them (generic + dotprod), and a newer core may add i8mm
+        used = tuple(f for f in profile.features if f in AARCH64_KERNEL_FEATURES)
+        target = replace(target, name="aarch64-linux", cpu=target.cpu or profile.llvm_cpu,
+                         features=target.features or used)
     elif profile.arch == "aarch64" and target.name != "none":
         raise BitsmithError(f"--target {target.name} does not run on {profile.name} ({profile.arch})",
                             where="--device", fix="drop --target (the device picks aarch64-linux) or use --target none")

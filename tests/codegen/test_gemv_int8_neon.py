@@ -157,3 +157,21 @@ def test_generic_aarch64_refuses_int8_activations_and_unknown_cpus():
         resolve_target("aarch64-linux:cortex-a99")
     assert target_key("aarch64-linux", "cortex-a76", ("i8mm",)) == "aarch64-linux:cortex-a76+i8mm"
     assert target_key("host", "cortex-a76") == "host"
+
+
+def test_device_profiles_pick_the_core_and_its_dot_product_features(tmp_path):
+    from bitsmith.devices import device_profile, for_device
+    from bitsmith.options import CompileOptions
+    from bitsmith.pipeline import kernel_target
+
+    def key(profile) -> str:
+        return kernel_target(for_device(CompileOptions(), profile))
+
+    assert key(device_profile("raspberry-pi-5")) == "aarch64-linux:cortex-a76+dotprod"
+    assert key(device_profile("raspberry-pi-4")) == "aarch64-linux:cortex-a72"
+    assert not resolve_target(key(device_profile("raspberry-pi-4"))).supports_int8_activations
+    custom = tmp_path / "board.json"  # a user profile without an LLVM cpu: generic + its features
+    custom.write_text('{"name": "board", "ram": "4GB", "bandwidth_gbs": 8, "cores": 4, '
+                      '"features": ["neon", "dotprod", "i8mm"]}')
+    target = resolve_target(key(device_profile(custom)))
+    assert target.mcpu == "generic" and target.supports_int8_activations and "i8mm" in target.features
