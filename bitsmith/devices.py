@@ -174,6 +174,8 @@ def _size(value: Any, path: Path) -> int:
 # this host, measured live
 
 
+# features with int8 dot products (4 int8 multiply-adds per 32-bit lane): int8-activation GEMMs run ~4x fp32
+INT8_DOT_FEATURES = ("dotprod", "avx512_vnni", "avx_vnni")
 # x86 flags (from /proc/cpuinfo) and aarch64 hwcaps that decide which kernels run
 _X86_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
                  "amx_tile", "amx_int8")
@@ -222,7 +224,7 @@ def read_bandwidth_gbs(nbytes: int = 256 << 20, rounds: int = 5) -> float:
     return best
 
 
-def matmul_gflops(n: int = 1024, rounds: int = 3) -> float:
+def matmul_gflops(n: int = 2048, rounds: int = 3) -> float:
     """Best fp32 GEMM rate of numpy's BLAS here (a ceiling for prefill, as the Arm profiles' peak figures are)."""
     a = np.ones((n, n), dtype=np.float32)
     best = 0.0
@@ -250,7 +252,7 @@ def host_profile() -> DeviceProfile:
         bandwidth_gbs=round(bandwidth, 1), cores=len(os.sched_getaffinity(0)), arch=arch, features=features,
         llvm_cpu=None, gflops=round(gflops, 1),
         source="measured now: /proc/meminfo (usable = MemAvailable), /proc/cpuinfo, a threaded numpy streaming read "
-               "of 256 MiB (best of 5), numpy fp32 GEMM 1024^3 (best of 3)")
+               "of 256 MiB (best of 5), numpy fp32 GEMM 2048^3 (best of 3)")
 
 
 def budget_label(profile: DeviceProfile) -> str:
