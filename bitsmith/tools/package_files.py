@@ -79,7 +79,9 @@ Offline: {offline}. Kernels: {info.get('kernels', info['target'])}.
 ```
 `PYTHON=...` picks the interpreter (it may be a command, e.g. `qemu-aarch64-static -L SYSROOT
 SYSROOT/usr/bin/python3.11`); `BUNDLE_SITE=DIR` adds a directory where the requirements are unpacked instead of
-a venv. The device needs Python {info['python']} (the pins are for it).
+a venv. The device needs Python {info['python']} (the pins are for it). Without venv support (Debian's python3 lacks
+ensurepip): `mkdir site && for w in wheels/*.whl; do python3 -m zipfile -e "$w" site; done` (or `pip install
+--no-deps --target site -r requirements.txt`), then `BUNDLE_SITE=$PWD/site ./run ...`.
 
 ## Sizes
 | | bytes |
