@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from bitsmith.cli import main
-from bitsmith.devices import GiB, PROFILES, device_profile, for_device, host_profile
+from bitsmith.devices import PROFILES, GiB, device_profile, for_device
 from bitsmith.errors import BitsmithError
 from bitsmith.options import CompileOptions, MemoryOptions
 from bitsmith.passes.kv_plan import KVPlanOptions, plan_kv_cache
@@ -94,6 +94,7 @@ def test_predictions_match_a_hand_computation(tiny_artifact, tmp_path):
     compute, bandwidth = 3e9 / (2 * (params - vocab * hidden)), 2e9 * 64 / decode_bytes
     assert r.prefill_rows == 64 and r.prefill_tok_s == pytest.approx(min(compute, bandwidth), rel=1e-12)
     assert r.resident == serving_memory(art)["full"] and r.fits
+    assert check_fit(path, dev, runtime=100 * MiB).resident == r.resident - RUNTIME_BASE_BYTES + 100 * MiB
     tight = _profile(tmp_path, ram=r.resident - 1, bandwidth_gbs=2.0)
     assert not check_fit(path, tight).fits
     with pytest.raises(BitsmithError) as info:
@@ -144,3 +145,10 @@ def test_compile_device_refuses_in_one_line(tiny_llama_dir, tmp_path):
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "small (" in errors[0] and "--context " in errors[0], result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_search_device_takes_the_budget_and_one_of_memory_or_device(tmp_path):
+    both = CliRunner().invoke(main, ["search", "--memory", "80MB", "--device", "raspberry-pi-4",
+                                     "-o", str(tmp_path / "p")])
+    neither = CliRunner().invoke(main, ["search", "-o", str(tmp_path / "p")])
+    assert both.exit_code == neither.exit_code == 2 and "one of --memory SIZE or --device NAME" in both.output

@@ -49,8 +49,10 @@ class FitReport:
         return {**asdict(self), "resident": self.resident, "fits": self.fits}
 
 
-def check_fit(artifact: Artifact | str | Path, device: DeviceProfile) -> FitReport:
-    """The FitReport of a compiled artifact (it must have kernels: they fix the weights read and the arenas)."""
+def check_fit(artifact: Artifact | str | Path, device: DeviceProfile, runtime: int | None = None) -> FitReport:
+    """The FitReport of a compiled artifact (it must have kernels: they fix the weights read and the arenas).
+    `runtime`: the process's bytes before any weight (None: `bitsmith run`'s RUNTIME_BASE_BYTES; a bundle's
+    runtime-only launchers need less)."""
     if not isinstance(artifact, Artifact) and not is_artifact(Path(artifact)):
         raise BitsmithError(f"{str(artifact)!r} is not a compiled artifact: the fit check needs its kernels and plans",
                             where=f"fit check for {device.name}",
@@ -60,6 +62,8 @@ def check_fit(artifact: Artifact | str | Path, device: DeviceProfile) -> FitRepo
     if memory is None or traffic is None:
         raise BitsmithError("the artifact has no kernels, so nothing says what it holds in memory",
                             where=f"fit check for {device.name}", fix="compile it with --target host or aarch64-linux")
+    if runtime is not None:
+        memory = {**memory, "runtime": runtime}
     kv = art.manifest["kv_plan"]
     context, concurrency = int(kv["max_context"]), int(kv["concurrency"])
     bandwidth = device.bandwidth_gbs * 1e9
@@ -78,9 +82,9 @@ def check_fit(artifact: Artifact | str | Path, device: DeviceProfile) -> FitRepo
                      int(kv["num_blocks"]) * int(kv["block_size"]), int8)
 
 
-def require_fit(artifact: Artifact | str | Path, device: DeviceProfile) -> FitReport:
+def require_fit(artifact: Artifact | str | Path, device: DeviceProfile, runtime: int | None = None) -> FitReport:
     """check_fit, or a one-line BitsmithError naming the overshoot and what to recompile with."""
-    report = check_fit(artifact, device)
+    report = check_fit(artifact, device, runtime)
     if not report.fits:
         over = (report.resident - report.usable) / MiB
         raise BitsmithError(
@@ -96,22 +100,24 @@ def require_fit(artifact: Artifact | str | Path, device: DeviceProfile) -> FitRe
 def format_fit(report: FitReport, device: DeviceProfile) -> list[str]:
     """The lines `inspect --device` prints."""
     verdict = "fits" if report.fits else f"DOES NOT FIT ({(report.resident - report.usable) / MiB:.0f} MiB short)"
-    return [
+    plural = "s" * (report.concurrency != 1)
+    int8 = " x4 for int8 dot products" if report.prefill_int8 else ""
+    lines = [
         f"device {device.summary()}",
-        f"  predicted RSS on {device.name}: {report.resident / MiB:.0f} MiB = runtime {report.runtime / MiB:.0f} + "
-        f"weights {report.weights / MiB:.0f} + workspace {report.workspace / MiB:.0f} + KV cache "
-        f"{report.kv_cache / MiB:.0f} (a pool of {report.pool_tokens} tokens for {report.concurrency} x "
-        f"{report.context}, every block in use; {(report.resident - report.kv_cache) / MiB:.0f} MiB once loaded) of "
-        f"{report.usable / MiB:.0f} MiB usable: {verdict}",
-        f"  decode (ceiling, {device.bandwidth_gbs:g} GB/s read): {report.decode_tok_s_first:.1f} tok/s at the first "
-        f"token ({report.decode_bytes_first / MiB:.1f} MiB/token), {report.decode_tok_s_full:.1f} tok/s at token "
-        f"{report.context} ({report.decode_bytes_full / MiB:.1f} MiB/token); {report.batch_tok_s_full:.1f} tok/s "
-        f"total for {report.concurrency} sequence{'s' * (report.concurrency != 1)} at full context",
-        f"  prefill (estimate: {device.gflops:.0f} GFLOP/s fp32"
-        + (" x4 for int8 dot products" if report.prefill_int8 else "")
-        + f", 2 FLOPs per weight, weights read once per {report.prefill_rows}-row chunk): "
-        f"{report.prefill_tok_s:.0f} tok/s",
+        (f"  predicted RSS on {device.name}: {report.resident / MiB:.0f} MiB = runtime {report.runtime / MiB:.0f} + "
+         f"weights {report.weights / MiB:.0f} + workspace {report.workspace / MiB:.0f} + KV cache "
+         f"{report.kv_cache / MiB:.0f} (a pool of {report.pool_tokens} tokens for {report.concurrency} x "
+         f"{report.context}, every block in use; {(report.resident - report.kv_cache) / MiB:.0f} MiB once loaded) "
+         f"of {report.usable / MiB:.0f} MiB usable: {verdict}"),
+        (f"  decode (ceiling, {device.bandwidth_gbs:g} GB/s read): {report.decode_tok_s_first:.1f} tok/s at the first "
+         f"token ({report.decode_bytes_first / MiB:.1f} MiB/token), {report.decode_tok_s_full:.1f} tok/s at token "
+         f"{report.context} ({report.decode_bytes_full / MiB:.1f} MiB/token); {report.batch_tok_s_full:.1f} tok/s "
+         f"total for {report.concurrency} sequence{plural} at full context"),
+        (f"  prefill (estimate: {device.gflops:.0f} GFLOP/s fp32{int8}, 2 FLOPs per weight, weights read once per "
+         f"{report.prefill_rows}-row chunk): {report.prefill_tok_s:.0f} tok/s"),
         f"  figures: {device.source}",
-    ] + ([f"  (the artifact's kernels are {report.kernels_arch}; `bitsmith compile ... --device {device.name}` builds "
-          f"{device.arch} ones: the same weight bytes, KV plan sized to the device)"]
-         if report.kernels_arch and report.kernels_arch != device.arch else [])
+    ]
+    if report.kernels_arch and report.kernels_arch != device.arch:
+        lines.append(f"  (the artifact's kernels are {report.kernels_arch}; `bitsmith compile ... --device "
+                     f"{device.name}` builds {device.arch} ones: the same weight bytes, KV plan sized to the device)")
+    return lines
