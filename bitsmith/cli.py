@@ -27,6 +27,7 @@ from bitsmith.runtime.engine import Engine
 from bitsmith.runtime.runners import open_runner
 from bitsmith.runtime.sampling import SamplingParams
 from bitsmith.runtime.server import Server
+from bitsmith.runtime.tvm_lib import runtime_library_only
 from bitsmith.devices import device_names, device_profile, for_device
 from bitsmith.tools.describe import describe, format_summary
 from bitsmith.tools.fit import check_fit, format_fit
@@ -256,6 +257,7 @@ def inspect(path: Path, show_ir: bool, as_json: bool, device: str | None) -> Non
 def run(artifact: Path, prompt: str, max_tokens: int, temperature: float, top_k: int, top_p: float,
         seed: int | None, chat: bool, as_json: bool, executor: str) -> None:
     """Generate a continuation of PROMPT with a compiled ARTIFACT."""
+    runtime_library_only()  # runs, never compiles: libtvm_runtime.so without the compiler library
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
     text, ids = run_prompt(artifact, prompt, max_tokens, params, chat=chat, on_text=stream, executor=executor)
@@ -280,6 +282,7 @@ def serve(artifact: Path, host: str, port: int, max_pending: int, model_name: st
     Routes: POST /v1/completions, POST /v1/chat/completions ("stream": true for server-sent events),
     GET /v1/models, GET /health. Ctrl-C (or SIGTERM) stops accepting and finishes in-flight requests.
     """
+    runtime_library_only()
     art = load_artifact(artifact)
     tokenizer = art.tokenizer()
     engine = Engine(open_runner(art), tokenizer)
@@ -341,6 +344,7 @@ def bench(artifact: Path, levels: str, prompt_tokens: int, output_tokens: int, r
     first level's (a check that batched steps agree with single-sequence ones). On a shared machine
     speeds drift between levels: --rounds 3 or more gives medians and within-round ratios.
     """
+    runtime_library_only()
     art = load_artifact(artifact)
     tokenizer = art.tokenizer()
     runner = open_runner(art)

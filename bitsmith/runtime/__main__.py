@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
-# Before anything imports tvm: load libtvm_runtime.so only, never the 240 MB libtvm_compiler.so (on a Cortex-A76
-# under emulation 13 s / 157 MiB instead of 24 s / 350 MiB). TVM reads this once, at its first import.
-if "tvm" not in sys.modules:
-    os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
-
-from bitsmith.errors import BitsmithError  # noqa: E402  (after the environment above)
-from bitsmith.runtime.artifact import load_artifact  # noqa: E402
-from bitsmith.runtime.generate import generate  # noqa: E402
-from bitsmith.runtime.sampling import SamplingParams  # noqa: E402
-from bitsmith.runtime.tokenizer import encode_chat  # noqa: E402
+from bitsmith.errors import BitsmithError
+from bitsmith.runtime.artifact import load_artifact
+from bitsmith.runtime.generate import generate
+from bitsmith.runtime.sampling import SamplingParams
+from bitsmith.runtime.tokenizer import encode_chat
+from bitsmith.runtime.tvm_lib import runtime_library_only
 
 
 def run_prompt(args: argparse.Namespace) -> None:
@@ -100,6 +95,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    runtime_library_only()  # this process never compiles: TVM's runtime library alone
     args = parser().parse_args(argv)
     try:
         args.func(args)

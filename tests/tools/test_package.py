@@ -159,3 +159,24 @@ def test_device_checks_core_and_fit(tiny_artifact, tmp_path):
     report = package(artifact, tmp_path / "b1", device=device_profile("host"))
     readme = (report.bundle / "README.md").read_text()
     assert "predicted RSS on host" in readme and json.loads((report.bundle / "bundle.json").read_text())["device_fit"]
+
+
+@pytest.mark.parametrize("command", ["runtime", "cli"])
+def test_running_an_artifact_loads_no_compiler_library(tiny_artifact, tmp_path, command):
+    """With the full install (apache-tvm with libtvm_compiler.so present), `python -m bitsmith.runtime run` and
+    `bitsmith run` map libtvm_runtime.so and never libtvm_compiler.so."""
+    import sys
+
+    artifact = tmp_path / "art"
+    shutil.copytree(tiny_artifact(CompileOptions(target=TargetOptions("host"))), artifact)
+    attach_char_tokenizer(artifact)
+    site = probe_site(tmp_path / "site")
+    shutil.rmtree(site / "torch")  # torch as installed: this is the full install
+    env = dict(os.environ, PYTHONPATH=f"{site}:{REPO_ROOT}", PROBE_OUT=str(site / "probe.json"))
+    env.pop("TVM_USE_RUNTIME_LIB", None)
+    program = ["-m", "bitsmith.runtime"] if command == "runtime" else ["-c", "from bitsmith.cli import main; main()"]
+    done = subprocess.run([sys.executable, *program, "run", str(artifact), "abc", "--max-tokens", "4", "--json"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    libs = [Path(p).name for p in json.loads((site / "probe.json").read_text())["libs"]]
+    assert "libtvm_runtime.so" in libs and "libtvm_compiler.so" not in libs
