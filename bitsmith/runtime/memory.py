@@ -15,14 +15,21 @@ from bitsmith.runtime.step_runner import constant_arrays, kernel_plan, pool_shap
 # installed) and a kernel library. Measured: `bitsmith run` of TinyStories-656K (weights, KV pools and arenas
 # under 10 MB) peaks at 398 MB on x86-64 with apache-tvm 0.27.
 RUNTIME_BASE_BYTES = 390 << 20
+# The same for a bundle (`bitsmith package`): TVM's runtime library only, no compiler library, no torch. Measured:
+# the TinyStories-656K aarch64 bundle serving one request under QEMU user-mode (cortex-a76) peaks at 166 MiB, of
+# which QEMU's own translation buffers are ~55 MiB (the x86-64 bundle natively: 102 MiB), so on the device this
+# over-predicts by about that much (tests/tools/test_emulate.py checks it against the SmolLM2 int4 bundle).
+BUNDLE_RUNTIME_BASE_BYTES = 160 << 20
 
 
-def serving_memory(artifact: Artifact) -> dict[str, Any] | None:
+def serving_memory(artifact: Artifact, runtime: int = RUNTIME_BASE_BYTES) -> dict[str, Any] | None:
     """Bytes the compiled executor keeps resident, by part, or None for an artifact without kernels.
 
     weights: the kernels' weights, each copied once into one huge-page arena (interleaved ones in their
     kernel layout: the same bytes as stored); nothing else of the weight file stays resident.
     workspace: every schedule's activation arena (each row count has its own).
+    runtime: the process before any weight (RUNTIME_BASE_BYTES for `bitsmith run/serve`, BUNDLE_RUNTIME_BASE_BYTES
+    for a bundle's launchers).
     kv_cache: the paged KV pools; their pages become resident as sequences fill them, so `loaded` (right after
     loading) leaves them out and `full` (every block in use) counts them.
     """
@@ -42,8 +49,8 @@ def serving_memory(artifact: Artifact) -> dict[str, Any] | None:
         kv += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         if dtype == "int8":  # fp32 scales per (block, k/v, slot, head)
             kv += 4 * int(np.prod(shape[:4], dtype=np.int64))
-    loaded = RUNTIME_BASE_BYTES + weights + workspace + constants
-    return {"runtime": RUNTIME_BASE_BYTES, "weights": weights, "workspace": workspace + constants, "kv_cache": kv,
+    loaded = runtime + weights + workspace + constants
+    return {"runtime": runtime, "weights": weights, "workspace": workspace + constants, "kv_cache": kv,
             "loaded": loaded, "full": loaded + kv}
 
 
