@@ -152,3 +152,13 @@ def test_search_device_takes_the_budget_and_one_of_memory_or_device(tmp_path):
                                      "-o", str(tmp_path / "p")])
     neither = CliRunner().invoke(main, ["search", "-o", str(tmp_path / "p")])
     assert both.exit_code == neither.exit_code == 2 and "one of --memory SIZE or --device NAME" in both.output
+
+
+def test_profile_features_agree_with_llvm():
+    """A profile's dotprod must be what LLVM's CPU gives (the int8-activation sdot GEMVs need it)."""
+    from bitsmith.codegen.target import resolve_target
+
+    for profile in PROFILES.values():
+        target = resolve_target(profile.compile_target)
+        assert target.mcpu == profile.llvm_cpu
+        assert target.supports_int8_activations == ("dotprod" in profile.features), profile.name
