@@ -107,3 +107,32 @@ def test_the_sdot_kernel_faults_on_a_core_without_dotprod(emulated_python, tmp_p
     device profile must never get a CPU newer than its core (the lowering gives the a72 float GEMVs)."""
     done, _ = _run(emulated_python, "aarch64-linux:cortex-a76", "cortex-a72", SPECS[:1], tmp_path)
     assert done.returncode == -4, (done.returncode, done.stderr[-500:])  # -SIGILL
+
+
+def test_tinystories_int8_activations_on_a_pi5_core_give_the_vnni_greedy_tokens(emulated_python, shared_data,
+                                                                                tmp_path):
+    """A whole model: TinyStories int4 g32 for raspberry-pi-5 with int8 activations (every qlinear a sdot
+    kernel) bundled and run under QEMU cortex-a76 gives the host's int8-activation (VNNI) greedy tokens: the
+    same activation quantization and exact integer dots, so only fp32 summation order differs."""
+    from bitsmith.codegen.target import host_target
+    from bitsmith.devices import device_profile, for_device
+    from bitsmith.options import CompileOptions, MemoryOptions, QuantOptions, TargetOptions
+    from bitsmith.pipeline import compile_model
+    from bitsmith.runtime.sampling import SamplingParams
+    from bitsmith.tools.emulate import run_bundle
+    from bitsmith.tools.run import run_prompt
+
+    if not host_target().supports_int8_activations:
+        pytest.skip("the host lacks AVX-512 VNNI: no x86 int8-activation run to compare with")
+    options = CompileOptions(quant=QuantOptions("rtn", bits=4, group_size=32, keep_default=False),
+                             memory=MemoryOptions(context=256), target=TargetOptions(activations="int8"))
+    source = shared_data / "tinystories-656k"
+    host = compile_model(source, tmp_path / "x86", options)
+    arm = compile_model(source, tmp_path / "arm", for_device(options, device_profile("raspberry-pi-5")))
+    kernels = json.loads((arm / "manifest.json").read_text())["kernels"]
+    calls = [call[0] for call in kernels["schedules"]["rows1"]["calls"]]
+    assert kernels["target_cpu"] == "cortex-a76" and any(k.startswith("qgemv_i8a_b4") for k in calls)
+    bundle = package.package(arm, tmp_path / "bundle", target="aarch64-linux").bundle
+    text, ids = run_prompt(host, "Once upon a time", 24, SamplingParams(temperature=0.0))
+    run = run_bundle(bundle, ["Once upon a time", "--max-tokens", "24", "--json"], "cortex-a76")
+    assert run.json()["token_ids"] == ids and len(ids) == 24
