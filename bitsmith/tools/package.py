@@ -19,6 +19,7 @@ import bitsmith
 from bitsmith.devices import DeviceProfile
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.artifact import load_artifact
+from bitsmith.runtime.memory import BUNDLE_RUNTIME_BASE_BYTES
 from bitsmith.runtime.step_runner import kernel_plan
 from bitsmith.tools.fit import format_fit, require_fit
 from bitsmith.tools.package_files import launchers, readme_text
@@ -200,7 +201,8 @@ def check_device(artifact_path: Path, plan_cpu: str, device: DeviceProfile) -> l
         raise BitsmithError(f"the kernels were built for {plan_cpu}, {device.name} is a {device.llvm_cpu}",
                             where=str(artifact_path),
                             fix=f"compile with `bitsmith compile MODEL -o DIR --device {device.name}`")
-    return format_fit(require_fit(artifact_path, device), device)
+    # the bundle's launchers load TVM's runtime library alone and no torch: its smaller base, not `bitsmith run`'s
+    return format_fit(require_fit(artifact_path, device, BUNDLE_RUNTIME_BASE_BYTES), device)
 
 
 def package(artifact_path: Path, output: Path, target: str | None = None, offline: bool = False,
