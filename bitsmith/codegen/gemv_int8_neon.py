@@ -63,7 +63,7 @@ def build_qgemv_i8_neon(spec: Any, usdot: bool = False, emulate: bool = False) -
     if group != n_in and group % span:
         raise BitsmithError(f"group size {group} splits a lane of {span} values", where=f"codegen {spec.name}",
                             fix="use groups of 32, 64 or 128 or per channel")
-    nb32, per_block = -(-n_in // XBLOCK), BK // XBLOCK
+    per_block = BK // XBLOCK
     unsigned = usdot and bits == 8  # usdot: u8 codes as they are; else int8 codes flip to q - 128
     off = 128 if bits == 8 and not unsigned else 0
     zconst = 1 << (bits - 1)

@@ -21,7 +21,7 @@ from bitsmith.codegen.gemv_int8 import QGemvI8Spec
 from bitsmith.tools import emulate, package
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_gemv_int8_neon import case, reference  # noqa: E402  (the oracle and inputs, one definition)
+from test_gemv_int8_neon import case, reference  # the oracle and inputs, one definition
 
 SPECS = [QGemvI8Spec(7, 576, 4, 32, True, 1), QGemvI8Spec(33, 200, 4, 64, False, 3),
          QGemvI8Spec(16, 1536, 4, 128, True, 16), QGemvI8Spec(9, 576, 8, 32, True, 2),
@@ -133,6 +133,6 @@ def test_tinystories_int8_activations_on_a_pi5_core_give_the_vnni_greedy_tokens(
     calls = [call[0] for call in kernels["schedules"]["rows1"]["calls"]]
     assert kernels["target_cpu"] == "cortex-a76" and any(k.startswith("qgemv_i8a_b4") for k in calls)
     bundle = package.package(arm, tmp_path / "bundle", target="aarch64-linux").bundle
-    text, ids = run_prompt(host, "Once upon a time", 24, SamplingParams(temperature=0.0))
+    _, ids = run_prompt(host, "Once upon a time", 24, SamplingParams(temperature=0.0))
     run = run_bundle(bundle, ["Once upon a time", "--max-tokens", "24", "--json"], "cortex-a76")
     assert run.json()["token_ids"] == ids and len(ids) == 24
