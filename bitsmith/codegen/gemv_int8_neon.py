@@ -16,7 +16,8 @@ batch row: 4 P sdot in two chains, one int->float conversion, a multiply by the 
 with the weight scales; the zero-point term -(z - off) sum xq starts the int32 chains (sym) or is
 subtracted in float per lane (asym). Once per call x is quantized into that byte order, with per lane sx
 and sum xq. Output rows run in parallel, each with all batch rows (a block's codes are unpacked once for
-every row). A tail (in % BK) runs a scalar loop on fp32 x and dequantized weights.
+every row). A tail (in % BK) of whole 32-blocks in L = 4 or 8 lanes (576 = 4 x 128 + 64 at b = 4) is one more
+block of L / 4 registers per plane (lane i: P L values); any other tail a scalar loop on fp32 x.
 
 Bytes per token: the loop reads each weight byte once and the activations from L1, so a GEMV is bound by
 DRAM bandwidth once the codes (BK / 2 bytes per block at b = 4) arrive slower than ~4 P sdot and ~10 other
@@ -64,6 +65,11 @@ def build_qgemv_i8_neon(spec: Any, usdot: bool = False, emulate: bool = False) -
         raise BitsmithError(f"group size {group} splits a lane of {span} values", where=f"codegen {spec.name}",
                             fix="use groups of 32, 64 or 128 or per channel")
     per_block = BK // XBLOCK
+    # a tail of L = 4 or 8 lanes whose values fill whole 32-blocks (576 = 4 x 128 + 64 at b = 4) runs as one
+    # more block of L / 4 registers: lane i covers P L values k = base + P L i + .., one 32-block and group
+    L = rest // slots
+    vtail = rest > 0 and rest % XBLOCK == 0 and L in (4, 8)
+    tail_span = P * L
     unsigned = usdot and bits == 8  # usdot: u8 codes as they are; else int8 codes flip to q - 128
     off = 128 if bits == 8 and not unsigned else 0
     zconst = 1 << (bits - 1)
@@ -91,44 +97,56 @@ def build_qgemv_i8_neon(spec: Any, usdot: bool = False, emulate: bool = False) -
             s = T.arg("scales", T.Buffer((n_out, spec.n_groups), "float16"))
             z = None if spec.sym else T.arg("zeros", T.Buffer((n_out, spec.n_groups), "float16"))
             y = T.arg("y", T.Buffer((batch, n_out), "float32"))
-            xq = T.alloc_buffer((max(full * batch * BK, 16),), "int8")  # in the transposed byte order
-            sx4 = T.alloc_buffer((max(full * batch * 4, 4),), "float32")  # per block and lane: sx
-            c4 = T.alloc_buffer((max(full * batch * 4, 4),), cdtype)  # per block and lane: zero-point term
+            nblk = full + vtail  # blocks with a vector step (the tail block is number `full`)
+            xq = T.alloc_buffer((max(nblk * batch * BK, 16),), "int8")  # in the transposed byte order
+            sx4 = T.alloc_buffer((max(nblk * batch * 4, 4),), "float32")  # per block and lane: sx
+            c4 = T.alloc_buffer((max(nblk * batch * 4, 4),), cdtype)  # per block and lane: zero-point term
 
             # ---- 1. quantize x's full blocks (once per call, shared by every output row)
             def rint(v: Any) -> Any:
                 return tirx.min(tirx.max(T.nearbyint(v), f32(-127.0)), f32(127.0))
 
-            with T.serial(0, batch) as n, T.serial(0, full) as kb:
-                sxl = local_buffer((per_block,), "float32")
-                for h in range(per_block):  # a 32-block: 2 registers of 16 consecutive k (slots 2h, 2h + 1)
-                    halves = [T.bind(x[n, tirx.Ramp(kb * BK + h * XBLOCK + 16 * u, 1, 16)]) for u in range(2)]
+            def quantize_block(n: Any, kb: Any, k0: Any, n32: int, lanes: int) -> None:
+                """xq / sx4 / c4 of block kb (first k k0, n32 32-blocks, `lanes` words: register p R + c, byte
+                4 i + t holds slot P i + p of word 4 c + t, k = k0 + (P i + p) lanes + 4 c + t)."""
+                regs, lane_k = lanes // 4, P * lanes  # registers per plane, k per int32 lane
+                sxl = local_buffer((n32,), "float32")
+                for h in range(n32):  # a 32-block: 2 registers of 16 consecutive k
+                    halves = [T.bind(x[n, tirx.Ramp(k0 + h * XBLOCK + 16 * u, 1, 16)]) for u in range(2)]
                     amax = hmax(T.bind(tirx.max(tirx.abs(halves[0]), tirx.abs(halves[1]))), 16)
                     T.buffer_store(sxl, amax / f32(127.0), [h])
                     inv = T.bind(tirx.Select(amax > f32(0.0), f32(127.0) / amax, f32(0.0)))
                     for u, v in enumerate(halves):
                         q = T.bind(tirx.Cast("int8x16", rint(v * tirx.Broadcast(inv, 16))))
-                        j = 2 * h + u  # slot j: plane j % P, lane j // P; its 16 k are c = 0..3, t = 0..3
-                        at = xq_at(n, kb) + (j % P) * 64 + 4 * (j // P)
-                        for c in range(4):
-                            T.buffer_store(xq, tirx.Shuffle([q], list(range(4 * c, 4 * c + 4))),
-                                           [tirx.Ramp(at + 16 * c, 1, 4)])
+                        for e in range(4):  # 4 consecutive k: slot j, words 4 c .. 4 c + 3
+                            j, c = divmod(h * XBLOCK + 16 * u + 4 * e, lanes)
+                            at = xq_at(n, kb) + ((j % P) * regs + c // 4) * 16 + 4 * (j // P)
+                            T.buffer_store(xq, tirx.Shuffle([q], list(range(4 * e, 4 * e + 4))),
+                                           [tirx.Ramp(at, 1, 4)])
                 # per lane i: its 32-block's sx and sum xq over its k (sdot with ones: sums of 4 bytes)
-                sx = expand_lanes(lambda i: sxl[i], 0, [i * span // XBLOCK for i in range(4)])
+                sx = expand_lanes(lambda i: sxl[i], 0, [i * lane_k // XBLOCK for i in range(4)])
                 T.buffer_store(sx4, sx, [tirx.Ramp(meta_at(n, kb), 1, 4)])
                 total = tirx.Broadcast(i32(0), 4)
                 ones = tirx.Broadcast(tirx.const(1, "int8"), 16)
-                for v in range(4 * P):
+                for v in range(regs * P):
                     total = sdot(total, ones, xq[tirx.Ramp(xq_at(n, kb) + 16 * v, 1, 16)])
                 term = (T.bind(total) * tirx.Broadcast(i32(off - zconst), 4) if spec.sym
                         else sx * tirx.Cast("float32x4", total))
                 T.buffer_store(c4, term, [tirx.Ramp(meta_at(n, kb), 1, 4)])
 
+            with T.serial(0, batch) as n:
+                with T.serial(0, full) as kb:
+                    quantize_block(n, kb, kb * BK, per_block, LANES)
+                if vtail:
+                    quantize_block(n, full, full * BK, rest // XBLOCK, L)
+
             # ---- 2. output rows in parallel: per block, 4 P sdot per batch row and one float step
-            def block_codes(o: Any, kb: Any) -> list[Any]:
-                """The block's codes as 4 P int8x16 registers, register 4 p + c (see the module docstring)."""
-                codes: list[Any] = [None] * (4 * P)
-                for c in range(4):
+            def block_codes(o: Any, kb: Any, lanes: int = LANES) -> list[Any]:
+                """The block's codes as R P int8x16 registers (R = lanes / 4), register R p + c (see the module
+                docstring)."""
+                regs = lanes // 4
+                codes: list[Any] = [None] * (regs * P)
+                for c in range(regs):
                     words = w[o, tirx.Ramp(kb * LANES + 4 * c, 1, 4)]
                     tile = T.bind(tirx.Shuffle([T.reinterpret(words, dtype="uint8x16")], TRANSPOSE))
                     if P == 2:
@@ -139,34 +157,39 @@ def build_qgemv_i8_neon(spec: Any, usdot: bool = False, emulate: bool = False) -
                     else:
                         planes = [tile]
                     for p, plane in enumerate(planes):
-                        codes[4 * p + c] = T.bind(T.reinterpret(plane, dtype="int8x16"))
+                        codes[regs * p + c] = T.bind(T.reinterpret(plane, dtype="int8x16"))
                 return codes
 
             with T.parallel(0, n_out) as o:
                 acc = local_buffer((batch * 4,), "float32")
                 T.buffer_store(acc, tirx.Broadcast(f32(0.0), batch * 4), [tirx.Ramp(0, 1, batch * 4)])
-                with T.serial(0, full) as kb:
-                    codes = block_codes(o, kb)
+                def block_step(kb: Any, codes: list[Any], k0: Any, lane_k: int) -> None:
+                    """acc[n] += block kb's terms for every batch row: lane i covers k0 + lane_k i + [0, lane_k)."""
                     if group >= BK or group == n_in:  # one group per block
-                        g0, pattern = tirx.floordiv(kb * BK, group), [0] * 4
+                        g0, pattern = tirx.floordiv(k0, group), [0] * 4
                     else:
-                        g0, pattern = kb * (BK // group), [i * span // group for i in range(4)]
+                        g0, pattern = tirx.floordiv(k0, group), [i * lane_k // group for i in range(4)]
                     scale = expand_lanes(lambda g: s[o, g], g0, pattern)
                     zero = None if z is None else T.bind(
                         expand_lanes(lambda g: z[o, g], g0, pattern) - tirx.Broadcast(f32(float(off)), 4))
                     with T.serial(0, batch) as n:
                         meta = tirx.Ramp(meta_at(n, kb), 1, 4)
                         chains = [c4[meta] if spec.sym else tirx.Broadcast(i32(0), 4), tirx.Broadcast(i32(0), 4)]
-                        for v in range(4 * P):  # two chains: sdot latency
-                            chains[v % 2] = sdot(chains[v % 2], codes[v], xq[tirx.Ramp(xq_at(n, kb) + 16 * v, 1, 16)])
+                        for v, code in enumerate(codes):  # two chains: sdot latency
+                            chains[v % 2] = sdot(chains[v % 2], code, xq[tirx.Ramp(xq_at(n, kb) + 16 * v, 1, 16)])
                         val = tirx.Cast("float32x4", chains[0] + chains[1]) * sx4[meta]
                         if zero is not None:
                             val = val - zero * c4[meta]
                         here = tirx.Ramp(n * 4, 1, 4)
                         T.buffer_store(acc, acc[here] + val * scale, [here])
+
+                with T.serial(0, full) as kb:
+                    block_step(kb, block_codes(o, kb), kb * BK, span)
+                if vtail:
+                    block_step(full, block_codes(o, full, L), full * BK, tail_span)
                 with T.serial(0, batch) as n:
                     total = hsum4(acc[tirx.Ramp(n * 4, 1, 4)])
-                    if rest:
+                    if rest and not vtail:
                         total = total + scalar_tail(spec, x, w, s, z, o, n, full * BK, rest, slots)
                     T.buffer_store(y, total, [n, o])
     return ib.get()

@@ -28,12 +28,15 @@ from bitsmith.passes import lower_linear
 from bitsmith.passes.quant.packing import pack
 from bitsmith.runtime.packed_layout import LANES, lane_unit
 
-# (out, in, bits, group, sym, batch): 576 = 4 int4 blocks + a 64-value tail; 200 = 1 block + 72 (int4) or
-# 3 blocks + 8 (int8); 37: tail only; 1536 whole blocks; groups inside a block (32, 64 at b = 4; 32 at b = 8)
+# (out, in, bits, group, sym, batch): 576 = 4 int4 blocks + a 64-value tail (8 lanes, vector); 200 = 1 block +
+# 72 (int4) or 3 blocks + 8 (int8) (scalar tails); 160 = 1 int4 block + 32 (4 lanes), 96 = 1 int8 block + 32
+# (8 lanes); 37: tail only; 1536 whole blocks; groups inside a block (32, 64 at b = 4; 32 at b = 8)
 SPECS = [QGemvI8Spec(n, k, b, g, sym, bs) for b in (4, 8) for g in (32, 64, 128, -1) for sym in (True, False)
          for n, k, bs in ((7, 576, 1), (33, 200, 3))]
 SPECS += [QGemvI8Spec(64, 1536, 4, 32, True, 1), QGemvI8Spec(48, 1536, 8, 128, False, 16),
-          QGemvI8Spec(5, 37, 4, -1, False, 2), QGemvI8Spec(16, 2048, 4, 128, True, 64)]
+          QGemvI8Spec(5, 37, 4, -1, False, 2), QGemvI8Spec(16, 2048, 4, 128, True, 64),
+          QGemvI8Spec(6, 160, 4, 32, False, 2), QGemvI8Spec(6, 96, 8, 32, True, 3), QGemvI8Spec(6, 32, 4, 32, True, 1),
+          QGemvI8Spec(8, 576, 4, 64, False, 4)]
 USDOT_SPECS = [QGemvI8Spec(9, 576, 8, g, sym, 2) for g in (32, -1) for sym in (True, False)]
 
 
@@ -46,11 +49,16 @@ def emulated(specs, usdot: bool = False):
 
 
 def reference(spec: QGemvI8Spec, x, qweight, scales, zeros) -> np.ndarray:
-    """Full blocks: the kernel's int8 activations, exact integer dots, fp64 scaling; the tail: fp32 x."""
+    """Full blocks (and a tail of whole 32-blocks in 4 or 8 lanes, e.g. 576 at b = 4): the kernel's int8
+    activations, exact integer dots, fp64 scaling; any other tail: fp32 x."""
     attrs = {"bits": spec.bits, "group_size": spec.group_size, "in_features": spec.in_features, "sym": spec.sym}
     w = dequantize_packed(qweight, scales, zeros, attrs).astype(np.float64)
     q = w / np.repeat(scales.astype(np.float64), spec.group, axis=1)[:, :spec.in_features]  # q - z
-    base = spec.in_features // (LANES * lane_unit(spec.bits)[1]) * LANES * lane_unit(spec.bits)[1]
+    slots = lane_unit(spec.bits)[1]
+    base = spec.in_features // (LANES * slots) * LANES * slots
+    rest = spec.in_features - base
+    if rest % 32 == 0 and rest // slots in (4, 8):  # the vector tail
+        base = spec.in_features
     blocks = base // 32
     xb = x[:, :base].reshape(spec.batch, blocks, 32)
     amax = np.abs(xb).max(-1)

@@ -25,7 +25,8 @@ from test_gemv_int8_neon import case, reference  # the oracle and inputs, one de
 
 SPECS = [QGemvI8Spec(7, 576, 4, 32, True, 1), QGemvI8Spec(33, 200, 4, 64, False, 3),
          QGemvI8Spec(16, 1536, 4, 128, True, 16), QGemvI8Spec(9, 576, 8, 32, True, 2),
-         QGemvI8Spec(9, 200, 8, -1, False, 1), QGemvI8Spec(5, 37, 4, -1, False, 2)]
+         QGemvI8Spec(9, 200, 8, -1, False, 1), QGemvI8Spec(5, 37, 4, -1, False, 2),
+         QGemvI8Spec(6, 160, 4, 32, False, 2), QGemvI8Spec(6, 96, 8, 32, True, 3)]  # 4- and 8-lane vector tails
 # QEMU core per build: cortex-a76 has dotprod (sdot) but not i8mm; "max" has both (usdot)
 BUILDS = {"aarch64-linux:cortex-a76": "cortex-a76", "aarch64-linux:cortex-a76+i8mm": "max"}
 RUNNER = """
