@@ -1,4 +1,4 @@
-"""Run an aarch64 bundle on x86 under QEMU user-mode emulation: a cached arm64 sysroot, the bundle's wheels, peak RSS."""
+"""Run an aarch64 bundle on x86 under QEMU user-mode: a cached arm64 sysroot, the bundle's wheels, peak RSS."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from bitsmith.errors import BitsmithError
 
@@ -166,7 +167,7 @@ def _hwm(pid: int) -> int:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:  # gone between wait4 and here
         return 0
-    found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
+    found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
     return int(found.group(1)) * 1024 if found else 0
 
 
@@ -212,9 +213,9 @@ class EmulatedServer:
         self.peak_rss = 0
         self.log = ""
 
-    def __enter__(self) -> EmulatedServer:
+    def __enter__(self) -> Self:
         env = bundle_env(self.bundle, self.cpu)
-        self._err = tempfile.NamedTemporaryFile("w+", suffix=".log")  # noqa: SIM115  (closed in stop)
+        self._err = tempfile.NamedTemporaryFile("w+", suffix=".log")  # closed in stop()
         self.process = subprocess.Popen([str(self.bundle / "serve"), "--port", "0"], stdout=subprocess.DEVNULL,
                                         stderr=self._err, env=env)
         deadline = time.monotonic() + self.start_timeout
