@@ -90,8 +90,15 @@ def real_text_model(family: str, directory, shared_data):
     return model
 
 
-@pytest.mark.parametrize("family", sorted(f for f in ZOO if f not in MOE))
-def test_calibrated_methods_run_on_every_dense_family(family, tmp_path, shared_data):
+# one family per way the calibration walks a traced graph: layer names (transformer.h.N, gpt_neox.layers.N), tied
+# and learned-position tables (gpt2), no pre-norm (olmo2), fused projections (phi3), sandwich norms and soft-caps
+# (gemma2), the plain block (qwen3). All 17 dense families passed when this was first written (measured: GPTQ below
+# RTN on each); the subset keeps the suite's time.
+CALIBRATED = ("gemma2", "gpt2", "gpt_neox", "olmo2", "phi3", "qwen3")
+
+
+@pytest.mark.parametrize("family", CALIBRATED)
+def test_calibrated_methods_run_on_the_traced_families(family, tmp_path, shared_data):
     """GPTQ and AWQ int4 g32 calibrate layer by layer on the traced graph (layers found by name: layers.N,
     transformer.h.N, gpt_neox.layers.N): against RTN with the same scheme on real text, GPTQ's KL divergence
     from the unquantized model is lower and AWQ's at most AWQ_VS_RTN times RTN's (random weights have no salient
