@@ -69,4 +69,5 @@ def test_options_serialise_nested_by_concern():
     assert set(data) == {"dtype", "tokenizer", "verify", "dump_ir", "quant", "memory", "target"}
     assert data["quant"]["method"] == "gptq" and data["quant"]["schemes"] == (("lm_head", "int8"),)
     assert data["memory"]["kv_dtype"] == "auto" and data["target"] == {"name": "host", "arch": None,
-                                                                         "activations": "float32"}
+                                                                         "activations": "float32", "cpu": None,
+                                                                         "features": ()}
