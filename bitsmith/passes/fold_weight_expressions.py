@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +18,7 @@ from bitsmith.passes.rewrite import consumers, producers
 FOLDABLE = ("add", "sub", "mul", "div", "neg", "cast", "pow", "sqrt", "rsqrt", "reshape")
 
 
-def _static_roots(fn: Function) -> dict[str, Node]:
+def _static_roots(fn: Function, users: dict[str, list[Node]]) -> dict[str, Node]:
     """Foldable nodes whose inputs are all weights, constants or other such nodes, at least one weight below."""
     static, reads_weight = {}, set()
     for node in fn.nodes:
@@ -29,7 +30,6 @@ def _static_roots(fn: Function) -> dict[str, Node]:
             static[node.outputs[0]] = node
             if any(v in reads_weight for v in node.inputs):
                 reads_weight.add(node.outputs[0])
-    users = consumers(fn)
     # fold maximal expressions: a static value read by a non-static node (or an output)
     roots = {}
     for value, node in static.items():
@@ -47,37 +47,38 @@ def _weights_under(value: str, prod: dict[str, Node]) -> list[Node]:
     return [w for v in node.inputs for w in _weights_under(v, prod)]
 
 
-def _folded_name(value: str, fn: Function) -> str:
+def _folded_name(value: str, prod: dict[str, Node], users: dict[str, list[Node]],
+                 weight_nodes: Counter) -> str:
     """The one weight the expression reads, when nothing else reads it (the folded value replaces it under its
-    own name: `layers.0.input_layernorm.weight` holds 1 + w); else a name of its own."""
-    prod, users = producers(fn), consumers(fn)
+    own name: `layers.0.input_layernorm.weight` holds 1 + w); else a name of its own. `weight_nodes`: how many
+    weight nodes of the function name each weight."""
     read = _weights_under(value, prod)
     names = {w.attrs["name"] for w in read}
-    if len(names) == 1 and len(read) == 1 and len(users.get(read[0].outputs[0], [])) == 1:
-        others = [n for n in fn.nodes if n.op == "weight" and n.attrs["name"] in names and n is not read[0]]
-        if not others:
-            return read[0].attrs["name"]
+    if len(read) == 1 and len(users.get(read[0].outputs[0], [])) == 1 and weight_nodes[read[0].attrs["name"]] == 1:
+        return read[0].attrs["name"]
     return f"{sorted(names)[0]}.folded"
 
 
-def _evaluate(value: str, fn: Function, weights, cache: dict[str, np.ndarray]) -> np.ndarray:
+def _evaluate(value: str, prod: dict[str, Node], weights, cache: dict[str, np.ndarray]) -> np.ndarray:
     if value in cache:
         return cache[value]
-    node = producers(fn)[value]
+    node = prod[value]
     if node.op == "weight":
         out = np.asarray(weights[node.attrs["name"]])
         out = out.astype(np.float32) if out.dtype.kind in "fV" else out
     else:
-        xs = [_evaluate(v, fn, weights, cache) for v in node.inputs]
+        xs = [_evaluate(v, prod, weights, cache) for v in node.inputs]
         out = OPS[node.op].ref(xs, node.attrs, RefContext(weights, {}))[0]
     cache[value] = out
     return out
 
 
-def _rewrite(fn: Function, module: Module, ctx: PassContext, types: dict[str, TensorType]) -> Function:
-    roots = _static_roots(fn)
+def _rewrite(fn: Function, ctx: PassContext, types: dict[str, TensorType]) -> Function:
+    prod, users = producers(fn), consumers(fn)
+    roots = _static_roots(fn, users)
     if not roots:
         return fn
+    weight_nodes = Counter(n.attrs["name"] for n in fn.nodes if n.op == "weight")
     cache: dict[str, np.ndarray] = {}
     nodes = []
     for node in fn.nodes:
@@ -85,8 +86,8 @@ def _rewrite(fn: Function, module: Module, ctx: PassContext, types: dict[str, Te
         if value not in roots:
             nodes.append(node)
             continue
-        name = _folded_name(value, fn)
-        array = np.ascontiguousarray(_evaluate(value, fn, ctx.weights, cache), dtype=np.float32)
+        name = _folded_name(value, prod, users, weight_nodes)
+        array = np.ascontiguousarray(_evaluate(value, prod, ctx.weights, cache), dtype=np.float32)
         ctx.weights[name] = array
         types[name] = TensorType(tuple(array.shape), "float32")
         nodes.append(Node("weight", (), (value,), {"name": name}))
@@ -103,5 +104,5 @@ class FoldWeightExpressions(Pass):
 
     def run(self, module: Module, ctx: PassContext) -> Module:
         types = dict(module.weights)
-        functions = {k: _rewrite(f, module, ctx, types) for k, f in module.functions.items()}
+        functions = {k: _rewrite(f, ctx, types) for k, f in module.functions.items()}
         return module.replace(functions=functions, weights=types)
