@@ -32,7 +32,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from bitsmith.codegen.vnni_ir import expand_lanes, hmax, llvm_intrin, local_buffer
+from bitsmith.codegen.vnni_ir import expand_lanes, hmax, llvm_intrin, local_buffer, qgemv_i8_args
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.packed_layout import LANES, lane_unit
 
@@ -92,11 +92,7 @@ def build_qgemv_i8_neon(spec: Any, usdot: bool = False, emulate: bool = False) -
         with T.prim_func():
             T.func_name(spec.name)
             T.func_attr({"global_symbol": spec.name, "tirx.noalias": True})
-            x = T.arg("x", T.Buffer((batch, n_in), "float32"))
-            w = T.arg("qweight", T.Buffer(spec.weight_shape(), "uint32"))
-            s = T.arg("scales", T.Buffer((n_out, spec.n_groups), "float16"))
-            z = None if spec.sym else T.arg("zeros", T.Buffer((n_out, spec.n_groups), "float16"))
-            y = T.arg("y", T.Buffer((batch, n_out), "float32"))
+            x, w, s, z, y = qgemv_i8_args(spec)
             nblk = full + vtail  # blocks with a vector step (the tail block is number `full`)
             xq = T.alloc_buffer((max(nblk * batch * BK, 16),), "int8")  # in the transposed byte order
             sx4 = T.alloc_buffer((max(nblk * batch * 4, 4),), "float32")  # per block and lane: sx

@@ -42,7 +42,8 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from bitsmith.codegen.gemv_schedule import batch_tile
-from bitsmith.codegen.vnni_ir import expand_lanes, hmax, llvm_intrin, local_buffer, prefetch, row_sums, unpack_codes
+from bitsmith.codegen.vnni_ir import (expand_lanes, hmax, llvm_intrin, local_buffer, prefetch, qgemv_i8_args, row_sums,
+                                      unpack_codes)
 from bitsmith.runtime.packed_layout import LANES, lane_unit
 
 XBLOCK = 32  # activation values per int8 scale
@@ -155,11 +156,7 @@ def build_qgemv_i8(spec: Any) -> Any:
         with T.prim_func():
             T.func_name(spec.name)
             T.func_attr({"global_symbol": spec.name, "tirx.noalias": True})
-            x = T.arg("x", T.Buffer((batch, n_in), "float32"))
-            w = T.arg("qweight", T.Buffer(spec.weight_shape(), "uint32"))
-            s = T.arg("scales", T.Buffer((n_out, spec.n_groups), "float16"))
-            z = None if spec.sym else T.arg("zeros", T.Buffer((n_out, spec.n_groups), "float16"))
-            y = T.arg("y", T.Buffer((batch, n_out), "float32"))
+            x, w, s, z, y = qgemv_i8_args(spec)
             xq = T.alloc_buffer(((full + vtail) * batch * BK or 64,), "int8")  # in the shuffled order
             sxb = T.alloc_buffer((batch * nb32,), "float32")  # scale per 32-block
             sx4 = T.alloc_buffer(((full + vtail) * batch * 4 or 4,), "float32")  # activation scales

@@ -13,6 +13,18 @@ from tvm import tirx
 from tvm.script.ir_builder import tirx as T
 
 
+def qgemv_i8_args(spec: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """Inside a `T.prim_func()` frame: the arguments of a QGemvI8Spec kernel in the artifact's standard packed
+    layout, x [batch, in], qweight, scales [out, groups], zeros (asymmetric only, else None), y [batch, out]."""
+    n_out, n_in, batch = spec.out_features, spec.in_features, spec.batch
+    x = T.arg("x", T.Buffer((batch, n_in), "float32"))
+    w = T.arg("qweight", T.Buffer(spec.weight_shape(), "uint32"))
+    s = T.arg("scales", T.Buffer((n_out, spec.n_groups), "float16"))
+    z = None if spec.sym else T.arg("zeros", T.Buffer((n_out, spec.n_groups), "float16"))
+    y = T.arg("y", T.Buffer((batch, n_out), "float32"))
+    return x, w, s, z, y
+
+
 def local_buffer(shape: tuple[int, ...], dtype: str) -> Any:
     """A small per-thread stack buffer: without the annotation TVM 0.27 allocates buffers inside a
     parallel loop with TVMBackendAllocWorkspace (a call per row) that LLVM cannot keep in registers."""
