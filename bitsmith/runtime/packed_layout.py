@@ -5,9 +5,10 @@ writes it (`pack`).
 
 Each output row is packed on its own into a row of uint32 words. A "lane unit" is the smallest
 whole number of words holding a whole number of values: U = 1 word of S = 32/b values for
-b in {2, 4, 8}, and U = 3 words of S = 32 values for b = 3 (a 96-bit stream, so 3 bits per value
-exactly). The row's K axis is cut into blocks of 16 lanes x S slots = 16*S values
-(b=2: 256, b=3: 512, b=4: 128, b=8: 64):
+b in {2, 4, 8}, and U = b words of S = 32 values for b in {3, 5, 6} (a 32*b-bit stream, so b bits per
+value exactly; for b = 6 this is twice the smallest unit, kept so that every odd width reads alike).
+The row's K axis is cut into blocks of 16 lanes x S slots = 16*S values
+(b=2: 256, b=3/5/6: 512, b=4: 128, b=8: 64):
 
     element k = kb*16*S + j*16 + l        (block kb, slot j in [0, S), lane l in [0, 16))
     word      = kb*16*U + p*16 + l        (unit word p in [0, U))
@@ -23,14 +24,14 @@ exactly). The row's K axis is cut into blocks of 16 lanes x S slots = 16*S value
 
 So 16 consecutive words at a fixed bit position hold 16 consecutive k: a SIMD kernel shifts and
 masks whole vectors and multiplies them by 16 contiguous activations, with no gathers; in full
-blocks a group (32, 64 or 128 values, a multiple of 16) covers whole slots, so its scale is a
+blocks a group (16, 32, 64 or 128 values, a multiple of 16) covers whole slots, so its scale is a
 broadcast (in the tail too whenever L divides the group size, e.g. 576 = 4*128 + 64 at b=4: L=8).
 For b = 4 this is exactly "uint32 word kb*16 + l holds nibble j of k = kb*128 + j*16 + l".
 
 Tail: when in_features is not a multiple of 16*S, the remaining r values form one last block
 with L = ceil(r / S) lanes instead of 16 (element k = base + j*L + l, word base_w + p*L + l),
 padded with zero codes up to L*S values. A row therefore costs at most one lane unit of padding
-(< 96 bits) beyond bits * in_features, and for in_features a multiple of 32 none at all.
+(< 32*b bits) beyond bits * in_features, and for in_features a multiple of 32 none at all.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import numpy as np
 
 from bitsmith.errors import BitsmithError
 
-PACK_BITS = (2, 3, 4, 8)
+PACK_BITS = (2, 3, 4, 5, 6, 8)
 LANES = 16
 
 
@@ -49,7 +50,7 @@ def lane_unit(bits: int) -> tuple[int, int]:
         raise BitsmithError(f"cannot pack {bits!r}-bit codes", where="packing", fix=f"use one of {PACK_BITS}")
     if 32 % bits == 0:
         return 1, 32 // bits
-    return bits, 32  # 3 bits: 32 values in a 96-bit stream of 3 words
+    return bits, 32  # 3, 5, 6 bits: 32 values in a stream of b words (values may straddle two words)
 
 
 def split_row(in_features: int, bits: int) -> tuple[int, int, int, int, int]:

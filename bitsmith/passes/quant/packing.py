@@ -22,7 +22,7 @@ def pack_lanes(v: np.ndarray, bits: int, units: int) -> np.ndarray:
         p, off = divmod(j * bits, 32)
         shifted = v[..., j, :].astype(np.uint64) << np.uint64(off)
         words[..., p, :] |= shifted & np.uint64(0xFFFFFFFF)
-        if off + bits > 32:  # 3 bits: this value straddles words p and p + 1
+        if off + bits > 32:  # 3, 5, 6 bits: this value straddles words p and p + 1
             words[..., p + 1, :] |= shifted >> np.uint64(32)
     return words.astype(np.uint32)
 

@@ -34,7 +34,7 @@ def _reference_pack(q: np.ndarray, bits: int) -> np.ndarray:
     return np.array(rows, dtype=np.uint32)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_round_trip_and_reference_layout(bits, shape):
     rng = np.random.default_rng(bits * 1000 + shape[1])
@@ -65,6 +65,17 @@ def test_three_bit_values_straddle_words():
     assert np.count_nonzero(words) == 2
 
 
+@pytest.mark.parametrize("bits, slot", [(5, 6), (6, 5)])
+def test_five_and_six_bit_values_straddle_words(bits, slot):
+    """Slot 6 at 5 bits (bits 30..34) and slot 5 at 6 bits (bits 30..35): the low 2 bits end word p = 0."""
+    q = np.zeros((1, 512), np.uint8)
+    q[0, slot * 16 + 3] = (1 << bits) - 1  # lane 3
+    words = pack(q, bits)
+    assert words[0, 3] == 0b11 << 30 and words[0, 16 + 3] == (1 << (bits - 2)) - 1
+    assert np.count_nonzero(words) == 2
+    np.testing.assert_array_equal(unpack(words, bits, 512), q)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("shape", [(576, 1536), (1536, 576), (576, 576), (192, 576), (128, 384),
                                    (4096, 11008), (2048, 5632), (151936, 896), (49152, 576)])
@@ -76,7 +87,7 @@ def test_storage_within_two_percent(bits, shape):
     assert artifact <= theoretical_bytes(*shape, scheme) * 1.02
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_real_size_pack(bits):
     q = np.random.default_rng(bits).integers(0, 2 ** bits, size=(576, 1536), dtype=np.uint8)
     words = pack(q, bits)
@@ -87,7 +98,7 @@ def test_real_size_pack(bits):
 def test_errors():
     with pytest.raises(BitsmithError, match="does not fit in 2 bits"):
         pack(np.full((1, 8), 4, np.uint8), 2)
-    with pytest.raises(BitsmithError, match="5-bit"):
-        pack(np.zeros((1, 8), np.uint8), 5)
+    with pytest.raises(BitsmithError, match="7-bit"):
+        pack(np.zeros((1, 8), np.uint8), 7)
     with pytest.raises(BitsmithError, match="expected uint32"):
         unpack(np.zeros((1, 3), np.uint32), 4, 64)
