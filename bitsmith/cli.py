@@ -32,6 +32,7 @@ from bitsmith.devices import device_names, device_profile, for_device
 from bitsmith.tools.describe import describe, format_summary
 from bitsmith.tools.fit import check_fit, format_fit
 from bitsmith.tools.evaluate import evaluate
+from bitsmith.tools.export import EXPORT_FORMATS
 from bitsmith.tools.package import PACKAGE_TARGETS
 from bitsmith.tools.package import package as package_bundle
 from bitsmith.tools.run import EXECUTORS, run_prompt
@@ -448,6 +449,31 @@ def eval_command(artifact: Path, text_file: Path, tokens: int | None, ctx: int, 
                f"{result.tokens} scored tokens")
     click.echo(f"ppl {result.ppl:.4f}  ref_ppl {result.ref_ppl:.4f}  kld_mean {result.kld_mean:.6f}  "
                f"kld_p99 {result.kld_p99:.6f}  top1_agree {result.top1_agree:.4f}")
+
+
+@main.command(name="export")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", required=True, type=click.Choice(EXPORT_FORMATS),
+              help="gguf: llama.cpp; compressed-tensors (pack-quantized) and gptq (v1): vLLM, SGLang, TGI and "
+                   "transformers; onnx: onnxruntime (MatMulNBits).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="File (gguf) or directory to write; written beside it first and renamed into place.")
+@click.option("--allow-requantize", is_flag=True,
+              help="Convert a weight whose scheme has no exact type in FORMAT from its dequantized values (each "
+                   "such tensor is reported with its max abs error); without it such a weight is refused.")
+@click.option("--json", "as_json", is_flag=True, help="Print the per-tensor report as JSON.")
+@friendly_errors
+def export_command(artifact: Path, fmt: str, output: Path, allow_requantize: bool, as_json: bool) -> None:
+    """Write ARTIFACT's weights (codes and scales as they are, where FORMAT has the scheme) for another engine.
+
+    Prints, per tensor, our scheme, the type it became, and whether it is exact or was requantized.
+    """
+    from bitsmith.tools.export import ExportOptions, export, format_report
+
+    options = ExportOptions(fmt, allow_requantize)
+    _log(f"export {artifact} -> {output}  options={options}")
+    report = export(artifact, output, options)
+    click.echo(json.dumps(report.to_json()) if as_json else format_report(report))
 
 
 if __name__ == "__main__":
