@@ -83,7 +83,7 @@ def bench_model(key: str, cache: Path, smoke: bool = False) -> dict:
     from bitsmith.compiler.loader import load_model
     from bitsmith.passes.canonicalize import canonical_model
     from bitsmith.passes.assign_precision import KEEP, AssignPrecision, linear_weights
-    from bitsmith.passes.quant.scheme import parse_scheme
+    from bitsmith.runtime.quant_scheme import parse_scheme
     from bitsmith.search.cost import LatencyTable
     from bitsmith.search.run import (SearchOptions, _calibration, build_search_model, measured_kld, plan_stats,
                                      run_search)

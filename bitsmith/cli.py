@@ -20,7 +20,7 @@ from bitsmith.options import (ACTIVATIONS, KV_DTYPE_CHOICES, TARGETS, CompileOpt
                               TargetOptions)
 from bitsmith.passes.cast_weights import STORAGE_DTYPES
 from bitsmith.passes.kv_plan import BLOCK_SIZES, parse_bytes
-from bitsmith.passes.quant.scheme import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, SUPPORTED_METHODS
+from bitsmith.runtime.quant_scheme import QUANTIZER_METHODS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from bitsmith.runtime.artifact import load_artifact
 from bitsmith.runtime.bench import agreement_with_first, bench_prompts, format_table, run_concurrency, run_rounds
 from bitsmith.runtime.engine import Engine
@@ -89,7 +89,7 @@ def main() -> None:
               help="Write the IR after each pass, numbered, into this directory, with a side table where the "
                    "pass wrote weights, a plan or kernel schedules (NN-PASS.weights.txt, .kv_plan.json, ...).")
 @click.option("--print-passes", is_flag=True, help="Print the pass list these options give, by phase, and exit.")
-@click.option("--method", type=click.Choice(SUPPORTED_METHODS), default=None,
+@click.option("--method", type=click.Choice(QUANTIZER_METHODS), default=None,
               help="Quantize the linear weights with this method (default: no quantization).")
 @click.option("--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default="4", show_default=True,
               help="Bits per quantized weight.")

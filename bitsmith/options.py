@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from bitsmith.codegen.target import SUPPORTED_TARGETS
 from bitsmith.compiler.calibration_data import CalibrationOptions
 from bitsmith.passes.kv_plan import KV_DTYPES
-from bitsmith.passes.quant.scheme import QuantScheme
+from bitsmith.runtime.quant_scheme import QuantScheme
 
 KV_DTYPE_CHOICES = ("auto", *KV_DTYPES)  # auto: float16 unless the budget needs int8
 TARGETS = (*SUPPORTED_TARGETS, "cuda", "none")  # none: the reference executor only

@@ -11,7 +11,7 @@ from bitsmith.errors import BitsmithError
 from bitsmith.passes.base import PassContext
 from bitsmith.passes.calibrate import layer_index
 from bitsmith.passes.manager import Pass
-from bitsmith.passes.quant.scheme import QuantScheme, parse_scheme
+from bitsmith.runtime.quant_scheme import SUPPORTED_METHODS, QuantScheme, parse_scheme
 
 KEEP = None  # plan value for "stay 16-bit"
 KEEP_SCHEMES = ("16", "fp16", "keep")  # --scheme values that mean 16-bit
@@ -38,13 +38,15 @@ def override_scheme(text: str, default: QuantScheme) -> QuantScheme:
     parsed = parse_scheme(text)
     tokens = text.strip().lower().split("-")[1:]
     given_group = any(t == "pc" or (t.startswith("g") and t[1:].isdigit()) for t in tokens)
-    given_sym = any(t in ("sym", "asym") for t in tokens)
-    given_method = any(t in ("rtn", "gptq", "awq") for t in tokens)
+    given_sym = any(t in ("sym", "asym", "min") for t in tokens)
+    given_method = any(t in SUPPORTED_METHODS for t in tokens)
     return QuantScheme(
         bits=parsed.bits,
         group_size=parsed.group_size if given_group else default.group_size,
         sym=parsed.sym if given_sym else default.sym,
         method=parsed.method if given_method else default.method,
+        offset=parsed.offset if given_sym else default.offset,
+        super_group=parsed.super_group,
     )
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from bitsmith.compiler.weight_store import WeightStore
 from bitsmith.passes.kv_plan import KVPlan
-from bitsmith.passes.quant.scheme import QuantScheme
+from bitsmith.runtime.quant_scheme import QuantScheme
 from bitsmith.runtime.schedule import Schedule
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from bitsmith.compiler.ir import Module
 from bitsmith.passes.base import PassContext
-from bitsmith.passes.quant.scheme import QuantScheme
+from bitsmith.runtime.quant_scheme import QuantScheme
 
 PACKED_PARTS = (".qweight", ".scales", ".zeros")
 

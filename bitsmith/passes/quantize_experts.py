@@ -10,7 +10,7 @@ from bitsmith.passes.base import PassContext, QuantizedInfo
 from bitsmith.passes.quant.gptq import HessianAccumulator, gptq_factor, quantize_gptq
 from bitsmith.passes.quant.packing import pack
 from bitsmith.passes.quant.rtn import quantize_rtn
-from bitsmith.passes.quant.scheme import QuantizedWeight, QuantScheme, dequantize
+from bitsmith.runtime.quant_scheme import QuantizedWeight, QuantScheme, dequantize
 
 # Stored as the stacked packed parts (names from quantize_weights.packed_names):
 #   <stem>.qweight uint32 [E, out, words]   <stem>.scales f16 [E, out, groups]   (<stem>.zeros f16, asymmetric)

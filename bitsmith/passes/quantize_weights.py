@@ -32,7 +32,7 @@ from bitsmith.passes.quant.packing import pack
 from bitsmith.passes.quant.rtn import quantize_rtn
 from bitsmith.passes.quantize_experts import (ExpertHessians, gptq_experts, is_stacked, quantize_experts_rtn,
                                               refuse_awq)
-from bitsmith.passes.quant.scheme import QuantizedWeight, QuantScheme, dequantize
+from bitsmith.runtime.quant_scheme import QuantizedWeight, QuantScheme, dequantize
 from bitsmith.passes.rewrite import producers
 from bitsmith.runtime.packed_layout import packed_shape, unpack
 

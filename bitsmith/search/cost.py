@@ -14,7 +14,7 @@ import tvm
 from bitsmith.codegen.gemv import GemvSpec
 from bitsmith.codegen.kernel import build_module
 from bitsmith.codegen.target import host_target
-from bitsmith.passes.quant.scheme import parse_scheme, theoretical_bytes
+from bitsmith.runtime.quant_scheme import parse_scheme, theoretical_bytes
 from bitsmith.runtime.packed_layout import packed_shape
 from bitsmith.search.sensitivity import KEEP16
 

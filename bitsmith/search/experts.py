@@ -7,7 +7,7 @@ import numpy as np
 
 from bitsmith.compiler.experts import ExpertWeight
 from bitsmith.passes.quant.rtn import quantize_rtn
-from bitsmith.passes.quant.scheme import dequantize, parse_scheme
+from bitsmith.runtime.quant_scheme import dequantize, parse_scheme
 from bitsmith.search.solver import Choice
 
 

@@ -20,7 +20,7 @@ from bitsmith.passes.assign_precision import KEEP, AssignPrecision, linear_weigh
 from bitsmith.passes.canonicalize import canonical_model
 from bitsmith.passes.kv_plan import KVPlanOptions, plan_kv_cache
 from bitsmith.passes.plan_kv_cache import peak_activation_bytes
-from bitsmith.passes.quant.scheme import parse_scheme
+from bitsmith.runtime.quant_scheme import parse_scheme
 from bitsmith.search.cost import LatencyTable, tensor_bytes
 from bitsmith.passes.expert_usage import measure_usage
 from bitsmith.search.experts import active_experts, expand, expert_choice, roundtrip, tie, units

@@ -13,7 +13,7 @@ from bitsmith.compiler.loader import load_model
 from bitsmith.compiler.printer import op_histogram
 from bitsmith.compiler.weight_stats import summarize
 from bitsmith.passes.canonicalize import canonical_model
-from bitsmith.passes.quant.scheme import QuantScheme
+from bitsmith.runtime.quant_scheme import QuantScheme
 from bitsmith.runtime.artifact import is_artifact, load_artifact
 from bitsmith.runtime.interleave import X16
 from bitsmith.runtime.memory import serving_memory

@@ -13,7 +13,7 @@ from bitsmith.compiler.ops.moe import moe_reference, route
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.quant.packing import pack
 from bitsmith.passes.quant.rtn import quantize_rtn
-from bitsmith.passes.quant.scheme import QuantScheme
+from bitsmith.runtime.quant_scheme import QuantScheme
 
 RTOL = 1e-5
 

@@ -18,7 +18,7 @@ from bitsmith.passes.derive_decode import DeriveDecode
 from bitsmith.passes.manager import check_order, module_facts, run_passes
 from bitsmith.passes.pack_weights import PackWeights
 from bitsmith.passes.plan_kv_cache import PlanKVCache
-from bitsmith.passes.quant.scheme import QuantScheme
+from bitsmith.runtime.quant_scheme import QuantScheme
 from bitsmith.passes.quantize_weights import QuantizeWeights
 from bitsmith.pipeline import CompileOptions, MemoryOptions, QuantOptions, run_pipeline
 from conftest import RANDOM_CONFIGS, random_model

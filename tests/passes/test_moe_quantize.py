@@ -10,7 +10,7 @@ from bitsmith.errors import BitsmithError
 from bitsmith.options import CalibrationOptions
 from bitsmith.pipeline import CompileOptions, MemoryOptions, QuantOptions, TargetOptions, compile_model, run_pipeline
 from bitsmith.passes.quant.rtn import quantize_rtn
-from bitsmith.passes.quant.scheme import QuantScheme
+from bitsmith.runtime.quant_scheme import QuantScheme
 from bitsmith.tools.describe import describe, format_summary
 from family_zoo import zoo_model
 

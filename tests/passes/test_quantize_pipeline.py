@@ -12,7 +12,7 @@ from bitsmith.errors import BitsmithError
 from bitsmith.passes.assign_precision import AssignPrecision, linear_weights
 from bitsmith.passes.base import PassContext
 from bitsmith.passes.pack_weights import PackWeights
-from bitsmith.passes.quant.scheme import QuantScheme, theoretical_bytes
+from bitsmith.runtime.quant_scheme import QuantScheme, theoretical_bytes
 from bitsmith.passes.quantize_weights import QuantizeWeights, dequantized_weight
 from conftest import RANDOM_CONFIGS, random_model
 

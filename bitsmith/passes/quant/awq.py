@@ -9,7 +9,7 @@ from threadpoolctl import threadpool_limits
 
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.quant.rtn import as_weight, quantize_rtn
-from bitsmith.passes.quant.scheme import QuantizedWeight, QuantScheme, dequantize, group_starts
+from bitsmith.runtime.quant_scheme import QuantizedWeight, QuantScheme, dequantize, group_starts
 
 # AWQ rewrites y = x W^T as y = (x / s) (W * s)^T with s > 0 per input channel. Scaling a channel
 # up before quantization shrinks its relative rounding error; the cost is borne by the other

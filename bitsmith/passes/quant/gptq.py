@@ -12,7 +12,7 @@ from threadpoolctl import threadpool_limits
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.quant.rtn import (
     as_weight, group_params, quantize_codes, scale_zero_from_range, zero_points)
-from bitsmith.passes.quant.scheme import PER_CHANNEL, QuantizedWeight, QuantScheme, group_index
+from bitsmith.runtime.quant_scheme import PER_CHANNEL, QuantizedWeight, QuantScheme, group_index
 
 
 def accumulate_hessian(h: np.ndarray | None, x: np.ndarray, n_seen: int) -> tuple[np.ndarray, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from bitsmith.errors import BitsmithError
-from bitsmith.passes.quant.scheme import QuantizedWeight, QuantScheme, group_index, group_starts
+from bitsmith.runtime.quant_scheme import QuantizedWeight, QuantScheme, group_index, group_starts
 
 # Symmetric scale choice (documented for the kernels and the tests):
 #   s = max(max(w) / (2^(b-1) - 1), -min(w) / 2^(b-1))

@@ -9,7 +9,7 @@ from bitsmith.errors import BitsmithError
 from bitsmith.passes.quant.awq import _rtn_roundtrip, quantize_awq, search_awq_clip, search_awq_scales
 from bitsmith.passes.quant.gptq import HessianAccumulator, accumulate_hessian, gptq_factor, quantize_gptq
 from bitsmith.passes.quant.rtn import group_params, quantize_rtn
-from bitsmith.passes.quant.scheme import QuantScheme, dequantize
+from bitsmith.runtime.quant_scheme import QuantScheme, dequantize
 
 
 def _layer(seed: int, out_f: int = 160, in_f: int = 320, tokens: int = 3072):

@@ -8,7 +8,7 @@ import pytest
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.quant.packing import pack
 from bitsmith.runtime.packed_layout import packed_bytes, packed_shape, unpack
-from bitsmith.passes.quant.scheme import QuantScheme, theoretical_bytes
+from bitsmith.runtime.quant_scheme import QuantScheme, theoretical_bytes
 
 SHAPES = [(7, 37), (3, 576), (1, 1), (2, 1000), (4, 512), (3, 33), (2, 2049)]
 

@@ -11,7 +11,7 @@ import pytest
 from bitsmith.passes.quant.awq import quantize_awq, search_awq_scales
 from bitsmith.passes.quant.gptq import accumulate_hessian, quantize_gptq
 from bitsmith.passes.quant.rtn import quantize_rtn
-from bitsmith.passes.quant.scheme import QuantScheme, dequantize, parse_scheme
+from bitsmith.runtime.quant_scheme import QuantScheme, dequantize, parse_scheme
 
 SEQ = 256
 CALIB_SEQS, HELD_OUT_SEQS = 16, 4  # 4096 calibration tokens, 1024 held-out tokens

@@ -7,7 +7,7 @@ import pytest
 
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.quant.rtn import quantize_rtn
-from bitsmith.passes.quant.scheme import QuantScheme, dequantize, group_index
+from bitsmith.runtime.quant_scheme import QuantScheme, dequantize, group_index
 
 
 def _weights(out_f: int, in_f: int, seed: int = 0) -> np.ndarray:
