@@ -37,11 +37,18 @@ class ExportOptions:
 
     format: str
     allow_requantize: bool = False
+    accuracy_level: int = 0  # onnx only: MatMulNBits accuracy_level (4 = int8 activations)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise BitsmithError(f"unknown export format {self.format!r}", where="bitsmith export",
                                 fix=f"use one of {', '.join(EXPORT_FORMATS)}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise BitsmithError(f"accuracy level {self.accuracy_level!r}", where="bitsmith export",
+                                fix="use 0 (float activations) or 4 (int8 activations in MatMulNBits)")
+        if self.accuracy_level and self.format != "onnx":
+            raise BitsmithError("--accuracy-level applies to --format onnx only", where="bitsmith export",
+                                fix="drop --accuracy-level, or export --format onnx")
 
 
 @dataclass(frozen=True)
