@@ -28,8 +28,12 @@ Per format (W is the nn.Linear weight [out, in]; q the unsigned codes in [0, 2^B
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from bitsmith.errors import BitsmithError
+from bitsmith.runtime.quant_scheme import QuantizedWeight, QuantScheme
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a packed word holds output column 8j + AWQ_ORDER[i]
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # column 8j + c is nibble AWQ_REVERSE_ORDER[c]
@@ -189,3 +193,137 @@ def unpack_compressed(weight_packed: np.ndarray, weight_scale: np.ndarray, weigh
             raise FormatError(f"{in_features} input columns in groups of {group_size} make {gi.max() + 1} groups; "
                               f"weight_scale has {n_groups}")
     return UnpackedCodes(np.ascontiguousarray(q), np.ascontiguousarray(scale), zeros, gi, bits)
+
+# -- packing (export): our unpacked codes -> the HF checkpoint layouts -------------------------------------------------
+#
+# Both formats store b-bit values as one dense little-endian bit stream per row of int32 words: value k of a row
+# sits at bits [k*b, k*b + b) of the stream, so 32 values fill exactly b words and a 3-bit value may straddle two:
+#
+#     b = 4, one word:   bits 0..3 = v0, 4..7 = v1, ..., 28..31 = v7
+#     b = 3, 3 words:    w0 = v0..v9 (bits 0..29) + low 2 bits of v10; w1 = high bit of v10, v11..v20, low bit of
+#                        v21; w2 = high 2 bits of v21, v22..v31
+#
+# compressed-tensors packs along `in` (weight_packed [out, ceil(in*b/32)]) and its zero points along `out`
+# ([ceil(out*b/32), n_groups]); GPTQ v1 packs qweight along `in` as well but stores it transposed
+# ([in*b/32, out]) and qzeros along `out` ([n_groups, out*b/32]). The stored unsigned values are our codes q
+# (compressed-tensors' signed value is q - 2^(b-1), it adds the same offset back when packing).
+
+CT_BITS = (2, 3, 4, 5, 6, 8)  # pack-quantized takes 1..8 bits; we quantize to these
+GPTQ_BITS = (2, 3, 4, 8)  # what GPTQ v1 loaders read
+
+
+def pack_bitstream(values: np.ndarray, bits: int) -> np.ndarray:
+    """uint [rows, cols] values < 2^bits -> int32 [rows, ceil(cols*bits/32)]: each row one dense bit stream."""
+    values = np.asarray(values)
+    rows, cols = values.shape
+    n_words = -(-cols * bits // 32)
+    pad = -cols % 32
+    v = np.pad(values.astype(np.uint64), ((0, 0), (0, pad))).reshape(rows, -1, 32)  # [rows, blocks, 32]
+    acc = np.zeros((rows, v.shape[1], bits + 1), dtype=np.uint64)  # one spare word for the last straddle
+    for k in range(32):
+        word, shift = divmod(k * bits, 32)
+        shifted = v[:, :, k] << np.uint64(shift)  # < 2^39: fits, the high part spills into the next word
+        acc[:, :, word] |= shifted & np.uint64(0xFFFFFFFF)
+        acc[:, :, word + 1] |= shifted >> np.uint64(32)
+    words = acc[:, :, :bits].reshape(rows, -1)[:, :n_words]
+    return words.astype(np.uint32).view(np.int32)
+
+
+def _integer_zeros(qw: QuantizedWeight, where: str) -> np.ndarray:
+    """uint8 [out, n_groups] zero points of a sym or asym (not min form) weight; both formats store integers."""
+    if qw.scheme.sym:
+        return np.full(qw.scales.shape, 1 << (qw.scheme.bits - 1), dtype=np.uint8)
+    z = qw.zeros.astype(np.float32)
+    bad = (z != np.rint(z)) | (z < 0) | (z > qw.scheme.qmax)
+    if bad.any():
+        row, group = (int(i) for i in np.argwhere(bad)[0])
+        raise BitsmithError(f"{int(bad.sum())} of {z.size} zero points are not integers in [0, {qw.scheme.qmax}] "
+                            f"(first: row {row}, group {group}: {float(z[row, group])})", where=where,
+                            fix="HF formats store integer zero points: export with --allow-requantize (nearest: the "
+                                "same scheme with rounded zeros), or compile with --sym")
+    return z.astype(np.uint8)
+
+
+def _check_plain(qw: QuantizedWeight, where: str, allowed_bits: tuple[int, ...]) -> None:
+    """Refuse what neither HF format can hold exactly: min form, K-quant super-groups, other bit widths."""
+    s = qw.scheme
+    nearest = f"int{s.bits}-g{s.group_size}-asym" if s.offset else f"int{s.bits}-g{s.group_size}-{'sym' if s.sym else 'asym'}"
+    if s.offset or s.super_group:
+        what = "the min form (w = s*q + m)" if s.offset else "K-quant super-groups (int8 scale codes x fp16)"
+        raise BitsmithError(f"{s.short_name()} uses {what}, which has no exact HF form", where=where,
+                            fix=f"export with --allow-requantize (nearest: {nearest} with fp16 scales and integer "
+                                "zeros), or --format gguf, which keeps it exactly")
+    if s.bits not in allowed_bits:
+        raise BitsmithError(f"{s.bits}-bit codes have no exact form here", where=where,
+                            fix=f"use bits {allowed_bits}, or export with --allow-requantize (nearest: int8) "
+                                "or --format compressed-tensors (2..8 bits)")
+
+
+def _original_order(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
+    """(codes uint8 [out, in] in the ORIGINAL column order, g_idx int32 [in]: each original column's group).
+    Act-order weights keep codes and groups in permuted order (column c of Wp is original column perm[c]);
+    HF formats keep columns in place and say each column's group with g_idx."""
+    g = qw.scheme.effective_group_size(qw.in_features)
+    groups = (np.arange(qw.in_features) // g).astype(np.int32)
+    perm = qw.perm
+    if perm is None:
+        return qw.q, groups
+    q = np.empty_like(qw.q)
+    q[:, perm] = qw.q
+    g_idx = np.empty_like(groups)
+    g_idx[perm] = groups
+    return q, g_idx
+
+
+def pack_compressed_tensors(qw: QuantizedWeight, where: str = "compressed-tensors") -> dict[str, np.ndarray]:
+    """The pack-quantized tensors of one Linear (names without the module prefix): weight_packed int32
+    [out, ceil(in*b/32)], weight_scale fp16 [out, n_groups], weight_shape int64 [2], and, asymmetric,
+    weight_zero_point int32 [ceil(out*b/32), n_groups] (packed along out)."""
+    _check_plain(qw, where, CT_BITS)
+    s = qw.scheme
+    if qw.perm is not None:
+        raise BitsmithError("act-order (a column permutation) has no form in compressed-tensors >= 0.12 "
+                            "(actorder 'group' and weight_g_idx were removed)", where=where,
+                            fix="export with --format gptq, which keeps it as g_idx")
+    if s.group_size != -1 and qw.in_features % s.group_size:
+        raise BitsmithError(f"{qw.in_features} columns are not a whole number of groups of {s.group_size} "
+                            "(our last group is partial; compressed-tensors' group strategy needs whole groups)",
+                            where=where, fix="compile with a group size that divides in_features (e.g. g32) "
+                                             "or per channel (--group -1)")
+    tensors = {"weight_packed": pack_bitstream(qw.q, s.bits),
+               "weight_scale": np.ascontiguousarray(qw.scales, dtype=np.float16),
+               "weight_shape": np.array([qw.out_features, qw.in_features], dtype=np.int64)}
+    if not s.sym:
+        tensors["weight_zero_point"] = np.ascontiguousarray(pack_bitstream(_integer_zeros(qw, where).T, s.bits).T)
+    return tensors
+
+
+def compressed_tensors_args(scheme: QuantScheme) -> dict[str, Any]:
+    """The `weights` QuantizationArgs of a config_group for `scheme` (int, static, fp16 scales)."""
+    args: dict[str, Any] = {"num_bits": scheme.bits, "type": "int", "symmetric": scheme.sym, "dynamic": False,
+                            "strategy": "channel" if scheme.group_size == -1 else "group",
+                            "group_size": None if scheme.group_size == -1 else scheme.group_size}
+    return args
+
+
+def pack_gptq(qw: QuantizedWeight, where: str = "gptq") -> dict[str, np.ndarray]:
+    """GPTQ v1 tensors of one Linear: qweight int32 [in*b/32, out], qzeros int32 [n_groups, out*b/32] holding
+    zero - 1 (v1), scales fp16 [n_groups, out], g_idx int32 [in] (act-order: the permutation's groups)."""
+    _check_plain(qw, where, GPTQ_BITS)
+    s = qw.scheme
+    for dim, n in (("in", qw.in_features), ("out", qw.out_features)):
+        if n * s.bits % 32:
+            raise BitsmithError(f"{dim}_features {n} x {s.bits} bits is not a whole number of int32 words",
+                                where=where, fix="GPTQ v1 needs in and out multiples of 32 / gcd(32, bits); "
+                                                 "use --format compressed-tensors")
+    zeros = _integer_zeros(qw, where)
+    if (zeros == 0).any():
+        raise BitsmithError("a zero point of 0 cannot be stored in GPTQ v1 (it stores zero - 1, and loaders add 1 "
+                            "back after masking: 0 reads back as 2^bits)", where=where,
+                            fix="use --format compressed-tensors, or --allow-requantize")
+    q, g_idx = _original_order(qw)
+    stored_zeros = (zeros.astype(np.int32) - 1).astype(np.uint8)  # v1: zero - 1
+    return {"qweight": np.ascontiguousarray(pack_bitstream(q, s.bits).T),
+            "qzeros": pack_bitstream(stored_zeros.T, s.bits),
+            "scales": np.ascontiguousarray(qw.scales.T, dtype=np.float16),
+            "g_idx": g_idx}
