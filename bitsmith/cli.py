@@ -102,6 +102,9 @@ def main() -> None:
 @click.option("--scheme", "schemes", multiple=True, metavar="PATTERN=SCHEME",
               help="Per-layer override, e.g. --scheme 'mlp.down_proj=int8' or 'layers.3.*=int4-g32-asym-gptq'; "
                    "options left out come from --method/--group/--sym (repeatable, later wins).")
+@click.option("--requantize", is_flag=True,
+              help="Pre-quantized sources (GGUF, GPTQ, AWQ, compressed-tensors) keep their codes and scales exactly "
+                   "by default; this dequantizes them and quantizes again with --method/--scheme (a second rounding).")
 @click.option("--no-keep-default", is_flag=True,
               help="Quantize lm_head and the first and last decoder layers too (kept 16-bit by default).")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
@@ -148,7 +151,7 @@ def main() -> None:
 @friendly_errors
 def compile(model: Path | None, output: Path | None, dtype: str | None, tokenizer: Path | None, verify: bool,
             dump_ir: Path | None, print_passes: bool, method: str | None, bits: str, group_size: str, sym: bool,
-            keep: tuple[str, ...], schemes: tuple[str, ...], no_keep_default: bool, calib: Path | None,
+            keep: tuple[str, ...], schemes: tuple[str, ...], requantize: bool, no_keep_default: bool, calib: Path | None,
             calib_samples: int, calib_seqlen: int, target: str, arch: str | None, cpu: str | None, features: str,
             context: int | None,
             memory: str | None, concurrency: int, kv_dtype: str, block_size: str, activations: str,
@@ -185,7 +188,7 @@ def compile(model: Path | None, output: Path | None, dtype: str | None, tokenize
         dtype=dtype, tokenizer=str(tokenizer) if tokenizer else None, verify=verify,
         dump_ir=str(dump_ir) if dump_ir else None,
         quant=QuantOptions(method, int(bits), int(group_size), sym, keep_default=not no_keep_default, keep=keep,
-                           schemes=tuple(overrides),
+                           schemes=tuple(overrides), requantize=requantize,
                            calibration=CalibrationOptions(str(calib) if calib else None, calib_samples, calib_seqlen)),
         memory=MemoryOptions(context, memory, concurrency, kv_dtype, int(block_size)),
         target=TargetOptions(target, arch, activations, cpu, tuple(f.strip().lstrip("+") for f in features.split(",")

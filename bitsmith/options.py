@@ -30,6 +30,7 @@ class QuantOptions:
     keep: tuple[str, ...] = ()  # weight-name patterns forced to 16-bit
     schemes: tuple[tuple[str, str], ...] = ()  # (pattern, scheme string) overrides, e.g. ("mlp.down_proj", "int8")
     calibration: CalibrationOptions = CalibrationOptions()
+    requantize: bool = False  # pre-quantized sources: dequantize and quantize again instead of keeping the codes
 
     @property
     def enabled(self) -> bool:

@@ -52,8 +52,8 @@ CONDITIONS: dict[str, Callable[[CompileOptions, LoadedModel], bool]] = {
     "always": lambda o, m: True,
     "traced input": lambda o, m: is_traced(m.module),  # torch.export / ONNX: prefill alone
     "canonical input": lambda o, m: not is_traced(m.module),  # hand-built frontends: prefill and decode
-    "lm_head quantized": lambda o, m: quantizes_lm_head(o),
-    "quantizing": lambda o, m: o.quant.enabled,
+    "lm_head quantized": lambda o, m: quantizes_lm_head(o) or LM_HEAD in imported_schemes(o, m),
+    "quantizing": lambda o, m: o.quant.enabled or bool(imported_schemes(o, m)),
     "kernels": lambda o, m: o.target.name != "none",
     # a quantized mixture of experts (known once loaded; no line in the model-less pass list)
     "quantizing experts": lambda o, m: o.quant.enabled and m is not None and has_experts(m.module),
@@ -62,7 +62,8 @@ MODEL_CONDITIONS = ("traced input", "canonical input")  # known once the model i
 
 
 def _assign_precision(o: CompileOptions, m: LoadedModel) -> Pass:
-    return AssignPrecision(o.quant.default_scheme(), o.quant.keep_default, o.quant.keep, o.quant.schemes)
+    return AssignPrecision(o.quant.default_scheme(), o.quant.keep_default, o.quant.keep, o.quant.schemes,
+                           imported=tuple(sorted(imported_schemes(o, m).items())), quantize_rest=o.quant.enabled)
 
 
 def _plan_kv_cache(o: CompileOptions, m: LoadedModel) -> Pass:
@@ -134,6 +135,9 @@ def run_pipeline(model: LoadedModel, options: CompileOptions, log: Callable[[str
     if log:
         log("passes:\n" + "\n".join(f"  {line}" for line in describe_pipeline(options, model).splitlines()))
     ctx = PassContext(WeightStore(model.weights, spill_dir))
+    if imported_schemes(options, model):
+        ctx.imported = {name: (qw, model.quantized_types.get(name, model.source.get("format", "imported")))
+                        for name, qw in model.quantized.items()}
     if options.quant.enabled:
         ctx.calibration = calibration_tokens(model, options.quant.calibration)
     module = run_passes(model.module, ctx, passes, options.verify, options.dump_ir, log)
@@ -145,7 +149,14 @@ def storage_dtype(options: CompileOptions, model: LoadedModel) -> str:
     """--dtype, else 16-bit for what a quantized artifact keeps dense, else the checkpoint's own dtype."""
     if options.dtype:
         return options.dtype
-    if options.quant.enabled:
+def imported_schemes(options: CompileOptions, model: LoadedModel | None) -> dict[str, str]:
+    """The weights a pre-quantized source gave codes for, each with its scheme's name ({} with --requantize)."""
+    if model is None or options.quant.requantize:
+        return {}
+    return {name: qw.scheme.name for name, qw in getattr(model, "quantized", {}).items()}
+
+
+    if options.quant.enabled or imported_schemes(options, model):
         return "bfloat16" if model.dtype == "bfloat16" else "float16"
     return model.dtype if model.dtype in STORAGE_DTYPES else "float32"
 

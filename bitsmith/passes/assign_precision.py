@@ -59,12 +59,16 @@ def matches_pattern(pattern: str, name: str) -> bool:
 
 @dataclass(frozen=True)
 class AssignPrecision(Pass):
-    """Default policy: keep lm_head, the first and last decoder layers and MoE routers 16-bit, quantize the rest."""
+    """Default policy: keep lm_head, the first and last decoder layers and MoE routers 16-bit, quantize the rest.
+    Weights a pre-quantized source gave codes for keep their own scheme (lossless; edge layers too), unless a
+    --scheme or --keep pattern names them: then they are requantized from their dequantized values, or kept."""
 
     default: QuantScheme
     keep_default: bool = True
     keep: tuple[str, ...] = ()  # patterns forced to 16-bit
     overrides: tuple[tuple[str, str], ...] = ()  # (pattern, scheme string), later wins
+    imported: tuple[tuple[str, str], ...] = ()  # (weight, its imported scheme's name)
+    quantize_rest: bool = True  # False: only imported weights are quantized (no --method/--scheme given)
     name = "assign_precision"
     requires = frozenset({"canonical"})
     provides = frozenset({"precision_planned"})
@@ -77,7 +81,13 @@ class AssignPrecision(Pass):
         plan: dict[str, QuantScheme | None] = {}
         for name in candidates:
             is_edge = layer_index(name) in edge or layer_index(name) is None  # lm_head has no layer
-            plan[name] = KEEP if self.keep_default and (is_edge or name in routers) else self.default
+            keep = not self.quantize_rest or (self.keep_default and (is_edge or name in routers))
+            plan[name] = KEEP if keep else self.default
+        for name, scheme in self.imported:
+            if name not in plan:
+                raise BitsmithError(f"the source gave codes for {name!r}, which is not a linear weight of the IR",
+                                    where=f"pass {self.name}", fix="compile with --requantize (report this model)")
+            plan[name] = parse_scheme(scheme)
         for pattern, scheme in self.overrides:
             self._apply(plan, pattern, KEEP if scheme in KEEP_SCHEMES else override_scheme(scheme, self.default))
         for pattern in self.keep:  # an explicit --keep wins over any --scheme

@@ -9,7 +9,7 @@ import numpy as np
 
 from bitsmith.compiler.weight_store import WeightStore
 from bitsmith.passes.kv_plan import KVPlan
-from bitsmith.runtime.quant_scheme import QuantScheme
+from bitsmith.runtime.quant_scheme import QuantizedWeight, QuantScheme
 from bitsmith.runtime.schedule import Schedule
 
 
@@ -32,6 +32,8 @@ class QuantizedInfo:
     in_features: int
 
 
+    has_perm: bool = False  # act-order: a `perm` part gathers the input columns
+    source_type: str | None = None  # imported weights: the source's type name (e.g. GGUF "Q4_K", "gptq")
 @dataclass
 class PassContext:
     """State passes share besides the module. Passes return a new module but may replace entries of
@@ -44,6 +46,8 @@ class PassContext:
     quantized: dict[str, QuantizedInfo] = field(default_factory=dict)  # quantize_weights -> pack_weights
     kv_plan: KVPlan | None = None  # plan_kv_cache
     memory_estimate: dict[str, int] | None = None  # plan_kv_cache: weights / kv_cache / workspace bytes
+    # the frontend's pre-quantized weights (LoadedModel.quantized): name -> (codes, source type name)
+    imported: dict[str, tuple[QuantizedWeight, str]] = field(default_factory=dict)
     lowered: Lowered | None = None  # lower_to_kernels
 
     def __post_init__(self) -> None:

@@ -8,12 +8,16 @@ from bitsmith.compiler.ir import Function, Module, Node, TensorType
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.base import PassContext, QuantizedInfo
 from bitsmith.passes.manager import Pass
-from bitsmith.passes.quantize_weights import packed_names
+from bitsmith.passes.quantize_weights import part_names
 
 
 def qlinear_attrs(qw: QuantizedInfo) -> dict:
-    return {"bits": qw.scheme.bits, "group_size": qw.scheme.group_size, "in_features": qw.in_features,
-            "sym": qw.scheme.sym}
+    """bits, group_size, in_features, sym; and, only when set (older artifacts lack them), offset (min form),
+    super_group (256: K-quant scale codes) and has_perm (act-order input gather)."""
+    attrs = {"bits": qw.scheme.bits, "group_size": qw.scheme.group_size, "in_features": qw.in_features,
+             "sym": qw.scheme.sym}
+    extra = {"offset": qw.scheme.offset, "super_group": qw.scheme.super_group, "has_perm": qw.has_perm}
+    return attrs | {k: v for k, v in extra.items() if v}
 
 
 def qmoe_node(node: Node, parts: dict[str, tuple[str, ...]], source: dict[str, str],
@@ -43,7 +47,7 @@ def _rewrite(fn: Function, quantized: dict[str, QuantizedInfo], weights: dict[st
         if node.op == "weight" and node.attrs["name"] in quantized:
             name = node.attrs["name"]
             qw = quantized[name]
-            names = packed_names(name)[: 2 if qw.scheme.sym else 3]
+            names = part_names(name, qw.scheme, qw.has_perm)
             values = tuple(f"{node.outputs[0]}.{n.rsplit('.', 1)[1]}" for n in names)
             for n, v in zip(names, values):
                 nodes.append(Node("weight", (), (v,), {"name": n}))
@@ -75,10 +79,14 @@ class PackWeights(Pass):
         if not quantized:
             return module
         weights = {k: t for k, t in module.weights.items() if k not in quantized}
-        for name in quantized:
+        for name, info in quantized.items():
             ctx.weights.pop(name, None)
-            for n in packed_names(name):
+            for n in part_names(name, info.scheme, info.has_perm):
                 if n in ctx.weights:
                     weights[n] = TensorType(ctx.weights.shape(n), str(ctx.weights.dtype(n)))
         functions = {k: _rewrite(f, quantized, weights) for k, f in module.functions.items()}
-        return module.replace(functions=functions, weights=weights)
+        meta = dict(module.meta)
+        imported = {name: info.source_type for name, info in quantized.items() if info.source_type}
+        if imported:  # which weights kept a pre-quantized source's codes, and its type for each (inspect shows it)
+            meta["imported_types"] = dict(sorted(imported.items()))
+        return module.replace(functions=functions, weights=weights, meta=meta)

@@ -44,10 +44,22 @@ RTN_THREADS = 2  # numpy releases the GIL in its array loops, so chunks quantize
 def packed_names(weight: str) -> tuple[str, str, str]:
     """weight "layers.0.mlp.down_proj.weight" is stored as
       "layers.0.mlp.down_proj.qweight"  uint32 [out, words]   (layout: passes/quant/packing.py)
-      "layers.0.mlp.down_proj.scales"   float16 [out, groups]
-      "layers.0.mlp.down_proj.zeros"    float16 [out, groups]  (asymmetric schemes only)"""
+      "layers.0.mlp.down_proj.scales"   float16 [out, groups]  (int8 codes with super-groups)
+      "layers.0.mlp.down_proj.zeros"    float16 [out, groups]  (asymmetric schemes only; int8 with super-groups)
+    and, for imported schemes only, the parts `part_names` adds."""
     stem = weight.removesuffix(".weight")
     return f"{stem}.qweight", f"{stem}.scales", f"{stem}.zeros"
+
+
+def part_names(weight: str, scheme: QuantScheme, has_perm: bool = False) -> tuple[str, ...]:
+    """The stored parts of a quantized weight, in qlinear's input order:
+      qweight, scales, [zeros], [super_scales, [super_zeros]] (float16 [out, ceil(in/256)]), [perm] (int32 [in])"""
+    qname, sname, zname = packed_names(weight)
+    stem = weight.removesuffix(".weight")
+    names = [qname, sname] + ([] if scheme.sym else [zname])
+    if scheme.super_group:
+        names += [f"{stem}.super_scales"] + ([f"{stem}.super_zeros"] if scheme.offset else [])
+    return (*names, *([f"{stem}.perm"] if has_perm else []))
 
 
 class SegmentWeights(Mapping[str, np.ndarray]):
@@ -133,6 +145,9 @@ class QuantizeWeights(Pass):
 
     def run(self, module: Module, ctx: PassContext) -> Module:
         plan = {k: QuantScheme.from_json(v) for k, v in module.meta.get("precision_plan", {}).items() if v}
+        for name in [n for n, scheme in plan.items() if scheme.method == "imported"]:
+            del plan[name]
+            store_imported(ctx, name)
         if not plan:
             return module
         experts = [name for name in plan if is_stacked(ctx, name)]  # [E, out, in]: RTN per expert slice
@@ -237,23 +252,45 @@ class QuantizeWeights(Pass):
         ctx.weights[name] = dequantize(qw)  # the rest of this layer's calibration sees the quantized values
 
 
-def store_packed(ctx: PassContext, name: str, qw: QuantizedWeight) -> None:
+def store_packed(ctx: PassContext, name: str, qw: QuantizedWeight, source_type: str | None = None) -> None:
     """Write qw's packed parts into ctx.weights and its scheme into ctx.quantized."""
-    qname, sname, zname = packed_names(name)
-    ctx.weights[qname] = pack(qw.q, qw.scheme.bits)
-    ctx.weights[sname] = qw.scales
-    if qw.zeros is not None:
-        ctx.weights[zname] = qw.zeros
-    ctx.quantized[name] = QuantizedInfo(qw.scheme, qw.out_features, qw.in_features)
+    parts = [pack(qw.q, qw.scheme.bits), qw.scales, qw.zeros, qw.super_scales, qw.super_zeros, qw.perm]
+    names = part_names(name, qw.scheme, qw.perm is not None)
+    for part_name, part in zip(names, [p for p in parts if p is not None]):
+        ctx.weights[part_name] = part
+    ctx.quantized[name] = QuantizedInfo(qw.scheme, qw.out_features, qw.in_features, qw.perm is not None,
+                                        source_type)
+
+
+def store_imported(ctx: PassContext, name: str) -> None:
+    """Pack a weight whose codes came from a quantized source (ctx.imported) as they are, and drop the float copy
+    the frontend kept for calibration and the reference."""
+    imported = ctx.imported.get(name)
+    if imported is None:
+        raise BitsmithError(f"the plan says {name!r} is imported, but the frontend gave no codes for it",
+                            where="pass quantize_weights", fix="give it a scheme (--scheme) or recompile from the source")
+    qw, source_type = imported
+    if ctx.weights.shape(name) != qw.q.shape:
+        raise BitsmithError(f"imported codes are {qw.q.shape}, the weight is {ctx.weights.shape(name)}",
+                            where=f"pass quantize_weights, weight {name}",
+                            fix="a pass changed the weight after import: requantize it (--requantize)")
+    store_packed(ctx, name, qw, source_type)
+    del ctx.weights[name]
 
 
 def dequantized_weight(ctx: PassContext, name: str) -> np.ndarray:
     """float32 [out, in]: what the packed parts of quantized weight `name` stand for (tests, inspection)."""
     info = ctx.quantized[name]
-    qname, sname, zname = packed_names(name)
-    q = unpack(ctx.weights[qname], info.scheme.bits, info.in_features)
-    zeros = None if info.scheme.sym else ctx.weights[zname]
-    return dequantize(QuantizedWeight(q, ctx.weights[sname], zeros, info.scheme, info.in_features))
+    names = part_names(name, info.scheme, info.has_perm)
+    parts = dict(zip(("qweight", "scales"), names[:2]))
+    rest = [k for k, on in (("zeros", not info.scheme.sym), ("super_scales", info.scheme.super_group),
+                            ("super_zeros", info.scheme.super_group and info.scheme.offset),
+                            ("perm", info.has_perm)) if on]
+    parts.update(zip(rest, names[2:]))
+    q = unpack(ctx.weights[parts.pop("qweight")], info.scheme.bits, info.in_features)
+    arrays = {k: ctx.weights[v] for k, v in parts.items()}
+    return dequantize(QuantizedWeight(q, arrays.pop("scales"), arrays.pop("zeros", None), info.scheme,
+                                      info.in_features, **arrays))
 
 
 def _row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:

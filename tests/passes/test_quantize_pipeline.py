@@ -40,8 +40,8 @@ def test_keep_and_override_patterns():
     assert plan["layers.1.self_attn.q_proj.weight"] == QuantScheme(3, 32, False, "rtn")
     with pytest.raises(BitsmithError, match=r"pattern 'layers.9.\*' matches no quantizable weight"):
         plan_of("gqa", keep=("layers.9.*",))
-    with pytest.raises(BitsmithError, match=r"unsupported bit width 5"):
-        plan_of("gqa", overrides=(("down_proj", "int5"),))
+    with pytest.raises(BitsmithError, match=r"unsupported bit width 7"):
+        plan_of("gqa", overrides=(("down_proj", "int7"),))
 
 
 def with_dequantized(ctx: PassContext) -> dict[str, np.ndarray]:

@@ -12,6 +12,7 @@ import numpy as np
 from bitsmith.compiler.config import ModelConfig, expected_weight_shapes
 from bitsmith.compiler.frontends.llama import build_llama_module
 from bitsmith.errors import BitsmithError
+from bitsmith.runtime.quant_scheme import QuantizedWeight
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class Checkpoint:
     tokenizer: TokenizerSpec | None
     source: dict[str, Any] = field(default_factory=dict)  # {"path", "format", "files": {name: sha256}}
     dtype: str = "float32"  # the checkpoint's own storage dtype
+    # pre-quantized sources (GGUF, GPTQ, AWQ, compressed-tensors): the codes of the weights that map exactly to a
+    # scheme (`weights` keeps their dequantized float32 too), and each one's source type name (e.g. "Q4_K")
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    quantized_types: dict[str, str] = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
         """Check that every expected weight exists with the right shape; name the first that does not."""
@@ -97,9 +102,12 @@ class LoadedModel:
     config: dict[str, Any]  # ModelConfig.to_json() or, for traced models, the source config
     source: dict[str, Any]
     dtype: str
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # as in Checkpoint
+    quantized_types: dict[str, str] = field(default_factory=dict)
 
 
 def checkpoint_to_model(ckpt: Checkpoint) -> LoadedModel:
     """Build the hand-written Llama-family IR for a checkpoint."""
     module = build_llama_module(ckpt.config, {k: str(v.dtype) for k, v in ckpt.weights.items()})
-    return LoadedModel(module, ckpt.weights, ckpt.tokenizer, ckpt.config.to_json(), ckpt.source, ckpt.dtype)
+    return LoadedModel(module, ckpt.weights, ckpt.tokenizer, ckpt.config.to_json(), ckpt.source, ckpt.dtype,
+                       ckpt.quantized, ckpt.quantized_types)
