@@ -48,8 +48,11 @@ def export_onnx(artifact_dir: Path, out: Path, options: ExportOptions, accuracy_
     onnx.save_model(model, str(out / MODEL_FILE), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=EXTERNAL_DATA, size_threshold=1024)
     onnx.checker.check_model(str(out / MODEL_FILE))
-    for name in artifact.manifest["tokenizer"].get("files", []):
+    tokenizer = artifact.manifest["tokenizer"] or {}
+    for name in tokenizer.get("files", []):
         shutil.copy2(artifact.directory / name, out / name)
+    if not tokenizer:
+        report.notes.append("the artifact has no tokenizer: none written (genai needs token ids)")
     (out / "genai_config.json").write_text(json.dumps(genai_config(artifact), indent=2) + "\n")
     report.notes.append(f"accuracy_level={level}" + (" (int8 activations in MatMulNBits)" if level == 4 else ""))
     if large:
@@ -59,7 +62,7 @@ def export_onnx(artifact_dir: Path, out: Path, options: ExportOptions, accuracy_
 
 def genai_config(artifact: Artifact) -> dict[str, Any]:
     """onnxruntime-genai's genai_config.json for this graph (greedy search by default)."""
-    cfg, tok = artifact.config, artifact.manifest["tokenizer"]
+    cfg, tok = artifact.config, artifact.manifest["tokenizer"] or {}
     eos = tok.get("eos_token_ids") or [cfg.get("eos_token_id")]
     return {"model": {
         "bos_token_id": tok.get("bos_token_id", cfg.get("bos_token_id")),
@@ -73,7 +76,7 @@ def genai_config(artifact: Artifact) -> dict[str, Any]:
                         "present_value_names": "present.%d.value"},
             "num_attention_heads": cfg["num_heads"], "num_hidden_layers": cfg["num_layers"],
             "num_key_value_heads": cfg["num_kv_heads"]},
-        "eos_token_id": eos if len(eos) > 1 else eos[0], "pad_token_id": eos[0],
+        "eos_token_id": eos if len(eos) > 1 else eos[0], "pad_token_id": cfg.get("pad_token_id") or eos[0],
         "type": "llama", "vocab_size": cfg["vocab_size"]},
         "search": {"do_sample": False, "early_stopping": True, "max_length": artifact.max_context, "min_length": 0,
                    "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": False,

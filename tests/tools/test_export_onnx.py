@@ -1,0 +1,235 @@
+"""ONNX export (MatMulNBits decoder with a KV cache) checked by onnxruntime itself against our reference executor."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from bitsmith.errors import BitsmithError
+from bitsmith.options import CompileOptions, MemoryOptions, QuantOptions, TargetOptions
+from bitsmith.runtime.artifact import load_artifact
+from bitsmith.runtime.generate import generate
+from bitsmith.runtime.sampling import SamplingParams
+from bitsmith.tools.export import ExportOptions, export
+from bitsmith.tools.onnx_nbits import NotMappable, dequantize_nbits, to_nbits
+from bitsmith.tools.onnx_session import OnnxSession
+from bitsmith.tools.run import reference_session
+
+GREEDY = SamplingParams(temperature=0.0)
+# onnxruntime's float32 MatMul/Softmax sum in another order than numpy: logits agree to ~1e-6 of their scale
+LOGIT_RTOL = 1e-4
+# one of each MatMulNBits mapping: 4-bit sym g32 (the default), 8-bit g32, 4-bit asym g64 (float zero points),
+# 3-bit per-channel widened to 4 (block 64), 2-bit asym, 4-bit per-channel over K = 112 (one block of 128)
+MIXED = (("self_attn.v_proj", "int4-g64-asym"), ("self_attn.o_proj", "int3-pc"), ("mlp.gate_proj", "int8-g32"),
+         ("mlp.up_proj", "int2-g32-asym"), ("mlp.down_proj", "int4-pc"))
+
+
+def _options(schemes=(), kv_dtype="float16") -> CompileOptions:
+    quant = QuantOptions("rtn", bits=4, group_size=32, keep_default=False, schemes=schemes)
+    return CompileOptions(quant=quant, memory=MemoryOptions(context=128, kv_dtype=kv_dtype),
+                          target=TargetOptions("none"))
+
+
+def _export(artifact, out, **kw):
+    return export(artifact, out, ExportOptions("onnx", **kw))
+
+
+def _greedy(session, prompt, n):
+    return list(generate(session, prompt, n, GREEDY, stop_ids=()))
+
+
+def _assert_logits(ref, got):
+    scale = float(np.abs(ref).max())
+    assert float(np.abs(ref - got).max()) <= LOGIT_RTOL * scale, (float(np.abs(ref - got).max()), scale)
+
+
+@pytest.mark.parametrize("bits,group,form", [(4, 32, "sym"), (4, 64, "asym"), (4, 32, "min"), (8, 32, "sym"),
+                                             (3, 16, "sym"), (3, 32, "asym"), (2, 16, "min"), (5, 32, "sym"),
+                                             (6, 16, "sym"), (4, -1, "sym"), (2, -1, "asym")])
+def test_matmulnbits_operands_dequantize_to_ours(bits, group, form):
+    """MatMulNBits' dequantization of the mapped operands equals ours (bit for bit; the min form's converted zero
+    point within the float rounding it reports), and onnxruntime's product matches it."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(bits * 100 + group)
+    n, k = 24, 96 if group != -1 else 72
+    g = k if group == -1 else group
+    ng = -(-k // g)
+    codes = rng.integers(0, 1 << bits, (n, k)).astype(np.uint8)
+    scales = rng.uniform(0.01, 0.1, (n, ng)).astype(np.float16).astype(np.float32)
+    zeros = rng.uniform(0, (1 << bits) - 1, (n, ng)).astype(np.float16) if form == "asym" else None
+    offsets = rng.uniform(-0.5, 0, (n, ng)).astype(np.float32) if form == "min" else None
+    cols = np.arange(k) // g
+    if form == "min":
+        ours = scales[:, cols] * codes + offsets[:, cols]
+    else:
+        z = np.float32(1 << (bits - 1)) if zeros is None else zeros.astype(np.float32)[:, cols]
+        ours = (codes - z) * scales[:, cols]
+    nb = to_nbits(codes, bits, group, scales, zeros, offsets)
+    theirs = dequantize_nbits(nb)
+    if form == "min":
+        assert 0 < nb.max_abs_error <= 1e-6 and np.abs(ours - theirs).max() <= nb.max_abs_error
+    else:
+        np.testing.assert_array_equal(theirs, ours)
+        assert nb.max_abs_error == 0.0
+    assert nb.bits == {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 8: 8}[bits]
+    inputs = ["A", "B", "S"] + (["Z"] if nb.zero_points is not None else [])
+    inits = [numpy_helper.from_array(nb.blob, "B"), numpy_helper.from_array(nb.scales, "S")]
+    if nb.zero_points is not None:
+        inits.append(numpy_helper.from_array(nb.zero_points, "Z"))
+    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=k, N=n, bits=nb.bits,
+                            block_size=nb.block_size)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": x})[0]
+    want = x @ ours.T
+    np.testing.assert_allclose(y, want, rtol=0, atol=1e-6 * np.abs(want).max())  # float sums in another order
+
+
+@pytest.mark.parametrize("bits,form", [(8, "asym"), (5, "min"), (6, "asym")])
+def test_no_exact_form_is_refused_naming_the_nearest(bits, form):
+    codes = np.zeros((4, 32), np.uint8)
+    scales = np.ones((4, 1), np.float32)
+    extra = {"zeros": np.full((4, 1), 3.5, np.float16)} if form == "asym" else {"offsets": -np.ones((4, 1), np.float32)}
+    with pytest.raises(NotMappable, match="no exact MatMulNBits form") as info:
+        to_nbits(codes, bits, 32, scales, **extra, where="w")
+    assert "sym" in info.value.nearest and "--allow-requantize" in str(info.value)
+
+
+def test_tiny_llama_mixed_schemes_greedy_and_logits(tiny_artifact, tmp_path):
+    """A tiny random Llama with one weight of each mapping: onnxruntime's prefill logits match the reference
+    executor's, and a 32-token greedy decode (KV cache fed back) gives the same tokens."""
+    path = tiny_artifact(_options(MIXED))
+    report = _export(path, tmp_path / "onnx")
+    targets = {t.target for t in report.tensors}
+    assert {"MatMulNBits 4-bit b32", "MatMulNBits 8-bit b32", "MatMulNBits 4-bit b64 fzp", "MatMulNBits 4-bit b64",
+            "MatMulNBits 2-bit b32 fzp", "MatMulNBits 4-bit b128"} <= targets, targets
+    assert all(t.exact for t in report.tensors)
+    artifact = load_artifact(path)
+    prompt = [1, 5, 17, 33, 9, 60, 2, 41]
+    ref, ort_session = reference_session(artifact), OnnxSession(tmp_path / "onnx")
+    _assert_logits(ref.prefill(prompt), ort_session.prefill(prompt))
+    for token in (7, 80, 3):
+        _assert_logits(ref.decode(token), ort_session.decode(token))
+    ref.reset(), ort_session.reset()
+    assert _greedy(ort_session, prompt, 32) == _greedy(ref, prompt, 32)
+    model = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
+    assert {i.name for i in model.graph.input} >= {"input_ids", "attention_mask", "position_ids",
+                                                   "past_key_values.1.value"}
+    assert model.graph.input[3].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16  # the artifact's fp16 KV
+
+
+def test_batch_of_two_matches_one_and_left_padding_is_masked(tiny_artifact, tmp_path):
+    """Two rows in one batch: the same prompt gives the same logits as alone; a left-padded shorter prompt (mask 0,
+    positions from 0 at its first real token) gives the logits of that prompt alone."""
+    path = tiny_artifact(_options())
+    _export(path, tmp_path / "onnx")
+    long, short = [1, 5, 17, 33, 9, 60], [1, 40, 22, 8]
+    alone = OnnxSession(tmp_path / "onnx")
+    want_long = alone.prefill(long)
+    alone.reset()
+    want_short = alone.prefill(short)
+    both = OnnxSession(tmp_path / "onnx", batch=2)
+    pad = len(long) - len(short)
+    ids = np.array([long, [0] * pad + short])
+    mask = np.array([[1] * len(long), [0] * pad + [1] * len(short)])
+    positions = np.array([list(range(len(long))), [0] * pad + list(range(len(short)))])
+    got = both.run(ids, mask, positions)
+    np.testing.assert_allclose(got[0], want_long, rtol=0, atol=1e-4 * np.abs(want_long).max())
+    np.testing.assert_allclose(got[1, pad:], want_short, rtol=0, atol=1e-4 * np.abs(want_short).max())
+
+
+def test_unmappable_scheme_refused_or_dequantized_with_allow_requantize(tiny_artifact, tmp_path):
+    path = tiny_artifact(_options((("mlp.down_proj", "int8-g32-asym"),)))
+    with pytest.raises(BitsmithError, match="down_proj.*no exact MatMulNBits form"):
+        _export(path, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    report = _export(path, tmp_path / "onnx", allow_requantize=True)
+    converted = {t.name: t for t in report.requantized}
+    assert set(converted) == {f"layers.{i}.mlp.down_proj.weight" for i in range(2)}
+    assert all(t.target == "float32 MatMul" for t in converted.values())
+    prompt = [1, 5, 17, 33, 9, 60, 2, 41]
+    _assert_logits(reference_session(load_artifact(path)).prefill(prompt), OnnxSession(tmp_path / "onnx").prefill(prompt))
+
+
+def test_accuracy_level_4_int8_activations(tiny_artifact, tmp_path):
+    """accuracy_level=4 (int8 activations per block) is written into every MatMulNBits and stays close: top-1 of
+    the teacher-forced logits agrees with the float graph on most positions."""
+    path = tiny_artifact(_options())
+    report = export(path, tmp_path / "onnx4", ExportOptions("onnx", accuracy_level=4))
+    assert "accuracy_level=4" in report.notes[-1]
+    model = onnx.load(str(tmp_path / "onnx4" / "model.onnx"))
+    levels = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+              if a.name == "accuracy_level"}
+    assert levels == {4}
+    _export(path, tmp_path / "onnx0")
+    tokens = list(np.random.default_rng(1).integers(3, 96, 64))
+    exact = OnnxSession(tmp_path / "onnx0").prefill(tokens)
+    int8 = OnnxSession(tmp_path / "onnx4").prefill(tokens)
+    agree = float(np.mean(exact.argmax(-1) == int8.argmax(-1)))
+    assert agree >= 0.9, agree
+    assert np.abs(exact - int8).max() < 0.05 * np.abs(exact).max()
+
+
+def test_cli_export_onnx_accuracy_level(tiny_artifact, tmp_path):
+    from click.testing import CliRunner
+
+    from bitsmith.cli import main
+
+    path = tiny_artifact(_options())
+    result = CliRunner().invoke(main, ["export", str(path), "--format", "onnx", "-o", str(tmp_path / "o"),
+                                       "--accuracy-level", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert "accuracy_level=4" in " ".join(report["notes"])
+    config = json.loads((tmp_path / "o" / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["num_key_value_heads"] == 2
+    bad = CliRunner().invoke(main, ["export", str(path), "--format", "gptq", "-o", str(tmp_path / "g"),
+                                    "--accuracy-level", "4"])
+    assert bad.exit_code != 0 and "onnx only" in bad.output
+
+
+def test_onnxruntime_genai_runs_the_export(tiny_artifact, tmp_path):
+    """onnxruntime-genai (when installed: not a CI dependency) loads OUT with our genai_config.json and its greedy
+    search gives our tokens."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    path = tiny_artifact(_options())
+    _export(path, tmp_path / "onnx")
+    prompt = [1, 5, 17, 33, 9, 60, 2, 41]
+    model = og.Model(str(tmp_path / "onnx"))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + 32)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    got = []
+    while not generator.is_done() and len(got) < 32:
+        generator.generate_next_token()
+        got.append(int(generator.get_next_tokens()[0]))
+    want = _greedy(reference_session(load_artifact(path)), prompt, 32)
+    assert got == want[:len(got)] and len(got) >= 16  # genai stops early only at EOS (id 2)
+
+
+def test_tinystories_int4_g32_greedy_as_ours(shared_data, tmp_path):
+    """tinystories-656k int4 g32: 40 greedy tokens under onnxruntime equal the reference executor's; prefill logits
+    within LOGIT_RTOL of their scale; accuracy_level=4 agrees on most tokens."""
+    from bitsmith.pipeline import compile_model
+
+    path = compile_model(shared_data / "tinystories-656k", tmp_path / "ts", _options(kv_dtype="auto"))
+    _export(path, tmp_path / "onnx")
+    artifact = load_artifact(path)
+    prompt = artifact.tokenizer().encode("Once upon a time, there was a little girl named")
+    ref, got = reference_session(artifact), OnnxSession(tmp_path / "onnx")
+    _assert_logits(ref.prefill(prompt), got.prefill(prompt))
+    ref.reset(), got.reset()
+    want = _greedy(ref, prompt, 40)
+    assert _greedy(got, prompt, 40) == want
+    export(path, tmp_path / "onnx4", ExportOptions("onnx", accuracy_level=4))
+    int8 = _greedy(OnnxSession(tmp_path / "onnx4"), prompt, 40)
+    assert np.mean(np.array(int8) == np.array(want)) >= 0.5
