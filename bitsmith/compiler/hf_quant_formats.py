@@ -8,8 +8,8 @@ code k of the axis occupies global bits [k*B, (k+1)*B), word w holds global bits
 For B in (2, 4, 8) a code never straddles a word; for B = 3 (GPTQ, compressed-tensors >= 0.10) every 32 codes
 fill exactly 3 words and codes 10 and 21 straddle:
 
-    word 0: c0 c1 ... c9 [c10 lo 2 bits]      word 1: [c10 hi 1] c11 ... c20 [c21 lo 1]      word 2: [c21 hi 2] c22 ... c31
-    bit:    0  3     27  30                           0          1       28  31                      0          2        29
+    word 0: c0 c1 .. c9 [c10 lo 2]   word 1: [c10 hi 1] c11 .. c20 [c21 lo 1]   word 2: [c21 hi 2] c22 .. c31
+    bit:    0  3     27  30                  0          1       28  31                 0          2       29
 
 Per format (W is the nn.Linear weight [out, in]; q the unsigned codes in [0, 2^B); g groups along `in`):
   GPTQ  qweight int32 [in*B/32, out]  stream along axis 0 (in);   qzeros int32 [g, out*B/32] stream along axis 1;

@@ -8,8 +8,21 @@ from typing import Any
 import numpy as np
 
 from bitsmith.compiler.config import ModelConfig
-from bitsmith.compiler.frontends.base import Checkpoint, LoadedModel, require_path, sha256_file
-from bitsmith.compiler.frontends.hf_files import load_hf_tokenizer, read_json, rope_settings
+from bitsmith.compiler.frontends.base import (
+    Checkpoint,
+    LoadedModel,
+    require_path,
+    sha256_file,
+)
+from bitsmith.compiler.frontends.hf_files import (
+    load_hf_tokenizer,
+    read_json,
+    rope_settings,
+)
+from bitsmith.compiler.frontends.hf_quantized import (
+    import_quantized,
+    quantization_method,
+)
 from bitsmith.compiler.frontends.torch_export import load_hf_via_export
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.safetensors_io import StoredTensor, stored_tensors
@@ -82,7 +95,7 @@ def read_safetensors(files: list[Path]) -> dict[str, StoredTensor]:
     weights: dict[str, StoredTensor] = {}
     for path in files:
         for key, array in stored_tensors(path).items():
-            weights[key[len("model."):] if key.startswith("model.") else key] = array
+            weights[key.removeprefix("model.")] = array
     return weights
 
 
@@ -106,18 +119,24 @@ def storage_dtype(weights: dict[str, np.ndarray]) -> str:
     return max(counts, key=counts.get) if counts else "float32"
 
 
-def load_hf(directory: str | Path) -> "Checkpoint | LoadedModel":
+def load_hf(directory: str | Path) -> Checkpoint | LoadedModel:
     """Load a Llama/Mistral/Qwen2/Qwen3 HF directory; other architectures go through torch.export."""
     directory = require_path(directory, "model directory")
     if not directory.is_dir():
         raise BitsmithError(f"{directory} is not a directory", fix="pass a Hugging Face model directory")
     cfg = read_json(require_path(directory / "config.json", "config.json"))
+    method = quantization_method(cfg)
     if cfg.get("model_type") not in HAND_WRITTEN:
+        if method:  # transformers would need the format's own GPU kernels to load it
+            raise BitsmithError(f"a pre-quantized ({method}) {cfg.get('model_type')!r} checkpoint is not supported",
+                                where=str(directory), fix=f"pre-quantized import covers {', '.join(HAND_WRITTEN)}; "
+                                                          "use the float checkpoint and quantize with --scheme")
         return load_hf_via_export(directory)
     config = config_from_hf(cfg)
     files = _safetensors_files(directory)
     weights = read_safetensors(files)
     where = str(directory)
+    imported = import_quantized(cfg, weights, where) if method else None
     tie_embeddings(config, weights, where)
     for name in [k for k in weights if k.endswith("rotary_emb.inv_freq")]:
         weights.pop(name)
@@ -126,8 +145,12 @@ def load_hf(directory: str | Path) -> "Checkpoint | LoadedModel":
         weights=weights,
         tokenizer=load_hf_tokenizer(directory, config),
         source={"path": str(directory.resolve()), "format": "hf",
-                "files": {p.name: sha256_file(p) for p in files + [directory / "config.json"]}},
-        dtype=storage_dtype(weights),
+                "files": {p.name: sha256_file(p) for p in files + [directory / "config.json"]},
+                **({"quantized_import": imported.summary(method)} if imported else {})},
+        # the dequantized float32 matrices say nothing of the storage dtype: count the others (embeddings)
+        dtype=storage_dtype({k: v for k, v in weights.items() if not imported or k not in imported.weights}),
+        quantized=imported.quantized if imported else {},
+        quantized_types=imported.types if imported else {},
     )
     ckpt.validate(where)
     return ckpt
