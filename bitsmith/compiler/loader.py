@@ -51,4 +51,7 @@ def load_model(source: str | Path | None, tokenizer: str | None = None,
         loaded = load_llama2c(path, tokenizer_path=tokenizer)
     else:
         loaded = load_onnx(path)
+    if log:
+        for note in loaded.source.get("notes", ()):  # e.g. GGUF tensors that could not come in exact
+            log(f"note: {note}")
     return loaded if isinstance(loaded, LoadedModel) else checkpoint_to_model(loaded)

@@ -12,43 +12,79 @@ from gguf.quants import dequantize
 from tqdm import tqdm
 
 from bitsmith.compiler.frontends.base import Checkpoint, LoadedModel, require_path, sha256_file
-from bitsmith.compiler.frontends.gguf_arch import (FIX_HF, arch_key, hf_config, hf_name, llama3_rope_scaling,
-                                                   undo_conversion)
+from bitsmith.compiler.frontends.gguf_arch import (FIX_HF, NEAREST_EXACT, arch_key, hf_config, hf_name,
+                                                   llama3_rope_scaling, undo_conversion, undo_conversion_codes)
 from bitsmith.compiler.frontends.gguf_tokenizer import gguf_tokenizer
+from bitsmith.compiler.frontends.graph_lowering import weight_name
 from bitsmith.compiler.frontends.hf import HAND_WRITTEN, config_from_hf, tie_embeddings
 from bitsmith.compiler.frontends.hf_files import rope_settings
 from bitsmith.compiler.frontends.torch_export import trace_module
+from bitsmith.compiler.gguf_blocks import GGUF_SCHEMES, decode
+from bitsmith.compiler.ir import Module
 from bitsmith.errors import BitsmithError
+from bitsmith.runtime.quant_scheme import QuantizedWeight
 
 _UNPACKED_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _FIX_FILE = "re-download the GGUF, or check that the path is a GGUF file"
+EMBED, LM_HEAD = "embed_tokens.weight", "lm_head.weight"
+Codes = dict[str, tuple[QuantizedWeight, str]]  # HF weight name -> (exact codes, ggml type name)
 
 
 def load_gguf(path: str | Path) -> Checkpoint | LoadedModel:
     """Load a GGUF: llama, qwen2 and qwen3 become a Checkpoint of the hand-written IR; the other architectures are
-    mapped back to their transformers model (config + dequantized state dict) and traced through torch.export."""
+    mapped back to their transformers model (config + dequantized state dict) and traced through torch.export.
+
+    Matrices whose ggml type maps onto a scheme exactly (gguf_blocks.GGUF_SCHEMES) also come as their codes
+    (`quantized`, imported as they are) next to their dequantized float32 values; source["notes"] says what did not.
+    """
     path = require_path(path, "GGUF file")
-    reader, meta, cfg, state, types = _read(path)
+    reader, meta, cfg, state, types, codes, notes = _read(path)
     source = {"path": str(path), "format": "gguf", "files": {path.name: sha256_file(path)},
               "gguf_architecture": meta["general.architecture"], "gguf_types": dict(sorted(types.items()))}
     tokenizer, dtype = gguf_tokenizer(path, meta), _storage_dtype(reader)
     if cfg["model_type"] not in HAND_WRITTEN:
-        return _traced(cfg, state, tokenizer, source, dtype, path)
+        loaded = _traced(cfg, state, tokenizer, source, dtype, path)
+        _attach(loaded, _traced_exact(loaded.module, codes, notes), state, codes, notes)
+        return loaded
     config = config_from_hf(cfg)
     weights = {name.removeprefix("model."): w for name, w in state.items()}
     tie_embeddings(config, weights, str(path))
     checkpoint = Checkpoint(config=config, weights=weights, tokenizer=tokenizer, source=source, dtype=dtype)
     checkpoint.validate(str(path))
+    exact = {name.removeprefix("model."): name for name in codes if name != "model." + EMBED}
+    if config.tie_word_embeddings and "model." + EMBED in codes:  # the tied lm_head reads the embedding's codes
+        exact[LM_HEAD] = "model." + EMBED
+    _attach(checkpoint, exact, state, codes, notes)
     return checkpoint
 
 
 def gguf_hf_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(HF config dict, HF state dict in float32) of a GGUF: the checkpoint llama.cpp's converter started from."""
-    _, _, cfg, state, _ = _read(require_path(path, "GGUF file"))
+    _, _, cfg, state, _, _, _ = _read(require_path(path, "GGUF file"))
     return cfg, state
 
 
-def _read(path: Path) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, np.ndarray], Counter]:
+def _attach(model: Checkpoint | LoadedModel, exact: dict[str, str], state: dict[str, np.ndarray], codes: Codes,
+            notes: list[str]) -> None:
+    """Give `model` the codes of `exact` (IR weight name -> HF name), the source type of every matrix and the notes.
+
+    The embedding table stays float32 (exactly the GGUF's values): the lookup reads dense tables or bitsmith's own
+    sym/asym packing, and no plan quantizes an embedding; a tied lm_head gets the codes as `lm_head.weight`.
+    """
+    model.quantized = {ir: codes[hf][0] for ir, hf in exact.items()}
+    model.quantized_types = {ir: codes[hf][1] for ir, hf in exact.items()}
+    if "model." + EMBED in codes:
+        kind = codes["model." + EMBED][1]
+        notes.append(f"embed_tokens.weight ({kind}) kept as float32 (its exact GGUF values) for the embedding lookup"
+                     + ("; the tied lm_head uses its codes" if exact.get(LM_HEAD) == "model." + EMBED else ""))
+    for hf in sorted(set(codes) - set(exact.values()) - {"model." + EMBED}):
+        notes.append(f"{hf.removeprefix('model.')} ({codes[hf][1]}) kept as float32: it is not read as the matrix of "
+                     "a linear in the traced graph, so its codes cannot be imported")
+    model.source["weight_types"] = {name.removeprefix("model."): kind for name, kind in _matrix_types(state, codes)}
+    model.source["notes"] = notes
+
+
+def _read(path: Path) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, np.ndarray], Counter, Codes, list[str]]:
     reader = _open_reader(path)
     meta = _metadata(reader, path)
     key = arch_key(meta, path)
@@ -58,8 +94,8 @@ def _read(path: Path) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, np
     if freqs is not None:  # llama3 RoPE scaling, stored as its per-frequency divisors
         cfg["rope_scaling"] = llama3_rope_scaling(np.asarray(freqs.data), cfg.get("rope_theta", 10000.0),
                                                   cfg["head_dim"], path)
-    state, types = _state_dict(reader, key, cfg, path)
-    return reader, meta, cfg, state, types
+    state, types, codes, notes = _state_dict(reader, key, cfg, path)
+    return reader, meta, cfg, state, types, codes, notes
 
 
 def _open_reader(path: Path) -> Any:
@@ -90,11 +126,15 @@ def _metadata(reader: Any, path: Path) -> dict[str, Any]:
     return meta
 
 
-def _state_dict(reader: Any, key: str, cfg: dict[str, Any], path: Path) -> tuple[dict[str, np.ndarray], Counter]:
-    """Every tensor dequantized to float32 under its HF name, the converter's changes undone; and the type counts."""
+def _state_dict(reader: Any, key: str, cfg: dict[str, Any], path: Path
+                ) -> tuple[dict[str, np.ndarray], Counter, Codes, list[str]]:
+    """Every tensor dequantized to float32 under its HF name, the converter's changes undone; the type counts; the
+    exact codes of the 2-D tensors whose type maps onto a scheme; and notes on what came in inexact."""
     state: dict[str, np.ndarray] = {}
     halves: dict[str, list] = {}  # fused gate_up_proj of experts: [gate, up]
     types: Counter = Counter()
+    codes: Codes = {}
+    inexact: Counter = Counter()  # (ggml type, why) -> tensors
     bar = tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", leave=False, disable=len(reader.tensors) < 64)
     for tensor in bar:
         if tensor.name == "rope_freqs.weight":  # read into cfg["rope_scaling"]
@@ -108,6 +148,18 @@ def _state_dict(reader: Any, key: str, cfg: dict[str, Any], path: Path) -> tuple
             raise BitsmithError(f"cannot dequantize tensor {tensor.name!r} ({tensor.tensor_type.name}): {exc}",
                                 where=str(path), fix=FIX_HF) from exc
         w = np.array(undo_conversion(key, tensor.name, w, cfg), dtype=np.float32)  # owned, not the memory map
+        kind = tensor.tensor_type.name
+        if kind in GGUF_SCHEMES and len(shape) == 2 and half is None:
+            qw = undo_conversion_codes(key, tensor.name, decode(kind, tensor.data, shape[1]), cfg)
+            if qw is None:
+                inexact[(kind, "the converter changed its values")] += 1
+            else:
+                codes[name] = (qw, kind)
+        elif kind in GGUF_SCHEMES:
+            inexact[(kind, "stacked experts [E, out, in] have no exact form yet")] += 1
+        elif kind in NEAREST_EXACT:
+            nearest = NEAREST_EXACT[kind]
+            inexact[(kind, f"no exact scheme; nearest exact type {nearest} = {GGUF_SCHEMES[nearest].name}")] += 1
         if half is None:
             state[name] = w
         else:
@@ -117,7 +169,34 @@ def _state_dict(reader: Any, key: str, cfg: dict[str, Any], path: Path) -> tuple
             raise BitsmithError(f"GGUF has only one of the expert gate/up tensors for {name!r}", where=str(path),
                                 fix=_FIX_FILE)
         state[name] = np.concatenate([gate, up], axis=1)  # [n_expert, 2 * ff, hidden], gate first
-    return state, types
+    notes = [f"{n} {kind} tensor{'s' * (n > 1)} dequantized to float32 (then the plan decides): {why}"
+             for (kind, why), n in sorted(inexact.items())]
+    return state, types, codes, notes
+
+
+def _matrix_types(state: dict[str, np.ndarray], codes: Codes) -> list[tuple[str, str]]:
+    """(HF name, ggml type or "float") of every weight with 2 or more dims, sorted: what `inspect` lists."""
+    return sorted((name, codes[name][1] if name in codes else "float") for name, w in state.items() if w.ndim >= 2)
+
+
+def _traced_exact(module: Module, codes: Codes, notes: list[str]) -> dict[str, str]:
+    """IR weight name -> HF name of the codes a traced module can import: weights read only as a linear's matrix
+    (what assign_precision quantizes), and the embedding's codes as `lm_head.weight` when it is tied."""
+    uses: dict[str, set[str]] = {}
+    for fn in module.functions.values():
+        producer = {n.outputs[0]: n.attrs["name"] for n in fn.nodes if n.op == "weight"}
+        for node in fn.nodes:
+            for slot, value in enumerate(node.inputs):
+                if value in producer:
+                    uses.setdefault(producer[value], set()).add(f"{node.op}:{slot}")
+    exact = {}
+    for hf in codes:
+        ir = weight_name(hf)
+        if uses.get(ir) == {"linear:1"} and module.weights[ir].shape == codes[hf][0].q.shape:
+            exact[ir] = hf
+        elif ir == EMBED and uses.get(ir) == {"embedding:0", "linear:1"} and LM_HEAD not in module.weights:
+            exact[LM_HEAD] = hf
+    return exact
 
 
 def _traced(cfg: dict[str, Any], state: dict[str, np.ndarray], tokenizer: Any, source: dict[str, Any], dtype: str,

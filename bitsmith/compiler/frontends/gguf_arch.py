@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ import numpy as np
 
 from bitsmith.compiler.frontends.llama2c import interleaved_to_half
 from bitsmith.errors import BitsmithError
+from bitsmith.runtime.quant_scheme import QuantizedWeight
 
 FIX_HF = "convert the model to a Hugging Face directory (config.json + safetensors) and compile that"
 
@@ -89,6 +90,12 @@ GGUF_ARCHS: dict[str, GgufArch] = {
 # output on the same file (tests/compiler/frontends/test_gguf_types.py); any other is refused, naming it
 GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
               "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0")
+# ggml types with no exact scheme (they load dequantized to float32, then the plan decides) -> the nearest exact
+# type: the same bits and block size where one exists (IQ4_NL/MXFP4: a 16-value codebook over blocks of 32), else
+# the K-quant of the same bits per weight
+NEAREST_EXACT = {"IQ4_NL": "Q4_0", "MXFP4": "Q4_0", "IQ4_XS": "Q4_K", "IQ3_S": "Q3_K", "IQ3_XXS": "Q3_K",
+                 "IQ2_S": "Q2_K", "IQ2_XS": "Q2_K", "IQ2_XXS": "Q2_K", "IQ1_S": "Q2_K", "IQ1_M": "Q2_K",
+                 "TQ1_0": "Q2_K", "TQ2_0": "Q2_K"}
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
@@ -219,6 +226,28 @@ def _llama3_factors(scaling: dict[str, Any], inv_wavelen: np.ndarray) -> np.ndar
     orig, factor = scaling["original_max_position_embeddings"], scaling["factor"]
     smooth = np.clip((orig * inv_wavelen - low) / (high - low), 0.0, 1.0)
     return 1.0 / ((1.0 - smooth) / factor + smooth)
+
+
+def qk_row_order(key: str, gguf_name: str, rows: int, cfg: dict[str, Any]) -> np.ndarray | None:
+    """int64 [rows]: the HF row each stored row of a permuted q/k weight goes to (row i of the HF weight is stored
+    row order[i]), or None when the converter did not reorder this tensor's rows."""
+    if not (GGUF_ARCHS[key].permute_qk and gguf_name.endswith((".attn_q.weight", ".attn_k.weight"))):
+        return None
+    heads = cfg["num_attention_heads"] if ".attn_q." in gguf_name else cfg["num_key_value_heads"]
+    return interleaved_to_half(np.arange(rows).reshape(rows, 1), heads)[:, 0]
+
+
+def undo_conversion_codes(key: str, gguf_name: str, qw: QuantizedWeight, cfg: dict[str, Any]) -> QuantizedWeight | None:
+    """undo_conversion on quantized codes: a row permutation moves codes, scales and offsets along (exact); a change
+    to the values (Gemma's norm shift) has no exact form, so None (the caller keeps the dequantized float)."""
+    if GGUF_ARCHS[key].norm_shift and gguf_name.endswith("norm.weight"):
+        return None
+    order = qk_row_order(key, gguf_name, qw.out_features, cfg)
+    if order is None:
+        return qw
+    rows = {k: None if a is None else np.ascontiguousarray(a[order])
+            for k, a in (("zeros", qw.zeros), ("super_scales", qw.super_scales), ("super_zeros", qw.super_zeros))}
+    return replace(qw, q=np.ascontiguousarray(qw.q[order]), scales=np.ascontiguousarray(qw.scales[order]), **rows)
 
 
 def undo_conversion(key: str, gguf_name: str, w: np.ndarray, cfg: dict[str, Any]) -> np.ndarray:

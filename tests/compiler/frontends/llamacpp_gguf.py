@@ -9,6 +9,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 VENV = Path(os.environ.get("BITSMITH_LLAMACPP_VENV", Path.home() / ".cache" / "bitsmith" / "llamacpp-venv"))
@@ -202,3 +203,54 @@ def tensor_types(path: Path) -> dict[str, str]:
     from gguf import GGUFReader
 
     return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+
+
+# llama.cpp scoring `bitsmith eval`'s windows (tools/evaluate.py: the same token ids, each window evaluated from an
+# empty cache with every position's logits): the NLL of window[1:] given its prefix, in float64; and greedy decoding
+_LLAMACPP_NLL = """
+import json, sys, numpy as np
+from llama_cpp import Llama
+windows = json.loads(open(sys.argv[2]).read())
+m = Llama(model_path=sys.argv[1], n_ctx=max(len(w) for w in windows), n_batch=512, logits_all=True, verbose=False,
+          n_threads=2)
+nll = []
+for w in windows:
+    m.reset()
+    m.eval(w)
+    logits = np.array(m.scores[:len(w) - 1], dtype=np.float64)
+    top = logits.max(axis=-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
+    nll.append(-logp[np.arange(len(w) - 1), w[1:]])
+np.save(sys.argv[3], np.concatenate(nll))
+"""
+_LLAMACPP_GREEDY = """
+import json, sys
+from llama_cpp import Llama
+ids, n = json.loads(sys.argv[2]), int(sys.argv[3])
+m = Llama(model_path=sys.argv[1], n_ctx=len(ids) + n + 1, n_batch=512, verbose=False, n_threads=2)
+out = []
+for tok in m.generate(ids, temp=0.0, top_k=1, reset=True):
+    out.append(int(tok))
+    if len(out) == n:
+        break
+print(json.dumps(out))
+"""
+
+
+def llamacpp_nll(path: Path, windows: list[list[int]], workdir: Path, timeout: float = 1200) -> np.ndarray:
+    """float64 [scored tokens]: llama.cpp's NLL of every window[1:] token (windows as tools/evaluate.windows_of)."""
+    python, _ = peer()
+    (workdir / "windows.json").write_text(json.dumps(windows))
+    _run([python, "-c", _LLAMACPP_NLL, path, workdir / "windows.json", workdir / "nll.npy"], "llama.cpp NLL",
+         timeout)
+    return np.load(workdir / "nll.npy")
+
+
+def llamacpp_greedy(path: Path, ids: list[int], n: int, timeout: float = 600) -> list[int]:
+    """llama.cpp's n greedy tokens after the prompt `ids` (argmax; no BOS added beyond what `ids` holds)."""
+    python, _ = peer()
+    proc = subprocess.run([str(python), "-c", _LLAMACPP_GREEDY, str(path), json.dumps(ids), str(n)],
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"llama.cpp greedy failed ({proc.returncode}): {proc.stderr.strip()[-1500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
