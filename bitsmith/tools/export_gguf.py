@@ -190,6 +190,7 @@ def export_gguf(artifact_dir: Path, out: Path, options: ExportOptions) -> Export
         raise BitsmithError("the artifact was traced (torch.export), not built from the llama-family IR",
                             where=where, fix="export --format compressed-tensors or onnx")
     packed, dense = quantized_weights(artifact), dense_weights(artifact)
+    _tie_to_head(packed, dense, config)
     report = ExportReport("gguf", str(out))
     tensors: list[tuple[str, str, np.ndarray]] = []
     refused: list[str] = []
@@ -232,6 +233,17 @@ def export_gguf(artifact_dir: Path, out: Path, options: ExportOptions) -> Export
     report.notes.append(f"{arch} GGUF: {len(tensors)} tensors, "
                         + ", ".join(f"{n} {k}" for k, n in Counter(k for _, k, _ in tensors).most_common()))
     return report
+
+
+def _tie_to_head(packed: dict, dense: dict, config: dict) -> None:
+    """A tied model whose lm_head kept codes (an imported GGUF's token_embd) and whose table is exactly their values:
+    write the table once, in the head's type, as token_embd (llama.cpp reads a missing output.weight as tied)."""
+    head, table = packed.get("lm_head.weight"), dense.get("embed_tokens.weight")
+    if not config.get("tie_word_embeddings") or head is None or table is None or as_block_type(head) is None:
+        return
+    if np.array_equal(dequantize(head), np.asarray(table, dtype=np.float32)):
+        packed["embed_tokens.weight"] = packed.pop("lm_head.weight")
+        del dense["embed_tokens.weight"]
 
 
 def _file_order(name: str) -> tuple[int, int, str]:

@@ -1,0 +1,207 @@
+"""GGUF export checked by gguf-py's decoder (every tensor dequantizes to our weight bit for bit) and by llama.cpp itself
+(llama-cpp-python in its own venv, through a subprocess; those tests skip saying so when it is absent)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from bitsmith.cli import main
+from bitsmith.compiler.frontends.gguf import gguf_hf_checkpoint
+from bitsmith.compiler.gguf_blocks import decode, encode, row_bytes
+from bitsmith.errors import BitsmithError
+from bitsmith.options import CompileOptions, MemoryOptions, QuantOptions, TargetOptions
+from bitsmith.runtime.artifact import load_artifact
+from bitsmith.runtime.quant_scheme import QuantizedWeight, QuantScheme, dequantize
+from bitsmith.tools.export import ExportOptions, dense_weights, export, quantized_weights
+from bitsmith.tools.export_gguf import as_block_type
+
+VENV = Path(os.environ.get("BITSMITH_LLAMACPP_VENV", Path.home() / ".cache" / "bitsmith" / "llamacpp-venv"))
+# every exact mapping once on the zoo Llama (hidden 64, ffn 128): repeated group scales, per channel, widened codes
+EXACT = (("self_attn.q_proj", "int4-g32"), ("self_attn.k_proj", "int8-pc"), ("self_attn.v_proj", "int4-g64"),
+         ("self_attn.o_proj", "int5-g32"), ("mlp.gate_proj", "int3-g32"), ("mlp.up_proj", "int2-g64"),
+         ("mlp.down_proj", "int4-g128"), ("lm_head", "int6-g32"))
+EXPECTED_TYPES = {"attn_q": "Q4_0", "attn_k": "Q8_0", "attn_v": "Q4_0", "attn_output": "Q5_0", "ffn_gate": "Q4_0",
+                  "ffn_up": "Q4_0", "ffn_down": "Q4_0", "output": "Q8_0", "token_embd": "F16", "attn_norm": "F32",
+                  "ffn_norm": "F32", "output_norm": "F32"}
+# llama.cpp rounds activations to 8 bits in quantized matmuls (16 in F16 ones): logits agree to ~1e-2 of the largest
+LLAMACPP_REL = 3e-2
+_LLAMACPP = """
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+path, job = sys.argv[1], json.loads(sys.argv[2])
+m = Llama(model_path=path, n_ctx=job["n_ctx"], n_batch=job["n_ctx"], logits_all=True, verbose=False, n_threads=2)
+out = {}
+if "logits" in job:
+    m.eval(job["logits"])
+    out["logits"] = np.array(m.scores[:len(job["logits"])], dtype=np.float32).tolist()
+if "prompt" in job:  # greedy decoding: argmax of the last logits, one token at a time
+    m.reset()
+    m.eval(job["prompt"])
+    out["greedy"] = []
+    for _ in range(job["n_new"]):
+        out["greedy"].append(int(np.argmax(m.scores[m.n_tokens - 1])))
+        m.eval(out["greedy"][-1:])
+if "windows" in job:  # NLL of every token after the first of each window, as `bitsmith eval` scores them
+    nll = []
+    for w in job["windows"]:
+        m.reset()
+        m.eval(w)
+        x = np.array(m.scores[:len(w) - 1], dtype=np.float64)
+        x -= x.max(-1, keepdims=True)
+        logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+        nll.extend((-logp[np.arange(len(w) - 1), w[1:]]).tolist())
+    out["nll"] = nll
+print(json.dumps(out))
+"""
+
+
+def llamacpp(path: Path, job: dict) -> dict:
+    """Run _LLAMACPP on the GGUF in the llama.cpp venv, or skip the test saying it is absent."""
+    python = VENV / "bin" / "python"
+    if not python.exists():
+        pytest.skip(f"no llama.cpp peer (llama-cpp-python) at {VENV} (run bench/peers/setup_llamacpp.sh)")
+    proc = subprocess.run([str(python), "-c", _LLAMACPP, str(path), json.dumps(job)], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _options(schemes=(), context: int = 128) -> CompileOptions:
+    return CompileOptions(quant=QuantOptions("rtn", bits=4, group_size=32, keep_default=False, schemes=schemes),
+                          memory=MemoryOptions(context=context), target=TargetOptions("none"))
+
+
+@pytest.fixture(scope="module")
+def zoo_artifact(tmp_path_factory):
+    """compile(family, schemes) -> an artifact of the zoo model of `family` (random, ffn 128: rows fit blocks of
+    32), every linear quantized (int4-g32 unless `schemes` says), no kernels; built once per module."""
+    from bitsmith.pipeline import compile_model
+    from family_zoo import zoo_model
+
+    built: dict = {}
+
+    def compile(family: str, schemes=()) -> Path:
+        if (family, schemes) not in built:
+            folder = tmp_path_factory.mktemp(family)
+            zoo_model(family).save_pretrained(folder / "hf")
+            built[family, schemes] = compile_model(folder / "hf", folder / "art", _options(schemes))
+        return built[family, schemes]
+
+    return compile
+
+
+def _ours(artifact: Path) -> dict[str, np.ndarray]:
+    """IR weight name -> our dequantized float32 weight."""
+    art = load_artifact(artifact)
+    weights = {name: dequantize(qw) for name, qw in quantized_weights(art).items()}
+    return weights | {n: np.asarray(w, dtype=np.float32) for n, w in dense_weights(art).items()}
+
+
+def test_every_tensor_decodes_to_our_weight_exactly(zoo_artifact, tmp_path):
+    """gguf-py reads the file back, bitsmith's GGUF frontend undoes llama.cpp's q/k permutation and names: every
+    tensor equals our dequantized weight bit for bit, and the hyper-parameters give back the model's config."""
+    artifact = zoo_artifact("llama", EXACT)
+    report = export(artifact, tmp_path / "m.gguf", ExportOptions("gguf"))
+    assert all(t.exact and t.max_abs_error == 0.0 for t in report.tensors)
+    kinds = {t.name.split(".")[-2] if t.name.startswith("blk.") else t.name.split(".")[0]: t.target
+             for t in report.tensors}
+    assert kinds == EXPECTED_TYPES
+    cfg, state = gguf_hf_checkpoint(tmp_path / "m.gguf")
+    ours = _ours(artifact)
+    assert {n.removeprefix("model.") for n in state} == set(ours)
+    for name, w in state.items():
+        np.testing.assert_array_equal(w, ours[name.removeprefix("model.")], err_msg=name)
+    model = load_artifact(artifact).config
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
+            cfg["head_dim"], cfg["intermediate_size"], cfg["rope_theta"], cfg["rms_norm_eps"]) == (
+        model["hidden_size"], model["num_layers"], model["num_heads"], model["num_kv_heads"], model["head_dim"],
+        model["intermediate_size"], model["rope_theta"], model["rms_norm_eps"])
+
+
+@pytest.mark.parametrize("form,bits,group", [("min", 4, 64), ("min", 5, -1), ("min", 3, 32), ("sym", 8, 128)])
+def test_block_forms_of_schemes_decode_exactly(form, bits, group):
+    """Min-form (imported) and per-channel schemes cut into blocks of 32: gguf-py's decoder gives our weight."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    rng = np.random.default_rng(bits)
+    out, n = 6, 192
+    scheme = QuantScheme(bits, group, form == "sym", "imported", offset=form == "min")
+    ng = scheme.n_groups(n)
+    qw = QuantizedWeight(rng.integers(0, 1 << bits, (out, n)).astype(np.uint8),
+                         rng.uniform(0.01, 0.1, (out, ng)).astype(np.float16),
+                         rng.uniform(-1, 0, (out, ng)).astype(np.float16) if form == "min" else None, scheme, n)
+    kind, held = as_block_type(qw)
+    assert kind == {("min", 4): "Q4_1", ("min", 5): "Q5_1", ("min", 3): "Q4_1", ("sym", 8): "Q8_0"}[form, bits]
+    got = gguf_dequantize(encode(held, kind), GGMLQuantizationType[kind]).reshape(out, n)
+    np.testing.assert_array_equal(got, dequantize(qw))
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q2_K"])
+def test_k_quants_are_written_as_they_came(kind):
+    """An imported K-quant weight is its own type, and its bytes are the source's."""
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, (3, row_bytes(kind, 512)), dtype=np.uint8)
+    data.reshape(3, -1, {"Q4_K": 144, "Q6_K": 210, "Q2_K": 84}[kind])[..., -2:] = [0, 60]  # finite f16 d / dmin
+    got_kind, held = as_block_type(decode(kind, data, 512))
+    assert got_kind == kind and np.array_equal(encode(held, kind), data)
+
+
+@pytest.mark.parametrize("scheme,reason", [("int4-g32-asym", "zero points"), ("int4-g16-sym", "groups of 16")])
+def test_scheme_without_a_gguf_type_is_refused_or_requantized(zoo_artifact, tmp_path, scheme, reason):
+    """Refused naming the tensor, its scheme, why and the nearest type, leaving nothing behind; with
+    --allow-requantize converted, each such tensor reported with its max abs error, which the file honours."""
+    artifact = zoo_artifact("llama", (("self_attn.q_proj", scheme),))
+    out = tmp_path / "m.gguf"
+    with pytest.raises(BitsmithError) as err:
+        export(artifact, out, ExportOptions("gguf"))
+    text = str(err.value)
+    assert "blk.0.attn_q.weight" in text and f"{scheme}-rtn" in text and reason in text and "Q4_" in text
+    assert "--allow-requantize" in text and list(tmp_path.iterdir()) == []
+    report = export(artifact, out, ExportOptions("gguf", allow_requantize=True))
+    converted = {t.name: t for t in report.tensors if not t.exact}
+    assert set(converted) == {"blk.0.attn_q.weight", "blk.1.attn_q.weight"}
+    _, state = gguf_hf_checkpoint(out)
+    ours = _ours(artifact)
+    for layer in (0, 1):
+        entry = converted[f"blk.{layer}.attn_q.weight"]
+        assert entry.target in ("Q4_0", "Q4_1") and 0 < entry.max_abs_error < 0.05
+        err = np.abs(state[f"model.layers.{layer}.self_attn.q_proj.weight"] - ours[f"layers.{layer}.self_attn.q_proj.weight"])
+        assert float(err.max()) == pytest.approx(entry.max_abs_error)
+
+
+def test_cli_prints_the_per_tensor_report_and_refuses_with_exit_code_2(zoo_artifact, tmp_path):
+    artifact = zoo_artifact("llama")
+    result = CliRunner().invoke(main, ["export", str(artifact), "--format", "gguf", "-o", str(tmp_path / "m.gguf")])
+    assert result.exit_code == 0, result.output
+    assert "blk.0.attn_q.weight" in result.output and "Q4_0" in result.output and "0 requantized" in result.output
+    refused = zoo_artifact("llama", (("self_attn.q_proj", "int4-g32-asym"),))
+    result = CliRunner().invoke(main, ["export", str(refused), "--format", "gguf", "-o", str(tmp_path / "x.gguf")])
+    assert result.exit_code == 2 and "error:" in result.output and "nearest: Q4_1" in result.output
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_llamacpp_logits_match_the_reference_executor(zoo_artifact, tmp_path, family):
+    """llama.cpp runs the exported file: its logits match our reference executor's on the artifact (llama.cpp
+    quantizes activations to 8 bits: within 3e-2 of the largest logit, same argmax wherever the top two are apart)."""
+    from bitsmith.tools.run import reference_session
+
+    artifact = zoo_artifact(family)
+    export(artifact, tmp_path / "m.gguf", ExportOptions("gguf"))
+    ids = [int(i) for i in np.random.default_rng(5).integers(3, 90, size=12)]
+    ref = np.asarray(llamacpp(tmp_path / "m.gguf", {"n_ctx": 64, "logits": ids})["logits"], dtype=np.float32)
+    ours = np.asarray(reference_session(load_artifact(artifact), 64).prefill(ids), dtype=np.float32)
+    scale = np.abs(ref).max()
+    assert float(np.abs(ours - ref).max() / scale) < LLAMACPP_REL
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 2 * LLAMACPP_REL * scale
+    assert clear.any() and (ours.argmax(-1) == ref.argmax(-1))[clear].all()
