@@ -280,6 +280,72 @@ def test_unsupported_quantized_checkpoints_are_refused_by_name(tmp_path):
         load_hf(tmp_path / "m")
 
 
+# ------------------------------------------------------------------- GPTQModel's own CPU kernels on our files
+GPTQMODEL_WEIGHTS = """
+import sys, numpy as np, torch
+from gptqmodel import BACKEND, GPTQModel
+for d in sys.argv[2:]:
+    awq = d.endswith("awq")
+    model = GPTQModel.load(d, device="cpu", backend=BACKEND.AWQ_TORCH if awq else BACKEND.GPTQ_TORCH,
+                           dtype=torch.float16)
+    out = {}
+    with torch.no_grad():
+        for name, mod in model.model.named_modules():
+            if hasattr(mod, "qweight"):  # W^T from the identity: every output is one exact fp16 product
+                out["w:" + name] = mod(torch.eye(mod.in_features, dtype=torch.float16)).float().numpy().T
+                out["kind:" + name] = np.array(type(mod).__name__)
+        out["logits"] = model.model(torch.tensor([[int(i) for i in sys.argv[1].split(",")]])).logits[0].float().numpy()
+    np.savez(d + ".npz", **out)
+"""
+
+
+@pytest.fixture(scope="module")
+def gptqmodel_dirs(tmp_path_factory):
+    """Every GPTQ case and the AWQ one, written here and read by GPTQModel's TorchLinear / AwqTorchLinear."""
+    python = os.environ.get("BITSMITH_GPTQMODEL_PYTHON", "")
+    if not python or not Path(python).exists():
+        pytest.skip("GPTQModel not installed (set BITSMITH_GPTQMODEL_PYTHON to a python with gptqmodel)")
+    from tokenizers import Tokenizer, models
+
+    root = tmp_path_factory.mktemp("gptqmodel")
+    made = {}
+    for case, (bits, group, sym, act_order, v1, lm_head) in GPTQ_CASES.items():
+        qc = {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym, "desc_act": act_order,
+              "checkpoint_format": "gptq" if v1 else "gptq_v2", "lm_head": lm_head,
+              "meta": {"quantizer": ["gptqmodel:7.7.0"]}}  # GPTQModel loads asym v1 only from its own writers
+        made[case] = write_checkpoint(root / case, qc, bits, group, sym, act_order,
+                                      lambda c, v1=v1: write_gptq(c, v1), lm_head=lm_head)
+    awq = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
+    made["awq"] = write_checkpoint(root / "awq", awq, 4, 32, False, False, write_awq)
+    words = Tokenizer(models.WordLevel({str(i): i for i in range(96)}, unk_token="0"))
+    for case in made:  # GPTQModel.load insists on a tokenizer
+        words.save(str(root / case / "tokenizer.json"))
+        (root / case / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    run = subprocess.run([python, "-c", GPTQMODEL_WEIGHTS, ",".join(map(str, IDS)), *(str(root / c) for c in made)],
+                         capture_output=True, text=True, timeout=600, check=False,
+                         env=os.environ | {"TORCHDYNAMO_DISABLE": "1"})  # its torch.compile of dequant: minutes
+    assert run.returncode == 0, run.stderr[-3000:]
+    return root, made
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [*GPTQ_CASES, "awq"])
+def test_gptqmodel_dequantizes_our_test_files_as_we_do(gptqmodel_dirs, case):
+    """The spec-written files are what GPTQModel reads too: its fp16 weights are ours rounded to fp16, bit for bit
+    (v1/v2 zeros, 3-bit straddling, act-order g_idx, AWQ nibble order); its fp16 logits are near transformers'."""
+    root, made = gptqmodel_dirs
+    model, refs = made[case]
+    peer = np.load(root / f"{case}.npz")
+    ckpt = load_hf(root / case)
+    assert {k for k in peer.files if k.startswith("w:")} == {f"w:{'' if k.startswith('lm_head') else 'model.'}"
+                                                           f"{k.removesuffix('.weight')}" for k in refs}
+    for name in refs:
+        key = f"w:{'' if name.startswith('lm_head') else 'model.'}{name.removesuffix('.weight')}"
+        ours = dequantize(ckpt.quantized[name]).astype(np.float16).astype(np.float32)
+        assert np.array_equal(ours, peer[key]), name
+    assert rel(peer["logits"], transformers_logits(model)) < 2e-2
+
+
 # ------------------------------------------------------------------------- llm-compressor's own checkpoints
 VARIANTS = [  # name, model dtype, method, weights args, exact?
     ("int4-g32-sym-fp16", "float16", "rtn", {"num_bits": 4, "symmetric": True, "strategy": "group", "group_size": 32}),
