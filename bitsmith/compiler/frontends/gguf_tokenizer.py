@@ -13,7 +13,7 @@ from bitsmith.errors import BitsmithError
 def gguf_tokenizer(path: Path, meta: dict[str, Any]) -> TokenizerSpec | None:
     """The embedded tokenizer as tokenizer.json, via transformers' GGUF tokenizer conversion (per architecture:
     sentencepiece "llama" vocabularies of Gemma and Phi-3 differ in how they prefix spaces)."""
-    if "tokenizer.ggml.model" not in meta:
+    if meta.get("tokenizer.ggml.model", "none") in ("none", "no_vocab"):  # llama.cpp's vocabulary-less models
         return None
     from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer  # heavy: torch
 
