@@ -194,6 +194,9 @@ def export_gptq(artifact_dir: Path, out: Path, options: ExportOptions) -> Export
 
     tensors, schemes = _convert(artifact, options, pack_gptq, GPTQ_BITS, target, report)
     kinds = {(s.bits, s.group_size, s.sym) for s in schemes.values()}
+    if not kinds:
+        raise BitsmithError("the artifact has no quantized weights", where=str(artifact_dir),
+                            fix="compile with --method rtn|gptq|awq (a float model needs no GPTQ export)")
     if len(kinds) != 1:
         raise BitsmithError(f"GPTQ holds one bits/group/symmetry per model; this artifact has {sorted(kinds)}",
                             where=str(artifact_dir), fix="use --format compressed-tensors, which keeps a mixed plan")
