@@ -141,6 +141,10 @@ def run_pipeline(model: LoadedModel, options: CompileOptions, log: Callable[[str
     if options.quant.enabled:
         ctx.calibration = calibration_tokens(model, options.quant.calibration)
     module = run_passes(model.module, ctx, passes, options.verify, options.dump_ir, log)
+    if log and ctx.lowered is not None and ctx.lowered.float_activations:
+        floats = ctx.lowered.float_activations
+        log(f"int8 activations: {len(floats)} matmuls keep float32 activations (their weights' forms have no "
+            "int8-activation kernel): " + "; ".join(f"{name} ({why})" for name, why in sorted(floats.items())))
     return module, ctx
 
 

@@ -1,10 +1,11 @@
 """Reading weights inside a kernel, shared by the CPU and GPU kernels (gemv, gemm, embedding, norms): a code of
-the packed layout (bitsmith.runtime.packed_layout) as float32, a dense weight's buffer and a load from it widened
-to float32, an embedding table's row.
+the packed layout (bitsmith.runtime.packed_layout) as float32, a group's scale and correction, a dense weight's
+buffer and a load from it widened to float32, an embedding table's row.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from tvm import te, tirx
@@ -54,6 +55,56 @@ def unpack_code(w: Any, o: Any, word0: Any, j: Any, lane: Any, stride: int, bits
         return tirx.Cast("float32", val & tirx.const((1 << bits) - 1, "uint32"))
     mant = (val << tirx.const(23 - bits, "uint32")) & tirx.const(((1 << bits) - 1) << (23 - bits), "uint32")
     return tirx.reinterpret("float32", mant | tirx.const((127 + bits) << 23, "uint32"))
+
+
+@dataclass(frozen=True)
+class GroupParams:
+    """A packed weight's group parameters as a kernel reads them (TE tensors or TIR buffers, indexed [o, g]).
+
+    Every form is, per group g of row o,  sum_k w[o, k] x[k] = scale(o, g) * sum_k (bias + q) x - c(o, g) * sum_k x
+    for codes decoded as bias + q (bias 2^b in the biased decode of `unpack_code`, else 0), with
+        sym      w = s (q - 2^(b-1))   c = s (2^(b-1) + bias)
+        asym     w = s (q - z)         c = s (z + bias)
+        min      w = s q + m           c = s bias - m          (m: the `zeros` input, an offset)
+    s256: s (and m in min form) are int8 codes times fp16 super_scales (super_zeros) [out, ceil(in/256)], one per
+    256 columns: s = f32(super[o, g // (256 / G)]) * f32(code[o, g]), exact in float32 (fp16 x int8).
+    """
+
+    bits: int
+    group: int  # values per group (the row's length when per channel)
+    sym: bool
+    offset: bool  # min form: `zeros` holds m
+    super_group: int  # 0, or 256: two-level scales
+    scales: Any
+    zeros: Any = None
+    super_scales: Any = None
+    super_zeros: Any = None
+
+    @classmethod
+    def of(cls, layout: Any, buffers: list[Any]) -> GroupParams:
+        """From a PackedWeightLayout (or MatmulShape) and its `param_specs()` buffers, in that order."""
+        it = iter(buffers)
+        scales = next(it)
+        zeros = None if layout.sym else next(it)
+        supers = (next(it), next(it) if layout.offset else None) if layout.super_group else (None, None)
+        return cls(layout.bits, layout.group, layout.sym, layout.offset, layout.super_group, scales, zeros, *supers)
+
+    def _level(self, codes: Any, supers: Any, o: Any, g: Any) -> Any:
+        if not self.super_group:
+            return f32(codes[o, g])
+        return f32(supers[o, g // (self.super_group // self.group)]) * f32(codes[o, g])
+
+    def scale(self, o: Any, g: Any) -> Any:
+        return self._level(self.scales, self.super_scales, o, g)
+
+    def correction(self, o: Any, g: Any, bias: float, scale: Any = None) -> Any:
+        """c(o, g) for codes decoded as bias + q (see the class docstring); `scale`: scale(o, g) if already read."""
+        s = self.scale(o, g) if scale is None else scale
+        if self.offset:
+            return s * tirx.const(bias, "float32") - self._level(self.zeros, self.super_zeros, o, g)
+        zero = tirx.const(float(1 << (self.bits - 1)) + bias, "float32") if self.sym else \
+            f32(self.zeros[o, g]) + tirx.const(bias, "float32")
+        return s * zero
 
 
 def table_row(ids: Any, r: Any, vocab: int) -> Any:

@@ -15,12 +15,15 @@ from tvm.s_tir import Schedule
 
 from bitsmith.codegen.common import f32, fconst, finish, schedule_rows, worth_parallel
 from bitsmith.codegen.dequant import table_row, unpack_code
-from bitsmith.codegen.gemv import GROUP_SIZES
 from bitsmith.codegen.gpu.compute import embedding_tensors, qembedding_tensors
 from bitsmith.codegen.gpu.schedule import dlight, te_func
 from bitsmith.codegen.spec_checks import PARAM_DTYPES, check_param_dtype, check_positive, refuse
 from bitsmith.codegen.target import Target
 from bitsmith.runtime.packed_layout import LANES, PACK_BITS, lane_unit, packed_shape
+
+
+QEMB_BITS = (2, 3, 4, 8)  # packed tables: the plain forms only (not the 5/6-bit, group-16, min or two-level
+QEMB_GROUPS = (32, 64, 128, -1)  # forms of imported GGUF weights)
 
 
 def _check_index_range(problems: list[str], elements: int) -> None:
@@ -77,10 +80,14 @@ class QEmbeddingSpec:
     def __post_init__(self) -> None:
         problems: list[str] = []
         check_positive(problems, rows=self.rows, vocab=self.vocab, dim=self.dim)
-        if self.bits not in PACK_BITS:
-            problems.append(f"bits {self.bits} (use one of {PACK_BITS})")
-        if self.group_size not in GROUP_SIZES:
-            problems.append(f"group size {self.group_size} (use one of {GROUP_SIZES})")
+        if self.bits not in QEMB_BITS:
+            problems.append(f"bits {self.bits} (use one of {QEMB_BITS}"
+                            + ("; 5/6-bit codes are GGUF forms: store the table dequantized, as float16)"
+                               if self.bits in PACK_BITS else ")"))
+        if self.group_size not in QEMB_GROUPS:
+            problems.append(f"group size {self.group_size} (use one of {QEMB_GROUPS}"
+                            + ("; groups of 16 are a GGUF K-quant form: store the table dequantized, as float16)"
+                               if self.group_size == 16 else ")"))
         if not problems:
             _check_index_range(problems, self.vocab * max(self.weight_shape()[1], self.n_groups))
         refuse(problems, "qembedding")

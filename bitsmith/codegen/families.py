@@ -9,10 +9,10 @@ from bitsmith.codegen.gemv_x16 import QGemvX16Spec
 from bitsmith.codegen.norm_rope import AddRmsNormSpec, LayerNormSpec, RmsNormSpec, RopeSpec
 from bitsmith.codegen.moe import MoeSpec, RouterSpec
 from bitsmith.codegen.paged_attention import PagedAttentionSpec
-from bitsmith.codegen.scalar_slice import ScalarSpec, SliceSpec
+from bitsmith.codegen.scalar_slice import GatherSpec, ScalarSpec, SliceSpec
 
 __all__ = [
-    "AddRmsNormSpec", "BiasAddSpec", "BinarySpec", "EmbeddingSpec", "GeluMulSpec", "GemmSpec", "GemvSpec",
+    "AddRmsNormSpec", "BiasAddSpec", "BinarySpec", "EmbeddingSpec", "GatherSpec", "GeluMulSpec", "GemmSpec", "GemvSpec",
     "LayerNormSpec", "MoeSpec", "PagedAttentionSpec", "QEmbeddingSpec", "QGemvI8Spec", "QGemvX16Spec", "RmsNormSpec",
     "RopeSpec", "RouterSpec", "ScalarSpec", "SiluMulSpec", "SliceSpec", "UnarySpec",
 ]

@@ -2,7 +2,8 @@
 spec builds gpu/matmul.py's kernel.
 
 Same arguments as GemvSpec: x f32 [rows, in], W (uint32 packed codes, or fp32/fp16/bf16 dense [out, in]),
-[scales f16 [out, groups], [zeros f16 [out, groups]]], y f32 [rows, out]. Written as TIR loops with
+[scales [out, groups], [zeros [out, groups]], [super_scales, [super_zeros]]], y f32 [rows, out] (the group
+parameters of PackedWeightLayout.param_specs). Written as TIR loops with
 the IRBuilder (not TE + schedule), so the loop nest is exactly (V = vector lanes, 16 with AVX-512):
 
     xt[rb, k, l] = x[rb*V + l, k]                 once per call (rows past `rows` are zero)
@@ -31,7 +32,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from bitsmith.codegen.dequant import f32, unpack_code
+from bitsmith.codegen.dequant import GroupParams, f32, unpack_code
 from bitsmith.codegen.gemv import PackedWeightLayout
 from bitsmith.codegen.gpu.matmul import matmul_func, matmul_reference
 from bitsmith.codegen.spec_checks import refuse
@@ -61,6 +62,8 @@ class GemmSpec(PackedWeightLayout):
     sym: bool = True
     rows: int = 16
     bf16: bool = False  # bits 16: the dense weights are bfloat16 (carried as uint16, see runtime/kernel_dtypes.py)
+    offset: bool = False  # min form (see PackedWeightLayout)
+    super_group: int = 0  # 256: two-level scales (see PackedWeightLayout)
 
     def __post_init__(self) -> None:
         rows = [] if 1 <= self.rows <= MAX_ROWS else [f"rows {self.rows} (use 1..{MAX_ROWS})"]
@@ -72,7 +75,7 @@ class GemmSpec(PackedWeightLayout):
         return f"{'q' if self.is_quantized else ''}gemm_{self.scheme_tag()}_{shape}"
 
     def prim_func(self, target: Target) -> Any:
-        """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): x, W, [scales, [zeros]], y."""
+        """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): x, W, [group parameters], y."""
         return matmul_func(self) if target.is_gpu else _gemm_func(self, target)
 
     def gpu_definition(self) -> Any:
@@ -142,11 +145,11 @@ def _gemm_func(spec: GemmSpec, target: Target) -> Any:
             x = T.arg("x", T.buffer((rows, n_in), fp32))
             if spec.is_quantized:
                 w = T.arg("qweight", T.buffer(spec.weight_shape(), "uint32"))
-                s = T.arg("scales", T.buffer((n_out, spec.n_groups), "float16"))
-                z = None if spec.sym else T.arg("zeros", T.buffer((n_out, spec.n_groups), "float16"))
+                gp = GroupParams.of(spec, [T.arg(name, T.buffer(shape, dtype))
+                                           for name, shape, dtype in spec.param_specs()])
             else:
                 w = T.arg("weight", T.buffer((n_out, n_in), kernel_dtype(spec.dense_dtype)))
-                s = z = None
+                gp = None
             y = T.arg("y", T.buffer((rows, n_out), fp32))
 
             # x transposed into row blocks: xt[rb, k, r] (r: the block's rt rows, zero past `rows`)
@@ -176,7 +179,7 @@ def _gemm_func(spec: GemmSpec, target: Target) -> Any:
                         # is dequantized, a whole tile of FMAs ahead of their use
                         nxt = tirx.min(t * nr + i + nr, n_out - 1) if PREFETCH else None
                         if spec.is_quantized:
-                            _emit_dequant(spec, wd, i * stride, o, nxt, w, s, z, kb0, blocks, tail)
+                            _emit_dequant(spec, wd, i * stride, o, nxt, w, gp, kb0, blocks, tail)
                         else:
                             _emit_convert(n_in, wd, i * stride, o, nxt, w, k0, blocks, tail)
                     with T.serial(0, n_rb) as rb:
@@ -219,33 +222,31 @@ def _emit_convert(n_in: int, wd: Any, row0: Any, o: Any, nxt: Any, w: Any, k0: A
             T.buffer_store(wd, f32(w[o, k0 + kk]), [row0 + kk])
 
 
-def _emit_dequant(spec: GemmSpec, wd: Any, row0: Any, o: Any, nxt: Any, w: Any, s: Any, z: Any, kb0: Any,
+def _emit_dequant(spec: GemmSpec, wd: Any, row0: Any, o: Any, nxt: Any, w: Any, gp: GroupParams, kb0: Any,
                   blocks: int, tail: bool) -> None:
-    """wd[row0 + kk] = (q[o, k] - z) * s for the slab's k = kb0 * unit + kk, vector along the packed
-    layout's 16 lanes.
+    """wd[row0 + kk] = w[o, k] for the slab's k = kb0 * unit + kk, vector along the packed layout's 16 lanes.
 
-    Codes decode as 2^b + q (see `dequant.unpack_code`), so w = (2^b + q) * s - (2^b + z) * s is one FMA with a
-    per-group addend. In full blocks a group covers whole slot rows: scale and addend are broadcasts.
+    Codes decode as 2^b + q (see `dequant.unpack_code`), so w = (2^b + q) * s - c is one FMA with a per-group
+    addend (c: dequant.GroupParams.correction, e.g. (2^b + z) * s). In full blocks a group covers whole slot
+    rows: scale and addend are broadcasts.
     The tail block (L lanes) writes its padding values too (zero codes, finite; never read).
     """
     bits, n_in, group, n_groups = spec.bits, spec.in_features, spec.group, spec.n_groups
     units, slots = lane_unit(bits)
     unit = LANES * slots
     bias = float(1 << bits)
-    zconst = float(1 << (bits - 1))
 
     def scale_and_addend(g: Any) -> tuple[Any, Any]:
         g = tirx.min(g, n_groups - 1)
-        sc = f32(s[o, g])
-        zero = tirx.const(bias + zconst, "float32") if z is None else f32(z[o, g]) + tirx.const(bias, "float32")
-        return sc, -(zero * sc)
+        sc = gp.scale(o, g)
+        return sc, -gp.correction(o, g, bias, sc)
 
     if blocks:
         with T.serial(0, blocks) as kb:
             if nxt is not None:  # the block's U lines of codes and its first scale (and zero)
                 for p in range(units):
                     prefetch(w[nxt, ((kb0 + kb) * units + p) * LANES])
-                for buf in (s, z) if z is not None else (s,):
+                for buf in (gp.scales, gp.zeros) if gp.zeros is not None else (gp.scales,):
                     prefetch(buf[nxt, tirx.min((kb0 + kb) * unit // group, n_groups - 1)])
             with T.unroll(0, slots) as j:
                 local = kb * unit + j * LANES

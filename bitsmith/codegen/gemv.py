@@ -8,14 +8,16 @@ from typing import Any
 
 from tvm import te, tirx
 
-from bitsmith.codegen.dequant import f32, unpack_code, weight_placeholder
+from bitsmith.codegen.dequant import GroupParams, f32, unpack_code, weight_placeholder
 from bitsmith.codegen.gemv_schedule import Stages, accumulators, batch_tile, row_tile, schedule_gemv
 from bitsmith.codegen.gpu.matmul import matmul_func, matmul_reference
 from bitsmith.codegen.spec_checks import DENSE_BITS, refuse
 from bitsmith.codegen.target import Target
 from bitsmith.runtime.packed_layout import LANES, PACK_BITS, lane_unit, packed_shape
 
-GROUP_SIZES = (32, 64, 128, -1)
+GROUP_SIZES = (16, 32, 64, 128, -1)
+SUPER_GROUPS = (0, 256)  # two-level scales: int8 codes per group x fp16 per 256 columns (GGUF K-quants)
+PARAM_BYTES = {"float16": 2, "int8": 1}
 MAX_BATCH = 16
 DENSE_SLOTS = 8  # dense kernels: up to 8 independent vector accumulators per row
 
@@ -24,7 +26,9 @@ class PackedWeightLayout:
     """What a dequant-matmul kernel reads for W, shared by GemvSpec and GemmSpec.
 
     Needs the fields out_features, in_features, bits (PACK_BITS packed, or 16/32 dense), group_size
-    (-1: per channel), sym and bf16 (16-bit dense weights are bfloat16, not float16).
+    (-1: per channel), sym, bf16 (16-bit dense weights are bfloat16, not float16), offset (the min form
+    w = s*q + m, `zeros` holding m) and super_group (256: scales, and in min form zeros, are int8 codes times
+    fp16 super_scales / super_zeros per 256 columns); see dequant.GroupParams for what each form computes.
     """
 
     out_features: int
@@ -32,7 +36,10 @@ class PackedWeightLayout:
     bits: int
     group_size: int
     sym: bool
-    bf16: bool = False  # a class default for the families of packed weights only (QGemvI8Spec), which lack the field
+    # class defaults for the families of packed weights that lack the fields (QGemvI8Spec: plain forms only)
+    bf16: bool = False
+    offset: bool = False
+    super_group: int = 0
 
     def layout_problems(self, extra: list[str]) -> list[str]:
         """Unsupported bits, group size, `extra` (the family's own checks) and shape, in that order."""
@@ -43,6 +50,14 @@ class PackedWeightLayout:
             problems.append(f"bf16 with bits {self.bits} (bfloat16 weights are 16-bit dense: bits 16)")
         if self.is_quantized and self.group_size not in GROUP_SIZES:
             problems.append(f"group size {self.group_size} (use one of {GROUP_SIZES})")
+        if self.offset and (self.sym or not self.is_quantized):
+            problems.append("the min form (offset) of symmetric or dense weights (it is asymmetric: sym False)")
+        if self.super_group not in SUPER_GROUPS or (self.super_group and not self.is_quantized):
+            problems.append(f"super group {self.super_group} (use 0, or 256 with packed weights)")
+        elif self.super_group and (self.group_size < 1 or self.super_group % self.group_size):
+            problems.append(f"super group {self.super_group} with group size {self.group_size} (groups must divide it)")
+        elif self.super_group and not (self.sym or self.offset):
+            problems.append("super groups with zero points (asym): two-level scales are sym or min form (K-quants)")
         problems += extra
         if self.out_features < 1 or self.in_features < 1:
             problems.append(f"shape {self.out_features}x{self.in_features}")
@@ -66,12 +81,29 @@ class PackedWeightLayout:
     def n_groups(self) -> int:
         return -(-self.in_features // self.group)
 
+    @property
+    def form(self) -> str:
+        return "sym" if self.sym else ("min" if self.offset else "asym")
+
+    def param_specs(self) -> list[tuple[str, tuple[int, int], str]]:
+        """(name, shape, dtype) of the group parameters after qweight: scales, [zeros], [super_scales],
+        [super_zeros] (the kernel's arguments in that order, as the artifact stores them)."""
+        groups, two = (self.out_features, self.n_groups), bool(self.super_group)
+        specs = [("scales", groups, "int8" if two else "float16")]
+        if not self.sym:
+            specs.append(("zeros", groups, "int8" if two and self.offset else "float16"))
+        if two:
+            supers = (self.out_features, -(-self.in_features // self.super_group))
+            specs += [(name, supers, "float16") for name in ("super_scales", "super_zeros")[:1 + self.offset]]
+        return specs
+
     def scheme_tag(self) -> str:
-        """The weight part of a kernel name: float16 / bfloat16 / float32, or b4_g32_sym, b3_gch_asym, ..."""
+        """The weight part of a kernel name: float16 / bfloat16 / float32, or b4_g32_sym, b3_gch_asym,
+        b4_g32_min_s256, ..."""
         if not self.is_quantized:
             return self.dense_dtype
         group = "ch" if self.group_size == -1 else str(self.group_size)
-        return f"b{self.bits}_g{group}_{'sym' if self.sym else 'asym'}"
+        return f"b{self.bits}_g{group}_{self.form}" + (f"_s{self.super_group}" if self.super_group else "")
 
     def weight_shape(self) -> tuple[int, int]:
         if self.is_quantized:
@@ -79,11 +111,11 @@ class PackedWeightLayout:
         return self.out_features, self.in_features
 
     def weight_bytes(self) -> int:
-        """Bytes the kernel reads for W (codes + fp16 scales and zeros), the GB/s numerator."""
+        """Bytes the kernel reads for W (codes + scales, zeros and super scales), the GB/s numerator."""
         rows, cols = self.weight_shape()
         if not self.is_quantized:
             return rows * cols * (self.bits // 8)
-        return rows * cols * 4 + self.out_features * self.n_groups * 2 * (1 if self.sym else 2)
+        return rows * cols * 4 + sum(a * b * PARAM_BYTES[dtype] for _, (a, b), dtype in self.param_specs())
 
 
 @dataclass(frozen=True)
@@ -97,6 +129,8 @@ class GemvSpec(PackedWeightLayout):
     sym: bool = True
     batch: int = 1
     bf16: bool = False  # bits 16: the dense weights are bfloat16 (carried as uint16, see runtime/kernel_dtypes.py)
+    offset: bool = False  # min form (see PackedWeightLayout)
+    super_group: int = 0  # 256: two-level scales (see PackedWeightLayout)
 
     def __post_init__(self) -> None:
         batch = [] if 1 <= self.batch <= MAX_BATCH else [f"batch {self.batch} (use 1..{MAX_BATCH})"]
@@ -108,7 +142,8 @@ class GemvSpec(PackedWeightLayout):
         return f"{'q' if self.is_quantized else ''}gemv_{self.scheme_tag()}_{shape}"
 
     def prim_func(self, target: Target) -> Any:
-        """The PrimFunc scheduled for `target`, a CPU or a GPU (KernelSpec protocol): x, W, [scales, [zeros]], y."""
+        """The PrimFunc scheduled for `target`, a CPU or a GPU (KernelSpec protocol): x, W, [scales, [zeros],
+        [super_scales], [super_zeros]], y."""
         return matmul_func(self) if target.is_gpu else _lower(self, target)
 
     def gpu_definition(self) -> Any:
@@ -121,15 +156,17 @@ class GemvSpec(PackedWeightLayout):
 
 
 def _quant_stages(spec: GemvSpec) -> Stages:
-    """y = sum_chunks s_g * (sum_{k in chunk} x_k q_k - z_g * sum_{k in chunk} x_k) + tail.
+    """y = sum_chunks (s_g * sum_{k in chunk} x_k (2^b + q_k) - c_g * sum_{k in chunk} x_k) + tail.
 
     Full 16-lane blocks are cut into chunks of C slot rows (C*16 consecutive k) that lie in one group,
     so the scale multiplies a chunk's vector of partial sums once instead of every weight. Codes are
-    decoded as 2^b + q (no int->float conversion, see `dequant.unpack_code`), so a chunk's sum is
-    sum x (2^b + q) - (2^b + z) sum x: the zero point and the bias become one correction per chunk
-    from the chunk's activation sum (computed once per call, shared by all rows). The tail block
-    (L lanes, k = base + j*L + l) dequantizes per element: s (x (2^b + q) - x (2^b + z)) when each slot
-    row lies in one group and no lane is padding, else (q - z) s with the padding masked.
+    decoded as 2^b + q (no int->float conversion, see `dequant.unpack_code`); the zero point (or offset)
+    and that bias become one correction c_g (dequant.GroupParams) per chunk from the chunk's activation sum
+    (computed once per call, shared by all rows). sym and asym fold it into the chunk's sum as
+    (2^b + z) * sum x before the scale (c_g = s_g (2^b + z)); the min form (c_g = s_g 2^b - m_g, no factor s_g
+    to pull out) adds c_g * sum x after it. The tail block (L lanes, k = base + j*L + l) dequantizes per
+    element: s x (2^b + q) - c x when each slot row lies in one group and no lane is padding, else
+    s q - c(bias 0) with the padding masked.
     """
     n_out, n_in, bits, batch = spec.out_features, spec.in_features, spec.bits, spec.batch
     units, slots = lane_unit(bits)
@@ -141,9 +178,9 @@ def _quant_stages(spec: GemvSpec) -> Stages:
     per_block = slots // chunk
     x = te.placeholder((batch, n_in), "float32", name="x")
     w = te.placeholder(spec.weight_shape(), "uint32", name="qweight")
-    s = te.placeholder((n_out, spec.n_groups), "float16", name="scales")
-    z = None if spec.sym else te.placeholder((n_out, spec.n_groups), "float16", name="zeros")
-    params = [x, w, s] + ([] if z is None else [z])
+    gp = GroupParams.of(spec, [te.placeholder(shape, dtype, name=name) for name, shape, dtype in spec.param_specs()])
+    params = [x, w] + [t for t in (gp.scales, gp.zeros, gp.super_scales, gp.super_zeros) if t is not None]
+    z = gp.zeros if not spec.offset else None  # folded into the chunk sums (sym: the constant 2^(b-1))
     zconst = float(1 << (bits - 1))
 
     def zero(o: Any, g: Any) -> Any:
@@ -158,7 +195,7 @@ def _quant_stages(spec: GemvSpec) -> Stages:
         tt, ll = te.reduce_axis((0, chunk), "tt"), te.reduce_axis((0, LANES), "ll")
         # -sum(x) / 16 per chunk (times 2^b + z when z is a constant): each of the 16 lane
         # accumulators takes 1/16 of the correction
-        xscale = -((bias + zconst) if z is None else 1.0) / LANES
+        xscale = -((bias + zconst) if spec.sym else 1.0) / LANES
         xc = te.compute((batch, full, per_block), lambda n, b, c: te.sum(
             x[n, kidx(b, c, tt, ll)] * tirx.const(xscale, "float32"), axis=[tt, ll]), name="xchunk")
         def group_of(b: Any, c: Any) -> Any:
@@ -167,6 +204,9 @@ def _quant_stages(spec: GemvSpec) -> Stages:
         t2 = te.reduce_axis((0, chunk), "t2")
 
         def inner_body(n: Any, o: Any, b: Any, c: Any, lane: Any) -> Any:
+            if spec.offset:  # the min form's correction is added after the scale (main_body)
+                return te.sum(x[n, kidx(b, c, t2, lane)] * unpack_code(
+                    w, o, b * LANES * units, c * chunk + t2, lane, LANES, bits, True), axis=[t2])
             corr = xc[n, b, c] if z is None else xc[n, b, c] * (zero(o, group_of(b, c)) + bias)
             # the correction rides on the first step (an FMA's addend once fast-math-nsz drops the 0 + )
             first = tirx.Select(t2 == 0, corr, tirx.const(0.0, "float32"))
@@ -174,8 +214,11 @@ def _quant_stages(spec: GemvSpec) -> Stages:
             return te.sum(x[n, kidx(b, c, t2, lane)] * code + first, axis=[t2])
 
         inner = te.compute((batch, n_out, full, per_block, LANES), inner_body, name="inner")
-        # fp32 scales of the row, converted once per block instead of once per chunk and accumulator
-        sf = te.compute((n_out, spec.n_groups), lambda o, g: f32(s[o, g]), name="scale_f32")
+        # fp32 scales (and min-form corrections) of the row, computed once per block instead of once per chunk
+        # and accumulator
+        sf = te.compute((n_out, spec.n_groups), lambda o, g: gp.scale(o, g), name="scale_f32")
+        cf = te.compute((n_out, spec.n_groups), lambda o, g: gp.correction(o, g, bias),
+                        name="corr_f32") if spec.offset else None
         # chunk c = co * acc + ci: `acc` chunks of a block go to separate accumulators
         acc = accumulators(per_block, batch_tile(batch) * row_tile(n_out, batch))
         kb, co, ci, lb = (te.reduce_axis((0, full), "kb"), te.reduce_axis((0, per_block // acc), "co"),
@@ -183,7 +226,10 @@ def _quant_stages(spec: GemvSpec) -> Stages:
 
         def main_body(n: Any, o: Any) -> Any:
             cb = co * acc + ci
-            return te.sum(sf[o, group_of(kb, cb)] * inner[n, o, kb, cb, lb], axis=[kb, co, ci, lb])
+            g = group_of(kb, cb)
+            term = sf[o, g] * inner[n, o, kb, cb, lb]
+            # xc is -sum(x) / 16: each lane accumulator takes 1/16 of -c * sum(x)
+            return te.sum(term if cf is None else term + cf[o, g] * xc[n, kb, cb], axis=[kb, co, ci, lb])
 
         main = te.compute((batch, n_out), main_body, name="main")
 
@@ -203,19 +249,24 @@ def _quant_stages(spec: GemvSpec) -> Stages:
         def tail_term(n: Any, o: Any) -> Any:
             k = base + jt * tail_lanes + lt
             g = (base + jt * tail_lanes) // group if row_in_group else k // group
-            if fast:  # s * (x (2^b + q) - x (2^b + z)): decoded as in full blocks; for a constant z,
-                # x (2^b + z) does not depend on the row and LLVM hoists it out of the row loop
+            sc = gp.scale(o, g)
+            if fast:  # s x (2^b + q) - c x: decoded as in full blocks
                 code = unpack_code(w, o, wbase, jt, lt, tail_lanes, bits, True)
-                return f32(s[o, g]) * (x[n, k] * code - x[n, k] * (zero(o, g) + bias))
-            dq = (unpack_code(w, o, wbase, jt, lt, tail_lanes, bits) - zero(o, g)) * f32(s[o, g])
+                if not spec.offset:  # s (x (2^b + q) - x (2^b + z)): for a constant z, x (2^b + z) does not
+                    # depend on the row and LLVM hoists it out of the row loop
+                    return sc * (x[n, k] * code - x[n, k] * (zero(o, g) + bias))
+                return sc * (x[n, k] * code) - gp.correction(o, g, bias, sc) * x[n, k]
+            dq = unpack_code(w, o, wbase, jt, lt, tail_lanes, bits) * sc - gp.correction(o, g, 0.0, sc)
             term = x[n, k if pred is None else tirx.min(k, n_in - 1)] * dq
             # te.sum's `where` is dropped by create_prim_func: mask the padding slots explicitly
             return term if pred is None else tirx.if_then_else(pred, term, 0.0)
 
         out = _with_tail(main, tail_term, jt, lt, (batch, n_out))
-    # per block step: 16 U words of codes, 16 S / G groups of scales (and zeros)
+    # per block step: 16 U words of codes, 16 S / G groups of scales (and zeros); not the super scales (one
+    # element per 256 columns: a cache line lasts 32 x 256 columns)
     streams = [("qweight", 4, LANES * units, 1, LANES * units)]
-    streams += [(t.name, 2, LANES * slots, group, 1) for t in params[2:]]
+    streams += [(name, PARAM_BYTES[dtype], LANES * slots, group, 1)
+                for name, _, dtype in spec.param_specs() if not name.startswith("super")]
     return Stages(params + [out], "main" if main is not None else None, "inner" if main is not None else None,
                   out.op.name if rest else None, tail_vector, n_out, tuple(streams))
 

@@ -16,7 +16,7 @@ from bitsmith.codegen.gemm import GemmSpec
 from bitsmith.codegen.gemv import MAX_BATCH, GemvSpec, PackedWeightLayout
 from bitsmith.codegen.gemv_int8_neon import build_qgemv_i8_neon
 from bitsmith.codegen.gemv_int8_tir import build_qgemv_i8
-from bitsmith.codegen.spec_checks import refuse
+from bitsmith.codegen.spec_checks import IMPORTED_FORM_FIX, refuse
 from bitsmith.codegen.target import Target
 
 I8_BITS = (4, 8)
@@ -42,6 +42,8 @@ class QGemvI8Spec(PackedWeightLayout):
     def __post_init__(self) -> None:
         extra = [] if self.bits in I8_BITS else [
             f"bits {self.bits} (int8-activation kernels read {I8_BITS}-bit codes; use GemvSpec)"]
+        if self.group_size == 16:  # x is quantized per 32 values: a group must cover whole activation blocks
+            extra.append(f"groups of 16 (the GGUF K-quant form; {IMPORTED_FORM_FIX})")
         if not 1 <= self.batch <= I8_MAX_BATCH:
             extra.append(f"batch {self.batch} (use 1..{I8_MAX_BATCH})")
         refuse(self.layout_problems(extra), "VNNI int8-activation GEMV")

@@ -114,10 +114,13 @@ def schedule_gemv(func: Any, st: Stages, batch: int) -> Any:
             xc = sch.get_sblock("xchunk")
             xc_rf = sch.rfactor(sch.get_loops(xc)[-1], factor_axis=3)
             sch.vectorize(sch.get_loops(xc_rf)[-1])  # loops: n, block, chunk, row, lane
-            scale = sch.get_sblock("scale_f32")
-            sch.compute_at(scale, kb)  # the block's scales, converted in one short vector op
-            if len(sch.get_loops(scale)) > 3:  # more than one group per block
-                sch.vectorize(sch.get_loops(scale)[-1])
+            names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+            for name in ("scale_f32", "corr_f32"):  # corr_f32: the min form's corrections (gemv._quant_stages)
+                if name in names:
+                    scale = sch.get_sblock(name)
+                    sch.compute_at(scale, kb)  # the block's scales, converted in one short vector op
+                    if len(sch.get_loops(scale)) > 3:  # more than one group per block
+                        sch.vectorize(sch.get_loops(scale)[-1])
         decompose.append((rf, kb))
         _place_lane_sum(sch, rf2, main, row)
     main_row = row is not None

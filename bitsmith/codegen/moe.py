@@ -120,6 +120,9 @@ class MoeSpec:
                 problems.append(f"dense weights of {self.bits} bits as {self.dense_dtype}")
         elif self.bits not in (2, 4, 8):
             problems.append(f"{self.bits}-bit expert weights (use 2, 4 or 8, or dense float)")
+        elif self.group_size == 16:
+            problems.append("groups of 16 (a GGUF K-quant form: expert kernels read groups of 32/64/128 or per "
+                            "channel; requantize the experts, e.g. --requantize with --scheme '*.experts.*=int4-g32')")
         elif self.group_size != -1 and (self.group_size % LANES or self.group_size <= 0):
             problems.append(f"group size {self.group_size} (per channel, or a multiple of {LANES})")
         if self.experts * 2 * self.inter * self.hidden >= 1 << 31:  # element offsets are int32

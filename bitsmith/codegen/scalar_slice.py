@@ -1,13 +1,13 @@
-"""Kernels for a tensor and a compile-time scalar (x * c, c - x, ...) and for a strided slice along one axis:
-what traced graphs leave between the fused ops (embedding and residual multipliers, logit soft-caps, fused
-qkv / gate-up projections split by slicing)."""
+"""Kernels for a tensor and a compile-time scalar (x * c, c - x, ...), for a strided slice along one axis and a
+column gather: what traced graphs leave between the fused ops (embedding and residual multipliers, logit
+soft-caps, fused qkv / gate-up projections split by slicing) and act-order matmuls' activation permutation."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from tvm import te
+from tvm import te, tirx
 
 from bitsmith.codegen.common import fconst, finish, schedule_flat, worth_parallel
 from bitsmith.codegen.gpu.schedule import dlight, te_func
@@ -100,6 +100,47 @@ class SliceSpec:
             sch.vectorize(vec)
         if worth_parallel(self.outer * self.count * self.inner) and self.outer > 1:
             sch.parallel(o)
+        return finish(sch.mod["main"], self.name)
+
+    def gpu_definition(self) -> Any:
+        return te_func(self.tensors(), self.name)
+
+
+@dataclass(frozen=True)
+class GatherSpec:
+    """y[r, c] = x[r, perm[c]] for x [rows, cols] and perm int32 [cols] (args: x, perm, y): the activations of a
+    matmul whose weight columns are stored in act-order (GPTQ `g_idx`), gathered once per call. An index out of
+    [0, cols) is clamped (a bad perm never reads out of bounds; the artifact's loader checks it is a permutation)."""
+
+    rows: int
+    cols: int
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        check_positive(problems, rows=self.rows, cols=self.cols)
+        refuse(problems, "gather")
+
+    @property
+    def name(self) -> str:
+        return f"gather_cols_r{self.rows}_c{self.cols}"
+
+    def tensors(self) -> list[Any]:
+        x = te.placeholder((self.rows, self.cols), "float32", name="x")
+        perm = te.placeholder((self.cols,), "int32", name="perm")
+
+        def body(r: Any, c: Any) -> Any:
+            return x[r, tirx.max(tirx.min(perm[c], self.cols - 1), 0)]
+
+        return [x, perm, te.compute((self.rows, self.cols), body, name="y")]
+
+    def prim_func(self, target: Target) -> Any:
+        """The PrimFunc for `target`, a CPU or a GPU (KernelSpec protocol): x, perm, y."""
+        if target.is_gpu:
+            return dlight(self.gpu_definition(), target)
+        sch = Schedule(te.create_prim_func(self.tensors()))
+        r, c = sch.get_loops(sch.get_sblock("y"))
+        if worth_parallel(self.rows * self.cols) and self.rows > 1:
+            sch.parallel(r)
         return finish(sch.mod["main"], self.name)
 
     def gpu_definition(self) -> Any:

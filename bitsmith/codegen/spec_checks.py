@@ -28,3 +28,22 @@ def check_positive(problems: list[str], **sizes: int) -> None:
 def check_param_dtype(problems: list[str], dtype: str, what: str = "weight") -> None:
     if dtype not in PARAM_DTYPES:
         problems.append(f"{what} dtype {dtype!r} (use one of {tuple(PARAM_DTYPES)})")
+
+
+def imported_form_problems(bits: int, group_size: int, offset: bool = False, super_group: int = 0) -> list[str]:
+    """The weight forms of imported checkpoints (GGUF Q5_*, K-quants) that only the float-activation matmuls
+    (GemvSpec, GemmSpec) read: 5/6-bit codes, groups of 16, the min form (w = s*q + m), two-level scales."""
+    problems = []
+    if bits in (5, 6):
+        problems.append(f"{bits}-bit codes")
+    if group_size == 16:
+        problems.append("groups of 16")
+    if offset:
+        problems.append("the min form (w = s*q + m)")
+    if super_group:
+        problems.append(f"two-level scales (super group {super_group})")
+    return problems
+
+
+IMPORTED_FORM_FIX = ("these forms (GGUF Q5_0/Q5_1 and K-quants) have float32-activation kernels only: use GemvSpec / "
+                     "GemmSpec (compile with --activations float32, or auto, which picks them for such weights)")

@@ -29,12 +29,12 @@ _FAST_MATH = {"fast-math-nsz": True, "fast-math-reassoc": True}
 # family but the int8-activation matmuls, which need AVX-512 VNNI.
 GPU_FAMILIES = ("GemvSpec", "GemmSpec", "PagedAttentionSpec", "BinarySpec", "BiasAddSpec", "UnarySpec", "SiluMulSpec",
                 "GeluMulSpec", "RmsNormSpec", "AddRmsNormSpec", "LayerNormSpec", "RopeSpec", "EmbeddingSpec",
-                "QEmbeddingSpec", "ScalarSpec", "SliceSpec")
+                "QEmbeddingSpec", "ScalarSpec", "SliceSpec", "GatherSpec")
 CPU_FAMILIES = GPU_FAMILIES + ("QGemvI8Spec", "QGemvX16Spec", "RouterSpec", "MoeSpec")  # MoE: CPU only so far
 # stored weights every target reads: dense (matmuls, norms, biases, tables) and packed b-bit codes. bfloat16 is
 # read as its bit pattern and widened by a shift in the kernel (runtime/kernel_dtypes.py), so no target needs
 # bf16 arithmetic and none converts it.
-WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "int2", "int3", "int4", "int8")
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "int2", "int3", "int4", "int5", "int6", "int8")
 _VNNI_FEATURES = ("avx512bw", "avx512vl", "avx512vnni")  # what int8 activations need (x86-64)
 # aarch64: sdot/udot (FEAT_DotProd, Armv8.2+: Cortex-A55/A76 and later, Neoverse N1); i8mm adds usdot
 _DOTPROD_FEATURES = ("neon", "dotprod")

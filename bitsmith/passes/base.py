@@ -21,6 +21,8 @@ class Lowered:
     schedules: dict[str, Schedule]  # "rows<N>" -> the schedule of one entry point at N rows
     constants: dict[str, dict[str, Any]]  # constant table name -> {"dtype", "shape", "values"}
     kv: dict[str, Any]  # the KV plan the schedules were lowered for (KVPlan.to_json())
+    # weight -> why its matmul keeps float32 activations although int8 ones were allowed (the compile log says so)
+    float_activations: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

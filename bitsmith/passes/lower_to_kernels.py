@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
@@ -46,6 +46,8 @@ class _Lowering:
     constants: dict[str, dict[str, Any]]
     int8_activations: bool = False
     target: Target | None = None  # every emitted spec must be one it builds
+    # weight -> why its matmul keeps float32 activations although int8 ones were allowed (lower_linear)
+    float_activations: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.node: Node | None = None  # the node being lowered (named when its kernel is refused)
@@ -301,10 +303,12 @@ def plan_buffers(calls: list[KernelCall], types: dict[str, TensorType], pinned: 
 
 def lower_function(fn: Function, rows: int, kv_plan: KVPlan, specs: dict[str, Any],
                    constants: dict[str, dict[str, Any]], int8_activations: bool = False,
-                   target: Target | str = "host") -> Schedule:
-    """The schedule of `fn` with seq bound to `rows`, attention reading the paged pools of `kv_plan`."""
+                   target: Target | str = "host", float_activations: dict[str, str] | None = None) -> Schedule:
+    """The schedule of `fn` with seq bound to `rows`, attention reading the paged pools of `kv_plan`;
+    `float_activations` collects the weights kept on float32 activations although int8 ones were allowed."""
     fn = topological_order(fn)
-    st = _Lowering(fn, rows, kv_plan, specs, constants, int8_activations, resolve_target(target))
+    st = _Lowering(fn, rows, kv_plan, specs, constants, int8_activations, resolve_target(target),
+                   {} if float_activations is None else float_activations)
     names = [n for n, _ in fn.inputs]
     if names != ["tokens", "positions", "kv_cache"] or len(fn.outputs) != 2:
         raise BitsmithError(f"entry {fn.name} has inputs {names} and {len(fn.outputs)} outputs",
@@ -387,8 +391,10 @@ class LowerToKernels(Pass):
         # every op must get a kernel: an artifact without kernels is asked for (--target none), never a fallback
         target = resolve_target(self.target)
         i8 = self.int8_activations and target.supports_int8_activations
-        schedules = {"rows1": lower_function(module["decode"], 1, plan, specs, constants, i8, target)}
+        floats: dict[str, str] = {}
+        schedules = {"rows1": lower_function(module["decode"], 1, plan, specs, constants, i8, target, floats)}
         for rows in self.batch_rows:
-            schedules[f"rows{rows}"] = lower_function(module["prefill"], rows, plan, specs, constants, i8, target)
-        ctx.lowered = Lowered(specs, schedules, constants, plan.to_json())
+            schedules[f"rows{rows}"] = lower_function(module["prefill"], rows, plan, specs, constants, i8, target,
+                                                      floats)
+        ctx.lowered = Lowered(specs, schedules, constants, plan.to_json(), floats)
         return module

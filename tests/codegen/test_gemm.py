@@ -90,7 +90,7 @@ def test_tile_rows_fill_the_registers_and_avoid_padding():
     assert tile_rows(100, target) == 20 and tile_rows(1000, target) == 20
 
 
-@pytest.mark.parametrize("kwargs", [dict(bits=5), dict(bits=4, group_size=48), dict(bits=4, rows=129),
+@pytest.mark.parametrize("kwargs", [dict(bits=7), dict(bits=4, group_size=48), dict(bits=4, rows=129),
                                     dict(bits=4, rows=0)])
 def test_unsupported_kernels_are_refused(kwargs):
     with pytest.raises(BitsmithError, match="cannot build a GEMM"):

@@ -69,7 +69,7 @@ def test_kernel_names_describe_the_kernel():
     assert GemvSpec(64, 576, 16, batch=16).name == "gemv_float16_n64_k576_bs16"
 
 
-@pytest.mark.parametrize("kwargs", [dict(bits=5), dict(bits=4, group_size=48), dict(bits=4, batch=17),
+@pytest.mark.parametrize("kwargs", [dict(bits=7), dict(bits=4, group_size=48), dict(bits=4, batch=17),
                                     dict(bits=4, batch=0)])
 def test_unsupported_kernels_are_refused(kwargs):
     with pytest.raises(BitsmithError, match="cannot build a GEMV"):

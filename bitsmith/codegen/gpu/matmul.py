@@ -1,7 +1,7 @@
 """GEMV and GEMM (y = x @ dequant(W).T) on NVIDIA GPUs: a TE definition shaped for 16-byte loads, and its schedule.
 
 Same arguments as the CPU kernels (GemvSpec, GemmSpec): x f32 [rows, in], W (uint32 packed codes, or fp32/fp16/
-bf16 [out, in]), [scales f16 [out, groups], [zeros f16 [out, groups]]], y f32 [rows, out].
+bf16 [out, in]), [group parameters: scales [out, groups], [zeros], [super_scales], [super_zeros]], y f32 [rows, out].
 
 The definition splits K into "vectors" a thread loads at once, in the packed layout of
 bitsmith.runtime.packed_layout (element k = kb*16*S + j*16 + l, word = kb*16*U + p*16 + l):
@@ -10,7 +10,8 @@ bitsmith.runtime.packed_layout (element k = kb*16*S + j*16 + l, word = kb*16*U +
                          uint4 load for U = 1), holding S slots x 4 lanes = 4*S values
     dot[n, o, kq, j]  = sum_v x[n, k] * (2^b + q[o, k])     k = kb*16*S + j*16 + 4q + v (4 consecutive k)
     xsum[n, kq, j]    = sum_v x[n, k]                         shared by every output row
-    main[n, o]        = sum_{kq, j} s[o, g] * (dot - (2^b + z[o, g]) * xsum)      (g: one group per slot row)
+    main[n, o]        = sum_{kq, j} s[o, g] * dot - c[o, g] * xsum      (g: one group per slot row; s and the
+                        correction c of every form (sym, asym, min, two-level): dequant.GroupParams)
     tail[n, o]        = the last partial block (L lanes, see runtime/packed_layout.py), element by element, masked
     y                 = main + tail
 
@@ -34,7 +35,7 @@ from typing import Any
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
-from bitsmith.codegen.dequant import f32, unpack_code, weight_placeholder
+from bitsmith.codegen.dequant import GroupParams, f32, unpack_code, weight_placeholder
 from bitsmith.codegen.spec_checks import DENSE_BITS
 from bitsmith.runtime.packed_layout import LANES, lane_unit
 
@@ -55,6 +56,9 @@ class MatmulShape:
     sym: bool
     weight_shape: tuple[int, int]
     dense_dtype: str  # dense weights: float32, float16 or bfloat16
+    offset: bool = False  # min form (PackedWeightLayout)
+    super_group: int = 0  # two-level scales (PackedWeightLayout)
+    params: tuple[tuple[str, tuple[int, int], str], ...] = ()  # PackedWeightLayout.param_specs()
 
     @property
     def is_quantized(self) -> bool:
@@ -95,8 +99,9 @@ class MatmulShape:
 
 def matmul_shape(spec: Any) -> MatmulShape:
     rows = spec.batch if hasattr(spec, "batch") else spec.rows
+    params = tuple(spec.param_specs()) if spec.is_quantized else ()
     return MatmulShape(rows, spec.out_features, spec.in_features, spec.bits, spec.group, spec.n_groups, spec.sym,
-                       spec.weight_shape(), spec.dense_dtype)
+                       spec.weight_shape(), spec.dense_dtype, spec.offset, spec.super_group, params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,32 +109,28 @@ def matmul_shape(spec: Any) -> MatmulShape:
 
 
 def matmul_tensors(shape: MatmulShape) -> list[Any]:
-    """The PrimFunc arguments: x, W, [scales, [zeros]], y."""
+    """The PrimFunc arguments: x, W, [group parameters], y."""
     x = te.placeholder((shape.rows, shape.in_features), "float32", name="x")
     if not shape.is_quantized:
         w = weight_placeholder(shape.weight_shape, shape.dense_dtype, "weight")
         main = _dense_main(shape, x, w)
         return [x, w, te.compute(main.shape, lambda n, o: main[n, o], name="y")]
     w = te.placeholder(shape.weight_shape, "uint32", name="qweight")
-    s = te.placeholder((shape.out_features, shape.n_groups), "float16", name="scales")
-    z = None if shape.sym else te.placeholder((shape.out_features, shape.n_groups), "float16", name="zeros")
+    tensors = [te.placeholder(dims, dtype, name=name) for name, dims, dtype in shape.params]
+    gp = GroupParams.of(shape, tensors)
     full, rest, _ = shape.blocks
-    parts = ([_quant_main(shape, x, w, s, z)] if full else []) + ([_quant_tail(shape, x, w, s, z)] if rest else [])
+    parts = ([_quant_main(shape, x, w, gp)] if full else []) + ([_quant_tail(shape, x, w, gp)] if rest else [])
 
     def total(n: Any, o: Any) -> Any:
         return parts[0][n, o] if len(parts) == 1 else parts[0][n, o] + parts[1][n, o]
 
     y = te.compute((shape.rows, shape.out_features), total, name="y")
-    return [x, w, s] + ([] if z is None else [z]) + [y]
+    return [x, w] + tensors + [y]
 
 
-def _zero(shape: MatmulShape, z: Any, o: Any, g: Any) -> Any:
-    return tirx.const(float(1 << (shape.bits - 1)), "float32") if z is None else f32(z[o, g])
-
-
-def _quant_main(shape: MatmulShape, x: Any, w: Any, s: Any, z: Any) -> Any:
+def _quant_main(shape: MatmulShape, x: Any, w: Any, gp: GroupParams) -> Any:
     units, slots = lane_unit(shape.bits)
-    bias = tirx.const(float(1 << shape.bits), "float32")
+    bias = float(1 << shape.bits)
 
     def k_of(kq: Any, j: Any, v: Any) -> Any:
         return kq // QUAD * LANES * slots + j * LANES + kq % QUAD * QUAD + v
@@ -158,13 +159,14 @@ def _quant_main(shape: MatmulShape, x: Any, w: Any, s: Any, z: Any) -> Any:
 
     def main_body(n: Any, o: Any) -> Any:
         g = group_of(last(kq), j)
-        term = f32(s[o, g]) * (dot[n, o, kq, j] - (_zero(shape, z, o, g) + bias) * xsum[n, kq, j])
+        sc = gp.scale(o, g)
+        term = sc * dot[n, o, kq, j] - gp.correction(o, g, bias, sc) * xsum[n, kq, j]
         return te.sum(term if padded == n_vec else tirx.if_then_else(kq < n_vec, term, 0.0), axis=[kq, j])
 
     return te.compute((rows, n_out), main_body, name="main")
 
 
-def _quant_tail(shape: MatmulShape, x: Any, w: Any, s: Any, z: Any) -> Any:
+def _quant_tail(shape: MatmulShape, x: Any, w: Any, gp: GroupParams) -> Any:
     """The last block of L lanes (k = base + j*L + l), padding values masked out."""
     units, slots = lane_unit(shape.bits)
     full, rest, tail_lanes = shape.blocks
@@ -177,7 +179,8 @@ def _quant_tail(shape: MatmulShape, x: Any, w: Any, s: Any, z: Any) -> Any:
         j, lane = tt // tail_lanes, tt % tail_lanes
         k = base + t
         g = tirx.min(k, n_in - 1) // shape.group
-        value = (unpack_code(w, o, wbase, j, lane, tail_lanes, shape.bits) - _zero(shape, z, o, g)) * f32(s[o, g])
+        sc = gp.scale(o, g)
+        value = unpack_code(w, o, wbase, j, lane, tail_lanes, shape.bits) * sc - gp.correction(o, g, 0.0, sc)
         term = x[n, tirx.min(k, n_in - 1)] * value
         # te.sum's `where` is dropped by create_prim_func: mask the padding slots explicitly
         return te.sum(term if rest == shape.padded(size) else tirx.if_then_else(k < n_in, term, 0.0), axis=t)
