@@ -331,3 +331,30 @@ def test_export_runs_from_the_cli(tiny_llama_dir, tmp_path):
     result = CliRunner().invoke(main, ["export", str(art), "--format", "compressed-tensors", "-o", str(tmp_path / "ct")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "ct" / "config.json").exists() and "exact" in result.output
+
+
+def test_searched_mixed_plan_keeps_its_schemes_in_compressed_tensors(shared_data, tmp_path):
+    """`bitsmith search` under a budget that forces a mix (tinystories-656k, 1.1 MB at 256 tokens: int4-g32 and
+    int8-g128 tensors), compiled with --plan and exported: config.json's groups give back each tensor's scheme,
+    and transformers runs the export to our logits."""
+    pytest.importorskip("compressed_tensors")
+    from click.testing import CliRunner
+
+    from bitsmith.cli import main
+
+    model, plan, art, out = shared_data / "tinystories-656k", tmp_path / "plan.json", tmp_path / "art", tmp_path / "ct"
+    for args in (["search", str(model), "--memory", "1.1MB", "--context", "256", "--measure", "2",
+                  "--no-keep-default", "-o", str(plan)],
+                 ["compile", str(model), "--plan", str(plan), "--target", "none", "--context", "64", "-o", str(art)],
+                 ["export", str(art), "--format", "compressed-tensors", "-o", str(out)]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output[-3000:]
+    planned = {hf_name(n).removesuffix(".weight"): parse_scheme(s)
+               for n, s in json.loads(plan.read_text())["weights"].items()}
+    assert len({s.short_name() for s in planned.values()}) >= 2, planned  # the budget made it a mixed plan
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    read_back = {t: (g["weights"]["num_bits"], g["weights"]["group_size"] or -1, g["weights"]["symmetric"])
+                 for g in qc["config_groups"].values() for t in g["targets"]}
+    assert read_back == {m: (s.bits, s.group_size, s.sym) for m, s in planned.items()}
+    _check_against_reference(art, out, IDS)
+    _roundtrip(art, out)
