@@ -180,7 +180,26 @@ def export_compressed_tensors(artifact_dir: Path, out: Path, options: ExportOpti
     _write_common(artifact, out, config, tensors, report)
     report.notes.append(f"{len(config_groups)} config_group(s): "
                         + ", ".join(f"{k} x{len(v)}" for k, v in sorted(groups.items())))
+    report.notes.extend(fused_scheme_notes(schemes))
     return report
+
+
+# vLLM and SGLang load these projections as one fused matrix and require one scheme across it
+FUSED_SETS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def fused_scheme_notes(schemes: dict[str, QuantScheme]) -> list[str]:
+    """A note per layer whose fused set (q/k/v, gate/up) mixes schemes: exact here, refused by vLLM's loader."""
+    notes = []
+    prefixes = sorted({m.rsplit(".", 2)[0] for m in schemes if ".layers." in m})
+    for prefix in prefixes:
+        for members in FUSED_SETS:
+            found = {m: schemes.get(f"{prefix}.{m}") for m in members}
+            names = {s.short_name() if s else "16-bit" for s in found.values()}
+            if len(names) > 1:
+                notes.append(f"{prefix}: {', '.join(f'{m} {s.short_name() if s else 16}' for m, s in found.items())}"
+                             " differ; vLLM/SGLang fuse these and need one scheme (give them one with --scheme)")
+    return notes
 
 
 def export_gptq(artifact_dir: Path, out: Path, options: ExportOptions) -> ExportReport:

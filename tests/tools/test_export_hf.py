@@ -179,6 +179,7 @@ def test_mixed_plan_loads_in_transformers_and_keeps_its_schemes(tiny_llama_dir, 
     out = tmp_path / "ct"
     report = export(art, out, ExportOptions("compressed-tensors"))
     assert all(t.exact for t in report.tensors)
+    assert sum("vLLM/SGLang fuse" in n for n in report.notes) == 4  # q/k/v and gate/up differ in both layers
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     read_back = {}
     for group in qc["config_groups"].values():
