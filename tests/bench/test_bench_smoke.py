@@ -171,3 +171,12 @@ def test_moe_smoke():
     moe, dense = out["rows"]["moe"], out["rows"]["dense"]
     assert moe["tok_s"] > 0 and dense["tok_s"] > 0
     assert moe["read_mb_per_token"] < dense["read_mb_per_token"]  # only the chosen experts are read
+
+
+def test_export_hf_smoke(shared_data):
+    pytest.importorskip("compressed_tensors")
+    out = last_json(run_bench("export_hf.py", "--smoke", "--json", data=shared_data))
+    check_host(out["host"])
+    row = out["rows"][0]
+    # transformers runs the export to our logits; the float model is much further away than that
+    assert row["compressed-tensors"]["rel"] < 2e-3 < row["float"]["rel"]
