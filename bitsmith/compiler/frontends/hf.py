@@ -146,11 +146,11 @@ def load_hf(directory: str | Path) -> Checkpoint | LoadedModel:
         tokenizer=load_hf_tokenizer(directory, config),
         source={"path": str(directory.resolve()), "format": "hf",
                 "files": {p.name: sha256_file(p) for p in files + [directory / "config.json"]},
-                **({"quantized_import": imported.summary(method)} if imported else {})},
+                **(imported.source_fields(method) if imported else {})},
         # the dequantized float32 matrices say nothing of the storage dtype: count the others (embeddings)
         dtype=storage_dtype({k: v for k, v in weights.items() if not imported or k not in imported.weights}),
         quantized=imported.quantized if imported else {},
-        quantized_types=imported.types if imported else {},
+        quantized_types=imported.exact_types() if imported else {},
     )
     ckpt.validate(where)
     return ckpt

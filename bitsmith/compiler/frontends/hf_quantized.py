@@ -34,8 +34,8 @@ SUBGROUPS = tuple(sorted((g for g in SUPPORTED_GROUP_SIZES if g > 0), reverse=Tr
 @dataclass
 class ImportResult:
     """What a pre-quantized directory gave: float32 weights of every quantized layer (exact values of the source's
-    dequantization), the exact ones' codes, their source type names, and a note for each layer that cannot come in
-    exactly (it is then requantized under the compile scheme, from those float32 values)."""
+    dequantization), the exact ones' codes, every layer's source type name, and the reason for each layer that cannot
+    come in exactly (it is then requantized under the compile scheme, from those float32 values)."""
 
     weights: dict[str, np.ndarray] = field(default_factory=dict)
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
@@ -43,10 +43,23 @@ class ImportResult:
     requantized: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    def summary(self, method: str) -> dict[str, Any]:
-        """The manifest's record of the import (source["quantized_import"])."""
-        return {"method": method, "exact": len(self.quantized), "types": sorted(set(self.types.values())),
-                "requantized": dict(sorted(self.requantized.items())), "notes": list(self.notes)}
+    def exact_types(self) -> dict[str, str]:
+        """Source type of each exact weight (Checkpoint.quantized_types)."""
+        return {name: self.types[name] for name in self.quantized}
+
+    def source_fields(self, method: str) -> dict[str, Any]:
+        """What the manifest's provenance records: `weight_types` (every quantized source tensor; `inspect` lists
+        the ones not in `quantized` as converted), `notes` (one per reason a layer is not exact, naming the layers)
+        and a compact `quantized_import` summary."""
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in sorted(self.requantized.items()):
+            by_reason.setdefault(reason, []).append(name)
+        notes = list(self.notes) + [
+            f"{len(names)} layer(s) requantized, not exact ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            f": {reason}" for reason, names in by_reason.items()]
+        summary = {"method": method, "exact": len(self.quantized), "types": sorted(set(self.exact_types().values())),
+                   "requantized": dict(sorted(self.requantized.items()))}
+        return {"weight_types": dict(sorted(self.types.items())), "notes": notes, "quantized_import": summary}
 
 
 def quantization_method(cfg: Mapping[str, Any]) -> str | None:
@@ -238,12 +251,12 @@ def import_quantized(cfg: Mapping[str, Any], weights: dict[str, Any], where: str
     for name, (codes, group, type_name) in layers.items():
         weight = f"{name}.weight"
         made = to_quantized(codes, group)
+        result.types[weight] = type_name
         if isinstance(made, str):
             result.requantized[weight] = made
             result.weights[weight] = codes.dequantize()
         else:
             result.quantized[weight] = made
-            result.types[weight] = type_name
             result.weights[weight] = dequantize(made)
     weights.update(result.weights)
     return result
