@@ -201,17 +201,18 @@ def _quant_stages(spec: GemvSpec) -> Stages:
         def group_of(b: Any, c: Any) -> Any:
             return (b * LANES * slots + c * chunk * LANES) // group
 
-        t2 = te.reduce_axis((0, chunk), "t2")
+        # groups of 16: a chunk is one slot row, and inner a plain product (a unit reduction axis would
+        # vanish from the loop nest the schedule expects)
+        t2 = te.reduce_axis((0, chunk), "t2") if chunk > 1 else tirx.const(0, "int32")
 
         def inner_body(n: Any, o: Any, b: Any, c: Any, lane: Any) -> Any:
-            if spec.offset:  # the min form's correction is added after the scale (main_body)
-                return te.sum(x[n, kidx(b, c, t2, lane)] * unpack_code(
-                    w, o, b * LANES * units, c * chunk + t2, lane, LANES, bits, True), axis=[t2])
-            corr = xc[n, b, c] if z is None else xc[n, b, c] * (zero(o, group_of(b, c)) + bias)
-            # the correction rides on the first step (an FMA's addend once fast-math-nsz drops the 0 + )
-            first = tirx.Select(t2 == 0, corr, tirx.const(0.0, "float32"))
-            code = unpack_code(w, o, b * LANES * units, c * chunk + t2, lane, LANES, bits, True)
-            return te.sum(x[n, kidx(b, c, t2, lane)] * code + first, axis=[t2])
+            term = x[n, kidx(b, c, t2, lane)] * unpack_code(w, o, b * LANES * units, c * chunk + t2, lane, LANES,
+                                                            bits, True)
+            if not spec.offset:  # the min form's correction is added after the scale (main_body)
+                corr = xc[n, b, c] if z is None else xc[n, b, c] * (zero(o, group_of(b, c)) + bias)
+                # the correction rides on the first step (an FMA's addend once fast-math-nsz drops the 0 + )
+                term = term + (tirx.Select(t2 == 0, corr, tirx.const(0.0, "float32")) if chunk > 1 else corr)
+            return te.sum(term, axis=[t2]) if chunk > 1 else term
 
         inner = te.compute((batch, n_out, full, per_block, LANES), inner_body, name="inner")
         # fp32 scales (and min-form corrections) of the row, computed once per block instead of once per chunk
@@ -268,7 +269,7 @@ def _quant_stages(spec: GemvSpec) -> Stages:
     streams += [(name, PARAM_BYTES[dtype], LANES * slots, group, 1)
                 for name, _, dtype in spec.param_specs() if not name.startswith("super")]
     return Stages(params + [out], "main" if main is not None else None, "inner" if main is not None else None,
-                  out.op.name if rest else None, tail_vector, n_out, tuple(streams))
+                  out.op.name if rest else None, tail_vector, n_out, tuple(streams), chunk)
 
 
 def _dense_stages(spec: GemvSpec, lanes: int) -> Stages:

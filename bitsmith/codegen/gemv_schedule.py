@@ -25,6 +25,7 @@ class Stages:
     # streams to prefetch per block step: (buffer name, bytes per element, numerator, denominator,
     # elements per step): block kb starts at element kb * numerator // denominator of its row
     prefetch: tuple[tuple[str, int, int, int, int], ...] = ()
+    chunk: int = 0  # slot rows per chunk of `inner`; 1 (groups of 16): inner has no reduction loop
 
 
 def accumulators(steps: int, batch: int) -> int:
@@ -103,13 +104,18 @@ def schedule_gemv(func: Any, st: Stages, batch: int) -> Any:
         if st.inner is not None:
             inner = sch.get_sblock(st.inner)
             sch.compute_at(inner, ci)
-            new = sch.get_loops(inner)[5:]  # below o, nb, kb, co, ci: [n, o,] lane, t (unit loops dropped)
-            l_i, t_i = new[-2:]
-            sch.reorder(t_i, *new[:-2], l_i)
-            for loop in (t_i, *new[:-2]):
-                sch.unroll(loop)
+            new = sch.get_loops(inner)[5:]  # below o, nb, kb, co, ci: [n, o,] lane, [t] (unit loops dropped)
+            if st.chunk > 1:
+                l_i, t_i = new[-2:]
+                sch.reorder(t_i, *new[:-2], l_i)
+                for loop in (t_i, *new[:-2]):
+                    sch.unroll(loop)
+                decompose.append((inner, t_i))
+            else:  # one slot row per chunk: a product, no reduction
+                l_i = new[-1]
+                for loop in new[:-1]:
+                    sch.unroll(loop)
             sch.vectorize(l_i)
-            decompose.append((inner, t_i))
             # per-chunk activation sums: once per call, 16 lanes at a time (LLVM gathers otherwise)
             xc = sch.get_sblock("xchunk")
             xc_rf = sch.rfactor(sch.get_loops(xc)[-1], factor_axis=3)

@@ -203,3 +203,16 @@ def test_cuda_build(tmp_path, monkeypatch):
     report = build_kernel_library(specs, "cuda_sm_90a", tmp_path / "k.so")
     assert report.built == len(specs)
     assert all(spec.name.encode() in (tmp_path / "k.so").read_bytes() for spec in specs)
+
+
+@pytest.mark.parametrize("name", ["Q6_K", "Q4_K"])
+def test_gemv_products_are_vectorized_along_the_lanes(name):
+    """Groups of 16 make a chunk one slot row: `inner` is then a plain product, still vectorized along the 16
+    lanes (a unit reduction loop once vanished and the row tile got vectorized instead: 7x slower)."""
+    from bitsmith.codegen.gemv import _lower
+    from bitsmith.codegen.target import host_target
+
+    script = _lower(gemv(name, 1024), host_target()).script()
+    block = script.index('T.sblock("inner' + ('"' if name == "Q6_K" else '_update"'))
+    loop = script.rindex("for ", 0, block)
+    assert "T.vectorized(16)" in script[loop:block], script[loop - 200:block]
