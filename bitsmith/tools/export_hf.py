@@ -40,8 +40,10 @@ def hf_name(ir_name: str) -> str:
     return ir_name if ir_name.startswith("lm_head.") else "model." + ir_name
 
 
-def hf_config(model: dict[str, Any], dtype: str, where: str) -> dict[str, Any]:
-    """config.json of a hand-written family, from the artifact's model config (which keeps rope_scaling as HF's)."""
+def hf_config(model: dict[str, Any], dtype: str, where: str, own_head: bool = False) -> dict[str, Any]:
+    """config.json of a hand-written family, from the artifact's model config (which keeps rope_scaling as HF's).
+    `own_head`: the artifact stores lm_head apart from the embedding (a tied GGUF whose output matrix came in
+    quantized, the embedding dequantized), so the export is untied."""
     arch = model["architecture"]
     if arch not in HF_CLASSES:
         raise BitsmithError(f"architecture {arch!r} has no HF export yet", where=where,
@@ -55,7 +57,7 @@ def hf_config(model: dict[str, Any], dtype: str, where: str) -> dict[str, Any]:
            "num_key_value_heads": model["num_kv_heads"], "head_dim": model["head_dim"],
            "rms_norm_eps": model["rms_norm_eps"], "rope_theta": model["rope_theta"],
            "rope_scaling": model.get("rope_scaling"), "max_position_embeddings": model["max_position"],
-           "tie_word_embeddings": model["tie_word_embeddings"], "hidden_act": model["hidden_act"],
+           "tie_word_embeddings": model["tie_word_embeddings"] and not own_head, "hidden_act": model["hidden_act"],
            "attention_bias": bool(model.get("attention_bias")), "mlp_bias": False,
            "bos_token_id": model.get("bos_token_id"), "eos_token_id": model.get("eos_token_id"),
            "torch_dtype": dtype, "use_cache": True}
@@ -172,7 +174,8 @@ def export_compressed_tensors(artifact_dir: Path, out: Path, options: ExportOpti
     config_groups = {f"group_{i}": {"targets": sorted(mods), "weights": compressed_tensors_args(by_name[key]),
                                     "input_activations": None, "output_activations": None, "format": "pack-quantized"}
                      for i, (key, mods) in enumerate(sorted(groups.items()))}
-    config = hf_config(artifact.config, _storage_dtype(tensors), str(artifact_dir))
+    config = hf_config(artifact.config, _storage_dtype(tensors), str(artifact_dir),
+                       own_head=any(k.startswith("lm_head.") for k in tensors))
     config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized",
                                      "quantization_status": "compressed", "config_groups": config_groups,
                                      "ignore": _dense_linears(artifact, schemes), "kv_cache_scheme": None,
@@ -228,7 +231,8 @@ def export_gptq(artifact_dir: Path, out: Path, options: ExportOptions) -> Export
             "dynamic": {f"-:^{m.replace('.', chr(92) + '.')}$": {} for m in dense if m != "lm_head"}}
     if not qcfg["dynamic"]:
         del qcfg["dynamic"]
-    config = hf_config(artifact.config, _storage_dtype(tensors), str(artifact_dir))
+    config = hf_config(artifact.config, _storage_dtype(tensors), str(artifact_dir),
+                       own_head=any(k.startswith("lm_head.") for k in tensors))
     config["quantization_config"] = qcfg
     _write_common(artifact, out, config, tensors, report)
     (out / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")

@@ -32,7 +32,7 @@ from bitsmith.runtime.quant_scheme import (
 )
 from bitsmith.runtime.safetensors_io import read_safetensors
 from bitsmith.tools.export import ExportOptions, export, quantized_weights
-from bitsmith.tools.export_hf import hf_name
+from bitsmith.tools.export_hf import hf_config, hf_name
 from bitsmith.tools.run import reference_session
 
 # transformers (torch fp32) and our numpy executor differ in summation order: on the float tinystories checkpoint
@@ -338,6 +338,14 @@ def test_gptqmodel_loads_the_tiny_export(tiny_llama_dir, tmp_path):
         np.testing.assert_array_equal(peer["w:" + hf_name(name).removesuffix(".weight")], want, err_msg=name)
     ref = reference_session(load_artifact(art), 64).prefill(ids)
     assert float(np.abs(peer["logits"] - ref).max()) <= GPTQ_RTOL * float(np.abs(ref).max())
+
+
+def test_a_head_stored_apart_unties_the_config(tiny_llama_dir, tmp_path):
+    """A tied GGUF imports its output matrix quantized and the embedding dequantized: two tensors, so the exported
+    config must not tie them (transformers would otherwise drop lm_head for the embedding)."""
+    model = dict(load_artifact(_compile(tiny_llama_dir, tmp_path / "art")).config, tie_word_embeddings=True)
+    assert hf_config(model, "float16", "here")["tie_word_embeddings"] is True
+    assert hf_config(model, "float16", "here", own_head=True)["tie_word_embeddings"] is False
 
 
 def test_export_runs_from_the_cli(tiny_llama_dir, tmp_path):
