@@ -11,7 +11,7 @@ from tqdm import tqdm
 from bitsmith.compiler.analysis import dead_code_elimination
 from bitsmith.compiler.ir import Module, Node, TensorType
 from bitsmith.compiler.loader import load_model
-from bitsmith.compiler.ops.quant import dequantize_packed
+from bitsmith.compiler.ops.quant import dequantize_packed, qlinear_input_names
 from bitsmith.compiler.reference import ReferenceSession, upcast_weights
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.canonicalize import canonical_model
@@ -92,9 +92,13 @@ def densify(module: Module, weights: dict) -> tuple[Module, dict]:
             qname = weight_of[node.inputs[1]]
             dense = qname.removesuffix(".qweight") + ".dense"
             if dense not in weights:
-                zeros = None if node.attrs["sym"] else weights[weight_of[node.inputs[3]]]
-                weights[dense] = dequantize_packed(weights[qname], weights[weight_of[node.inputs[2]]], zeros,
-                                                   node.attrs)
+                names = qlinear_input_names(node.attrs)
+                parts = {name: weights[weight_of[v]] for name, v in zip(names, node.inputs[1:]) if name != "bias"}
+                w = dequantize_packed(parts["qweight"], parts["scales"], parts.get("zeros"), node.attrs,
+                                      parts.get("super_scales"), parts.get("super_zeros"))
+                if "perm" in parts:  # stored column c is original column perm[c]
+                    w[:, np.asarray(parts["perm"], dtype=np.int64)] = w.copy()
+                weights[dense] = w
                 new_types[dense] = TensorType(weights[dense].shape, "float32")
             value = f"{node.outputs[0]}.dense"
             nodes.append(Node("weight", (), (value,), {"name": dense}))
