@@ -262,6 +262,37 @@ def test_gptq_export_round_trips_and_names_kept_layers(tiny_llama_dir, tmp_path)
         export(_compile(tiny_llama_dir, tmp_path / "mixed", schemes=MIXED[:2]), tmp_path / "g2", ExportOptions("gptq"))
 
 
+def test_act_order_gptq_file_survives_import_and_export(tiny_llama_dir, tmp_path):
+    """A GPTQ v1 act-order checkpoint (random codes, a random column order per layer) compiled by bitsmith (the
+    import keeps the order as `perm`) and exported again: the same qweight, qzeros, scales and g_idx, bit for bit."""
+    from safetensors.numpy import save_file
+
+    dense = read_safetensors(tiny_llama_dir / "model.safetensors")
+    written, rng = {}, np.random.default_rng(7)
+    for name in [n for n in dense if n.endswith("_proj.weight")]:
+        out, n_in = dense.pop(name).shape
+        scheme = QuantScheme(4, 16, True, "gptq")
+        qw = QuantizedWeight(rng.integers(0, 16, (out, n_in), dtype=np.uint8),
+                             rng.uniform(1e-3, 0.05, (out, scheme.n_groups(n_in))).astype(np.float16), None, scheme,
+                             n_in, perm=rng.permutation(n_in).astype(np.int32))
+        written.update({f"{name.removesuffix('.weight')}.{k}": v for k, v in pack_gptq(qw).items()})
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({**{k: np.ascontiguousarray(v) for k, v in dense.items()}, **written}, str(src / "model.safetensors"))
+    cfg = json.loads((tiny_llama_dir / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": 4, "group_size": 16,
+                                  "desc_act": True, "sym": True}
+    (src / "config.json").write_text(json.dumps(cfg))
+    opts = CompileOptions(memory=MemoryOptions(context=64), target=TargetOptions("none"))
+    art = compile_model(src, tmp_path / "art", opts)
+    assert all(qw.perm is not None for qw in quantized_weights(load_artifact(art)).values())
+    export(art, tmp_path / "gptq", ExportOptions("gptq"))
+    back = read_safetensors(tmp_path / "gptq" / "model.safetensors")
+    assert json.loads((tmp_path / "gptq" / "quantize_config.json").read_text())["desc_act"] is True
+    for key, value in written.items():
+        np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
 def _gptqmodel_python() -> str:
     """A python with gptqmodel (its own venv: it brings another torch); skip when there is none."""
     python = os.environ.get("BITSMITH_GPTQMODEL_PYTHON", "")
