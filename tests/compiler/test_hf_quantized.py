@@ -27,8 +27,6 @@ from bitsmith.runtime.quant_scheme import dequantize
 
 HERE = Path(__file__).resolve().parent
 PEER = Path(os.environ.get("BITSMITH_PEER_VENV", Path.home() / ".cache/bitsmith/peer-venv")) / "bin" / "python"
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 IDS = [5, 17, 3, 60, 22, 9, 41, 88, 13, 70, 2, 33]
 
 
@@ -95,20 +93,28 @@ def write_compressed(codes: UnpackedCodes, scale_dtype) -> dict[str, np.ndarray]
 
 
 def write_checkpoint(directory: Path, quantization_config: dict, bits: int, group: int, sym: bool, act_order: bool,
-                     writer, seed: int = 0, lm_head: bool = False):
-    """A tiny random Llama (every packed axis a multiple of 32) quantized by `writer`; returns the transformers model
-    holding the reference dequantized weights, and {weight name: reference UnpackedCodes}."""
+                     writer, seed: int = 0, lm_head: bool = False, family: str | None = None):
+    """A tiny random Llama (every packed axis a multiple of 32), or the zoo's `family`, with every decoder linear
+    quantized by `writer`; returns the transformers model holding the reference dequantized weights, and {weight
+    name: reference UnpackedCodes}."""
     import torch
     import transformers
     from safetensors.numpy import save_file
 
-    config = tiny_hf_config("llama")
-    config.intermediate_size = 128
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if family:
+        from family_zoo import zoo_model
+
+        model = zoo_model(family, seed)
+    else:
+        config = tiny_hf_config("llama")
+        config.intermediate_size = 128
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     rng = np.random.default_rng(seed)
     state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    names = [f"model.layers.{i}.{n}" for i in range(config.num_hidden_layers) for n in LINEARS]
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
     refs = {}
     for name in names + (["lm_head"] if lm_head else []):
         codes = quantize_layer(state.pop(f"{name}.weight"), bits, group, sym, act_order, rng)
@@ -212,6 +218,25 @@ def test_gptq_imports_exactly_and_matches_transformers(case, tmp_path):
         assert ir.count('"qlinear"') == 2 * len(refs) and ir.count('"has_perm": true') == 2 * len(refs) * act_order
 
 
+@pytest.mark.parametrize("family", ["phi3", "gemma"])
+def test_traced_families_keep_the_codes_of_their_linears(family, tmp_path):
+    """Architectures without a hand-written IR: dequantized, traced, and every linear's codes kept (Phi-3's fused
+    qkv and gate/up projections too); GPTQ v1 int4 g32 asym with act-order."""
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False, "desc_act": True,
+          "checkpoint_format": "gptq"}
+    model, refs = write_checkpoint(tmp_path / family, qc, 4, 32, False, True, lambda c: write_gptq(c, True),
+                                   family=family)
+    loaded = load_hf(tmp_path / family)
+    assert set(loaded.quantized) == set(refs) and loaded.source["quantized_import"]["requantized"] == {}
+    for name, ref in refs.items():
+        assert loaded.quantized[name].perm is not None
+        assert np.array_equal(dequantize(loaded.quantized[name]), ref.dequantize()), name
+    reference = transformers_logits(model)
+    ours, manifest = artifact_logits(tmp_path / family, tmp_path / "art")
+    assert rel(ours, reference) < 1e-4
+    assert json.dumps(manifest["ir"]).count('"has_perm": true') == 2 * len(refs)
+
+
 def test_awq_gemm_imports_exactly_and_matches_transformers(tmp_path):
     qc = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
     model, refs = write_checkpoint(tmp_path / "awq", qc, 4, 32, False, False, write_awq)
@@ -280,7 +305,7 @@ def test_unsupported_quantized_checkpoints_are_refused_by_name(tmp_path):
         with pytest.raises(BitsmithError, match=message):
             load_hf(tmp_path / "m")
     (tmp_path / "m" / "config.json").write_text(json.dumps(config | {"model_type": "gpt2"}))
-    with pytest.raises(BitsmithError, match="pre-quantized .gptq. 'gpt2' checkpoint is not supported"):
+    with pytest.raises(BitsmithError, match="gptq tensors do not match transformers' 'gpt2' model: missing"):
         load_hf(tmp_path / "m")
 
 

@@ -23,6 +23,7 @@ from bitsmith.compiler.frontends.hf_quantized import (
     import_quantized,
     quantization_method,
 )
+from bitsmith.compiler.frontends.hf_quantized_traced import load_quantized_traced
 from bitsmith.compiler.frontends.torch_export import load_hf_via_export
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.safetensors_io import StoredTensor, stored_tensors
@@ -127,10 +128,8 @@ def load_hf(directory: str | Path) -> Checkpoint | LoadedModel:
     cfg = read_json(require_path(directory / "config.json", "config.json"))
     method = quantization_method(cfg)
     if cfg.get("model_type") not in HAND_WRITTEN:
-        if method:  # transformers would need the format's own GPU kernels to load it
-            raise BitsmithError(f"a pre-quantized ({method}) {cfg.get('model_type')!r} checkpoint is not supported",
-                                where=str(directory), fix=f"pre-quantized import covers {', '.join(HAND_WRITTEN)}; "
-                                                          "use the float checkpoint and quantize with --scheme")
+        if method:  # transformers alone would need the format's own (GPU) kernels: dequantize, trace, keep codes
+            return load_quantized_traced(directory, cfg, _safetensors_files(directory), method)
         return load_hf_via_export(directory)
     config = config_from_hf(cfg)
     files = _safetensors_files(directory)

@@ -113,6 +113,12 @@ def to_quantized(codes: UnpackedCodes, group_size: int) -> QuantizedWeight | str
 
 
 # ------------------------------------------------------------------------------------------------ per format
+def checkpoint_name(name: str) -> str:
+    """The module's name in the checkpoint (what targets and patterns match): the hand-written frontend strips
+    "model." from decoder layers; the traced one keeps names as they are."""
+    return f"model.{name}" if name.startswith("layers.") else name
+
+
 def _module_names(weights: Mapping[str, Any], suffix: str) -> list[str]:
     return sorted(k[: -len(suffix)] for k in weights if k.endswith(suffix))
 
@@ -140,7 +146,7 @@ def _gptq_layers(qc: Mapping[str, Any], weights: dict[str, Any], where: str, not
     layers = {}
     for name in _module_names(weights, ".qweight"):
         args = dict(qc)
-        full = name if name.startswith("lm_head") else f"model.{name}"
+        full = checkpoint_name(name)
         for pattern, override in dynamic.items():  # GPTQModel per-module overrides; "-:" ones stay float
             if not pattern.startswith("-:") and re.match(pattern.removeprefix("+:"), full):
                 args.update(override)
@@ -172,7 +178,7 @@ def _awq_layers(qc: Mapping[str, Any], weights: dict[str, Any], where: str, note
 
 def _ct_scheme(qc: Mapping[str, Any], name: str) -> tuple[str, dict[str, Any]]:
     """(config group name, group dict) of a module: exact name, then "re:" regex, then class name (Linear)."""
-    full = name if name.startswith("lm_head") else f"model.{name}"
+    full = checkpoint_name(name)
     groups = qc.get("config_groups") or {}
     ranked = []
     for key, group in groups.items():
