@@ -71,8 +71,10 @@ def hf_config(model: dict[str, Any], dtype: str, where: str, own_head: bool = Fa
 # -- per-weight conversion ------------------------------------------------------------------------------------------
 
 def requantize(qw: QuantizedWeight, bits: tuple[int, ...]) -> tuple[QuantizedWeight, float]:
-    """The nearest scheme both HF formats hold (fp16 scales, integer zeros, no perm, whole groups), quantized by RTN
-    from `qw`'s dequantized values; returns it and the max abs difference to those values."""
+    """The nearest form both HF formats hold (fp16 scales, integer zeros, no perm, whole groups): of (a) the same
+    codes and scales with each zero point rounded to an integer (asym or min form, where the layout allows) and
+    (b) RTN from `qw`'s dequantized values with integer zeros, the one with the smaller max (then mean) abs
+    difference to those values; returns it and the max."""
     s = qw.scheme
     w = dequantize(qw)
     group = s.group_size
@@ -82,8 +84,16 @@ def requantize(qw: QuantizedWeight, bits: tuple[int, ...]) -> tuple[QuantizedWei
     scales, zeros = group_params(w, near)
     if zeros is not None:  # integer zero points, as the formats store them
         zeros = np.clip(np.rint(zeros.astype(np.float32)), 0, near.qmax).astype(np.float16)
-    new = quantize_with_params(w, scales, zeros, near)
-    return new, float(np.abs(dequantize(new) - w).max())
+    candidates = [quantize_with_params(w, scales, zeros, near)]
+    if not s.sym and not s.super_group and qw.perm is None and group == s.group_size and near.bits == s.bits:
+        # w = s*q + m = s*(q - z), z = -m/s: only z moves, by at most half a step where it lies in [0, 2^b - 1]
+        z = qw.zeros.astype(np.float32) if not s.offset else -qw.group_offsets() / qw.group_scales()
+        z_int = np.clip(np.rint(np.nan_to_num(z)), 0, s.qmax).astype(np.float16)
+        candidates.append(QuantizedWeight(qw.q, qw.scales, z_int, QuantScheme(s.bits, s.group_size, False, s.method),
+                                          qw.in_features))
+    diffs = [np.abs(dequantize(c) - w) for c in candidates]
+    best = min(range(len(candidates)), key=lambda i: (float(diffs[i].max()), float(diffs[i].mean())))  # ties: mean
+    return candidates[best], float(diffs[best].max())
 
 
 def _convert(artifact: Artifact, options: ExportOptions, pack: Callable[[QuantizedWeight, str], dict[str, np.ndarray]],

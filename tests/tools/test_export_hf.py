@@ -32,7 +32,7 @@ from bitsmith.runtime.quant_scheme import (
 )
 from bitsmith.runtime.safetensors_io import read_safetensors
 from bitsmith.tools.export import ExportOptions, export, quantized_weights
-from bitsmith.tools.export_hf import hf_config, hf_name
+from bitsmith.tools.export_hf import hf_config, hf_name, requantize
 from bitsmith.tools.run import reference_session
 
 # transformers (torch fp32) and our numpy executor differ in summation order: on the float tinystories checkpoint
@@ -155,6 +155,22 @@ def test_forms_without_an_exact_hf_layout_are_refused_with_the_nearest(scheme, m
         with pytest.raises(BitsmithError, match=match) as err:
             pack(qw, "layers.0.mlp.up_proj.weight")
         assert "layers.0.mlp.up_proj.weight" in str(err.value) and "--allow-requantize" in str(err.value)
+
+
+def test_requantize_keeps_codes_and_moves_only_the_zero_point():
+    """Min form (Q4_1) with z = -m/s inside the code range: the nearest exact form keeps codes and scales and rounds
+    z, so no weight moves by more than half a step of its group; the result packs in both formats."""
+    rng = np.random.default_rng(3)
+    scheme, out, n_in = parse_scheme("int4-g32-min-imported"), 16, 128
+    s = rng.uniform(0.01, 0.1, (out, 4)).astype(np.float16)
+    m = (-s.astype(np.float32) * rng.uniform(1, 14, (out, 4))).astype(np.float16)  # z = -m/s in [1, 14]
+    qw = QuantizedWeight(rng.integers(0, 16, (out, n_in), dtype=np.uint8), s, m, scheme, n_in)
+    new, err = requantize(qw, (2, 3, 4, 8))
+    assert new.q is qw.q and new.scales is qw.scales and not new.scheme.offset
+    half_step = np.repeat(s.astype(np.float32) / 2, 32, axis=1)
+    assert (np.abs(dequantize(new) - dequantize(qw)) <= half_step * (1 + 1e-3)).all() and err > 0
+    pack_compressed_tensors(new)
+    pack_gptq(new)
 
 
 def test_partial_groups_and_zero_point_zero_are_refused():
