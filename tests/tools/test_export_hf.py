@@ -361,10 +361,9 @@ def test_tinystories_export_loads_in_transformers(shared_data, tmp_path, bits, g
     assert float(np.abs(float_ref - ref).max()) > 5 * CT_RTOL * float(np.abs(ref).max())
     _roundtrip(art, ct)
     _roundtrip(art, gptq)
-    from transformers import (
-        AutoTokenizer,  # the tokenizer travels too: same ids, BOS included
-    )
+    from transformers import AutoTokenizer
 
+    # the tokenizer travels too: same ids, BOS included
     text = "Once upon a time, there was a little girl."
     assert AutoTokenizer.from_pretrained(ct)(text)["input_ids"] == load_artifact(art).tokenizer().encode(text)
     if os.environ.get("BITSMITH_GPTQMODEL_PYTHON"):
