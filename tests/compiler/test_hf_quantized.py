@@ -92,7 +92,7 @@ def write_compressed(codes: UnpackedCodes, scale_dtype) -> dict[str, np.ndarray]
     return tensors
 
 
-def write_checkpoint(directory: Path, quantization_config: dict, bits: int, group: int, sym: bool, act_order: bool,
+def write_checkpoint(directory: Path, quantization_config: dict, bits, group: int, sym: bool, act_order: bool,
                      writer, seed: int = 0, lm_head: bool = False, family: str | None = None):
     """A tiny random Llama (every packed axis a multiple of 32), or the zoo's `family`, with every decoder linear
     quantized by `writer`; returns the transformers model holding the reference dequantized weights, and {weight
@@ -117,7 +117,8 @@ def write_checkpoint(directory: Path, quantization_config: dict, bits: int, grou
         state.pop("lm_head.weight", None)
     refs = {}
     for name in names + (["lm_head"] if lm_head else []):
-        codes = quantize_layer(state.pop(f"{name}.weight"), bits, group, sym, act_order, rng)
+        layer_bits = bits(name) if callable(bits) else bits  # a callable: each layer's own (mixed precision)
+        codes = quantize_layer(state.pop(f"{name}.weight"), layer_bits, group, sym, act_order, rng)
         state.update({f"{name}.{k}": v for k, v in writer(codes).items()})
         refs[f"{name.removeprefix('model.')}.weight"] = codes
         with torch.no_grad():
@@ -235,6 +236,33 @@ def test_traced_families_keep_the_codes_of_their_linears(family, tmp_path):
     ours, manifest = artifact_logits(tmp_path / family, tmp_path / "art")
     assert rel(ours, reference) < 1e-4
     assert json.dumps(manifest["ir"]).count('"has_perm": true') == 2 * len(refs)
+
+
+def test_per_module_schemes_gptq_dynamic_and_compressed_tensors_groups(tmp_path):
+    """Mixed precision: GPTQModel's `dynamic` overrides (first match wins) and compressed-tensors config groups (an
+    exact module name before a regex before the class name) give each layer its own scheme."""
+    def bits_of(name: str) -> int:
+        return 2 if name.endswith("layers.1.self_attn.q_proj") else 8 if name.endswith("down_proj") else 4
+
+    def ct_weights(bits: int) -> dict:
+        return ct_config(bits, 32, False)["config_groups"]["group_0"]["weights"]
+
+    gptq = {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True, "checkpoint_format": "gptq_v2",
+            "dynamic": {r"+:.*layers\.1\.self_attn\.q_proj": {"bits": 2}, r"-:.*lm_head": {},
+                        r".*down_proj": {"bits": 8}, r".*down_pro.": {"bits": 3}}}  # the last: never first
+    ct = ct_config(4, 32, False) | {"config_groups": {
+        "int2": {"targets": ["model.layers.1.self_attn.q_proj"], "weights": ct_weights(2)},
+        "int4": {"targets": ["Linear"], "weights": ct_weights(4)},
+        "int8": {"targets": ["re:.*down_proj$"], "weights": ct_weights(8)}}}
+    for qc, sym, writer in [(gptq, True, lambda c: write_gptq(c, False)),
+                            (ct, False, lambda c: write_compressed(c, np.float16))]:
+        directory = tmp_path / qc["quant_method"]
+        model, refs = write_checkpoint(directory, qc, bits_of, 32, sym, False, writer)
+        ckpt = load_hf(directory)
+        for name, ref in refs.items():
+            assert ckpt.quantized[name].scheme.bits == bits_of(name.removesuffix(".weight")), name
+            assert np.array_equal(dequantize(ckpt.quantized[name]), ref.dequantize()), name
+        assert rel(ir_logits(ckpt), transformers_logits(model)) < 1e-5
 
 
 def test_awq_gemm_imports_exactly_and_matches_transformers(tmp_path):

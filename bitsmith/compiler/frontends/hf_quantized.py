@@ -147,9 +147,9 @@ def _gptq_layers(qc: Mapping[str, Any], weights: dict[str, Any], where: str, not
     for name in _module_names(weights, ".qweight"):
         args = dict(qc)
         full = checkpoint_name(name)
-        for pattern, override in dynamic.items():  # GPTQModel per-module overrides; "-:" ones stay float
-            if not pattern.startswith("-:") and re.match(pattern.removeprefix("+:"), full):
-                args.update(override)
+        for pattern, override in dynamic.items():  # GPTQModel's per-module overrides: the first match decides
+            if re.match(pattern[2:] if pattern.startswith(("+:", "-:")) else pattern, full):
+                args.update(override if not pattern.startswith("-:") else {})  # "-:" modules are float anyway
                 break
         bits, group = int(args.get("bits", 4)), int(args.get("group_size", 128))
         tensors = [_read(weights, f"{name}.{t}", where) for t in ("qweight", "qzeros", "scales")]
