@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -216,8 +218,9 @@ def fused_scheme_notes(schemes: dict[str, QuantScheme]) -> list[str]:
 
 
 def export_gptq(artifact_dir: Path, out: Path, options: ExportOptions) -> ExportReport:
-    """A GPTQ v1 directory (qweight/qzeros/scales/g_idx, quantize_config.json): one bits/group for the model;
-    16-bit Linears listed as GPTQModel `dynamic` exclusions ("-:" + exact name), as vLLM reads them."""
+    """A GPTQ v1 directory (qweight/qzeros/scales/g_idx, quantize_config.json). The model-wide bits/group/sym are
+    the most common scheme's; other schemes and the 16-bit Linears are GPTQModel `dynamic` per-module entries
+    ("+:" / "-:" and the exact name as a regex), which GPTQModel and vLLM read; `lm_head` says it is quantized."""
     artifact = load_artifact(artifact_dir, check_hashes=False)
     report = ExportReport("gptq", str(out))
 
@@ -225,22 +228,26 @@ def export_gptq(artifact_dir: Path, out: Path, options: ExportOptions) -> Export
         return f"gptq int{s.bits} {'pc' if s.group_size == -1 else f'g{s.group_size}'}"
 
     tensors, schemes = _convert(artifact, options, pack_gptq, GPTQ_BITS, target, report)
-    kinds = {(s.bits, s.group_size, s.sym) for s in schemes.values()}
+    kinds = Counter((s.bits, s.group_size, s.sym) for s in schemes.values())
     if not kinds:
         raise BitsmithError("the artifact has no quantized weights", where=str(artifact_dir),
                             fix="compile with --method rtn|gptq|awq (a float model needs no GPTQ export)")
-    if len(kinds) != 1:
-        raise BitsmithError(f"GPTQ holds one bits/group/symmetry per model; this artifact has {sorted(kinds)}",
-                            where=str(artifact_dir), fix="use --format compressed-tensors, which keeps a mixed plan")
-    bits, group, sym = kinds.pop()
+    (bits, group, sym), _ = max(sorted(kinds.items()), key=lambda kv: kv[1])
     act_order = any(qw.perm is not None for qw in quantized_weights(artifact).values())
-    dense = _dense_linears(artifact, schemes)
-    qcfg = {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": bits, "group_size": group,
-            "desc_act": act_order, "sym": sym, "true_sequential": True, "static_groups": False,
-            "damp_percent": 0.01, "model_file_base_name": "model",
-            "dynamic": {f"-:^{m.replace('.', chr(92) + '.')}$": {} for m in dense if m != "lm_head"}}
-    if not qcfg["dynamic"]:
-        del qcfg["dynamic"]
+    dynamic: dict[str, dict[str, Any]] = {f"-:^{re.escape(m)}$": {}
+                                          for m in _dense_linears(artifact, schemes) if m != "lm_head"}
+    for module, s in sorted(schemes.items()):
+        if (s.bits, s.group_size, s.sym) != (bits, group, sym):
+            dynamic[f"+:^{re.escape(module)}$"] = {"bits": s.bits, "group_size": s.group_size, "sym": s.sym}
+    qcfg: dict[str, Any] = {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": bits, "group_size": group,
+                            "desc_act": act_order, "sym": sym, "lm_head": "lm_head" in schemes,
+                            "true_sequential": True, "static_groups": False, "damp_percent": 0.01,
+                            "model_file_base_name": "model"}
+    if dynamic:
+        qcfg["dynamic"] = dynamic
+    if len(kinds) > 1:
+        report.notes.append(f"{len(kinds)} schemes: int{bits}-g{group} model-wide, {len(schemes) - kinds[(bits, group, sym)]}"
+                            " module(s) as `dynamic` overrides (GPTQModel, vLLM; AutoGPTQ/optimum ignore them)")
     config = hf_config(artifact.config, _storage_dtype(tensors), str(artifact_dir),
                        own_head=any(k.startswith("lm_head.") for k in tensors))
     config["quantization_config"] = qcfg

@@ -45,6 +45,7 @@ IDS = [1, 5, 17, 3, 88, 41, 9, 60, 2, 33, 71, 12, 4, 50, 19, 7, 23, 64, 30, 11]
 # one scheme per group size/width the formats take, on the tiny Llama (in 64 and 112: groups of 16 divide both)
 MIXED = (("self_attn.q_proj", "int4-g16"), ("self_attn.k_proj", "int8-pc"), ("self_attn.v_proj", "int3-g16"),
          ("self_attn.o_proj", "int2-g16"), ("mlp.gate_proj", "int8-g16"), ("mlp.down_proj", "int5-g16"))
+MIXED_GPTQ = MIXED[:5]  # GPTQ has no 5-bit form
 
 
 def _compile(model_dir, out, bits=4, group=16, sym=True, schemes=(), keep=()):
@@ -266,16 +267,22 @@ def test_asym_export_loads_in_transformers(tiny_llama_dir, tmp_path):
 
 
 def test_gptq_export_round_trips_and_names_kept_layers(tiny_llama_dir, tmp_path):
-    art = _compile(tiny_llama_dir, tmp_path / "art", keep=("layers.0.mlp.down_proj*",))
+    """Model-wide bits/group from the most common scheme, the others and the 16-bit layer as `dynamic` entries,
+    which our importer (like GPTQModel) reads back to the same codes."""
+    art = _compile(tiny_llama_dir, tmp_path / "art", keep=("layers.0.mlp.down_proj*",), schemes=MIXED_GPTQ)
     out = tmp_path / "gptq"
-    export(art, out, ExportOptions("gptq"))
+    report = export(art, out, ExportOptions("gptq"))
     qcfg = json.loads((out / "quantize_config.json").read_text())
-    assert (qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg["desc_act"]) == (4, 16, True, False)
+    assert (qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg["desc_act"], qcfg["lm_head"]) == (4, 16, True, False,
+                                                                                                True)
     assert json.loads((out / "config.json").read_text())["quantization_config"] == qcfg
-    assert any("layers\\.0\\.mlp\\.down_proj" in k for k in qcfg["dynamic"])  # kept 16-bit: excluded by name
+    assert "-:^model\\.layers\\.0\\.mlp\\.down_proj$" in qcfg["dynamic"]  # kept 16-bit: excluded by name
+    assert qcfg["dynamic"]["+:^model\\.layers\\.1\\.self_attn\\.v_proj$"] == {"bits": 3, "group_size": 16, "sym": True}
+    assert sum(k.startswith("+:") for k in qcfg["dynamic"]) == 2 * 4  # q_proj int4-g16 is the model-wide scheme
+    assert any("dynamic" in n for n in report.notes)
     _roundtrip(art, out)
-    with pytest.raises(BitsmithError, match="one bits/group"):
-        export(_compile(tiny_llama_dir, tmp_path / "mixed", schemes=MIXED[:2]), tmp_path / "g2", ExportOptions("gptq"))
+    with pytest.raises(BitsmithError, match="5-bit"):
+        export(_compile(tiny_llama_dir, tmp_path / "int5", bits=5), tmp_path / "g5", ExportOptions("gptq"))
 
 
 def test_act_order_gptq_file_survives_import_and_export(tiny_llama_dir, tmp_path):
@@ -375,10 +382,11 @@ def test_tinystories_export_loads_in_transformers(shared_data, tmp_path, bits, g
 
 
 def test_gptqmodel_loads_the_tiny_export(tiny_llama_dir, tmp_path):
-    """GPTQModel's own CPU kernel reads the export to our weights rounded to fp16, bit for bit, skips the layer
-    kept at 16 bits (a `dynamic` exclusion), and gives our logits within its fp16 arithmetic."""
+    """GPTQModel's own CPU kernel reads the export of a five-scheme plan (2/3/4/8 bits, g16 and per channel) to
+    our weights rounded to fp16, bit for bit, through its `dynamic` per-module entries, skips the layer kept at 16
+    bits, and gives our logits within its fp16 arithmetic."""
     python = _gptqmodel_python()
-    art = _compile(tiny_llama_dir, tmp_path / "art", group=16, keep=("layers.0.mlp.down_proj*",))
+    art = _compile(tiny_llama_dir, tmp_path / "art", group=16, keep=("layers.0.mlp.down_proj*",), schemes=MIXED_GPTQ)
     attach_char_tokenizer(art)  # GPTQModel.load insists on a tokenizer
     export(art, tmp_path / "gptq", ExportOptions("gptq"))
     ids = [3, 17, 41, 9, 60, 2, 33]
