@@ -53,11 +53,33 @@ def export_onnx(artifact_dir: Path, out: Path, options: ExportOptions, accuracy_
         shutil.copy2(artifact.directory / name, out / name)
     if not tokenizer:
         report.notes.append("the artifact has no tokenizer: none written (genai needs token ids)")
+    elif (out / "tokenizer.json").is_file() and not (out / "tokenizer_config.json").is_file():
+        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(out / "tokenizer.json", tokenizer),
+                                                              indent=2) + "\n")
+    elif not (out / "tokenizer.json").is_file():
+        report.notes.append(f"tokenizer {tokenizer.get('kind')!r} has no tokenizer.json: onnxruntime-genai cannot "
+                            "tokenize (token ids still work)")
     (out / "genai_config.json").write_text(json.dumps(genai_config(artifact), indent=2) + "\n")
     report.notes.append(f"accuracy_level={level}" + (" (int8 activations in MatMulNBits)" if level == 4 else ""))
     if large:
         report.notes.append(f"initializers in {EXTERNAL_DATA}")
     return report
+
+
+def tokenizer_config(path: Path, tok: dict[str, Any]) -> dict[str, Any]:
+    """The tokenizer_config.json onnxruntime-genai's tokenizer wants beside tokenizer.json (special tokens by text)."""
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(path))
+    eos = (tok.get("eos_token_ids") or [None])[0]
+    bos = tok.get("bos_token_id")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": bool(tok.get("add_bos")),
+              "add_eos_token": False, "clean_up_tokenization_spaces": False,
+              "bos_token": vocab.id_to_token(bos) if bos is not None else None,
+              "eos_token": vocab.id_to_token(eos) if eos is not None else None}
+    if tok.get("chat_template"):
+        config["chat_template"] = tok["chat_template"]
+    return config
 
 
 def genai_config(artifact: Artifact) -> dict[str, Any]:
