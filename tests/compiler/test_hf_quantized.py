@@ -265,6 +265,21 @@ def test_per_module_schemes_gptq_dynamic_and_compressed_tensors_groups(tmp_path)
         assert rel(ir_logits(ckpt), transformers_logits(model)) < 1e-5
 
 
+def test_extra_zero_biases_of_autogptq_writers_are_dropped(tmp_path):
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True, "checkpoint_format": "gptq"}
+    for bias, ok in [(0.0, True), (0.5, False)]:
+        def writer(codes: UnpackedCodes, bias=bias) -> dict:
+            return write_gptq(codes, True) | {"bias": np.full(codes.q.shape[0], bias, np.float16)}
+
+        directory = tmp_path / f"bias{bias}"
+        write_checkpoint(directory, qc, 4, 32, True, False, writer)
+        if ok:
+            assert len(load_hf(directory).quantized) == 14
+        else:
+            with pytest.raises(BitsmithError, match="unexpected weights"):
+                load_hf(directory)
+
+
 def test_awq_gemm_imports_exactly_and_matches_transformers(tmp_path):
     qc = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
     model, refs = write_checkpoint(tmp_path / "awq", qc, 4, 32, False, False, write_awq)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from bitsmith.compiler.config import ModelConfig
+from bitsmith.compiler.config import ModelConfig, expected_weight_shapes
 from bitsmith.compiler.frontends.base import (
     Checkpoint,
     LoadedModel,
@@ -20,6 +20,7 @@ from bitsmith.compiler.frontends.hf_files import (
     rope_settings,
 )
 from bitsmith.compiler.frontends.hf_quantized import (
+    drop_zero_biases,
     import_quantized,
     quantization_method,
 )
@@ -136,6 +137,8 @@ def load_hf(directory: str | Path) -> Checkpoint | LoadedModel:
     weights = read_safetensors(files)
     where = str(directory)
     imported = import_quantized(cfg, weights, where) if method else None
+    if imported:
+        drop_zero_biases(weights, imported, set(expected_weight_shapes(config)))
     tie_embeddings(config, weights, where)
     for name in [k for k in weights if k.endswith("rotary_emb.inv_freq")]:
         weights.pop(name)

@@ -232,6 +232,14 @@ def _ct_layers(qc: Mapping[str, Any], weights: dict[str, Any], where: str, notes
     return layers
 
 
+def drop_zero_biases(weights: dict[str, Any], imported: ImportResult, expected: set[str]) -> None:
+    """Drop the all-zero `.bias` of imported layers the model has no bias for: AutoGPTQ-era writers store one for
+    every quantized linear (vLLM skips them too). A non-zero one stays, and validation names it."""
+    for name in [k for k in weights if k.endswith(".bias") and k not in expected]:
+        if name.removesuffix(".bias") + ".weight" in imported.weights and not np.asarray(weights[name]).any():
+            del weights[name]
+
+
 READERS: dict[str, Callable[..., Layers]] = {
     "gptq": _gptq_layers, "awq": _awq_layers, "compressed-tensors": _ct_layers}
 

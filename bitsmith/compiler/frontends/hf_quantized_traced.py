@@ -10,7 +10,7 @@ import numpy as np
 from bitsmith.compiler.frontends.base import LoadedModel, sha256_file
 from bitsmith.compiler.frontends.graph_lowering import weight_name
 from bitsmith.compiler.frontends.hf_files import hf_side_files, rope_settings
-from bitsmith.compiler.frontends.hf_quantized import import_quantized
+from bitsmith.compiler.frontends.hf_quantized import drop_zero_biases, import_quantized
 from bitsmith.compiler.frontends.torch_export import trace_module
 from bitsmith.compiler.ir import Module
 from bitsmith.errors import BitsmithError
@@ -48,6 +48,7 @@ def load_quantized_traced(directory: Path, cfg: dict[str, Any], files: list[Path
     with no_init_weights():  # parameters are replaced below; buffers such as RoPE frequencies are built
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    drop_zero_biases(tensors, imported, expected)
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:  # e.g. per-expert packed MoE layers against transformers' fused expert tensors
         raise BitsmithError(f"the {method} tensors do not match transformers' {model_type!r} model: missing "
