@@ -17,7 +17,7 @@ from bitsmith.runtime.packed_layout import unpack
 from bitsmith.runtime.quant_scheme import QuantScheme
 from bitsmith.tools.export import ExportOptions, ExportReport, TensorExport
 from bitsmith.tools.onnx_attention import GraphBuilder, attention, causal_bias, rope
-from bitsmith.tools.onnx_nbits import NotMappable, to_nbits
+from bitsmith.tools.onnx_nbits import NBitsWeight, NotMappable, to_nbits
 
 # The graph (onnxruntime-genai's decoder I/O; one graph runs prefill and decode):
 #   inputs   input_ids int64 [batch, seq], attention_mask int64 [batch, past_seq + seq] (1 = a real token),
@@ -288,24 +288,45 @@ class _Translator:
             x = self.g.node("Gather", [x, self.g.const(np.asarray(self.weights[part["perm"]]).astype(np.int64), None)],
                             axis=-1)
         try:
-            nb = to_nbits(codes, bits, group, scales, zeros, offsets, where=where)
+            nb = to_nbits(codes, bits, group, scales, zeros, offsets, accuracy_level=self.level, where=where)
         except NotMappable:
             if not self.allow_requantize:
                 raise
             out = self._float_fallback(name, scheme, codes, bits, g_cols, scales, zeros, offsets, x)
         else:
-            n = codes.shape[0]
-            inputs = [x, self.g.const(nb.blob, f"{name}.B"), self.g.const(nb.scales, f"{name}.scales")]
-            if nb.zero_points is not None:
-                inputs.append(self.g.const(nb.zero_points, f"{name}.zero_points"))
-            out = self.g.node("MatMulNBits", inputs, domain="com.microsoft", K=k, N=n, bits=nb.bits,
-                              block_size=nb.block_size, accuracy_level=self.level)
+            out = self._nbits(name, nb, x)
             self.report.tensors.append(TensorExport(name, scheme, nb.target, True, nb.max_abs_error))
             if nb.note:
                 self.report.notes.append(f"{name}: {nb.note}")
         if "bias" in part:
             out = self.g.node("Add", [out, self._in(ins[order.index("bias")])])
         return out
+
+    def _nbits(self, name: str, nb: NBitsWeight, x: str) -> str:
+        """y = sum of the MatMulNBits parts (+ group sums of x @ offsets^T): see onnx_nbits.py."""
+        g, out = self.g, None
+        for i, p in enumerate(nb.parts):
+            tag = f"{name}.{i}" if len(nb.parts) > 1 else name
+            y = g.node("MatMulNBits", [x, g.const(p.blob, f"{tag}.B"), g.const(p.scales, f"{tag}.scales")],
+                       domain="com.microsoft", K=nb.k, N=nb.n, bits=p.bits, block_size=nb.block_size,
+                       accuracy_level=self.level)
+            out = y if out is None else g.node("Add", [out, y])
+        if nb.offsets is not None:
+            sums = self._group_sums(x, nb.k, nb.group_size)  # [B, S, n_groups]
+            out = g.node("Add", [out, g.node("MatMul", [sums, g.const(np.ascontiguousarray(nb.offsets.T),
+                                                                         f"{name}.offsets")])])
+        return out
+
+    def _group_sums(self, x: str, k: int, group: int) -> str:
+        """x [B, S, K] -> [B, S, ceil(K / group)] sums over each group's columns (zero-padded), shared per input."""
+        key = f"groupsum:{x}:{group}"
+        if key not in self.g.cache:
+            g, n_groups = self.g, -(-k // group)
+            if n_groups * group != k:
+                x = g.node("Pad", [x, g.const(np.array([0, 0, 0, 0, 0, n_groups * group - k]), None)])
+            grouped = g.node("Reshape", [x, g.const(np.array([0, 0, n_groups, group]), None)])
+            self.g.cache[key] = g.node("ReduceSum", [grouped, g.const(np.array([-1]), None)], keepdims=0)
+        return self.g.cache[key]
 
     def _float_fallback(self, name: str, scheme: str, codes: np.ndarray, bits: int, g_cols: int, scales: np.ndarray,
                         zeros: np.ndarray | None, offsets: np.ndarray | None, x: str) -> str:

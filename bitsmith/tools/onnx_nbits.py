@@ -10,9 +10,8 @@ from bitsmith.errors import BitsmithError
 
 # MatMulNBits (com.microsoft, onnxruntime 1.32 CPU) computes Y = A @ W^T with
 #   W[n, k] = (code[n, k] - zp[n, b]) * scale[n, b],   b = k // block_size,   zp = 2^(bits-1) when absent
-# and takes bits in {2, 4, 8} only (3 is refused at session start), block_size a power of two >= 16
-# (one block larger than K is fine: per-channel groups become one padded block), float zero points for 2 and 4
-# bits but not for 8 ("does not support 8-bit weights with floating-point zero points", checked here).
+# for bits in {2, 4, 8} (3 is refused at session start) and block_size a power of two >= 16 (one block larger
+# than K is fine: a per-channel group becomes one padded block).
 #
 # B, uint8 [N, n_blocks, blob], blob = block_size * bits / 8; codes low bits first within a byte:
 #
@@ -22,36 +21,52 @@ from bitsmith.errors import BitsmithError
 #
 # the last block is padded with code 0 when block_size does not divide K (onnxruntime reads only K columns).
 #
-# Widening is exact: a b-bit symmetric code q (zero 2^(b-1)) is the code q + 2^(t-1) - 2^(b-1) of a t-bit one
-# with the same scale, and an asymmetric code keeps its value under a float zero point; so 3-bit goes to 4 and
-# 5/6-bit symmetric go to 8. What no MatMulNBits form holds exactly: 8-bit (or 5/6-bit widened to 8) with a
-# fractional zero point or a min offset.
+# Only its no-zero-point kernels are fast (measured, AMD EPYC, 576x1536, M=1): 4-bit 0.07 ms at accuracy level 0
+# and 0.03 at 4; float zero points 6-9 ms at either level (a dequantizing fallback); 8-bit and 2-bit 7-16 ms at
+# level 0 and 0.04 / 0.5 ms at level 4. So every weight is written as sums of sym MatMulNBits parts plus, for
+# forms with a zero point or a min, a per-group offset term (exact algebra, one float rounding):
+#
+#     w = s*q + m  (sym: m = -2^(b-1) s; asym: m = -z s; min: m as stored)
+#       = sum over parts (q_p - 2^(t_p - 1)) * s_p  +  m'      y = sum_p MatMulNBits_p(x) + groupsum(x) @ m'^T
+#
+#   one t-bit part with codes q:        m' = m + 2^(t-1) s      (0 for sym, whose codes are shifted instead;
+#                                        widened codes are centred first: q + c, m - c s, c = 2^(t-1) - 2^(b-1))
+#   8-bit codes at accuracy level 0 as two 4-bit parts, hi = q >> 4 (scale 16 s), lo = q & 15 (scale s):
+#                                        m' = m + 136 s          (16 (hi - 8) + (lo - 8) = q - 136)
+# Widening is exact: 3-bit codes go to 4, 5/6-bit to 8 (at level 0: 2-bit to 4 as well, for the fast kernel).
 NBITS = (2, 4, 8)
-FLOAT_ZP_BITS = (2, 4)
+
+
+@dataclass
+class NBitsPart:
+    """One MatMulNBits: codes packed for its `bits` (no zero points: 2^(bits-1)), scales float32 [N * n_blocks]."""
+
+    bits: int
+    blob: np.ndarray  # uint8 [N, n_blocks, block_size * bits / 8]
+    scales: np.ndarray
 
 
 @dataclass
 class NBitsWeight:
-    """MatMulNBits operands of one weight [N, K] and how they were reached from our codes."""
+    """MatMulNBits operands of one weight [N, K] (parts summed, plus the offset term) and how they were reached."""
 
-    bits: int
     block_size: int
+    group_size: int  # columns per offset group (K when per channel)
     n: int
     k: int
-    blob: np.ndarray  # uint8 [N, n_blocks, block_size * bits / 8]
-    scales: np.ndarray  # float32 [N * n_blocks]
-    zero_points: np.ndarray | None  # float32 [N * n_blocks], None: the default 2^(bits-1)
+    parts: list[NBitsPart]
+    offsets: np.ndarray | None  # float32 [N, n_groups]: m' of the group-sum term, None when zero
     note: str  # how the codes were mapped ("" when as stored)
-    max_abs_error: float  # of the weight MatMulNBits dequantizes vs ours (float rounding of a converted zero point)
+    max_abs_error: float  # of the weight MatMulNBits dequantizes vs ours (float rounding of m')
 
     @property
     def target(self) -> str:
-        zp = "" if self.zero_points is None else " fzp"
-        return f"MatMulNBits {self.bits}-bit b{self.block_size}{zp}"
+        bits = "+".join(str(p.bits) for p in self.parts)
+        return f"MatMulNBits {bits}-bit b{self.block_size}" + (" +offsets" if self.offsets is not None else "")
 
 
 class NotMappable(BitsmithError):
-    """A scheme with no exact MatMulNBits form; `nearest` names the schemes that have one."""
+    """A weight with no MatMulNBits form; `nearest` names the schemes that have one."""
 
     def __init__(self, message: str, nearest: str, where: str) -> None:
         super().__init__(message, where=where, fix=f"requantize to {nearest} (bitsmith compile --scheme ...), or pass "
@@ -59,24 +74,22 @@ class NotMappable(BitsmithError):
         self.nearest = nearest
 
 
-def target_bits(bits: int, sym: bool, offset: bool, where: str) -> int:
-    """The MatMulNBits bit width that holds `bits`-bit codes exactly, or NotMappable naming the nearest scheme."""
-    widened = bits if bits in NBITS else 4 if bits < 4 else 8
-    if widened == 8 and not sym:
-        form = "min offset" if offset else "fractional fp16 zero point"
-        raise NotMappable(f"int{bits} with a {form} has no exact MatMulNBits form (onnxruntime's CPU kernel takes "
-                          "8-bit weights with integer zero points only)", nearest=f"int{bits}-sym or int4-asym",
-                          where=where)
-    return widened
+def target_bits(bits: int, accuracy_level: int) -> int:
+    """The MatMulNBits width holding `bits`-bit codes: 2, 4 or 8 (at level 0, 2 -> 4 for onnxruntime's fast kernel)."""
+    if bits not in (2, 3, 4, 5, 6, 8):
+        raise NotMappable(f"{bits}-bit codes", nearest="int4 or int8", where="onnx export (MatMulNBits)")
+    if bits <= 2:
+        return 2 if accuracy_level else 4
+    return 4 if bits <= 4 else 8
 
 
 def block_for(group_size: int, k: int) -> int:
     """MatMulNBits block_size for our group: the group itself, or per-channel: the next power of two >= max(K, 16)."""
     size = k if group_size == -1 else group_size
-    if group_size == -1 or size < 16:
+    if group_size == -1:
         return max(16, 1 << (size - 1).bit_length())
-    if size & (size - 1):
-        raise BitsmithError(f"group size {size} is not a power of two", where="onnx export (MatMulNBits)",
+    if size < 16 or size & (size - 1):
+        raise BitsmithError(f"group size {size} has no MatMulNBits block size", where="onnx export (MatMulNBits)",
                             fix="use groups of 16, 32, 64 or 128, or per-channel")
     return size
 
@@ -96,57 +109,70 @@ def pack_blocks(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:
 
 
 def to_nbits(codes: np.ndarray, bits: int, group_size: int, scales: np.ndarray, zeros: np.ndarray | None = None,
-             offsets: np.ndarray | None = None, where: str = "onnx export") -> NBitsWeight:
+             offsets: np.ndarray | None = None, accuracy_level: int = 0, where: str = "onnx export") -> NBitsWeight:
     """Our weight (codes [N, K], float32 per-group `scales` [N, G]; sym when both `zeros` (fp16 zero point z:
     w = (q - z) * s) and `offsets` (min form m: w = s * q + m) are None) as MatMulNBits operands."""
     n, k = codes.shape
     sym = zeros is None and offsets is None
-    t = target_bits(bits, sym, offsets is not None, where)
+    t = target_bits(bits, accuracy_level)
     block = block_for(group_size, k)
     g = k if group_size == -1 else group_size
     n_groups = -(-k // g)
     if scales.shape != (n, n_groups):
         raise BitsmithError(f"scales {scales.shape} do not match {n} rows of {n_groups} groups", where=where,
                             fix="re-export from an artifact written by this bitsmith")
-    # groups smaller than 16 columns (K-quants' 16) still map one group per block: block == group when g >= 16
-    if block != g and group_size != -1:
-        raise BitsmithError(f"group size {g} has no MatMulNBits block size", where=where,
-                            fix="use groups of 16, 32, 64 or 128")
-    q = codes.astype(np.int32)
-    note = ""
-    if t != bits:
-        note = f"{bits}-bit codes widened to {t}-bit"
-        if sym:
-            q = q + (1 << (t - 1)) - (1 << (bits - 1))
     s = scales.astype(np.float32)
-    group = np.arange(k) // g
-    zp, err = None, 0.0
+    q = codes.astype(np.int32)
+    notes = [f"{bits}-bit codes widened to {t}-bit"] if t != bits else []
+    split = t == 8 and accuracy_level == 0
+    if split:
+        notes.append("8-bit codes as two 4-bit MatMulNBits (q >> 4 with scale 16 s, q & 15 with s): onnxruntime's "
+                     "8-bit CPU kernel is fast only at accuracy level 4")
+    if sym and not split:
+        shifted = q + (1 << (t - 1)) - (1 << (bits - 1))
+        return NBitsWeight(block, g, n, k, [NBitsPart(t, pack_blocks(shifted.astype(np.uint8), t, block),
+                                                      np.ascontiguousarray(s.reshape(-1)))], None, "; ".join(notes), 0.0)
     if zeros is not None:
-        zp = zeros.astype(np.float32)
+        m = -zeros.astype(np.float32) * s
     elif offsets is not None:
-        # min form w = s*q + m as (q - zp)*s with zp = -m/s: codes unchanged, zp rounded to float32
         m = offsets.astype(np.float32)
-        if np.any((s == 0) & (m != 0)):
-            raise NotMappable("a group with scale 0 and a nonzero min has no zero-point form", nearest="int4-asym",
-                              where=where)
-        zp = np.divide(-m, s, out=np.zeros_like(m), where=s != 0)
-        ours = s[:, group] * codes.astype(np.float32) + m[:, group]
-        theirs = (codes.astype(np.float32) - zp[:, group]) * s[:, group]
-        err = float(np.max(np.abs(ours - theirs))) if ours.size else 0.0
-        note = (note + "; " if note else "") + "min offset as float zero point -m/s"
-    return NBitsWeight(bits=t, block_size=block, n=n, k=k, blob=pack_blocks(q.astype(np.uint8), t, block),
-                       scales=np.ascontiguousarray(s.reshape(-1)), note=note, max_abs_error=err,
-                       zero_points=None if zp is None else np.ascontiguousarray(zp.reshape(-1)))
+    else:
+        m = np.float32(-(1 << (bits - 1))) * s
+    # widened codes are centred in the target range (q + c), so the parts and m' cancel as little as they can
+    c = (1 << (t - 1)) - (1 << (bits - 1))
+    m_ours = m
+    q, m = q + c, m - np.float32(c) * s
+    if split:
+        hi, lo = (q >> 4).astype(np.uint8), (q & 15).astype(np.uint8)
+        parts = [NBitsPart(4, pack_blocks(hi, 4, block), np.ascontiguousarray((np.float32(16) * s).reshape(-1))),
+                 NBitsPart(4, pack_blocks(lo, 4, block), np.ascontiguousarray(s.reshape(-1)))]
+        m_prime = m + np.float32(136) * s
+    else:
+        parts = [NBitsPart(t, pack_blocks(q.astype(np.uint8), t, block), np.ascontiguousarray(s.reshape(-1)))]
+        m_prime = m + np.float32(1 << (t - 1)) * s
+    group = np.arange(k) // g
+    if zeros is not None:
+        ours = (codes.astype(np.float32) - zeros.astype(np.float32)[:, group]) * s[:, group]
+    else:
+        ours = s[:, group] * codes.astype(np.float32) + m_ours[:, group]
+    if not sym:
+        notes.append("zero point / min as a per-group offset term (group sums of x)")
+    out = NBitsWeight(block, g, n, k, parts, np.ascontiguousarray(m_prime.astype(np.float32)), "; ".join(notes), 0.0)
+    out.max_abs_error = float(np.max(np.abs(dequantize_nbits(out) - ours))) if ours.size else 0.0
+    return out
 
 
 def dequantize_nbits(w: NBitsWeight) -> np.ndarray:
-    """float32 [N, K] as MatMulNBits defines it (for tests and the export report)."""
-    per = 8 // w.bits
-    mask = np.uint8((1 << w.bits) - 1)
-    lanes = np.stack([(w.blob >> np.uint8(j * w.bits)) & mask for j in range(per)], axis=-1)
-    q = lanes.reshape(w.n, -1)[:, :w.k].astype(np.float32)
-    n_blocks = w.blob.shape[1]
+    """float32 [N, K] as the MatMulNBits parts and the offset term define it (for tests and the export report)."""
     group = np.arange(w.k) // w.block_size
-    s = w.scales.reshape(w.n, n_blocks)[:, group]
-    z = np.float32(1 << (w.bits - 1)) if w.zero_points is None else w.zero_points.reshape(w.n, n_blocks)[:, group]
-    return (q - z) * s
+    total = np.zeros((w.n, w.k), dtype=np.float32)
+    for p in w.parts:
+        per = 8 // p.bits
+        mask = np.uint8((1 << p.bits) - 1)
+        lanes = np.stack([(p.blob >> np.uint8(j * p.bits)) & mask for j in range(per)], axis=-1)
+        q = lanes.reshape(w.n, -1)[:, :w.k].astype(np.float32)
+        s = p.scales.reshape(w.n, p.blob.shape[1])[:, group]
+        total += (q - np.float32(1 << (p.bits - 1))) * s
+    if w.offsets is not None:
+        total += w.offsets[:, np.arange(w.k) // w.group_size]
+    return total
