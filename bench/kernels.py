@@ -1,8 +1,9 @@
 """GEMV kernel benchmark: our int4 GEMV vs the machine's read bandwidth, torch fp32, onnxruntime int4 and
 llama.cpp Q4_0 / Q8_0 (ggml CPU backend, from the venv of bench/peers/setup_llamacpp.sh; skipped with a
-note saying why when that venv is missing or was built for flags this host lacks).
+note saying why when that venv is missing or was built for flags this host lacks); and at batch 1 our GEMVs
+of the imported GGUF K-quant forms Q4_K (int4-g32-min-s256) and Q6_K (int6-g16-sym-s256) next to int4 g32.
 
-    python bench/kernels.py [--json] [--quick | --smoke] [--threads N] [--rounds R]
+    python bench/kernels.py [--json] [--quick | --smoke | --batch1] [--threads N] [--rounds R] [--no-peers]
 
 How it measures, so ratios mean something on a shared host whose speed drifts 2x within minutes:
 every implementation of one (shape, batch) cell is set up first (each over distinct weight copies of
@@ -56,7 +57,10 @@ REPEATS = 7  # rounds
 # a while after their work ends and would steal a core from whichever implementation runs next.
 SETTLE_S = 0.02
 LLAMACPP_COLUMNS = ("q4_0", "q4_0_plain", "q8_0")  # labels of bench/peers/llamacpp_matvec.CONFIGS
-COLUMNS = ("int4_gemv", "int4_gemv_i8a", "int4_gemv_i8a_asym", "int4_gemv_x16", "int4_gemv_x16_asym",
+# imported K-quant forms (GemvSpec with two-level scales), batch 1 only: column -> (GGUF type, GemvSpec fields)
+FORMS = {"q4k_gemv": ("Q4_K", {"bits": 4, "group_size": 32, "sym": False, "offset": True, "super_group": 256}),
+         "q6k_gemv": ("Q6_K", {"bits": 6, "group_size": 16, "sym": True, "super_group": 256})}
+COLUMNS = ("int4_gemv", "q4k_gemv", "q6k_gemv", "int4_gemv_i8a", "int4_gemv_i8a_asym", "int4_gemv_x16", "int4_gemv_x16_asym",
            "torch_fp32", "ort_int4_acc4", "ort_int4_acc0") + tuple(f"llamacpp_{label}" for label in LLAMACPP_COLUMNS)
 
 
@@ -180,6 +184,49 @@ class Ours(Impl):
     def start(self, batch: int) -> dict[str, Callable[[], float]]:
         func, xt, yt = self.args[batch]
         return {"int4_gemv": sweep_of(lambda c: func(xt, *self.weights[c], yt), self.copies, self.overhead)}
+
+
+class OursForms(Impl):
+    """GEMVs of the GGUF K-quant forms at batch 1 (FORMS): packed codes, int8 scale (and offset) codes per group,
+    fp16 super scales (and super offsets) per 256 columns; GB/s of all of those bytes (GemvSpec.weight_bytes)."""
+
+    def __init__(self, n: int, k: int, module: Any, overhead: float):
+        from bitsmith.codegen.gemv import GemvSpec
+        from bitsmith.compiler.ops.quant import dequantize_packed
+
+        rng = np.random.default_rng(4)
+        self.calls: dict[str, tuple[Callable[[int], Any], int]] = {}
+        self.columns = {}
+        for key, (_, form) in FORMS.items():
+            spec = GemvSpec(n, k, batch=1, **form)
+            copies = copies_for(spec.weight_bytes())
+            parts = [hugepage_copies(copies, spec.weight_shape(), np.uint32)]
+            parts += [hugepage_copies(copies, shape, dtype) for _, shape, dtype in spec.param_specs()]
+            for c in range(copies):  # random words are valid codes; K-quant-like scale codes and super scales
+                parts[0][c][:] = rng.integers(0, 1 << 32, parts[0][c].shape, dtype=np.uint32)
+                for (name, shape, dtype), part in zip(spec.param_specs(), parts[1:]):
+                    part[c][:] = (rng.integers(0, 64, shape) if dtype == "int8" else
+                                  (rng.random(shape) * 0.002 * (-1 if name == "super_zeros" else 1))).astype(dtype)
+            params = dict(zip([name for name, _, _ in spec.param_specs()], [p[0] for p in parts[1:]]))
+            attrs = {"bits": spec.bits, "group_size": spec.group_size, "in_features": k, "sym": spec.sym, **form}
+            w0 = dequantize_packed(parts[0][0], params["scales"], params.get("zeros"), attrs,
+                                   params.get("super_scales"), params.get("super_zeros"))
+            x = rng.standard_normal((1, k)).astype(np.float32)
+            xt, yt = tvm_tensor(x), tvm_tensor(np.zeros((1, n), np.float32))
+            weights = [tuple(tvm_tensor(p[c]) for p in parts) for c in range(copies)]
+            func = module[spec.name]
+            func(xt, *weights[0], yt)
+            ref = x @ w0.T
+            err = np.abs(yt.numpy() - ref).max() / np.abs(ref).max()
+            assert err < 1e-4, f"{spec.name}: relative error {err:.2e}"
+            self.calls[key] = ((lambda f, xt, yt, ws: lambda c: f(xt, *ws[c], yt))(func, xt, yt, weights), copies)
+            self.columns[key] = spec.weight_bytes()
+        self.overhead = overhead
+
+    def start(self, batch: int) -> dict[str, Callable[[], float]]:
+        if batch != 1:
+            return {}
+        return {key: sweep_of(call, copies, self.overhead) for key, (call, copies) in self.calls.items()}
 
 
 class OursInt8(Impl):
@@ -447,6 +494,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--quick", action="store_true", help="4096x4096 and 576x576 at batch 1 only")
+    parser.add_argument("--batch1", action="store_true", help="every shape at batch 1 only (the K-quant columns)")
     parser.add_argument("--smoke", action="store_true", help="576x576 batch 1, one round, 16 MiB of copies")
     parser.add_argument("--threads", type=int, default=CORES, help="threads for every implementation")
     parser.add_argument("--rounds", type=int, default=None, help=f"interleaved rounds per cell (default {REPEATS})")
@@ -456,7 +504,7 @@ def main() -> None:
     THREADS = args.threads
     # TVM's pool defaults to hardware_concurrency / 2 threads (1 on a 2-vCPU VM); read at first use
     os.environ["TVM_NUM_THREADS"] = str(THREADS)
-    shapes, batches = ((SHAPES[0], SHAPES[2]), (1,)) if args.quick else (SHAPES, BATCHES)
+    shapes, batches = ((SHAPES[0], SHAPES[2]), (1,)) if args.quick else (SHAPES, (1,) if args.batch1 else BATCHES)
     rounds, probe_gib = args.rounds or REPEATS, PROBE_GIB
     if args.smoke:
         shapes, batches, MIN_BYTES, probe_gib = ((576, 576),), (1,), 16 << 20, 1 / 16
@@ -477,6 +525,7 @@ def main() -> None:
     log("building kernels")
     tiny = GemvSpec(1, 16, 32)
     specs = [GemvSpec(n, k, BITS, GROUP, True, b) for n, k in shapes for b in batches] + [tiny]
+    specs += [GemvSpec(n, k, batch=1, **form) for _, form in FORMS.values() for n, k in shapes]
     if vnni:
         specs += [family(n, k, BITS, GROUP, sym, b) for family in (QGemvI8Spec, QGemvX16Spec)
                   for sym in (True, False) for n, k in shapes for b in batches]
@@ -493,7 +542,7 @@ def main() -> None:
     rows, dropped, policies_won = [], [], set()
     for n, k in shapes:
         log(f"{n}x{k}: setting up")
-        impls: list[Impl] = [Ours(n, k, batches, module, overhead)]
+        impls: list[Impl] = [Ours(n, k, batches, module, overhead), OursForms(n, k, module, overhead)]
         if vnni:
             impls.append(OursInt8(n, k, batches, module, overhead))
         if not args.no_peers:
@@ -578,6 +627,9 @@ def main() -> None:
              "ours int8-act = QGemvI8Spec: the same int4 weights, x quantized per 32 values to int8 in the kernel, "
              "u8 x s8 vpdpbusd (AVX-512 VNNI); asym also reads fp16 zeros (0.625 B/weight); n/a without VNNI; "
              "x16 = QGemvX16Spec, the same weights interleaved 16 output rows per vector as the runtime loads them",
+             "Q4_K / Q6_K = GemvSpec of the imported K-quant forms int4-g32-min-s256 (0.5 B codes + int8 scale and "
+             "offset codes per 32 + fp16 d, dmin per 256: 0.578 B/weight) and int6-g16-sym-s256 (0.75 + 1/16 + "
+             "2/256: 0.82 B/weight), batch 1 only; fp32 activations",
              peer_note]
     result = {"host": host, "llamacpp_build": build,
               "machine": {"cpu": target.mcpu, "cores": CORES, "threads": THREADS,
@@ -594,17 +646,21 @@ def main() -> None:
               "int4_gemv_i8a_vs_llamacpp_q4_0": ratio("int4_gemv_i8a", "llamacpp_q4_0"),
               "int4_gemv_x16_vs_llamacpp_q4_0": ratio("int4_gemv_x16", "llamacpp_q4_0"),
               "llamacpp_q4_0_fraction_of_bandwidth": of_bw("llamacpp_q4_0"),
-              "llamacpp_q8_0_fraction_of_bandwidth": of_bw("llamacpp_q8_0")}
+              "llamacpp_q8_0_fraction_of_bandwidth": of_bw("llamacpp_q8_0"),
+              # the K-quant forms' GB/s over int4 g32's in the same rounds, per shape at batch 1
+              "kquant_vs_int4_gemv": {f"{r['out']}x{r['in']}": {key: r[key]["gbs"] / r["int4_gemv"]["gbs"]
+                                                                for key in FORMS if key in r}
+                                      for r in rows if r["batch"] == 1 and "int4_gemv" in r}}
     if args.json:
         print(json.dumps(result, indent=1))
         return
     print(f"# GEMV, {target.mcpu}, {THREADS} of {CORES} cores\n")
     print(f"- {host_line(host)}")
     print(f"- {llamacpp_line(build)}\n")
-    print("| out x in | batch | bw alongside | ours int4 g32 | ours int8-act sym | ours int8-act asym | ours x16 sym | "
-          "ours x16 asym | torch fp32 | ORT int4 acc4 | ORT int4 acc0 | llama.cpp Q4_0 | llama.cpp Q4_0 plain | "
-          "llama.cpp Q8_0 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| out x in | batch | bw alongside | ours int4 g32 | ours Q4_K | ours Q6_K | ours int8-act sym | "
+          "ours int8-act asym | ours x16 sym | ours x16 asym | torch fp32 | ORT int4 acc4 | ORT int4 acc0 | "
+          "llama.cpp Q4_0 | llama.cpp Q4_0 plain | llama.cpp Q8_0 |")
+    print("|---" * (3 + len(COLUMNS)) + "|")
     for r in rows:
         cells = [(f"{r[key]['gbs']:.1f} GB/s ({r[key]['us']:.1f} us"
                   + (f", {100 * r[key]['of_bw']:.0f}%)" if "of_bw" in r[key] else ")")) if key in r else "n/a"
@@ -617,6 +673,9 @@ def main() -> None:
     for key in ("int4_gemv", "int4_gemv_i8a", "int4_gemv_x16", "llamacpp_q4_0", "llamacpp_q8_0"):
         if of_bw(key) is not None:
             print(f"- {key} {head_name}: {100 * of_bw(key):.0f}% of the read bandwidth alongside")
+    for shape, ratios in result["kquant_vs_int4_gemv"].items():
+        print(f"- {shape} batch 1: " + ", ".join(f"{FORMS[key][0]} {v:.2f}x" for key, v in ratios.items())
+              + " int4 g32's GB/s")
     for key in ("int4_gemv", "int4_gemv_i8a", "int4_gemv_x16"):
         if result[f"{key}_vs_llamacpp_q4_0"] is not None:
             print(f"- {key} {head_name}: {result[f'{key}_vs_llamacpp_q4_0']:.2f}x llama.cpp Q4_0 "

@@ -193,11 +193,15 @@ def _quant_stages(spec: GemvSpec) -> Stages:
             return b * LANES * slots + (c * chunk + t) * LANES + lane
 
         tt, ll = te.reduce_axis((0, chunk), "tt"), te.reduce_axis((0, LANES), "ll")
-        # -sum(x) / 16 per chunk (times 2^b + z when z is a constant): each of the 16 lane
-        # accumulators takes 1/16 of the correction
-        xscale = -((bias + zconst) if spec.sym else 1.0) / LANES
-        xc = te.compute((batch, full, per_block), lambda n, b, c: te.sum(
-            x[n, kidx(b, c, tt, ll)] * tirx.const(xscale, "float32"), axis=[tt, ll]), name="xchunk")
+        if not spec.offset:
+            # -sum(x) / 16 per chunk (times 2^b + z when z is a constant): each of the 16 lane
+            # accumulators takes 1/16 of the correction
+            xscale = -((bias + zconst) if spec.sym else 1.0) / LANES
+            xc = te.compute((batch, full, per_block), lambda n, b, c: te.sum(
+                x[n, kidx(b, c, tt, ll)] * tirx.const(xscale, "float32"), axis=[tt, ll]), name="xchunk")
+        else:  # min form: -sum(x) per chunk and lane, so its correction is one vector FMA per chunk in main
+            xc = te.compute((batch, full, per_block, LANES), lambda n, b, c, lane: te.sum(
+                -x[n, kidx(b, c, tt, lane)], axis=[tt]), name="xlanes")
         def group_of(b: Any, c: Any) -> Any:
             return (b * LANES * slots + c * chunk * LANES) // group
 
@@ -218,7 +222,7 @@ def _quant_stages(spec: GemvSpec) -> Stages:
         # fp32 scales (and min-form corrections) of the row, computed once per block instead of once per chunk
         # and accumulator
         sf = te.compute((n_out, spec.n_groups), lambda o, g: gp.scale(o, g), name="scale_f32")
-        cf = te.compute((n_out, spec.n_groups), lambda o, g: gp.correction(o, g, bias),
+        cf = te.compute((n_out, spec.n_groups), lambda o, g: gp.correction(o, g, bias, sf[o, g]),
                         name="corr_f32") if spec.offset else None
         # chunk c = co * acc + ci: `acc` chunks of a block go to separate accumulators
         acc = accumulators(per_block, batch_tile(batch) * row_tile(n_out, batch))
@@ -229,8 +233,8 @@ def _quant_stages(spec: GemvSpec) -> Stages:
             cb = co * acc + ci
             g = group_of(kb, cb)
             term = sf[o, g] * inner[n, o, kb, cb, lb]
-            # xc is -sum(x) / 16: each lane accumulator takes 1/16 of -c * sum(x)
-            return te.sum(term if cf is None else term + cf[o, g] * xc[n, kb, cb], axis=[kb, co, ci, lb])
+            # min form: xc is -sum(x) per chunk and lane; the lane accumulators add up -c * sum(x)
+            return te.sum(term if cf is None else term + cf[o, g] * xc[n, kb, cb, lb], axis=[kb, co, ci, lb])
 
         main = te.compute((batch, n_out), main_body, name="main")
 

@@ -116,17 +116,31 @@ def schedule_gemv(func: Any, st: Stages, batch: int) -> Any:
                 for loop in new[:-1]:
                     sch.unroll(loop)
             sch.vectorize(l_i)
-            # per-chunk activation sums: once per call, 16 lanes at a time (LLVM gathers otherwise)
-            xc = sch.get_sblock("xchunk")
-            xc_rf = sch.rfactor(sch.get_loops(xc)[-1], factor_axis=3)
-            sch.vectorize(sch.get_loops(xc_rf)[-1])  # loops: n, block, chunk, row, lane
             names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
-            for name in ("scale_f32", "corr_f32"):  # corr_f32: the min form's corrections (gemv._quant_stages)
+            if "xchunk" in names:
+                # per-chunk activation sums: once per call, 16 lanes at a time (LLVM gathers otherwise)
+                xc = sch.get_sblock("xchunk")
+                xc_rf = sch.rfactor(sch.get_loops(xc)[-1], factor_axis=3)
+                sch.vectorize(sch.get_loops(xc_rf)[-1])  # loops: n, block, chunk, row, lane
+            else:  # the min form's per-lane chunk sums (gemv._quant_stages): once per call, lanes as the vector
+                xl = sch.get_sblock("xlanes")
+                *_, lane, t = sch.get_loops(xl)
+                sch.reorder(t, lane)
+                sch.vectorize(lane)
+                decompose.append((xl, t))
+            # corr_f32 (the min form's corrections, gemv._quant_stages) reads scale_f32: placed first
+            for name in ("corr_f32", "scale_f32"):
                 if name in names:
+                    # the row tile's fp32 scales (and corrections), once per row in vectors of up to 16 groups:
+                    # per block (a few groups) the two-level and min forms cost 1.34x int4 g32 sym in cache, per
+                    # row 1.15x (bench/kernels.md)
                     scale = sch.get_sblock(name)
-                    sch.compute_at(scale, kb)  # the block's scales, converted in one short vector op
-                    if len(sch.get_loops(scale)) > 3:  # more than one group per block
-                        sch.vectorize(sch.get_loops(scale)[-1])
+                    sch.compute_at(scale, row)
+                    groups = sch.get_loops(scale)[-1]
+                    extent = sch.get(groups).extent.value
+                    width = next(w for w in (16, 8, 4, 2, 1) if extent % w == 0)
+                    if width > 1:
+                        sch.vectorize(sch.split(groups, [None, width])[1] if extent > width else groups)
         decompose.append((rf, kb))
         _place_lane_sum(sch, rf2, main, row)
     main_row = row is not None
@@ -184,6 +198,8 @@ def _prefetch(func: Any, kb: Any, row: Any, rows: int, streams: tuple[tuple[str,
         _read_buffers(loop.body, buffers)
         out = []
         for name, elem, num, den, step in streams:
+            if name not in buffers:  # read once per row, before the block loop (the row's scales)
+                continue
             for r in range(rows):
                 for off in range(0, step, 64 // elem):  # one per cache line
                     col = kb * num // den + off + PREFETCH_BYTES // elem
