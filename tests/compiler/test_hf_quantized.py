@@ -209,6 +209,11 @@ def test_gptq_imports_exactly_and_matches_transformers(case, tmp_path):
     ckpt = load_hf(tmp_path / "gptq")
     assert_exact_import(ckpt, refs, bits, group, sym, act_order)
     assert set(ckpt.quantized_types.values()) == {f"gptq{'' if v1 else '-v2'}-int{bits}-g{group}"}
+    if v1:  # AutoGPTQ's own quantize_config.json beside a config.json without quantization_config: the same
+        config = json.loads((tmp_path / "gptq" / "config.json").read_text())
+        (tmp_path / "gptq" / "quantize_config.json").write_text(json.dumps(config.pop("quantization_config")))
+        (tmp_path / "gptq" / "config.json").write_text(json.dumps(config))
+        assert_exact_import(load_hf(tmp_path / "gptq"), refs, bits, group, sym, act_order)
     reference = transformers_logits(model)
     assert rel(ir_logits(ckpt), reference) < 1e-5
     if case.startswith(("int4-g32-sym", "int3")):  # the compiled artifact keeps the codes (and the act-order perm)

@@ -127,7 +127,7 @@ def load_hf(directory: str | Path) -> Checkpoint | LoadedModel:
     if not directory.is_dir():
         raise BitsmithError(f"{directory} is not a directory", fix="pass a Hugging Face model directory")
     cfg = read_json(require_path(directory / "config.json", "config.json"))
-    method = quantization_method(cfg)
+    method = quantization_method(cfg, directory)
     if cfg.get("model_type") not in HAND_WRITTEN:
         if method:  # transformers alone would need the format's own (GPU) kernels: dequantize, trace, keep codes
             return load_quantized_traced(directory, cfg, _safetensors_files(directory), method)

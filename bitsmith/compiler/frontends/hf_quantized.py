@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bitsmith.compiler.frontends.hf_files import read_json
 from bitsmith.compiler.hf_quant_formats import (
     FormatError,
     UnpackedCodes,
@@ -62,8 +64,19 @@ class ImportResult:
         return {"weight_types": dict(sorted(self.types.items())), "notes": notes, "quantized_import": summary}
 
 
-def quantization_method(cfg: Mapping[str, Any]) -> str | None:
-    """quant_method of config.json's quantization_config (lower case), or None for a float checkpoint."""
+# Older writers keep the quantization settings beside config.json: AutoGPTQ's quantize_config.json and
+# AutoAWQ's quant_config.json (their method is implied by the file).
+SIDE_CONFIGS = {"quantize_config.json": "gptq", "quant_config.json": "awq"}
+
+
+def quantization_method(cfg: dict[str, Any], directory: Path | None = None) -> str | None:
+    """quant_method of config.json's quantization_config (lower case), or None for a float checkpoint. With
+    `directory`, a side file (SIDE_CONFIGS) stands in for a missing quantization_config (put into `cfg`)."""
+    if "quantization_config" not in cfg and directory is not None:
+        for name, method in SIDE_CONFIGS.items():
+            if (directory / name).exists():
+                cfg["quantization_config"] = {"quant_method": method, **read_json(directory / name)}
+                break
     qc = cfg.get("quantization_config")
     return str(qc.get("quant_method", "")).lower() if isinstance(qc, Mapping) else None
 
