@@ -285,6 +285,38 @@ def test_extra_zero_biases_of_autogptq_writers_are_dropped(tmp_path):
                 load_hf(directory)
 
 
+@pytest.mark.slow
+def test_imported_act_order_runs_on_host_kernels(tmp_path):
+    """Imported codes through the host kernels (act-order perm, asym zeros, 3-bit): the reference executor's
+    logits and the same greedy tokens. (AWQ imports as plain int4-g32-asym, the kernels' own tests' form.)"""
+    from bitsmith.pipeline import (
+        CompileOptions,
+        MemoryOptions,
+        TargetOptions,
+        compile_model,
+    )
+    from bitsmith.runtime.artifact import load_artifact
+    from bitsmith.tools.run import open_session
+
+    gptq = {"quant_method": "gptq", "bits": 3, "group_size": 32, "sym": False, "desc_act": True,
+            "checkpoint_format": "gptq"}
+    write_checkpoint(tmp_path / "gptq", gptq, 3, 32, False, True, lambda c: write_gptq(c, True))
+    for name in ("gptq",):
+        options = CompileOptions(memory=MemoryOptions(context=64, kv_dtype="float32"), target=TargetOptions("host"))
+        artifact = load_artifact(compile_model(tmp_path / name, tmp_path / f"{name}-art", options))
+        compiled, reference = open_session(artifact, "compiled", 64), open_session(artifact, "reference", 64)
+        got, want = compiled.prefill(IDS), reference.prefill(IDS)
+        assert rel(got, want) < 1e-4, name
+        tokens = {}
+        for label, session in (("compiled", compiled), ("reference", reference)):
+            session.reset()
+            row, tokens[label] = session.prefill(IDS)[-1], []
+            for _ in range(8):
+                tokens[label].append(int(row.argmax()))
+                row = session.decode(tokens[label][-1])
+        assert tokens["compiled"] == tokens["reference"], name
+
+
 def test_awq_gemm_imports_exactly_and_matches_transformers(tmp_path):
     qc = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
     model, refs = write_checkpoint(tmp_path / "awq", qc, 4, 32, False, False, write_awq)
