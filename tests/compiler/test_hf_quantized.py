@@ -379,7 +379,8 @@ def test_unsupported_quantized_checkpoints_are_refused_by_name(tmp_path):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     for change, message in [({"checkpoint_format": "marlin"}, "checkpoint_format 'marlin'"),
                             ({"quant_method": "bitsandbytes"}, "quant_method 'bitsandbytes'"),
-                            ({"quant_method": "awq", "version": "gemv"}, "AWQ version 'gemv'")]:
+                            ({"quant_method": "awq", "version": "gemv"}, "AWQ version 'gemv'"),
+                            ({"bits": 6}, "6-bit GPTQ .model.layers.0.mlp.down_proj. has no continuous layout")]:
         qc_changed = config["quantization_config"] | change
         (tmp_path / "m" / "config.json").write_text(json.dumps(config | {"quantization_config": qc_changed}))
         with pytest.raises(BitsmithError, match=message):

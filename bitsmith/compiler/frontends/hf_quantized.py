@@ -165,6 +165,9 @@ def _gptq_layers(qc: Mapping[str, Any], weights: dict[str, Any], where: str, not
                 args.update(override if not pattern.startswith("-:") else {})  # "-:" modules are float anyway
                 break
         bits, group = int(args.get("bits", 4)), int(args.get("group_size", 128))
+        if bits not in (2, 3, 4, 8):  # GPTQModel writes 5/6/7 bits only in its planar layout ("gptq_p")
+            raise BitsmithError(f"{bits}-bit GPTQ ({checkpoint_name(name)}) has no continuous layout", where=where,
+                                fix="import 2/3/4/8-bit GPTQ checkpoints")
         tensors = [_read(weights, f"{name}.{t}", where) for t in ("qweight", "qzeros", "scales")]
         g_idx = _read(weights, f"{name}.g_idx", where, required=False)
         codes = unpack_gptq(*tensors, g_idx, bits, group, v1=fmt == "gptq")
