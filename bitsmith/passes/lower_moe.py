@@ -29,6 +29,11 @@ def lower_moe(st: Any, node: Node) -> None:
         experts, two_inter, _ = st.fn.types[ins[3]].shape
         spec = MoeSpec(rows, experts, top_k, hidden, two_inter // 2, DENSE_DTYPE_BITS[dtype], dense_dtype=dtype)
     else:
+        forms = [f for f, on in (("the min form", a.get("offset")), ("two-level scales", a.get("super_group")),
+                                 ("act-order", a.get("has_perm"))) if on]
+        if forms:  # imported (GGUF / GPTQ) expert codes: the MoE kernel reads the plain forms only
+            raise st.unsupported(node, f"has expert weights in {', '.join(forms)}, which the MoE kernel does not "
+                                       "read; compile with --requantize (and a --scheme for the experts)")
         spec = MoeSpec(rows, a["experts"], top_k, hidden, a["inter"], a["bits"], a["group_size"], a["sym"])
     weights = [st.arg(v) for v in ins[3:]]
     st.emit(spec, [st.arg(ins[0]), st.arg(ins[1]), st.arg(ins[2]), *weights, st.define(node.outputs[0])],
