@@ -24,7 +24,6 @@ from bitsmith.runtime.quant_scheme import (
     SUPPORTED_GROUP_SIZES,
     QuantizedWeight,
     QuantScheme,
-    dequantize,
 )
 
 METHODS = ("gptq", "awq", "compressed-tensors")
@@ -282,11 +281,11 @@ def import_quantized(cfg: Mapping[str, Any], weights: dict[str, Any], where: str
         weight = f"{name}.weight"
         made = to_quantized(codes, group)
         result.types[weight] = type_name
+        # (q - z) * s in float32, the value dequantize(made) gives too (exact layers: the tests check both)
+        result.weights[weight] = codes.dequantize()
         if isinstance(made, str):
             result.requantized[weight] = made
-            result.weights[weight] = codes.dequantize()
         else:
             result.quantized[weight] = made
-            result.weights[weight] = dequantize(made)
     weights.update(result.weights)
     return result
