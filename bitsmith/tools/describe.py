@@ -53,6 +53,37 @@ def precision_summary(module: Module, table: dict[str, dict[str, int]]) -> dict[
     return {"weights": weights, "layers": layers, **totals}
 
 
+DENSE_TYPES = ("F32", "F16", "BF16")  # GGUF types that are plain floats: neither exact codes nor converted
+
+
+def import_summary(imported: dict[str, str], source: dict[str, Any], now: dict[str, str]) -> dict[str, Any] | None:
+    """Which weights kept a pre-quantized source's codes (`imported`: name -> source type, the IR meta's
+    imported_types) and which quantized source tensors were converted instead (source["weight_types"], GGUF), with
+    what each is now (`now`: name -> scheme or dtype); None for a source with neither."""
+    types = source.get("weight_types") or {}
+    converted = {name: {"type": kind, "now": now.get(name, "?")} for name, kind in sorted(types.items())
+                 if kind not in DENSE_TYPES and name not in imported}
+    if not imported and not converted:
+        return None
+    by_type: dict[str, int] = {}
+    for kind in imported.values():
+        by_type[kind] = by_type.get(kind, 0) + 1
+    return {"exact": dict(sorted(imported.items())), "exact_by_type": dict(sorted(by_type.items())),
+            "converted": converted, "notes": list(source.get("notes") or [])}
+
+
+def format_import(info: dict[str, Any], shown: int = 6) -> list[str]:
+    counts = ", ".join(f"{kind} ×{n}" for kind, n in info["exact_by_type"].items()) or "none"
+    lines = [f"imported exact (the source's codes, never requantized): {len(info['exact'])} weights ({counts})"]
+    converted = info["converted"]
+    if converted:
+        items = [f"{name} ({row['type']} -> {row['now']})" for name, row in list(converted.items())[:shown]]
+        more = f", and {len(converted) - shown} more" if len(converted) > shown else ""
+        lines.append(f"converted (dequantized from the source type): {len(converted)}: " + ", ".join(items) + more)
+    lines += [f"  note: {note}" for note in info["notes"]]
+    return lines
+
+
 def describe(path: str | Path) -> tuple[dict[str, Any], Module]:
     """(summary dict, module) for an artifact directory or any loadable model."""
     path = Path(path)
@@ -73,6 +104,12 @@ def describe(path: str | Path) -> tuple[dict[str, Any], Module]:
         }
         if module.meta.get("precision_plan") is not None:
             summary["precision"] = precision_summary(module, m["weights"]["table"])
+        plan = module.meta.get("precision_plan") or {}
+        now = {name: _scheme_name(plan[name]) if plan.get(name) else t.dtype for name, t in module.weights.items()}
+        now.update({name: _scheme_name(s) for name, s in plan.items() if s})
+        imported = import_summary(module.meta.get("imported_types") or {}, m["provenance"].get("source") or {}, now)
+        if imported:
+            summary["import"] = imported
         experts = experts_summary(module, {k: v["bytes"] for k, v in m["weights"]["table"].items()})
         if experts:
             summary["experts"] = experts
@@ -104,6 +141,10 @@ def describe(path: str | Path) -> tuple[dict[str, Any], Module]:
     experts = experts_summary(model.module, {k: int(w.nbytes) for k, w in model.weights.items()})
     if experts:
         summary["experts"] = experts
+    now = {name: f"{w.dtype} (the plan decides at compile)" for name, w in model.weights.items()}
+    imported = import_summary(getattr(model, "quantized_types", {}), model.source, now)
+    if imported:
+        summary["import"] = imported
     return summary, model.module
 
 
@@ -132,6 +173,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         for layer, row in sorted(p["layers"].items(), key=lambda kv: _layer_key(kv[0])):
             lines.append(f"  {layer:<12} {row['bytes']:>12,} {row['bits_per_weight']:>7.3f}  "
                          f"{', '.join(row['schemes']) or '-'}")
+    if "import" in summary:
+        lines += format_import(summary["import"])
     if "experts" in summary:
         lines += format_experts(summary["experts"])
     if "kv_plan" in summary:

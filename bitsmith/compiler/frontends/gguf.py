@@ -38,13 +38,13 @@ def load_gguf(path: str | Path) -> Checkpoint | LoadedModel:
     (`quantized`, imported as they are) next to their dequantized float32 values; source["notes"] says what did not.
     """
     path = require_path(path, "GGUF file")
-    reader, meta, cfg, state, types, codes, notes = _read(path)
+    reader, meta, cfg, state, types, codes, notes, kinds = _read(path)
     source = {"path": str(path), "format": "gguf", "files": {path.name: sha256_file(path)},
               "gguf_architecture": meta["general.architecture"], "gguf_types": dict(sorted(types.items()))}
     tokenizer, dtype = gguf_tokenizer(path, meta), _storage_dtype(reader)
     if cfg["model_type"] not in HAND_WRITTEN:
         loaded = _traced(cfg, state, tokenizer, source, dtype, path)
-        _attach(loaded, _traced_exact(loaded.module, codes, notes), state, codes, notes)
+        _attach(loaded, _traced_exact(loaded.module, codes), kinds, codes, notes)
         return loaded
     config = config_from_hf(cfg)
     weights = {name.removeprefix("model."): w for name, w in state.items()}
@@ -54,19 +54,20 @@ def load_gguf(path: str | Path) -> Checkpoint | LoadedModel:
     exact = {name.removeprefix("model."): name for name in codes if name != "model." + EMBED}
     if config.tie_word_embeddings and "model." + EMBED in codes:  # the tied lm_head reads the embedding's codes
         exact[LM_HEAD] = "model." + EMBED
-    _attach(checkpoint, exact, state, codes, notes)
+    _attach(checkpoint, exact, kinds, codes, notes)
     return checkpoint
 
 
 def gguf_hf_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(HF config dict, HF state dict in float32) of a GGUF: the checkpoint llama.cpp's converter started from."""
-    _, _, cfg, state, _, _, _ = _read(require_path(path, "GGUF file"))
+    _, _, cfg, state, *_ = _read(require_path(path, "GGUF file"))
     return cfg, state
 
 
-def _attach(model: Checkpoint | LoadedModel, exact: dict[str, str], state: dict[str, np.ndarray], codes: Codes,
+def _attach(model: Checkpoint | LoadedModel, exact: dict[str, str], kinds: dict[str, str], codes: Codes,
             notes: list[str]) -> None:
-    """Give `model` the codes of `exact` (IR weight name -> HF name), the source type of every matrix and the notes.
+    """Give `model` the codes of `exact` (IR weight name -> HF name), the ggml type of every matrix (`kinds`: HF
+    name -> type; source["weight_types"], what `inspect` lists as exact or converted) and the notes.
 
     The embedding table stays float32 (exactly the GGUF's values): the lookup reads dense tables or bitsmith's own
     sym/asym packing, and no plan quantizes an embedding; a tied lm_head gets the codes as `lm_head.weight`.
@@ -80,11 +81,12 @@ def _attach(model: Checkpoint | LoadedModel, exact: dict[str, str], state: dict[
     for hf in sorted(set(codes) - set(exact.values()) - {"model." + EMBED}):
         notes.append(f"{hf.removeprefix('model.')} ({codes[hf][1]}) kept as float32: it is not read as the matrix of "
                      "a linear in the traced graph, so its codes cannot be imported")
-    model.source["weight_types"] = {name.removeprefix("model."): kind for name, kind in _matrix_types(state, codes)}
+    model.source["weight_types"] = {name.removeprefix("model."): kind for name, kind in sorted(kinds.items())}
     model.source["notes"] = notes
 
 
-def _read(path: Path) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, np.ndarray], Counter, Codes, list[str]]:
+def _read(path: Path) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, np.ndarray], Counter, Codes, list[str],
+                              dict[str, str]]:
     reader = _open_reader(path)
     meta = _metadata(reader, path)
     key = arch_key(meta, path)
@@ -94,8 +96,8 @@ def _read(path: Path) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, np
     if freqs is not None:  # llama3 RoPE scaling, stored as its per-frequency divisors
         cfg["rope_scaling"] = llama3_rope_scaling(np.asarray(freqs.data), cfg.get("rope_theta", 10000.0),
                                                   cfg["head_dim"], path)
-    state, types, codes, notes = _state_dict(reader, key, cfg, path)
-    return reader, meta, cfg, state, types, codes, notes
+    state, types, codes, notes, kinds = _state_dict(reader, key, cfg, path)
+    return reader, meta, cfg, state, types, codes, notes, kinds
 
 
 def _open_reader(path: Path) -> Any:
@@ -127,14 +129,16 @@ def _metadata(reader: Any, path: Path) -> dict[str, Any]:
 
 
 def _state_dict(reader: Any, key: str, cfg: dict[str, Any], path: Path
-                ) -> tuple[dict[str, np.ndarray], Counter, Codes, list[str]]:
+                ) -> tuple[dict[str, np.ndarray], Counter, Codes, list[str], dict[str, str]]:
     """Every tensor dequantized to float32 under its HF name, the converter's changes undone; the type counts; the
-    exact codes of the 2-D tensors whose type maps onto a scheme; and notes on what came in inexact."""
+    exact codes of the 2-D tensors whose type maps onto a scheme; notes on what came in inexact; and the ggml type
+    of every weight of 2 or more dims (HF name -> type)."""
     state: dict[str, np.ndarray] = {}
     halves: dict[str, list] = {}  # fused gate_up_proj of experts: [gate, up]
     types: Counter = Counter()
     codes: Codes = {}
     inexact: Counter = Counter()  # (ggml type, why) -> tensors
+    kinds: dict[str, str] = {}
     bar = tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", leave=False, disable=len(reader.tensors) < 64)
     for tensor in bar:
         if tensor.name == "rope_freqs.weight":  # read into cfg["rope_scaling"]
@@ -149,6 +153,8 @@ def _state_dict(reader: Any, key: str, cfg: dict[str, Any], path: Path
                                 where=str(path), fix=FIX_HF) from exc
         w = np.array(undo_conversion(key, tensor.name, w, cfg), dtype=np.float32)  # owned, not the memory map
         kind = tensor.tensor_type.name
+        if len(shape) >= 2:
+            kinds[name] = kind
         if kind in GGUF_SCHEMES and len(shape) == 2 and half is None:
             qw = undo_conversion_codes(key, tensor.name, decode(kind, tensor.data, shape[1]), cfg)
             if qw is None:
@@ -171,17 +177,13 @@ def _state_dict(reader: Any, key: str, cfg: dict[str, Any], path: Path
         state[name] = np.concatenate([gate, up], axis=1)  # [n_expert, 2 * ff, hidden], gate first
     notes = [f"{n} {kind} tensor{'s' * (n > 1)} dequantized to float32 (then the plan decides): {why}"
              for (kind, why), n in sorted(inexact.items())]
-    return state, types, codes, notes
+    return state, types, codes, notes, kinds
 
 
-def _matrix_types(state: dict[str, np.ndarray], codes: Codes) -> list[tuple[str, str]]:
-    """(HF name, ggml type or "float") of every weight with 2 or more dims, sorted: what `inspect` lists."""
-    return sorted((name, codes[name][1] if name in codes else "float") for name, w in state.items() if w.ndim >= 2)
-
-
-def _traced_exact(module: Module, codes: Codes, notes: list[str]) -> dict[str, str]:
+def _traced_exact(module: Module, codes: Codes) -> dict[str, str]:
     """IR weight name -> HF name of the codes a traced module can import: weights read only as a linear's matrix
-    (what assign_precision quantizes), and the embedding's codes as `lm_head.weight` when it is tied."""
+    (what assign_precision quantizes), and the embedding's codes for a tied lm_head (traced as the embedding
+    read by a linear too, or as its own `lm_head.weight`)."""
     uses: dict[str, set[str]] = {}
     for fn in module.functions.values():
         producer = {n.outputs[0]: n.attrs["name"] for n in fn.nodes if n.op == "weight"}
@@ -196,6 +198,10 @@ def _traced_exact(module: Module, codes: Codes, notes: list[str]) -> dict[str, s
             exact[ir] = hf
         elif ir == EMBED and uses.get(ir) == {"embedding:0", "linear:1"} and LM_HEAD not in module.weights:
             exact[LM_HEAD] = hf
+    tied = "model." + EMBED
+    if tied in codes and "lm_head.weight" not in codes and uses.get(LM_HEAD) == {"linear:1"} and (
+            module.weights[LM_HEAD].shape == codes[tied][0].q.shape):
+        exact[LM_HEAD] = tied
     return exact
 
 

@@ -61,6 +61,7 @@ import sys, llama_cpp
 llama_cpp.llama_backend_init()
 params = llama_cpp.llama_model_quantize_default_params()
 params.ftype, params.nthread, params.pure = int(sys.argv[3]), 2, sys.argv[4] == "pure"
+params.allow_requantize = len(sys.argv) > 5 and sys.argv[5] == "requantize"
 sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params))
 """
 _SENTENCEPIECE = """
@@ -174,10 +175,11 @@ def convert(hf_dir: Path, out: Path, outtype: str = "f32") -> Path:
     return out
 
 
-def quantize(src: Path, dst: Path, ftype: str, pure: bool = False) -> Path:
+def quantize(src: Path, dst: Path, ftype: str, pure: bool = False, allow_requantize: bool = False) -> Path:
+    """llama_model_quantize `src` to `ftype`; allow_requantize: from an already quantized file (its values)."""
     python, _ = peer()
-    _run([python, "-c", _QUANTIZE, src, dst, FTYPES[ftype], "pure" if pure else "mixed"],
-         f"llama_model_quantize {ftype}")
+    _run([python, "-c", _QUANTIZE, src, dst, FTYPES[ftype], "pure" if pure else "mixed",
+          "requantize" if allow_requantize else "no"], f"llama_model_quantize {ftype}")
     return dst
 
 
@@ -254,3 +256,44 @@ def llamacpp_greedy(path: Path, ids: list[int], n: int, timeout: float = 600) ->
     if proc.returncode != 0:
         raise AssertionError(f"llama.cpp greedy failed ({proc.returncode}): {proc.stderr.strip()[-1500:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+_LLAMACPP_ALL_LOGITS = """
+import json, sys, numpy as np
+from llama_cpp import Llama
+ids = json.loads(open(sys.argv[2]).read())
+m = Llama(model_path=sys.argv[1], n_ctx=len(ids), n_batch=512, logits_all=True, verbose=False, n_threads=2)
+m.eval(ids)
+np.save(sys.argv[3], np.array(m.scores[:len(ids)], dtype=np.float32))
+"""
+
+
+def llamacpp_logits(path: Path, ids: list[int], workdir: Path) -> np.ndarray:
+    """float32 [len(ids), vocab]: llama.cpp's logits at every position of `ids`, evaluated as one batch."""
+    python, _ = peer()
+    (workdir / "ids.json").write_text(json.dumps(ids))
+    _run([python, "-c", _LLAMACPP_ALL_LOGITS, path, workdir / "ids.json", workdir / "logits.npy"], "llama.cpp logits")
+    return np.load(workdir / "logits.npy")
+
+
+def f32_expansion(src: Path, dst: Path) -> Path:
+    """`src` with every tensor dequantized to F32 by gguf-py (same metadata): the model the file's codes stand for,
+    which llama.cpp then runs in float (its quantized kernels round activations to 8 bits; on F32 it does not)."""
+    import gguf
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
+    for field in reader.fields.values():
+        if not field.name.startswith("GGUF.") and field.name not in ("general.architecture", "general.file_type"):
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), field.types[0], sub)
+    writer.add_file_type(0)  # LLAMA_FTYPE_ALL_F32
+    for t in reader.tensors:
+        shape = [int(d) for d in reversed(t.shape)]
+        writer.add_tensor(t.name, np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
