@@ -360,7 +360,7 @@ def test_scales_float16_cannot_hold_are_requantized_with_a_note(tmp_path):
     assert "not all representable in float16" in notes["layers.0.mlp.up_proj.weight"]
     assert "nearest: requantize to int4-g32-sym" in notes["layers.0.mlp.up_proj.weight"]
     assert ckpt.source["weight_types"]["layers.0.mlp.up_proj.weight"] == "compressed-tensors-int4-g32"
-    assert [n.split(" (")[0] for n in ckpt.source["notes"]] == ["14 layer(s) requantized, not exact"]
+    assert [n.split(" (")[0] for n in ckpt.source["notes"]] == ["14 layer(s) not exact"]
     assert "scales are not all representable in float16" in ckpt.source["notes"][0]
 
 

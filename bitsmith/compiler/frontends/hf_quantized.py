@@ -56,8 +56,9 @@ class ImportResult:
         for name, reason in sorted(self.requantized.items()):
             by_reason.setdefault(reason, []).append(name)
         notes = list(self.notes) + [
-            f"{len(names)} layer(s) requantized, not exact ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-            f": {reason}" for reason, names in by_reason.items()]
+            f"{len(names)} layer(s) not exact ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): {reason}; "
+            "they come in as their float32 values (quantized again only by --method/--scheme)"
+            for reason, names in by_reason.items()]
         summary = {"method": method, "exact": len(self.quantized), "types": sorted(set(self.exact_types().values())),
                    "requantized": dict(sorted(self.requantized.items()))}
         return {"weight_types": dict(sorted(self.types.items())), "notes": notes, "quantized_import": summary}
