@@ -385,6 +385,10 @@ def test_unsupported_quantized_checkpoints_are_refused_by_name(tmp_path):
         (tmp_path / "m" / "config.json").write_text(json.dumps(config | {"quantization_config": qc_changed}))
         with pytest.raises(BitsmithError, match=message):
             load_hf(tmp_path / "m")
+    qc_changed = config["quantization_config"] | {"bits": 3}  # 4-bit tensors read as 3-bit: the sizes disagree
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config | {"quantization_config": qc_changed}))
+    with pytest.raises(BitsmithError, match="layout: model.layers.0.mlp.down_proj: packed axis 0 has 16 words"):
+        load_hf(tmp_path / "m")
     (tmp_path / "m" / "config.json").write_text(json.dumps(config | {"model_type": "gpt2"}))
     with pytest.raises(BitsmithError, match="gptq tensors do not match transformers' 'gpt2' model: missing"):
         load_hf(tmp_path / "m")

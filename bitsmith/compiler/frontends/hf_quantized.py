@@ -147,6 +147,13 @@ def _read(weights: dict[str, Any], name: str, where: str, required: bool = True)
 Layers = dict[str, tuple[UnpackedCodes, int, str]]  # layer name -> (codes, source group size, source type name)
 
 
+def _unpacked(name: str, unpack: Callable[..., UnpackedCodes], *args: Any, **kwargs: Any) -> UnpackedCodes:
+    try:
+        return unpack(*args, **kwargs)
+    except FormatError as exc:  # name the layer (import_quantized adds the file)
+        raise FormatError(f"{checkpoint_name(name)}: {exc}") from exc
+
+
 def _gptq_layers(qc: Mapping[str, Any], weights: dict[str, Any], where: str, notes: list[str]) -> Layers:
     fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
     if fmt not in ("gptq", "gptq_v2"):
@@ -170,7 +177,7 @@ def _gptq_layers(qc: Mapping[str, Any], weights: dict[str, Any], where: str, not
                                 fix="import 2/3/4/8-bit GPTQ checkpoints")
         tensors = [_read(weights, f"{name}.{t}", where) for t in ("qweight", "qzeros", "scales")]
         g_idx = _read(weights, f"{name}.g_idx", where, required=False)
-        codes = unpack_gptq(*tensors, g_idx, bits, group, v1=fmt == "gptq")
+        codes = _unpacked(name, unpack_gptq, *tensors, g_idx, bits, group, v1=fmt == "gptq")
         layers[name] = (codes, group, f"gptq{'-v2' if fmt == 'gptq_v2' else ''}-int{bits}-g{group}")
     return layers
 
@@ -188,7 +195,7 @@ def _awq_layers(qc: Mapping[str, Any], weights: dict[str, Any], where: str, note
     layers = {}
     for name in _module_names(weights, ".qweight"):
         tensors = [_read(weights, f"{name}.{t}", where) for t in ("qweight", "qzeros", "scales")]
-        layers[name] = (unpack_awq(*tensors, bits, group), group, f"awq-int{bits}-g{group}")
+        layers[name] = (_unpacked(name, unpack_awq, *tensors, bits, group), group, f"awq-int{bits}-g{group}")
     return layers
 
 
@@ -243,7 +250,7 @@ def _ct_layers(qc: Mapping[str, Any], weights: dict[str, Any], where: str, notes
         g_idx = _read(weights, f"{name}.weight_g_idx", where, required=False)
         if w.get("symmetric", True):
             zp = None  # a symmetric scheme's zero point is 0 (stored or not)
-        codes = unpack_compressed(packed, scale, zp, shape, bits, size, g_idx)
+        codes = _unpacked(name, unpack_compressed, packed, scale, zp, shape, bits, size, g_idx)
         layers[name] = (codes, size, f"compressed-tensors-int{bits}-{f'g{size}' if size > 0 else strategy}")
     return layers
 
@@ -261,7 +268,8 @@ READERS: dict[str, Callable[..., Layers]] = {
 
 
 def import_quantized(cfg: Mapping[str, Any], weights: dict[str, Any], where: str) -> ImportResult:
-    """Replace the packed tensors of `weights` (names without "model.") by float32 `<layer>.weight`; return the codes.
+    """Replace the packed tensors of `weights` by float32 `<layer>.weight`; return the codes. Names are the
+    checkpoint's, or (hand-written frontend) with "model." stripped from the decoder layers.
 
     The float32 weight is the source's own dequantization, (q - z) * s in float32 (exact for fp16/bf16 scales)."""
     method = quantization_method(cfg)
