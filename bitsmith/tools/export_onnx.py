@@ -85,21 +85,22 @@ def tokenizer_config(path: Path, tok: dict[str, Any]) -> dict[str, Any]:
 def genai_config(artifact: Artifact) -> dict[str, Any]:
     """onnxruntime-genai's genai_config.json for this graph (greedy search by default)."""
     cfg, tok = artifact.config, artifact.manifest["tokenizer"] or {}
+    layers, _, _, kvh, head_dim = artifact.manifest["ir"]["functions"]["prefill"]["inputs"][2][1]["shape"]
     eos = tok.get("eos_token_ids") or [cfg.get("eos_token_id")]
     return {"model": {
         "bos_token_id": tok.get("bos_token_id", cfg.get("bos_token_id")),
         "context_length": artifact.max_context,
         "decoder": {
             "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-            "filename": MODEL_FILE, "head_size": cfg["head_dim"], "hidden_size": cfg["hidden_size"],
+            "filename": MODEL_FILE, "head_size": head_dim, "hidden_size": cfg.get("hidden_size"),
             "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
                        "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
             "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                         "present_value_names": "present.%d.value"},
-            "num_attention_heads": cfg["num_heads"], "num_hidden_layers": cfg["num_layers"],
-            "num_key_value_heads": cfg["num_kv_heads"]},
+            "num_attention_heads": cfg.get("num_heads", kvh), "num_hidden_layers": layers,
+            "num_key_value_heads": kvh},
         "eos_token_id": eos if len(eos) > 1 else eos[0], "pad_token_id": cfg.get("pad_token_id") or eos[0],
-        "type": "llama", "vocab_size": cfg["vocab_size"]},
+        "type": "llama", "vocab_size": cfg.get("vocab_size")},
         "search": {"do_sample": False, "early_stopping": True, "max_length": artifact.max_context, "min_length": 0,
                    "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": False,
                    "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0}}
@@ -129,6 +130,8 @@ class _Translator:
                                 fix="export an artifact of a decoder compiled by this bitsmith")
         self.values[names[0]], self.values[names[1]] = "input_ids", "position_ids"
         self.cache_values.add(names[2])
+        cache_shape = self.fn["inputs"][2][1]["shape"]  # [layers, 2, ctx, kv_heads, head_dim]
+        self.n_layers, self.kv_heads, self.head_dim = cache_shape[0], cache_shape[3], cache_shape[4]
         kv_dtypes = {n["attrs"].get("kv_dtype", "float32") for n in self.fn["nodes"] if n["op"] == "attention"}
         self.kv_dtype = "float16" if kv_dtypes == {"float16"} else "float32"
         if kv_dtypes - {"float16", "float32"}:
@@ -139,12 +142,12 @@ class _Translator:
         logits = self.values[self.fn["outputs"][0]]
         self.g.node("Identity", [logits], out="logits")
         kv_elem = TensorProto.FLOAT16 if self.kv_dtype == "float16" else TensorProto.FLOAT
-        kvh, hd = cfg["num_kv_heads"], cfg["head_dim"]
+        kvh, hd = self.kv_heads, self.head_dim
         inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
                   helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_seq"]),
                   helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"])]
-        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", cfg["vocab_size"]])]
-        for i in range(cfg["num_layers"]):
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", cfg.get("vocab_size", "vocab")])]
+        for i in range(self.n_layers):
             for kind in ("key", "value"):
                 inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", kv_elem,
                                                             ["batch", kvh, "past_seq", hd]))
@@ -196,8 +199,8 @@ class _Translator:
             if key not in self.bias:
                 self.bias[key] = causal_bias(g, key[1])
             q, k, v = (self._in(x) for x in ins[:3])
-            self.values[outs[0]] = attention(g, q, k, v, layer, self.bias[key], attrs, self.artifact.config,
-                                             attrs.get("kv_dtype", "float32"), self.kv_dtype)
+            self.values[outs[0]] = attention(g, q, k, v, layer, self.bias[key], attrs, self.kv_heads,
+                                             self.head_dim, attrs.get("kv_dtype", "float32"), self.kv_dtype)
             self.cache_values.add(outs[1])
             return
         if op == "qlinear":
@@ -225,7 +228,7 @@ class _Translator:
             scale = x[1] if len(x) > 1 else g.const(np.ones(1, np.float32), None)
             out = g.node("LayerNormalization", [x[0], scale] + x[2:3], axis=-1, epsilon=float(attrs["eps"]))
         elif op == "rope":
-            out = rope(g, x[0], x[1], {"rotary_dim": self.artifact.config["head_dim"], **attrs})
+            out = rope(g, x[0], x[1], {"rotary_dim": self.head_dim, **attrs})
         elif op == "silu":
             out = g.node("Mul", [x[0], g.node("Sigmoid", [x[0]])])
         elif op == "gelu":
@@ -240,6 +243,20 @@ class _Translator:
             out = g.node(BINARY[op], x)
         elif op == "softmax":
             out = g.node("Softmax", x, axis=_shift_axis(attrs.get("axis", -1)))
+        elif op == "slice":
+            step = attrs.get("step", 1)
+            if step is None or step <= 0:
+                raise BitsmithError(f"slice with step {step} (node {outs[0]})", where="onnx export",
+                                    fix="only forward slices are exported")
+            start = 0 if attrs["start"] is None else attrs["start"]
+            end = 1 << 62 if attrs["end"] is None else attrs["end"]
+            out = g.node("Slice", [x[0]] + [g.const(np.array([v]), None) for v in
+                                            (start, end, _shift_axis(attrs["axis"]), step)])
+        elif op == "concat":
+            out = g.node("Concat", x, axis=_shift_axis(attrs["axis"]))
+        elif op == "mean":
+            axes = np.array([_shift_axis(a) for a in attrs["axes"]])
+            out = g.node("ReduceMean", [x[0], g.const(axes, None)], keepdims=int(bool(attrs.get("keepdim", False))))
         elif op == "transpose":
             out = g.node("Transpose", x, perm=[0] + [p + 1 for p in attrs["perm"]])
         elif op == "reshape":
@@ -250,8 +267,8 @@ class _Translator:
             out = g.node("Reshape", [x[0], g.const(np.array([0, 0] + shape[1:], dtype=np.int64), None)])
         else:
             raise BitsmithError(f"IR op {op!r} (node {outs[0]}) has no ONNX translation", where="onnx export",
-                                fix="export a llama-family decoder (embedding, norms, rope, attention, linear/qlinear, "
-                                    "elementwise ops)")
+                                fix="dense decoders export (the 17 non-MoE families of the README); MoE routing "
+                                    "(router/moe/qmoe) has no ONNX translation yet")
         self.values[outs[0]] = out
 
     def _qlinear(self, node: dict[str, Any]) -> str:

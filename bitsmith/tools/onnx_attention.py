@@ -115,14 +115,13 @@ def _kv_store(g: GraphBuilder, t: str, kv_dtype: str, io_dtype: str) -> str:
     return t
 
 
-def attention(g: GraphBuilder, q: str, k: str, v: str, layer: int, bias: str, attrs: dict[str, Any],
-              cfg: dict[str, Any], kv_dtype: str, io_dtype: str) -> str:
+def attention(g: GraphBuilder, q: str, k: str, v: str, layer: int, bias: str, attrs: dict[str, Any], kvh: int,
+              d: int, kv_dtype: str, io_dtype: str) -> str:
     """q [B, S, H, d], k/v [B, S, kvh, d] -> [B, S, H, d]; appends k/v to past_key_values.{layer}.* as present.*.
 
     GQA without copies: q heads h = kv * rep + r regrouped as [B, kvh, rep*S, d] (row r*S + i), so one batched
-    MatMul per kv head scores all its query heads; the [B, 1, S, T] mask is tiled rep times along the rows."""
-    heads, kvh, d = cfg["num_heads"], cfg["num_kv_heads"], cfg["head_dim"]
-    rep = heads // kvh
+    MatMul per kv head scores all its query heads; the [B, 1, S, T] mask is tiled rep = H / kvh times along the
+    rows (H read from q's shape at run time: traced families' configs need not name it)."""
     perm = [0, 2, 1, 3]
     present = []
     for kind, t in (("key", k), ("value", v)):
@@ -130,18 +129,19 @@ def attention(g: GraphBuilder, q: str, k: str, v: str, layer: int, bias: str, at
         cat = g.node("Concat", [f"past_key_values.{layer}.{kind}", stored], out=f"present.{layer}.{kind}", axis=2)
         present.append(g.node("Cast", [cat], to=TensorProto.FLOAT) if io_dtype == "float16" else cat)
     keys, values = present
-    qg = g.node("Reshape", [g.node("Transpose", [q], perm=perm), g.const(np.array([0, kvh, -1, d]), None)])
+    qt = g.node("Transpose", [q], perm=perm)  # [B, H, S, d]
+    qg = g.node("Reshape", [qt, g.const(np.array([0, kvh, -1, d]), None)])
     scores = g.node("MatMul", [qg, g.node("Transpose", [keys], perm=[0, 1, 3, 2])])  # [B, kvh, rep*S, T]
     scores = g.node("Mul", [scores, g.const(np.float32(attrs["scale"]), None)])
     if attrs.get("softcap"):  # Gemma 2: softcap * tanh(scores / softcap)
         cap = g.const(np.float32(attrs["softcap"]), None)
         scores = g.node("Mul", [g.node("Tanh", [g.node("Div", [scores, cap])]), cap])
-    if rep > 1:
-        key = f"tiled:{bias}:{rep}"
-        if key not in g.cache:
-            g.cache[key] = g.node("Tile", [bias, g.const(np.array([1, 1, rep, 1]), None)])
-        bias = g.cache[key]
-    probs = g.node("Softmax", [g.node("Add", [scores, bias])], axis=-1)
+    shape = g.node("Shape", [qt])
+    rep = g.node("Div", [g.node("Gather", [shape, g.const(np.array([1]), None)], axis=0),
+                         g.const(np.array([kvh]), None)])
+    one = g.const(np.array([1]), None)
+    tiled = g.node("Tile", [bias, g.node("Concat", [one, one, rep, one], axis=0)])
+    probs = g.node("Softmax", [g.node("Add", [scores, tiled])], axis=-1)
     out = g.node("MatMul", [probs, values])  # [B, kvh, rep*S, d]
-    out = g.node("Reshape", [out, g.const(np.array([0, heads, -1, d]), None)])
+    out = g.node("Reshape", [out, shape])  # [B, H, S, d]
     return g.node("Transpose", [out], perm=perm)  # [B, S, H, d]
