@@ -62,6 +62,8 @@ def quantize_layer(w: np.ndarray, bits: int, group: int, sym: bool, act_order: b
             s, z = np.maximum(np.abs(lo), np.abs(hi)) / (qmax // 2), np.full(out, 1 << (bits - 1))
         else:  # zero points in [1, qmax - 1]: a v1 writer cannot store 0 (it writes z - 1)
             s = (hi - lo) / qmax
+        s = np.where(s > 0, s, 1.0)  # an all-zero row (the padding token's embedding, as a tied lm_head)
+        if not sym:
             z = np.clip(np.round(-lo / s), 1, qmax - 1)
         scales[:, j], zeros[:, j] = s.astype(np.float16), z
         q[:, cols] = np.clip(np.round(w[:, cols] / scales[:, j:j + 1].astype(np.float32) + z[:, None]), 0, qmax)
@@ -93,7 +95,7 @@ def write_compressed(codes: UnpackedCodes, scale_dtype) -> dict[str, np.ndarray]
 
 
 def write_checkpoint(directory: Path, quantization_config: dict, bits, group: int, sym: bool, act_order: bool,
-                     writer, seed: int = 0, lm_head: bool = False, family: str | None = None):
+                     writer, seed: int = 0, lm_head: bool = False, family: str | None = None, tie: bool = False):
     """A tiny random Llama (every packed axis a multiple of 32), or the zoo's `family`, with every decoder linear
     quantized by `writer`; returns the transformers model holding the reference dequantized weights, and {weight
     name: reference UnpackedCodes}."""
@@ -106,14 +108,16 @@ def write_checkpoint(directory: Path, quantization_config: dict, bits, group: in
 
         model = zoo_model(family, seed)
     else:
-        config = tiny_hf_config("llama")
+        config = tiny_hf_config("llama", tie)
         config.intermediate_size = 128
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if model.config.tie_word_embeddings and lm_head:  # a quantized lm_head is its own matrix: untie the reference
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     rng = np.random.default_rng(seed)
     state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
-    if model.config.tie_word_embeddings:
+    if model.config.tie_word_embeddings and not lm_head:
         state.pop("lm_head.weight", None)
     refs = {}
     for name in names + (["lm_head"] if lm_head else []):
@@ -190,7 +194,7 @@ def test_unpack_bits_inverts_a_dense_bit_stream(bits, axis):
     assert np.array_equal(unpack_bits(words, bits, 70, axis), codes)
 
 
-GPTQ_CASES = {  # id: (bits, group, sym, act_order, v1, lm_head)
+GPTQ_CASES = {  # id: (bits, group, sym, act_order, v1, lm_head: quantized, and the model tied)
     "int4-g32-sym-actorder-v1": (4, 32, True, True, True, False),
     "int4-g32-asym-v2-lm_head": (4, 32, False, False, False, True),
     "int3-g32-asym-actorder-v1": (3, 32, False, True, True, False),
@@ -205,7 +209,7 @@ def test_gptq_imports_exactly_and_matches_transformers(case, tmp_path):
     qc = {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym, "desc_act": act_order,
           "checkpoint_format": "gptq" if v1 else "gptq_v2", "lm_head": lm_head}
     model, refs = write_checkpoint(tmp_path / "gptq", qc, bits, group, sym, act_order,
-                                   lambda c: write_gptq(c, v1), lm_head=lm_head)
+                                   lambda c: write_gptq(c, v1), lm_head=lm_head, tie=lm_head)
     ckpt = load_hf(tmp_path / "gptq")
     assert_exact_import(ckpt, refs, bits, group, sym, act_order)
     assert set(ckpt.quantized_types.values()) == {f"gptq{'' if v1 else '-v2'}-int{bits}-g{group}"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,9 @@ def load_hf(directory: str | Path) -> Checkpoint | LoadedModel:
     weights = read_safetensors(files)
     where = str(directory)
     imported = import_quantized(cfg, weights, where) if method else None
+    if imported and config.tie_word_embeddings and "lm_head.weight" in imported.weights:
+        config = dataclasses.replace(config, tie_word_embeddings=False)  # its own (quantized) matrix now
+        imported.notes.append("lm_head is quantized in the checkpoint: untied from the float embeddings")
     if imported:
         drop_zero_biases(weights, imported, set(expected_weight_shapes(config)))
     tie_embeddings(config, weights, where)
