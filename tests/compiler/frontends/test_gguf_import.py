@@ -181,11 +181,13 @@ CHAT = "<|im_start|>user\nWhat is the capital of France, and why is it famous?<|
 
 
 def greedy(artifact, ids: list[int], n: int) -> list[int]:
+    """n greedy tokens on the artifact's kernels, or on the reference executor when it has none."""
     from bitsmith.runtime.generate import generate
     from bitsmith.runtime.sampling import SamplingParams
     from bitsmith.tools.run import open_session
 
-    session = open_session(artifact, "reference", len(ids) + n + 1)
+    executor = "compiled" if artifact.manifest.get("kernels") else "reference"
+    session = open_session(artifact, executor, len(ids) + n + 1)
     return [int(t) for t in generate(session, ids, n, SamplingParams(temperature=0.0))]
 
 
@@ -206,10 +208,10 @@ def assert_llamacpps_greedy(path: Path, artifact, ids: list[int], n: int, workdi
 
 
 def test_smollm2_q4_1_perplexity_is_llamacpps(shared_data, tmp_path):
-    """SmolLM2 Q4_1 imported (no --scheme): `bitsmith eval`'s perplexity is the dequantized float model's
-    (the codes are the reference) and llama.cpp's on the same windows: on the F32 expansion of the file within
-    1e-3 (measured 3e-5), on the Q4_1 file itself within 1% (its kernels round activations to 8 bits: measured
-    +0.65% on 2044 wikitext tokens, ctx 512)."""
+    """SmolLM2 Q4_1 imported (no --scheme), host kernels: `bitsmith eval`'s perplexity is the dequantized float
+    model's (the codes are the reference) and llama.cpp's on the same windows: on the F32 expansion of the file
+    within 1e-3 (measured 3e-5), on the Q4_1 file itself within 1% (its kernels round activations to 8 bits, which
+    costs it perplexity: measured +0.47% on 4088 wikitext tokens at ctx 512, +0.65% on 2044; bench/interop.md)."""
     from bitsmith.tools.evaluate import evaluate, windows_of
 
     if not SMOLLM2_Q4_1.exists():
@@ -219,8 +221,8 @@ def test_smollm2_q4_1_perplexity_is_llamacpps(shared_data, tmp_path):
     art = compile_smollm2(SMOLLM2_Q4_1, tmp_path / "imp")
     assert art.manifest["ir"]["meta"]["imported_types"]["lm_head.weight"] == "Q8_0"
     assert len(art.manifest["ir"]["meta"]["imported_types"]) == 211  # every matrix, and the tied lm_head
-    result = evaluate(tmp_path / "imp", text, 512, 256, executor="reference")  # reference: the source, dequantized
-    assert abs(result.ppl / result.ref_ppl - 1) < 1e-6 and result.kld_mean < 1e-9
+    result = evaluate(tmp_path / "imp", text, 512, 256)  # on the kernels; the reference: the source, dequantized
+    assert abs(result.ppl / result.ref_ppl - 1) < 1e-4 and result.kld_mean < 1e-5  # summation order only
     tok = art.tokenizer()
     windows = windows_of(tok.encode(text, add_bos=False)[:512], 256, tok.bos_token_id if tok.add_bos else None)
     exact = peer.llamacpp_nll(peer.f32_expansion(SMOLLM2_Q4_1, tmp_path / "f32.gguf"), windows, tmp_path)
@@ -230,11 +232,12 @@ def test_smollm2_q4_1_perplexity_is_llamacpps(shared_data, tmp_path):
 
 
 def compile_smollm2(src: Path, out: Path):
+    """Imported as it is (no --scheme), dense weights float32, host kernels (cached in .test-cache/kernels)."""
     from bitsmith.options import CompileOptions, MemoryOptions, TargetOptions
     from bitsmith.pipeline import compile_model
     from bitsmith.runtime.artifact import load_artifact
 
-    options = CompileOptions(dtype="float32", target=TargetOptions(name="none"),
+    options = CompileOptions(dtype="float32", target=TargetOptions(name="host"),
                              memory=MemoryOptions(context=512, kv_dtype="float32"))
     return load_artifact(compile_model(src, out, options))
 
