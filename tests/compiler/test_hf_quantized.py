@@ -228,14 +228,14 @@ def test_gptq_imports_exactly_and_matches_transformers(case, tmp_path):
         assert ir.count('"qlinear"') == 2 * len(refs) and ir.count('"has_perm": true') == 2 * len(refs) * act_order
 
 
-@pytest.mark.parametrize("family", ["phi3", "gemma"])
-def test_traced_families_keep_the_codes_of_their_linears(family, tmp_path):
+@pytest.mark.parametrize("family,lm_head", [("phi3", False), ("gemma", True)])
+def test_traced_families_keep_the_codes_of_their_linears(family, lm_head, tmp_path):
     """Architectures without a hand-written IR: dequantized, traced, and every linear's codes kept (Phi-3's fused
-    qkv and gate/up projections too); GPTQ v1 int4 g32 asym with act-order."""
+    qkv and gate/up projections too; Gemma's quantized lm_head, untied); GPTQ v1 int4 g32 asym with act-order."""
     qc = {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False, "desc_act": True,
-          "checkpoint_format": "gptq"}
+          "checkpoint_format": "gptq", "lm_head": lm_head}
     model, refs = write_checkpoint(tmp_path / family, qc, 4, 32, False, True, lambda c: write_gptq(c, True),
-                                   family=family)
+                                   family=family, lm_head=lm_head)
     loaded = load_hf(tmp_path / family)
     assert set(loaded.quantized) == set(refs) and loaded.source["quantized_import"]["requantized"] == {}
     for name, ref in refs.items():

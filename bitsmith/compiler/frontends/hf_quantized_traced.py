@@ -44,6 +44,9 @@ def load_quantized_traced(directory: Path, cfg: dict[str, Any], files: list[Path
         tensors.update(stored_tensors(path))
     imported = import_quantized(cfg, tensors, where)  # full checkpoint names ("model.layers.0...")
     plain = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    if "lm_head.weight" in imported.weights and plain.get("tie_word_embeddings"):  # its own (quantized) matrix now
+        plain["tie_word_embeddings"] = False
+        imported.notes.append("lm_head is quantized in the checkpoint: untied from the float embeddings")
     config = transformers.AutoConfig.for_model(**plain)
     with no_init_weights():  # parameters are replaced below; buffers such as RoPE frequencies are built
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
