@@ -466,7 +466,7 @@ def eval_command(artifact: Path, text_file: Path, tokens: int | None, ctx: int, 
                    "such tensor is reported with its max abs error); without it such a weight is refused.")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
               help="onnx: MatMulNBits accuracy_level; 4 quantizes activations to int8 per block (faster on CPU, "
-                   "~0.5%% relative output change), 0 keeps them float32.")
+                   "~0.5% relative output change), 0 keeps them float32.")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-tensor report as JSON.")
 @friendly_errors
 def export_command(artifact: Path, fmt: str, output: Path, allow_requantize: bool, accuracy_level: int,
