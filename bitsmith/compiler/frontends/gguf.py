@@ -76,8 +76,11 @@ def _attach(model: Checkpoint | LoadedModel, exact: dict[str, str], kinds: dict[
     model.quantized_types = {ir: codes[hf][1] for ir, hf in exact.items()}
     if "model." + EMBED in codes:
         kind = codes["model." + EMBED][1]
+        tied = "lm_head.weight" not in kinds
+        head = ("; the tied lm_head uses its codes" if exact.get(LM_HEAD) == "model." + EMBED else
+                "; the tied lm_head (one traced weight with the embedding) stays float too" if tied else "")
         notes.append(f"embed_tokens.weight ({kind}) kept as float32 (its exact GGUF values) for the embedding lookup"
-                     + ("; the tied lm_head uses its codes" if exact.get(LM_HEAD) == "model." + EMBED else ""))
+                     + head)
     for hf in sorted(set(codes) - set(exact.values()) - {"model." + EMBED}):
         notes.append(f"{hf.removeprefix('model.')} ({codes[hf][1]}) kept as float32: it is not read as the matrix of "
                      "a linear in the traced graph, so its codes cannot be imported")
