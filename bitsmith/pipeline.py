@@ -149,10 +149,6 @@ def run_pipeline(model: LoadedModel, options: CompileOptions, log: Callable[[str
 
 
 # ---------------------------------------------------------------------------------------- what options mean
-def storage_dtype(options: CompileOptions, model: LoadedModel) -> str:
-    """--dtype, else 16-bit for what a quantized artifact keeps dense, else the checkpoint's own dtype."""
-    if options.dtype:
-        return options.dtype
 def imported_schemes(options: CompileOptions, model: LoadedModel | None) -> dict[str, str]:
     """The weights a pre-quantized source gave codes for, each with its scheme's name ({} with --requantize)."""
     if model is None or options.quant.requantize:
@@ -160,6 +156,10 @@ def imported_schemes(options: CompileOptions, model: LoadedModel | None) -> dict
     return {name: qw.scheme.name for name, qw in getattr(model, "quantized", {}).items()}
 
 
+def storage_dtype(options: CompileOptions, model: LoadedModel) -> str:
+    """--dtype, else 16-bit for what a quantized artifact keeps dense, else the checkpoint's own dtype."""
+    if options.dtype:
+        return options.dtype
     if options.quant.enabled or imported_schemes(options, model):
         return "bfloat16" if model.dtype == "bfloat16" else "float16"
     return model.dtype if model.dtype in STORAGE_DTYPES else "float32"

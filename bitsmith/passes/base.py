@@ -32,10 +32,10 @@ class QuantizedInfo:
     scheme: QuantScheme
     out_features: int
     in_features: int
-
-
     has_perm: bool = False  # act-order: a `perm` part gathers the input columns
     source_type: str | None = None  # imported weights: the source's type name (e.g. GGUF "Q4_K", "gptq")
+
+
 @dataclass
 class PassContext:
     """State passes share besides the module. Passes return a new module but may replace entries of
@@ -46,10 +46,10 @@ class PassContext:
     weights: WeightStore  # name -> array, what the artifact stores (read lazily, see weight_store.py)
     calibration: np.ndarray | None = None  # int64 [samples, seqlen] token ids, when a pass needs them
     quantized: dict[str, QuantizedInfo] = field(default_factory=dict)  # quantize_weights -> pack_weights
-    kv_plan: KVPlan | None = None  # plan_kv_cache
-    memory_estimate: dict[str, int] | None = None  # plan_kv_cache: weights / kv_cache / workspace bytes
     # the frontend's pre-quantized weights (LoadedModel.quantized): name -> (codes, source type name)
     imported: dict[str, tuple[QuantizedWeight, str]] = field(default_factory=dict)
+    kv_plan: KVPlan | None = None  # plan_kv_cache
+    memory_estimate: dict[str, int] | None = None  # plan_kv_cache: weights / kv_cache / workspace bytes
     lowered: Lowered | None = None  # lower_to_kernels
 
     def __post_init__(self) -> None:
