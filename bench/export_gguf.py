@@ -3,11 +3,12 @@
     python bench/export_gguf.py [--tokens 4096] [--ctx 256] [--work DIR] [--json]
 
 Artifacts, from the SmolLM2-135M-Instruct Q4_1 GGUF, host kernels (float32 activations):
-  imported  no flags: every matrix keeps its Q4_1 codes, the tied lm_head the Q8_0 table's (exported: Q4_1 /
-            Q8_0, byte-identical to the source file's tensors)
+  imported  --dtype float32: every matrix keeps its Q4_1 codes, the tied lm_head the Q8_0 table's, the table and
+            norms stay float32 (exported: all tensors byte-identical to the source file's)
   rtn-g32   --requantize --method rtn --bits 4 --group 32 (sym; first/last layers 16-bit): exported as Q4_0 + F16
 Each is exported, then: tensors byte-identical to the source file; 64 greedy tokens of `bitsmith run` (compiled)
-and of llama.cpp on the export, for a chat prompt and a plain one (the first difference, and our top-2 gap there);
+and of llama.cpp on the export, for a chat prompt and a plain one (the first difference; llama.cpp's tokens fed
+back through the artifact: where our argmax differs, by how many logits);
 perplexity of `bitsmith eval`'s windows of wikitext-2 under both, and under llama.cpp on the source file.
 """
 
@@ -32,15 +33,17 @@ SMOLLM2 = Path.home() / ".cache" / "bitsmith" / "models" / "SmolLM2-135M-Instruc
 DATA = Path(os.environ.get("BITSMITH_DATA", HERE.parents[1] / "shared" / "data"))
 CHAT = "What is the capital of France?"
 PLAIN = "Once upon a time, there was a little girl named Lily. She"
-VARIANTS = {"imported": {}, "rtn-g32": {"method": "rtn", "bits": 4, "group_size": 32, "requantize": True}}
+VARIANTS = {"imported": ({}, "float32"), "rtn-g32": ({"method": "rtn", "bits": 4, "group_size": 32, "requantize": True},
+                                                    None)}
 
 
-def _compile(out: Path, quant: dict) -> Path:
+def _compile(out: Path, quant: dict, dtype: str | None) -> Path:
     from bitsmith.options import CompileOptions, MemoryOptions, QuantOptions
     from bitsmith.pipeline import compile_model
 
     if not (out / "manifest.json").exists():
-        compile_model(SMOLLM2, out, CompileOptions(quant=QuantOptions(**quant), memory=MemoryOptions(context=512)))
+        compile_model(SMOLLM2, out, CompileOptions(dtype=dtype, quant=QuantOptions(**quant),
+                                                   memory=MemoryOptions(context=512)))
     return out
 
 
@@ -51,6 +54,8 @@ def _bytes(path: Path) -> dict[str, tuple[str, bytes]]:
 
 
 def _greedy(art, ids: list[int], gguf: Path) -> dict:
+    """Free-running: how many of the 64 greedy tokens agree before the first difference; teacher-forced: llama.cpp's
+    64 tokens fed through the artifact, where our argmax differs and by how many logits."""
     import llamacpp_gguf as peer
 
     from bitsmith.runtime.generate import generate
@@ -60,11 +65,10 @@ def _greedy(art, ids: list[int], gguf: Path) -> dict:
     ours = list(generate(open_session(art, "compiled", 512), ids, 64, SamplingParams(temperature=0.0), stop_ids=()))
     theirs = peer.llamacpp_greedy(gguf, ids, 64)
     same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), 64)
-    gap = None
-    if same < 64:
-        logits = np.sort(np.asarray(open_session(art, "compiled", 512).prefill(ids + ours[:same]))[-1])
-        gap = float(logits[-1] - logits[-2])
-    return {"same_prefix": same, "top2_gap_at_first_difference": gap}
+    logits = np.asarray(open_session(art, "compiled", 512).prefill(ids + theirs[:-1]))[len(ids) - 1:]
+    gaps = logits.max(axis=-1) - logits[np.arange(64), theirs]
+    return {"same_prefix": same, "teacher_forced_differences": [(i, round(float(g), 3)) for i, g in enumerate(gaps)
+                                                                if g > 0]}
 
 
 def measure(name: str, work: Path, tokens: int, ctx: int) -> dict:
@@ -75,7 +79,7 @@ def measure(name: str, work: Path, tokens: int, ctx: int) -> dict:
     from bitsmith.tools.evaluate import evaluate, windows_of
     from bitsmith.tools.export import ExportOptions, export
 
-    artifact = _compile(work / name, VARIANTS[name])
+    artifact = _compile(work / name, *VARIANTS[name])
     gguf = work / f"{name}.gguf"
     t0 = time.perf_counter()
     report = export(artifact, gguf, ExportOptions("gguf"))
