@@ -308,14 +308,23 @@ def test_smollm2_llamacpp_greedy_tokens_are_ours_up_to_near_ties(smollm2, shared
         assert float(gaps.max()) < NEAR_TIE and int((gaps > 0).sum()) <= 3, [(i, g) for i, g in enumerate(gaps) if g]
 
 
-def test_smollm2_int4_g32_llamacpp_perplexity(smollm2, shared_data, tmp_path):
-    """RTN int4 g32 sym exported as Q4_0: llama.cpp's perplexity on `bitsmith eval`'s windows of wikitext-2 is
-    within 0.5% of bitsmith eval's on the artifact."""
+def test_smollm2_int4_g32_llamacpp_greedy_and_perplexity(smollm2, shared_data, tmp_path):
+    """RTN int4 g32 sym exported as Q4_0: llama.cpp gives `bitsmith run --chat`'s 64 greedy tokens (on this prompt no
+    near-tie of ours falls within its activation rounding), and its perplexity on `bitsmith eval`'s windows of
+    wikitext-2 is within 0.5% of bitsmith eval's on the artifact."""
+    from bitsmith.runtime.generate import generate
+    from bitsmith.runtime.sampling import SamplingParams
+    from bitsmith.runtime.tokenizer import encode_chat
     from bitsmith.tools.evaluate import evaluate, windows_of
+    from bitsmith.tools.run import open_session
 
     peer = _peer()
     artifact, path = smollm2("rtn-g32")
-    tok = load_artifact(artifact).tokenizer()
+    art = load_artifact(artifact)
+    tok = art.tokenizer()
+    chat = encode_chat(art.manifest["tokenizer"]["chat_template"], [{"role": "user", "content": CHAT}], tok)
+    ours = list(generate(open_session(art, "compiled", 512), chat, 64, SamplingParams(temperature=0.0), stop_ids=()))
+    assert peer.llamacpp_greedy(path, chat, 64) == ours
     text = (shared_data / "wikitext-2-raw-test" / "wiki.test.raw").read_text(encoding="utf-8")
     ours = evaluate(artifact, text, 1024, 256, reference=artifact)
     nll = peer.llamacpp_nll(path, windows_of(tok.encode(text, add_bos=False)[:1024], 256, None), tmp_path)
