@@ -308,6 +308,31 @@ def test_smollm2_llamacpp_greedy_tokens_are_ours_up_to_near_ties(smollm2, shared
         assert float(gaps.max()) < NEAR_TIE and int((gaps > 0).sum()) <= 3, [(i, g) for i, g in enumerate(gaps) if g]
 
 
+_LLAMACPP_TOKENIZE = """
+import json, sys
+from llama_cpp import Llama
+m = Llama(model_path=sys.argv[1], n_ctx=64, verbose=False, vocab_only=True)
+print(json.dumps([m.tokenize(t.encode(), add_bos=False, special=True) for t in json.loads(sys.argv[2])]))
+"""
+TEXTS = ["Once upon a time, there was a little girl named Lily.", " She  said: \"Wow!\"\n\n123 + 4567",
+         "<|im_start|>user\nHi<|im_end|>", "naïve café — 2024年"]
+
+
+@pytest.mark.slow
+def test_smollm2_llamacpp_tokenizes_like_us(smollm2):
+    """The exported tokenizer.ggml.* (gpt2 model, 'gpt-2' pre-tokenizer, merges, special tokens) splits text into
+    the same ids under llama.cpp as the artifact's tokenizer.json does."""
+    python = VENV / "bin" / "python"
+    if not python.exists():
+        pytest.skip(f"no llama.cpp peer (llama-cpp-python) at {VENV}")
+    artifact, path = smollm2("imported")
+    tok = load_artifact(artifact).tokenizer()
+    proc = subprocess.run([str(python), "-c", _LLAMACPP_TOKENIZE, str(path), json.dumps(TEXTS)], check=False,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [tok.encode(t, add_bos=False) for t in TEXTS]
+
+
 def test_smollm2_int4_g32_llamacpp_greedy_and_perplexity(smollm2, shared_data, tmp_path):
     """RTN int4 g32 sym exported as Q4_0: llama.cpp gives `bitsmith run --chat`'s 64 greedy tokens (on this prompt no
     near-tie of ours falls within its activation rounding), and its perplexity on `bitsmith eval`'s windows of
