@@ -179,10 +179,10 @@ def test_bad_quantization_options(cli_artifact, tmp_path):
                        "pattern 'nothing.*' matches no quantizable weight")
     assert_clean_error(bitsmith("compile", model, "-o", tmp_path / "o", "--method", "gptq", "--no-keep-default"),
                        "calibration tokens")  # the tiny model has no tokenizer
-    proc = bitsmith("compile", model, "-o", tmp_path / "o", "--method", "rtn", "--scheme", "down_proj=int5")
-    assert_clean_error(proc, "unsupported bit width 5")
-    proc = bitsmith("compile", model, "-o", tmp_path / "o", "--bits", "5")
-    assert proc.returncode == 2 and "'5' is not one of" in proc.stderr
+    proc = bitsmith("compile", model, "-o", tmp_path / "o", "--method", "rtn", "--scheme", "down_proj=int7")
+    assert_clean_error(proc, "unsupported bit width 7")
+    proc = bitsmith("compile", model, "-o", tmp_path / "o", "--bits", "7")
+    assert proc.returncode == 2 and "'7' is not one of" in proc.stderr
     assert not (tmp_path / "o").exists()
 
 
