@@ -1,10 +1,10 @@
-"""networkx views of a function and the analyses built on them: order, dead code, liveness."""
+"""networkx views of a function and the analyses built on them: order, dead code, liveness, weight uses."""
 
 from __future__ import annotations
 
 import networkx as nx
 
-from bitsmith.compiler.ir import Function
+from bitsmith.compiler.ir import Function, Module
 
 
 def to_networkx(fn: Function) -> nx.DiGraph:
@@ -57,3 +57,15 @@ def liveness(fn: Function) -> dict[str, tuple[int, int]]:
     for value in fn.outputs:
         intervals[value][1] = end
     return {k: (v[0], v[1]) for k, v in intervals.items()}
+
+
+def weight_uses(module: Module) -> dict[str, set[str]]:
+    """Weight name -> every "op:slot" that reads it, over all functions (e.g. {"linear:1"}: only as a matrix)."""
+    uses: dict[str, set[str]] = {}
+    for fn in module.functions.values():
+        producer = {n.outputs[0]: n.attrs["name"] for n in fn.nodes if n.op == "weight"}
+        for node in fn.nodes:
+            for slot, value in enumerate(node.inputs):
+                if value in producer:
+                    uses.setdefault(producer[value], set()).add(f"{node.op}:{slot}")
+    return uses

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
+from bitsmith.compiler.analysis import weight_uses
 from bitsmith.compiler.experts import router_weights
 from bitsmith.compiler.ir import Module
 from bitsmith.errors import BitsmithError
@@ -23,13 +24,7 @@ def linear_weights(module: Module) -> list[str]:
 
     A tied embedding (read by `embedding` too) is not quantizable here: it must stay dense for the lookup.
     """
-    uses: dict[str, set[str]] = {}
-    for fn in module.functions.values():
-        producer = {n.outputs[0]: n.attrs["name"] for n in fn.nodes if n.op == "weight"}
-        for node in fn.nodes:
-            for slot, value in enumerate(node.inputs):
-                if value in producer:
-                    uses.setdefault(producer[value], set()).add(f"{node.op}:{slot}")
+    uses = weight_uses(module)
     return [name for name in module.weights if uses.get(name) in ({"linear:1"}, {"moe:3"}, {"moe:4"})]
 
 

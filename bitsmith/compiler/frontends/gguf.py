@@ -11,6 +11,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 from tqdm import tqdm
 
+from bitsmith.compiler.analysis import weight_uses
 from bitsmith.compiler.frontends.base import Checkpoint, LoadedModel, require_path, sha256_file
 from bitsmith.compiler.frontends.gguf_arch import (FIX_HF, NEAREST_EXACT, arch_key, hf_config, hf_name,
                                                    llama3_rope_scaling, undo_conversion, undo_conversion_codes)
@@ -187,13 +188,7 @@ def _traced_exact(module: Module, codes: Codes) -> dict[str, str]:
     """IR weight name -> HF name of the codes a traced module can import: weights read only as a linear's matrix
     (what assign_precision quantizes), and the embedding's codes for a tied lm_head (traced as the embedding
     read by a linear too, or as its own `lm_head.weight`)."""
-    uses: dict[str, set[str]] = {}
-    for fn in module.functions.values():
-        producer = {n.outputs[0]: n.attrs["name"] for n in fn.nodes if n.op == "weight"}
-        for node in fn.nodes:
-            for slot, value in enumerate(node.inputs):
-                if value in producer:
-                    uses.setdefault(producer[value], set()).add(f"{node.op}:{slot}")
+    uses = weight_uses(module)
     exact = {}
     for hf in codes:
         ir = weight_name(hf)

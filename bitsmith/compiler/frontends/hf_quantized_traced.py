@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from bitsmith.compiler.analysis import weight_uses
 from bitsmith.compiler.frontends.base import LoadedModel, sha256_file
 from bitsmith.compiler.frontends.graph_lowering import weight_name
 from bitsmith.compiler.frontends.hf_files import hf_side_files, rope_settings
@@ -21,13 +22,7 @@ NOT_A_MATRIX = "not read as the matrix of a linear in the traced graph; kept as 
 
 def matrix_only_weights(module: Module) -> set[str]:
     """IR weights read only as a linear's matrix (input 1): the ones a plan quantizes, so codes can stand in."""
-    uses: dict[str, set[str]] = {}
-    for fn in module.functions.values():
-        producer = {n.outputs[0]: n.attrs["name"] for n in fn.nodes if n.op == "weight"}
-        for node in fn.nodes:
-            for slot, value in enumerate(node.inputs):
-                if value in producer:
-                    uses.setdefault(producer[value], set()).add(f"{node.op}:{slot}")
+    uses = weight_uses(module)
     return {name for name, used in uses.items() if used == {"linear:1"}}
 
 
