@@ -15,7 +15,7 @@ from bitsmith.errors import BitsmithError
 from bitsmith.pipeline import CompileOptions, MemoryOptions, QuantOptions, compile_model
 from bitsmith.runtime.artifact import load_artifact
 from bitsmith.tools.run import open_session
-from family_zoo import MOE, ZOO, zoo_model
+from family_zoo import ZOO, zoo_model
 
 RTOL = 1e-4
 TOP1_INT8 = 0.9

@@ -3,7 +3,6 @@ sequence exactly what it gets decoded alone (fp32 and int8 experts)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
