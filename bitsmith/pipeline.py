@@ -63,7 +63,9 @@ MODEL_CONDITIONS = ("traced input", "canonical input")  # known once the model i
 
 def _assign_precision(o: CompileOptions, m: LoadedModel) -> Pass:
     return AssignPrecision(o.quant.default_scheme(), o.quant.keep_default, o.quant.keep, o.quant.schemes,
-                           imported=tuple(sorted(imported_schemes(o, m).items())), quantize_rest=o.quant.enabled)
+                           imported=tuple(sorted(imported_schemes(o, m).items())),
+                           # an import with only --scheme patterns requantizes what they name, nothing else
+                           quantize_rest=o.quant.enabled and (o.quant.method is not None or not imported_schemes(o, m)))
 
 
 def _plan_kv_cache(o: CompileOptions, m: LoadedModel) -> Pass:

@@ -31,6 +31,10 @@ def linear_weights(module: Module) -> list[str]:
 def override_scheme(text: str, default: QuantScheme) -> QuantScheme:
     """A scheme string where the options it leaves out (group, symmetry, method) come from `default`."""
     parsed = parse_scheme(text)
+    if (parsed.offset or parsed.super_group) and parsed.method != "imported":
+        raise BitsmithError(f"scheme {text!r}: the min form and s256 super-groups are what pre-quantized sources "
+                            "(GGUF Q4_1, K-quants) bring in; bitsmith's quantizers write sym or asym",
+                            where="--scheme", fix="use e.g. 'int4-g32-asym' (or import the GGUF as it is)")
     tokens = text.strip().lower().split("-")[1:]
     given_group = any(t == "pc" or (t.startswith("g") and t[1:].isdigit()) for t in tokens)
     given_sym = any(t in ("sym", "asym", "min") for t in tokens)

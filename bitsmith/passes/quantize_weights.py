@@ -145,11 +145,16 @@ class QuantizeWeights(Pass):
 
     def run(self, module: Module, ctx: PassContext) -> Module:
         plan = {k: QuantScheme.from_json(v) for k, v in module.meta.get("precision_plan", {}).items() if v}
-        for name in [n for n, scheme in plan.items() if scheme.method == "imported"]:
+        imported = [n for n, scheme in plan.items() if scheme.method == "imported"]
+        for name in imported:  # packed as they are; the float values stay as calibration stand-ins until the end
             del plan[name]
             store_imported(ctx, name)
-        if not plan:
-            return module
+        module = self._quantize(module, ctx, plan) if plan else module
+        for name in imported:
+            ctx.weights.pop(name, None)
+        return module
+
+    def _quantize(self, module: Module, ctx: PassContext, plan: dict[str, QuantScheme]) -> Module:
         experts = [name for name in plan if is_stacked(ctx, name)]  # [E, out, in]: RTN per expert slice
         if all(s.method == "rtn" for s in plan.values()):
             with ThreadPoolExecutor(RTN_THREADS) as pool:
@@ -236,7 +241,7 @@ class QuantizeWeights(Pass):
         """Search s for the AWQ linears reading `value` and fold 1/s into its producer (or return s = 1)."""
         in_features = ctx.weights.shape(weights[0])[1]
         target = _fold_target(fn, value)
-        if target is None:
+        if target is None or _fold_touches_imported(fn, value, target, ctx):
             return np.ones(in_features, dtype=np.float32)
         s = search_awq_scales([ctx.weights[w] for w in weights], stats.sample(value), plan[weights[0]])
         kind, producer = target
@@ -252,6 +257,17 @@ class QuantizeWeights(Pass):
         ctx.weights[name] = dequantize(qw)  # the rest of this layer's calibration sees the quantized values
 
 
+def _fold_touches_imported(fn: Function, value: str, target: tuple[str, str], ctx: PassContext) -> bool:
+    """Whether folding 1/s into `target` would change what an imported weight computes: it reads `value` too (its
+    codes cannot take the matching s), or it is the up_proj whose rows the fold rescales. Then s = 1 (exact)."""
+    imported = {name for name, info in ctx.quantized.items() if info.source_type}
+    if not imported:
+        return False
+    weight_of = {n.outputs[0]: n.attrs["name"] for n in fn.nodes if n.op == "weight"}
+    readers = {weight_of.get(n.inputs[1]) for n in fn.nodes if n.op == "linear" and n.inputs[0] == value}
+    return bool(readers & imported) or target[1] in imported
+
+
 def store_packed(ctx: PassContext, name: str, qw: QuantizedWeight, source_type: str | None = None) -> None:
     """Write qw's packed parts into ctx.weights and its scheme into ctx.quantized."""
     parts = [pack(qw.q, qw.scheme.bits), qw.scales, qw.zeros, qw.super_scales, qw.super_zeros, qw.perm]
@@ -263,8 +279,8 @@ def store_packed(ctx: PassContext, name: str, qw: QuantizedWeight, source_type: 
 
 
 def store_imported(ctx: PassContext, name: str) -> None:
-    """Pack a weight whose codes came from a quantized source (ctx.imported) as they are, and drop the float copy
-    the frontend kept for calibration and the reference."""
+    """Pack a weight whose codes came from a quantized source (ctx.imported) as they are; the float copy the frontend
+    kept (the same values) stays for calibrating the other layers, and QuantizeWeights.run drops it at the end."""
     imported = ctx.imported.get(name)
     if imported is None:
         raise BitsmithError(f"the plan says {name!r} is imported, but the frontend gave no codes for it",
@@ -275,7 +291,6 @@ def store_imported(ctx: PassContext, name: str) -> None:
                             where=f"pass quantize_weights, weight {name}",
                             fix="a pass changed the weight after import: requantize it (--requantize)")
     store_packed(ctx, name, qw, source_type)
-    del ctx.weights[name]
 
 
 def dequantized_weight(ctx: PassContext, name: str) -> np.ndarray:

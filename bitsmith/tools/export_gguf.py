@@ -88,8 +88,8 @@ def as_block_type(qw: QuantizedWeight) -> tuple[str, QuantizedWeight] | None:
     if qw.perm is not None:
         return None
     kind = gguf_kind(scheme)
-    if kind is not None:
-        return kind, qw
+    if kind is not None:  # a partial last group (in % 32) has no block: refused below, or F16 when allowed
+        return (kind, qw) if n_in % (256 if scheme.super_group else BLOCK) == 0 else None
     group = scheme.effective_group_size(n_in)
     if scheme.super_group or n_in % BLOCK or group % BLOCK or not (scheme.sym or scheme.offset):
         return None

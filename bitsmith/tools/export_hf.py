@@ -72,7 +72,7 @@ def hf_config(model: dict[str, Any], dtype: str, where: str, own_head: bool = Fa
 
 # -- per-weight conversion ------------------------------------------------------------------------------------------
 
-def requantize(qw: QuantizedWeight, bits: tuple[int, ...]) -> tuple[QuantizedWeight, float]:
+def requantize(qw: QuantizedWeight, bits: tuple[int, ...], min_zero: int = 0) -> tuple[QuantizedWeight, float]:
     """The nearest form both HF formats hold (fp16 scales, integer zeros, no perm, whole groups): of (a) the same
     codes and scales with each zero point rounded to an integer (asym or min form, where the layout allows) and
     (b) RTN from `qw`'s dequantized values with integer zeros, the one with the smaller max (then mean) abs
@@ -85,12 +85,12 @@ def requantize(qw: QuantizedWeight, bits: tuple[int, ...]) -> tuple[QuantizedWei
     near = QuantScheme(bits=s.bits if s.bits in bits else 8, group_size=group, sym=s.sym, method=s.method)
     scales, zeros = group_params(w, near)
     if zeros is not None:  # integer zero points, as the formats store them
-        zeros = np.clip(np.rint(zeros.astype(np.float32)), 0, near.qmax).astype(np.float16)
+        zeros = np.clip(np.rint(zeros.astype(np.float32)), min_zero, near.qmax).astype(np.float16)
     candidates = [quantize_with_params(w, scales, zeros, near)]
     if not s.sym and not s.super_group and qw.perm is None and group == s.group_size and near.bits == s.bits:
         # w = s*q + m = s*(q - z), z = -m/s: only z moves, by at most half a step where it lies in [0, 2^b - 1]
         z = qw.zeros.astype(np.float32) if not s.offset else -qw.group_offsets() / qw.group_scales()
-        z_int = np.clip(np.rint(np.nan_to_num(z)), 0, s.qmax).astype(np.float16)
+        z_int = np.clip(np.rint(np.nan_to_num(z)), min_zero, s.qmax).astype(np.float16)
         candidates.append(QuantizedWeight(qw.q, qw.scales, z_int, QuantScheme(s.bits, s.group_size, False, s.method),
                                           qw.in_features))
     diffs = [np.abs(dequantize(c) - w) for c in candidates]
@@ -112,7 +112,7 @@ def _convert(artifact: Artifact, options: ExportOptions, pack: Callable[[Quantiz
         except BitsmithError:
             if not options.allow_requantize:
                 raise
-            qw, err = requantize(qw, bits)
+            qw, err = requantize(qw, bits, min_zero=1 if report.format == "gptq" else 0)  # GPTQ v1: z - 1 >= 0
             parts, exact = pack(qw, where), False
         tensors.update({f"{module}.{k}": v for k, v in parts.items()})
         schemes[module] = qw.scheme
@@ -163,7 +163,7 @@ def _id_to_token(path: Path) -> dict[int, str]:
 
 
 def _storage_dtype(tensors: dict[str, np.ndarray]) -> str:
-    floats = [str(t.dtype) for n, t in tensors.items() if n.endswith(".weight") and t.dtype.kind == "f"]
+    floats = [str(t.dtype) for n, t in tensors.items() if n.endswith(".weight") and str(t.dtype) in TORCH_DTYPES]
     return max(set(floats), key=floats.count) if floats else "float16"
 
 

@@ -8,9 +8,11 @@ import pytest
 from bitsmith.compiler.frontends.base import LoadedModel
 from bitsmith.compiler.reference import run_function
 from bitsmith.errors import BitsmithError
+from bitsmith.passes.assign_precision import AssignPrecision, override_scheme
+from bitsmith.passes.base import PassContext
 from bitsmith.pipeline import CompileOptions, MemoryOptions, QuantOptions, run_pipeline
-from bitsmith.passes.quantize_weights import dequantized_weight
-from bitsmith.runtime.quant_scheme import QuantizedWeight, dequantize, parse_scheme
+from bitsmith.passes.quantize_weights import QuantizeWeights, dequantized_weight
+from bitsmith.runtime.quant_scheme import QuantizedWeight, QuantScheme, dequantize, parse_scheme
 from conftest import RANDOM_CONFIGS, random_model
 
 MEMORY = MemoryOptions(context=64)
@@ -88,6 +90,7 @@ def test_requantize_and_overrides():
     gate = ctx.quantized["layers.0.mlp.gate_proj.weight"]
     assert gate.scheme.method == "rtn" and gate.scheme.bits == 8 and gate.source_type is None  # requantized
     assert ctx.quantized["layers.1.mlp.up_proj.weight"].source_type == "Q6_K"  # the others stay exact
+    assert "layers.1.mlp.down_proj.weight" not in ctx.quantized  # a --scheme pattern alone touches what it names
 
 
 def test_codes_for_a_weight_the_ir_lacks_are_refused():
@@ -95,3 +98,29 @@ def test_codes_for_a_weight_the_ir_lacks_are_refused():
     model.quantized = {"layers.7.mlp.up_proj.weight": next(iter(quantized.values()))}
     with pytest.raises(BitsmithError, match="not a linear weight"):
         run_pipeline(model, CompileOptions(memory=MEMORY))
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibrated_methods_quantize_the_rest_around_imported_codes(method):
+    model, quantized = imported_model()
+    ctx = PassContext(dict(model.weights), calibration=np.random.default_rng(2).integers(0, 40, (4, 16)))
+    ctx.imported = {name: (qw, "test") for name, qw in quantized.items()}
+    module = AssignPrecision(QuantScheme(4, 32, True, method), keep_default=False,
+                             imported=tuple((n, qw.scheme.name) for n, qw in quantized.items())).run(model.module, ctx)
+    norms_before = {n: np.array(ctx.weights[n]) for n in ctx.weights if "layernorm" in n}
+    QuantizeWeights().run(module, ctx)
+    for name, qw in quantized.items():  # the imported codes are untouched and their float stand-ins are gone
+        assert np.array_equal(dequantized_weight(ctx, name), dequantize(qw)) and name not in ctx.weights
+    assert ctx.quantized["layers.1.mlp.down_proj.weight"].scheme.method == method
+    if method == "awq":  # q_proj (layer 0) and up_proj (layer 1) are imported: no 1/s may be folded past them
+        assert np.array_equal(ctx.weights["layers.0.input_layernorm.weight"],
+                              norms_before["layers.0.input_layernorm.weight"])
+        assert np.array_equal(ctx.weights["layers.1.post_attention_layernorm.weight"],
+                              norms_before["layers.1.post_attention_layernorm.weight"])
+
+
+def test_quantizers_do_not_claim_the_imported_forms():
+    with pytest.raises(BitsmithError, match="min form and s256"):
+        override_scheme("int4-g32-min", QuantScheme(4, 32, True, "rtn"))
+    with pytest.raises(BitsmithError, match="min form and s256"):
+        override_scheme("int4-g32-min-s256-gptq", QuantScheme(4, 32, True, "rtn"))
