@@ -34,6 +34,7 @@ from bitsmith.runtime.safetensors_io import read_safetensors
 from bitsmith.tools.export import ExportOptions, export, quantized_weights
 from bitsmith.tools.export_hf import hf_config, hf_name, requantize
 from bitsmith.tools.run import reference_session
+from gptq_checkpoint import write_act_order_gptq
 
 # transformers (torch fp32) and our numpy executor differ in summation order: on the float tinystories checkpoint
 # itself their logits are 7.3e-4 of the logits' max apart, on the tiny random model ~1e-6; the exports must stay
@@ -288,24 +289,8 @@ def test_gptq_export_round_trips_and_names_kept_layers(tiny_llama_dir, tmp_path)
 def test_act_order_gptq_file_survives_import_and_export(tiny_llama_dir, tmp_path):
     """A GPTQ v1 act-order checkpoint (random codes, a random column order per layer) compiled by bitsmith (the
     import keeps the order as `perm`) and exported again: the same qweight, qzeros, scales and g_idx, bit for bit."""
-    from safetensors.numpy import save_file
-
-    dense = read_safetensors(tiny_llama_dir / "model.safetensors")
-    written, rng = {}, np.random.default_rng(7)
-    for name in [n for n in dense if n.endswith("_proj.weight")]:
-        out, n_in = dense.pop(name).shape
-        scheme = QuantScheme(4, 16, True, "gptq")
-        qw = QuantizedWeight(rng.integers(0, 16, (out, n_in), dtype=np.uint8),
-                             rng.uniform(1e-3, 0.05, (out, scheme.n_groups(n_in))).astype(np.float16), None, scheme,
-                             n_in, perm=rng.permutation(n_in).astype(np.int32))
-        written.update({f"{name.removesuffix('.weight')}.{k}": v for k, v in pack_gptq(qw).items()})
     src = tmp_path / "src"
-    src.mkdir()
-    save_file({**{k: np.ascontiguousarray(v) for k, v in dense.items()}, **written}, str(src / "model.safetensors"))
-    cfg = json.loads((tiny_llama_dir / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": 4, "group_size": 16,
-                                  "desc_act": True, "sym": True}
-    (src / "config.json").write_text(json.dumps(cfg))
+    written = write_act_order_gptq(tiny_llama_dir, src, sym=True)
     opts = CompileOptions(memory=MemoryOptions(context=64), target=TargetOptions("none"))
     art = compile_model(src, tmp_path / "art", opts)
     assert all(qw.perm is not None for qw in quantized_weights(load_artifact(art)).values())

@@ -17,6 +17,7 @@ from bitsmith.tools.export import ExportOptions, export
 from bitsmith.tools.onnx_nbits import NotMappable, dequantize_nbits, to_nbits
 from bitsmith.tools.onnx_session import OnnxSession
 from bitsmith.tools.run import reference_session
+from gptq_checkpoint import write_act_order_gptq
 
 GREEDY = SamplingParams(temperature=0.0)
 # onnxruntime's float32 MatMul/Softmax sum in another order than numpy: logits agree to ~1e-6 of their scale
@@ -257,30 +258,10 @@ def _logits_match_reference(artifact, out, prompt=(1, 5, 17, 33, 9, 60, 2, 41)):
 def test_act_order_gptq_import_exports_a_gather_before_matmulnbits(tiny_llama_dir, tmp_path):
     """A GPTQ v1 act-order checkpoint (random codes, random column orders, asym: the offset term too) imported with
     its `perm`: the export gathers x by perm before each MatMulNBits and matches the reference executor."""
-    from safetensors.numpy import save_file
-
-    from bitsmith.compiler.hf_quant_formats import pack_gptq
     from bitsmith.pipeline import compile_model
-    from bitsmith.runtime.quant_scheme import QuantizedWeight, QuantScheme
-    from bitsmith.runtime.safetensors_io import read_safetensors
 
-    dense = read_safetensors(tiny_llama_dir / "model.safetensors")
-    written, rng = {}, np.random.default_rng(7)
-    for name in [n for n in dense if n.endswith("_proj.weight")]:
-        out, n_in = dense.pop(name).shape
-        scheme = QuantScheme(4, 16, False, "gptq")
-        qw = QuantizedWeight(rng.integers(0, 16, (out, n_in), dtype=np.uint8),
-                             rng.uniform(1e-3, 0.05, (out, scheme.n_groups(n_in))).astype(np.float16),
-                             rng.integers(1, 16, (out, scheme.n_groups(n_in))).astype(np.float16), scheme, n_in,
-                             perm=rng.permutation(n_in).astype(np.int32))
-        written.update({f"{name.removesuffix('.weight')}.{k}": v for k, v in pack_gptq(qw).items()})
     src = tmp_path / "src"
-    src.mkdir()
-    save_file({**{k: np.ascontiguousarray(v) for k, v in dense.items()}, **written}, str(src / "model.safetensors"))
-    cfg = json.loads((tiny_llama_dir / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": 4, "group_size": 16,
-                                  "desc_act": True, "sym": False}
-    (src / "config.json").write_text(json.dumps(cfg))
+    write_act_order_gptq(tiny_llama_dir, src, sym=False)
     art = compile_model(src, tmp_path / "art", CompileOptions(memory=MemoryOptions(context=64),
                                                               target=TargetOptions("none")))
     report = _export(art, tmp_path / "onnx")
