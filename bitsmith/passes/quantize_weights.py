@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bitsmith.compiler.ir import Function, Module
+from bitsmith.compiler.ops.quant import qlinear_input_names
 from bitsmith.errors import BitsmithError
 from bitsmith.compiler.weight_store import WeightStore
 from bitsmith.passes.base import PassContext, QuantizedInfo
@@ -51,15 +52,17 @@ def packed_names(weight: str) -> tuple[str, str, str]:
     return f"{stem}.qweight", f"{stem}.scales", f"{stem}.zeros"
 
 
-def part_names(weight: str, scheme: QuantScheme, has_perm: bool = False) -> tuple[str, ...]:
-    """The stored parts of a quantized weight, in qlinear's input order:
+def part_kinds(scheme: QuantScheme, has_perm: bool = False) -> list[str]:
+    """The kinds of stored parts of a weight of this scheme, in qlinear's input order (qlinear_input_names):
       qweight, scales, [zeros], [super_scales, [super_zeros]] (float16 [out, ceil(in/256)]), [perm] (int32 [in])"""
-    qname, sname, zname = packed_names(weight)
+    attrs = {"sym": scheme.sym, "offset": scheme.offset, "super_group": scheme.super_group, "has_perm": has_perm}
+    return qlinear_input_names(attrs)
+
+
+def part_names(weight: str, scheme: QuantScheme, has_perm: bool = False) -> tuple[str, ...]:
+    """The stored names of those parts: "<stem>.qweight", "<stem>.scales", ... (see packed_names)."""
     stem = weight.removesuffix(".weight")
-    names = [qname, sname] + ([] if scheme.sym else [zname])
-    if scheme.super_group:
-        names += [f"{stem}.super_scales"] + ([f"{stem}.super_zeros"] if scheme.offset else [])
-    return (*names, *([f"{stem}.perm"] if has_perm else []))
+    return tuple(f"{stem}.{kind}" for kind in part_kinds(scheme, has_perm))
 
 
 class SegmentWeights(Mapping[str, np.ndarray]):
@@ -296,14 +299,9 @@ def store_imported(ctx: PassContext, name: str) -> None:
 def dequantized_weight(ctx: PassContext, name: str) -> np.ndarray:
     """float32 [out, in]: what the packed parts of quantized weight `name` stand for (tests, inspection)."""
     info = ctx.quantized[name]
-    names = part_names(name, info.scheme, info.has_perm)
-    parts = dict(zip(("qweight", "scales"), names[:2]))
-    rest = [k for k, on in (("zeros", not info.scheme.sym), ("super_scales", info.scheme.super_group),
-                            ("super_zeros", info.scheme.super_group and info.scheme.offset),
-                            ("perm", info.has_perm)) if on]
-    parts.update(zip(rest, names[2:]))
-    q = unpack(ctx.weights[parts.pop("qweight")], info.scheme.bits, info.in_features)
-    arrays = {k: ctx.weights[v] for k, v in parts.items()}
+    kinds, names = part_kinds(info.scheme, info.has_perm), part_names(name, info.scheme, info.has_perm)
+    arrays = {kind: ctx.weights[n] for kind, n in zip(kinds, names)}
+    q = unpack(arrays.pop("qweight"), info.scheme.bits, info.in_features)
     return dequantize(QuantizedWeight(q, arrays.pop("scales"), arrays.pop("zeros", None), info.scheme,
                                       info.in_features, **arrays))
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from bitsmith.compiler.ops.quant import qlinear_input_names
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.artifact import Artifact, load_artifact
 from bitsmith.runtime.packed_layout import unpack
@@ -155,15 +156,7 @@ def qlinear_parts(artifact: Artifact) -> dict[str, dict[str, Any]]:
             if node["op"] != "qlinear":
                 continue
             attrs, inputs = node["attrs"], node["inputs"]
-            kinds = ["qweight", "scales"]
-            if not attrs.get("sym", True):
-                kinds.append("zeros")
-            if attrs.get("super_group"):
-                kinds.append("super_scales")
-                if attrs.get("offset"):
-                    kinds.append("super_zeros")
-            if attrs.get("has_perm"):
-                kinds.append("perm")
+            kinds = [k for k in qlinear_input_names(attrs) if k != "bias"]
             parts = {kind: names[value] for kind, value in zip(kinds, inputs[1:1 + len(kinds)])}
             weight = parts["qweight"].removesuffix(".qweight") + ".weight"
             found[weight] = {"attrs": attrs, "parts": parts}
