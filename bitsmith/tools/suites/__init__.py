@@ -1,0 +1,87 @@
+"""Evaluation suites (`bitsmith eval --suite`): each compares an artifact with its unquantized reference on the
+same inputs and returns a SuiteResult whose `metrics` the compile-time gate reads.
+
+Interface fixed first (issue 19):
+- `SUITES`: name -> run(artifact_path, reference, options, log) -> SuiteResult, filled by the suite modules
+  (ppl.py, golden.py, json_suite.py, needle.py, serve.py).
+- Gate-able metric names (all floats; a gate condition is `name<=x` or `name>=x`):
+    ppl:    kld (mean KL divergence, nats/token), kld_p99, top1 (top-1 agreement), ppl, ref_ppl,
+            ppl_increase (ppl / ref_ppl - 1)
+    golden: golden (share of prompts whose greedy output equals the reference's), golden_acc (share of prompts
+            with an expected answer/regex that the artifact gets right), ref_golden_acc
+    json:   json (share of free-running outputs that parse and validate), json_constrained (the same with
+            constrained decoding), ref_json
+    needle: needle (retrieval accuracy over depth x length), ref_needle
+    serve:  tok_s_c1, tok_s_c4, tok_s_c16 (output tokens/s), ttft_ms_c1, itl_ms_c1
+- Results are saved beside the manifest in `<artifact>/evals.json` ({suite: SuiteResult.to_json()}, merged on
+  each run, written atomically) so `bitsmith report` shows them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+EVALS_FILE = "evals.json"
+
+
+@dataclass(frozen=True)
+class SuiteOptions:
+    """What the suites run on; every default is what `bitsmith eval --suite` uses without options."""
+
+    text: str | None = None  # ppl: plain-text file (None: the built-in held-out text, bitsmith/data/eval.txt)
+    tokens: int | None = 4096  # ppl: score the first N tokens of the text
+    ctx: int = 256  # ppl: window length
+    golden: str | None = None  # golden: JSONL file (None: the built-in set, bitsmith/data/golden.jsonl)
+    limit: int | None = None  # golden/json: only the first N prompts (quick gates)
+    max_tokens: int = 48  # golden/json: greedy tokens per prompt
+    needle_lengths: tuple[int, ...] = ()  # needle: context lengths in tokens (): powers of two up to the context
+    needle_depths: tuple[float, ...] = (0.1, 0.5, 0.9)  # needle: where the fact sits, as a share of the filler
+    concurrency: tuple[int, ...] = (1, 4, 16)  # serve: levels
+    executor: str = "compiled"  # what runs the artifact: compiled | reference
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SuiteResult:
+    suite: str
+    metrics: dict[str, float]  # gate-able scalars (names above)
+    details: dict[str, Any] = field(default_factory=dict)  # per-prompt / per-cell tables for the report
+    seconds: float = 0.0  # wall time of the suite, reference included
+    reference: str = ""  # what the artifact was compared with (path or description)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SuiteResult":
+        return cls(**data)
+
+
+SuiteRunner = Callable[..., SuiteResult]  # (artifact_path, reference, options, log) -> SuiteResult
+SUITES: dict[str, SuiteRunner] = {}
+
+
+def save_results(artifact: str | Path, results: dict[str, SuiteResult]) -> Path:
+    """Merge `results` into <artifact>/evals.json (replace-on-rename: a crash leaves the old file whole)."""
+    path = Path(artifact) / EVALS_FILE
+    merged = load_results(artifact)
+    merged.update(results)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".evals-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump({name: r.to_json() for name, r in merged.items()}, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def load_results(artifact: str | Path) -> dict[str, SuiteResult]:
+    path = Path(artifact) / EVALS_FILE
+    if not path.is_file():
+        return {}
+    return {name: SuiteResult.from_json(data) for name, data in json.loads(path.read_text()).items()}
