@@ -10,7 +10,9 @@ from typing import Any, Callable
 import numpy as np
 
 from bitsmith.errors import BitsmithError
+from bitsmith.runtime.constrained import Constraint, Constrainer, ConstraintState
 from bitsmith.runtime.kv_cache import BlockPool, KVCacheManager, SequenceBlocks
+from bitsmith.runtime.logprobs import MAX_TOP_LOGPROBS, TokenLogprob, log_softmax, token_logprob
 from bitsmith.runtime.sampling import SamplingParams, sample_token
 
 
@@ -22,6 +24,9 @@ class Request:
     stop_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     request_id: str = ""
+    constraint: Constraint | None = None  # the output must match it (runtime/constrained.py)
+    logprobs: int | None = None  # None: none; 0: each generated token's logprob; k: plus the top k
+    echo_logprobs: bool = False  # also score the prompt (Sequence.prompt_logprobs); max_tokens may then be 0
 
 
 @dataclass(eq=False)
@@ -41,6 +46,10 @@ class Sequence:
     detokenize: Callable[[list[int]], str] | None = None  # the engine's tokenizer, when it has one
     stopped_text: str | None = None  # the output cut before a stop string
     ring_slot: int | None = None  # its windowed layers' ring (runner.ring_table), while it holds one
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, when request.logprobs is set
+    prompt_logprobs: list[float | None] = field(default_factory=list)  # [None, logprob of prompt[1] | prompt[:1], ...]
+    constraint_error: str | None = None  # why a constrained sequence stopped early (the grammar rejected a token)
+    constraint_state: ConstraintState | None = None
     _text: tuple[int, str] = (0, "")  # (generated tokens covered, their text)
 
     @property
@@ -94,13 +103,17 @@ class Engine:
         self.running: list[Sequence] = []
         self.stats = EngineStats()
         self._arrivals = itertools.count()
+        self._constraints: Constrainer | None = None
 
     # ------------------------------------------------------------------ requests
     def add(self, request: Request) -> Sequence:
         if not request.prompt:
             raise BitsmithError("the prompt has no tokens", where="engine", fix="send a non-empty prompt")
-        if request.max_tokens < 1:
-            raise BitsmithError(f"max_tokens {request.max_tokens} must be at least 1", where="engine")
+        if request.max_tokens < (0 if request.echo_logprobs else 1):
+            raise BitsmithError(f"max_tokens {request.max_tokens} must be at least 1 (0 only to score the prompt "
+                                "with echo logprobs)", where="engine")
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
+            raise BitsmithError(f"logprobs {request.logprobs} is outside [0, {MAX_TOP_LOGPROBS}]", where="engine")
         total = len(request.prompt) + request.max_tokens
         if total > self.runner.max_context:
             raise BitsmithError(f"prompt ({len(request.prompt)} tokens) + max_tokens ({request.max_tokens}) exceed "
@@ -108,8 +121,18 @@ class Engine:
                                 fix="shorten the prompt or lower max_tokens")
         seq = Sequence(request, next(self._arrivals), list(request.prompt), np.random.default_rng(request.params.seed),
                        detokenize=None if self.tokenizer is None else self.tokenizer.decode)
+        if request.echo_logprobs:
+            seq.prompt_logprobs.append(None)  # the first token has no context to be scored in
+        if request.constraint is not None:
+            seq.constraint_state = self._constrainer().start(request.constraint)
         self.waiting.append(seq)
         return seq
+
+    def _constrainer(self) -> Constrainer:
+        """The mask machinery, built at the first constrained request (llguidance is imported only then)."""
+        if self._constraints is None:
+            self._constraints = Constrainer(self.tokenizer)
+        return self._constraints
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -165,7 +188,8 @@ class Engine:
             seq = self.waiting[0]
             if self.rings and not self.ring_free:
                 break  # every ring slot is taken: it waits for a sequence to finish
-            if seq.computed == 0 and not seq.blocks.table and not self.rings:
+            # an echo sequence computes every prompt row itself: its prompt's logits are wanted, not its KV
+            if seq.computed == 0 and not seq.blocks.table and not self.rings and not seq.request.echo_logprobs:
                 seq.computed = self.kv.match_prefix(seq.blocks, seq.tokens)
             count = min(len(seq.tokens) - seq.computed, budget)
             if not self.kv.ensure(seq.blocks, seq.computed + count):
@@ -208,36 +232,93 @@ class Engine:
             tables.extend([table] * count)
             if self.rings:
                 rings.extend([self.runner.ring_table(seq.ring_slot)] * count)
-        # logits only for each chunk's last row when it completes its sequence's known tokens
-        last_rows = list(itertools.accumulate(count for _, _, count in plan))
-        sampled = [row - 1 for (seq, start, count), row in zip(plan, last_rows) if start + count == len(seq.tokens)]
+        # logits only for each chunk's last row when it completes its sequence's known tokens, and for every
+        # prompt row of an echo sequence whose prompt is not scored yet
+        wanted: list[int] = []
+        row = 0
+        for seq, start, count in plan:
+            if seq.request.echo_logprobs and len(seq.prompt_logprobs) < len(seq.request.prompt):
+                wanted.extend(range(row, row + count))
+            elif start + count == len(seq.tokens):
+                wanted.append(row + count - 1)
+            row += count
         extra = {"ring_tables": np.stack(rings)} if self.rings else {}
         logits = self.runner.run(np.asarray(ids, dtype=np.int64), np.asarray(positions, dtype=np.int64),
-                                 np.stack(tables), logits_rows=sampled, **extra)
+                                 np.stack(tables), logits_rows=wanted, **extra)
         self.stats.steps += 1
         self.stats.rows += len(ids)
-        touched, sample = [], iter(logits)
+        at = {r: i for i, r in enumerate(wanted)}  # step row -> its logits row
+        touched, rows = [], []
+        row = 0
         for seq, start, count in plan:
             seq.computed = start + count
             self.kv.publish_full_blocks(seq.blocks, seq.tokens, seq.computed)
+            if seq.request.echo_logprobs and row in at:
+                self._score_prompt(seq, start, logits[at[row]:at[row] + count])
+            row += count
             if seq.computed < len(seq.tokens):  # prefill continues next step
                 self.stats.prefill_rows += count
                 continue
-            self._append(seq, sample_token(next(sample), seq.request.params, seq.rng))
+            if len(seq.generated) >= seq.request.max_tokens:  # max_tokens 0: the prompt is scored, nothing else
+                seq.finish_reason = "length"
+            else:
+                rows.append(at[row - 1])
             touched.append(seq)
+        sampling = [seq for seq in touched if not seq.done]
+        self._sample(sampling, logits[rows] if rows else logits[:0])
         for seq in touched:
             if seq.done:
                 self.running.remove(seq)
                 self._release(seq)
         return touched
 
-    def _append(self, seq: Sequence, token: int) -> None:
+    def _score_prompt(self, seq: Sequence, start: int, logits: np.ndarray) -> None:
+        """Prompt logprobs from the logits of the chunk's rows (positions start...): row p scores prompt[p + 1]."""
+        prompt = seq.request.prompt
+        first = len(seq.prompt_logprobs) - 1  # the first row not used yet (a recomputation after preemption skips)
+        lo, hi = max(first, start), min(start + len(logits), len(prompt) - 1)
+        if lo >= hi:
+            return
+        lp = log_softmax(logits[lo - start:hi - start])
+        seq.prompt_logprobs.extend(float(v) for v in lp[np.arange(hi - lo), prompt[lo + 1:hi + 1]])
+
+    def _sample(self, seqs: list[Sequence], logits: np.ndarray) -> None:
+        """One token for each of `seqs` from its logits row: constrained rows masked together in one batch,
+        logprobs from the raw row (the model's own distribution, before temperature and mask)."""
+        masked = logits
+        constrained = [i for i, seq in enumerate(seqs) if seq.constraint_state is not None]
+        if constrained:
+            masked = logits.copy()
+            masked[constrained] = self._constrainer().mask([seqs[i].constraint_state for i in constrained],
+                                                           logits[constrained])
+        for seq, raw, row in zip(seqs, logits, masked):
+            state = seq.constraint_state
+            if state is not None and state.error:
+                seq.constraint_error, seq.finish_reason = state.error, "stop"
+                continue
+            token = sample_token(row, seq.request.params, seq.rng)
+            ended = False
+            if state is not None:
+                ended = self._constrainer().consume(state, token)
+                if state.error:
+                    seq.constraint_error, seq.finish_reason = state.error, "stop"
+                    continue
+                if ended and token in self._constrainer().eos_ids:  # the grammar ended with EOS: not output
+                    seq.finish_reason = "stop"
+                    continue
+            if self._append(seq, token) and seq.request.logprobs is not None:
+                seq.logprobs.append(token_logprob(raw, token, seq.request.logprobs))
+            if ended:  # the grammar is complete after this token
+                seq.finish_reason = "stop"
+
+    def _append(self, seq: Sequence, token: int) -> bool:
+        """Add a sampled token to the output (False: it was a stop id, which ends the sequence unwritten)."""
         req = seq.request
         if seq.first_token_time is None:
             seq.first_token_time = time.perf_counter()
         if token in req.stop_ids:
             seq.finish_reason = "stop"
-            return
+            return False
         seq.generated.append(token)
         seq.tokens.append(token)
         if self.tokenizer is not None and any(req.stop_strings):
@@ -246,9 +327,10 @@ class Engine:
                 if stop and stop in text:
                     seq.stopped_text = text[:text.index(stop)]
                     seq.finish_reason = "stop"
-                    return
+                    return True
         if len(seq.generated) >= req.max_tokens:
             seq.finish_reason = "length"
+        return True
 
     def run_until_done(self, on_step: Callable[[list[Sequence]], None] | None = None) -> None:
         while self.has_work():

@@ -42,6 +42,10 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
+    def to_json(self) -> str:
+        """The tokenizer.json text (what llguidance builds its token trie from)."""
+        return self._tok.to_str()
+
 
 def load_tokenizer(directory: str | Path, entry: dict[str, Any]) -> Tokenizer:
     """Build the tokenizer described by a manifest `tokenizer` entry, reading files from `directory`."""
