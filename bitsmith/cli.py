@@ -155,6 +155,10 @@ def compile(model: Path | None, output: Path | None, dtype: str | None, tokenize
         return
     _log(f"compile {model or '<default: SmolLM2-135M-Instruct>'} -> {output}  options={options.to_json()}")
     out = compile_model(model, output, options, log=_log)
+    if plan_path is not None:  # the search's front goes with the artifact, for `bitsmith report`
+        from bitsmith.tools.report_data import record_pareto
+
+        record_pareto(plan_path, out)
     click.echo(f"wrote {out}")
 
 
@@ -294,7 +298,7 @@ def export_command(artifact: Path, fmt: str, output: Path, allow_requantize: boo
 
 
 # the other commands register themselves on `main` when imported
-from bitsmith import cli_eval, cli_serve  # noqa: E402,F401
+from bitsmith import cli_eval, cli_report, cli_serve  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()
