@@ -61,8 +61,9 @@ def header(data: ReportData) -> str:
     files = sum(f.get("bytes", 0) for f in (m.get("files") or {}).values())
     gate = data.gate or {}
     chosen = gate.get("chosen")
-    gate_text = ("no gate" if not gate else f"passed ({gate.get('spec', '')})" if chosen is not None
-                 and gate["attempts"][chosen].get("passed") else f"failed ({gate.get('spec', '')})")
+    attempts = gate.get("attempts") or []
+    passed = isinstance(chosen, int) and 0 <= chosen < len(attempts) and attempts[chosen].get("passed")
+    gate_text = "no gate" if not gate else f"{'passed' if passed else 'failed'} ({gate.get('spec', '')})"
     items = [("model", str(s.get("architecture"))), ("parameters", fmt(s["parameters"])),
              ("weights", mib(m["weights"]["bytes"])), ("bits per weight", f"{bpw:.3f}" if bpw is not None else "-"),
              ("artifact files", mib(files)),
@@ -101,10 +102,8 @@ def precision_section(s: dict[str, Any]) -> str:
     rows, columns, cells = precision_grid(s)
     if cells:
         parts.append(plots.precision_chart(rows, columns, cells))
-    layers = sorted(precision["layers"].items(), key=lambda kv: (kv[0] == "other", _layer_index(kv[0])))
-    parts.append(table(["layer", "bytes", "bits/weight", "schemes"],
-                       [[name, row["bytes"], f"{row['bits_per_weight']:.3f}", ", ".join(row["schemes"]) or "16-bit"]
-                        for name, row in layers], numeric=(1, 2)))
+    parts.append(table(["layers", "bytes (each)", "bits/weight", "schemes"], layer_runs(precision["layers"]),
+                       numeric=(1, 2)))
     exact = (imported or {}).get("exact") or {}
     per_tensor = [[name, row["scheme"], exact.get(name, ""), row["params"], row["bytes"], f"{row['bits_per_weight']:.3f}"]
                   for name, row in precision["weights"].items()]
@@ -112,6 +111,24 @@ def precision_section(s: dict[str, Any]) -> str:
         ["tensor", "scheme", "imported type", "params", "bytes", "bits/weight"], per_tensor, numeric=(3, 4, 5))
         + "</details>")
     return "\n".join(parts)
+
+
+def layer_runs(layers: dict[str, dict]) -> list[list[Any]]:
+    """Per-layer rows, consecutive layers with the same bytes and schemes folded into one ("layers 2-29")."""
+    ordered = sorted(layers.items(), key=lambda kv: (kv[0] == "other", _layer_index(kv[0])))
+    runs: list[list[Any]] = []  # [first, last, row]
+    for name, row in ordered:
+        key = (row["bytes"], tuple(row["schemes"]))
+        if runs and name != "other" and runs[-1][1] != "other" and runs[-1][3] == key:
+            runs[-1][1] = name
+        else:
+            runs.append([name, name, row, key])
+    out = []
+    for first, last, row, _ in runs:
+        label = first if first == last else f"layers {_layer_index(first)}-{_layer_index(last)}"
+        label = "outside the layers (embeddings, lm_head, final norm)" if label == "other" else label
+        out.append([label, row["bytes"], f"{row['bits_per_weight']:.3f}", ", ".join(row["schemes"]) or "16-bit"])
+    return out
 
 
 def _layer_index(name: str) -> int:

@@ -61,8 +61,12 @@ def gather(artifact: str | Path, pareto: str | Path | None = None) -> ReportData
     summary, _ = describe(artifact)
     manifest = json.loads((artifact / "manifest.json").read_text())
     front = pareto if pareto is not None else (artifact / PARETO_FILE if (artifact / PARETO_FILE).is_file() else None)
-    return ReportData(summary, manifest, load_results(artifact), manifest.get("gate"),
-                      load_pareto(front) if front is not None else None)
+    try:
+        evals = load_results(artifact)
+    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+        raise BitsmithError(f"cannot read {artifact / 'evals.json'}: {exc}", where="report",
+                            fix="delete it and run `bitsmith eval ARTIFACT --suite ...` again") from exc
+    return ReportData(summary, manifest, evals, manifest.get("gate"), load_pareto(front) if front is not None else None)
 
 
 def _read_json(path: Path, where: str) -> Any:
@@ -84,9 +88,11 @@ def tensor_kind(name: str) -> tuple[str, str]:
 
 def precision_grid(summary: dict[str, Any]) -> tuple[list[str], list[str], dict[tuple[str, str], dict]]:
     """(rows, columns, cells) of the per-layer precision plan: each cell {bytes, params, bpw, label} for the
-    matrices (1-D norms and biases are left out); label is the scheme, or the source type of an imported weight."""
+    matrices (1-D norms and biases are left out); label is the scheme (and the
+    source type it was converted from), or the source type of an imported weight."""
     weights = (summary.get("precision") or {}).get("weights") or {}
     exact = (summary.get("import") or {}).get("exact") or {}
+    converted = (summary.get("import") or {}).get("converted") or {}
     cells: dict[tuple[str, str], dict] = {}
     for name, row in weights.items():
         if "norm" in name or name.endswith(".bias"):
@@ -95,7 +101,8 @@ def precision_grid(summary: dict[str, Any]) -> tuple[list[str], list[str], dict[
         cell = cells.setdefault(key, {"bytes": 0, "params": 0, "labels": set()})
         cell["bytes"] += row["bytes"]
         cell["params"] += row["params"]
-        cell["labels"].add(f"{exact[name]} (imported)" if name in exact else row["scheme"])
+        label = row["scheme"] + (f" (from {converted[name]['type']})" if name in converted else "")
+        cell["labels"].add(f"{exact[name]} (imported)" if name in exact else label)
     for cell in cells.values():
         cell["bpw"] = 8 * cell["bytes"] / max(cell["params"], 1)
         labels = sorted(cell.pop("labels"))

@@ -46,7 +46,8 @@ def precision_chart(rows: list[str], columns: list[str], cells: dict[tuple[str, 
     if len(rows) * len(columns) <= 400:  # labels stay readable up to ~40 layers x 10 kinds
         for (r, c), cell in cells.items():
             label = cell["label"].replace(" (imported)", "*").replace("-sym", "").replace("-rtn", "")
-            ax.text(columns.index(c), rows.index(r), label[:14], ha="center", va="center", fontsize=7,
+            label = label.replace(" (from ", "\n(from ")  # a converted weight: its source type below
+            ax.text(columns.index(c), rows.index(r), label[:24], ha="center", va="center", fontsize=7,
                     color="white" if cell["bpw"] < 9 else "black")
     fig.colorbar(image, ax=ax, label="bits / weight", fraction=0.03)
     ax.set_title("precision plan (* = imported exactly from the source)", fontsize=9)

@@ -4,6 +4,7 @@ details, read from evals.json whatever shape each suite's details take (lists of
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -27,13 +28,17 @@ def evals_section(evals: dict[str, Any]) -> str:
 
 def overview_chart(evals: dict[str, Any]) -> str:
     """Every share metric of every suite in one chart, artifact beside the reference."""
-    metrics = {k: v for r in evals.values() for k, v in r.metrics.items()}
+    metrics = {k: v for r in evals.values() for k, v in r.metrics.items() if _number(v)}
     names = [m for m in SHARES if m in metrics]
     if not names:
         return ""
     return plots.paired_bars("quality against the reference (shares: higher is better)", names,
                              [float(metrics[m]) for m in names], [_ref(metrics, m) for m in names], "share",
                              "quality metrics of every suite, artifact and reference")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
 def _ref(metrics: dict[str, float], name: str) -> float | None:
@@ -50,7 +55,7 @@ def suite_block(name: str, result: Any) -> str:
         if key.startswith("ref_") and key[4:] in metrics:
             continue  # shown beside its artifact value
         ref = metrics.get(f"ref_{key}")
-        delta = fmt(value - ref) if isinstance(ref, (int, float)) and isinstance(value, (int, float)) else ""
+        delta = fmt(value - ref) if _number(ref) and _number(value) else ""
         rows.append([key, fmt(value), fmt(ref) if ref is not None else "", delta])
     head = (f"<h3>{esc(name)}</h3><p class=meta>reference: {esc(result.reference or '-')} · "
             f"{fmt(result.seconds)} s</p>")
@@ -62,6 +67,7 @@ def suite_block(name: str, result: Any) -> str:
 
 
 def suite_charts(name: str, metrics: dict[str, float], details: dict[str, Any]) -> str:
+    metrics = {k: v for k, v in metrics.items() if _number(v)}  # a suite may leave a value out (None)
     charts = []
     if name == "ppl" and "ppl" in metrics:
         charts.append(plots.paired_bars("perplexity", ["ppl"], [metrics["ppl"]], [metrics.get("ref_ppl")], "ppl",

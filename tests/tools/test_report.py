@@ -117,6 +117,7 @@ def test_report_holds_the_key_numbers(artifacts, tmp_path):
     assert f"{bpw:.3f}" in text  # overall bits per weight, as the header's card shows it
     assert f"{manifest['memory_plan']['total']:,}" in text
     assert "int4-g32-sym-rtn" in text and "int8-g32-sym-rtn" in text
+    assert "layers 0-1" in text  # the two layers have the same plan: one row
     assert "kld<=0.05 (got 0.3)" in text and "int8 for the 4 most sensitive tensors" in text
     page = out.read_text()
     assert "&lt;q1&gt; &amp; &#x27;x&#x27;" in page and "<q1>" not in page  # escaped, not markup
