@@ -18,6 +18,10 @@ from bitsmith.errors import BitsmithError
 # reads a HF tokenizer.json as it is, fills a whole batch's bitmasks in one call on its own threads, and is what
 # vLLM and llama.cpp ship.
 
+# JSON as json.dumps writes it ("a": 1, "b": 2) with no other whitespace: flexible whitespace lets a weak or
+# quantized model pad a value with spaces and newlines until max_tokens; a schema's "x-guidance" overrides it
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
 CONSTRAINT_KINDS = ("json_object", "json_schema", "regex", "lark")
 
 
@@ -106,14 +110,16 @@ def _piece_bytes(piece: bytes) -> bytes:
 def grammar_text(constraint: Constraint) -> str:
     """The constraint as a llguidance grammar (json_object: the schema {"type": "object"})."""
     ll = _llguidance()
-    if constraint.kind == "json_object":
-        return ll.grammar_from("json_schema", '{"type": "object"}')
-    if constraint.kind == "json_schema":
+    if constraint.kind in ("json_object", "json_schema"):
         try:
-            json.loads(constraint.spec)
+            schema = json.loads(constraint.spec) if constraint.kind == "json_schema" else {"type": "object"}
         except json.JSONDecodeError as exc:
             raise BitsmithError(f"the JSON schema is not JSON: {exc}", where="constrained decoding",
                                 fix="pass the schema as a JSON object") from exc
+        if not isinstance(schema, dict):
+            raise BitsmithError("the JSON schema is not an object", where="constrained decoding",
+                                fix="pass the schema as a JSON object")
+        return ll.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
     return ll.grammar_from(constraint.kind, constraint.spec)
 
 

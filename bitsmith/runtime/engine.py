@@ -12,7 +12,7 @@ import numpy as np
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.constrained import Constraint, Constrainer, ConstraintState
 from bitsmith.runtime.kv_cache import BlockPool, KVCacheManager, SequenceBlocks
-from bitsmith.runtime.logprobs import MAX_TOP_LOGPROBS, TokenLogprob, log_softmax, token_logprob
+from bitsmith.runtime.logprobs import MAX_TOP_LOGPROBS, TokenLogprob, log_softmax, token_logprob, top_logprobs
 from bitsmith.runtime.sampling import SamplingParams, sample_token
 
 
@@ -46,8 +46,10 @@ class Sequence:
     detokenize: Callable[[list[int]], str] | None = None  # the engine's tokenizer, when it has one
     stopped_text: str | None = None  # the output cut before a stop string
     ring_slot: int | None = None  # its windowed layers' ring (runner.ring_table), while it holds one
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, when request.logprobs is set
+    # per sampled token when request.logprobs is set: the generated ones, then the stop id that ended it (if one did)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[float | None] = field(default_factory=list)  # [None, logprob of prompt[1] | prompt[:1], ...]
+    prompt_top_logprobs: list[tuple[tuple[int, float], ...] | None] = field(default_factory=list)  # echo + logprobs k
     constraint_error: str | None = None  # why a constrained sequence stopped early (the grammar rejected a token)
     constraint_state: ConstraintState | None = None
     _text: tuple[int, str] = (0, "")  # (generated tokens covered, their text)
@@ -123,6 +125,7 @@ class Engine:
                        detokenize=None if self.tokenizer is None else self.tokenizer.decode)
         if request.echo_logprobs:
             seq.prompt_logprobs.append(None)  # the first token has no context to be scored in
+            seq.prompt_top_logprobs.append(None)
         if request.constraint is not None:
             seq.constraint_state = self._constrainer().start(request.constraint)
         self.waiting.append(seq)
@@ -281,6 +284,7 @@ class Engine:
             return
         lp = log_softmax(logits[lo - start:hi - start])
         seq.prompt_logprobs.extend(float(v) for v in lp[np.arange(hi - lo), prompt[lo + 1:hi + 1]])
+        seq.prompt_top_logprobs.extend(top_logprobs(row, seq.request.logprobs or 0) for row in lp)
 
     def _sample(self, seqs: list[Sequence], logits: np.ndarray) -> None:
         """One token for each of `seqs` from its logits row: constrained rows masked together in one batch,
@@ -297,6 +301,8 @@ class Engine:
                 seq.constraint_error, seq.finish_reason = state.error, "stop"
                 continue
             token = sample_token(row, seq.request.params, seq.rng)
+            if seq.request.logprobs is not None:  # every sampled token, a stop id that ends the output included
+                seq.logprobs.append(token_logprob(raw, token, seq.request.logprobs))
             ended = False
             if state is not None:
                 ended = self._constrainer().consume(state, token)
@@ -306,8 +312,7 @@ class Engine:
                 if ended and token in self._constrainer().eos_ids:  # the grammar ended with EOS: not output
                     seq.finish_reason = "stop"
                     continue
-            if self._append(seq, token) and seq.request.logprobs is not None:
-                seq.logprobs.append(token_logprob(raw, token, seq.request.logprobs))
+            self._append(seq, token)
             if ended:  # the grammar is complete after this token
                 seq.finish_reason = "stop"
 

@@ -6,25 +6,18 @@ import json
 import queue
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.engine import Engine, Request, Sequence
-from bitsmith.runtime.sampling import SamplingParams
-from bitsmith.runtime.tokenizer import encode_chat
+from bitsmith.runtime.server_api import ApiError, Job, RequestBuilder
+from bitsmith.runtime.server_output import Shaper
 
 # Threads: the HTTP server answers each connection on its own thread; those threads only validate,
 # enqueue and wait. One engine thread owns the Engine (not thread safe): it admits queued requests
 # between steps, runs steps, and pushes each request's new text into that request's own queue.
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
 
 
 @dataclass
@@ -113,90 +106,14 @@ class EngineLoop(threading.Thread):
                     self._finish(pending)
 
 
-def _number(body: dict, key: str, default: Any, kind: type, lo: float | None = None, hi: float | None = None) -> Any:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
-        raise ApiError(400, f"'{key}' must be a {'integer' if kind is int else 'number'}")
-    value = kind(value)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ApiError(400, f"'{key}' must be in [{lo}, {hi if hi is not None else 'inf'}], got {value}")
-    return value
-
-
 class Api:
-    """Turns request bodies into engine Requests and engine output into OpenAI-shaped responses."""
+    """The request builder, the response shaper and the engine loop the HTTP threads share."""
 
     def __init__(self, loop: EngineLoop, tokenizer: Any, model_name: str, chat_template: str | None,
-                 max_context: int) -> None:
-        self.loop, self.tokenizer, self.model_name = loop, tokenizer, model_name
-        self.chat_template, self.max_context = chat_template, max_context
-
-    def build(self, body: Any, chat: bool) -> tuple[Request, bool]:
-        if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object")
-        if body.get("model") not in (None, self.model_name):
-            raise ApiError(400, f"unknown model {body.get('model')!r}; this server serves {self.model_name!r}",
-                           "model_not_found")
-        if chat:
-            messages = body.get("messages")
-            if (not isinstance(messages, list) or not messages
-                    or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)):
-                raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects")
-            try:
-                prompt = encode_chat(self.chat_template, [{"role": str(m.get("role", "user")), "content": m["content"]}
-                                                          for m in messages], self.tokenizer)
-            except BitsmithError as exc:
-                raise ApiError(400, exc.problem) from exc
-        else:
-            text = body.get("prompt")
-            if not isinstance(text, str) or not text:
-                raise ApiError(400, "'prompt' must be a non-empty string")
-            prompt = self.tokenizer.encode(text)
-        max_tokens = _number(body, "max_tokens", 16, int, 1)
-        if len(prompt) + max_tokens > self.max_context:
-            raise ApiError(400, f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceed the context of "
-                                f"{self.max_context} tokens")
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise ApiError(400, "'stop' must be a string or a list of strings")
-        params = SamplingParams(temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
-                                top_k=_number(body, "top_k", 0, int, 0),
-                                top_p=_number(body, "top_p", 1.0, float, 1e-6, 1.0),
-                                seed=_number(body, "seed", None, int))
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise ApiError(400, "'stream' must be a boolean")
-        ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: benchmarks want fixed-length outputs
-        if not isinstance(ignore_eos, bool):
-            raise ApiError(400, "'ignore_eos' must be a boolean")
-        stop_ids = () if ignore_eos else tuple(self.tokenizer.eos_token_ids)
-        request = Request(prompt, max_tokens, params, stop_ids, tuple(stop),
-                          f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}")
-        return request, stream
-
-    def chunk(self, request: Request, chat: bool, text: str | None, finish: str | None) -> dict:
-        if chat:
-            choice = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
-            kind = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish}
-            kind = "text_completion"
-        return {"id": request.request_id, "object": kind, "created": int(time.time()), "model": self.model_name,
-                "choices": [choice]}
-
-    def final(self, request: Request, chat: bool, seq: Sequence) -> dict:
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": seq.text},
-                      "finish_reason": seq.finish_reason}
-        else:
-            choice = {"index": 0, "text": seq.text, "finish_reason": seq.finish_reason}
-        usage = {"prompt_tokens": len(request.prompt), "completion_tokens": len(seq.generated),
-                 "total_tokens": len(request.prompt) + len(seq.generated)}
-        return {"id": request.request_id, "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": self.model_name, "choices": [choice], "usage": usage}
+                 max_context: int, vocab_size: int | None) -> None:
+        self.loop, self.model_name = loop, model_name
+        self.builder = RequestBuilder(tokenizer, model_name, chat_template, max_context, vocab_size)
+        self.shaper = Shaper(tokenizer, model_name)
 
 
 def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
@@ -243,52 +160,67 @@ def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
                     body = json.loads(self.rfile.read(length) or b"null")
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                     raise ApiError(400, f"malformed JSON: {exc}") from exc
-                request, stream = api.build(body, chat)
-                pending = Pending(request)
-                api.loop.submit(pending)
+                job = api.builder.build(body, chat)
+                pendings = [Pending(request) for request in job.requests]
+                for i, pending in enumerate(pendings):
+                    try:
+                        api.loop.submit(pending)
+                    except ApiError:
+                        self._cancel(pendings[:i])
+                        raise
             except ApiError as exc:
                 self._error(exc)
                 return
-            if stream:
-                self._stream(pending, chat)
+            if job.stream:
+                self._stream(job, pendings[0])
             else:
-                self._collect(pending, chat)
+                self._collect(job, pendings)
 
-        def _collect(self, pending: Pending, chat: bool) -> None:
-            while True:
-                kind, value = pending.events.get()
-                if kind == "error":
-                    self._error(ApiError(400, value))
-                    return
-                if kind == "done":
-                    self._send(200, api.final(pending.request, chat, value))
-                    return
+        def _cancel(self, pendings: list[Pending]) -> None:
+            for pending in pendings:
+                pending.cancelled = True  # the engine thread frees its blocks
+            api.loop.wake.set()
 
-        def _stream(self, pending: Pending, chat: bool) -> None:
+        def _collect(self, job: Job, pendings: list[Pending]) -> None:
+            seqs = []
+            for i, pending in enumerate(pendings):
+                while True:
+                    kind, value = pending.events.get()
+                    if kind == "error":
+                        self._cancel(pendings[i + 1:])
+                        self._error(ApiError(400, value))
+                        return
+                    if kind == "done":
+                        seqs.append(value)
+                        break
+            self._send(200, api.shaper.final(job, seqs))
+
+        def _stream(self, job: Job, pending: Pending) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
             self.send_header("Connection", "close")
             self.end_headers()
             self.close_connection = True
+            hold = bool(job.tools)  # a tools answer is a call or text: known once it is complete
             try:
                 while True:
                     kind, value = pending.events.get()
                     if kind == "error":
-                        payload = {"error": {"message": value, "type": "invalid_request_error", "code": 400}}
+                        payloads = [{"error": {"message": value, "type": "invalid_request_error", "code": 400}}]
                     elif kind == "text":
-                        payload = api.chunk(pending.request, chat, value, None)
+                        payloads = [] if hold else [api.shaper.chunk(job, value, None)]
                     else:
-                        payload = api.chunk(pending.request, chat, None, value.finish_reason)
-                    self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
+                        payloads = api.shaper.last_chunks(job, value, hold)
+                    for payload in payloads:
+                        self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
                     self.wfile.flush()
                     if kind != "text":
                         break
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError):
-                pending.cancelled = True  # the client left: the engine frees its blocks
-                api.loop.wake.set()
+                self._cancel([pending])  # the client left
 
     return Handler
 
@@ -304,7 +236,8 @@ class Server:
     def __init__(self, engine: Engine, tokenizer: Any, model_name: str, chat_template: str | None,
                  host: str = "127.0.0.1", port: int = 8000, max_pending: int = 64) -> None:
         self.loop = EngineLoop(engine, max_pending)
-        self.api = Api(self.loop, tokenizer, model_name, chat_template, engine.runner.max_context)
+        self.api = Api(self.loop, tokenizer, model_name, chat_template, engine.runner.max_context,
+                       getattr(engine.runner, "vocab_size", None))
         self.httpd = _HTTPServer((host, port), make_handler(self.api))
         self.port = self.httpd.server_address[1]
 

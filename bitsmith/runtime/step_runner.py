@@ -74,6 +74,12 @@ class StepRunner:
         return np.arange(slot * self.ring_blocks, (slot + 1) * self.ring_blocks, dtype=np.int32)
 
     @property
+    def vocab_size(self) -> int:
+        """The logits' width (the model's vocabulary, which may be padded past the tokenizer's)."""
+        schedule = self.steps[0].schedule
+        return int(schedule.buffers[schedule.output].shape[-1])
+
+    @property
     def step_rows(self) -> tuple[int, ...]:
         """The row counts of the steps (a call of n rows pays for the smallest that holds n)."""
         return tuple(s.schedule.rows for s in self.steps)

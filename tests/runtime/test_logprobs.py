@@ -39,16 +39,18 @@ def prompts(n, seed=0):
 
 def test_generated_logprobs_and_top_k_equal_the_session(art):
     engine = Engine(KernelRunner(art))
-    seqs = [engine.add(Request(p, 8, SamplingParams(temperature=0.9, seed=i), logprobs=[0, 1, 5, 20][i % 4]))
+    seqs = [engine.add(Request(p, 8, SamplingParams(temperature=0.9, seed=i), logprobs=[0, 1, 5, 20][i % 4],
+                               stop_ids=(2, 7, 11)))
             for i, p in enumerate(prompts(6))]
     plain = engine.add(Request(prompts(1, seed=9)[0], 8))  # no logprobs asked: none kept
     engine.run_until_done()
     assert plain.logprobs == []
     for seq in seqs:
         k = seq.request.logprobs
-        assert len(seq.logprobs) == len(seq.generated) > 0
-        ref = reference_logprobs(art, seq.tokens)[len(seq.request.prompt) - 1:]
-        for entry, token, row in zip(seq.logprobs, seq.generated, ref):
+        stopped = seq.logprobs[-1].token in seq.request.stop_ids  # the stop id that ended it is scored too
+        assert len(seq.logprobs) == len(seq.generated) + stopped > 0
+        ref = reference_logprobs(art, seq.tokens + [seq.logprobs[-1].token] * stopped)[len(seq.request.prompt) - 1:]
+        for entry, token, row in zip(seq.logprobs, seq.generated + [seq.logprobs[-1].token] * stopped, ref):
             assert entry.token == token and abs(entry.logprob - row[token]) < TOL
             assert len(entry.top) == k
             ids = [i for i, _ in entry.top]
@@ -65,13 +67,17 @@ def test_echo_prompt_logprobs_equal_the_evaluate_scorer(art):
     engine = Engine(KernelRunner(art))
     long = prompts(1, seed=3)[0] * 4  # longer than a step's rows: scored across prefill chunks
     cases = [(p, n) for p, n in zip(prompts(4, seed=1) + [long], [0, 1, 0, 3, 0])]
-    seqs = [engine.add(Request(p, n, SamplingParams(temperature=0), echo_logprobs=True, logprobs=0))
+    seqs = [engine.add(Request(p, n, SamplingParams(temperature=0), echo_logprobs=True, logprobs=1))
             for p, n in cases]
     engine.run_until_done()
     for seq, (prompt, n) in zip(seqs, cases):
         ref = scorer.logprobs(prompt)
         assert seq.prompt_logprobs[0] is None and len(seq.prompt_logprobs) == len(prompt)
         np.testing.assert_allclose(seq.prompt_logprobs[1:], ref[np.arange(len(prompt) - 1), prompt[1:]], atol=TOL)
+        k = seq.request.logprobs
+        assert seq.prompt_top_logprobs[0] is None and len(seq.prompt_top_logprobs) == len(prompt)
+        for top, row in zip(seq.prompt_top_logprobs[1:], ref):
+            assert top[0][0] == int(np.argmax(row)) and abs(top[0][1] - row.max()) < TOL and len(top) == k
         assert len(seq.generated) == n and seq.finish_reason in ("length", "stop")
     assert sum(len(s.generated) for s in seqs) == 4
     with pytest.raises(BitsmithError, match="max_tokens 0"):
@@ -97,5 +103,5 @@ def test_echo_skips_the_prefix_cache_and_survives_preemption(art):
     engine._preempt_newest()
     engine.run_until_done()
     assert seq.preemptions == 1 and len(seq.prompt_logprobs) == len(prompt)
-    assert len(seq.logprobs) == len(seq.generated)
+    assert len(seq.logprobs) == len(seq.generated) + (seq.logprobs[-1].token in seq.request.stop_ids)
     np.testing.assert_allclose(seq.prompt_logprobs[1:], again.prompt_logprobs[1:], atol=TOL)
