@@ -96,7 +96,7 @@ def _row_lists(details: dict[str, Any]) -> list[list[dict]]:
 def _score(value: Any) -> float | None:
     if isinstance(value, bool):
         return float(value)
-    if isinstance(value, (int, float)) and 0 <= value <= 1:
+    if isinstance(value, float) and 0 <= value <= 1:  # ints are counts (a category's "prompts": 1), not shares
         return float(value)
     return None
 
@@ -153,11 +153,16 @@ def render_details(details: dict[str, Any], max_rows: int = 200) -> str:
     for key, value in details.items():
         if isinstance(value, (str, int, float, bool)) or value is None:
             continue
+        if isinstance(value, dict) and value and all(_is_rows(v) for v in value.values()):
+            parts.append(render_details({f"{key}: {k}": v for k, v in value.items()}, max_rows))  # e.g. per mode
+            continue
         rows: list[dict] | None = None
-        if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+        if _is_rows(value):
             rows = value
         elif isinstance(value, dict) and value and all(isinstance(r, dict) for r in value.values()):
             rows = [{"": k, **r} for k, r in value.items()]
+        elif isinstance(value, dict) and value and all(not isinstance(r, (dict, list)) for r in value.values()):
+            rows = [{"": k, "value": r} for k, r in value.items()]
         if rows is None:
             parts.append(f"<h4>{esc(key)}</h4><pre>{esc(json.dumps(value, default=str)[:4000])}</pre>")
             continue
@@ -166,6 +171,10 @@ def render_details(details: dict[str, Any], max_rows: int = 200) -> str:
         more = f"<p class=meta>and {len(rows) - max_rows} more rows</p>" if len(rows) > max_rows else ""
         parts.append(f"<h4>{esc(key)} ({len(rows)})</h4>" + table(columns, body) + more)
     return "\n".join(parts)
+
+
+def _is_rows(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(r, dict) for r in value)
 
 
 def _cell(value: Any) -> str:

@@ -25,21 +25,34 @@ KLD, TOP1, GOLDEN, TOK_S16 = 0.01234, 0.9375, 0.8125, 123.4
 
 
 def fixture_evals() -> dict[str, SuiteResult]:
-    """Suite results of the documented shapes (tools/suites/__init__.py), with per-row details."""
-    golden_rows = [{"id": i, "category": cat, "prompt": f"<q{i}> & 'x'", "match": i % 4 != 0, "correct": i % 2 == 0,
-                    "ref_correct": True, "first_divergence": None if i % 4 else 3}
-                   for i, cat in enumerate(["facts", "arithmetic", "format", "languages"] * 4)]
-    needle_rows = [{"depth": d, "length": n, "found": not (d == 0.9 and n == 64), "ref_found": True}
-                   for d in (0.1, 0.5, 0.9) for n in (32, 64)]
+    """Suite results of the shapes the suites write (tools/suites/*.py): golden's per-prompt rows and aggregated
+    categories, needle's depth x length cells, json's rows per mode, serve's rows per concurrency."""
+    prompts = [{"id": f"g{i}", "category": cat, "first_divergence": None if i % 4 else 3, "correct": i % 2 == 0,
+                "ref_correct": True, "text": f"<q{i}> & 'x'", "ref_text": "y", "tokens": 5}
+               for i, cat in enumerate(["facts", "arithmetic", "format", "languages"] * 4)]
+    categories = {c: {"prompts": 4, "golden": 0.75, "acc": 0.5, "ref_acc": 1.0}
+                  for c in ("facts", "arithmetic", "format", "languages")}
+    cells = [{"length": n, "depth": d, "acc": 0.0 if (d == 0.9 and n == 64) else 1.0, "ref_acc": 1.0,
+              "answers": ["x"], "ref_answers": ["x"]} for n in (32, 64) for d in (0.1, 0.5, 0.9)]
+    json_rows = {mode: [{"ok": True, "why": "", "tokens": 9, "finish": "stop", "text": "{}"}]
+                 for mode in ("json", "json_constrained")}
+    levels = [{"concurrency": c, "throughput_tok_s": t, "ttft_ms_median": 12.0, "itl_ms_median": 25.0}
+              for c, t in ((1, 40.0), (4, 90.0), (16, TOK_S16))]
     return {
         "ppl": SuiteResult("ppl", {"ppl": 12.5, "ref_ppl": 12.25, "kld": KLD, "kld_p99": 0.2, "top1": TOP1,
                                    "ppl_increase": 12.5 / 12.25 - 1}, {"text": "built-in eval.txt", "tokens": 512},
                            1.5, "the artifact's 16-bit source"),
-        "golden": SuiteResult("golden", {"golden": GOLDEN, "golden_acc": 0.5, "ref_golden_acc": 1.0},
-                              {"prompts": golden_rows}, 2.0, "ref"),
-        "needle": SuiteResult("needle", {"needle": 5 / 6, "ref_needle": 1.0}, {"cells": needle_rows}, 3.0, "ref"),
+        "golden": SuiteResult("golden", {"golden": GOLDEN, "golden_acc": 0.5, "ref_golden_acc": 1.0,
+                                         "golden_divergence_median": 3.0},
+                              {"categories": categories, "prompts": prompts}, 2.0, "ref"),
+        "json": SuiteResult("json", {"json": 0.75, "json_constrained": 1.0, "ref_json": 0.875,
+                                     "ref_json_constrained": 1.0}, {"prompts": json_rows, "seconds": {"json": 1.0}},
+                            2.5, "ref"),
+        "needle": SuiteResult("needle", {"needle": 5 / 6, "ref_needle": 1.0},
+                              {"lengths": [32, 64], "depths": [0.1, 0.5, 0.9], "cells": cells}, 3.0, "ref"),
         "serve": SuiteResult("serve", {"tok_s_c1": 40.0, "tok_s_c4": 90.0, "tok_s_c16": TOK_S16, "ttft_ms_c1": 12.0,
-                                       "itl_ms_c1": 25.0}, {}, 4.0, ""),
+                                       "itl_ms_c1": 25.0, "ref_tok_s_c1": 30.0, "ref_tok_s_c4": 60.0,
+                                       "ref_tok_s_c16": 80.0}, {"artifact": levels, "reference": levels}, 4.0, ""),
     }
 
 
