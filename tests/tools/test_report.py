@@ -188,3 +188,18 @@ def test_report_renders_in_chromium(artifacts, tmp_path):
     assert pixels.shape == (2400, 1200)
     non_white = float((pixels < 240).mean())
     assert non_white > 0.05 and pixels.std() > 20, (non_white, pixels.std())  # a blank page: ~0 and ~0
+
+
+def test_pareto_files(tmp_path):
+    from bitsmith.errors import BitsmithError
+    from bitsmith.tools.report_data import load_pareto
+
+    plan = tmp_path / "plan.json"
+    plan.write_text("{}")
+    assert record_pareto(plan, tmp_path) is None  # a plan without a front beside it: nothing recorded
+    front = tmp_path / "plan.pareto.json"
+    front.write_text(json.dumps([{"bytes": 1, "kld_pred": 0.1}]))
+    assert load_pareto(front)["points"] == [{"bytes": 1, "kld_pred": 0.1}]
+    front.write_text(json.dumps({"weights": {}}))
+    with pytest.raises(BitsmithError, match="not a Pareto front"):
+        load_pareto(front)
