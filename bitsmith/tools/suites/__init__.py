@@ -8,11 +8,16 @@ Interface fixed first (issue 19):
     ppl:    kld (mean KL divergence, nats/token), kld_p99, top1 (top-1 agreement), ppl, ref_ppl,
             ppl_increase (ppl / ref_ppl - 1)
     golden: golden (share of prompts whose greedy output equals the reference's), golden_acc (share of prompts
-            with an expected answer/regex that the artifact gets right), ref_golden_acc
+            with an expected answer/regex that the artifact gets right), ref_golden_acc, golden_divergence_median
+            (median index of the first differing generated token over the prompts that differ; -1 when none do)
     json:   json (share of free-running outputs that parse and validate), json_constrained (the same with
-            constrained decoding), ref_json
+            constrained decoding), ref_json, ref_json_constrained
     needle: needle (retrieval accuracy over depth x length), ref_needle
-    serve:  tok_s_c1, tok_s_c4, tok_s_c16 (output tokens/s), ttft_ms_c1, itl_ms_c1
+    serve:  tok_s_c1, tok_s_c4, tok_s_c16 (output tokens/s), ttft_ms_c1, itl_ms_c1, and the reference's as
+            ref_tok_s_c1, ... (levels from SuiteOptions.concurrency; ttft/itl at its first level)
+- `suite(name)` / `run_suites(artifact, names, reference, options, log)`: import the suite modules (which fill
+  SUITES) and run them; every suite times itself (SuiteResult.seconds) and puts what the reference run cost in
+  details["reference_seconds"] (the reference is compiled once per source into the cache of reference.py).
 - Results are saved beside the manifest in `<artifact>/evals.json` ({suite: SuiteResult.to_json()}, merged on
   each run, written atomically) so `bitsmith report` shows them.
 """
@@ -38,7 +43,8 @@ class SuiteOptions:
     ctx: int = 256  # ppl: window length
     golden: str | None = None  # golden: JSONL file (None: the built-in set, bitsmith/data/golden.jsonl)
     limit: int | None = None  # golden/json: only the first N prompts (quick gates)
-    max_tokens: int = 48  # golden/json: greedy tokens per prompt
+    max_tokens: int = 48  # golden: greedy tokens per prompt
+    json_max_tokens: int = 160  # json: greedy tokens per prompt (an object cut short does not parse)
     needle_lengths: tuple[int, ...] = ()  # needle: context lengths in tokens (): powers of two up to the context
     needle_depths: tuple[float, ...] = (0.1, 0.5, 0.9)  # needle: where the fact sits, as a share of the filler
     concurrency: tuple[int, ...] = (1, 4, 16)  # serve: levels
@@ -66,6 +72,28 @@ class SuiteResult:
 
 SuiteRunner = Callable[..., SuiteResult]  # (artifact_path, reference, options, log) -> SuiteResult
 SUITES: dict[str, SuiteRunner] = {}
+SUITE_MODULES = {"ppl": "ppl", "golden": "golden", "json": "json_suite", "needle": "needle", "serve": "serve"}
+
+
+def suite(name: str) -> SuiteRunner:
+    """The runner of suite `name`; its module is imported here (not at the top: each suite module imports this
+    package for SUITES, SuiteOptions and SuiteResult)."""
+    import importlib
+
+    from bitsmith.errors import BitsmithError
+
+    if name not in SUITE_MODULES:
+        raise BitsmithError(f"unknown suite {name!r}", where="eval suites", fix=f"use {', '.join(SUITE_MODULES)}")
+    importlib.import_module(f"{__name__}.{SUITE_MODULES[name]}")
+    return SUITES[name]
+
+
+def run_suites(artifact: str | Path, names: list[str] | tuple[str, ...], reference: str | Path | None = None,
+               options: SuiteOptions = SuiteOptions(), log: Callable[[str], None] | None = None
+               ) -> dict[str, SuiteResult]:
+    """Run the named suites in order (each checked before any runs) and return {name: result}."""
+    runners = [(name, suite(name)) for name in names]
+    return {name: run(artifact, reference, options, log) for name, run in runners}
 
 
 def save_results(artifact: str | Path, results: dict[str, SuiteResult]) -> Path:
