@@ -53,14 +53,14 @@ class ConstraintState:
 def _llguidance() -> Any:
     try:
         import llguidance
-        import llguidance.numpy  # noqa: F401  (fill_next_token_bitmask_par)
+        import llguidance.numpy  # fill_next_token_bitmask_par
     except ImportError as exc:
         raise BitsmithError("constrained decoding needs the llguidance package", where="constrained decoding",
                             fix="pip install llguidance") from exc
     return llguidance
 
 
-_LL_TOKENIZERS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+_LL_TOKENIZERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def ll_tokenizer(tokenizer: Any) -> Any:

@@ -152,7 +152,7 @@ class RequestBuilder:
             if not isinstance(content, str):
                 raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects")
             out.append({"role": str(m.get("role", "user")), "content": content})
-        if tools:
+        if tools and "tools" not in (self.chat_template or ""):  # a template that renders tools gets them below
             out.insert(0, {"role": "system", "content": tools_prompt(tools)})
         return out
 
@@ -187,7 +187,8 @@ class RequestBuilder:
                 raise ApiError(400, "use 'response_format' or 'tools', not both (or set tool_choice 'none')")
             constraint = constraint or fmt
             try:
-                prompts = [encode_chat(self.chat_template, self._messages(body, tools), self.tokenizer)]
+                listed = [{"type": "function", "function": t} for t in tools.values()] or None
+                prompts = [encode_chat(self.chat_template, self._messages(body, tools), self.tokenizer, listed)]
             except BitsmithError as exc:
                 raise ApiError(400, exc.problem) from exc
             logprobs = _number(body, "top_logprobs", 0, int, 0, MAX_TOP_LOGPROBS) if _flag(body, "logprobs") else None

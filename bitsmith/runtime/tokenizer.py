@@ -66,8 +66,10 @@ def tokenizer_from_spec(spec: Any) -> Tokenizer:
         return load_tokenizer(tmp, spec.manifest_entry())
 
 
-def render_chat(template: str | None, messages: list[dict[str, str]], tokenizer: Tokenizer) -> str:
-    """Apply the model's Jinja chat template; fall back to plain concatenation when there is none."""
+def render_chat(template: str | None, messages: list[dict[str, str]], tokenizer: Tokenizer,
+                tools: list[dict] | None = None) -> str:
+    """Apply the model's Jinja chat template (with `tools` for templates that render them); fall back to plain
+    concatenation when there is none."""
     if not template:
         return "\n".join(m["content"] for m in messages)
     import jinja2  # optional: only for chat templates
@@ -81,12 +83,13 @@ def render_chat(template: str | None, messages: list[dict[str, str]], tokenizer:
     bos = tokenizer.decode([tokenizer.bos_token_id]) if tokenizer.bos_token_id is not None else ""
     eos = tokenizer.decode([tokenizer.eos_token_ids[0]]) if tokenizer.eos_token_ids else ""
     return env.from_string(template).render(
-        messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos
+        messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos, tools=tools
     )
 
 
-def encode_chat(template: str | None, messages: list[dict[str, str]], tokenizer: Tokenizer) -> list[int]:
+def encode_chat(template: str | None, messages: list[dict[str, str]], tokenizer: Tokenizer,
+                tools: list[dict] | None = None) -> list[int]:
     """Token ids of `messages` rendered with the chat template (no second BOS when the template writes one)."""
-    text = render_chat(template, messages, tokenizer)
+    text = render_chat(template, messages, tokenizer, tools)
     bos = tokenizer.decode([tokenizer.bos_token_id]) if tokenizer.bos_token_id is not None else None
     return tokenizer.encode(text, add_bos=False if bos and text.startswith(bos) else None)
