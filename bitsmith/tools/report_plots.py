@@ -59,7 +59,7 @@ def paired_bars(title: str, names: list[str], artifact: list[float], reference: 
                 ylabel: str, alt: str) -> str:
     """Artifact vs reference, one pair of bars per metric (a missing reference value draws no bar)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(min(2 + 1.1 * len(names), 10), 3.2))
+    fig, ax = plt.subplots(figsize=(min(max(2 + 1.1 * len(names), 4.5), 10), 3.2))
     xs = range(len(names))
     ax.bar([x - 0.2 for x in xs], artifact, 0.4, label="artifact", color=ARTIFACT_COLOR)
     ref_x = [x + 0.2 for x, r in zip(xs, reference) if r is not None]
@@ -68,6 +68,7 @@ def paired_bars(title: str, names: list[str], artifact: list[float], reference: 
     for x, v in zip(xs, artifact):
         ax.text(x - 0.2, v, f"{v:.3g}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(list(xs), names, fontsize=8)
+    ax.set_xlim(-0.8, len(names) - 0.2)  # one metric stays a bar, not a block
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
@@ -164,8 +165,10 @@ def pareto_chart(points: list[dict], chosen: dict | None) -> str:
         ax.axvline(chosen["bytes"] / 2**20, color="gray", ls="--", label="chosen plan")
     ax.set_xlabel("memory (MiB: weights + KV cache + workspace)", fontsize=8)
     ax.set_ylabel("KL divergence vs 16-bit", fontsize=8)
-    if all(p["kld_pred"] > 0 for p in points):
-        ax.set_yscale("log")
+    positive = [v for p in points for v in (p["kld_pred"], p.get("kld_meas", 0)) if v > 0]
+    if positive:  # log-like, and the 16-bit end (KLD exactly 0) stays on the chart
+        ax.set_yscale("symlog", linthresh=min(positive))
+        ax.set_ylim(bottom=0)
     ax.legend(fontsize=7)
     ax.set_title("search: Pareto front", fontsize=9)
     fig.tight_layout()

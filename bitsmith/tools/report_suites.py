@@ -30,7 +30,7 @@ def overview_chart(evals: dict[str, Any]) -> str:
     """Every share metric of every suite in one chart, artifact beside the reference."""
     metrics = {k: v for r in evals.values() for k, v in r.metrics.items() if _number(v)}
     names = [m for m in SHARES if m in metrics]
-    if not names:
+    if len(names) < 2:  # one suite's one share is in its own table already
         return ""
     return plots.paired_bars("quality against the reference (shares: higher is better)", names,
                              [float(metrics[m]) for m in names], [_ref(metrics, m) for m in names], "share",
