@@ -14,6 +14,7 @@ from bitsmith.cli_common import _log, friendly_errors, main
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.artifact import load_artifact
 from bitsmith.runtime.bench import agreement_with_first, bench_prompts, format_table, run_concurrency, run_rounds
+from bitsmith.runtime.constrained import Constraint
 from bitsmith.runtime.engine import Engine
 from bitsmith.runtime.runners import open_runner
 from bitsmith.runtime.sampling import SamplingParams
@@ -37,14 +38,23 @@ from bitsmith.tools.run import EXECUTORS, run_prompt
               help="compiled: the artifact's kernels (an artifact without kernels for this machine is an error); "
                    "reference: the numpy reference executor (slow; the oracle, and the way to run an artifact "
                    "compiled with --target none).")
+@click.option("--json-schema", "json_schema", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Constrain the output to JSON valid under the schema in this file (needs llguidance).")
+@click.option("--regex", default=None, help="Constrain the whole output to match this regular expression.")
 @friendly_errors
 def run(artifact: Path, prompt: str, max_tokens: int, temperature: float, top_k: int, top_p: float,
-        seed: int | None, chat: bool, as_json: bool, executor: str) -> None:
+        seed: int | None, chat: bool, as_json: bool, executor: str, json_schema: Path | None,
+        regex: str | None) -> None:
     """Generate a continuation of PROMPT with a compiled ARTIFACT."""
     runtime_library_only()  # runs, never compiles: libtvm_runtime.so without the compiler library
+    if json_schema and regex:
+        raise BitsmithError("--json-schema and --regex both constrain the output", fix="pass one of them")
+    constraint = (Constraint("json_schema", json_schema.read_text()) if json_schema
+                  else Constraint("regex", regex) if regex else None)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
-    text, ids = run_prompt(artifact, prompt, max_tokens, params, chat=chat, on_text=stream, executor=executor)
+    text, ids = run_prompt(artifact, prompt, max_tokens, params, chat=chat, on_text=stream, executor=executor,
+                           constraint=constraint)
     if as_json:
         click.echo(json.dumps({"text": text, "token_ids": ids}))
     else:

@@ -55,7 +55,8 @@ def _llguidance() -> Any:
         import llguidance
         import llguidance.numpy  # fill_next_token_bitmask_par
     except ImportError as exc:
-        raise BitsmithError("constrained decoding needs the llguidance package", where="constrained decoding",
+        raise BitsmithError("constrained decoding needs the llguidance package (pip install llguidance)",
+                            where="constrained decoding",
                             fix="pip install llguidance") from exc
     return llguidance
 
@@ -169,3 +170,28 @@ class Constrainer:
             state.error = state.matcher.get_error() or f"the grammar rejected token {token}"
             return False
         return bool(state.matcher.is_stopped())
+
+
+class Guide:
+    """One sequence's constraint in the single-sequence loop (runtime/generate.py), on the engine's mask code."""
+
+    def __init__(self, tokenizer: Any, constraint: Constraint) -> None:
+        self.constrainer = Constrainer(tokenizer)
+        self.state = self.constrainer.start(constraint)
+
+    def _check(self) -> None:
+        if self.state.error:
+            raise BitsmithError(f"constrained decoding stopped: {self.state.error}", where="constrained decoding",
+                                fix="check the schema or pattern (the model's vocabulary cannot continue it)")
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        """logits [vocab] with the tokens the grammar forbids next at -inf."""
+        out = self.constrainer.mask([self.state], logits[None])[0]
+        self._check()
+        return out
+
+    def consume(self, token: int) -> bool:
+        """Advance by the sampled token; True when the grammar is complete."""
+        ended = self.constrainer.consume(self.state, token)
+        self._check()
+        return ended

@@ -7,6 +7,7 @@ from typing import Iterator, Protocol
 import numpy as np
 
 from bitsmith.errors import BitsmithError
+from bitsmith.runtime.constrained import Guide
 from bitsmith.runtime.sampling import SamplingParams, sample_token
 
 
@@ -21,8 +22,9 @@ class Session(Protocol):
 
 
 def generate(session: Session, prompt: list[int], max_tokens: int, params: SamplingParams,
-             stop_ids: tuple[int, ...] = ()) -> Iterator[int]:
-    """Yield generated token ids one at a time; a stop id ends the stream (and is not yielded)."""
+             stop_ids: tuple[int, ...] = (), guide: Guide | None = None) -> Iterator[int]:
+    """Yield generated token ids one at a time; a stop id ends the stream (and is not yielded); `guide` masks each
+    step's logits to its constraint and ends the stream when the grammar is complete."""
     if not prompt:
         raise BitsmithError("the prompt encodes to no tokens", fix="pass a non-empty prompt or a model that adds BOS")
     if max_tokens < 0:
@@ -35,9 +37,12 @@ def generate(session: Session, prompt: list[int], max_tokens: int, params: Sampl
     rng = np.random.default_rng(params.seed)
     logits = session.prefill_last(prompt)
     for step in range(max_tokens):
-        token = sample_token(logits, params, rng)
-        if token in stop_ids:
+        token = sample_token(logits if guide is None else guide.mask(logits), params, rng)
+        ended = guide is not None and guide.consume(token)
+        if token in stop_ids or (ended and token in guide.constrainer.eos_ids):
             return
         yield token
+        if ended:
+            return
         if step + 1 < max_tokens:
             logits = session.decode(token)

@@ -34,6 +34,8 @@ TVM_DIST = "apache-tvm"
 BASE_REQUIREMENTS = ("numpy", "apache-tvm-ffi", "ml_dtypes", "typing_extensions")
 TOKENIZER_REQUIREMENTS = ("tokenizers",)
 CHAT_REQUIREMENTS = ("jinja2", "markupsafe")
+# Not in a bundle's requirements: llguidance (runtime/constrained.py imports it only when a request asks for a
+# constraint; the bundle README says how to add it).
 # TVM files the runtime needs besides the Python modules `import tvm` loads with TVM_USE_RUNTIME_LIB=1.
 TVM_EXTRA_FILES = ("lib/libtvm_runtime.so", "LICENSE", "NOTICE")
 

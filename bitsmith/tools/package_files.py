@@ -77,6 +77,9 @@ Offline: {offline}. Kernels: {info.get('kernels', info['target'])}.
 ./run "Once upon a time" --max-tokens 32   # greedy unless --temperature; --json prints the token ids
 ./serve --host 0.0.0.0 --port 8000         # OpenAI-compatible: /v1/completions, /v1/chat/completions
 ```
+Constrained decoding (`response_format`, `tools`, `--json-schema`, `--regex`) needs llguidance, which is not in
+requirements.txt: the runtime imports it only when a request asks for a constraint (without it such a request is
+refused with `pip install llguidance`; everything else runs). Add it with `.venv/bin/pip install llguidance`.
 `PYTHON=...` picks the interpreter (it may be a command, e.g. `qemu-aarch64-static -L SYSROOT
 SYSROOT/usr/bin/python3.11`); `BUNDLE_SITE=DIR` adds a directory where the requirements are unpacked instead of
 a venv. The device needs Python {info['python']} (the pins are for it). Without venv support (Debian's python3 lacks

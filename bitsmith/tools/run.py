@@ -9,6 +9,7 @@ from bitsmith.compiler.ir import Module
 from bitsmith.compiler.reference import ReferenceSession
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.artifact import Artifact, load_artifact
+from bitsmith.runtime.constrained import Constraint, Guide
 from bitsmith.runtime.generate import generate
 from bitsmith.runtime.sampling import SamplingParams
 from bitsmith.runtime.session import CompiledSession
@@ -42,15 +43,18 @@ def encode_prompt(artifact: Artifact, prompt: str, chat: bool, tokenizer: Tokeni
 
 
 def run_prompt(path: str | Path, prompt: str, max_tokens: int, params: SamplingParams, chat: bool = False,
-               on_text: Callable[[str], None] | None = None, executor: str = "compiled") -> tuple[str, list[int]]:
-    """Generate from `prompt`; returns (generated text, generated ids). `on_text` streams text pieces."""
+               on_text: Callable[[str], None] | None = None, executor: str = "compiled",
+               constraint: Constraint | None = None) -> tuple[str, list[int]]:
+    """Generate from `prompt` (matching `constraint` when given); returns (generated text, generated ids).
+    `on_text` streams text pieces."""
     artifact = load_artifact(path)
     tokenizer = artifact.tokenizer()
     prompt_ids = encode_prompt(artifact, prompt, chat, tokenizer)
     session = open_session(artifact, executor, min(artifact.max_context, len(prompt_ids) + max(max_tokens, 1)))
     ids: list[int] = []
     shown = ""
-    for token in generate(session, prompt_ids, max_tokens, params, stop_ids=tokenizer.eos_token_ids):
+    guide = Guide(tokenizer, constraint) if constraint is not None else None
+    for token in generate(session, prompt_ids, max_tokens, params, stop_ids=tokenizer.eos_token_ids, guide=guide):
         ids.append(token)
         text = tokenizer.decode(ids)
         if on_text and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -147,3 +148,41 @@ def test_bad_constraints_are_errors(art):
         engine.add(Request([1, 5], 4, constraint=Constraint("json_schema", '{"type": "nonsense"}')))
     with pytest.raises(BitsmithError, match="unknown constraint kind"):
         Constraint("yaml", "x")
+
+
+def test_run_cli_and_generate_loop_share_the_engines_mask(art, tmp_path):
+    from click.testing import CliRunner
+
+    from bitsmith.cli import main
+
+    tokenizer = art.tokenizer()
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMAS[0]))
+    engine = Engine(KernelRunner(art), tokenizer)
+    greedy = engine.add(Request(tokenizer.encode("json"), 50, stop_ids=(2,),
+                                constraint=Constraint("json_schema", schema.read_text())))
+    pattern = engine.add(Request(tokenizer.encode("json"), 30, SamplingParams(temperature=1.0, seed=3),
+                                 stop_ids=(2,), constraint=Constraint("regex", "[a-f]{3}-[0-9]{2,4}")))
+    engine.run_until_done()
+    result = CliRunner().invoke(main, ["run", str(art.directory), "json", "--json-schema", str(schema), "--json",
+                                       "--max-tokens", "50"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output.strip().splitlines()[-1])
+    assert out["token_ids"] == greedy.generated  # the single-sequence loop masks as the batched engine does
+    jsonschema.validate(json.loads(out["text"]), SCHEMAS[0])
+    result = CliRunner().invoke(main, ["run", str(art.directory), "json", "--regex", "[a-f]{3}-[0-9]{2,4}", "--json",
+                                       "--max-tokens", "30", "--temperature", "1", "--seed", "3"])
+    assert result.exit_code == 0 and json.loads(result.output.strip().splitlines()[-1])["text"] == pattern.text
+    result = CliRunner().invoke(main, ["run", str(art.directory), "json", "--regex", "a(b"])
+    assert result.exit_code != 0 and "invalid regex" in result.output
+
+
+def test_llguidance_is_imported_only_for_a_constraint(art, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "llguidance.numpy", None)
+    engine = Engine(KernelRunner(art), art.tokenizer())
+    seq = engine.add(Request([1, 5, 6], 3, stop_ids=(2,)))
+    engine.run_until_done()
+    assert seq.done
+    with pytest.raises(BitsmithError, match="pip install llguidance"):
+        engine.add(Request([1, 5], 4, constraint=Constraint("json_object")))
