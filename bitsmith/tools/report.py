@@ -163,7 +163,8 @@ def gate_section(gate: dict[str, Any] | None) -> str:
               f"reference {esc(gate.get('reference', '-'))}; {len(attempts)} attempt(s).</p>")]
     if attempts:
         parts.append(plots.gate_chart(attempts, chosen))
-        names = list(dict.fromkeys(k for a in attempts for k in (a.get("metrics") or {})))
+        # the conditions' metrics as columns; every metric an attempt measured in the table below
+        names = list(dict.fromkeys(c["metric"] for c in gate.get("conditions") or []))
         rows, classes = [], []
         for i, a in enumerate(attempts):
             verdict = Markup('<span class=pass>pass</span>' if a.get("passed") else '<span class=fail>fail</span>')
@@ -174,6 +175,10 @@ def gate_section(gate: dict[str, Any] | None) -> str:
             classes.append("chosen" if i == chosen else "")
         parts.append(table(["#", "rung", "what changed", "schemes", "weight bytes", "bits/weight", *names,
                             "gate", "failed conditions", "seconds", ""], rows, row_class=classes))
+        measured = list(dict.fromkeys(k for a in attempts for k in (a.get("metrics") or {})))
+        parts.append("<details><summary>every metric of every attempt</summary>" + table(
+            ["metric", *[f"#{i}" for i in range(len(attempts))]],
+            [[m, *[(a.get("metrics") or {}).get(m) for a in attempts]] for m in measured]) + "</details>")
     sens = gate.get("sensitivity") or {}
     if sens.get("tensors"):
         parts.append(f"<p class=meta>sensitivity measured at {esc(sens.get('measured_at', '?'))}</p>"
