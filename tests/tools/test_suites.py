@@ -93,7 +93,8 @@ def test_builtin_sets_are_well_formed():
     assert sum("expected" in r or "regex" in r for r in rows) >= 80
     prompts = load_prompts()
     assert 30 <= len(prompts) <= 40
-    assert all(json.dumps(p["schema"]) in p["prompt"] for p in prompts)  # the prompt shows its schema
+    for p in prompts:  # the prompt shows the schema's shape: every key of the object
+        assert all(f'"{key}":' in p["prompt"] for key in p["schema"]["properties"]), p["id"]
 
 
 @pytest.mark.parametrize("text, value", [

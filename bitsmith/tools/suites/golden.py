@@ -63,7 +63,8 @@ def read_jsonl(text: str, where: str, fields: dict[str, type], required: tuple[s
 def load_golden(path: str | None) -> tuple[list[dict], str]:
     """(rows, where from): --golden FILE, else the built-in set bitsmith/data/golden.jsonl."""
     if path is None:
-        text, where = (resources.files("bitsmith") / "data" / "golden.jsonl").read_text(encoding="utf-8"), "golden.jsonl"
+        text = (resources.files("bitsmith") / "data" / "golden.jsonl").read_text(encoding="utf-8")
+        where = "golden.jsonl"
     else:
         if not Path(path).is_file():
             raise BitsmithError(f"golden file {path!r} does not exist", where="eval suite golden",

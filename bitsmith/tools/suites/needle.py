@@ -111,7 +111,8 @@ def run_needle(artifact: str | Path, reference: str | Path | None, options: Suit
                 cell["hits"]["ref_"], cell["ref_answers"] = cell["hits"].get("", 0), cell["answers"]
             break
         t0 = gen.seconds
-        outs = gen.greedy([p.ids for p in prompts], ANSWER_TOKENS, desc=f"needle ({'reference' if who else 'artifact'})")
+        outs = gen.greedy([p.ids for p in prompts], ANSWER_TOKENS,
+                          desc=f"needle ({'reference' if who else 'artifact'})")
         costs[f"{who}seconds"] = gen.seconds - t0
         hits = [p.answer.casefold() in o.text.casefold() for p, o in zip(prompts, outs)]
         metrics[f"{who}needle"] = sum(hits) / len(hits)

@@ -36,8 +36,8 @@ def _compile_settings(artifact: Artifact) -> dict:
     kv = artifact.manifest.get("kv_plan") or {}
     target = dict(compiled.get("target") or {"name": "host"})
     target.pop("activations", None)  # the reference multiplies in float32 (no int8 GEMV inputs)
-    return {"context": int(kv.get("max_context") or artifact.max_context), "concurrency": int(kv.get("concurrency") or 4),
-            "target": target}
+    return {"context": int(kv.get("max_context") or artifact.max_context),
+            "concurrency": int(kv.get("concurrency") or 4), "target": target}
 
 
 def reference_key(source: Path, settings: dict) -> str:
