@@ -55,7 +55,8 @@ def cell(value: Any, numeric: bool = False) -> str:
     if isinstance(value, Markup):
         return f"<td>{value}</td>"
     text = value if isinstance(value, str) else fmt(value)
-    return f'<td class=num>{esc(text)}</td>' if numeric or isinstance(value, (int, float)) else f"<td>{esc(text)}</td>"
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return f"<td class=num>{esc(text)}</td>" if numeric or number else f"<td>{esc(text)}</td>"
 
 
 def table(headers: list[str], rows: Iterable[list[Any]], numeric: tuple[int, ...] = (),

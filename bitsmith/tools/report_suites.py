@@ -42,10 +42,8 @@ def _number(value: Any) -> bool:
 
 
 def _ref(metrics: dict[str, float], name: str) -> float | None:
-    for key in (f"ref_{name}", "ref_" + name.removesuffix("_acc") + "_acc"):
-        if key in metrics:
-            return float(metrics[key])
-    return None
+    """The reference's value of a metric (golden, the agreement with the reference, has none)."""
+    return float(metrics[f"ref_{name}"]) if f"ref_{name}" in metrics else None
 
 
 def suite_block(name: str, result: Any) -> str:
@@ -177,7 +175,9 @@ def _is_rows(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(r, dict) for r in value)
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value  # the table right-aligns numbers
     if isinstance(value, (dict, list)):
         value = json.dumps(value, default=str)
     text = fmt(value)
