@@ -165,15 +165,18 @@ def gate_section(gate: dict[str, Any] | None) -> str:
         parts.append(plots.gate_chart(attempts, chosen))
         # the conditions' metrics as columns; every metric an attempt measured in the table below
         names = list(dict.fromkeys(c["metric"] for c in gate.get("conditions") or []))
+        whole = any("model_bpw" in a for a in attempts)  # bpw: the quantized linears; model_bpw: every weight
         rows, classes = [], []
         for i, a in enumerate(attempts):
             verdict = Markup('<span class=pass>pass</span>' if a.get("passed") else '<span class=fail>fail</span>')
             schemes = ", ".join(f"{k} ×{v}" for k, v in (a.get("schemes") or {}).items())
             rows.append([i, a.get("rung", ""), a.get("description", ""), schemes, a.get("weight_bytes"),
-                         a.get("bpw"), *[(a.get("metrics") or {}).get(n) for n in names], verdict,
+                         a.get("bpw"), *([a.get("model_bpw")] if whole else []),
+                         *[(a.get("metrics") or {}).get(n) for n in names], verdict,
                          "; ".join(a.get("failed") or []), a.get("seconds"), "chosen" if i == chosen else ""])
             classes.append("chosen" if i == chosen else "")
-        parts.append(table(["#", "rung", "what changed", "schemes", "weight bytes", "bits/weight", *names,
+        bpw_heads = ["bits/weight (quantized)", "bits/weight (model)"] if whole else ["bits/weight"]
+        parts.append(table(["#", "rung", "what changed", "schemes", "weight bytes", *bpw_heads, *names,
                             "gate", "failed conditions", "seconds", ""], rows, row_class=classes))
         measured = list(dict.fromkeys(k for a in attempts for k in (a.get("metrics") or {})))
         parts.append("<details><summary>every metric of every attempt</summary>" + table(

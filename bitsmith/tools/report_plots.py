@@ -130,7 +130,8 @@ def gate_chart(attempts: list[dict], chosen: int | None) -> str:
         if i == chosen:
             bar.set_edgecolor("black")
             bar.set_linewidth(2.5)
-        ax.text(i, bar.get_height(), f"{a.get('bpw', 0):.2f} bpw", ha="center", va="bottom", fontsize=7)
+        bpw = a.get("model_bpw", a.get("bpw", 0))  # the whole model's, when recorded: a kept tensor counts
+        ax.text(i, bar.get_height(), f"{bpw:.2f} bpw", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(attempts)), [f"{i}: {a.get('rung', '?')}" for i, a in enumerate(attempts)],
                   rotation=15, ha="right", fontsize=8)
     ax.set_ylabel("weights (MiB)")

@@ -58,7 +58,7 @@ def fixture_evals() -> dict[str, SuiteResult]:
 
 def fixture_gate() -> dict:
     attempt = {"rung": "requested", "description": "int3 g32 everywhere", "schemes": {"int3-g32-sym-rtn": 14},
-               "keep": [], "overrides": [], "weight_bytes": 40000, "bpw": 3.5, "metrics": {"kld": 0.3, "golden": 0.5, "kld_p99": 2.5},
+               "keep": [], "overrides": [], "weight_bytes": 40000, "bpw": 3.5, "model_bpw": 6.25, "metrics": {"kld": 0.3, "golden": 0.5, "kld_p99": 2.5},
                "failed": ["kld<=0.05 (got 0.3)"], "passed": False, "seconds": 1.25}
     passing = {**attempt, "rung": "int8-sensitive", "description": "int8 for the 4 most sensitive tensors",
                "schemes": {"int3-g32-sym-rtn": 10, "int8-g32-sym-rtn": 4}, "weight_bytes": 52000, "bpw": 4.75,
@@ -131,6 +131,7 @@ def test_report_holds_the_key_numbers(artifacts, tmp_path):
     assert f"{manifest['memory_plan']['total']:,}" in text
     assert "int4-g32-sym-rtn" in text and "int8-g32-sym-rtn" in text
     assert "kld_p99" in text.split("every metric of every attempt")[1]  # measured, not a condition
+    assert "6.25" in text and "bits/weight (model)" in text  # the gate attempt's whole-model bits
     assert "layers 0-1" in text  # the two layers have the same plan: one row
     assert "kld<=0.05 (got 0.3)" in text and "int8 for the 4 most sensitive tensors" in text
     page = out.read_text()
