@@ -12,8 +12,9 @@ from bitsmith.compiler.printer import print_module
 from bitsmith.cli_common import _log, friendly_errors, main
 from bitsmith.errors import BitsmithError
 from bitsmith.codegen.target import CUDA_ARCHS
-from bitsmith.options import (ACTIVATIONS, KV_DTYPE_CHOICES, TARGETS, CompileOptions, MemoryOptions, QuantOptions,
-                              TargetOptions)
+from bitsmith.options import (ACTIVATIONS, KV_DTYPE_CHOICES, TARGETS, CompileOptions, GateOptions, MemoryOptions,
+                              QuantOptions, TargetOptions)
+from bitsmith.tools.gate import DEFAULT_GATE, format_attempts, format_size, parse_gate
 from bitsmith.passes.cast_weights import STORAGE_DTYPES
 from bitsmith.passes.kv_plan import BLOCK_SIZES, parse_bytes
 from bitsmith.runtime.quant_scheme import QUANTIZER_METHODS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
@@ -100,6 +101,19 @@ from bitsmith.tools.package import package as package_bundle
               help=f"Plan for a device: its memory is the budget (a plan that does not fit is refused, naming the "
                    f"context and bits that would) and an ARM device gets aarch64 kernels for its core. "
                    f"One of {', '.join(device_names())}, or a .json/.toml profile.")
+@click.option("--gate", "gate_spec", default="auto", metavar="SPEC|default|none",
+              help="Quality gate the artifact must pass, e.g. 'kld<=0.05,golden>=0.9,json>=0.98' (metrics of the "
+                   "eval suites: kld, kld_p99, top1, ppl_increase, golden, golden_acc, json, json_constrained, needle, "
+                   "tok_s_cN, ...). On failure a fallback ladder ordered by measured sensitivity is tried (keep the "
+                   "most sensitive tensors 16-bit, then int8 for the worst group, then int8 everywhere) and the "
+                   "first passing plan is written; none passing: exit 2, no artifact. [default: "
+                   f"'{DEFAULT_GATE}' whenever the compile quantizes (a method, a --scheme, or imported codes), "
+                   "none otherwise]")
+@click.option("--gate-tokens", default=512, show_default=True, type=click.IntRange(min=64),
+              help="Gate: tokens of the held-out text the ppl suite scores (kld, top1, ...).")
+@click.option("--gate-limit", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Gate: prompts of the golden/json suites (the first N).")
+@click.option("--no-ladder", is_flag=True, help="Gate: fail at once instead of trying the fallback ladder.")
 @friendly_errors
 def compile(model: Path | None, output: Path | None, dtype: str | None, tokenizer: Path | None, verify: bool,
             dump_ir: Path | None, print_passes: bool, method: str | None, bits: str, group_size: str, sym: bool,
@@ -107,8 +121,13 @@ def compile(model: Path | None, output: Path | None, dtype: str | None, tokenize
             calib_samples: int, calib_seqlen: int, target: str, arch: str | None, cpu: str | None, features: str,
             context: int | None,
             memory: str | None, concurrency: int, kv_dtype: str, block_size: str, activations: str,
-            plan_path: Path | None, device: str | None) -> None:
+            plan_path: Path | None, device: str | None, gate_spec: str, gate_tokens: int, gate_limit: int,
+            no_ladder: bool) -> None:
     """Compile MODEL into an artifact directory, optionally quantizing its weights.
+
+    The default (`bitsmith compile -o DIR`, no MODEL) keeps SmolLM2's Q4_1 codes exactly (about 4.6
+    bits per quantized weight) under the default gate; every compile prints the artifact's size, bits
+    per weight and, when gated, the gate's results per attempt.
 
     MODEL is a Hugging Face directory (config.json + safetensors), a .gguf file, a llama2.c .bin
     checkpoint or an .onnx decoder. Without MODEL, the built-in default SmolLM2-135M-Instruct (Q4_1
@@ -145,21 +164,27 @@ def compile(model: Path | None, output: Path | None, dtype: str | None, tokenize
         memory=MemoryOptions(context, memory, concurrency, kv_dtype, int(block_size)),
         target=TargetOptions(target, arch, activations, cpu, tuple(f.strip().lstrip("+") for f in features.split(",")
                                                                    if f.strip())),
+        gate=GateOptions(None if gate_spec.strip().lower() == "none" else gate_spec, gate_tokens, gate_limit,
+                         ladder=not no_ladder),
     )
+    parse_gate(DEFAULT_GATE if options.gate.spec == "auto" else options.gate.spec)  # a bad spec fails before work
     if device is not None:
         options = for_device(options, device_profile(device))
-    from bitsmith.pipeline import compile_model, describe_pipeline  # heavy: TVM
+    from bitsmith.pipeline import describe_pipeline  # heavy: TVM
 
     if print_passes:
         click.echo(describe_pipeline(options))
         return
     _log(f"compile {model or '<default: SmolLM2-135M-Instruct>'} -> {output}  options={options.to_json()}")
-    out = compile_model(model, output, options, log=_log)
+    from bitsmith.tools.ladder import compile_gated
+
+    out, gate = compile_gated(model, output, options, log=_log)
     if plan_path is not None:  # the search's front goes with the artifact, for `bitsmith report`
         from bitsmith.tools.report_data import record_pareto
 
         record_pareto(plan_path, out)
-    click.echo(f"wrote {out}")
+    click.echo(f"wrote {out}: {format_size(out)}")
+    click.echo(format_attempts(gate) if gate else "gate: none")
 
 
 @main.command()

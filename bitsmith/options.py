@@ -64,6 +64,17 @@ class TargetOptions:
 
 
 @dataclass(frozen=True)
+class GateOptions:
+    """The quality gate a compile must pass (tools/gate.py, tools/ladder.py); spec None: no gate."""
+
+    spec: str | None = None  # "kld<=0.05,golden>=0.9" | "default" | "auto" (default when quantizing) | None
+    tokens: int = 512  # ppl: tokens of the held-out text scored (2 windows of 256: the reference runs in numpy)
+    limit: int | None = 8  # golden/json: the first N prompts
+    max_tokens: int = 32  # golden: greedy tokens per prompt
+    ladder: bool = True  # on failure, try the fallback ladder (else fail at once)
+
+
+@dataclass(frozen=True)
 class CompileOptions:
     """Everything `bitsmith compile` can be told, by concern; serialised into the manifest (nested dicts)."""
 
@@ -74,6 +85,7 @@ class CompileOptions:
     quant: QuantOptions = QuantOptions()
     memory: MemoryOptions = MemoryOptions()
     target: TargetOptions = TargetOptions()
+    gate: GateOptions = GateOptions()
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
