@@ -89,7 +89,7 @@ def calibration_ids(model: Path, samples: int, seqlen: int) -> list[list[int]]:
 def ours(model: Path, out: Path, method: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [shutil.which("bitsmith") or "bitsmith", "compile", str(model), "-o", str(out), "--method", method,
            "--bits", str(args.bits), "--group", str(args.group), "--target", "none",
-           "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen)]
+           "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen), "--gate", "none"]
     result = measured(cmd)
     result.pop("stdout")
     result["command"] = " ".join(["bitsmith", *cmd[1:]])

@@ -72,7 +72,7 @@ def compile_one(source: str, out: Path, method: str, bits: int, group: int, sym:
     cmd = [sys.executable, "-m", "bitsmith.cli", "compile", *([] if source == "default" else [source]),
            "-o", str(out), "--method", method, "--bits", str(bits), "--group", str(group),
            "--sym" if sym else "--asym", "--no-keep-default", "--calib", str(calib), "--target", "none",
-           "--calib-samples", str(samples), "--calib-seqlen", str(SEQLEN)]
+           "--calib-samples", str(samples), "--calib-seqlen", str(SEQLEN), "--gate", "none"]
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)

@@ -181,7 +181,8 @@ def main() -> None:
                 artifact = Path(tmp) / "int4"
                 subprocess.run([sys.executable, "-m", "bitsmith.cli", "compile", *model, "-o", str(artifact), "--method",
                                 "rtn", "--bits", "4", "--group", "32", "--concurrency", concurrency, "--context", "512",
-                                "--activations", "auto", "--scheme", "lm_head=int8", "--kv-dtype", "int8"],
+                                "--activations", "auto", "--scheme", "lm_head=int8", "--kv-dtype", "int8",
+                                "--gate", "none"],
                                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             proc, port = serve_ours(artifact)
             procs.append(proc)

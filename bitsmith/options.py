@@ -72,6 +72,9 @@ class GateOptions:
     limit: int | None = 8  # golden/json: the first N prompts
     max_tokens: int = 32  # golden: greedy tokens per prompt
     ladder: bool = True  # on failure, try the fallback ladder (else fail at once)
+    # the ladder's per-tensor sensitivity: one numpy forward per tensor over these tokens (SmolLM2: 196 tensors)
+    sensitivity_samples: int = 1
+    sensitivity_seqlen: int = 64
 
 
 @dataclass(frozen=True)

@@ -100,9 +100,10 @@ def plan_of(artifact: Path) -> dict[str, str | None]:
 
 
 def measure(source: str | Path | None, tensors: list[str], options: CompileOptions,
-            log: Callable[[str], None] | None, cache: Path | None = None) -> tuple[dict[str, float], dict[str, int], str]:
-    """Per-tensor KLD with only that tensor quantized at the probe scheme (search/sensitivity.py, on the search's
-    default calibration, so its cache is shared), the tensors' parameter counts, and the probe scheme."""
+            log: Callable[[str], None] | None, cache: Path | None = None
+            ) -> tuple[dict[str, float], dict[str, int], str]:
+    """Per-tensor KLD with only that tensor quantized at the probe scheme (search/sensitivity.py and its cache, on
+    GateOptions' sensitivity tokens), the tensors' parameter counts, and the probe scheme."""
     from bitsmith.compiler.calibration_data import CalibrationOptions, calibration_tokens
     from bitsmith.compiler.loader import load_model
     from bitsmith.compiler.reference import upcast_weights
@@ -112,7 +113,8 @@ def measure(source: str | Path | None, tensors: list[str], options: CompileOptio
 
     model = canonical_model(load_model(source, tokenizer=options.tokenizer, log=log))
     present = [t for t in tensors if t in model.weights]
-    samples = calibration_tokens(model, CalibrationOptions(None, 4, 128, 0))
+    gate = options.gate
+    samples = calibration_tokens(model, CalibrationOptions(None, gate.sensitivity_samples, gate.sensitivity_seqlen, 0))
     if samples is None:
         raise BitsmithError("the model has no tokenizer for the sensitivity text", where="gate ladder",
                             fix="compile a model that ships a tokenizer, or --gate none")
@@ -225,7 +227,8 @@ def compile_gated(source: str | Path | None, out: str | Path, options: CompileOp
             a = record["attempts"][best]
             numbers = ", ".join(f"{k} {a['metrics'][k]:.4g}" for k in dict.fromkeys(c.metric for c in conditions))
             raise BitsmithError(
-                f"gate {spec_text} failed on all {len(record['attempts'])} attempts; the best was #{best} ({a['rung']}: "
+                f"gate {spec_text} failed on all {len(record['attempts'])} attempts; "
+                f"the best was #{best} ({a['rung']}: "
                 f"{a['bpw']:.2f} bits/weight, {numbers}; "
                 f"failed {'; '.join(a['failed'])})", where="--gate", fix="loosen --gate, quantize with more bits, "
                 "or --gate none to keep the artifact unchecked")

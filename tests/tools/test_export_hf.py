@@ -416,7 +416,8 @@ def test_searched_mixed_plan_keeps_its_schemes_in_compressed_tensors(shared_data
     model, plan, art, out = shared_data / "tinystories-656k", tmp_path / "plan.json", tmp_path / "art", tmp_path / "ct"
     for args in (["search", str(model), "--memory", "1.1MB", "--context", "256", "--measure", "2",
                   "--no-keep-default", "-o", str(plan)],
-                 ["compile", str(model), "--plan", str(plan), "--target", "none", "--context", "64", "-o", str(art)],
+                 ["compile", str(model), "--plan", str(plan), "--target", "none", "--context", "64", "--gate", "none",
+                  "-o", str(art)],
                  ["export", str(art), "--format", "compressed-tensors", "-o", str(out)]):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 0, result.output[-3000:]
