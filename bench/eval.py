@@ -137,7 +137,14 @@ def main() -> None:
     parser.add_argument("--needle-lengths", default="256,512,1024,2048")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="Render --out from a saved report (e.g. WORKDIR/eval-partial.json of a run cut short).")
     args = parser.parse_args()
+    if args.from_json:
+        report = json.loads(args.from_json.read_text())
+        done = list(report["rows"][0]["suites"]) if report["rows"] else []
+        args.out.write_text(markdown(report, done))
+        return
     from bitsmith.tools.suites import SuiteOptions
 
     names, suites = args.artifacts.split(","), args.suites.split(",")

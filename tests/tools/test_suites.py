@@ -209,3 +209,24 @@ def test_eval_command_runs_suites_prints_tables_and_saves(tiny_pair, tmp_path):
     assert former["kld_mean"] > 0 and former["ctx"] == 32 and set(load_results(art)) == {"golden", "serve", "ppl"}
     out = CliRunner().invoke(main, ["eval", str(art), "--suite", "golden,bogus"])
     assert out.exit_code != 0 and "unknown suite 'bogus'" in out.output
+
+
+def test_suites_on_tinystories(shared_data, tmp_path):
+    """The built-in golden set (no chat template: plain prompts) and the needle grid on a real small model."""
+    from bitsmith.pipeline import compile_model
+
+    model = shared_data / "tinystories-656k"
+    fp32 = compile_model(model, tmp_path / "fp32", CompileOptions())
+    int4 = compile_model(model, tmp_path / "int4", CompileOptions(quant=QuantOptions("rtn", bits=4, group_size=32,
+                                                                                     keep_default=False)))
+    options = SuiteOptions(limit=20, max_tokens=24, needle_lengths=(256, 512), needle_depths=(0.2, 0.8))
+    own = run_suites(fp32, ["golden"], None, options)["golden"]
+    assert own.metrics["golden"] == 1.0 and own.details["chat_template"] is False
+    results = run_suites(int4, ["golden", "needle"], fp32, options)
+    golden, needle = results["golden"], results["needle"]
+    assert 0.0 <= golden.metrics["golden"] < 1.0 and golden.metrics["ref_golden_acc"] == own.metrics["golden_acc"]
+    diverged = [p for p in golden.details["prompts"] if p["first_divergence"] is not None]
+    assert diverged and all(0 <= p["first_divergence"] <= 24 for p in diverged)
+    cells = {(c["length"], c["depth"]) for c in needle.details["cells"]}
+    assert cells == {(256, 0.2), (256, 0.8), (512, 0.2), (512, 0.8)}
+    assert 0.0 <= needle.metrics["needle"] <= 1.0 and 0.0 <= needle.metrics["ref_needle"] <= 1.0
