@@ -122,10 +122,11 @@ def serve_chart(levels: list[int], tok_s: list[float], ref_tok_s: list[float | N
 def gate_chart(attempts: list[dict], chosen: int | None) -> str:
     """Weight size per attempt, green when the gate passed, the chosen one outlined."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(min(2.5 + 1.2 * len(attempts), 10), 3))
+    fig, ax = plt.subplots(figsize=(min(max(2.5 + 1.2 * len(attempts), 5.5), 10), 3))
     sizes = [a.get("weight_bytes", 0) / 2**20 for a in attempts]
     colors = [PASS_COLOR if a.get("passed") else FAIL_COLOR for a in attempts]
-    bars = ax.bar(range(len(attempts)), sizes, color=colors)
+    bars = ax.bar(range(len(attempts)), sizes, 0.6, color=colors)
+    ax.set_xlim(-0.7, max(len(attempts), 2) - 0.3)
     for i, (bar, a) in enumerate(zip(bars, attempts)):
         if i == chosen:
             bar.set_edgecolor("black")
