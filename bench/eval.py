@@ -112,7 +112,9 @@ def markdown(report: dict, suites: list[str]) -> str:
         host_line(report["host"]), "",
         "Every artifact against the same reference: the GGUF's Q4_1 weights dequantized, compiled unquantized "
         "(float32) with the artifact's context (2048) and kernels (`bitsmith eval --suite ...` builds it once into "
-        "~/.cache/bitsmith/references). ppl: 4096 tokens of bitsmith/data/eval.txt in windows of 256, the "
+        "~/.cache/bitsmith/references). The reference's greedy outputs and bench speeds are measured once, for the "
+        "first artifact, and reused (the same prompts give the same greedy tokens). "
+        f"ppl: {o['tokens']} tokens of bitsmith/data/eval.txt in windows of 256, the "
         "reference on the numpy executor. golden: greedy through the chat template, "
         f"{o['max_tokens']} tokens; golden = share of prompts whose tokens equal the reference's. json: "
         f"{o['json_max_tokens']} tokens, free-running and constrained to the prompt's schema (llguidance). needle: "
@@ -135,6 +137,9 @@ def main() -> None:
     parser.add_argument("--suites", default="ppl,golden,json,needle,serve")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--needle-lengths", default="256,512,1024,2048")
+    parser.add_argument("--tokens", type=int, default=4096, help="ppl: tokens of the held-out text.")
+    parser.add_argument("--no-memo", action="store_true",
+                        help="Rerun the reference for every artifact (default: its outputs and speeds are reused).")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--from-json", type=Path, default=None,
@@ -145,10 +150,14 @@ def main() -> None:
         done = list(report["rows"][0]["suites"]) if report["rows"] else []
         args.out.write_text(markdown(report, done))
         return
-    from bitsmith.tools.suites import SuiteOptions
+    from bitsmith.tools.suites import SuiteOptions, generate
+
+    if not args.no_memo:  # one reference for every artifact: its greedy outputs and bench speeds come once
+        generate.MEMO = {}
 
     names, suites = args.artifacts.split(","), args.suites.split(",")
-    options = SuiteOptions(limit=args.limit, needle_lengths=tuple(int(n) for n in args.needle_lengths.split(",")))
+    options = SuiteOptions(limit=args.limit, tokens=args.tokens,
+                           needle_lengths=tuple(int(n) for n in args.needle_lengths.split(",")))
     host = host_info()
     print(host_line(host), file=sys.stderr)
     args.workdir.mkdir(parents=True, exist_ok=True)

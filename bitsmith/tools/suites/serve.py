@@ -10,7 +10,7 @@ from typing import Callable
 from bitsmith.runtime.bench import agreement_with_first, bench_prompts, run_concurrency
 from bitsmith.runtime.engine import Engine
 from bitsmith.tools.suites import SUITES, SuiteOptions, SuiteResult
-from bitsmith.tools.suites.generate import Generator
+from bitsmith.tools.suites.generate import Generator, memoized
 from bitsmith.tools.suites.reference import resolve_reference
 
 PROMPT_TOKENS = 128
@@ -21,9 +21,12 @@ def bench_levels(gen: Generator, levels: tuple[int, ...]) -> list[dict]:
     """One closed-loop run per level (requests: max(4, 2 x concurrency), as `bitsmith bench`)."""
     prompt_of = bench_prompts(gen.tokenizer, min(PROMPT_TOKENS, gen.max_context // 2))
     output = min(OUTPUT_TOKENS, gen.max_context // 4)
-    results = [run_concurrency(lambda: Engine(gen.runner, gen.tokenizer), prompt_of, output, c, max(4, 2 * c))
-               for c in levels]
-    return [r.to_json() for r in agreement_with_first(results)]
+
+    def measure() -> list[dict]:
+        results = [run_concurrency(lambda: Engine(gen.runner, gen.tokenizer), prompt_of, output, c, max(4, 2 * c))
+                   for c in levels]
+        return [r.to_json() for r in agreement_with_first(results)]
+    return memoized(gen.path, ("serve", levels), measure)  # with generate.MEMO on: measured once per process
 
 
 def _metrics(results: list[dict], prefix: str) -> dict[str, float]:
