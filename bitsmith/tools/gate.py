@@ -140,16 +140,18 @@ def format_size(path: str | Path) -> str:
 
 
 def format_attempts(gate: dict) -> str:
-    """The gate record's attempts as a table: attempt, rung, bpw, MB, each condition's metric, s, pass/fail."""
+    """The gate record's attempts as a table: attempt, rung, bits/weight of the quantized linears and of the whole
+    model (a tensor kept 16-bit leaves the first alone), weight MB, each condition's metric, seconds, pass/fail."""
     metrics = list(dict.fromkeys(c["metric"] for c in gate["conditions"]))
-    head = ["#", "rung", "bpw", "MB", *metrics, "s", "result"]
+    head = ["#", "rung", "bpw", "model bpw", "MB", *metrics, "s", "result"]
     rows = []
     for i, a in enumerate(gate["attempts"]):
         values = [f"{a['metrics'][m]:.4g}" if m in a["metrics"] else "-" for m in metrics]
         mark = "PASS" if a["passed"] else "fail"
         if gate.get("chosen") == i:
             mark += " (chosen)"
-        rows.append([str(i), a["rung"], f"{a['bpw']:.2f}", f"{a['weight_bytes'] / 1e6:.1f}", *values,
+        rows.append([str(i), a["rung"], f"{a['bpw']:.2f}", f"{a.get('model_bpw', a['bpw']):.2f}",
+                     f"{a['weight_bytes'] / 1e6:.1f}", *values,
                      f"{a['seconds']:.0f}", mark])
     widths = [max(len(r[k]) for r in [head, *rows]) for k in range(len(head))]
     line = lambda r: "  ".join(v.ljust(w) if k < 2 else v.rjust(w) for k, (v, w) in enumerate(zip(r, widths)))
