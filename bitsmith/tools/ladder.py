@@ -211,9 +211,11 @@ def compile_gated(source: str | Path | None, out: str | Path, options: CompileOp
             shutil.rmtree(artifact, ignore_errors=True)  # a failed rung is not needed again (the record keeps it)
             if index == 0 and options.gate.ladder:
                 quantized = [t for t, s in plan.items() if s is not None]
+                t0 = time.perf_counter()
                 kld, params, probe = measure(source, quantized, options, log)
                 quantized = [t for t in quantized if t in params]
-                record["sensitivity"] = {"measured_at": probe, "tensors": {t: kld[t] for t in quantized if t in kld}}
+                record["sensitivity"] = {"measured_at": probe, "tensors": {t: kld[t] for t in quantized if t in kld},
+                                         "seconds": round(time.perf_counter() - t0, 1)}
                 rungs += build_ladder(quantized, kld, params)
                 say("gate ladder:\n" + "\n".join(f"  {i}. {r.name}: {r.description}" for i, r in enumerate(rungs)))
             index += 1
@@ -232,6 +234,7 @@ def compile_gated(source: str | Path | None, out: str | Path, options: CompileOp
                 f"{a['bpw']:.2f} bits/weight, {numbers}; "
                 f"failed {'; '.join(a['failed'])})", where="--gate", fix="loosen --gate, quantize with more bits, "
                 "or --gate none to keep the artifact unchecked")
+        record["seconds"] = round(time.perf_counter() - start, 1)
         manifest_path = artifact / "manifest.json"
         manifest = json.loads(manifest_path.read_text())
         manifest["gate"] = record
