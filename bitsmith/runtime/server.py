@@ -58,7 +58,13 @@ class EngineLoop(threading.Thread):
         with self.lock:
             self.count -= 1
         self.active.remove(pending)
-        pending.events.put(("done", pending.seq))
+        seq = pending.seq
+        if seq.constraint_error and not pending.cancelled:  # not an answer: the client must learn why it stopped
+            pending.events.put(("error", f"constrained decoding stopped after {len(seq.generated)} tokens: "
+                                         f"{seq.constraint_error}; change the schema, pattern or grammar so the "
+                                         "model's vocabulary can write it"))
+        else:
+            pending.events.put(("done", seq))
 
     def run(self) -> None:
         while True:

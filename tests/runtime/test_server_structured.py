@@ -172,3 +172,24 @@ def test_structured_requests_refused(served, path, body, message):
     body = {"messages": [{"role": "user", "content": "hi"}], **body} if "chat" in path else body
     status, out = post(served[0], path, {"max_tokens": 4, **body})
     assert status == 400 and message in out["error"]["message"], out
+
+
+def test_a_grammar_the_vocabulary_cannot_continue_is_an_error(served, tmp_path):
+    from click.testing import CliRunner
+
+    from bitsmith.cli import main
+
+    # the JSON tokenizer has no upper-case letters: after '{"k": "' no token fits the schema
+    schema = {"type": "object", "properties": {"k": {"const": "ZZ"}}, "required": ["k"]}
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "z", "schema": schema}}}
+    status, out = post(served[0], "/v1/chat/completions", body)
+    assert status == 400 and "constrained decoding stopped" in out["error"]["message"], out
+    status, out = post(served[0], "/v1/chat/completions", {**body, "stream": True})
+    errors = [e for e in events(out) if "error" in e]
+    assert status == 200 and errors and "constrained decoding stopped" in errors[0]["error"]["message"], out
+    path = tmp_path / "z.json"
+    path.write_text(json.dumps(schema))
+    result = CliRunner().invoke(main, ["run", str(served[1].directory), "hi", "--json-schema", str(path),
+                                       "--max-tokens", "20"])
+    assert result.exit_code != 0 and "constrained decoding stopped" in result.output, result.output
