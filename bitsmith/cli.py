@@ -125,9 +125,10 @@ def compile(model: Path | None, output: Path | None, dtype: str | None, tokenize
             no_ladder: bool) -> None:
     """Compile MODEL into an artifact directory, optionally quantizing its weights.
 
-    The default (`bitsmith compile -o DIR`, no MODEL) keeps SmolLM2's Q4_1 codes exactly (about 4.6
-    bits per quantized weight) under the default gate; every compile prints the artifact's size, bits
-    per weight and, when gated, the gate's results per attempt.
+    The default (`bitsmith compile -o DIR`, no MODEL) keeps SmolLM2's Q4_1 codes exactly (int4-g32-min:
+    5.0 bits per weight with the fp16 scale and min of each 32; the tied head's Q8_0 as int8-g32-sym) under
+    the default gate (see --gate); every compile prints the artifact's size, bits per weight and, when
+    gated, the gate's results per attempt. With --method and no --bits/--group the scheme is int4 g128 sym.
 
     MODEL is a Hugging Face directory (config.json + safetensors), a .gguf file, a llama2.c .bin
     checkpoint or an .onnx decoder. Without MODEL, the built-in default SmolLM2-135M-Instruct (Q4_1

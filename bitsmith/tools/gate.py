@@ -14,8 +14,11 @@ from bitsmith.options import GateOptions
 from bitsmith.tools.suites import SuiteOptions, SuiteResult, run_suites
 
 # Quick enough for every quantizing compile (measured in bench/gate.md: the default SmolLM2 job), strict enough
-# that a broken quantization fails it: GPTQ int4 g32 on SmolLM2 has KLD 0.13 and top-1 0.81 (bench/quality.md).
-DEFAULT_GATE = "kld<=0.2,top1>=0.75,golden>=0.5"
+# that a broken quantization fails it: on SmolLM2 GPTQ int4 g32 has KLD 0.12 and top-1 0.80, int3 g32 0.65 / 0.58
+# (bench/eval.md). No golden term by default: greedy exact match is 0.6 for int8 and 0.1 for int4 g32 on 20
+# prompts, and on a quick gate's 8 prompts one near-tie moves it by 0.125, so it would send sound int8/int4 plans
+# down the ladder; ask for it with --gate.
+DEFAULT_GATE = "kld<=0.2,top1>=0.75"
 
 # metric -> the suite that measures it (tools/suites/__init__.py lists them); serve metrics carry their level
 METRICS: dict[str, str] = {
