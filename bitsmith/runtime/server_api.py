@@ -108,7 +108,8 @@ def tool_constraint(body: dict) -> tuple[dict[str, Any], Constraint | None]:
     if choice == "none":
         return {}, None
     if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        fn = choice.get("function") if choice.get("type") == "function" else None
+        name = fn.get("name") if isinstance(fn, dict) else None
         if name not in by_name:
             raise ApiError(400, f"'tool_choice' names no tool of 'tools': {name!r}")
         by_name = {name: by_name[name]}
@@ -144,9 +145,13 @@ class RequestBuilder:
         for m in messages:
             content = m.get("content")
             if content is None and m.get("tool_calls"):  # an earlier call of the assistant's, as the model wrote it
-                content = "\n".join(json.dumps({"name": c["function"]["name"],
-                                                "arguments": json.loads(c["function"]["arguments"])})
-                                    for c in m["tool_calls"])
+                try:
+                    content = "\n".join(json.dumps({"name": c["function"]["name"],
+                                                    "arguments": json.loads(c["function"]["arguments"])})
+                                        for c in m["tool_calls"])
+                except (KeyError, TypeError, json.JSONDecodeError) as exc:
+                    raise ApiError(400, "each of a message's 'tool_calls' must be {id, type: function, function: "
+                                        f"{{name, arguments: a JSON object as a string}}}} ({exc!r})") from exc
             if isinstance(content, list):  # [{type: text, text}] parts
                 content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
             if not isinstance(content, str):

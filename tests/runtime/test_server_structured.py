@@ -193,3 +193,17 @@ def test_a_grammar_the_vocabulary_cannot_continue_is_an_error(served, tmp_path):
     result = CliRunner().invoke(main, ["run", str(served[1].directory), "hi", "--json-schema", str(path),
                                        "--max-tokens", "20"])
     assert result.exit_code != 0 and "constrained decoding stopped" in result.output, result.output
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": [{"role": "user", "content": "hi"},
+                  {"role": "assistant", "content": None,
+                   "tool_calls": [{"id": "c", "type": "function", "function": {"name": "add", "arguments": "{oops"}}]}]},
+    {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}]},
+    {"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS, "tool_choice": {"type": "function",
+                                                                                       "function": "add"}},
+])
+def test_malformed_tool_fields_are_400s(served, body):
+    # these raised inside the handler: the client lost the connection with no answer
+    status, out = post(served[0], "/v1/chat/completions", {"max_tokens": 4, **body})
+    assert status == 400 and out["error"]["message"], out
