@@ -149,3 +149,16 @@ def test_cli_default_gate_needs_quantization(tiny_model, tmp_path):
     result = CliRunner().invoke(main, ["compile", str(tiny_model), "-o", str(tmp_path / "x"), "--gate", "kld<0.1"])
     assert result.exit_code == 2 and "is not METRIC<=NUMBER" in result.output and not (tmp_path / "x").exists()
 
+
+
+def test_serve_gate_metrics_exist_at_every_level_the_gate_names():
+    from bitsmith.tools.gate import suite_options
+    from bitsmith.tools.suites.serve import _metrics
+
+    conditions = parse_gate("tok_s_c1>=1,ttft_ms_c4<=500,itl_ms_c4<=100")
+    levels = suite_options(GateOptions(), conditions).concurrency
+    rows = [{"concurrency": c, "throughput_tok_s": 10.0 * c, "ttft_ms_median": 5.0 * c, "itl_ms_median": 2.0 * c}
+            for c in levels]
+    metrics = _metrics(rows, "")
+    assert all(c.metric in metrics for c in conditions), metrics  # else check_gate: "did not report ttft_ms_c4"
+    assert metrics["ttft_ms_c4"] == 20.0 and metrics["itl_ms_c1"] == 2.0

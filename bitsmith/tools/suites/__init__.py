@@ -14,7 +14,7 @@ Interface fixed first (issue 19):
             constrained decoding), ref_json, ref_json_constrained
     needle: needle (retrieval accuracy over depth x length), ref_needle
     serve:  tok_s_c1, tok_s_c4, tok_s_c16 (output tokens/s), ttft_ms_c1, itl_ms_c1, and the reference's as
-            ref_tok_s_c1, ... (levels from SuiteOptions.concurrency; ttft/itl at its first level)
+            ref_tok_s_c1, ... (tok_s, ttft_ms and itl_ms at every level of SuiteOptions.concurrency)
 - `suite(name)` / `run_suites(artifact, names, reference, options, log)`: import the suite modules (which fill
   SUITES) and run them; every suite times itself (SuiteResult.seconds) and puts what the reference run cost in
   details["reference_seconds"] (the reference is compiled once per source into the cache of reference.py).

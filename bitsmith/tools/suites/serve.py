@@ -30,10 +30,12 @@ def bench_levels(gen: Generator, levels: tuple[int, ...]) -> list[dict]:
 
 
 def _metrics(results: list[dict], prefix: str) -> dict[str, float]:
-    metrics = {f"{prefix}tok_s_c{r['concurrency']}": r["throughput_tok_s"] for r in results}
-    first = results[0]
-    metrics[f"{prefix}ttft_ms_c{first['concurrency']}"] = first["ttft_ms_median"]
-    metrics[f"{prefix}itl_ms_c{first['concurrency']}"] = first["itl_ms_median"]
+    metrics = {}
+    for r in results:  # every level: a gate may name the latency at any level it asks for
+        level = r["concurrency"]
+        metrics[f"{prefix}tok_s_c{level}"] = r["throughput_tok_s"]
+        metrics[f"{prefix}ttft_ms_c{level}"] = r["ttft_ms_median"]
+        metrics[f"{prefix}itl_ms_c{level}"] = r["itl_ms_median"]
     return metrics
 
 
