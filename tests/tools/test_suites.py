@@ -160,6 +160,10 @@ def test_evals_json_merges_and_replaces_atomically(tmp_path):
     assert loaded["ppl"].metrics == {"kld": 0.2} and loaded["ppl"].seconds == 3.0
     assert loaded["golden"].metrics == {"golden": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["evals.json"]  # no temporary file left behind
+    before = (tmp_path / "evals.json").read_text()
+    with pytest.raises(TypeError):  # a detail json cannot write: the old file stays whole, no temporary file stays
+        save_results(tmp_path, {"ppl": SuiteResult("ppl", {"kld": 0.3}, {"bad": object()})})
+    assert [p.name for p in tmp_path.iterdir()] == ["evals.json"] and (tmp_path / "evals.json").read_text() == before
 
 
 def test_reference_is_compiled_once_and_reused(tiny_artifact, tiny_llama_dir, tmp_path, monkeypatch):

@@ -102,9 +102,13 @@ def save_results(artifact: str | Path, results: dict[str, SuiteResult]) -> Path:
     merged = load_results(artifact)
     merged.update(results)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".evals-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump({name: r.to_json() for name, r in merged.items()}, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({name: r.to_json() for name, r in merged.items()}, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:  # a value json cannot write, a full disk, Ctrl-C: no half-written file stays beside it
+        os.unlink(tmp)
+        raise
     return path
 
 
