@@ -158,6 +158,11 @@ def compile_gated(source: str | Path | None, out: str | Path, options: CompileOp
     conditions = parse_gate(DEFAULT_GATE if spec == "auto" else spec)
     if not conditions:
         return compile_model(source, out, options, log), None
+    generating = sorted({c.suite for c in conditions} - {"ppl"})
+    if options.target.name == "none" and generating:  # only ppl runs on the reference executor
+        raise BitsmithError(f"--target none has no kernels to run the {', '.join(generating)} suite(s) of the gate",
+                            where="--gate", fix="compile for --target host, or gate on ppl metrics only "
+                            "(kld, kld_p99, top1, ppl_increase)")
     out = Path(out)
     _prepare_destination(out)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.gate-", dir=out.parent))

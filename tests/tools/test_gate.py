@@ -162,3 +162,15 @@ def test_serve_gate_metrics_exist_at_every_level_the_gate_names():
     metrics = _metrics(rows, "")
     assert all(c.metric in metrics for c in conditions), metrics  # else check_gate: "did not report ttft_ms_c4"
     assert metrics["ttft_ms_c4"] == 20.0 and metrics["itl_ms_c1"] == 2.0
+
+
+def test_generating_gate_on_target_none_is_refused_before_compiling(tiny_model, tmp_path):
+    import dataclasses
+
+    from bitsmith.options import TargetOptions
+
+    options = dataclasses.replace(gated("kld<=1,golden>=0.5", bits=8), target=TargetOptions("none"))
+    with pytest.raises(BitsmithError, match="--target none.*golden") as info:
+        compile_gated(tiny_model, tmp_path / "art", options)
+    assert "--executor" not in str(info.value)  # compile has no --executor: the fix names what compile takes
+    assert list(tmp_path.iterdir()) == []
