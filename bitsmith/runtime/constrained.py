@@ -100,7 +100,8 @@ class _PiecesTokenizer:
         self.tokens = [b"" if i in special else _piece_bytes(piece) for i, piece in enumerate(tokenizer.pieces)]
 
     def __call__(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_bos=False)
+        # llguidance tokenizes text forced mid-output: run.c's encode would put a space before it
+        return self._tok.encode_inner(text)
 
 
 def _piece_bytes(piece: bytes) -> bytes:

@@ -97,6 +97,11 @@ class Llama2cTokenizer:
         ids.extend(self._char_ids(raw))
         return self._merge(ids)
 
+    def encode_inner(self, text: str) -> list[int]:
+        """Ids of `text` as a piece inside a sequence: no BOS and no dummy-prefix space (constrained decoding's
+        forced text)."""
+        return self._merge(self._char_ids(text.encode("utf-8", errors="replace")))
+
     def _id_or_bytes(self, piece: bytes) -> list[int]:
         """The piece's id, or its bytes as byte-fallback ids."""
         index = self._lookup.get(piece)

@@ -186,3 +186,29 @@ def test_llguidance_is_imported_only_for_a_constraint(art, monkeypatch):
     assert seq.done
     with pytest.raises(BitsmithError, match="pip install llguidance"):
         engine.add(Request([1, 5], 4, constraint=Constraint("json_object")))
+
+
+def test_llama2c_tokenizer_masks_spell_the_constraint():
+    from test_tokenizer_llama2c import tiny_pieces
+
+    from bitsmith.runtime.tokenizer_llama2c import Llama2cTokenizer
+
+    entries = tiny_pieces()
+    tok = Llama2cTokenizer([p for p, _ in entries], [s for _, s in entries])
+    constrainer = Constrainer(tok)
+    for kind, spec, pattern in [("regex", "abab-c", r"abab-c"),
+                                ("json_schema", json.dumps({"type": "object", "properties": {"a": {"const": "ab"}},
+                                                            "required": ["a"]}), r'\{"a": "ab"\}')]:
+        state = constrainer.start(Constraint(kind, spec))
+        out = []
+        for _ in range(40):
+            allowed = np.flatnonzero(constrainer.allowed([state], len(tok.pieces))[0])
+            assert state.error is None and len(allowed), (kind, tok.decode(out))
+            if 2 in allowed:  # EOS: the grammar may end here
+                break
+            out.append(int(allowed[-1]))
+            # run.c's encoder puts a space before a whole text; llguidance's view of a piece of output must not
+            # have it (it allowed only ' ' first)
+            if constrainer.consume(state, out[-1]):
+                break
+        assert state.error is None and re.fullmatch(pattern, tok.decode(out)), (kind, tok.decode(out))
