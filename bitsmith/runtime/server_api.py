@@ -153,7 +153,8 @@ class RequestBuilder:
                     raise ApiError(400, "each of a message's 'tool_calls' must be {id, type: function, function: "
                                         f"{{name, arguments: a JSON object as a string}}}} ({exc!r})") from exc
             if isinstance(content, list):  # [{type: text, text}] parts
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+                texts = [p.get("text", "") for p in content if isinstance(p, dict)]
+                content = "".join(texts) if all(isinstance(t, str) for t in texts) else None  # else: the 400 below
             if not isinstance(content, str):
                 raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects")
             out.append({"role": str(m.get("role", "user")), "content": content})

@@ -202,6 +202,7 @@ def test_a_grammar_the_vocabulary_cannot_continue_is_an_error(served, tmp_path):
     {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}]},
     {"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS, "tool_choice": {"type": "function",
                                                                                        "function": "add"}},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
 ])
 def test_malformed_tool_fields_are_400s(served, body):
     # these raised inside the handler: the client lost the connection with no answer
