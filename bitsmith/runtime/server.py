@@ -73,10 +73,11 @@ class EngineLoop(threading.Thread):
                 try:
                     pending.seq = self.engine.add(pending.request)
                     self.active.append(pending)
-                except BitsmithError as exc:
+                except Exception as exc:  # a request the engine refuses must not stop this thread (all would hang)
                     with self.lock:
                         self.count -= 1
-                    pending.events.put(("error", exc.problem))
+                    pending.events.put(("error", exc.problem if isinstance(exc, BitsmithError)
+                                        else f"the engine refused the request: {exc}"))
             for pending in [p for p in self.active if p.cancelled]:
                 self.engine.abort(pending.seq)
                 self._finish(pending)

@@ -216,7 +216,7 @@ class RequestBuilder:
         params = SamplingParams(temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
                                 top_k=_number(body, "top_k", 0, int, 0),
                                 top_p=_number(body, "top_p", 1.0, float, 1e-6, 1.0),
-                                seed=_number(body, "seed", None, int))
+                                seed=_number(body, "seed", None, int, 0))  # numpy's generator takes no negative
         stream = _flag(body, "stream")
         if stream and (len(prompts) > 1 or logprobs is not None or echo):
             raise ApiError(400, "'stream' is for one prompt without logprobs or echo")

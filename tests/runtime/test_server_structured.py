@@ -208,3 +208,11 @@ def test_malformed_tool_fields_are_400s(served, body):
     # these raised inside the handler: the client lost the connection with no answer
     status, out = post(served[0], "/v1/chat/completions", {"max_tokens": 4, **body})
     assert status == 400 and out["error"]["message"], out
+
+
+def test_negative_seed_is_a_400_and_the_engine_thread_lives(served):
+    # numpy's default_rng refuses a negative seed: raised in the engine thread, it stopped it and every request hung
+    status, out = post(served[0], "/v1/completions", {"prompt": "ab", "max_tokens": 2, "seed": -1})
+    assert status == 400 and "seed" in out["error"]["message"], out
+    status, out = post(served[0], "/v1/completions", {"prompt": "ab", "max_tokens": 2, "seed": 3})
+    assert status == 200 and served[0].loop.is_alive(), out
