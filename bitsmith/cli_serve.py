@@ -31,7 +31,7 @@ from bitsmith.tools.run import EXECUTORS, run_prompt
               help="0 is greedy decoding.")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 disables top-k.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True))
-@click.option("--seed", default=None, type=int, help="Random seed for sampling.")
+@click.option("--seed", default=None, type=click.IntRange(min=0), help="Random seed for sampling.")
 @click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message with the model's chat template.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"text": ..., "token_ids": [...]} (generated ids only).')
 @click.option("--executor", type=click.Choice(EXECUTORS), default="compiled", show_default=True,

@@ -212,3 +212,13 @@ def test_llama2c_tokenizer_masks_spell_the_constraint():
             if constrainer.consume(state, out[-1]):
                 break
         assert state.error is None and re.fullmatch(pattern, tok.decode(out)), (kind, tok.decode(out))
+
+
+def test_run_refuses_a_negative_seed_before_loading(tmp_path):
+    from click.testing import CliRunner
+
+    from bitsmith.cli import main
+
+    # numpy's default_rng raises ValueError on a negative seed: a traceback after the artifact loaded
+    result = CliRunner().invoke(main, ["run", str(tmp_path), "hi", "--seed", "-1"])
+    assert result.exit_code == 2 and "--seed" in result.output and result.exception.__class__ is SystemExit
