@@ -108,6 +108,9 @@ def eval_command(artifact: Path, suites: str, text_file: Path | None, tokens: in
     except ValueError as exc:
         raise BitsmithError("--concurrency and --needle-lengths take comma-separated integers",
                             fix="write e.g. 1,4,16") from exc
+    if not levels or min(levels) < 1 or (lengths and min(lengths) < 1):  # a level 0 submits nothing to time
+        raise BitsmithError(f"--concurrency {concurrency!r} / --needle-lengths {needle_lengths!r} must be positive",
+                            fix="write e.g. 1,4,16")
     options = SuiteOptions(text=str(text_file) if text_file else None,
                            tokens=tokens if tokens or text_file else SuiteOptions.tokens, ctx=ctx,
                            golden=str(golden_file) if golden_file else None, limit=limit, needle_lengths=lengths,

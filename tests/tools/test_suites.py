@@ -189,6 +189,16 @@ def test_unknown_suite_is_refused():
         suite("nope")
 
 
+@pytest.mark.parametrize("flag", [["--concurrency", "0"], ["--concurrency", "1,-4"], ["--needle-lengths", "0"]])
+def test_eval_refuses_non_positive_levels_before_running(tmp_path, flag):
+    from click.testing import CliRunner
+
+    from bitsmith.cli import main
+
+    out = CliRunner().invoke(main, ["eval", str(tmp_path), "--suite", "serve", *flag])
+    assert out.exit_code == 2 and "must be positive" in out.output, out.output
+
+
 def test_eval_command_runs_suites_prints_tables_and_saves(tiny_pair, tmp_path):
     from click.testing import CliRunner
 
