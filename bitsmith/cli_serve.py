@@ -50,7 +50,7 @@ def run(artifact: Path, prompt: str, max_tokens: int, temperature: float, top_k:
     if json_schema and regex:
         raise BitsmithError("--json-schema and --regex both constrain the output", fix="pass one of them")
     constraint = (Constraint("json_schema", json_schema.read_text()) if json_schema
-                  else Constraint("regex", regex) if regex else None)
+                  else Constraint("regex", regex) if regex is not None else None)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
     text, ids = run_prompt(artifact, prompt, max_tokens, params, chat=chat, on_text=stream, executor=executor,
@@ -126,6 +126,8 @@ def bench(artifact: Path, levels: str, prompt_tokens: int, output_tokens: int, r
         conc = [int(c) for c in levels.split(",")]
     except ValueError as exc:
         raise BitsmithError(f"--concurrency {levels!r} is not a list of integers", fix="write e.g. 1,4,16") from exc
+    if not conc or min(conc) < 1:
+        raise BitsmithError(f"--concurrency {levels!r} has a level below 1", fix="write e.g. 1,4,16")
     _log(f"bench {artifact}: prompt {prompt_tokens} tokens, output {output_tokens} tokens, concurrency {conc}"
          + (f", {rounds} rounds" if rounds > 1 else ""))
 

@@ -166,6 +166,13 @@ def test_evals_json_merges_and_replaces_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["evals.json"] and (tmp_path / "evals.json").read_text() == before
 
 
+@pytest.mark.parametrize("text", ["{not json", '{"ppl": {"suite": "ppl", "metrics": {}, "unknown_field": 1}}', "[1, 2]"])
+def test_a_damaged_evals_json_is_one_error_naming_the_file(tmp_path, text):
+    (tmp_path / "evals.json").write_text(text)
+    with pytest.raises(BitsmithError, match="evals.json"):
+        load_results(tmp_path)
+
+
 def test_reference_is_compiled_once_and_reused(tiny_artifact, tiny_llama_dir, tmp_path, monkeypatch):
     from bitsmith.tools.suites.reference import resolve_reference
 

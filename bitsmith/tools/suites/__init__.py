@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from bitsmith.errors import BitsmithError
+
 EVALS_FILE = "evals.json"
 
 
@@ -116,4 +118,8 @@ def load_results(artifact: str | Path) -> dict[str, SuiteResult]:
     path = Path(artifact) / EVALS_FILE
     if not path.is_file():
         return {}
-    return {name: SuiteResult.from_json(data) for name, data in json.loads(path.read_text()).items()}
+    try:
+        return {name: SuiteResult.from_json(data) for name, data in json.loads(path.read_text()).items()}
+    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+        raise BitsmithError(f"{path} is not an evals.json this version wrote ({exc})", where="eval suites",
+                            fix=f"delete {path} and run `bitsmith eval` again") from exc
