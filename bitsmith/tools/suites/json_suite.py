@@ -127,7 +127,8 @@ def run_json(artifact: str | Path, reference: str | Path | None, options: SuiteO
     same = Path(ref_path).resolve() == Path(artifact).resolve()
     ref = model if same else Generator(ref_path, options.executor, "reference")
     max_tokens = options.json_max_tokens
-    metrics, details = {}, {"max_tokens": max_tokens, "chat_template": bool(model.chat_template), "prompts": {}}
+    metrics, details = {}, {"max_tokens": max_tokens, "chat_template": bool(model.chat_template), "prompts": {},
+                        "constrained_max_tokens": max(max_tokens, CONSTRAINED_MAX_TOKENS)}
     timing = {}
     for who, gen in (("", model), ("ref_", ref)):
         for mode in ("free", "constrained"):
