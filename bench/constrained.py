@@ -30,7 +30,6 @@ import re
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -39,6 +38,7 @@ sys.path[:] = [str(HERE.parent)] + [p for p in sys.path if Path(p or ".").resolv
 
 import jsonschema  # noqa: E402
 from hostinfo import host_info, host_line  # noqa: E402
+from loadgen import closed_loop  # noqa: E402
 from lmeval import DATA, MODEL_NAME, compile_artifact, serve  # noqa: E402
 
 SCHEMAS = {
@@ -189,37 +189,18 @@ def one_stream(port: int, body: dict) -> tuple[float, list[float], str | None]:
 
 def load(port: int, concurrency: int, tokens: int, schema: dict | None, tag: str) -> dict:
     """Closed loop: `concurrency` requests in flight until max(4, 2c) finished; tok/s counts --tokens per request."""
-    total, lock, started = max(4, 2 * concurrency), threading.Lock(), [0]
-    done: list[tuple[float, list[float], str | None]] = []
-    failed: list[str] = []
+    total = max(4, 2 * concurrency)
 
-    def worker() -> None:
-        while True:
-            with lock:
-                if started[0] >= total:
-                    return
-                started[0] += 1
-                index = started[0]
-            body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": f"Order {tag}-{index}. {LONG_PROMPT}"}],
-                    "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
-            if schema is not None:
-                body["response_format"] = {"type": "json_schema", "json_schema": {"name": "long", "schema": schema}}
-            try:
-                result = one_stream(port, body)
-            except (OSError, http.client.HTTPException, SystemExit) as exc:  # re-raised below, not lost in a thread
-                with lock:
-                    failed.append(str(exc))
-                return
-            with lock:
-                done.append(result)
+    def send(index: int) -> tuple[float, list[float], str | None]:
+        body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": f"Order {tag}-{index}. {LONG_PROMPT}"}],
+                "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+        if schema is not None:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "long", "schema": schema}}
+        return one_stream(port, body)
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    # a failed request stops its client; any failure is re-raised below, not lost in a thread
+    done, failed, wall = closed_loop(concurrency, total, send, (OSError, http.client.HTTPException, SystemExit),
+                                     stop_on_error=True)
     if failed:
         raise SystemExit(f"{len(failed)} requests failed at concurrency {concurrency}: {failed[0]}")
     gaps = [b - a for _, times, _ in done for a, b in zip(times, times[1:])]

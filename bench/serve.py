@@ -32,7 +32,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -42,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 
 from hostinfo import host_info, host_line  # noqa: E402
+from loadgen import closed_loop  # noqa: E402
 
 DATA = Path(os.environ.get("BITSMITH_DATA", HERE.parents[1] / "shared" / "data"))
 PROMPT = ("The old lighthouse keeper climbed the stairs every evening, counting the steps and listening to the sea. "
@@ -97,31 +97,8 @@ def one_request(port: int, model: str, tokens: int, index: int) -> tuple[float, 
 
 def load(port: int, model: str, concurrency: int, tokens: int) -> dict:
     total = max(4, 2 * concurrency)
-    lock = threading.Lock()
-    done: list[tuple[float, list[float]]] = []
-    failed: list[str] = []
-    started = [0]
-
-    def worker() -> None:
-        while True:
-            with lock:
-                if started[0] >= total:
-                    return
-                started[0] += 1
-                index = started[0]
-            try:
-                done.append(one_request(port, model, tokens, index))
-            except (OSError, http.client.HTTPException) as exc:  # counted and reported, not a crash
-                with lock:
-                    failed.append(f"{type(exc).__name__}: {exc}")
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    done, failed, wall = closed_loop(concurrency, total, lambda index: one_request(port, model, tokens, index),
+                                     (OSError, http.client.HTTPException))  # counted and reported, not a crash
     chunks = sum(len(t) for _, t in done)
     itl = [b - a for _, t in done for a, b in zip(t, t[1:])]
     return {"concurrency": concurrency, "requests": total, "failed": len(failed), "errors": sorted(set(failed))[:3],
