@@ -316,14 +316,14 @@ class Engine:
             if ended:  # the grammar is complete after this token
                 seq.finish_reason = "stop"
 
-    def _append(self, seq: Sequence, token: int) -> bool:
-        """Add a sampled token to the output (False: it was a stop id, which ends the sequence unwritten)."""
+    def _append(self, seq: Sequence, token: int) -> None:
+        """Add a sampled token to the output (a stop id ends the sequence unwritten)."""
         req = seq.request
         if seq.first_token_time is None:
             seq.first_token_time = time.perf_counter()
         if token in req.stop_ids:
             seq.finish_reason = "stop"
-            return False
+            return
         seq.generated.append(token)
         seq.tokens.append(token)
         if self.tokenizer is not None and any(req.stop_strings):
@@ -332,10 +332,9 @@ class Engine:
                 if stop and stop in text:
                     seq.stopped_text = text[:text.index(stop)]
                     seq.finish_reason = "stop"
-                    return True
+                    return
         if len(seq.generated) >= req.max_tokens:
             seq.finish_reason = "length"
-        return True
 
     def run_until_done(self, on_step: Callable[[list[Sequence]], None] | None = None) -> None:
         while self.has_work():
