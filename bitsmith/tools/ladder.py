@@ -171,11 +171,12 @@ def compile_gated(source: str | Path | None, out: str | Path, options: CompileOp
         start = time.perf_counter()
         requested = Rung("requested", "the plan as asked")
         first = compile_model(source, work / "0", options, log)
-        if spec == "auto" and not is_quantized(load_artifact(first, check_hashes=False)):
+        first_artifact = load_artifact(first, check_hashes=False)
+        if spec == "auto" and not is_quantized(first_artifact):
             say("gate: nothing is quantized, so the default gate does not apply")
             _swap_into_place(first, out)
             return out, None
-        if load_artifact(first, check_hashes=False).manifest.get("tokenizer") is None:
+        if first_artifact.manifest.get("tokenizer") is None:
             if spec == "auto":
                 say("gate: the model has no tokenizer to run the suites with; the default gate is skipped")
                 _swap_into_place(first, out)
@@ -190,7 +191,7 @@ def compile_gated(source: str | Path | None, out: str | Path, options: CompileOp
             raise BitsmithError(f"--gate needs to run the artifact, and --target {options.target.name} kernels do not "
                                 "run on this machine", where="--gate", fix="compile for --target host, or --gate none")
         suites = suite_options(options.gate, conditions, "reference" if options.target.name == "none" else "compiled")
-        ctx = min(suites.ctx, load_artifact(first, check_hashes=False).max_context - 1)  # a BOS may lead a window
+        ctx = min(suites.ctx, first_artifact.max_context - 1)  # a BOS may lead a window
         suites = dataclasses.replace(suites, ctx=ctx)
         spec_text = ",".join(map(str, conditions))
         say(f"gate {spec_text}: suites {', '.join(sorted({c.suite for c in conditions}))} "
