@@ -77,6 +77,30 @@ class GateOptions:
     sensitivity_seqlen: int = 64
 
 
+ROTATIONS = ("none", "hadamard", "learned")
+
+
+@dataclass(frozen=True)
+class RotationOptions:
+    """Orthogonal rotations before quantization (passes rotate_*: QuaRot/SpinQuant-style); kind none: no pass runs.
+
+    hadamard: R1 (residual stream, folded into the embedding, every linear that reads or writes the residual and
+    the lm_head) is a randomized Hadamard matrix from `seed`; learned: R1/R2 start there and are optimised on the
+    calibration tokens under orthogonality (Cayley updates, `learn_steps` of them)."""
+
+    kind: str = "none"  # none | hadamard | learned
+    seed: int = 0  # the random signs of the randomized Hadamard R1 (and R2)
+    heads: bool = True  # R2: a per-head rotation folded into v_proj rows and o_proj columns
+    ffn: bool = True  # R4: an online Hadamard before down_proj (its columns rotated to match)
+    keys: bool = True  # R3: an online Hadamard on q and k after RoPE, so the KV cache stores rotated keys
+    learn_steps: int = 100  # learned: Cayley optimiser steps
+    learn_lr: float = 1.5  # learned: the Cayley step size
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+
 @dataclass(frozen=True)
 class CompileOptions:
     """Everything `bitsmith compile` can be told, by concern; serialised into the manifest (nested dicts)."""
@@ -89,6 +113,7 @@ class CompileOptions:
     memory: MemoryOptions = MemoryOptions()
     target: TargetOptions = TargetOptions()
     gate: GateOptions = GateOptions()
+    rotation: RotationOptions = RotationOptions()
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

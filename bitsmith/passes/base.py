@@ -48,6 +48,8 @@ class PassContext:
     quantized: dict[str, QuantizedInfo] = field(default_factory=dict)  # quantize_weights -> pack_weights
     # the frontend's pre-quantized weights (LoadedModel.quantized): name -> (codes, source type name)
     imported: dict[str, tuple[QuantizedWeight, str]] = field(default_factory=dict)
+    # choose_rotations: "r1" [hidden, hidden] and "r2" [head_dim, head_dim] orthogonal float64 matrices (rotate_*)
+    rotations: dict[str, np.ndarray] = field(default_factory=dict)
     kv_plan: KVPlan | None = None  # plan_kv_cache
     memory_estimate: dict[str, int] | None = None  # plan_kv_cache: weights / kv_cache / workspace bytes
     lowered: Lowered | None = None  # lower_to_kernels

@@ -15,7 +15,7 @@ from bitsmith.passes.dump import Snapshot
 
 # Facts a pass may require or provide. A module from a hand-built frontend starts `canonical` (prefill and
 # decode, LLM-level ops); a traced one (torch.export, ONNX: prefill alone) starts `traced`.
-FACTS = ("traced", "canonical", "precision_planned", "quantized", "cast", "packed", "kv_planned", "lowered")
+FACTS = ("traced", "canonical", "norms_folded", "rotated", "precision_planned", "quantized", "cast", "packed", "kv_planned", "lowered")
 
 
 class Pass:
