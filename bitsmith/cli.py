@@ -12,8 +12,8 @@ from bitsmith.compiler.printer import print_module
 from bitsmith.cli_common import _log, friendly_errors, main
 from bitsmith.errors import BitsmithError
 from bitsmith.codegen.target import CUDA_ARCHS
-from bitsmith.options import (ACTIVATIONS, KV_DTYPE_CHOICES, TARGETS, CompileOptions, GateOptions, MemoryOptions,
-                              QuantOptions, TargetOptions)
+from bitsmith.options import (ACTIVATIONS, KV_DTYPE_CHOICES, ROTATIONS, TARGETS, CompileOptions, GateOptions,
+                              MemoryOptions, QuantOptions, RotationOptions, TargetOptions)
 from bitsmith.tools.gate import DEFAULT_GATE, format_attempts, format_size, parse_gate
 from bitsmith.passes.cast_weights import STORAGE_DTYPES
 from bitsmith.passes.kv_plan import BLOCK_SIZES, parse_bytes
@@ -114,6 +114,14 @@ from bitsmith.tools.package import package as package_bundle
 @click.option("--gate-limit", default=8, show_default=True, type=click.IntRange(min=1),
               help="Gate: prompts of the golden/json suites (the first N).")
 @click.option("--no-ladder", is_flag=True, help="Gate: fail at once instead of trying the fallback ladder.")
+@click.option("--rotate", type=click.Choice(ROTATIONS), default="none", show_default=True,
+              help="Rotate before quantizing (QuaRot/SpinQuant): norms folded into the linears, a randomized "
+                   "Hadamard R1 folded into the embedding, every residual reader/writer and the lm_head, a per-head "
+                   "R2 into v_proj/o_proj, and online Hadamard ops before down_proj and on q/k after RoPE (the KV "
+                   "cache holds rotated keys). The fp32 model computes the same logits; quantization error shrinks. "
+                   "learned: R1/R2 optimised on the calibration text (Cayley updates). Needs dense weights: add "
+                   "--requantize for GGUF/GPTQ sources.")
+@click.option("--rotate-seed", default=0, show_default=True, type=int, help="Seed of the randomized Hadamard signs.")
 @friendly_errors
 def compile(model: Path | None, output: Path | None, dtype: str | None, tokenizer: Path | None, verify: bool,
             dump_ir: Path | None, print_passes: bool, method: str | None, bits: str, group_size: str, sym: bool,
@@ -122,7 +130,7 @@ def compile(model: Path | None, output: Path | None, dtype: str | None, tokenize
             context: int | None,
             memory: str | None, concurrency: int, kv_dtype: str, block_size: str, activations: str,
             plan_path: Path | None, device: str | None, gate_spec: str, gate_tokens: int, gate_limit: int,
-            no_ladder: bool) -> None:
+            no_ladder: bool, rotate: str, rotate_seed: int) -> None:
     """Compile MODEL into an artifact directory, optionally quantizing its weights.
 
     The default (`bitsmith compile -o DIR`, no MODEL) keeps SmolLM2's Q4_1 codes exactly (int4-g32-min:
@@ -167,6 +175,7 @@ def compile(model: Path | None, output: Path | None, dtype: str | None, tokenize
                                                                    if f.strip())),
         gate=GateOptions(None if gate_spec.strip().lower() == "none" else gate_spec, gate_tokens, gate_limit,
                          ladder=not no_ladder),
+        rotation=RotationOptions(rotate, rotate_seed),
     )
     parse_gate(DEFAULT_GATE if options.gate.spec == "auto" else options.gate.spec)  # a bad spec fails before work
     if device is not None:

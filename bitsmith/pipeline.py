@@ -22,14 +22,20 @@ from bitsmith.passes.assign_precision import KEEP_SCHEMES, AssignPrecision, matc
 from bitsmith.passes.base import PassContext
 from bitsmith.passes.canonicalize import CANONICALIZE
 from bitsmith.passes.cast_weights import STORAGE_DTYPES, CastWeights
+from bitsmith.passes.choose_rotations import ChooseRotations
 from bitsmith.passes.eliminate_dead_code import EliminateDeadCode
 from bitsmith.passes.expert_usage import MeasureExpertUsage, has_experts
+from bitsmith.passes.fold_norm_scales import FoldNormScales
 from bitsmith.passes.kv_plan import KVPlanOptions, parse_bytes
 from bitsmith.passes.lower_to_kernels import LowerToKernels
 from bitsmith.passes.manager import Pass, is_traced, run_passes
 from bitsmith.passes.pack_weights import PackWeights
 from bitsmith.passes.plan_kv_cache import PlanKVCache
 from bitsmith.passes.quantize_weights import QuantizeWeights
+from bitsmith.passes.rotate_ffn_online import RotateFFNOnline
+from bitsmith.passes.rotate_heads import RotateHeads
+from bitsmith.passes.rotate_keys_online import RotateKeysOnline
+from bitsmith.passes.rotate_residual import RotateResidual
 from bitsmith.passes.untie_lm_head import LM_HEAD, UntieLmHead
 from bitsmith.runtime.schedule import KernelPlan
 
@@ -55,6 +61,10 @@ CONDITIONS: dict[str, Callable[[CompileOptions, LoadedModel], bool]] = {
     "lm_head quantized": lambda o, m: quantizes_lm_head(o) or LM_HEAD in imported_schemes(o, m),
     "quantizing": lambda o, m: o.quant.enabled or bool(imported_schemes(o, m)),
     "kernels": lambda o, m: o.target.name != "none",
+    "rotating": lambda o, m: o.rotation.enabled,
+    "rotating heads": lambda o, m: o.rotation.enabled and o.rotation.heads,
+    "rotating ffn": lambda o, m: o.rotation.enabled and o.rotation.ffn,
+    "rotating keys": lambda o, m: o.rotation.enabled and o.rotation.keys,
     # a quantized mixture of experts (known once loaded; no line in the model-less pass list)
     "quantizing experts": lambda o, m: o.quant.enabled and m is not None and has_experts(m.module),
 }
@@ -66,6 +76,15 @@ def _assign_precision(o: CompileOptions, m: LoadedModel) -> Pass:
                            imported=tuple(sorted(imported_schemes(o, m).items())),
                            # an import with only --scheme patterns requantizes what they name, nothing else
                            quantize_rest=o.quant.enabled and (o.quant.method is not None or not imported_schemes(o, m)))
+
+
+def choose_rotations(o: CompileOptions) -> Pass:
+    """R1/R2: randomized Hadamard matrices, or (--rotate learned) those optimised on the calibration tokens."""
+    if o.rotation.kind == "learned":
+        from bitsmith.passes.learn_rotations import LearnRotations  # noqa: PLC0415 (lands with the learned variant)
+
+        return LearnRotations(o.rotation.seed, o.rotation.learn_steps, o.rotation.learn_lr)
+    return ChooseRotations(o.rotation.seed)
 
 
 def _plan_kv_cache(o: CompileOptions, m: LoadedModel) -> Pass:
@@ -83,6 +102,12 @@ def _lower_to_kernels(o: CompileOptions, m: LoadedModel) -> Pass:
 PIPELINE: tuple[Step, ...] = (
     *(Step("canonicalize", kind, "traced input") for kind in CANONICALIZE),
     Step("canonicalize", EliminateDeadCode, "canonical input"),
+    Step("rotate", FoldNormScales, "rotating"),
+    Step("rotate", ChooseRotations, "rotating", lambda o, m: choose_rotations(o)),
+    Step("rotate", RotateResidual, "rotating"),
+    Step("rotate", RotateHeads, "rotating heads"),
+    Step("rotate", RotateFFNOnline, "rotating ffn", lambda o, m: RotateFFNOnline(o.rotation.seed)),
+    Step("rotate", RotateKeysOnline, "rotating keys", lambda o, m: RotateKeysOnline(o.rotation.seed)),
     Step("precision", UntieLmHead, "lm_head quantized"),
     Step("precision", MeasureExpertUsage, "quantizing experts"),
     Step("precision", AssignPrecision, "quantizing", _assign_precision),
@@ -140,7 +165,7 @@ def run_pipeline(model: LoadedModel, options: CompileOptions, log: Callable[[str
     if imported_schemes(options, model):
         ctx.imported = {name: (qw, model.quantized_types.get(name, model.source.get("format", "imported")))
                         for name, qw in model.quantized.items()}
-    if options.quant.enabled:
+    if options.quant.enabled or options.rotation.kind == "learned":
         ctx.calibration = calibration_tokens(model, options.quant.calibration)
     module = run_passes(model.module, ctx, passes, options.verify, options.dump_ir, log)
     if log and ctx.lowered is not None and ctx.lowered.float_activations:

@@ -14,6 +14,8 @@ from bitsmith.runtime.safetensors_io import numpy_dtype
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 CAST_CHUNK_ELEMENTS = 8 << 20
+# online rotation factors (passes/rotation_sites.py) stay float32: tiny, and their orthogonality is the point
+KEEP_FLOAT32_PREFIX = "rotation."
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class CastWeights(Pass):
         target = numpy_dtype(self.dtype)
         weights = dict(module.weights)
         for name, ttype in module.weights.items():
-            if ttype.dtype in STORAGE_DTYPES and ttype.dtype != self.dtype:
+            if ttype.dtype in STORAGE_DTYPES and ttype.dtype != self.dtype and not name.startswith(KEEP_FLOAT32_PREFIX):
                 if name in ctx.weights and name not in ctx.quantized:  # quantized ones are already packed
                     cast_rows(ctx, name, target)
                 weights[name] = TensorType(ttype.shape, self.dtype)

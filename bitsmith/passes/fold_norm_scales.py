@@ -1,0 +1,57 @@
+"""fold_norm_scales: move each residual RMSNorm's scale into the linears that read it, so the stream can be rotated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bitsmith.compiler.ir import Module
+from bitsmith.errors import BitsmithError
+from bitsmith.passes.base import PassContext
+from bitsmith.passes.manager import Pass
+from bitsmith.passes.rotation_sites import find_residual_sites
+from bitsmith.passes.untie_lm_head import UntieLmHead
+
+
+@dataclass(frozen=True)
+class FoldNormScales(Pass):
+    """rmsnorm(x) * g feeding W equals rmsnorm(x) feeding W diag(g): the linears' input columns take g and the
+    norm's scale becomes ones (kept as a weight, so AWQ can still fold its scales there later). Only a unit-scale
+    RMSNorm commutes with an orthogonal R (||x R|| = ||x||), which is what rotate_residual needs.
+
+    A tied lm_head reads the last norm: when that norm's scale is not all ones the head is untied first, since
+    the embedding table must not take the scale."""
+
+    name = "fold_norm_scales"
+    requires = frozenset({"canonical"})
+    provides = frozenset({"norms_folded"})
+
+    def run(self, module: Module, ctx: PassContext) -> Module:
+        refuse_imported(module, ctx, self.name)
+        sites = find_residual_sites(module["prefill"])
+        tables = set(sites.embeddings)
+        gamma_of = {lin.weight: gamma for gamma, linears in sites.norms for lin in linears}
+        if any(w in tables and g is not None and not _all_ones(ctx, g) for w, g in gamma_of.items()):
+            module = UntieLmHead().run(module, ctx)
+            sites = find_residual_sites(module["prefill"])
+        for gamma, linears in sites.norms:
+            if gamma is None or _all_ones(ctx, gamma):
+                continue
+            g = np.asarray(ctx.weights[gamma], dtype=np.float32)
+            for lin in linears:
+                ctx.weights[lin.weight] = np.asarray(ctx.weights[lin.weight], dtype=np.float32) * g[None, :]
+            ctx.weights[gamma] = np.ones_like(g)
+        return module
+
+
+def _all_ones(ctx: PassContext, name: str) -> bool:
+    return bool(np.all(np.asarray(ctx.weights[name], dtype=np.float32) == 1))
+
+
+def refuse_imported(module: Module, ctx: PassContext, where: str) -> None:
+    """Rotations rewrite weights: codes imported as they are (GGUF, GPTQ checkpoints) would no longer match."""
+    if ctx.imported:
+        raise BitsmithError(f"--rotate rewrites the weights, but {len(ctx.imported)} of them are pre-quantized codes "
+                            "kept as they are", where=f"pass {where}",
+                            fix="add --requantize (dequantize, rotate, quantize again), or compile without --rotate")
