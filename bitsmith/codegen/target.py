@@ -29,7 +29,7 @@ _FAST_MATH = {"fast-math-nsz": True, "fast-math-reassoc": True}
 # family but the int8-activation matmuls, which need AVX-512 VNNI.
 GPU_FAMILIES = ("GemvSpec", "GemmSpec", "PagedAttentionSpec", "BinarySpec", "BiasAddSpec", "UnarySpec", "SiluMulSpec",
                 "GeluMulSpec", "RmsNormSpec", "AddRmsNormSpec", "LayerNormSpec", "RopeSpec", "EmbeddingSpec",
-                "QEmbeddingSpec", "ScalarSpec", "SliceSpec", "GatherSpec")
+                "QEmbeddingSpec", "ScalarSpec", "SliceSpec", "GatherSpec", "HadamardSpec", "RopeHadamardSpec")
 CPU_FAMILIES = GPU_FAMILIES + ("QGemvI8Spec", "QGemvX16Spec", "RouterSpec", "MoeSpec")  # MoE: CPU only so far
 # stored weights every target reads: dense (matmuls, norms, biases, tables) and packed b-bit codes. bfloat16 is
 # read as its bit pattern and widened by a shift in the kernel (runtime/kernel_dtypes.py), so no target needs

@@ -18,6 +18,7 @@ from bitsmith.compiler.ops.llm import rope_inv_freq
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.base import Lowered, PassContext
 from bitsmith.passes.kv_plan import KVPlan
+from bitsmith.passes.lower_hadamard import hadamard_prologues, lower_hadamard
 from bitsmith.passes.lower_linear import GEMM_MIN_ROWS, lower_linear  # noqa: F401 (GEMM_MIN_ROWS re-exported)
 from bitsmith.passes.lower_moe import MOE_OPS, lower_moe
 from bitsmith.passes.manager import Pass
@@ -67,6 +68,10 @@ class _Lowering:
         for node in self.fn.nodes:
             if node.op == "mul" and (silu := _silu_partner(self, node)) is not None:
                 self.fused.add(silu)
+        self.prologues = hadamard_prologues(self)  # hadamard index -> the silu*up or rope fused into it
+
+    def silu_partner(self, node: Node) -> int | None:
+        return _silu_partner(self, node)
 
     # ------------------------------------------------------------------ values
     def shape(self, value: str) -> tuple[int, ...]:
@@ -179,6 +184,8 @@ def _lower_node(st: _Lowering, index: int, node: Node) -> None:
                 out)
     elif op in ("linear", "qlinear"):
         lower_linear(st, node)
+    elif op == "hadamard":
+        lower_hadamard(st, index, node)
     elif op in MOE_OPS:
         lower_moe(st, node)
     elif op == "rope":
