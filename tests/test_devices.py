@@ -120,14 +120,14 @@ def test_inspect_device_prints_rss_and_tok_s(tiny_artifact, tiny_llama_dir, tmp_
 def test_device_refusal_names_the_context_and_bits_that_fit():
     """A 1.7B-shaped model (24 layers, 32 KV heads of 64, bf16) on 3000 MiB: hand-computed hints."""
     params, label = 1_700_000_000, "pi (4 GiB)"
-    per_token = 22 * 2 * 32 * (64 + 4) + 2 * 2 * 32 * 64 * 2  # int8 KV (fp32 scales), first and last layer fp16
+    per_token = 22 * 2 * 32 * (32 + 8) + 2 * 2 * 32 * 64 * 2  # int4 KV (fp32 step, min), first and last layer fp16
     budget = 3000 * MiB
     with pytest.raises(BitsmithError) as info:
         plan_kv_cache(KVPlanOptions(budget, 32768, 4, device=label), 24, 32, 64, 2 * params, 0, weight_params=params)
     text = str(info.value)
     ctx = (budget - params * 5 // 8) // 4 // (16 * per_token) * 16
     assert "\n" not in text and text.startswith("kv plan: pi (4 GiB) holds 3000 MiB for the model")
-    assert f"--context {ctx} with int8 KV and weights at ~5 bits/weight" in text
+    assert f"--context {ctx} with int4 KV and weights at ~5 bits/weight" in text
     assert "bitsmith search --device pi --context 32768" in text and "bits/weight on average" not in text
     with pytest.raises(BitsmithError) as info:
         plan_kv_cache(KVPlanOptions(budget, 2048, 1, device=label), 24, 32, 64, 2 * params, 0, weight_params=params)

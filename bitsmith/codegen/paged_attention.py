@@ -4,7 +4,8 @@ The rows of one call may belong to different sequences (decode tokens of many se
 chunks together), each row carrying its sequence's block table. Logical position s of a row's sequence
 lives in physical block block_tables[r, s // block_size], slot s % block_size. Phase 1 (serial) writes
 every row's k/v through its table, converting to the pool's dtype (float32; float16 rounded to nearest;
-int8 with one symmetric scale per token and kv head); phase 2 (parallel) starts only after every write,
+int8 with one symmetric scale per token and kv head; int4 with a step and a minimum per token and kv head,
+two codes a byte, see runtime/kv_layout.py); phase 2 (parallel) starts only after every write,
 so the rows of a prefill chunk see each other's keys and values.
 
 Phase 2 runs one task per (row, kv head, group of query heads sharing it): every key/value row is
@@ -18,7 +19,8 @@ polynomial, `_exp2`, not a libm call) and sum are vectorized over the tile's pos
 Tiles are 32 logical positions aligned to multiples of 32 and block_size is a power of two, so a tile
 is a run of whole blocks (block_size < 32) or lies in one block (block_size >= 32): the block table
 is read once per block of a tile, not per slot. For int8 the per-token scales multiply the whole dot
-product (scores) and the probability (values), not each element. Key scores go two positions at a
+product (scores) and the probability (values), not each element; int4 elements are dequantized one by
+one (min + code * step) inside the dot products, as the reference rounds them. Key scores go two positions at a
 time: one pairing tree sums the lanes of all their heads' dot products.
 
 On a GPU the spec builds gpu/paged_attention.py's kernel instead (same arguments and semantics).
@@ -37,7 +39,7 @@ from tvm.script.ir_builder import tirx as IB
 from bitsmith.codegen.attention_tiles import TILE, tile_macros
 from bitsmith.codegen.gpu.paged_attention import paged_attention_func
 from bitsmith.codegen.kernel import c_float
-from bitsmith.codegen.kv_pool import INT8_MAX, KV_DTYPES
+from bitsmith.codegen.kv_pool import INT4_MAX, INT8_MAX, KV_DTYPES, pool_buffers
 from bitsmith.codegen.spec_checks import refuse
 from bitsmith.codegen.target import Target
 from bitsmith.codegen.vnni_ir import fold_rows
@@ -56,12 +58,15 @@ class PagedAttentionSpec:
     v f32[rows, kv_heads, head_dim], positions int64[rows], block_tables int32[rows, max_blocks],
     cache <kv_dtype>[num_blocks, 2, block_size, kv_heads, head_dim] (one layer's pool, updated in place:
     [:, 0] keys, [:, 1] values), only for kv_dtype "int8": scales f32[num_blocks, 2, block_size,
-    kv_heads] (updated in place), then out f32[rows, heads, head_dim].
+    kv_heads] (updated in place), then out f32[rows, heads, head_dim]. For "int4" the cache is
+    uint8[num_blocks, 2, block_size, kv_heads, head_dim / 2] (element 2j in the low nibble of byte j) and the
+    scales f32[num_blocks, 2, block_size, kv_heads, 2] hold (step, min).
 
     Row r (position p) writes its k/v at block block_tables[r, p // block_size], slot p % block_size,
     then sees its sequence's positions [lo, p], lo = 0 or p - sliding_window + 1 (clamped at 0).
     int8 stores scale = max|x| / 127 (1 when that is 0) and codes round_half_even(x / scale) clamped to
-    [-127, 127]; float16 stores x rounded to nearest even.
+    [-127, 127]; int4 stores step = (max x - min x) / 15 (1 when that is 0), min x and codes
+    round_half_even((x - min) / step) clamped to [0, 15]; float16 stores x rounded to nearest even.
     Rows with a position outside [0, max_blocks * block_size) (negative: padding) write nothing and get
     zeros. Table entries outside [0, num_blocks) are never dereferenced: a row whose write block is one
     writes nothing, and a row whose visible blocks (those holding [lo, p]) include one gets zeros. Entries
@@ -113,6 +118,8 @@ class PagedAttentionSpec:
                                 f"{self.rows} rows (needs a window and at least {need} blocks)")
         if self.kv_dtype not in KV_DTYPES:
             problems.append(f"kv dtype {self.kv_dtype!r} (use one of {tuple(KV_DTYPES)})")
+        elif self.kv_dtype == "int4" and self.head_dim % 2:
+            problems.append(f"int4 KV with head_dim {self.head_dim} (two codes a byte: must be even)")
         refuse(problems, "paged attention")
 
     @property
@@ -136,7 +143,7 @@ class PagedAttentionSpec:
 
     @property
     def arg_names(self) -> tuple[str, ...]:
-        scales = ("scales",) if self.kv_dtype == "int8" else ()
+        scales = ("scales",) if self.kv_dtype in ("int8", "int4") else ()
         return ("q", "k", "v", "positions", "block_tables", "cache", *scales, "out")
 
     def prim_func(self, target: Target) -> Any:
@@ -191,21 +198,45 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
     W = spec.sliding_window or 0
     windowed = W > 0
     dt = spec.kv_dtype
-    quant = dt == "int8"
-    PER_LINE = 64 // {"float32": 4, "float16": 2, "int8": 1}[dt]  # elements per 64-byte cache line
-    LINES = -(-D // PER_LINE)  # cache lines of one kv head's row
+    quant = dt == "int8"  # codes times a scale per (token, kv head), applied to whole dot products
+    int4 = dt == "int4"  # min + code * step per element
+    (pool_shape, pool_dtype), scales_shape = pool_buffers(spec)
+    PER_LINE = 64 // {"float32": 4, "float16": 2, "int8": 1, "uint8": 1}[pool_dtype]  # pool elements per 64-byte line
+    LINES = -(-pool_shape[-1] // PER_LINE)  # cache lines of one kv head's row
     # key positions whose scores one pairing tree sums (1: each alone); the tree takes at most L vectors
     QP = KEY_GROUP if KEY_GROUP * HG <= L else 1
     m = tile_macros(HG, L, D, float(spec.scale) * math.log2(math.e), float(spec.softcap or 0) * math.log2(math.e))
     start, scores_sum, softmax_step, finish, zeros = m.start, m.scores_sum, m.softmax_step, m.finish, m.zeros
 
-    def widen(x: Any) -> Any:
+    def element(cache: Any, scales: Any, pb: Any, half: int, slot: Any, kh: Any, d: Any) -> Any:
+        """Element d of the key (half 0) or value (half 1) at (pb, slot, kh) in float32 (int8: the code)."""
+        if int4:
+            byte = cache[pb, half, slot, kh, d // 2]
+            code = (byte >> tirx.Cast("uint8", d % 2 * 4)) & tirx.const(15, "uint8")
+            return scales[pb, half, slot, kh, 1] + tirx.Cast("float32", code) * scales[pb, half, slot, kh, 0]
+        x = cache[pb, half, slot, kh, d]
         return x if dt == "float32" else tirx.Cast("float32", x)
+
+    def int4_code(x: Any, low: Any, step: Any) -> Any:
+        return tirx.Cast("uint8", T.max(T.min(T.nearbyint((x - low) / step), T.float32(INT4_MAX)), T.float32(0)))
 
     @T.macro
     def store(src, r, pb, slot, kh, half, cache, scales, qt):
         """Token r's src[r, kh] into the pool at (pb, half, slot, kh) in the pool's dtype."""
-        if quant:
+        if int4:  # qt: min, max, step
+            qt[0] = src[r, kh, 0]
+            qt[1] = src[r, kh, 0]
+            for d in range(D):
+                qt[0] = T.min(qt[0], src[r, kh, d])
+                qt[1] = T.max(qt[1], src[r, kh, d])
+            qt[2] = (qt[1] - qt[0]) / T.float32(INT4_MAX)
+            qt[2] = T.Select(qt[2] > T.float32(0), qt[2], T.float32(1))
+            scales[pb, half, slot, kh, 0] = qt[2]
+            scales[pb, half, slot, kh, 1] = qt[0]
+            for j in range(D // 2):
+                cache[pb, half, slot, kh, j] = int4_code(src[r, kh, 2 * j], qt[0], qt[2]) | (
+                    int4_code(src[r, kh, 2 * j + 1], qt[0], qt[2]) << T.uint8(4))
+        elif quant:
             qt[0] = T.float32(0)
             for d in range(D):
                 qt[0] = T.max(qt[0], T.abs(src[r, kh, d]))
@@ -234,7 +265,7 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
                         T.int32(0), T.int32(2), T.int32(1)))
 
     @T.macro
-    def key_dots(qs, cache, part, u, pb, slot, kh):
+    def key_dots(qs, cache, scales, part, u, pb, slot, kh):
         """part[u, hh, :] = lane-wise products of query head hh with the key at (pb, slot, kh), summed over
         the head_dim / L vectors of a head (the lane sums follow)."""
         for hh in T.unroll(HG):
@@ -243,8 +274,8 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
         for d0 in T.unroll(DO):
             for hh in T.unroll(HG):
                 for l in T.vectorized(L):
-                    part[(u * HG + hh) * L + l] = part[(u * HG + hh) * L + l] + qs[hh * D + d0 * L + l] * widen(
-                        cache[pb, 0, slot, kh, d0 * L + l])
+                    part[(u * HG + hh) * L + l] = part[(u * HG + hh) * L + l] + qs[hh * D + d0 * L + l] * element(
+                        cache, scales, pb, 0, slot, kh, d0 * L + l)
 
     def key_group_scores(part, sc, scales, col, pb, slot, kh):
         """sc[hh, col + u] = the lane sum of part[u, hh, :] (times the key's int8 scale) for the QP positions
@@ -264,7 +295,7 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
     @T.macro
     def body(q, k, v, positions, block_tables, cache, scales, out):
         # phase 1: every row's k/v into its sequence's block (serial: later rows win, as in numpy)
-        qt = T.alloc_buffer((2,), "float32")  # int8: max |x|, scale
+        qt = T.alloc_buffer((3,), "float32")  # int8: max |x|, scale; int4: min, max, step
         for r in range(R):
             if positions[r] >= T.int64(0) and positions[r] < T.int64(CTX):
                 p = T.bind(T.Cast("int32", positions[r]))
@@ -314,10 +345,10 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
                             prefetch_next_run(block_tables, cache, r, kh, s2, p)
                             for jp in range((s2 - s1 + 1) // QP):  # QP positions at a time (see `key_group_scores`)
                                 for u in T.unroll(QP):
-                                    key_dots(qs, cache, part, u, pb, base + jp * QP + u, kh)
+                                    key_dots(qs, cache, scales, part, u, pb, base + jp * QP + u, kh)
                                 key_group_scores(part, sc, scales, s1 - a + jp * QP, pb, base + jp * QP, kh)
                             for j in range((s2 - s1 + 1) // QP * QP, s2 - s1 + 1):
-                                key_dots(qs, cache, part, 0, pb, base + j, kh)
+                                key_dots(qs, cache, scales, part, 0, pb, base + j, kh)
                                 scores_sum(part, sc, s1 - a + j)
                                 if quant:
                                     for hh in T.unroll(HG):
@@ -334,17 +365,17 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
                                     for hh in T.unroll(HG):
                                         for l in T.vectorized(L):
                                             acc[hh * D + d0 * L + l] = acc[hh * D + d0 * L + l] + sc[
-                                                hh * B + s1 - a + j] * value_scale(scales, pb, base + j, kh) * widen(
-                                                cache[pb, 1, base + j, kh, d0 * L + l])
+                                                hh * B + s1 - a + j] * value_scale(scales, pb, base + j, kh) * element(
+                                                cache, scales, pb, 1, base + j, kh, d0 * L + l)
                     finish(out, r, h0, acc, st)
 
     # parameter buffer types (one object per parameter: a shared one would alias the parameters)
     QBuf, OutBuf = T.Buffer((R, H, D), "float32"), T.Buffer((R, H, D), "float32")
     KBuf, VBuf = T.Buffer((R, KV, D), "float32"), T.Buffer((R, KV, D), "float32")
     PosBuf, TabBuf = T.Buffer((R,), "int64"), T.Buffer((R, TB), "int32")
-    PoolBuf, ScaleBuf = T.Buffer((NB, 2, BS, KV, D), dt), T.Buffer((NB, 2, BS, KV), "float32")
+    PoolBuf, ScaleBuf = T.Buffer(pool_shape, pool_dtype), T.Buffer(scales_shape, "float32")
 
-    if quant:
+    if quant or int4:
         @T.prim_func
         def paged_attention(q: QBuf, k: KBuf, v: VBuf, positions: PosBuf, block_tables: TabBuf, cache: PoolBuf,
                             scales: ScaleBuf, out: OutBuf):

@@ -7,14 +7,16 @@ from dataclasses import asdict, dataclass
 
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.kv_cache import ring_blocks_needed
+from bitsmith.runtime.kv_layout import token_bytes
 
-KV_DTYPES = ("float32", "float16", "int8")
+KV_DTYPES = ("float32", "float16", "int8", "int4")
 BLOCK_SIZES = (8, 16, 32, 64)  # tokens per KV block
-DTYPE_BYTES = {"float32": 4, "float16": 2, "int8": 1}
-# Pool layout, one per layer (what the paged attention kernels read):
+AUTO_LADDER = ("float16", "int8", "int4")  # auto: the first of these whose cache fits the budget
+# Pool layout, one per layer (what the paged attention kernels read; runtime/kv_layout.py per dtype):
 #
 #   pool[num_blocks, 2, block_size, kv_heads, head_dim]      [b, 0] keys, [b, 1] values of block b
-#   scales[num_blocks, 2, block_size, kv_heads] (int8 only)  one fp32 scale per token and kv head
+#   scales[num_blocks, 2, block_size, kv_heads] (int8)       one fp32 scale per token and kv head
+#   int4: pool[..., head_dim / 2] uint8 (two codes a byte), scales[..., kv_heads, 2] (step, min)
 #
 #   sequence block table: logical block i (tokens i*bs .. i*bs+bs-1) -> physical block number
 #   +---+---+---+---+
@@ -46,7 +48,7 @@ class KVPlanOptions:
     memory: int | None = None  # total bytes for weights + KV cache + workspace; None: no limit
     max_context: int = 2048
     concurrency: int = 4  # sequences expected at once, each up to max_context tokens
-    kv_dtype: str = "auto"  # auto: float16 unless the budget forces int8
+    kv_dtype: str = "auto"  # auto: float16 unless the budget forces int8, then int4
     block_size: int = 16
     # the most rows one kernel call writes (lower_to_kernels' largest step, PREFILL_ROWS): a ring holds the
     # window + that many positions; lower_to_kernels refuses larger steps on a plan with rings
@@ -88,8 +90,7 @@ class KVPlan:
         return sum(self.layer_bytes(i) for i in range(len(self.layer_dtypes)))
 
     def block_bytes(self, dtype: str) -> int:
-        per_token = 2 * self.kv_heads * (self.head_dim * DTYPE_BYTES[dtype] + (4 if dtype == "int8" else 0))
-        return per_token * self.block_size
+        return token_bytes(dtype, self.kv_heads, self.head_dim) * self.block_size
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -97,7 +98,8 @@ class KVPlan:
         data["layer_windows"] = list(self.layer_windows)
         data["layer_bytes"] = [self.layer_bytes(i) for i in range(len(self.layer_dtypes))]
         data["bytes"] = self.bytes
-        data["layout"] = "pool[num_blocks, 2, block_size, kv_heads, head_dim] per layer (+ fp32 scales[.., kv_heads] for int8)"
+        data["layout"] = ("pool[num_blocks, 2, block_size, kv_heads, head_dim] per layer (+ fp32 scales[.., kv_heads] "
+                          "for int8; int4: uint8 pool[.., head_dim / 2] + fp32 (step, min) scales[.., kv_heads, 2])")
         return data
 
     @classmethod
@@ -110,9 +112,10 @@ class KVPlan:
 
 
 def layer_dtypes_for(kind: str, num_layers: int) -> tuple[str, ...]:
-    """int8 keeps the first and last layer at float16 (their KV is the most sensitive); others uniform."""
-    if kind == "int8" and num_layers > 2:
-        return ("float16",) + ("int8",) * (num_layers - 2) + ("float16",)
+    """int8 and int4 keep the first and last layer at float16 (their KV is the most sensitive, and two layers
+    of many cost little); others uniform."""
+    if kind in ("int8", "int4") and num_layers > 2:
+        return ("float16",) + (kind,) * (num_layers - 2) + ("float16",)
     return (kind,) * num_layers
 
 
@@ -129,9 +132,14 @@ def plan_kv_cache(options: KVPlanOptions, num_layers: int, kv_heads: int, head_d
                             where="kv plan", fix=f"use --context {options.max_context // bs * bs or bs}")
     max_blocks = options.max_context // bs
     needed = max_blocks * options.concurrency
-    kinds = ("float16", "int8") if options.kv_dtype == "auto" else (options.kv_dtype,)
+    kinds = AUTO_LADDER if options.kv_dtype == "auto" else (options.kv_dtype,)
     if options.kv_dtype not in KV_DTYPES + ("auto",):
         raise BitsmithError(f"unknown KV dtype {options.kv_dtype!r}", where="kv plan", fix=f"use auto or one of {KV_DTYPES}")
+    if options.kv_dtype == "int4" and head_dim % 2:
+        raise BitsmithError(f"int4 KV packs two codes a byte and head_dim {head_dim} is odd", where="kv plan",
+                            fix="use --kv-dtype int8")
+    if options.kv_dtype == "auto" and head_dim % 2:
+        kinds = kinds[:-1]
 
     windows = tuple(int(w or 0) for w in layer_windows) or (0,) * num_layers
     ring = ring_blocks_needed(max(windows), options.chunk_rows, bs) or 0
@@ -152,19 +160,21 @@ def plan_kv_cache(options: KVPlanOptions, num_layers: int, kv_heads: int, head_d
         if fit >= needed:
             # spare budget becomes prefix-cache headroom, up to 4x what the sequences need
             return plan(kind, int(min(fit, 4 * needed)))
-    raise _does_not_fit(options, plan, room, weight_bytes, workspace_bytes, needed, weight_params)
+    raise _does_not_fit(options, plan, room, weight_bytes, workspace_bytes, needed, weight_params,
+                        AUTO_LADDER if head_dim % 2 == 0 else AUTO_LADDER[:-1])
 
 
 def _does_not_fit(options: KVPlanOptions, plan, room: int, weight_bytes: int, workspace_bytes: int,
-                  needed: int, weight_params: int = 0) -> BitsmithError:
+                  needed: int, weight_params: int, ladder: tuple[str, ...]) -> BitsmithError:
     mib = 2 ** 20
-    smallest = plan("int8", needed).bytes
+    low = ladder[-1]  # the smallest KV dtype this model can use
+    smallest = plan(low, needed).bytes
 
     def largest_context(space: int, kind: str) -> int:
         return max(space, 0) // options.concurrency // plan(kind, 1).bytes * options.block_size
 
     hints = []
-    for kind in ("float16", "int8"):
+    for kind in ladder:
         per_seq = plan(kind, needed // options.concurrency).bytes
         if room > 0:
             ctx = largest_context(room, kind)
@@ -177,22 +187,22 @@ def _does_not_fit(options: KVPlanOptions, plan, room: int, weight_bytes: int, wo
         now = 8 * weight_bytes / weight_params
         fit_bits = 8 * (options.memory - workspace_bytes - smallest) / weight_params
         if fit_bits >= 2:  # the fewest bits a scheme has (int2 + its scales is a little more)
-            hints.append(f"weights of at most {fit_bits:.1f} bits/weight on average (now {now:.1f}) with int8 KV")
-        if largest_context(room, "int8") < options.block_size and now > 5:
+            hints.append(f"weights of at most {fit_bits:.1f} bits/weight on average (now {now:.1f}) with {low} KV")
+        if largest_context(room, low) < options.block_size and now > 5:
             # ~5 bits/weight: int4 with group-128 fp16 scales and a 16-bit embedding table (measured: a 1.7B
             # Llama shape at int4-g32 without kept layers, untied lm_head, stores 5.36 bits/weight; g128 ~4.8)
-            ctx = largest_context(options.memory - workspace_bytes - weight_params * 5 // 8, "int8")
+            ctx = largest_context(options.memory - workspace_bytes - weight_params * 5 // 8, low)
             if ctx >= options.block_size:
-                hints.append(f"--context {ctx} with int8 KV and weights at ~5 bits/weight "
+                hints.append(f"--context {ctx} with {low} KV and weights at ~5 bits/weight "
                              f"(--method rtn --bits 4 --no-keep-default)")
     if options.device:
         hints.append(f"`bitsmith search --device {options.device.split()[0]} --context {options.max_context}` to "
                      f"pick per-layer bits")
         budget = f"{options.device} holds {options.memory / mib:.0f} MiB for the model, which"
     else:
-        hints.append(f"--memory {(weight_bytes + workspace_bytes + smallest) / mib:.0f}MiB (int8 KV), or fewer weight bits")
+        hints.append(f"--memory {(weight_bytes + workspace_bytes + smallest) / mib:.0f}MiB ({low} KV), or fewer weight bits")
         budget = f"the budget of {options.memory / mib:.1f} MiB"
     return BitsmithError(
         f"{budget} does not fit weights {weight_bytes / mib:.1f} MiB + workspace "
         f"{workspace_bytes / mib:.1f} MiB + a KV cache for {options.concurrency} x {options.max_context} tokens "
-        f"(at least {smallest / mib:.1f} MiB with int8 KV)", where="kv plan", fix="try " + "; or ".join(hints))
+        f"(at least {smallest / mib:.1f} MiB with {low} KV)", where="kv plan", fix="try " + "; or ".join(hints))

@@ -223,13 +223,13 @@ def _check_paged(spec, inputs):
     assert np.all(result[inputs[3] < 0] == 0), "padding rows must produce zeros"
     bits = (lambda a: a.view(np.uint16)) if spec.kv_dtype == "float16" else (lambda a: a)
     np.testing.assert_array_equal(bits(args[5]), bits(expected_cache))
-    if spec.kv_dtype == "int8":
+    if spec.kv_dtype in ("int8", "int4"):
         np.testing.assert_array_equal(args[6], expected_scales)
 
 
 @pytest.mark.parametrize("spec", PAGED_SPECS, ids=lambda s: s.name)
 def test_paged_attention_matches_oracle(spec):
-    """Padding rows, several sequences per call, shared prefix blocks, sliding windows, fp32/fp16/int8 pools."""
+    """Padding rows, several sequences per call, shared prefix blocks, sliding windows, fp32/fp16/int8/int4 pools."""
     for n, (label, seqs, padding, shared) in enumerate(_scenarios(spec)):
         inputs, _ = _batch(spec, np.random.default_rng(n), seqs, padding, shared)
         try:
@@ -321,6 +321,7 @@ BUILD_SPECS = [
     RopeSpec(16, 9, 64, 64, "half"), RopeSpec(1, 3, 64, 32, "interleaved"), EmbeddingSpec(4, 49152, 576, "float16"),
     QEmbeddingSpec(1, 49152, 576, 4, -1, True),
     PagedAttentionSpec(64, 8, 4, 256, 16, 512, 512, 0.0625, 4096, "float16", 50.0, 262),  # Gemma 2: cap, ring
+    PagedAttentionSpec(16, 9, 3, 64, 16, 512, 128, 0.125, None, "int4"),
     PagedAttentionSpec(16, 9, 3, 64, 16, 512, 128, 0.125, None, "int8"),
     PagedAttentionSpec(4, 32, 8, 128, 16, 256, 64, 0.088, 4096, "float16"),
 ]

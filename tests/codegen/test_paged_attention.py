@@ -1,5 +1,5 @@
 """Paged attention against a numpy oracle: each row's K/V gathered from the block pool through its block
-table, then `_attention_ref` on that contiguous cache. Outputs, the updated pool and (int8) scales."""
+table, then `_attention_ref` on that contiguous cache. Outputs, the updated pool and (int8, int4) scales."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from bitsmith.codegen.paged_attention import PagedAttentionSpec, heads_per_task,
 from bitsmith.codegen.target import host_target
 from bitsmith.compiler.ops.llm import _attention_ref
 from bitsmith.errors import BitsmithError
+from bitsmith.runtime.kv_layout import int4_dequantize, int4_quantize, pack_int4, unpack_int4
 
 TOL = 1e-5
 DTYPES = ("float32", "float16", "int8")
@@ -33,13 +34,20 @@ SPECS += [_spec(1, 9, 3, 64, 16, None, dtype) for dtype in DTYPES]
 # the other pairings, and blocks of 8 (four per tile) and 64 (two tiles per block)
 SPECS += [_spec(16, 4, 4, 16, 32, 8, "float32"), _spec(5, 8, 2, 32, 8, 8, "int8"),
           _spec(16, 9, 3, 16, 64, None, "float16")]
+# int4 (two codes a byte, a step and a minimum per row): decode, prefill and mixed rows, windows, both block
+# layouts, the decode shape and a soft-cap
+SPECS += [_spec(5, 8, 2, 16, 16, 8, "int4"), _spec(1, 9, 3, 64, 16, None, "int4"),
+          _spec(16, 4, 4, 32, 8, None, "int4"), _spec(16, 9, 3, 16, 64, 8, "int4", softcap=0.7)]
 # Gemma 2's attention-logit soft-cap (0.7: most random scores are capped hard), with and without a window
 SPECS += [_spec(5, 8, 2, 16, 16, 8, "float32", softcap=0.7), _spec(1, 9, 3, 64, 16, None, "int8", softcap=0.7),
           _spec(16, 4, 4, 32, 8, None, "float16", softcap=0.7)]
 
 
 def _store(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """float32 [..., d] -> the pool's stored form and (int8) the per-vector scales."""
+    """float32 [..., d] -> the pool's stored form and (int8, int4) the per-vector scales."""
+    if dtype == "int4":
+        codes, scales = int4_quantize(x)
+        return pack_int4(codes), scales
     if dtype == "float32":
         return x.astype(np.float32), None
     if dtype == "float16":
@@ -50,7 +58,9 @@ def _store(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _load(cache: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
-    """The pool as float32 values (int8: code * scale)."""
+    """The pool as float32 values (int8: code * scale; int4: min + code * step)."""
+    if scales is not None and scales.ndim == cache.ndim:  # int4: [..., d / 2] bytes, [..., 2] scales
+        return int4_dequantize(unpack_int4(cache), scales)
     return cache.astype(np.float32) * (1 if scales is None else scales[..., None])
 
 
@@ -130,7 +140,7 @@ def _batch(spec, rng, seqs, padding, shared=(), reserve=0):
     k = rng.standard_normal((rows, kv, d)).astype(np.float32)
     v = rng.standard_normal((rows, kv, d)).astype(np.float32)
     cache, scales = _store(np.nan_to_num(pool32), spec.kv_dtype)
-    if spec.kv_dtype != "int8":
+    if spec.kv_dtype not in ("int8", "int4"):
         cache[np.isnan(pool32)] = np.nan
     else:
         scales[np.isnan(pool32[..., 0])] = np.nan
@@ -161,7 +171,7 @@ def _check(spec, inputs, pool32, errors=None):
     # the pool after the call, bit for bit (NaN slots included; float16 compared as bits)
     cache = args[5].view(np.uint16) if spec.kv_dtype == "float16" else args[5]
     np.testing.assert_array_equal(cache, expect_cache.view(np.uint16) if spec.kv_dtype == "float16" else expect_cache)
-    if spec.kv_dtype == "int8":
+    if spec.kv_dtype in ("int8", "int4"):
         np.testing.assert_array_equal(args[6], expect_scales)
     if errors is not None and spec.kv_dtype != "float32":  # against float32 storage of the same values
         exact = PagedAttentionSpec(**{**spec.__dict__, "kv_dtype": "float32"})
@@ -182,7 +192,7 @@ def test_paged_attention_matches_oracle(spec):
             raise AssertionError(f"scenario {label}: {err}") from None
     ERRORS[spec.name] = errors
     if errors:  # rounding the stored K/V: the error against float32 storage stays small
-        assert max(errors) < (1e-2 if spec.kv_dtype == "float16" else 0.25), errors
+        assert max(errors) < {"float16": 1e-2, "int8": 0.25, "int4": 1.0}[spec.kv_dtype], errors
 
 
 def test_int8_rounding_ties_and_zero_rows():
@@ -300,3 +310,25 @@ def check_ring(call):
             row += n
         assert not out[row:].any()
     assert done[0] > 2 * ring * bs  # the ring wrapped more than twice
+
+
+def test_int4_codes_round_half_to_even_in_nibble_order():
+    """int4: (x - min) / step ties round half to even, element 2j sits in the low nibble of byte j, a constant
+    row stores step 1, its value as the minimum and codes 0; an odd head_dim is refused."""
+    spec = _spec(2, 4, 2, 16, 16, None, "int4", num_blocks=4, max_blocks=2)
+    inputs, pool32 = _batch(spec, np.random.default_rng(3), [(5, 1), (0, 1)], 0)
+    ties = np.array([0, 15, 0.5, 1.5, 2.5, 14.5, 3, 7.5, 8.5, 1, 2, 3, 4, 5, 6, 13.5], np.float32)
+    inputs[1][:, 0] = ties  # min 0, max 15: step exactly 1
+    inputs[2][:, 0] = ties / 2 - 3  # min -3, step 0.5: the same codes
+    inputs[1][:, 1] = 2.5
+    _check(spec, inputs, pool32)
+    args = [a.copy() for a in inputs]
+    call_kernel(spec, args, [np.zeros((2, 4, 16), np.float32)])
+    block = inputs[4][int(np.argmax(inputs[3] == 5)), 0]
+    expect = [0, 15, 0, 2, 2, 14, 3, 8, 8, 1, 2, 3, 4, 5, 6, 14]
+    assert list(unpack_int4(args[5][block, 0, 5, 0])) == expect and args[5][block, 0, 5, 0, 0] == 15 << 4
+    assert list(unpack_int4(args[5][block, 1, 5, 0])) == expect and list(args[6][block, 1, 5, 0]) == [0.5, -3]
+    assert list(args[6][block, 0, 5, 1]) == [1, 2.5] and not args[5][block, 0, 5, 1].any()
+    assert spec.arg_names[-2:] == ("scales", "out") and spec.name.endswith("_i4")
+    with pytest.raises(BitsmithError, match="int4 KV with head_dim 15"):
+        _spec(1, 4, 2, 15, 16, None, "int4")

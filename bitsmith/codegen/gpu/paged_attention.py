@@ -5,7 +5,8 @@ Semantics are PagedAttentionSpec's (bitsmith/codegen/paged_attention.py); this i
     launch 1, grid (rows, 2 x kv_heads), one warp per block: row r writes its k (or v) vector of kv head kh
         into the pool, unless a later row writes the same slot (rows run in parallel here; "later rows
         win" as in the serial CPU kernel). int8: scale = max|x| / 127 (a cross-thread max), codes
-        rint(x / scale), both with correctly rounded division (bit-equal to the CPU kernel's).
+        rint(x / scale), both with correctly rounded division (bit-equal to the CPU kernel's). int4: the
+        cross-thread min and max, step = (max - min) / 15, one thread per byte of two codes.
     launch 2, grid (rows, kv_heads), NT threads per block, the group's G query heads together: online
         softmax over tiles of NT positions [lo, p]: one position per thread for the scores (its key
         read once for the G heads, q pre-scaled by scale * log2 e), a cross-thread max and sum per
@@ -30,7 +31,7 @@ from tvm.script.ir_builder import tirx as T
 
 from bitsmith.codegen.common import fconst
 from bitsmith.codegen.gpu.phases import Loops, reduce_threads
-from bitsmith.codegen.kv_pool import INT8_MAX
+from bitsmith.codegen.kv_pool import INT4_MAX, INT8_MAX, pool_buffers
 from bitsmith.codegen.spec_checks import refuse
 
 NT = 128  # threads (and positions per tile) of an attention block
@@ -64,10 +65,10 @@ def _check(spec: Any) -> None:
 
 def _arguments(spec: Any) -> dict[str, Any]:
     R, H, KV, D = spec.rows, spec.heads, spec.kv_heads, spec.head_dim
+    pool, scales = pool_buffers(spec)
     shapes = {"q": ((R, H, D), "float32"), "k": ((R, KV, D), "float32"), "v": ((R, KV, D), "float32"),
               "positions": ((R,), "int64"), "block_tables": ((R, spec.table_blocks), "int32"),
-              "cache": ((spec.num_blocks, 2, spec.block_size, KV, D), spec.kv_dtype),
-              "scales": ((spec.num_blocks, 2, spec.block_size, KV), "float32"), "out": ((R, H, D), "float32")}
+              "cache": pool, "scales": (scales, "float32"), "out": ((R, H, D), "float32")}
     return {name: T.arg(name, T.buffer(*shapes[name])) for name in spec.arg_names}
 
 
@@ -95,6 +96,7 @@ def _write_kernel(spec: Any, loops: Loops, a: dict[str, Any]) -> None:
     part = T.sblock_alloc_buffer((WARP,), "float32", scope="shared")
     found = T.sblock_alloc_buffer((1,), "float32", scope="shared")
     amax = T.sblock_alloc_buffer((1,), "float32", scope="shared")
+    nmin = T.sblock_alloc_buffer((1,), "float32", scope="shared") if spec.kv_dtype == "int4" else None
     with loops.blocks(spec.rows, "x") as block:
         r = loops.last_first(block, spec.rows)  # later rows win by the check below, not by the order
         with loops.blocks(2 * KV, "y") as vec:
@@ -105,8 +107,13 @@ def _write_kernel(spec: Any, loops: Loops, a: dict[str, Any]) -> None:
 
             _superseded(spec, loops, a, r, part, found)
             if spec.kv_dtype == "int8":
-                _lane_max(spec, loops, lambda d: tirx.abs(value(d)), part, amax)
-            _store_vector(spec, loops, a, r, half, kh, value, found, amax)
+                _lane_max(spec, loops, lambda d: tirx.abs(value(d)), part, amax, "amax")
+            if spec.kv_dtype == "int4":  # amax: max x, nmin: -min x
+                _lane_max(spec, loops, value, part, amax, "amax")
+                _lane_max(spec, loops, lambda d: -value(d), part, nmin, "nmin")
+                _store_int4(spec, loops, a, r, half, kh, value, found, amax, nmin)
+            else:
+                _store_vector(spec, loops, a, r, half, kh, value, found, amax)
 
 
 def _superseded(spec: Any, loops: Loops, a: dict[str, Any], r: Any, part: Any, found: Any) -> None:
@@ -125,15 +132,15 @@ def _superseded(spec: Any, loops: Loops, a: dict[str, Any], r: Any, part: Any, f
     reduce_threads("superseded", "max", part, found, 1, WARP, loops)
 
 
-def _lane_max(spec: Any, loops: Loops, magnitude: Any, part: Any, amax: Any) -> None:
+def _lane_max(spec: Any, loops: Loops, magnitude: Any, part: Any, amax: Any, name: str) -> None:
     """amax[0] = max over d < head_dim of magnitude(d), each lane first over its strided share."""
     with loops.threads(WARP) as t:
         m = T.alloc_buffer((1,), "float32", scope="local")
-        T.buffer_store(m, fconst(0.0), [0])
+        T.buffer_store(m, tirx.min_value("float32"), [0])
         with T.serial(0, -(-spec.head_dim // WARP)) as i:
             T.buffer_store(m, tirx.max(m[0], magnitude(tirx.min(i * WARP + t, spec.head_dim - 1))), [0])
         T.buffer_store(part, m[0], [t])
-    reduce_threads("amax", "max", part, amax, 1, WARP, loops)
+    reduce_threads(name, "max", part, amax, 1, WARP, loops)
 
 
 def _store_vector(spec: Any, loops: Loops, a: dict[str, Any], r: Any, half: Any, kh: Any,
@@ -160,6 +167,41 @@ def _store_vector(spec: Any, loops: Loops, a: dict[str, Any], r: Any, half: Any,
                 with T.Then():
                     stored = _int8_code(loops, value(d), scale) if quant else tirx.Cast(spec.kv_dtype, value(d))
                     T.buffer_store(a["cache"], stored, [pb, half, slot, kh, d])
+
+
+def _store_int4(spec: Any, loops: Loops, a: dict[str, Any], r: Any, half: Any, kh: Any,
+                value: Any, found: Any, amax: Any, nmin: Any) -> None:
+    """The vector as int4 codes, two a byte (element 2j in the low nibble), with its (step, min), when row
+    r's slot is valid and not superseded (as `_store_vector`)."""
+    valid, pb, slot = _target_slot(spec, a, r)
+    with loops.threads(WARP) as t:
+        write = T.alloc_buffer((1,), "float32", scope="local")
+        T.buffer_store(write, tirx.Select(valid, fconst(1.0) - found[0], fconst(0.0)), [0])
+        held = T.alloc_buffer((2,), "float32", scope="local")  # step, min
+        T.buffer_store(held, -nmin[0], [1])
+        T.buffer_store(held, _nonzero(loops.div(amax[0] - held[1], fconst(float(INT4_MAX)))), [0])
+        with T.If(tirx.all(t == 0, write[0] > fconst(0.0))):
+            with T.Then():
+                T.buffer_store(a["scales"], held[0], [pb, half, slot, kh, 0])
+                T.buffer_store(a["scales"], held[1], [pb, half, slot, kh, 1])
+        with T.serial(0, -(-spec.head_dim // (2 * WARP))) as i:
+            j = i * WARP + t
+            with T.If(tirx.all(j < spec.head_dim // 2, write[0] > fconst(0.0))):
+                with T.Then():
+                    low = _int4_code(loops, value(2 * j), held[1], held[0])
+                    high = _int4_code(loops, value(2 * j + 1), held[1], held[0])
+                    T.buffer_store(a["cache"], low | (high << tirx.const(4, "uint8")), [pb, half, slot, kh, j])
+
+
+def _int4_code(loops: Loops, x: Any, low: Any, step: Any) -> Any:
+    code = tirx.nearbyint(loops.div(x - low, step))  # round half to even, as numpy's rint
+    return tirx.Cast("uint8", tirx.max(tirx.min(code, fconst(float(INT4_MAX))), fconst(0.0)))
+
+
+def _int4_element(a: dict[str, Any], pb: Any, half: int, slot: Any, kh: Any, d: Any) -> Any:
+    """Element d of the int4 key (half 0) or value (half 1) at (pb, slot, kh): min + code * step."""
+    code = (a["cache"][pb, half, slot, kh, d // 2] >> tirx.Cast("uint8", d % 2 * 4)) & tirx.const(15, "uint8")
+    return a["scales"][pb, half, slot, kh, 1] + tirx.Cast("float32", code) * a["scales"][pb, half, slot, kh, 0]
 
 
 def _nonzero(scale: Any) -> Any:
@@ -281,20 +323,23 @@ def _scores(spec: Any, loops: Loops, a: dict[str, Any], s: _Shared, r: Any, kh: 
     vec = VEC if D % VEC == 0 else 1
     with loops.threads(NT) as t:
         dots = T.alloc_buffer((G,), "float32", scope="local")
-        kv = T.alloc_buffer((vec,), spec.kv_dtype, scope="local")
+        kv = T.alloc_buffer((vec,), pool_buffers(spec)[0][1], scope="local")  # (unused for int4)
         with T.If(t < count):
             with T.Then():
                 pb, slot = _pool_index(spec, a, r, start + t)
                 pb = T.bind(pb)
                 with T.unroll(0, G) as g:
                     T.buffer_store(dots, fconst(0.0), [g])
-                with T.serial(0, D // vec) as d0:
-                    with (T.vectorized(0, vec) if vec > 1 else T.serial(0, 1)) as v:
-                        T.buffer_store(kv, a["cache"][pb, 0, slot, kh, d0 * vec + v], [v])
-                    with T.unroll(0, vec) as v:
-                        with T.unroll(0, G) as g:
-                            key = tirx.Cast("float32", kv[v]) if spec.kv_dtype != "float32" else kv[v]
-                            T.buffer_store(dots, dots[g] + s.qs[g * D + d0 * vec + v] * key, [g])
+                if spec.kv_dtype == "int4":
+                    _int4_key_dots(spec, a, s, dots, pb, slot, kh)
+                else:
+                    with T.serial(0, D // vec) as d0:
+                        with (T.vectorized(0, vec) if vec > 1 else T.serial(0, 1)) as v:
+                            T.buffer_store(kv, a["cache"][pb, 0, slot, kh, d0 * vec + v], [v])
+                        with T.unroll(0, vec) as v:
+                            with T.unroll(0, G) as g:
+                                key = tirx.Cast("float32", kv[v]) if spec.kv_dtype != "float32" else kv[v]
+                                T.buffer_store(dots, dots[g] + s.qs[g * D + d0 * vec + v] * key, [g])
                 kscale = a["scales"][pb, 0, slot, kh] if spec.kv_dtype == "int8" else None
                 cap = float(spec.softcap or 0) * math.log2(math.e)  # log2 domain: scale and log2 e cancel in s / cap
                 with T.unroll(0, G) as g:
@@ -305,6 +350,16 @@ def _scores(spec: Any, loops: Loops, a: dict[str, Any], s: _Shared, r: Any, kh: 
             with T.Else():
                 with T.unroll(0, G) as g:
                     T.buffer_store(s.sc, tirx.min_value("float32"), [g * NT + t])
+
+
+def _int4_key_dots(spec: Any, a: dict[str, Any], s: Any, dots: Any, pb: Any, slot: Any, kh: Any) -> None:
+    """dots[g] += q[g] . key at (pb, slot, kh) for an int4 pool: a byte (two elements) at a time."""
+    G, D = spec.group, spec.head_dim
+    with T.serial(0, D // 2) as j:
+        for e in range(2):
+            key = _int4_element(a, pb, 0, slot, kh, 2 * j + e)
+            with T.unroll(0, G) as g:
+                T.buffer_store(dots, dots[g] + s.qs[g * D + 2 * j + e] * key, [g])
 
 
 def _softmax_step(spec: Any, loops: Loops, s: _Shared, count: Any) -> None:
@@ -342,8 +397,8 @@ def _accumulate(spec: Any, loops: Loops, a: dict[str, Any], s: _Shared, r: Any, 
             T.buffer_store(total, s.acc[idx] * s.corr[g], [0])
             with T.serial(0, count) as j:
                 pb, slot = _pool_index(spec, a, r, start + j)
-                value = a["cache"][pb, 1, slot, kh, d]
-                value = value if spec.kv_dtype == "float32" else tirx.Cast("float32", value)
+                value = a["cache"][pb, 1, slot, kh, d] if spec.kv_dtype != "int4" else _int4_element(a, pb, 1, slot, kh, d)
+                value = value if spec.kv_dtype in ("float32", "int4") else tirx.Cast("float32", value)
                 if spec.kv_dtype == "int8":  # (the same scale in every thread: a broadcast load)
                     value = value * a["scales"][pb, 1, slot, kh]
                 T.buffer_store(total, total[0] + s.sc[g * NT + j] * value, [0])

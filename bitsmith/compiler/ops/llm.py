@@ -9,6 +9,7 @@ import numpy as np
 
 from bitsmith.compiler.ir import TensorType
 from bitsmith.compiler.ops.registry import COMPUTE_DTYPE, as_float, check, register
+from bitsmith.runtime.kv_layout import int4_dequantize, int4_quantize
 
 # ---------------------------------------------------------------- embedding / linear
 
@@ -137,6 +138,7 @@ register("rope", (2, 2), _rope_infer, _rope_ref)
 #   cache[layer, 0, slot, kv_head, :] = key of the token at position `slot`
 #   cache[layer, 1, slot, kv_head, :] = value
 # shape [layers, 2, ctx, kv_heads, head_dim]; a sequence's token at position p lives in slot p.
+KV_STORAGE = ("float32", "float16", "int8", "int4")  # what `kv_dtype` may say (runtime/kv_layout.py)
 
 
 def _attention_infer(in_types, attrs, weights):
@@ -148,7 +150,8 @@ def _attention_infer(in_types, attrs, weights):
     check(cache.rank == 5 and cache.shape[1] == 2, f"kv cache must be [layers, 2, ctx, kv_heads, head_dim], got {cache.shape}")
     check(cache.shape[3:] == k.shape[1:], f"kv cache {cache.shape} does not match k {k.shape}")
     check(isinstance(cache.shape[0], int) and 0 <= attrs["layer"] < cache.shape[0], f"layer {attrs['layer']} out of range")
-    check(attrs.get("kv_dtype", "float32") in ("float32", "float16", "int8"), f"unknown kv_dtype {attrs.get('kv_dtype')}")
+    check(attrs.get("kv_dtype", "float32") in KV_STORAGE, f"unknown kv_dtype {attrs.get('kv_dtype')}")
+    check(attrs.get("kv_dtype") != "int4" or k.shape[2] % 2 == 0, f"int4 KV needs an even head_dim, got {k.shape[2]}")
     check(attrs.get("softcap") is None or attrs["softcap"] > 0, f"softcap {attrs.get('softcap')} must be > 0 (or absent)")
     return [TensorType(q.shape, COMPUTE_DTYPE), cache]
 
@@ -158,6 +161,7 @@ def kv_storage_round(x: np.ndarray, kv_dtype: str) -> np.ndarray:
 
     int8: symmetric, one scale per (token, kv head): s = max|x| / 127 (1 for an all-zero row),
     code = round-half-even(x / s) clipped to [-127, 127]; the kernels do the same.
+    int4: asymmetric, a step and a minimum per (token, kv head) (runtime/kv_layout.py `int4_quantize`).
     """
     if kv_dtype == "float32":
         return x
@@ -167,6 +171,8 @@ def kv_storage_round(x: np.ndarray, kv_dtype: str) -> np.ndarray:
         scale = np.max(np.abs(x), axis=-1, keepdims=True) / np.float32(127)
         scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
         return np.clip(np.rint(x / scale), -127, 127).astype(np.float32) * scale
+    if kv_dtype == "int4":
+        return int4_dequantize(*int4_quantize(x))
     raise ValueError(f"unknown kv_dtype {kv_dtype!r}")
 
 
