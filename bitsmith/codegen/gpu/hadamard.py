@@ -14,9 +14,9 @@ SHARED_BYTES = 48 * 1024  # static shared memory of one block on every CUDA_ARCH
 
 
 def block_threads(n: int) -> int:
-    """Threads per row: n itself up to 256 (a butterfly stage's n values, one each), else 256 (each thread
-    takes n / 256 of them, strided)."""
-    return n if n <= MAX_THREADS else MAX_THREADS
+    """Threads per row: the largest divisor of n up to 256, so that every thread takes the same number of a
+    stage's values (a remainder would put a barrier under a condition, which TVM refuses)."""
+    return max(t for t in range(1, min(n, MAX_THREADS) + 1) if n % t == 0)
 
 
 def schedule_hadamard(func: Any, row_axes: int, stages: list[str]) -> Any:
