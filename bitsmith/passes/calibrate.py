@@ -30,10 +30,18 @@ def layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+# constants every layer reads (rotation_sites: the online Hadamard factors `rotation.hadamard<m>`) go to segment -1:
+# in segment L every node after the first online rotation followed them there, and layer weights then crossed
+# segments as env values, so a changed (quantized) weight never reached the later segments
+SHARED_WEIGHT_PREFIXES = ("rotation.",)
+
+
 def _weight_layer(name: str, num_layers: int) -> int:
     index = layer_index(name)
     if index is not None:
         return index
+    if name.startswith(SHARED_WEIGHT_PREFIXES):
+        return -1
     return num_layers  # final norm / lm_head last (embeddings: see layer_of_nodes)
 
 
