@@ -1,18 +1,26 @@
-"""Quantization quality: RTN/GPTQ/AWQ x int8/int4/int3 on real models, with llm-compressor's GPTQ side by side.
+"""Quantization quality: RTN/GPTQ/AWQ/HQQ x rotation x scheme on real models, llm-compressor's (rotated) GPTQ beside.
 
-For each model every scheme is compiled with `bitsmith compile` (a subprocess, so its peak RSS and
-time are measured), then all artifacts are scored on the same windows by `bitsmith eval`'s code
-against the unquantized model: perplexity, mean/p99 KL divergence, top-1 agreement, bytes.
-Calibration text comes from a part of the file disjoint from the scored tokens (stated in the table).
+For each model every row is compiled with `bitsmith compile` (a subprocess, so its peak RSS and time are
+measured), then scored by `bitsmith eval`'s code on the same windows against the unquantized model:
+perplexity, mean/p99 KL divergence, top-1 agreement, bytes. Calibration text comes from a part of the file
+disjoint from the scored tokens (stated in the table).
 
-    python bench/quality.py [--json] [--models tinystories,smollm2] [--methods rtn,gptq,awq] [--tokens N]
-                            [--peer-venv DIR]
+    python bench/quality.py [--json] [--models tinystories,smollm2] [--methods rtn,gptq,awq,hqq]
+                            [--rotations none,hadamard,learned] [--schemes "int4 per-channel,int3 g32"]
+                            [--kv-rows] [--act-rows] [--peer none,spinquant,spinquant-learned]
+                            [--reuse-json bench/quality.json] [--jobs 1] [--tokens N] [--peer-venv DIR]
 
-Writes bench/quality.md; --json also prints one JSON object. Both start with the host record
-(bench/hostinfo.py: CPU, flags, streaming read bandwidth), since compile seconds depend on it.
+The grid is methods x rotations x schemes; the default schemes are the issue's four (int4 per-channel, int4
+g32, int3 g32, int2 g32) under every rotation plus the earlier table's others (int8 per-channel, int4 g64, and
+int4 g128 on TinyStories) unrotated. --kv-rows adds 16-bit-weight and GPTQ int4 g32 rows with an int8 KV cache
+(unrotated) and an int4 one (every rotation); --act-rows scores the RTN/GPTQ int4 rows with int8 activations.
+A row whose compiler piece is missing (a flag or choice `bitsmith compile` lacks) is skipped with the reason.
+The JSON (--json-out, default bench/quality.json) is rewritten after every scored batch of rows (--score-batch,
+one reference pass per batch); --reuse-json takes rows measured with identical settings from an earlier one,
+so an interrupted grid resumes, and keeps the models of that file this run does not measure.
 
---smoke: TinyStories-656K, RTN int4 g32 only, 2048 scored tokens, no file written unless --out: checks
-that the bench still runs (tests/bench/test_bench_smoke.py).
+--smoke: TinyStories-656K, RTN int4 g32 only, 2048 scored tokens, no peer, no file written unless --out:
+checks that the bench still runs (tests/bench/test_bench_smoke.py).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -32,200 +40,242 @@ HERE = Path(__file__).resolve().parent
 # are still found, but bench/kernels.py no longer shadows the `kernels` package transformers imports
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 
-from hostinfo import host_info, host_line  # noqa: E402
-
-DATA = Path(os.environ.get("BITSMITH_DATA", HERE.parents[1] / "shared" / "data"))
-SEQLEN = 256  # tokens per calibration sample
-METHODS = ("rtn", "gptq", "awq")
-
-
-@dataclass(frozen=True)
-class BenchModel:
-    name: str
-    source: str  # model path; "default" is the built-in SmolLM2 GGUF
-    text: Path
-    ctx: int
-    calib_chars: tuple[int, int]  # slice of the same file used for calibration (disjoint from the scored part)
-    peer_group: int  # group size the peer comparison uses (must divide every in_features)
-    calib_samples: int  # x SEQLEN tokens: several times the widest in_features, so GPTQ's Hessian is well posed
+from hostinfo import host_info  # noqa: E402
+from quality_grid import (  # noqa: E402
+    DATA, MODELS, SEQLEN, RowSpec, compile_option_choices, grid, missing_piece, peer_grid, score_options,
+)
+from quality_peer import PEER_NAME, PeerRunner  # noqa: E402
+from quality_report import write_markdown  # noqa: E402
 
 
-MODELS = {
-    "tinystories": BenchModel("TinyStories-656K", str(DATA / "tinystories-656k"),
-                              DATA / "tinystories-valid-subset" / "tinystories_valid_head.txt", 256,
-                              (400_000, 794_375), 64, 64),
-    "smollm2": BenchModel("SmolLM2-135M", "default", DATA / "wikitext-2-raw-test" / "wiki.test.raw", 1024,
-                          (700_000, 1_290_590), 64, 32),
-}
-
-
-def schemes_for(model: str) -> list[tuple[str, int, int, bool]]:
-    """(label, bits, group, sym): int8 per channel, int4 g32/g64/g128 (per channel where 128 does not divide), int3 g32."""
-    g128 = ("int4 g128", 4, 128, True) if model == "tinystories" else ("int4 per-channel", 4, -1, True)
-    return [("int8 per-channel", 8, -1, True), ("int4 g32", 4, 32, True), ("int4 g64", 4, 64, True), g128,
-            ("int3 g32", 3, 32, True)]
-
-
-def compile_one(source: str, out: Path, method: str, bits: int, group: int, sym: bool, calib: Path,
-                samples: int) -> dict:
-    """Run `bitsmith compile` in a subprocess; returns wall seconds and peak RSS (MiB)."""
+def compile_one(source: str, out: Path, spec: RowSpec, calib: Path, samples: int) -> dict:
+    """Run `bitsmith compile` in a subprocess; returns wall seconds and peak RSS (MiB), or {"error": ...}."""
+    quant = [] if spec.method == "none" else [
+        "--method", spec.method, "--bits", str(spec.bits), "--group", str(spec.group),
+        "--sym" if spec.sym else "--asym", "--no-keep-default"]
+    extra = (["--rotate", spec.rotation] if spec.rotation != "none" else []) + (
+        ["--kv-dtype", spec.kv] if spec.kv != "auto" else [])
     cmd = [sys.executable, "-m", "bitsmith.cli", "compile", *([] if source == "default" else [source]),
-           "-o", str(out), "--method", method, "--bits", str(bits), "--group", str(group),
-           "--sym" if sym else "--asym", "--no-keep-default", "--calib", str(calib), "--target", "none",
+           "-o", str(out), *quant, *extra, "--calib", str(calib), "--target", "none",
            "--calib-samples", str(samples), "--calib-seqlen", str(SEQLEN), "--gate", "none"]
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = proc.stderr.read()  # read before waiting: a full pipe would block the child
     _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise SystemExit(f"compile failed: {' '.join(cmd)}\n{err[-2000:]}")
+    if os.waitstatus_to_exitcode(status):
+        print(f"compile failed: {' '.join(cmd)}\n{err[-2000:]}", file=sys.stderr, flush=True)
+        lines = [line for line in err.strip().splitlines() if line.strip()]
+        return {"error": f"compile failed: {lines[-1][-400:] if lines else 'no output'}"}
     return {"seconds": round(time.time() - t0, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024)}
 
 
-def gguf_as_hf_dir(gguf: Path, out: Path) -> Path:
-    """An HF Llama directory (fp32 safetensors + config.json from ../shared/data) with the GGUF's weights."""
-    import shutil
-
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    from bitsmith.compiler.frontends.gguf import load_gguf
-
-    out.mkdir(parents=True)
-    ckpt = load_gguf(gguf)
-    save_file({f"model.{k}" if k != "lm_head.weight" else k: np.ascontiguousarray(v, dtype=np.float32)
-               for k, v in ckpt.weights.items()}, str(out / "model.safetensors"))
-    for name in ("config.json", "tokenizer.json"):  # llm-compressor builds its processor from the tokenizer
-        shutil.copy(DATA / "smollm2-135m-instruct-q4_1" / name, out / name)
-    # without tokenizer_config.json transformers asks the hub which tokenizer class to use
-    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
-    return out
+def settings_of(model_report: dict) -> tuple:
+    """What must be equal for a row of an earlier JSON to stand in for one of this run."""
+    return tuple(model_report.get(k) for k in ("model", "text", "ctx", "tokens", "bos", "calibration"))
 
 
-def peer_row(model: BenchModel, source_path: Path, tokenizer, calib_ids, windows, venv: Path, group: int) -> dict:
-    """llm-compressor GPTQ int4 sym on the same calibration samples and windows (its own venv)."""
-    python = venv / "bin" / "python"
-    if not python.exists():
-        return {"error": f"peer venv {venv} missing: run bench/peers/setup_llmcompressor.sh {venv}"}
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = source_path
-        if source_path.suffix == ".gguf":  # the peer needs an HF directory: write our dequantized weights as one
-            hf_dir = gguf_as_hf_dir(source_path, Path(tmp) / "hf")
-        job = Path(tmp) / "job.json"
-        job.write_text(json.dumps({"model": str(hf_dir), "calib": calib_ids.tolist(), "eval_windows": windows,
-                                   "bits": 4, "group": group, "sym": True, "ignore": ["lm_head"]}))
-        proc = subprocess.run([str(python), str(HERE / "peers" / "llmcompressor_gptq.py"), str(job)],
-                              capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if proc.returncode:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+class Reuse:
+    """Rows and peer rows of an earlier JSON, by model key, usable when the settings match."""
+
+    def __init__(self, path: Path | None):
+        self.report = json.loads(path.read_text()) if path and path.exists() else {}
+
+    def rows(self, key: str, settings: tuple) -> tuple[dict, dict]:
+        old = self.report.get(key)
+        if not isinstance(old, dict) or settings_of(old) != settings:
+            return {}, {}
+        rows = {RowSpec.key_of(r): r for r in old.get("rows", ()) if "ppl" in r}
+        peers = {(p["rotation"], p["scheme"]): p for p in old.get("peer_rows", ()) if "ppl" in p}
+        return rows, peers
 
 
-def bench_model(key: str, tokens: int, venv: Path, work: Path, methods: tuple[str, ...] = METHODS,
-                smoke: bool = False) -> dict:
-    from bitsmith.compiler.calibration_data import CalibrationOptions, calibration_samples
-    from bitsmith.tools.evaluate import evaluate_many, windows_of
-    from bitsmith.runtime.artifact import load_artifact
+def score(paths: list[Path], specs: list[RowSpec], text: str, tokens: int, ctx: int, source_path: Path) -> list[dict]:
+    """Scores of artifacts on the reference executor, one reference pass for all of them that share scoring options."""
+    from bitsmith.tools.evaluate import evaluate_many
 
-    model = MODELS[key]
-    text = model.text.read_text(encoding="utf-8")
-    calib = work / f"{key}-calib.txt"
-    calib.write_text(text[slice(*model.calib_chars)])
-    if model.source == "default":
+    results: list[dict | None] = [None] * len(paths)
+    by_options: dict[tuple, list[int]] = {}
+    for i, spec in enumerate(specs):
+        by_options.setdefault(tuple(sorted(score_options(spec).items())), []).append(i)
+    for options, indices in by_options.items():
+        # --target none artifacts have no kernels: they are scored on the numpy reference executor
+        res = evaluate_many([paths[i] for i in indices], text, tokens, ctx, reference=source_path,
+                            executor="reference", **dict(options))
+        for i, r in zip(indices, res):
+            results[i] = {"ref_ppl": r.ref_ppl, "tokens": r.tokens,
+                          **{k: getattr(r, k) for k in ("ppl", "kld_mean", "kld_p99", "top1_agree")}}
+    return results
+
+
+class ModelBench:
+    """One model's grid: compile in batches, score each batch against one reference pass, report after each."""
+
+    def __init__(self, key: str, tokens: int, work: Path, args, reused: Reuse, on_update):
         from bitsmith.compiler.default_model import default_model_path
 
-        source_path = default_model_path()
-    else:
-        source_path = Path(model.source)
-    rows, paths = [], []
-    configs = [(m, *s) for m in methods for s in schemes_for(key) if not smoke or s[0] == "int4 g32"]
-    if key == "smollm2" and "rtn" in methods and not smoke:  # sanity: asym int4 g32 reproduces the Q4_1 grid exactly (see the model's README)
-        configs.append(("rtn", "int4 g32 asym (sanity)", 4, 32, False))
-    for method, label, bits, group, sym in configs:
-        out = work / f"{key}-{method}-{bits}-{group}-{'s' if sym else 'a'}"
-        print(f"[{key}] compile {method} {label}", file=sys.stderr, flush=True)
-        info = compile_one(str(source_path), out, method, bits, group, sym, calib, model.calib_samples)
-        rows.append({"method": method, "scheme": label, "weight_bytes": load_artifact(out).manifest["weights"]["bytes"],
-                     **info})
-        paths.append(out)
-    print(f"[{key}] scoring {len(paths)} artifacts", file=sys.stderr, flush=True)
-    # the artifacts are compiled with --target none (no kernels: quality only), so they are scored on the
-    # numpy reference executor, which since 1a350c9 must be asked for
-    results = evaluate_many(paths, text, tokens, model.ctx, reference=source_path, executor="reference")
-    for row, res in zip(rows, results):
-        row.update({k: getattr(res, k) for k in ("ppl", "kld_mean", "kld_p99", "top1_agree")})
-    ref_ppl, scored = results[0].ref_ppl, results[0].tokens
-    # The peer: same model, calibration samples, windows and scheme (GPTQ int4 sym, group peer_group).
-    tokenizer = load_artifact(paths[0]).tokenizer()
-    bos = tokenizer.bos_token_id if tokenizer.add_bos else None
-    calib_ids = calibration_samples(tokenizer.encode(calib.read_text(), add_bos=False),
-                                    CalibrationOptions(str(calib), model.calib_samples, SEQLEN), bos)
-    windows = windows_of(tokenizer.encode(text, add_bos=False)[:tokens], model.ctx, bos)
-    ours = next((r for r in rows if r["method"] == "gptq" and r["scheme"] == f"int4 g{model.peer_group}"), None)
-    if ours is None:
-        peer, ours = {"error": "not run (it is compared with our GPTQ, which --methods left out)"}, {"ppl": None}
-    else:
-        print(f"[{key}] peer llm-compressor", file=sys.stderr, flush=True)
+        self.key, self.model, self.tokens, self.work, self.args = key, MODELS[key], tokens, work, args
+        self.text = self.model.text.read_text(encoding="utf-8")
+        self.calib = work / f"{key}-calib.txt"
+        self.calib.write_text(self.text[slice(*self.model.calib_chars)])
+        self.source_path = default_model_path() if self.model.source == "default" else Path(self.model.source)
+        self.on_update = on_update
+        self.reused = reused
+        self.report: dict = {}
+
+    def artifact(self, spec: RowSpec) -> tuple[Path, dict]:
+        """The compiled artifact of a row (compiled once; rows differing only in scoring share it)."""
+        out = self.work / f"{self.key}-{spec.artifact_name}"
+        done = out / "compile.json"
+        if done.exists():
+            return out, json.loads(done.read_text())
+        print(f"[{self.key}] compile {spec.label}", file=sys.stderr, flush=True)
+        info = compile_one(str(self.source_path), out, spec, self.calib, self.model.calib_samples)
+        if "error" not in info:
+            from bitsmith.runtime.artifact import load_artifact
+
+            info["weight_bytes"] = load_artifact(out).manifest["weights"]["bytes"]
+            done.write_text(json.dumps(info))
+        return out, info
+
+    def header(self) -> dict:
+        """Tokenizer-derived settings (an unquantized compile gives the tokenizer) and the calibration ids/windows."""
+        from bitsmith.compiler.calibration_data import CalibrationOptions, calibration_samples
+        from bitsmith.runtime.artifact import load_artifact
+        from bitsmith.tools.evaluate import windows_of
+
+        base, info = self.artifact(RowSpec("none", "none", "16-bit", 16, -1, True))
+        if "error" in info:
+            raise SystemExit(f"[{self.key}] the unquantized compile failed: {info['error']}")
+        tokenizer = load_artifact(base).tokenizer()
+        bos = tokenizer.bos_token_id if tokenizer.add_bos else None
+        self.calib_ids = calibration_samples(tokenizer.encode(self.calib.read_text(), add_bos=False),
+                                             CalibrationOptions(str(self.calib), self.model.calib_samples, SEQLEN),
+                                             bos)
+        self.windows = windows_of(tokenizer.encode(self.text, add_bos=False)[:self.tokens], self.model.ctx, bos)
+        return {"model": self.model.name, "text": self.model.text.name, "ctx": self.model.ctx,
+                "tokens": len(self.windows) * (self.model.ctx if bos is not None else self.model.ctx - 1),
+                "bos": bos is not None,
+                "calibration": f"{self.model.calib_samples} x {SEQLEN} tokens from chars "
+                               f"{self.model.calib_chars[0]}-{self.model.calib_chars[1]} of the same file"}
+
+    def run(self) -> dict:
+        # filled in place: the caller's report holds this dict and writes it after every batch
+        self.report.update({**self.header(), "ref_ppl": None, "rows": [], "peer_rows": [], "peer_name": PEER_NAME})
+        old_rows, old_peers = self.reused.rows(self.key, settings_of(self.report))
+        specs = grid(self.key, self.args)
+        pending = []
+        for spec in specs:
+            if spec.key in old_rows:
+                self._add(spec, old_rows[spec.key])
+            elif (why := missing_piece(spec, compile_option_choices())) is not None:
+                self._add(spec, {"skipped": why})
+            else:
+                pending.append(spec)
+        self.on_update()
+        batch = max(1, self.args.score_batch)
+        for start in range(0, len(pending), batch):
+            self._run_batch(pending[start:start + batch])
+            self.on_update()
+        self._run_peers(old_peers)
+        return self.report
+
+    def _add(self, spec: RowSpec, result: dict) -> None:
+        if result.get("ref_ppl") is not None:
+            self.report["ref_ppl"] = result["ref_ppl"]
+        row = {**spec.json(), **{k: v for k, v in result.items() if k not in spec.json()}}
+        self.report["rows"] = [r for r in self.report["rows"] if RowSpec.key_of(r) != spec.key] + [row]
+        self.report["rows"].sort(key=lambda r: RowSpec.order_of(r, self.key))
+
+    def _run_batch(self, specs: list[RowSpec]) -> None:
+        with ThreadPoolExecutor(max_workers=max(1, self.args.jobs)) as pool:
+            built = list(pool.map(self.artifact, specs))
+        ok = [(s, p, i) for s, (p, i) in zip(specs, built) if "error" not in i]
+        for spec, (_, info) in zip(specs, built):
+            if "error" in info:
+                self._add(spec, info)
+        if not ok:
+            return
+        print(f"[{self.key}] scoring {len(ok)} artifacts", file=sys.stderr, flush=True)
+        scores = score([p for _, p, _ in ok], [s for s, _, _ in ok], self.text, self.tokens, self.model.ctx,
+                       self.source_path)
+        for (spec, _, info), result in zip(ok, scores):
+            self._add(spec, {**info, **result})
+
+    def _run_peers(self, old_peers: dict) -> None:
+        settings = peer_grid(self.key, self.args)
+        if not settings:
+            return
+        runner = PeerRunner(self.source_path, self.args.peer_venv, DATA, self.calib_ids, self.windows)
         try:
-            peer = peer_row(model, source_path, tokenizer, calib_ids, windows, venv, model.peer_group)
-        except Exception as exc:  # the peer is best effort: report why it did not run, keep our numbers
-            peer = {"error": f"{type(exc).__name__}: {exc}"}
-    return {"model": model.name, "text": model.text.name, "ctx": model.ctx, "tokens": scored, "bos": bos is not None,
-            "calibration": f"{model.calib_samples} x {SEQLEN} tokens from chars {model.calib_chars[0]}-{model.calib_chars[1]} "
-                           "of the same file", "ref_ppl": ref_ppl, "rows": rows,
-            "peer": {"name": "llm-compressor 0.14 GPTQModifier (CPU)", "scheme": f"int4 sym g{model.peer_group}",
-                     **peer, "ours_ppl": ours["ppl"]}}
+            for rotation, label, bits, group, sym in settings:
+                result = old_peers.get((rotation, label))
+                if result is None:
+                    print(f"[{self.key}] peer llm-compressor {rotation} {label}", file=sys.stderr, flush=True)
+                    result = runner.row(rotation, bits, group, sym)
+                self.report["peer_rows"].append({"rotation": rotation, "scheme": label, **result})
+                self.on_update()
+        finally:
+            runner.close()
 
 
-def write_markdown(report: dict, path: Path, host: dict) -> None:
-    lines = ["# Quantization quality", "",
-             "`python bench/quality.py --json` (2-core CPU; reference executor). Δppl relative to the unquantized model.",
-             "Every linear weight is quantized (`--no-keep-default`); the tied embedding / lm_head stays 16-bit.", "",
-             f"- {host_line(host)}", ""]
-    for key, r in report.items():
-        lines += [f"## {r['model']}: {r['tokens']:,} tokens of `{r['text']}`, ctx {r['ctx']}, "
-                  f"BOS {'prepended' if r['bos'] else 'not used'}; reference PPL {r['ref_ppl']:.3f}", "",
-                  f"Calibration: {r['calibration']}.", "",
-                  "| method | scheme | PPL | Δppl | mean KLD | p99 KLD | top-1 agree | weight MiB | compile s | peak RSS MiB |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for row in r["rows"]:
-            lines.append(f"| {row['method']} | {row['scheme']} | {row['ppl']:.3f} | {row['ppl'] - r['ref_ppl']:+.3f} | "
-                         f"{row['kld_mean']:.4f} | {row['kld_p99']:.4f} | {row['top1_agree']:.4f} | "
-                         f"{row['weight_bytes'] / 2**20:.2f} | {row['seconds']} | {row['peak_rss_mib']} |")
-        p = r["peer"]
-        peer_ppl = f"{p['ppl']:.3f}" if "ppl" in p else f"not run ({p.get('error')})"
-        ours = "" if p["ours_ppl"] is None else f"; bitsmith GPTQ PPL {p['ours_ppl']:.3f}"
-        lines += ["", f"Peer, same model/calibration/windows, {p['scheme']}: {p['name']} PPL {peer_ppl}{ours}.", ""]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the JSON report at the end")
     parser.add_argument("--models", default="tinystories,smollm2")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of rtn,gptq,awq")
+    parser.add_argument("--methods", default="rtn,gptq,awq,hqq", help="comma-separated subset of rtn,gptq,awq,hqq")
+    parser.add_argument("--rotations", default="none,hadamard,learned", help="subset of none,hadamard,learned")
+    parser.add_argument("--schemes", default="default",
+                        help="comma-separated labels (int8 per-channel, int4 per-channel, int4 g32/g64/g128, "
+                             "int3 g32, int2 g32); default: the issue's four rotated, the earlier others unrotated")
+    parser.add_argument("--kv-rows", action="store_true", help="int8-KV (unrotated) and int4-KV (each rotation) rows")
+    parser.add_argument("--act-rows", action="store_true", help="RTN/GPTQ int4 rows scored with int8 activations")
+    parser.add_argument("--peer", default="none,spinquant,spinquant-learned",
+                        help="peer rotations (none,spinquant,spinquant-learned,quip; '' for no peer rows)")
+    parser.add_argument("--peer-schemes", default="int4 per-channel,int3 g32,int4 g32")
     parser.add_argument("--tokens", type=int, default=32768, help="scored tokens per model")
     parser.add_argument("--smollm2-tokens", type=int, default=None, help="override --tokens for SmolLM2 only")
+    parser.add_argument("--jobs", type=int, default=1, help="compiles run at once (each GPTQ wants the 2 cores)")
+    parser.add_argument("--score-batch", type=int, default=6,
+                        help="artifacts scored against one reference pass (and held in memory) at a time")
+    parser.add_argument("--reuse-json", type=Path, default=None, help="take rows with identical settings from it")
+    parser.add_argument("--json-out", type=Path, default=None, help="JSON rewritten as rows land "
+                        "(default bench/quality.json; none in --smoke)")
     parser.add_argument("--peer-venv", type=Path,
                         default=Path(os.environ.get("BITSMITH_PEER_VENV", Path.home() / ".cache/bitsmith/peer-venv")))
     parser.add_argument("--out", type=Path, default=None, help="markdown to write (default bench/quality.md)")
     parser.add_argument("--smoke", action="store_true", help="TinyStories, RTN int4 g32, 2048 tokens, no file")
     args = parser.parse_args()
+    if args.smoke:
+        args.models, args.methods, args.rotations, args.schemes, args.tokens = "tinystories", "rtn", "none", \
+            "int4 g32", 2048
+        args.peer, args.kv_rows, args.act_rows = "", False, False
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"error: {DATA} not found (real models and text live in ../shared/data)")
-    if args.smoke:
-        args.models, args.methods, args.tokens = "tinystories", "rtn", 2048
+    reused = Reuse(args.reuse_json)
     with tempfile.TemporaryDirectory(prefix="bitsmith-quality-") as tmp:
         out = args.out or (Path(tmp) / "quality.md" if args.smoke else HERE / "quality.md")
+        json_out = args.json_out or (None if args.smoke else HERE / "quality.json")
         host = host_info(gib=0.25 if args.smoke else 1.0, rounds=2 if args.smoke else 5)
-        report = {}
-        for key in args.models.split(","):
+        keys = args.models.split(",")
+        # models of the reused file this run does not measure stay in the report
+        report = {k: v for k, v in reused.report.items() if k in MODELS and k not in keys}
+
+        def update() -> None:
+            if json_out is not None:
+                json_out.write_text(json.dumps({"host": host, **report}, indent=1) + "\n")
+            write_markdown(report, out, host)
+
+        for key in keys:
             tokens = args.smollm2_tokens if key == "smollm2" and args.smollm2_tokens else args.tokens
-            report[key] = bench_model(key, tokens, args.peer_venv, Path(tmp), tuple(args.methods.split(",")),
-                                      args.smoke)
-            write_markdown(report, out, host)  # after each model, so a later failure loses nothing
-        write_markdown(report, out, host)
+            bench = ModelBench(key, tokens, Path(tmp), args, reused, update)
+            report[key] = bench.report
+            bench.run()
+            update()
         if args.json:
             print(json.dumps({"host": host, **report}))
         else:
