@@ -206,7 +206,7 @@ def _lower_node(st: _Lowering, index: int, node: Node) -> None:
         tables = ("buffer", "ring_tables", (rows, plan.ring_blocks)) if ring else \
             ("buffer", "block_tables", (rows, plan.max_blocks))
         st.cache_values.add(node.outputs[1])
-        scales = [("kv_scales", layer)] if kv_dtype == "int8" else []
+        scales = [("kv_scales", layer)] if kv_dtype in ("int8", "int4") else []
         st.emit(spec, [st.arg(ins[0]), st.arg(ins[1]), st.arg(ins[2]), st.arg(ins[3]),
                        tables, ("cache", layer), *scales,
                        st.define(out)], out)

@@ -13,6 +13,7 @@ from bitsmith.runtime.artifact import Artifact
 from bitsmith.runtime.step_runner import StepRunner, bind_calls, constant_arrays, kernel_plan, pool_shape, used_weights
 from bitsmith.runtime.interleave import kernel_weight
 from bitsmith.runtime.kernel_dtypes import kernel_array
+from bitsmith.runtime.kv_layout import pool_storage
 from bitsmith.runtime.schedule import Schedule
 
 # A step on the GPU, host <-> device traffic only at its two ends:
@@ -162,12 +163,12 @@ class CudaKernelRunner(DeviceKernelRunner):
 
 def _device_pools(kv: dict[str, Any], dev: Any) -> tuple[list[Any], list[Any | None]]:
     """Per layer the block pool [num_blocks, 2, block_size, kv_heads, head_dim] in the layer's KV
-    dtype, and fp32 scales [num_blocks, 2, block_size, kv_heads] for int8 layers. Not zeroed: a slot
-    is always written before any row reads it."""
+    dtype, and fp32 scales [num_blocks, 2, block_size, kv_heads] for int8 layers (int4: runtime/kv_layout.py).
+    Not zeroed: a slot is always written before any row reads it."""
     import tvm  # heavy: TVM
 
-    shapes = [pool_shape(kv, layer) for layer in range(len(kv["layer_dtypes"]))]  # (ring layers' are smaller)
-    pools = [tvm.runtime.empty(shape, dtype, dev) for shape, dtype in zip(shapes, kv["layer_dtypes"])]
-    scales = [tvm.runtime.empty(shape[:4], "float32", dev) if dtype == "int8" else None
-              for shape, dtype in zip(shapes, kv["layer_dtypes"])]
+    layouts = [pool_storage(kv_dtype, pool_shape(kv, layer))  # (ring layers' are smaller)
+               for layer, kv_dtype in enumerate(kv["layer_dtypes"])]
+    pools = [tvm.runtime.empty(shape, dtype, dev) for shape, dtype, _ in layouts]
+    scales = [tvm.runtime.empty(scales_shape, "float32", dev) if scales_shape else None for _, _, scales_shape in layouts]
     return pools, scales

@@ -14,6 +14,7 @@ from bitsmith.runtime.arena import aligned_bytes, round_up, view
 from bitsmith.runtime.artifact import Artifact
 from bitsmith.runtime.interleave import X16, kernel_weight, kernel_weight_layout
 from bitsmith.runtime.kernel_dtypes import kernel_array
+from bitsmith.runtime.kv_layout import pool_storage
 from bitsmith.runtime.schedule import KernelPlan, Schedule
 from bitsmith.runtime.step_runner import StepRunner, bind_calls, constant_arrays, kernel_plan, pool_shape, used_weights
 
@@ -135,14 +136,15 @@ class KernelRunner(StepRunner):
 
 def _allocate_pools(kv: dict[str, Any]) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
     """Per layer: the block pool [num_blocks, 2, block_size, kv_heads, head_dim] of the layer's KV dtype
-    and, for int8 layers, fp32 scales [num_blocks, 2, block_size, kv_heads]."""
+    and, for int8 layers, fp32 scales [num_blocks, 2, block_size, kv_heads] (int4: a uint8 pool of head_dim / 2
+    bytes and scales [..., kv_heads, 2], see runtime/kv_layout.py)."""
     pools, scales = [], []
-    for layer, dtype in enumerate(kv["layer_dtypes"]):
-        shape = pool_shape(kv, layer)
+    for layer, kv_dtype in enumerate(kv["layer_dtypes"]):
+        shape, dtype, scales_shape = pool_storage(kv_dtype, pool_shape(kv, layer))
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         pools.append(view(aligned_bytes(nbytes, huge_pages=nbytes >= (8 << 20)), 0, shape, dtype))
-        scales.append(view(aligned_bytes(4 * int(np.prod(shape[:4]))), 0, shape[:4], "float32")
-                      if dtype == "int8" else None)
+        scales.append(view(aligned_bytes(4 * int(np.prod(scales_shape))), 0, scales_shape, "float32")
+                      if scales_shape else None)
     return pools, scales
 
 

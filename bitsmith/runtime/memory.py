@@ -9,6 +9,7 @@ import numpy as np
 from bitsmith.runtime.arena import round_up
 from bitsmith.runtime.artifact import Artifact
 from bitsmith.runtime.interleave import kernel_weight_layout
+from bitsmith.runtime.kv_layout import pool_bytes, token_bytes
 from bitsmith.runtime.step_runner import constant_arrays, kernel_plan, pool_shape, used_weights
 
 # The process before any weight: Python, numpy, the TVM runtime (tvm_ffi also imports torch where it is
@@ -45,10 +46,7 @@ def serving_memory(artifact: Artifact, runtime: int = RUNTIME_BASE_BYTES) -> dic
     constants = sum(a.nbytes for a in constant_arrays(plan).values())
     kv = 0
     for layer, dtype in enumerate(plan.kv["layer_dtypes"]):  # (a windowed layer's ring pool is smaller)
-        shape = pool_shape(plan.kv, layer)
-        kv += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        if dtype == "int8":  # fp32 scales per (block, k/v, slot, head)
-            kv += 4 * int(np.prod(shape[:4], dtype=np.int64))
+        kv += pool_bytes(dtype, pool_shape(plan.kv, layer))  # (int8/int4: with their fp32 scales)
     loaded = runtime + weights + workspace + constants
     return {"runtime": runtime, "weights": weights, "workspace": workspace + constants, "kv_cache": kv,
             "loaded": loaded, "full": loaded + kv}
@@ -57,7 +55,7 @@ def serving_memory(artifact: Artifact, runtime: int = RUNTIME_BASE_BYTES) -> dic
 def decode_traffic(artifact: Artifact) -> dict[str, int] | None:
     """Bytes one decode step (one sequence, the 1-row schedule) reads, by part, or None without kernels: every
     weight a kernel reads once (an embedding gather reads one row of its table), and the KV cache bytes per
-    position already cached (keys + values of every layer, int8 with its fp32 scales), which grow with the context.
+    position already cached (keys + values of every layer, int8/int4 with their fp32 scales), which grow with the context.
     A decode step on a CPU streams these from memory, so bandwidth / bytes is its speed ceiling."""
     plan = kernel_plan(artifact)
     if plan is None:
@@ -76,7 +74,6 @@ def decode_traffic(artifact: Artifact) -> dict[str, int] | None:
         table += 0 if name in full else int(np.prod(stored[name].shape, dtype=np.int64))
     kv = 0
     for dtype in plan.kv["layer_dtypes"]:
-        per_position = 2 * plan.kv["kv_heads"] * plan.kv["head_dim"] * np.dtype(dtype).itemsize
-        kv += per_position + (2 * plan.kv["kv_heads"] * 4 if dtype == "int8" else 0)
+        kv += token_bytes(dtype, int(plan.kv["kv_heads"]), int(plan.kv["head_dim"]))
     # gathered_elements: entries of tables only gathered from (untied embeddings): parameters that cost no FLOPs
     return {"weights": weights, "kv_per_position": kv, "gathered_elements": table}

@@ -15,7 +15,7 @@ from typing import Any
 #
 # Each call names a kernel symbol in kernels/<target>.so and its arguments, inputs first and
 # outputs last: ("buffer", name, shape) | ("weight", name) | ("cache", layer) | ("kv_scales", layer)
-# | ("const", name). ("cache", l) is layer l's block pool, ("kv_scales", l) its int8 scales.
+# | ("const", name). ("cache", l) is layer l's block pool, ("kv_scales", l) its int8/int4 scales.
 # A buffer is a typed region (offset, shape, dtype) of the arena; a call sees it with its own
 # shape (same bytes: a norm sees [rows, dim] what SwiGLU sees as [rows * dim]).
 
