@@ -46,7 +46,8 @@ def constant_arrays(plan: KernelPlan) -> dict[str, np.ndarray]:
 
 def pool_shape(kv: dict[str, Any], layer: int | None = None) -> tuple[int, int, int, int, int]:
     """A layer's block pool: [blocks, 2 (keys, values), block_size, kv_heads, head_dim], as logical elements
-    (runtime/kv_layout.py `pool_storage`: how each KV dtype stores it, int8/int4 with fp32 scales). blocks: num_blocks, or for a windowed layer with a ring (passes/kv_plan.py)
+    (runtime/kv_layout.py `pool_storage`: how each KV dtype stores it, int8/int4 with fp32 scales).
+    blocks: num_blocks, or for a windowed layer with a ring (passes/kv_plan.py)
     ring_slots x ring_blocks. layer None: the shape of a global layer's pool."""
     ring = int(kv.get("ring_blocks", 0))
     windows = kv.get("layer_windows") or ()
