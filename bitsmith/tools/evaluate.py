@@ -113,9 +113,9 @@ def _reference_model(artifact: Artifact, reference: str | Path | None, always: b
     """The 16-bit model of the same source (or `reference`); None when the artifact is itself unquantized
     and `always` is false."""
     meta = artifact.manifest["ir"].get("meta", {})
-    int8_kv = "int8" in (meta.get("kv_plan") or {}).get("layer_dtypes", ())
+    quantized_kv = bool({"int8", "int4"} & set((meta.get("kv_plan") or {}).get("layer_dtypes", ())))
     if reference is None:
-        if not always and not meta.get("precision_plan") and not int8_kv:
+        if not always and not meta.get("precision_plan") and not quantized_kv:
             return None
         reference = artifact.manifest["provenance"]["source"].get("path")
         if not reference or not Path(reference).exists():

@@ -23,11 +23,11 @@ def reference_cache() -> Path:
 
 def is_quantized(artifact: Artifact) -> bool:
     """Does the artifact differ from its source by more than storage dtype: quantized weights (its own or imported
-    codes) or an int8 KV cache?"""
+    codes) or an int8/int4 KV cache?"""
     meta = artifact.manifest["ir"].get("meta", {})
     plan = meta.get("precision_plan") or {}
-    int8_kv = "int8" in (meta.get("kv_plan") or {}).get("layer_dtypes", ())
-    return int8_kv or any(v is not None for v in plan.values())
+    quantized_kv = bool({"int8", "int4"} & set((meta.get("kv_plan") or {}).get("layer_dtypes", ())))
+    return quantized_kv or any(v is not None for v in plan.values())
 
 
 def _compile_settings(artifact: Artifact) -> dict:
