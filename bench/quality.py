@@ -55,6 +55,10 @@ def compile_one(source: str, out: Path, spec: RowSpec, calib: Path, samples: int
         "--sym" if spec.sym else "--asym", "--no-keep-default"]
     extra = (["--rotate", spec.rotation] if spec.rotation != "none" else []) + (
         ["--kv-dtype", spec.kv] if spec.kv != "auto" else [])
+    if source == "default" or source.endswith(".gguf"):
+        # the built-in SmolLM2 is a Q4_1 GGUF whose codes an import keeps: every row starts from its dequantized
+        # weights instead (as the reference does), and a rotation needs them anyway
+        extra.append("--requantize")
     cmd = [sys.executable, "-m", "bitsmith.cli", "compile", *([] if source == "default" else [source]),
            "-o", str(out), *quant, *extra, "--calib", str(calib), "--target", "none",
            "--calib-samples", str(samples), "--calib-seqlen", str(SEQLEN), "--gate", "none"]
