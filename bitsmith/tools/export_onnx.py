@@ -136,7 +136,7 @@ class _Translator:
         self.kv_dtype = "float16" if kv_dtypes == {"float16"} else "float32"
         if kv_dtypes - {"float16", "float32"}:
             self.report.notes.append(f"the artifact's {sorted(kv_dtypes)} KV cache is emulated per token in float32 "
-                                     "(int8 codes times their scale), stored float32")
+                                     "(int8 codes times their scale, int4 min + code * step), stored float32")
         for node in self.fn["nodes"]:
             self._node(node)
         logits = self.values[self.fn["outputs"][0]]

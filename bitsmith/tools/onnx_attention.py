@@ -112,6 +112,16 @@ def _kv_store(g: GraphBuilder, t: str, kv_dtype: str, io_dtype: str) -> str:
         codes = g.node("Clip", [g.node("Round", [g.node("Div", [t, scale])]), g.const(np.float32(-127), None),
                                 g.const(np.float32(127), None)])
         return g.node("Mul", [codes, scale])
+    if kv_dtype == "int4":  # per (token, head): step = (max - min) / 15 (1 when 0), codes of (x - min) in [0, 15]
+        axis = g.const(np.array([-1]), None)
+        low = g.node("ReduceMin", [t, axis], keepdims=1)
+        step = g.node("Div", [g.node("Sub", [g.node("ReduceMax", [t, axis], keepdims=1), low]),
+                              g.const(np.float32(15), None)])
+        step = g.node("Where", [g.node("Greater", [step, g.const(np.float32(0), None)]), step,
+                                g.const(np.float32(1), None)])
+        codes = g.node("Clip", [g.node("Round", [g.node("Div", [g.node("Sub", [t, low]), step])]),
+                                g.const(np.float32(0), None), g.const(np.float32(15), None)])
+        return g.node("Add", [low, g.node("Mul", [codes, step])])
     return t
 
 

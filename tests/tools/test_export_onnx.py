@@ -316,3 +316,16 @@ def test_traced_families_export(family, tmp_path):
     prompt = [1, 5, 17, 33, 9, 60, 2, 41]
     _assert_logits(ref.prefill(prompt), got.prefill(prompt))
     _assert_logits(ref.decode(7), got.decode(7))
+
+
+def test_int4_kv_is_emulated_as_the_reference_rounds_it(tiny_artifact, tmp_path):
+    """An int4-KV artifact: the export stores float32 KV rounded per token as kv_storage_round's int4 (step and
+    minimum per head), so onnxruntime's logits follow the reference executor's through decode steps."""
+    path = tiny_artifact(_options(kv_dtype="int4"))
+    report = _export(path, tmp_path / "onnx")
+    assert any("int4 min + code * step" in note for note in report.notes)
+    ref, ort_session = reference_session(load_artifact(path)), OnnxSession(tmp_path / "onnx")
+    prompt = [1, 5, 17, 33, 9, 60, 2, 41]
+    _assert_logits(ref.prefill(prompt), ort_session.prefill(prompt))
+    for token in (7, 80, 3):
+        _assert_logits(ref.decode(token), ort_session.decode(token))
