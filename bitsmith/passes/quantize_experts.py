@@ -8,6 +8,7 @@ from bitsmith.compiler.ir import Function
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.base import PassContext, QuantizedInfo
 from bitsmith.passes.quant.gptq import HessianAccumulator, gptq_factor, quantize_gptq
+from bitsmith.passes.quant.hqq import quantize_calibration_free
 from bitsmith.passes.quant.packing import pack
 from bitsmith.passes.quant.rtn import quantize_rtn
 from bitsmith.runtime.quant_scheme import QuantizedWeight, QuantScheme, dequantize
@@ -34,9 +35,11 @@ def refuse_awq(names: list[str], plan: dict[str, QuantScheme]) -> None:
 
 def quantize_experts_rtn(ctx: PassContext, name: str, scheme: QuantScheme, names: tuple[str, str, str],
                          standin: bool = False) -> None:
-    """RTN of every expert slice of `name`, stored by store_experts (`names`: qweight, scales, zeros)."""
+    """RTN (or HQQ, by the scheme) of every expert slice of `name`, stored by store_experts (`names`: qweight,
+    scales, zeros)."""
     experts = ctx.weights.shape(name)[0]
-    slices = [quantize_rtn(np.asarray(ctx.weights[name][e], dtype=np.float32), scheme) for e in range(experts)]
+    slices = [quantize_calibration_free(np.asarray(ctx.weights[name][e], dtype=np.float32), scheme)
+              for e in range(experts)]
     store_experts(ctx, name, slices, scheme, names, standin)
 
 

@@ -30,10 +30,10 @@ from bitsmith.passes.manager import Pass
 from bitsmith.passes.quant.awq import quantize_awq, search_awq_scales
 from bitsmith.passes.quant.gptq import HessianAccumulator, gptq_factor, quantize_gptq
 from bitsmith.passes.quant.packing import pack
-from bitsmith.passes.quant.rtn import quantize_rtn
+from bitsmith.passes.quant.hqq import quantize_calibration_free
 from bitsmith.passes.quantize_experts import (ExpertHessians, gptq_experts, is_stacked, quantize_experts_rtn,
                                               refuse_awq)
-from bitsmith.runtime.quant_scheme import QuantizedWeight, QuantScheme, dequantize
+from bitsmith.runtime.quant_scheme import CALIBRATION_FREE_METHODS, QuantizedWeight, QuantScheme, dequantize
 from bitsmith.passes.rewrite import producers
 from bitsmith.runtime.packed_layout import packed_shape, unpack
 
@@ -138,7 +138,7 @@ class QuantizeWeights(Pass):
     """Writes each quantized weight's packed parts (packed_names) into ctx.weights and its scheme into
     ctx.quantized; the float weight is dropped once its layer is done (pack_weights rewrites the IR).
     GPTQ/AWQ: while a layer is being calibrated its dequantized values stand in for the float weight,
-    so later layers calibrate on what the artifact computes. RTN streams each weight in row chunks."""
+    so later layers calibrate on what the artifact computes. RTN and HQQ stream each weight in row chunks."""
 
     damp: float = 0.01
     act_order: bool = True
@@ -159,17 +159,20 @@ class QuantizeWeights(Pass):
 
     def _quantize(self, module: Module, ctx: PassContext, plan: dict[str, QuantScheme]) -> Module:
         experts = [name for name in plan if is_stacked(ctx, name)]  # [E, out, in]: RTN per expert slice
-        if all(s.method == "rtn" for s in plan.values()):
+        if all(s.method in CALIBRATION_FREE_METHODS for s in plan.values()):  # RTN/HQQ: no calibration pass
+            methods = "/".join(sorted({s.method for s in plan.values()}))
             with ThreadPoolExecutor(RTN_THREADS) as pool:
-                for name, scheme in tqdm(plan.items(), desc="quantizing (rtn)", leave=False, disable=len(plan) < 16):
+                for name, scheme in tqdm(plan.items(), desc=f"quantizing ({methods})", leave=False,
+                                         disable=len(plan) < 16):
                     if name in experts:
                         quantize_experts_rtn(ctx, name, scheme, packed_names(name))
                     else:
                         quantize_rtn_streamed(ctx, name, scheme, pool)
             return module
         refuse_awq(experts, plan)
-        for name in [n for n in experts if plan[n].method == "rtn"]:  # dequantized stand-ins while the layers
-            quantize_experts_rtn(ctx, name, plan.pop(name), packed_names(name), standin=True)  # calibrate
+        # RTN/HQQ experts first: their dequantized stand-ins serve while the layers calibrate
+        for name in [n for n in experts if plan[n].method in CALIBRATION_FREE_METHODS]:
+            quantize_experts_rtn(ctx, name, plan.pop(name), packed_names(name), standin=True)
         if not plan:
             for name in experts:
                 del ctx.weights[name]
@@ -230,8 +233,8 @@ class QuantizeWeights(Pass):
                     qw = quantize_gptq(w, None, scheme, factor=factor)
                 elif scheme.method == "awq":
                     qw = quantize_awq(w, stats.sample(value), scheme, awq_scales[weight])
-                else:
-                    qw = quantize_rtn(w, scheme)
+                else:  # rtn, hqq
+                    qw = quantize_calibration_free(w, scheme)
                 del w
                 if not np.isfinite(qw.scales.astype(np.float32)).all():
                     raise BitsmithError("quantization produced non-finite scales", where=f"pass {self.name}, "
@@ -312,14 +315,14 @@ def _row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
 
 
 def quantize_rtn_streamed(ctx: PassContext, name: str, scheme: QuantScheme, pool: ThreadPoolExecutor | None) -> None:
-    """RTN of one weight a chunk of rows at a time (RTN treats rows independently): read, quantize, pack and
-    write each chunk, so memory holds a few chunks, never the whole weight in fp32; drops the float weight."""
+    """RTN or HQQ of one weight a chunk of rows at a time (both treat rows independently): read, quantize, pack
+    and write each chunk, so memory holds a few chunks, never the whole weight in fp32; drops the float weight."""
     out, cols = ctx.weights.shape(name)
     qname, sname, zname = packed_names(name)
     where = f"pass quantize_weights, weight {name}"
 
     def work(span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        qw = quantize_rtn(ctx.weights.read_rows(name, *span), scheme)
+        qw = quantize_calibration_free(ctx.weights.read_rows(name, *span), scheme)
         if not np.isfinite(qw.scales.astype(np.float32)).all():
             raise BitsmithError("quantization produced non-finite scales", where=where,
                                 fix="check the weight for inf/nan values")

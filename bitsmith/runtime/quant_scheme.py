@@ -35,7 +35,8 @@ from bitsmith.errors import BitsmithError
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUP_SIZES = (16, 32, 64, 128, -1)
-QUANTIZER_METHODS = ("rtn", "gptq", "awq")  # what bitsmith quantizes with
+QUANTIZER_METHODS = ("rtn", "gptq", "awq", "hqq")  # what bitsmith quantizes with (hqq: no calibration data)
+CALIBRATION_FREE_METHODS = ("rtn", "hqq")  # quantize from the weights alone (streamed, no calibration pass)
 SUPPORTED_METHODS = (*QUANTIZER_METHODS, "imported")  # imported: codes taken as they are from a quantized source
 SUPER_GROUP = 256  # columns per K-quant super-group
 PER_CHANNEL = -1
@@ -47,7 +48,7 @@ option := "g" SIZE      group size, SIZE in 16 32 64 128     (default g128)
         | "pc"          per-output-channel (one group per row)
         | "sym" | "asym" | "min"                               (default sym; min: w = s*q + m)
         | "s256"        scales (and mins) as int8 codes x fp16 per 256 columns (K-quants)
-        | "rtn" | "gptq" | "awq" | "imported"                  (default rtn)
+        | "rtn" | "gptq" | "awq" | "hqq" | "imported"          (default rtn)
 each kind of option at most once, in any order; e.g. "int4", "int4-g32-asym", "int3-pc-gptq",
 "int4-g32-min-s256-imported" (GGUF Q4_K)."""
 
