@@ -43,7 +43,8 @@ from bitsmith.tools.package import package as package_bundle
                    "pass wrote weights, a plan or kernel schedules (NN-PASS.weights.txt, .kv_plan.json, ...).")
 @click.option("--print-passes", is_flag=True, help="Print the pass list these options give, by phase, and exit.")
 @click.option("--method", type=click.Choice(QUANTIZER_METHODS), default=None,
-              help="Quantize the linear weights with this method (default: no quantization).")
+              help="Quantize the linear weights with this method (default: no quantization); rtn and hqq need "
+                   "no calibration text (hqq: half-quadratic group scales/zeros, slower than rtn, closer).")
 @click.option("--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default="4", show_default=True,
               help="Bits per quantized weight.")
 @click.option("--group", "group_size", type=click.Choice([str(g) for g in SUPPORTED_GROUP_SIZES]), default="128",
