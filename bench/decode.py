@@ -20,6 +20,13 @@ the KV cache at the mean position) over the streaming read bandwidth measured at
 
 --smoke: TinyStories-656K from $BITSMITH_DATA, int4 only, 8 tokens, one round, no file written: checks
 that every path runs (tests/bench/test_bench_smoke.py). Without --smoke, writes bench/decode.md.
+
+--rotation: the online rotation's cost instead (no peer): int4 g32 RTN compiled twice, `--rotate none` and
+`--rotate hadamard` (--requantize, so a GGUF source is dequantized the same way for both), both loaded, their
+decode runs interleaved (A B A B ...); medians, their ratio, and the decode step's kernels that the rotation
+changes timed alone (silu*up and RoPE unrotated, their fused Hadamard versions rotated: microseconds per
+token). With --activations float32 and int8 (auto). Replaces the "## Online rotation cost" section of
+bench/decode.md (or --out), the rest of the file kept.
 """
 
 from __future__ import annotations
@@ -108,6 +115,97 @@ class Ours:
         pools = session.runner.pools
         kv_bytes = len(pools) * pools[0][0].nbytes / session.runner.block_size * (len(self.prompt) + self.tokens // 2)
         return weight_bytes + kv_bytes
+
+
+ROTATION_FLAGS = ["--method", "rtn", "--bits", "4", "--group", "32", "--requantize"]
+ROTATION_HEADING = "## Online rotation cost"
+ROTATED_KERNELS = ("silu_mul", "rope_", "hadamard")  # kernel name prefixes/parts the rotation adds or fuses into
+
+
+def changed_kernels_us(ours: Ours, repeats: int = 200) -> tuple[float, int]:
+    """(microseconds per decode step, calls) of the step's silu*up / RoPE / Hadamard kernels, each called alone
+    `repeats` times on the step's own buffers (they only read activations: calling them again changes nothing)."""
+    step = ours.session.runner.steps[0]
+    picked = [(func, args) for call, (func, args) in zip(step.schedule.calls, step.calls)
+              if any(part in call.kernel for part in ROTATED_KERNELS)]
+    best = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            for func, args in picked:
+                func(*args)
+        best = min(best, (time.perf_counter() - t0) / repeats)
+    return best * 1e6, len(picked)
+
+
+def rotation_cost(model: Path | None, tokens: int, rounds: int, activations: str, work: Path) -> dict[str, Any]:
+    """int4 g32 RTN unrotated vs --rotate hadamard: interleaved decode rounds, medians, ratio, changed kernels."""
+    sessions, compile_s = {}, {}
+    for rotate in ("none", "hadamard"):
+        out = work / f"int4-{activations}-{rotate}"
+        compile_s[rotate] = compile_artifact(model, out, ROTATION_FLAGS + ["--activations", activations,
+                                                                           "--rotate", rotate])
+        sessions[rotate] = Ours(out, tokens)
+    for ours in sessions.values():
+        ours.run()  # warm
+    runs: dict[str, list[float]] = {rotate: [] for rotate in sessions}
+    for _ in range(rounds):
+        for rotate, ours in sessions.items():
+            runs[rotate].append(ours.run())
+    kernels = {rotate: changed_kernels_us(ours) for rotate, ours in sessions.items()}
+    plain, rotated = median(runs["none"]), median(runs["hadamard"])
+    return {"activations": activations, "none_tok_s": round(plain, 1), "hadamard_tok_s": round(rotated, 1),
+            "ratio": round(rotated / plain, 3), "none_rounds": [round(v, 1) for v in runs["none"]],
+            "hadamard_rounds": [round(v, 1) for v in runs["hadamard"]],
+            "none_kernels_us": round(kernels["none"][0], 1), "none_kernel_calls": kernels["none"][1],
+            "hadamard_kernels_us": round(kernels["hadamard"][0], 1), "hadamard_kernel_calls": kernels["hadamard"][1],
+            "compile_s": {k: round(v, 1) for k, v in compile_s.items()}}
+
+
+def rotation_section(name: str, args: argparse.Namespace, host: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    lines = [ROTATION_HEADING, "",
+             f"`python bench/decode.py --rotation{'' if args.model is None else ' --model ' + str(args.model)}` "
+             f"({name}; int4 g32 RTN, every linear, `--requantize`; {args.tokens} greedy tokens, {args.rounds} rounds "
+             "of one unrotated and one rotated run, both loaded; medians). The rotated artifact adds an online "
+             "Hadamard before each down_proj (fused into the silu*up kernel) and on q and k after RoPE (fused into "
+             "the RoPE kernel); the last columns time those kernels of one decode step alone.", "",
+             f"- {host_line(host)}", "",
+             "| activations | unrotated tok/s | rotated tok/s | rotated / unrotated | silu*up + RoPE us/token "
+             "(calls) | fused Hadamard versions us/token (calls) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['activations']} | {r['none_tok_s']} | {r['hadamard_tok_s']} | {r['ratio']:.3f} | "
+                     f"{r['none_kernels_us']} ({r['none_kernel_calls']}) | "
+                     f"{r['hadamard_kernels_us']} ({r['hadamard_kernel_calls']}) |")
+    return "\n".join(lines) + "\n"
+
+
+def replace_section(path: Path, heading: str, section: str) -> None:
+    """`path` with the section under `heading` (up to the next "## " heading) replaced, or appended."""
+    text = path.read_text() if path.exists() else ""
+    start = text.find(heading + "\n")
+    if start < 0:
+        path.write_text(text.rstrip("\n") + "\n\n" + section)
+        return
+    end = text.find("\n## ", start + len(heading))
+    rest = "" if end < 0 else text[end + 1:]
+    path.write_text(text[:start] + section + ("\n" + rest if rest else ""))
+
+
+def main_rotation(args: argparse.Namespace) -> None:
+    host = host_info(gib=1.0, rounds=5)
+    print(host_line(host), file=sys.stderr, flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for activations in args.activations.split(","):
+            rows.append(rotation_cost(args.model, args.tokens, args.rounds, activations, Path(tmp)))
+            print(f"[{activations}] {rows[-1]}", file=sys.stderr, flush=True)
+    name = args.model.name if args.model else "SmolLM2-135M-Instruct"
+    section = rotation_section(name, args, host, rows)
+    replace_section(args.out or HERE / "decode.md", ROTATION_HEADING, section)
+    print(section)
+    if args.json:
+        print(json.dumps({"host": host, "tokens": args.tokens, "rounds": args.rounds, "model": name, "rotation": rows}))
 
 
 def peer_gguf(kind: str, model: Path | None, work: Path) -> Path:
@@ -227,7 +325,13 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="an HF directory (default: SmolLM2-135M GGUF)")
     parser.add_argument("--smoke", action="store_true", help="TinyStories-656K, int4, 8 tokens, 1 round, no file")
     parser.add_argument("--out", type=Path, default=None, help="markdown file to write (default bench/decode.md)")
+    parser.add_argument("--rotation", action="store_true", help="the online rotation's cost: int4 unrotated vs "
+                        "--rotate hadamard, interleaved (no peer)")
+    parser.add_argument("--activations", default="float32,auto", help="--rotation: the activation modes to run")
     args = parser.parse_args()
+    if args.rotation:
+        os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+        return main_rotation(args)
     if args.smoke:
         args.model = args.model or DATA / "tinystories-656k"
         args.tokens, args.rounds, args.configs = 8, 1, "int4"
