@@ -56,7 +56,7 @@ def test_pass_tags_attention_and_the_reference_stores_rounded_kv():
     config = RANDOM_CONFIGS["gqa"]
     module, weights = random_model(config)
     logits = {}
-    for kind in ("float32", "float16", "int8"):
+    for kind in ("float32", "float16", "int8", "int4"):
         ctx = PassContext(dict(weights))
         planned = PlanKVCache(KVPlanOptions(None, 64, 1, kind)).run(module, ctx)
         kinds = {n.attrs["kv_dtype"] for fn in planned.functions.values() for n in fn.nodes if n.op == "attention"}
@@ -68,7 +68,8 @@ def test_pass_tags_attention_and_the_reference_stores_rounded_kv():
     assert np.array_equal(logits["float32"][:6], untagged)
     err16 = np.abs(logits["float16"] - logits["float32"]).max()
     err8 = np.abs(logits["int8"] - logits["float32"]).max()
-    assert 0 < err16 < 1e-2 and err16 < err8 < 0.2 * np.abs(logits["float32"]).max()
+    err4 = np.abs(logits["int4"] - logits["float32"]).max()
+    assert 0 < err16 < 1e-2 and err16 < err8 < err4 < 0.5 * np.abs(logits["float32"]).max()
 
 
 def test_windowed_layers_get_rings_bounded_by_the_window():
@@ -117,3 +118,30 @@ def test_steps_longer_than_the_ring_allows_are_refused():
 
     with pytest.raises(BitsmithError, match="overrun the windowed layers' ring.*chunk_rows=64"):
         LowerToKernels().run(Module(), PassContext({}))
+
+
+def test_a_budget_too_tight_for_int8_picks_int4_with_16_bit_edges():
+    """SmolLM2 shape: int8 needs 28 x 2 x 3 x (64 + 4) bytes a token for its middle layers, int4 28 x 2 x 3 x
+    (32 + 8); a budget between the two whole caches falls through float16 and int8 to int4."""
+    def cache(kind):
+        return plan_kv_cache(KVPlanOptions(None, 2048, 4, kind), 30, 3, 64, 0, 0).bytes
+    budget = 100 * MiB + (cache("int8") + cache("int4")) // 2
+    plan = plan_kv_cache(KVPlanOptions(budget, 2048, 4), 30, 3, 64, 100 * MiB, 0)
+    assert plan.layer_dtypes[0] == plan.layer_dtypes[-1] == "float16" and set(plan.layer_dtypes[1:-1]) == {"int4"}
+    assert plan.num_blocks >= 4 * 128 and plan.bytes <= budget - 100 * MiB
+    per_token = 28 * 2 * 3 * (32 + 8) + 2 * 2 * 3 * 64 * 2
+    assert cache("int4") == 4 * 2048 * per_token and plan.to_json()["layer_bytes"][1] == plan.num_blocks * 16 * 2 * 3 * 40
+    explicit = plan_kv_cache(KVPlanOptions(None, 64, 1, "int4"), 2, 2, 16, 0, 0)
+    assert explicit.layer_dtypes == ("int4", "int4")  # two layers: no edges kept (as int8)
+
+
+def test_int4_refusals_name_what_fits():
+    with pytest.raises(BitsmithError, match="head_dim 15 is odd.*--kv-dtype int8"):
+        plan_kv_cache(KVPlanOptions(None, 64, 1, "int4"), 4, 2, 15, 0, 0)
+    with pytest.raises(BitsmithError) as odd:  # auto never offers int4 for an odd head_dim
+        plan_kv_cache(KVPlanOptions(MiB + 1000, 64, 1), 4, 2, 15, MiB, 0)
+    assert "int8 KV" in str(odd.value) and "int4" not in str(odd.value)
+    with pytest.raises(BitsmithError) as info:
+        plan_kv_cache(KVPlanOptions(200 * MiB, 2048, 64), 30, 3, 64, 100 * MiB, 2 * MiB)
+    text = str(info.value)
+    assert "--concurrency 3 with int8 KV" in text and "with int4 KV" in text and "MiB with int4 KV)" in text
