@@ -84,11 +84,12 @@ from bitsmith.tools.package import package as package_bundle
               help="Longest sequence (prompt + output) [default: the model's maximum, at most 2048].")
 @click.option("--memory", default=None, metavar="SIZE",
               help="Total memory budget (weights + KV cache + workspace), e.g. 2GB or 300MiB; the KV plan "
-                   "fits the cache into it (int8 KV when 16-bit does not fit) or says what would fit.")
+                   "fits the cache into it (int8 KV when 16-bit does not fit, then int4) or says what would fit.")
 @click.option("--concurrency", default=4, show_default=True, type=click.IntRange(min=1),
               help="Sequences served at once, each up to --context tokens (sizes the KV block pool).")
 @click.option("--kv-dtype", type=click.Choice(KV_DTYPE_CHOICES), default="auto",
-              show_default=True, help="KV-cache storage; auto: float16 unless --memory needs int8.")
+              show_default=True, help="KV-cache storage; auto: float16 unless --memory needs int8, then int4 "
+                   "(4-bit codes with a step and a minimum per token and head).")
 @click.option("--block-size", type=click.Choice([str(b) for b in BLOCK_SIZES]), default="16", show_default=True,
               help="Tokens per KV-cache block (the paging and prefix-caching unit).")
 @click.option("--activations", type=click.Choice(ACTIVATIONS), default="float32", show_default=True,

@@ -13,7 +13,7 @@ from bitsmith.compiler.calibration_data import CalibrationOptions
 from bitsmith.passes.kv_plan import KV_DTYPES
 from bitsmith.runtime.quant_scheme import QuantScheme
 
-KV_DTYPE_CHOICES = ("auto", *KV_DTYPES)  # auto: float16 unless the budget needs int8
+KV_DTYPE_CHOICES = ("auto", *KV_DTYPES)  # auto: float16 unless the budget needs int8, then int4
 TARGETS = (*SUPPORTED_TARGETS, "cuda", "none")  # none: the reference executor only
 ACTIVATIONS = ("float32", "int8", "auto")  # inputs of the quantized GEMVs
 
@@ -47,7 +47,7 @@ class MemoryOptions:
     context: int | None = None  # longest sequence (None: min(model max, 2048))
     budget: str | None = None  # total memory, e.g. "2GB": weights + KV cache + workspace
     concurrency: int = 4  # sequences served at once, each up to `context` tokens
-    kv_dtype: str = "auto"  # auto | float16 | int8 | float32 (auto: float16 unless the budget needs int8)
+    kv_dtype: str = "auto"  # auto | float16 | int8 | int4 | float32 (auto: float16, int8, then int4 as the budget needs)
     block_size: int = 16
     device: str = ""  # --device: the profile the budget came from, e.g. "raspberry-pi-4 (4.0 GiB RAM, ...)"
 
