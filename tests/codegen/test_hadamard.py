@@ -19,7 +19,7 @@ from bitsmith.codegen.gpu.cuda_build import fatbin_archs
 from bitsmith.codegen.gpu.hadamard import SHARED_BYTES, shared_bytes
 from bitsmith.codegen.hadamard import HadamardSpec, RopeHadamardSpec
 from bitsmith.codegen.kernel import build_module, call_kernel
-from bitsmith.codegen.target import cuda_target, host_target
+from bitsmith.codegen.target import cross_target, cuda_target, host_target
 from bitsmith.compiler.ops import OPS
 from bitsmith.compiler.ops.llm import rope_inv_freq
 from bitsmith.errors import BitsmithError
@@ -130,6 +130,13 @@ def test_bad_descriptions_are_refused():
         HadamardSpec(1, 96, 3, "int8")
     with pytest.raises(BitsmithError, match="rotary_dim 65"):
         RopeHadamardSpec(1, 2, 64, 65)
+
+
+def test_kernels_compile_for_aarch64():
+    """The CPU schedule cross-compiles (NEON vectors of 4 floats; linking is tests/codegen/test_cross_link.py's)."""
+    module = build_module([HadamardSpec(1, 1536, 12, gate="silu"), RopeHadamardSpec(4, 3, 64, 64), HadamardSpec(2, 9, 9)],
+                          cross_target("aarch64-linux"))
+    assert module is not None
 
 
 # --------------------------------------------------------------------------------- GPU
