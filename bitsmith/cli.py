@@ -18,6 +18,8 @@ from bitsmith.tools.gate import DEFAULT_GATE, format_attempts, format_size, pars
 from bitsmith.passes.cast_weights import STORAGE_DTYPES
 from bitsmith.passes.kv_plan import BLOCK_SIZES, parse_bytes
 from bitsmith.runtime.quant_scheme import QUANTIZER_METHODS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from bitsmith.search.rotation import ROTATE_CHOICES as SEARCH_ROTATIONS
+from bitsmith.search.sensitivity import DEFAULT_METHODS as SEARCH_DEFAULT_METHODS
 from bitsmith.devices import device_names, device_profile, for_device
 from bitsmith.tools.describe import describe, format_summary
 from bitsmith.tools.fit import check_fit, format_fit
@@ -166,6 +168,7 @@ def compile(model: Path | None, output: Path | None, dtype: str | None, tokenize
 
         keep, planned = plan_to_overrides(plan_path)
         method, no_keep_default, overrides = "rtn", True, list(planned)
+        rotate, rotate_seed, requantize = _plan_rotation(plan_path, rotate, rotate_seed, requantize)
     options = CompileOptions(
         dtype=dtype, tokenizer=str(tokenizer) if tokenizer else None, verify=verify,
         dump_ir=str(dump_ir) if dump_ir else None,
@@ -197,6 +200,19 @@ def compile(model: Path | None, output: Path | None, dtype: str | None, tokenize
         record_pareto(plan_path, out)
     click.echo(f"wrote {out}: {format_size(out)}")
     click.echo(format_attempts(gate) if gate else "gate: none")
+
+
+def _plan_rotation(plan_path: Path, rotate: str, seed: int, requantize: bool) -> tuple[str, int, bool]:
+    """compile --plan: the rotation the plan was searched under (--rotate none takes it; another is refused), and
+    --requantize when it rotates (rotation rewrites weights, so pre-quantized codes are quantized again)."""
+    from bitsmith.search.run import plan_rotation  # heavy: TVM
+
+    kind, plan_seed = plan_rotation(plan_path)
+    if rotate != "none" and (rotate, seed) != (kind, plan_seed):
+        raise BitsmithError(f"--rotate {rotate} --rotate-seed {seed} contradicts the plan {plan_path}, searched with "
+                            f"rotation {kind} (seed {plan_seed})", where="compile --plan",
+                            fix=f"drop --rotate (the plan's rotation is applied), or search again with --rotate {rotate}")
+    return kind, plan_seed, requantize or kind != "none"
 
 
 @main.command()
@@ -271,11 +287,19 @@ def package(artifact: Path, output: Path, target: str | None, offline: bool, dev
 @click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration text (default: built-in).")
 @click.option("--measure", default=8, show_default=True, type=click.IntRange(min=0),
               help="Pareto plans whose KLD is measured, not only predicted.")
+@click.option("--rotate", type=click.Choice(SEARCH_ROTATIONS), default="none", show_default=True,
+              help="Search the model rotated (compile --rotate hadamard: sensitivities measured on the rotated model); "
+                   "auto: search it unrotated and rotated and keep the plan with the lower measured KLD. The plan "
+                   "records the rotation and `compile --plan` applies it.")
+@click.option("--rotate-seed", default=0, show_default=True, type=int, help="Seed of the randomized Hadamard signs.")
+@click.option("--methods", default=",".join(SEARCH_DEFAULT_METHODS), show_default=True, metavar="M1,M2",
+              help="Quantizers a tensor may get (calibration-free: rtn, hqq); each adds its variant of every "
+                   "candidate scheme (int4-g32-hqq: same bytes and kernels, HQQ's scales and zeros).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="plan.json to write.")
 @friendly_errors
 def search(model: Path | None, memory: str | None, device: str | None, context: int, batch: int, latency: str | None,
            target: str, keep: tuple[str, ...], no_keep_default: bool, calib: Path | None, measure: int,
-           output: Path) -> None:
+           rotate: str, rotate_seed: int, methods: str, output: Path) -> None:
     """Search per-tensor bit widths for MODEL under a memory (and latency) budget.
 
     \b
@@ -298,7 +322,9 @@ def search(model: Path | None, memory: str | None, device: str | None, context: 
         raise click.UsageError("give one of --memory SIZE or --device NAME")
     budget = parse_bytes(memory) if memory is not None else device_profile(device).model_budget
     opts = SearchOptions(memory=budget, context=context, batch=batch, latency=seconds, keep=keep,
-                         keep_default=not no_keep_default, calib=str(calib) if calib else None, measure=measure)
+                         keep_default=not no_keep_default, calib=str(calib) if calib else None, measure=measure,
+                         rotate=rotate, rotate_seed=rotate_seed,
+                         methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
     _log(f"search {model or '<default: SmolLM2-135M-Instruct>'} options={opts}")
     report = run_search(model, opts, output, log=_log)
     click.echo(format_pareto(report))

@@ -1,4 +1,4 @@
-"""Experts in the search: a stacked tensor's per-slice RTN round trip, its cost (all experts stored, top_k read per
+"""Experts in the search: a stacked tensor's per-slice RTN/HQQ round trip, its cost (all experts stored, top_k read per
 token), and one search unit per MoE block (its gate_up and down share a scheme, as the qmoe kernel reads them)."""
 
 from __future__ import annotations
@@ -12,11 +12,17 @@ from bitsmith.search.solver import Choice
 
 
 def roundtrip(w: np.ndarray, scheme: str) -> np.ndarray:
-    """RTN quantize + dequantize: [out, in] as one weight, [E, out, in] one expert slice at a time."""
+    """Quantize + dequantize by the scheme's method (RTN, or HQQ for `...-hqq`): [out, in] as one weight,
+    [E, out, in] one expert slice at a time."""
     s = parse_scheme(scheme)
+    quantize = quantize_rtn
+    if s.method == "hqq":
+        from bitsmith.passes.quant.hqq import quantize_hqq  # lands with --method hqq
+
+        quantize = quantize_hqq
     if w.ndim == 3:
-        return np.stack([dequantize(quantize_rtn(w[e], s)) for e in range(w.shape[0])])
-    return dequantize(quantize_rtn(w, s))
+        return np.stack([dequantize(quantize(w[e], s)) for e in range(w.shape[0])])
+    return dequantize(quantize(w, s))
 
 
 def active_experts(expert: ExpertWeight, frequency: list[float] | None, batch: int) -> float:

@@ -20,11 +20,12 @@ from bitsmith.passes.assign_precision import KEEP, AssignPrecision, linear_weigh
 from bitsmith.passes.canonicalize import canonical_model
 from bitsmith.passes.kv_plan import KVPlanOptions, plan_kv_cache
 from bitsmith.passes.plan_kv_cache import peak_activation_bytes
-from bitsmith.runtime.quant_scheme import parse_scheme
+from bitsmith.runtime.quant_scheme import QUANTIZER_METHODS, parse_scheme
 from bitsmith.search.cost import LatencyTable, tensor_bytes
 from bitsmith.passes.expert_usage import measure_usage
 from bitsmith.search.experts import active_experts, expand, expert_choice, roundtrip, tie, units
-from bitsmith.search.sensitivity import CANDIDATES, KEEP16, measure_sensitivity
+from bitsmith.search.rotation import rotate_model, rotation_kinds
+from bitsmith.search.sensitivity import DEFAULT_METHODS, KEEP16, candidates, measure_sensitivity
 from bitsmith.search.solver import Choice, minimum_bytes, solve
 
 PLAN_FORMAT = "bitsmith-plan"
@@ -44,6 +45,10 @@ class SearchOptions:
     pareto_points: int = 10
     measure: int = 8  # Pareto plans whose KLD is measured (not only predicted)
     cache_dir: str | None = None
+    rotate: str = "none"  # none | hadamard | auto (both searched, the lower measured KLD kept)
+    rotate_seed: int = 0  # the randomized Hadamard's signs, as `compile --rotate-seed`
+    methods: tuple[str, ...] = DEFAULT_METHODS  # quantizers a tensor may get (candidates() per method)
+    bpw: float | None = None  # a second budget: bits per searched weight (bench/search.py: equal-bpw comparisons)
 
 
 @dataclass
@@ -69,18 +74,18 @@ def fixed_tensors(module, opts: SearchOptions) -> set[str]:
     return {name for name, s in plan.items() if s is KEEP}
 
 
-def build_search_model(model, opts: SearchOptions, sens, latency: LatencyTable,
-                       usage: dict[str, dict] | None = None) -> SearchModel:
-    """`usage`: measured expert usage per MoE block (measure_usage); without it experts are used uniformly."""
-    module = model.module
-    tensors = linear_weights(module)
+def build_search_model(module, weights, opts: SearchOptions, sens, latency: LatencyTable,
+                       usage: dict[str, dict] | None = None, tensors: list[str] | None = None) -> SearchModel:
+    """`usage`: measured expert usage per MoE block (measure_usage); without it experts are used uniformly.
+    `tensors`: the searched linear weights (default all); other weights count as fixed 16-bit bytes."""
+    tensors = linear_weights(module) if tensors is None else tensors
     fixed16 = fixed_tensors(module, opts)
-    shapes = {t: tuple(model.weights[t].shape) for t in tensors}
+    shapes = {t: tuple(weights[t].shape) for t in tensors}
     experts = expert_weights(module)  # stacked [E, out, in]: all E stored, top_k slices read per token
     options: dict[str, list[Choice]] = {}
     for t in tensors:
         out_f, in_f = shapes[t][-2:]
-        schemes = [KEEP16] if t in fixed16 else [KEEP16, *CANDIDATES]
+        schemes = [KEEP16] if t in fixed16 else [KEEP16, *candidates(opts.methods)]
         options[t] = [Choice(s, tensor_bytes(out_f, in_f, s), latency.seconds(out_f, in_f, s, opts.batch),
                              sens.kld[t][s] if t in sens.kld else 0.0) for s in schemes]
         if t in experts:  # one slice's GEMV (its rows of the batch), times the experts a step reads
@@ -90,7 +95,7 @@ def build_search_model(model, opts: SearchOptions, sens, latency: LatencyTable,
                           for c in options[t]]
     unit_map = units({t: experts[t] for t in tensors if t in experts})
     options = tie(options, unit_map)  # a block's gate_up and down take one scheme (the qmoe kernel reads both)
-    other = sum(2 * int(np.prod(w.shape)) for name, w in model.weights.items() if name not in shapes)
+    other = sum(2 * int(np.prod(w.shape)) for name, w in weights.items() if name not in shapes)
     cache_shape = module["decode"].inputs[2][1].shape
     kv = plan_kv_cache(KVPlanOptions(None, opts.context, opts.batch, "float16"), cache_shape[0], cache_shape[3],
                        cache_shape[4], 0, 0).bytes
@@ -136,26 +141,58 @@ def _calibration(model, opts: SearchOptions, seed: int) -> np.ndarray:
 
 def run_search(source: str | Path | None, opts: SearchOptions, out: Path,
                log: Callable[[str], None] | None = None, overhead_s: float | None = None) -> dict[str, Any]:
-    """Search, write `out` (the chosen plan), `out`.pareto.json and `out`.pareto.png; returns the report."""
+    """Search, write `out` (the chosen plan), `out`.pareto.json and `out`.pareto.png; returns the report.
+    --rotate auto searches the model unrotated and rotated and keeps the plan with the lower measured KLD."""
     t0 = time.time()
     cache = Path(opts.cache_dir) if opts.cache_dir else Path.home() / ".cache" / "bitsmith" / "search"
     model = canonical_model(load_model(source, log=log))
-    weights = upcast_weights(model.weights)
     samples = _calibration(model, opts, seed=0)
     held_out = _calibration(model, opts, seed=1)
-    fixed16 = fixed_tensors(model.module, opts)
-    tensors = [t for t in linear_weights(model.module) if t not in fixed16]  # fixed ones need no sensitivity
-    sens = measure_sensitivity(model.module, weights, samples, tensors, cache, model_hash(model.source), log)
+    reports, refused = [], {}
+    for kind in rotation_kinds(opts.rotate):
+        try:
+            reports.append(search_rotation(model, kind, opts, samples, held_out, cache, log, overhead_s))
+        except BitsmithError as exc:  # auto: a rotation that cannot meet the budget (its untied lm_head) loses
+            if opts.rotate != "auto" or kind == "hadamard" and not reports:
+                raise
+            refused[kind] = str(exc)
+    report = min(reports, key=lambda r: r["predicted"]["kld_meas"])
+    if opts.rotate == "auto":
+        report["rotation_choices"] = {r["rotation"]["kind"]: {k: r["predicted"][k] for k in ("bytes", "bpw", "kld_pred",
+                                                                                              "kld_meas")}
+                                      for r in reports} | {k: {"refused": why} for k, why in refused.items()}
+    report["model"] = str(source) if source else "default"
+    report["seconds"] = round(time.time() - t0, 1)
+    write_outputs(report, out)
+    return report
+
+
+def search_rotation(model, kind: str, opts: SearchOptions, samples: np.ndarray, held_out: np.ndarray, cache: Path,
+                    log: Callable[[str], None] | None = None, overhead_s: float | None = None) -> dict[str, Any]:
+    """One search of `model` rotated by `kind` (none | hadamard): sensitivities, latencies and KLDs are all the
+    rotated model's. The tensors searched are the unrotated model's linears (rotation unties a tied lm_head: the
+    new copy stays 16-bit, as the tied table does, and counts in the fixed bytes)."""
+    searched = linear_weights(model.module)
+    module, weights = rotate_model(model.module, upcast_weights(model.weights), kind, opts.rotate_seed)
+    created = [t for t in linear_weights(module) if t not in searched]
+    fixed16 = fixed_tensors(module, opts)
+    tensors = [t for t in searched if t not in fixed16]  # fixed ones need no sensitivity
+    tag = model_hash(model.source) + ("" if kind == "none" else f"-{kind}{opts.rotate_seed}")
+    sens = measure_sensitivity(module, weights, samples, tensors, cache, tag, log, candidates(opts.methods))
     latency = LatencyTable(cache)
-    usage = measure_usage(model.module, weights, samples) if expert_weights(model.module) else {}
-    sm = build_search_model(model, opts, sens, latency, usage)
+    usage = measure_usage(module, weights, samples) if expert_weights(module) else {}
+    sm = build_search_model(module, weights, opts, sens, latency, usage, searched)
     if overhead_s is None:  # non-GEMV work per step: lm_head (a dense GEMV), attention, norms, ... (estimated)
-        overhead_s = _overhead_estimate(model, opts, latency)
+        overhead_s = _overhead_estimate(module, weights, opts, latency)
     budget = opts.memory - sm.fixed_bytes
+    if opts.bpw is not None:
+        budget = min(budget, opts.bpw * sm.params / 8)
     max_s = None if opts.latency is None else opts.latency - overhead_s
     smallest = sm.fixed_bytes + minimum_bytes(sm.options)
     if budget < minimum_bytes(sm.options) or (max_s is not None and max_s <= 0):
-        raise BitsmithError(f"the budget {opts.memory / 2**20:.1f} MiB cannot hold the model (the smallest feasible "
+        raise BitsmithError(f"the budget {opts.memory / 2**20:.1f} MiB" + (f" at {opts.bpw} bits per searched weight"
+                                                                           if opts.bpw is not None else "") +
+                            f" cannot hold the{' rotated' if kind != 'none' else ''} model (the smallest feasible "
                             f"plan needs {smallest / 2**20:.1f} MiB: fixed weights + KV cache {sm.kv_bytes / 2**20:.1f} MiB "
                             f"+ workspace + every searched tensor at its smallest scheme)", where="search",
                             fix=f"use --memory {int(np.ceil(smallest / 2**20)) + 1}MiB or more, or a smaller --context/--batch")
@@ -164,23 +201,20 @@ def run_search(source: str | Path | None, opts: SearchOptions, out: Path,
         raise BitsmithError("no plan meets both the memory and the latency budget", where="search",
                             fix="raise --latency or --memory")
     pareto = pareto_front(sm, opts, max_s, overhead_s)
-    _measure(model.module, weights, pareto, held_out, opts.measure)
-    plan = expand({t: c.scheme for t, c in sorted(chosen.items())}, sm.units)
+    _measure(module, weights, pareto, held_out, opts.measure)
+    plan = expand({t: c.scheme for t, c in sorted(chosen.items())}, sm.units) | {t: KEEP16 for t in created}
     stats = plan_stats(sm, chosen, overhead_s)
-    stats["kld_meas"] = measured_kld(model.module, weights, plan, held_out)
-    report = {"format": PLAN_FORMAT, "version": 1, "model": str(source) if source else "default",
-              "model_hash": model_hash(model.source), "method": "rtn", "weights": plan,
-              "options": asdict(opts), "predicted": stats, "pareto": pareto, "spearman": _spearman(pareto),
-              "seconds": round(time.time() - t0, 1), "fixed_bytes": sm.fixed_bytes, "kv_bytes": sm.kv_bytes,
-              **({"expert_usage": usage} if usage else {})}
-    write_outputs(report, out)
-    return report
+    stats["kld_meas"] = measured_kld(module, weights, plan, held_out)
+    return {"format": PLAN_FORMAT, "version": 1, "model_hash": model_hash(model.source), "method": "rtn",
+            "rotation": {"kind": kind, "seed": opts.rotate_seed}, "methods": list(opts.methods), "weights": plan,
+            "options": asdict(opts), "predicted": stats, "pareto": pareto, "spearman": _spearman(pareto),
+            "fixed_bytes": sm.fixed_bytes, "kv_bytes": sm.kv_bytes, **({"expert_usage": usage} if usage else {})}
 
 
-def _overhead_estimate(model, opts: SearchOptions, latency: LatencyTable) -> float:
+def _overhead_estimate(module, weights, opts: SearchOptions, latency: LatencyTable) -> float:
     """The lm_head GEMV (measured, 16-bit) plus 15 us per layer for attention, norms, rope and SwiGLU."""
-    vocab, hidden = model.weights["embed_tokens.weight"].shape
-    layers = model.module["decode"].inputs[2][1].shape[0]
+    vocab, hidden = weights["embed_tokens.weight"].shape
+    layers = module["decode"].inputs[2][1].shape[0]
     return latency.seconds(vocab, hidden, KEEP16, opts.batch) + 15e-6 * layers
 
 
@@ -226,7 +260,13 @@ def format_pareto(report: dict) -> str:
     s = report["predicted"]
     lines.append(f"chosen: {s['bytes'] / 2**20:.2f} MiB, {s['bpw']:.2f} bits/weight, predicted "
                  f"{s['latency_pred_ms']:.3f} ms/token, KLD predicted {s['kld_pred']:.5f} measured {s['kld_meas']:.5f}; "
-                 f"Spearman(pred, meas) over the front: {report['spearman']}")
+                 f"Spearman(pred, meas) over the front: {report['spearman']}; rotation {report['rotation']['kind']}")
+    for kind, c in report.get("rotation_choices", {}).items():
+        if "refused" in c:
+            lines.append(f"  --rotate {kind}: {c['refused']}")
+            continue
+        lines.append(f"  --rotate {kind}: {c['bytes'] / 2**20:.2f} MiB, {c['bpw']:.2f} bits/weight, KLD measured "
+                     f"{c['kld_meas']:.5f}")
     return "\n".join(lines)
 
 
@@ -258,14 +298,32 @@ def write_outputs(report: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def plan_to_overrides(path: str | Path) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
-    """(keep patterns, scheme overrides) that make `compile` build exactly the plan in `path`."""
+def read_plan(path: str | Path) -> dict:
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise BitsmithError(f"cannot read the plan {path}: {exc}", where="--plan", fix="pass a plan from `bitsmith search`") from exc
     if data.get("format") != PLAN_FORMAT or not isinstance(data.get("weights"), dict):
         raise BitsmithError(f"{path} is not a bitsmith plan", where="--plan", fix="pass a plan from `bitsmith search`")
+    return data
+
+
+def plan_to_overrides(path: str | Path) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """(keep patterns, scheme overrides) that make `compile` build exactly the plan in `path`; a scheme without a
+    method (`int4-g32`) takes the plan's "method" (rtn), one with it (`int4-g32-hqq`) keeps its own."""
+    data = read_plan(path)
     keep = tuple(n for n, s in data["weights"].items() if s == KEEP16)
-    schemes = tuple((n, f"{s}-{data.get('method', 'rtn')}") for n, s in data["weights"].items() if s != KEEP16)
+    schemes = tuple((n, s if _names_method(s) else f"{s}-{data.get('method', 'rtn')}")
+                    for n, s in data["weights"].items() if s != KEEP16)
     return keep, schemes
+
+
+def plan_rotation(path: str | Path) -> tuple[str, int]:
+    """(kind, seed) of the rotation the plan was searched under: `compile --rotate KIND --rotate-seed SEED`
+    (plans from before rotation: none)."""
+    rotation = read_plan(path).get("rotation") or {}
+    return str(rotation.get("kind", "none")), int(rotation.get("seed", 0))
+
+
+def _names_method(scheme: str) -> bool:
+    return any(part in QUANTIZER_METHODS for part in scheme.split("-")[1:])

@@ -13,6 +13,8 @@ from tqdm import tqdm
 
 from bitsmith.compiler.ir import Module
 from bitsmith.compiler.reference import upcast_weights
+from bitsmith.errors import BitsmithError
+from bitsmith.runtime.quant_scheme import QUANTIZER_METHODS
 from bitsmith.passes.calibrate import initial_envs, linear_inputs, run_segment, split_by_layer
 from bitsmith.search.experts import roundtrip
 
@@ -26,15 +28,28 @@ from bitsmith.search.experts import roundtrip
 # cannot see (how much the rest of the network amplifies this tensor's error); the proxy carries
 # how the error shrinks with bits and group size. Plans are scored additively (sum over tensors);
 # `bench/search.py` reports the Spearman rank correlation of predicted vs measured plan KLD.
+# HQQ candidates (`int4-g32-hqq`, ...) are the same formats with other scales and zeros: the same bytes and kernels,
+# their own e_t(s) from HQQ's round trip, carried from the same (RTN) probe.
 
 PROBE = "int3-g32"
 CANDIDATES = ("int8-g128", "int4-g32", "int4-g64", "int4-g128", "int3-g32", "int2-g32")
 KEEP16 = "16"  # the 16-bit choice
+SEARCH_METHODS = ("rtn", "hqq")  # calibration-free: a tensor's round trip needs its weights alone
+DEFAULT_METHODS = ("rtn", "hqq") if "hqq" in QUANTIZER_METHODS else ("rtn",)  # hqq: once --method hqq is in the tree
+
+
+def candidates(methods: tuple[str, ...] = ("rtn",)) -> tuple[str, ...]:
+    """The searched schemes for these methods: CANDIDATES (RTN) and each again as `<scheme>-<method>`."""
+    unknown = [m for m in methods if m not in SEARCH_METHODS]
+    if unknown or not methods:
+        raise BitsmithError(f"the search cannot choose method(s) {unknown or methods}", where="search --methods",
+                            fix=f"use methods from {', '.join(SEARCH_METHODS)}")
+    return tuple(s if m == "rtn" else f"{s}-{m}" for m in methods for s in CANDIDATES)
 
 
 @dataclass
 class Sensitivity:
-    """kld[tensor][scheme] (scheme strings from CANDIDATES, plus "16" with 0)."""
+    """kld[tensor][scheme] (scheme strings from candidates(), plus "16" with 0)."""
 
     kld: dict[str, dict[str, float]]
     probe_kld: dict[str, float]
@@ -49,19 +64,22 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def cache_key(model_hash: str, samples: np.ndarray, tensors: list[str]) -> str:
+def cache_key(model_hash: str, samples: np.ndarray, tensors: list[str], schemes: tuple[str, ...] = CANDIDATES) -> str:
     digest = hashlib.sha256()
     digest.update(model_hash.encode())
     digest.update(np.ascontiguousarray(samples).tobytes())
-    digest.update(json.dumps([tensors, CANDIDATES, PROBE, 1]).encode())
+    # the RTN-only key is the one it was before the HQQ candidates (caches stay valid)
+    digest.update(json.dumps([tensors, CANDIDATES if schemes == CANDIDATES else schemes, PROBE, 1]).encode())
     return digest.hexdigest()[:24]
 
 
 def measure_sensitivity(module: Module, weights: dict[str, np.ndarray], samples: np.ndarray, tensors: list[str],
                         cache_dir: Path | None = None, model_hash: str = "",
-                        log: Callable[[str], None] | None = None) -> Sensitivity:
-    """Sensitivity of every tensor in `tensors` (linear weights) on calibration `samples` [S, T]."""
-    path = cache_dir / f"sensitivity-{cache_key(model_hash, samples, tensors)}.json" if cache_dir else None
+                        log: Callable[[str], None] | None = None,
+                        schemes: tuple[str, ...] = CANDIDATES) -> Sensitivity:
+    """Sensitivity of every tensor in `tensors` (linear weights) on calibration `samples` [S, T], for `schemes`
+    (candidates(); `model_hash` names the model and how it was rotated)."""
+    path = cache_dir / f"sensitivity-{cache_key(model_hash, samples, tensors, schemes)}.json" if cache_dir else None
     if path is not None and path.is_file():
         data = json.loads(path.read_text())
         return Sensitivity(data["kld"], data["probe_kld"], data["tokens"])
@@ -107,12 +125,12 @@ def measure_sensitivity(module: Module, weights: dict[str, np.ndarray], samples:
         w = weights[tensor]
         h = hessians.get(input_of.get(tensor, ""))  # experts: rows differ per expert, plain squared error instead
         errors = {}
-        for scheme in CANDIDATES + (PROBE,):
+        for scheme in dict.fromkeys(schemes + (PROBE,)):
             delta = (w - roundtrip(w, scheme)).astype(np.float64)
             errors[scheme] = float(np.einsum("ij,jk,ik->", delta, h, delta) if h is not None else (delta ** 2).sum())
         probe_kld[tensor] = max(kld_with(tensor, roundtrip(w, PROBE)), 0.0)
         scale = probe_kld[tensor] / errors[PROBE] if errors[PROBE] > 0 else 0.0
-        kld[tensor] = {s: scale * errors[s] for s in CANDIDATES} | {KEEP16: 0.0}
+        kld[tensor] = {s: scale * errors[s] for s in schemes} | {KEEP16: 0.0}
     result = Sensitivity(kld, probe_kld, int(samples.size))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

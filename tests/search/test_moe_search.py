@@ -26,17 +26,18 @@ def test_search_sees_experts_and_its_plan_compiles(tmp_path, shared_data):
     # the cost model: E x the bytes of one expert slice, top_k x its GEMV seconds
     loaded = canonical_model(load_model(tmp_path / "hf"))
     latency = LatencyTable(tmp_path / "cache")
-    sm = build_search_model(loaded, opts, Sensitivity({}, {}, 0), latency)
+    sm = build_search_model(loaded.module, loaded.weights, opts, Sensitivity({}, {}, 0), latency)
     assert sm.units[UNIT] == [f"{UNIT}.down_proj", f"{UNIT}.gate_up_proj"]
     choice = {c.scheme: c for c in sm.options[UNIT]}["int4-g32"]
     assert choice.bytes == 4 * (tensor_bytes(256, 64, "int4-g32") + tensor_bytes(64, 128, "int4-g32"))
     assert abs(choice.seconds - 2 * (latency.seconds(256, 64, "int4-g32", 1) + latency.seconds(64, 128, "int4-g32", 1))) < 1e-12
     # a batch of 4 reads each expert some row chose: 4 x (1 - (1 - 2/4)^4) = 3.75 expected, measured usage if given
-    batched = build_search_model(loaded, SearchOptions(**{**opts.__dict__, "batch": 4}), Sensitivity({}, {}, 0), latency)
+    batch4 = SearchOptions(**{**opts.__dict__, "batch": 4})
+    batched = build_search_model(loaded.module, loaded.weights, batch4, Sensitivity({}, {}, 0), latency)
     one = latency.seconds(256, 64, "int4-g32", 1) + latency.seconds(64, 128, "int4-g32", 1)
     assert abs({c.scheme: c for c in batched.options[UNIT]}["int4-g32"].seconds - 3.75 * one) < 1e-12
     skewed = {"layers.0.mlp": {"frequency": [1.0, 1.0, 0.0, 0.0]}}  # two experts take every token
-    sm2 = build_search_model(loaded, SearchOptions(**{**opts.__dict__, "batch": 4}), Sensitivity({}, {}, 0), latency,
+    sm2 = build_search_model(loaded.module, loaded.weights, batch4, Sensitivity({}, {}, 0), latency,
                              skewed)
     assert abs({c.scheme: c for c in sm2.options[UNIT]}["int4-g32"].seconds - 2 * one) < 1e-12
     report = run_search(tmp_path / "hf", opts, tmp_path / "plan.json")

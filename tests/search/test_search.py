@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bitsmith.errors import BitsmithError
+from bitsmith.runtime.quant_scheme import parse_scheme
 from bitsmith.search.solver import Choice, minimum_bytes, solve
 
 
@@ -63,7 +64,7 @@ def test_search_then_compile_the_plan(shared_data, tmp_path):
         if scheme == "16":
             assert got is None
         else:
-            bits, group = scheme.split("-")
-            assert got["bits"] == int(bits[3:]) and got["group_size"] == int(group[1:])
+            want = parse_scheme(scheme)
+            assert (got["bits"], got["group_size"], got["method"]) == (want.bits, want.group_size, want.method)
     with pytest.raises(BitsmithError, match="smallest feasible"):
         run_search(source, SearchOptions(**{**opts.__dict__, "memory": 100_000}), tmp_path / "bad.json")
