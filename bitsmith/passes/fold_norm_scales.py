@@ -10,8 +10,8 @@ from bitsmith.compiler.ir import Module
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.base import PassContext
 from bitsmith.passes.manager import Pass
-from bitsmith.passes.rotation_sites import find_residual_sites
-from bitsmith.passes.untie_lm_head import UntieLmHead
+from bitsmith.passes.rotation_sites import find_residual_sites, with_rotation_meta
+from bitsmith.passes.untie_lm_head import LM_HEAD, UntieLmHead
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,8 @@ class FoldNormScales(Pass):
     RMSNorm commutes with an orthogonal R (||x R|| = ||x||), which is what rotate_residual needs.
 
     A tied lm_head reads the last norm: when that norm's scale is not all ones the head is untied first, since
-    the embedding table must not take the scale."""
+    the embedding table must not take the scale; precision assignment keeps it 16-bit as the tied table was
+    (module.meta["rotation"]["untied_head"]) unless a --scheme names it."""
 
     name = "fold_norm_scales"
     requires = frozenset({"canonical"})
@@ -33,7 +34,7 @@ class FoldNormScales(Pass):
         tables = set(sites.embeddings)
         gamma_of = {lin.weight: gamma for gamma, linears in sites.norms for lin in linears}
         if any(w in tables and g is not None and not _all_ones(ctx, g) for w, g in gamma_of.items()):
-            module = UntieLmHead().run(module, ctx)
+            module = with_rotation_meta(UntieLmHead().run(module, ctx), "untied_head", LM_HEAD)
             sites = find_residual_sites(module["prefill"])
         for gamma, linears in sites.norms:
             if gamma is None or _all_ones(ctx, gamma):
