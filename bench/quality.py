@@ -45,6 +45,8 @@ from quality_grid import (  # noqa: E402
     DATA, MODELS, SEQLEN, RowSpec, compile_option_choices, grid, missing_piece, peer_grid, score_options,
 )
 from quality_peer import PEER_NAME, PeerRunner  # noqa: E402
+
+REPORT_FORMAT = 2
 from quality_report import write_markdown  # noqa: E402
 
 
@@ -75,7 +77,7 @@ def compile_one(source: str, out: Path, spec: RowSpec, calib: Path, samples: int
 
 def settings_of(model_report: dict) -> tuple:
     """What must be equal for a row of an earlier JSON to stand in for one of this run."""
-    return tuple(model_report.get(k) for k in ("model", "text", "ctx", "tokens", "bos", "calibration"))
+    return tuple(model_report.get(k) for k in ("format", "model", "text", "ctx", "tokens", "bos", "calibration"))
 
 
 class Reuse:
@@ -156,7 +158,8 @@ class ModelBench:
                                              CalibrationOptions(str(self.calib), self.model.calib_samples, SEQLEN),
                                              bos)
         self.windows = windows_of(tokenizer.encode(self.text, add_bos=False)[:self.tokens], self.model.ctx, bos)
-        return {"model": self.model.name, "text": self.model.text.name, "ctx": self.model.ctx,
+        # format 2: rows carry rotation/kv/activations; rows of an earlier format are never reused
+        return {"format": REPORT_FORMAT, "model": self.model.name, "text": self.model.text.name, "ctx": self.model.ctx,
                 "tokens": len(self.windows) * (self.model.ctx if bos is not None else self.model.ctx - 1),
                 "bos": bos is not None,
                 "calibration": f"{self.model.calib_samples} x {SEQLEN} tokens from chars "

@@ -57,7 +57,7 @@ def test_peer_grid_is_scheme_major():
 
 
 def _report(tokens: int) -> dict:
-    return {"model": "M", "text": "t.txt", "ctx": 256, "tokens": tokens, "bos": True, "calibration": "c",
+    return {"format": 2, "model": "M", "text": "t.txt", "ctx": 256, "tokens": tokens, "bos": True, "calibration": "c",
             "rows": [{**row("gptq", "none", "int4 per-channel").json(), "ppl": 30.0, "kld_mean": 0.4},
                      {**row("gptq", "hadamard", "int4 per-channel").json(), "ppl": 29.0, "kld_mean": 0.1},
                      {**row("gptq", "learned", "int3 g32").json(), "skipped": "no --rotate learned"}],
@@ -72,6 +72,7 @@ def test_reuse_takes_measured_rows_with_identical_settings(tmp_path):
     assert set(rows) == {row("gptq", "none", "int4 per-channel").key, row("gptq", "hadamard", "int4 per-channel").key}
     assert set(peers) == {("spinquant", "int4 per-channel")}
     assert reuse.rows("smollm2", settings_of(_report(2048))) == ({}, {})  # other token count: nothing reused
+    assert reuse.rows("smollm2", settings_of({**_report(1024), "format": 3})) == ({}, {})  # other format
     assert RowSpec.key_of({"method": "rtn", "scheme": "int4 g32"}) == row("rtn", "none", "int4 g32").key  # old JSON
 
 
