@@ -33,6 +33,7 @@ from bitsmith.codegen.spec_checks import PARAM_DTYPES, check_param_dtype, check_
 from bitsmith.codegen.target import Target
 from bitsmith.runtime.hadamard import is_power_of_two
 
+UNROLLED_FACTOR = 64  # dense factors up to this order are written out as m products (vectorized), larger ones reduce
 GATES = ("", "silu")  # HadamardSpec.gate: "" reads x; "silu" reads silu(gate) * up (the SwiGLU before down_proj)
 
 
@@ -182,13 +183,7 @@ def hadamard_stages(x0: Any, n: int, m: int, factor: Any | None) -> Any:
     p = n // m
     cur = x0
     if factor is not None:
-        b = te.reduce_axis((0, m), "b")
-
-        def dense(*idx: Any) -> Any:
-            *outer, i = idx
-            return te.sum(x0(*outer, i // m * m + b) * f32(factor[b, i % m]), axis=b)
-
-        cur = te.compute(x0.shape, dense, name="dense")
+        cur = te.compute(x0.shape, _dense_factor(x0, factor, m), name="dense")
     scale = fconst(1.0 / math.sqrt(p))
     if p == 1:
         return te.compute(x0.shape, lambda *idx: cur(*idx) * scale, name="y")
@@ -197,6 +192,29 @@ def hadamard_stages(x0: Any, n: int, m: int, factor: Any | None) -> Any:
         last = k == stages - 1
         cur = te.compute(x0.shape, _butterfly(cur, m << k, n, scale if last else None), name="y" if last else f"bfly{k}")
     return cur
+
+
+def _dense_factor(x0: Any, factor: Any, m: int) -> Callable[..., Any]:
+    """t[a*m + d] = sum_b x0[a*m + b] * M[b, d]: up to UNROLLED_FACTOR terms written out (b = 0, 1, ... in order:
+    a spatial block whose d loop vectorizes over M's contiguous rows), else a TE reduction over b."""
+    if m > UNROLLED_FACTOR:
+        b = te.reduce_axis((0, m), "b")
+
+        def reduced(*idx: Any) -> Any:
+            *outer, i = idx
+            return te.sum(x0(*outer, i // m * m + b) * f32(factor[b, i % m]), axis=b)
+
+        return reduced
+
+    def unrolled(*idx: Any) -> Any:
+        *outer, i = idx
+        base, d = i // m * m, i % m
+        total = x0(*outer, base) * f32(factor[0, d])
+        for k in range(1, m):
+            total = total + x0(*outer, base + k) * f32(factor[k, d])
+        return total
+
+    return unrolled
 
 
 def _butterfly(prev: Any, stride: int, n: int, scale: Any | None) -> Callable[..., Any]:
@@ -251,7 +269,9 @@ def _schedule_cpu(func: Any, spec: HadamardSpec | RopeHadamardSpec, lanes: int) 
         _partition_rope(sch, spec, lanes)
     elif "x0" in stages:
         _vectorize(sch, sch.get_loops(sch.get_sblock("x0"))[-1], lanes)
-    if m > 1:
+    if 1 < m <= UNROLLED_FACTOR:  # per group a of m: d over the factor's contiguous row, one vector
+        _vectorize(sch, sch.split(sch.get_loops(sch.get_sblock("dense"))[-1], [None, m])[1], lanes)
+    elif m > 1:
         dense = sch.get_sblock("dense")
         *_, i, b = sch.get_loops(dense)
         a, d = sch.split(i, [None, m])

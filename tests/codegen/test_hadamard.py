@@ -17,7 +17,7 @@ import pytest
 from bitsmith.codegen.build import build_kernel_library
 from bitsmith.codegen.gpu.cuda_build import fatbin_archs
 from bitsmith.codegen.gpu.hadamard import SHARED_BYTES, shared_bytes
-from bitsmith.codegen.hadamard import HadamardSpec, RopeHadamardSpec
+from bitsmith.codegen.hadamard import UNROLLED_FACTOR, HadamardSpec, RopeHadamardSpec
 from bitsmith.codegen.kernel import build_module, call_kernel
 from bitsmith.codegen.target import cross_target, cuda_target, host_target
 from bitsmith.compiler.ops import OPS
@@ -34,7 +34,7 @@ SIZES = [(3, 3), (5, 5), (7, 7), (9, 9), (1, 1), (2, 1), (64, 1), (128, 1), (102
          (96, 3), (384, 12), (1536, 12)]
 SPECS = [HadamardSpec(rows, n, m) for n, m in SIZES for rows in (1, 5)]
 SPECS += [HadamardSpec(64, 1536, 12), HadamardSpec(17, 4096), HadamardSpec(3, 96, 3, "float16"),
-          HadamardSpec(2, 384, 12, "bfloat16")]
+          HadamardSpec(2, 384, 12, "bfloat16"), HadamardSpec(3, 260, 65)]  # 65 > UNROLLED_FACTOR: a reduction
 GATED = [HadamardSpec(1, 1536, 12, gate="silu"), HadamardSpec(64, 1536, 12, gate="silu"),
          HadamardSpec(3, 384, 12, gate="silu"), HadamardSpec(2, 64, gate="silu")]
 ROPED = [RopeHadamardSpec(1, 9, 64, 64), RopeHadamardSpec(64, 3, 64, 64), RopeHadamardSpec(3, 2, 64, 32, "interleaved"),
@@ -102,7 +102,8 @@ def test_rope_hadamard_matches_numpy(spec, library):
     assert_close_to_scale(y, expected, RTOL)
 
 
-@pytest.mark.parametrize("spec", [HadamardSpec(1, 1536, 12), HadamardSpec(3, 4096), RopeHadamardSpec(1, 9, 64, 64)],
+@pytest.mark.parametrize("spec", [HadamardSpec(1, 1536, 12), HadamardSpec(3, 4096), RopeHadamardSpec(1, 9, 64, 64),
+                                  HadamardSpec(2, 260, 65)],
                          ids=lambda s: s.name)
 def test_work_is_n_log_p_plus_n_m(spec):
     """No dense n x n product: one [.., n] block per butterfly, and the dense factor's reduction is m long."""
@@ -117,6 +118,9 @@ def test_work_is_n_log_p_plus_n_m(spec):
     reductions = [v for b in sch.get_child_blocks(sch.get_sblock("root")) for v in sch.get(b).iter_vars
                   if v.iter_type == 2]
     assert all(int(v.dom.extent) == spec.factor for v in reductions)
+    if 1 < spec.factor <= UNROLLED_FACTOR:  # written out: m products per output of the dense block
+        dense = next(b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint == "dense")
+        assert str(sch.get(dense).body).count("factor[") == spec.factor
 
 
 def test_bad_descriptions_are_refused():
