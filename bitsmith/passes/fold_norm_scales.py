@@ -6,12 +6,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bitsmith.compiler.ir import Module
+from bitsmith.compiler.ir import Module, Node
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.base import PassContext
 from bitsmith.passes.manager import Pass
 from bitsmith.passes.rotation_sites import find_residual_sites, with_rotation_meta
 from bitsmith.passes.untie_lm_head import LM_HEAD, UntieLmHead
+
+EMBED_TABLE = "embed_tokens.weight"
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class FoldNormScales(Pass):
         tables = set(sites.embeddings)
         gamma_of = {lin.weight: gamma for gamma, linears in sites.norms for lin in linears}
         if any(w in tables and g is not None and not _all_ones(ctx, g) for w, g in gamma_of.items()):
-            module = with_rotation_meta(UntieLmHead().run(module, ctx), "untied_head", LM_HEAD)
+            module = with_rotation_meta(untie_head(module, ctx, sites.embeddings[0]), "untied_head", LM_HEAD)
             sites = find_residual_sites(module["prefill"])
         for gamma, linears in sites.norms:
             if gamma is None or _all_ones(ctx, gamma):
@@ -44,6 +46,26 @@ class FoldNormScales(Pass):
                 ctx.weights[lin.weight] = np.asarray(ctx.weights[lin.weight], dtype=np.float32) * g[None, :]
             ctx.weights[gamma] = np.ones_like(g)
         return module
+
+
+def untie_head(module: Module, ctx: PassContext, table: str) -> Module:
+    """Give the tied head and the embedding lookup separate weights: the head becomes `lm_head.weight`, or, when
+    the table is already called that (traced models), the lookup reads a new `embed_tokens.weight`."""
+    if table != LM_HEAD:
+        return UntieLmHead().run(module, ctx)
+    functions = {}
+    for key, fn in module.functions.items():
+        nodes = []
+        for node in fn.nodes:
+            if node.op == "embedding":
+                value = f"{EMBED_TABLE}.untied"
+                nodes.append(Node("weight", (), (value,), {"name": EMBED_TABLE}))
+                node = Node(node.op, (value, *node.inputs[1:]), node.outputs, dict(node.attrs))
+            nodes.append(node)
+        types = {**fn.types, f"{EMBED_TABLE}.untied": module.weights[LM_HEAD]}
+        functions[key] = fn.replace(nodes=tuple(nodes), types=types)
+    ctx.weights.link(EMBED_TABLE, LM_HEAD)
+    return module.replace(functions=functions, weights={**module.weights, EMBED_TABLE: module.weights[LM_HEAD]})
 
 
 def _all_ones(ctx: PassContext, name: str) -> bool:

@@ -1,0 +1,88 @@
+"""The rotate passes: the fp32 rewrite is exact (same logits), what they refuse, and what they record."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bitsmith.compiler.ir import Module
+from bitsmith.compiler.reference import ReferenceSession
+from bitsmith.errors import BitsmithError
+from bitsmith.options import CompileOptions, MemoryOptions, QuantOptions, RotationOptions, TargetOptions
+from bitsmith.pipeline import compile_model, describe_pipeline
+from bitsmith.runtime.artifact import load_artifact
+from tests.family_zoo import zoo_model
+
+EXACT = dict(dtype="float32", memory=MemoryOptions(kv_dtype="float32"), target=TargetOptions("none"))
+TOKENS = [5, 17, 3, 88, 41, 9, 60, 2, 33, 71, 12, 50]
+
+
+def logits_of(path) -> np.ndarray:
+    """Prefill of 8 tokens then 4 decode steps on the reference executor: [12, vocab]."""
+    art = load_artifact(path)
+    session = ReferenceSession(Module.from_json(art.manifest["ir"]), art.weights, 32)
+    return np.concatenate([session.prefill(TOKENS[:8]), np.stack([session.decode(t) for t in TOKENS[8:]])])
+
+
+def compile_pair(tmp_path, family: str, rotation: RotationOptions, quant: QuantOptions = QuantOptions(), **overrides):
+    directory = tmp_path / "model"
+    zoo_model(family, **overrides).save_pretrained(directory)
+    plain = compile_model(directory, tmp_path / "plain", CompileOptions(quant=quant, **EXACT))
+    rotated = compile_model(directory, tmp_path / "rotated", CompileOptions(quant=quant, rotation=rotation, **EXACT))
+    return plain, rotated
+
+
+@pytest.mark.parametrize("family, overrides", [
+    ("llama", {}), ("llama", {"tie_word_embeddings": True}), ("llama", {"intermediate_size": 96}),  # ffn 8 x H12
+    ("llama3", {}), ("mistral", {}), ("qwen2", {}), ("qwen3", {}), ("gemma", {}), ("smollm3", {}),
+])
+def test_rotated_fp32_model_gives_the_same_logits(tmp_path, family, overrides):
+    plain, rotated = compile_pair(tmp_path, family, RotationOptions("hadamard", seed=3), **overrides)
+    ref, got = logits_of(plain), logits_of(rotated)
+    # the issue's bar: 1e-4 relative to the logits' scale (float32 matmuls in another order)
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    meta = load_artifact(rotated).manifest["ir"]["meta"]["rotation"]
+    assert meta["r1"]["size"] == 64 and meta["r1"]["orthogonality"] < 1e-12
+    assert meta["keys"]["head_dims"] == [16]
+
+
+def test_rotation_changes_the_weights_and_inserts_online_ops(tmp_path):
+    plain, rotated = compile_pair(tmp_path, "llama", RotationOptions("hadamard"), intermediate_size=96)
+    a, b = load_artifact(plain), load_artifact(rotated)
+    name = "layers.0.self_attn.q_proj.weight"
+    assert not np.allclose(a.weights[name], b.weights[name])
+    ops = [n["op"] for n in b.manifest["ir"]["functions"]["decode"]["nodes"]]
+    assert ops.count("hadamard") == 2 * 3  # per layer: q, k after RoPE and the down_proj input
+    assert b.weights["rotation.hadamard12"].dtype == np.float32  # factors stay float32 in any storage dtype
+
+
+def test_only_the_chosen_online_rotations_are_inserted(tmp_path):
+    _, rotated = compile_pair(tmp_path, "llama", RotationOptions("hadamard", ffn=False, keys=False))
+    ops = [n["op"] for n in load_artifact(rotated).manifest["ir"]["functions"]["decode"]["nodes"]]
+    assert "hadamard" not in ops
+
+
+def test_untied_head_stays_16_bit_when_everything_else_is_quantized(tmp_path):
+    quant = QuantOptions("rtn", 4, 32, keep_default=False)
+    _, rotated = compile_pair(tmp_path, "llama", RotationOptions("hadamard"), quant, tie_word_embeddings=True)
+    plan = load_artifact(rotated).manifest["ir"]["meta"]["precision_plan"]
+    assert plan["lm_head.weight"] is None and plan["layers.0.mlp.down_proj.weight"] is not None
+
+
+@pytest.mark.parametrize("family, why", [
+    ("phi", "rmsnorm or add"),  # LayerNorm on the stream
+    ("gemma2", "not a linear"),  # a norm on each writer's output
+    ("mixtral", "not a linear.s output"),  # experts write the stream
+])
+def test_unsupported_shapes_are_refused_by_name(tmp_path, family, why):
+    directory = tmp_path / "model"
+    zoo_model(family).save_pretrained(directory)
+    with pytest.raises(BitsmithError, match=f"cannot rotate this model.*{why}"):
+        compile_model(directory, tmp_path / "out", CompileOptions(rotation=RotationOptions("hadamard"), **EXACT))
+    assert not (tmp_path / "out").exists()
+
+
+def test_pass_list_shows_the_rotate_phase():
+    text = describe_pipeline(CompileOptions(rotation=RotationOptions("hadamard")))
+    assert "fold_norm_scales, choose_rotations, rotate_residual, rotate_heads, rotate_ffn_online" in text
+    assert "rotate" not in describe_pipeline(CompileOptions())
