@@ -111,10 +111,10 @@ def measured(model, plans: dict[str, dict], held: np.ndarray, kind: str) -> dict
     """RTN KLD of each fixed plan on the model rotated by `kind` (the untied lm_head of a rotated tied model: 16-bit)."""
     from bitsmith.compiler.reference import upcast_weights
     from bitsmith.search.rotation import rotate_model
-    from bitsmith.search.run import measured_kld
+    from bitsmith.search.run import PlanScorer
 
-    module, weights = rotate_model(model.module, upcast_weights(model.weights), kind, 0)
-    return {name: measured_kld(module, weights, plan, held) for name, plan in plans.items()}
+    scorer = PlanScorer(*rotate_model(model.module, upcast_weights(model.weights), kind, 0), held)
+    return {name: scorer.kld(plan) for name, plan in plans.items()}
 
 
 def bench_model(key: str, cache: Path, smoke: bool = False) -> dict:
@@ -141,6 +141,8 @@ def bench_model(key: str, cache: Path, smoke: bool = False) -> dict:
                                     Path(tmp) / f"{name}{suffix}.json")
                 r.setdefault("search_s", []).append(round(time.time() - t0, 1))
                 r[f"searched_kld_at_{name}_bpw{suffix}"] = report["predicted"]["kld_meas"]
+                print(f"[{key}] --rotate {kind} at the {name} plan's {bpw:.3f} bpw: KLD {report['predicted']['kld_meas']:.5f}"
+                      f" ({r['search_s'][-1]} s)", file=sys.stderr, flush=True)
                 r["searched_bpw"][f"{name}{suffix}"] = report["predicted"]["bpw"]
                 if name == "uniform":
                     r[f"fixed_bytes{suffix}"] = report["fixed_bytes"]
@@ -151,6 +153,8 @@ def bench_model(key: str, cache: Path, smoke: bool = False) -> dict:
                     r[f"latency_pred_ms{suffix}"] = report["predicted"]["latency_pred_ms"]
             fixed = measured(model, {"uniform": uniform, "heuristic": heuristic}, held, kind)
             r[f"uniform_int4_kld{suffix}"], r[f"heuristic_kld{suffix}"] = fixed["uniform"], fixed["heuristic"]
+            print(f"[{key}] --rotate {kind}: uniform {fixed['uniform']:.5f}, heuristic {fixed['heuristic']:.5f}",
+                  file=sys.stderr, flush=True)
         r["latency_meas_ms"] = decode_ms(Path(tmp) / "uniform.json", source, Path(tmp), context)
         try:  # the rotated artifact with kernels needs the online-Hadamard lowering
             r["latency_meas_ms_rotated"] = decode_ms(Path(tmp) / "uniform_rotated.json", source, Path(tmp), context)

@@ -112,23 +112,39 @@ def plan_stats(sm: SearchModel, picked: dict[str, Choice], overhead_s: float) ->
             "latency_pred_ms": 1e3 * (overhead_s + sum(c.seconds for c in picked.values()))}
 
 
+class PlanScorer:
+    """Measured KLD of plans (dequantized) against the 16-bit model on held-out samples, reference executor; the
+    reference log-probabilities are computed once and each (tensor, scheme) round trip once (the plans of a
+    front share most of them: SmolLM2's HQQ round trips take ~1 min per plan otherwise)."""
+
+    def __init__(self, module, weights: dict[str, np.ndarray], samples: np.ndarray) -> None:
+        self.module, self.weights, self.samples = module, weights, samples
+        self.reference = [_log_softmax(ReferenceSession(module, weights, len(s)).prefill(list(s))) for s in samples]
+        self.roundtrips: dict[tuple[str, str], np.ndarray] = {}
+
+    def kld(self, plan: dict[str, str]) -> float:
+        quantized = dict(self.weights)
+        for name, scheme in plan.items():
+            if scheme != KEEP16:
+                if (name, scheme) not in self.roundtrips:
+                    self.roundtrips[(name, scheme)] = roundtrip(self.weights[name], scheme)
+                quantized[name] = self.roundtrips[(name, scheme)]
+        total, count = 0.0, 0
+        for sample, ref_lp in zip(self.samples, self.reference):
+            got_lp = _log_softmax(ReferenceSession(self.module, quantized, len(sample)).prefill(list(sample)))
+            total += float((np.exp(ref_lp) * (ref_lp - got_lp)).sum())
+            count += len(sample)
+        return total / count
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
 def measured_kld(module, weights: dict[str, np.ndarray], plan: dict[str, str], samples: np.ndarray) -> float:
-    """KLD of the plan (RTN, dequantized) against the 16-bit model on held-out samples, reference executor."""
-    quantized = dict(weights)
-    for name, scheme in plan.items():
-        if scheme != KEEP16:
-            quantized[name] = roundtrip(weights[name], scheme)
-    total, count = 0.0, 0
-    for sample in samples:
-        ref = ReferenceSession(module, weights, len(sample)).prefill(list(sample))
-        got = ReferenceSession(module, quantized, len(sample)).prefill(list(sample))
-        ref = ref - ref.max(-1, keepdims=True)
-        got = got - got.max(-1, keepdims=True)
-        ref_lp = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
-        got_lp = got - np.log(np.exp(got).sum(-1, keepdims=True))
-        total += float((np.exp(ref_lp) * (ref_lp - got_lp)).sum())
-        count += len(sample)
-    return total / count
+    """KLD of one plan (dequantized) against the 16-bit model on held-out samples, reference executor."""
+    return PlanScorer(module, weights, samples).kld(plan)
 
 
 def _calibration(model, opts: SearchOptions, seed: int) -> np.ndarray:
@@ -201,10 +217,11 @@ def search_rotation(model, kind: str, opts: SearchOptions, samples: np.ndarray, 
         raise BitsmithError("no plan meets both the memory and the latency budget", where="search",
                             fix="raise --latency or --memory")
     pareto = pareto_front(sm, opts, max_s, overhead_s)
-    _measure(module, weights, pareto, held_out, opts.measure)
+    scorer = PlanScorer(module, weights, held_out)
+    _measure(scorer, pareto, opts.measure)
     plan = expand({t: c.scheme for t, c in sorted(chosen.items())}, sm.units) | {t: KEEP16 for t in created}
     stats = plan_stats(sm, chosen, overhead_s)
-    stats["kld_meas"] = measured_kld(module, weights, plan, held_out)
+    stats["kld_meas"] = scorer.kld(plan)
     return {"format": PLAN_FORMAT, "version": 1, "model_hash": model_hash(model.source), "method": "rtn",
             "rotation": {"kind": kind, "seed": opts.rotate_seed}, "methods": list(opts.methods), "weights": plan,
             "options": asdict(opts), "predicted": stats, "pareto": pareto, "spearman": _spearman(pareto),
@@ -235,11 +252,11 @@ def pareto_front(sm: SearchModel, opts: SearchOptions, max_s: float | None, over
     return points
 
 
-def _measure(module, weights, pareto: list[dict], samples: np.ndarray, count: int) -> None:
+def _measure(scorer: PlanScorer, pareto: list[dict], count: int) -> None:
     """Measure the KLD of up to `count` Pareto plans spread over the front (written into each point)."""
     picks = sorted(set(np.linspace(0, len(pareto) - 1, min(count, len(pareto))).round().astype(int)))
     for i in picks:
-        pareto[i]["kld_meas"] = measured_kld(module, weights, pareto[i]["plan"], samples)
+        pareto[i]["kld_meas"] = scorer.kld(pareto[i]["plan"])
 
 
 def _spearman(pareto: list[dict]) -> float | None:
