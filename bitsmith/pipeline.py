@@ -25,6 +25,7 @@ from bitsmith.passes.cast_weights import STORAGE_DTYPES, CastWeights
 from bitsmith.passes.choose_rotations import ChooseRotations
 from bitsmith.passes.eliminate_dead_code import EliminateDeadCode
 from bitsmith.passes.expert_usage import MeasureExpertUsage, has_experts
+from bitsmith.passes.find_outlier_channels import FindOutlierChannels
 from bitsmith.passes.fold_norm_scales import FoldNormScales
 from bitsmith.passes.kv_plan import KVPlanOptions, parse_bytes
 from bitsmith.passes.lower_to_kernels import LowerToKernels
@@ -78,12 +79,14 @@ def _assign_precision(o: CompileOptions, m: LoadedModel) -> Pass:
                            quantize_rest=o.quant.enabled and (o.quant.method is not None or not imported_schemes(o, m)))
 
 
-def choose_rotations(o: CompileOptions) -> Pass:
-    """R1/R2: randomized Hadamard matrices, or (--rotate learned) those optimised on the calibration tokens."""
+def choose_rotations(o: CompileOptions, m: LoadedModel) -> Pass:
+    """R1/R2: randomized Hadamard matrices, or (--rotate learned) those optimised on the calibration tokens against
+    the RTN error of what the precision plan will quantize."""
     if o.rotation.kind == "learned":
         from bitsmith.passes.learn_rotations import LearnRotations  # noqa: PLC0415 (lands with the learned variant)
 
-        return LearnRotations(o.rotation.seed, o.rotation.learn_steps, o.rotation.learn_lr)
+        return LearnRotations(o.rotation.seed, o.rotation.learn_steps, o.rotation.learn_lr, _assign_precision(o, m),
+                              ffn_online=o.rotation.ffn, heads=o.rotation.heads)
     return ChooseRotations(o.rotation.seed)
 
 
@@ -102,8 +105,9 @@ def _lower_to_kernels(o: CompileOptions, m: LoadedModel) -> Pass:
 PIPELINE: tuple[Step, ...] = (
     *(Step("canonicalize", kind, "traced input") for kind in CANONICALIZE),
     Step("canonicalize", EliminateDeadCode, "canonical input"),
+    Step("rotate", FindOutlierChannels, "rotating", lambda o, m: FindOutlierChannels(o.rotation.outlier_ratio)),
     Step("rotate", FoldNormScales, "rotating"),
-    Step("rotate", ChooseRotations, "rotating", lambda o, m: choose_rotations(o)),
+    Step("rotate", ChooseRotations, "rotating", choose_rotations),
     Step("rotate", RotateResidual, "rotating"),
     Step("rotate", RotateHeads, "rotating heads"),
     Step("rotate", RotateFFNOnline, "rotating ffn", lambda o, m: RotateFFNOnline(o.rotation.seed)),
@@ -165,7 +169,7 @@ def run_pipeline(model: LoadedModel, options: CompileOptions, log: Callable[[str
     if imported_schemes(options, model):
         ctx.imported = {name: (qw, model.quantized_types.get(name, model.source.get("format", "imported")))
                         for name, qw in model.quantized.items()}
-    if options.quant.enabled or options.rotation.kind == "learned":
+    if options.quant.enabled or options.rotation.enabled:  # rotations measure outlier channels (and learn) on them
         ctx.calibration = calibration_tokens(model, options.quant.calibration)
     module = run_passes(model.module, ctx, passes, options.verify, options.dump_ir, log)
     if log and ctx.lowered is not None and ctx.lowered.float_activations:

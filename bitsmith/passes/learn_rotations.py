@@ -1,0 +1,153 @@
+"""learn_rotations: R1/R2 optimised on calibration activations (Cayley SGD from the randomized Hadamard ones)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from bitsmith.compiler.ir import Module
+from bitsmith.errors import BitsmithError
+from bitsmith.passes.assign_precision import AssignPrecision
+from bitsmith.passes.base import PassContext
+from bitsmith.passes.calibrate import CALIBRATION_THREADS, initial_envs, layer_index, run_samples, split_by_layer
+from bitsmith.passes.choose_rotations import rotation_sizes
+from bitsmith.passes.manager import Pass
+from bitsmith.passes.quant.learned_rotation import Objective, Term, learn_rotations
+from bitsmith.passes.quant.rotation import check_orthogonal, online_factor, random_hadamard
+from bitsmith.passes.rotation_sites import find_residual_sites, with_rotation_meta
+from bitsmith.runtime.hadamard import hadamard_matrix_dense
+from bitsmith.runtime.quant_scheme import QuantScheme
+
+
+@dataclass(frozen=True)
+class LearnRotations(Pass):
+    """ctx.rotations["r1"]/["r2"] as choose_rotations picks them (randomized Hadamard, same seed), then `steps`
+    Cayley steps that lower the mean relative RTN output error of the linears the precision plan quantizes (see
+    passes/quant/learned_rotation.py; a cheaper objective than SpinQuant's end-to-end loss). The inputs' Hessians
+    X^T X come from one reference-executor pass over up to `max_tokens` calibration tokens, before any rotation.
+    Each step draws `layers_per_step` decoder layers, so a step costs a few layers' weights, not the model's.
+
+    `precision`: the plan assign_precision will make (which linears, which bits/group/sym); with nothing quantized
+    its default scheme stands for every linear. `ffn_online`/`heads`: whether rotate_ffn_online (a fixed Hadamard on
+    down_proj's input) and rotate_heads (R2) will run, so the objective sees the weights as they will be."""
+
+    seed: int = 0
+    steps: int = 100
+    lr: float = 1.5
+    precision: AssignPrecision | None = None
+    ffn_online: bool = True
+    heads: bool = True
+    max_tokens: int = 4096
+    layers_per_step: int = 4
+    name = "learn_rotations"
+    requires = frozenset({"norms_folded"})
+
+    def run(self, module: Module, ctx: PassContext) -> Module:
+        hidden, head_dim = rotation_sizes(module, ctx)
+        start = {"r1": random_hadamard(hidden, self.seed)}
+        if head_dim is not None:
+            start["r2"] = random_hadamard(head_dim, self.seed + 1)
+        if ctx.calibration is None:
+            raise BitsmithError("--rotate learned needs calibration tokens, and this model has no tokenizer",
+                                where=f"pass {self.name}", fix="use --rotate hadamard, or give the model a tokenizer")
+        started = time.perf_counter()
+        terms, hessian_of = self._terms(module, ctx, head_dim is not None and self.heads)
+        hessians = collect_hessians(module, ctx, set(hessian_of.values()), self.max_tokens)
+        for term in terms:  # down_proj: its input takes the fixed online Hadamard H
+            if term.hessian.endswith("@online"):
+                h = self._online_matrix(term.weight.shape[1])
+                raw = hessians[term.hessian.removesuffix("@online")]
+                hessians.setdefault(term.hessian, (h.T @ raw @ h).astype(np.float32))
+        objective = Objective(terms, hessians)
+        calibrated = time.perf_counter()
+        learnable = {k: v for k, v in start.items() if k == "r1" or any("r2" in (t.rows, t.cols) for t in terms)}
+        with tqdm(total=self.steps, desc="learning rotations", unit="step", leave=False,
+                  disable=not sys.stderr.isatty()) as bar:
+            learned, report = learn_rotations(objective, learnable, self.steps, self.lr, self.layers_per_step,
+                                              self.seed, bar.update)
+        for key in start:
+            ctx.rotations[key] = learned.get(key, start[key])
+            report[f"{key}_orthogonality"] = check_orthogonal(ctx.rotations[key], 1e-5)
+        return with_rotation_meta(module, "learned", {**report, "calibration_tokens": self._tokens(ctx),
+                                                      "calibration_s": round(calibrated - started, 1),
+                                                      "learning_s": round(time.perf_counter() - calibrated, 1)})
+
+    def _tokens(self, ctx: PassContext) -> int:
+        samples, seqlen = ctx.calibration.shape
+        return min(samples, max(1, self.max_tokens // seqlen)) * seqlen
+
+    def _online_matrix(self, n: int) -> np.ndarray:
+        """The matrix rotate_ffn_online folds into down_proj's columns (same seed, same factor)."""
+        return hadamard_matrix_dense(n, online_factor(n, self.seed))
+
+    def _terms(self, module: Module, ctx: PassContext, with_r2: bool) -> tuple[list[Term], dict[str, str]]:
+        """The objective's linears (weight name -> Term) and each one's input value in prefill."""
+        fn = module["prefill"]
+        sites = find_residual_sites(fn)
+        plan = self._plan(module)
+        weight_of = {n.outputs[0]: n.attrs["name"] for n in fn.nodes if n.op == "weight"}
+        input_of = {weight_of[n.inputs[1]]: n.inputs[0] for n in fn.nodes
+                    if n.op == "linear" and n.inputs[1] in weight_of}
+        v_weights = {p.v.weight for p in sites.heads} if with_r2 else set()
+        o_weights = {p.o.weight for p in sites.heads}
+        sides: dict[str, tuple[str | None, str | None]] = {}  # weight -> (rows, cols)
+        for _, linears in sites.norms:
+            for lin in linears:
+                sides[lin.weight] = ("r2" if lin.weight in v_weights else None, "r1")
+        for lin in sites.writers:
+            sides[lin.weight] = ("r1", "r2" if lin.weight in o_weights and with_r2 else None)
+        terms, hessian_of = [], {}
+        num_layers = 1 + max((i for n in module.weights if (i := layer_index(n)) is not None), default=-1)
+        for name, scheme in plan.items():
+            if name not in sides or name not in input_of:
+                continue  # not on the residual stream: no rotation reaches it
+            rows, cols = sides[name]
+            weight = np.asarray(ctx.weights[name], dtype=np.float32)
+            hessian_of[name] = input_of[name]
+            key = input_of[name]
+            if rows == "r1" and cols is None and self.ffn_online and name not in o_weights:
+                weight = weight @ self._online_matrix(weight.shape[1]).astype(np.float32)
+                key = f"{key}@online"
+            layer = layer_index(name)
+            terms.append(Term(weight, key, rows, cols, scheme.effective_group_size(weight.shape[1]), scheme.bits,
+                              scheme.sym, num_layers if layer is None else layer))
+        if not terms:
+            raise BitsmithError("no quantized linear reads or writes the residual stream", where=f"pass {self.name}",
+                                fix="use --rotate hadamard (nothing for a learned rotation to lower)")
+        return terms, hessian_of
+
+    def _plan(self, module: Module) -> dict:
+        """weight -> QuantScheme for the linears that will be quantized (all of them at the default scheme when
+        the plan quantizes none: e.g. --rotate learned without --method)."""
+        precision = self.precision or AssignPrecision(default=QuantScheme(4, 128, True, "rtn"))
+        plan = {name: scheme for name, scheme in precision.plan(module).items() if scheme is not None}
+        return plan or {name: precision.default for name in precision.plan(module)}
+
+
+def collect_hessians(module: Module, ctx: PassContext, values: set[str], max_tokens: int) -> dict[str, np.ndarray]:
+    """X^T X [features, features] float32 of each prefill value in `values` over the first calibration samples
+    (at most `max_tokens` tokens), run on the reference executor one layer at a time."""
+    samples = ctx.calibration[:max(1, max_tokens // ctx.calibration.shape[1])]
+    fn = module["prefill"]
+    sums: dict[str, np.ndarray] = {}
+
+    def observe(value: str, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float32)
+        sums[value] = sums.get(value, 0) + x.T @ x
+
+    segments = split_by_layer(module)
+    defined = [{v for n in seg.nodes for v in n.outputs} for seg in segments]
+    last = max(i for i, d in enumerate(defined) if d & values)
+    envs = initial_envs(module, samples, caches=CALIBRATION_THREADS)
+    for seg in tqdm(segments[:last + 1], desc="rotation calibration", unit="layer", leave=False,
+                    disable=not sys.stderr.isatty()):
+        envs = run_samples(fn, seg, envs, ctx.weights, observe, values & defined[segments.index(seg)])
+    missing = values - set(sums)
+    if missing:
+        raise BitsmithError(f"calibration never computed {sorted(missing)[:3]}", where="pass learn_rotations",
+                            fix="report this model: its linears' inputs are not prefill values")
+    return sums
