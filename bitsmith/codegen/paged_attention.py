@@ -208,14 +208,28 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
     m = tile_macros(HG, L, D, float(spec.scale) * math.log2(math.e), float(spec.softcap or 0) * math.log2(math.e))
     start, scores_sum, softmax_step, finish, zeros = m.start, m.scores_sum, m.softmax_step, m.finish, m.zeros
 
-    def element(cache: Any, scales: Any, pb: Any, half: int, slot: Any, kh: Any, d: Any) -> Any:
-        """Element d of the key (half 0) or value (half 1) at (pb, slot, kh) in float32 (int8: the code)."""
+    def element(cache: Any, row4: Any, pb: Any, half: int, slot: Any, kh: Any, d: Any) -> Any:
+        """Element d of the key (half 0) or value (half 1) at (pb, slot, kh) in float32 (int8: the code; int4:
+        from row4, where `unpack_int4` put the row)."""
         if int4:
-            byte = cache[pb, half, slot, kh, d // 2]
-            code = (byte >> tirx.Cast("uint8", d % 2 * 4)) & tirx.const(15, "uint8")
-            return scales[pb, half, slot, kh, 1] + tirx.Cast("float32", code) * scales[pb, half, slot, kh, 0]
+            return row4[d]
         x = cache[pb, half, slot, kh, d]
         return x if dt == "float32" else tirx.Cast("float32", x)
+
+    def unpack_int4(cache: Any, scales: Any, row4: Any, pb: Any, half: int, slot: Any, kh: Any) -> None:
+        """int4 only: row4[:D] = min + code * step of the row at (pb, half, slot, kh), L elements at a time from
+        L / 2 contiguous bytes, low and high nibbles interleaved by a shuffle (indexing the pool with d // 2 inside
+        a vectorized loop would gather byte by byte)."""
+        if not int4:
+            return
+        step, low = scales[pb, half, slot, kh, 0], scales[pb, half, slot, kh, 1]
+        W = L // 2  # bytes per chunk (L >= 4: `key_group_scores` already needs that)
+        for d0 in range(DO):
+            raw = cache[pb, half, slot, kh, tirx.Ramp(d0 * W, 1, W)]
+            nibbles = [raw & tirx.const(15, f"uint8x{W}"), raw >> tirx.const(4, f"uint8x{W}")]
+            codes = tirx.Shuffle(nibbles, [i // 2 + (i % 2) * W for i in range(L)])  # [lo0, hi0, lo1, hi1, ...]
+            vec = tirx.Cast(f"float32x{L}", codes) * tirx.Broadcast(step, L) + tirx.Broadcast(low, L)
+            IB.buffer_store(row4, vec, [tirx.Ramp(d0 * L, 1, L)])
 
     def int4_code(x: Any, low: Any, step: Any) -> Any:
         return tirx.Cast("uint8", T.max(T.min(T.nearbyint((x - low) / step), T.float32(INT4_MAX)), T.float32(0)))
@@ -265,9 +279,10 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
                         T.int32(0), T.int32(2), T.int32(1)))
 
     @T.macro
-    def key_dots(qs, cache, scales, part, u, pb, slot, kh):
+    def key_dots(qs, cache, scales, row4, part, u, pb, slot, kh):
         """part[u, hh, :] = lane-wise products of query head hh with the key at (pb, slot, kh), summed over
         the head_dim / L vectors of a head (the lane sums follow)."""
+        unpack_int4(cache, scales, row4, pb, 0, slot, kh)
         for hh in T.unroll(HG):
             for l in T.vectorized(L):
                 part[(u * HG + hh) * L + l] = T.float32(0)
@@ -275,7 +290,7 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
             for hh in T.unroll(HG):
                 for l in T.vectorized(L):
                     part[(u * HG + hh) * L + l] = part[(u * HG + hh) * L + l] + qs[hh * D + d0 * L + l] * element(
-                        cache, scales, pb, 0, slot, kh, d0 * L + l)
+                        cache, row4, pb, 0, slot, kh, d0 * L + l)
 
     def key_group_scores(part, sc, scales, col, pb, slot, kh):
         """sc[hh, col + u] = the lane sum of part[u, hh, :] (times the key's int8 scale) for the QP positions
@@ -320,6 +335,7 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
                 sc = T.alloc_buffer((HG * B,), "float32")
                 red = T.alloc_buffer((HG * B,), "float32")
                 part = T.alloc_buffer((QP * HG * L,), "float32")
+                row4 = T.alloc_buffer((D if int4 else 1,), "float32")  # int4: the key or value row, dequantized
                 st = T.alloc_buffer((HG * 4,), "float32")  # per head: running max, running sum, scratch x2
                 ok = T.alloc_buffer((1,), "int32")
                 # every block holding a visible position must be in the pool (never dereference others)
@@ -345,10 +361,10 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
                             prefetch_next_run(block_tables, cache, r, kh, s2, p)
                             for jp in range((s2 - s1 + 1) // QP):  # QP positions at a time (see `key_group_scores`)
                                 for u in T.unroll(QP):
-                                    key_dots(qs, cache, scales, part, u, pb, base + jp * QP + u, kh)
+                                    key_dots(qs, cache, scales, row4, part, u, pb, base + jp * QP + u, kh)
                                 key_group_scores(part, sc, scales, s1 - a + jp * QP, pb, base + jp * QP, kh)
                             for j in range((s2 - s1 + 1) // QP * QP, s2 - s1 + 1):
-                                key_dots(qs, cache, scales, part, 0, pb, base + j, kh)
+                                key_dots(qs, cache, scales, row4, part, 0, pb, base + j, kh)
                                 scores_sum(part, sc, s1 - a + j)
                                 if quant:
                                     for hh in T.unroll(HG):
@@ -361,12 +377,13 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
                             pb = T.bind(block_tables[r, entry(s1 // BS)])
                             base = T.bind(s1 % BS)
                             for j in range(s2 - s1 + 1):  # (int8: the value's scale joins its probability)
+                                unpack_int4(cache, scales, row4, pb, 1, base + j, kh)
                                 for d0 in T.unroll(DO):
                                     for hh in T.unroll(HG):
                                         for l in T.vectorized(L):
                                             acc[hh * D + d0 * L + l] = acc[hh * D + d0 * L + l] + sc[
                                                 hh * B + s1 - a + j] * value_scale(scales, pb, base + j, kh) * element(
-                                                cache, scales, pb, 1, base + j, kh, d0 * L + l)
+                                                cache, row4, pb, 1, base + j, kh, d0 * L + l)
                     finish(out, r, h0, acc, st)
 
     # parameter buffer types (one object per parameter: a shared one would alias the parameters)

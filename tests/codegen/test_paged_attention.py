@@ -37,7 +37,8 @@ SPECS += [_spec(16, 4, 4, 16, 32, 8, "float32"), _spec(5, 8, 2, 32, 8, 8, "int8"
 # int4 (two codes a byte, a step and a minimum per row): decode, prefill and mixed rows, windows, both block
 # layouts, the decode shape and a soft-cap
 SPECS += [_spec(5, 8, 2, 16, 16, 8, "int4"), _spec(1, 9, 3, 64, 16, None, "int4"),
-          _spec(16, 4, 4, 32, 8, None, "int4"), _spec(16, 9, 3, 16, 64, 8, "int4", softcap=0.7)]
+          _spec(16, 4, 4, 32, 8, None, "int4"), _spec(16, 9, 3, 16, 64, 8, "int4", softcap=0.7),
+          _spec(5, 4, 2, 20, 16, None, "int4")]  # head_dim 20: vectors of 4 lanes from 2 bytes
 # Gemma 2's attention-logit soft-cap (0.7: most random scores are capped hard), with and without a window
 SPECS += [_spec(5, 8, 2, 16, 16, 8, "float32", softcap=0.7), _spec(1, 9, 3, 64, 16, None, "int8", softcap=0.7),
           _spec(16, 4, 4, 32, 8, None, "float16", softcap=0.7)]
