@@ -212,7 +212,8 @@ class ModelBench:
         settings = peer_grid(self.key, self.args)
         if not settings:
             return
-        runner = PeerRunner(self.source_path, self.args.peer_venv, DATA, self.calib_ids, self.windows)
+        runner = PeerRunner(self.source_path, self.args.peer_venv, DATA, self.calib_ids, self.windows,
+                            self.args.peer_timeout)
         try:
             for rotation, label, bits, group, sym in settings:
                 result = old_peers.get((rotation, label))
@@ -239,6 +240,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--peer", default="none,spinquant,spinquant-learned",
                         help="peer rotations (none,spinquant,spinquant-learned,quip; '' for no peer rows)")
     parser.add_argument("--peer-schemes", default="int4 per-channel,int3 g32,int4 g32")
+    parser.add_argument("--peer-timeout", type=float, default=5400, help="seconds one peer row may take")
     parser.add_argument("--tokens", type=int, default=32768, help="scored tokens per model")
     parser.add_argument("--smollm2-tokens", type=int, default=None, help="override --tokens for SmolLM2 only")
     parser.add_argument("--jobs", type=int, default=1, help="compiles run at once (each GPTQ wants the 2 cores)")

@@ -43,8 +43,9 @@ def last_error_line(stderr: str) -> str:
 class PeerRunner:
     """Runs peer rows on one model: the HF directory is written once, each row is one subprocess in the venv."""
 
-    def __init__(self, source_path: Path, venv: Path, data: Path, calib_ids, windows: list[list[int]]):
-        self.python = venv / "bin" / "python"
+    def __init__(self, source_path: Path, venv: Path, data: Path, calib_ids, windows: list[list[int]],
+                 timeout_s: float):
+        self.python, self.timeout_s = venv / "bin" / "python", timeout_s
         self.venv, self.source_path, self.data = venv, source_path, data
         self.calib, self.windows = calib_ids.tolist(), windows
         self._tmp = tempfile.TemporaryDirectory(prefix="bitsmith-peer-")
@@ -65,8 +66,12 @@ class PeerRunner:
         job.write_text(json.dumps({"model": str(self.hf_dir()), "calib": self.calib, "eval_windows": self.windows,
                                    "bits": bits, "group": group, "sym": sym, "ignore": ["lm_head"],
                                    "rotation": rotation}))
-        proc = subprocess.run([str(self.python), str(HERE / "peers" / "llmcompressor_gptq.py"), str(job)],
-                              capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        try:
+            proc = subprocess.run([str(self.python), str(HERE / "peers" / "llmcompressor_gptq.py"), str(job)],
+                                  capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                                  timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:  # the row says so; the bench goes on
+            return {"error": f"timed out after {self.timeout_s:.0f} s (--peer-timeout)"}
         if proc.returncode:
             return {"error": last_error_line(proc.stderr)}
         return json.loads(proc.stdout.strip().splitlines()[-1])
