@@ -107,13 +107,14 @@ def reference_plans(model, base, cache: Path, keep_default: bool) -> tuple[dict,
     return uniform, heuristic_plan(tensors, fixed, layers), stats
 
 
-def measured(model, plans: dict[str, dict], held: np.ndarray, kind: str) -> dict[str, float]:
+def measured(model, plans: dict[str, dict], held: np.ndarray, kind: str, base) -> dict[str, float]:
     """RTN KLD of each fixed plan on the model rotated by `kind` (the untied lm_head of a rotated tied model: 16-bit)."""
     from bitsmith.compiler.reference import upcast_weights
     from bitsmith.search.rotation import rotate_model
-    from bitsmith.search.run import PlanScorer
+    from bitsmith.search.run import PlanScorer, compile_calibration
 
-    scorer = PlanScorer(*rotate_model(model.module, upcast_weights(model.weights), kind, 0), held)
+    scorer = PlanScorer(*rotate_model(model.module, upcast_weights(model.weights), kind, 0,
+                                      compile_calibration(model, base)), held)
     return {name: scorer.kld(plan) for name, plan in plans.items()}
 
 
@@ -151,7 +152,7 @@ def bench_model(key: str, cache: Path, smoke: bool = False) -> dict:
                     r[f"chosen_schemes{suffix}"] = {s: list(report["weights"].values()).count(s)
                                                     for s in sorted(set(report["weights"].values()))}
                     r[f"latency_pred_ms{suffix}"] = report["predicted"]["latency_pred_ms"]
-            fixed = measured(model, {"uniform": uniform, "heuristic": heuristic}, held, kind)
+            fixed = measured(model, {"uniform": uniform, "heuristic": heuristic}, held, kind, base)
             r[f"uniform_int4_kld{suffix}"], r[f"heuristic_kld{suffix}"] = fixed["uniform"], fixed["heuristic"]
             print(f"[{key}] --rotate {kind}: uniform {fixed['uniform']:.5f}, heuristic {fixed['heuristic']:.5f}",
                   file=sys.stderr, flush=True)

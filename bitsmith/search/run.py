@@ -147,6 +147,12 @@ def measured_kld(module, weights: dict[str, np.ndarray], plan: dict[str, str], s
     return PlanScorer(module, weights, samples).kld(plan)
 
 
+def compile_calibration(model, opts: SearchOptions) -> np.ndarray | None:
+    """The tokens `compile` calibrates with by default (its --calib-samples/--calib-seqlen defaults, --calib as
+    searched): the rotation's outlier channels are measured on them."""
+    return calibration_tokens(model, CalibrationOptions(opts.calib))
+
+
 def _calibration(model, opts: SearchOptions, seed: int) -> np.ndarray:
     samples = calibration_tokens(model, CalibrationOptions(opts.calib, opts.calib_samples, opts.calib_seqlen, seed))
     if samples is None:
@@ -189,11 +195,13 @@ def search_rotation(model, kind: str, opts: SearchOptions, samples: np.ndarray, 
     rotated model's. The tensors searched are the unrotated model's linears (rotation unties a tied lm_head: the
     new copy stays 16-bit, as the tied table does, and counts in the fixed bytes)."""
     searched = linear_weights(model.module)
-    module, weights = rotate_model(model.module, upcast_weights(model.weights), kind, opts.rotate_seed)
+    module, weights = rotate_model(model.module, upcast_weights(model.weights), kind, opts.rotate_seed,
+                                   compile_calibration(model, opts))
     created = [t for t in linear_weights(module) if t not in searched]
     fixed16 = fixed_tensors(module, opts)
     tensors = [t for t in searched if t not in fixed16]  # fixed ones need no sensitivity
-    tag = model_hash(model.source) + ("" if kind == "none" else f"-{kind}{opts.rotate_seed}")
+    outliers = module.meta.get("rotation", {}).get("outliers", {}).get("channels")
+    tag = model_hash(model.source) + ("" if kind == "none" else f"-{kind}{opts.rotate_seed}-{outliers}")
     sens = measure_sensitivity(module, weights, samples, tensors, cache, tag, log, candidates(opts.methods))
     latency = LatencyTable(cache)
     usage = measure_usage(module, weights, samples) if expert_weights(module) else {}
@@ -223,7 +231,7 @@ def search_rotation(model, kind: str, opts: SearchOptions, samples: np.ndarray, 
     stats = plan_stats(sm, chosen, overhead_s)
     stats["kld_meas"] = scorer.kld(plan)
     return {"format": PLAN_FORMAT, "version": 1, "model_hash": model_hash(model.source), "method": "rtn",
-            "rotation": {"kind": kind, "seed": opts.rotate_seed}, "methods": list(opts.methods), "weights": plan,
+            "rotation": {"kind": kind, "seed": opts.rotate_seed, **({"outliers": outliers} if outliers else {})}, "methods": list(opts.methods), "weights": plan,
             "options": asdict(opts), "predicted": stats, "pareto": pareto, "spearman": _spearman(pareto),
             "fixed_bytes": sm.fixed_bytes, "kv_bytes": sm.kv_bytes, **({"expert_usage": usage} if usage else {})}
 

@@ -84,12 +84,12 @@ def test_rotated_sensitivity_sees_every_tensor(shared_data, tmp_path):
 
     model = canonical_model(load_model(shared_data / "tinystories-656k"))
     weights = upcast_weights(model.weights)
-    module, rotated = rotate_model(model.module, weights, "hadamard", 0)
+    samples = calibration_tokens(model, CalibrationOptions(None, 1, 32, 0))
+    module, rotated = rotate_model(model.module, weights, "hadamard", 0, samples)
     tokens = list(range(1, 33))
     ref = ReferenceSession(model.module, weights, 32).prefill(tokens)
     got = ReferenceSession(module, rotated, 32).prefill(tokens)
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()  # the rotation is exact in fp32
-    samples = calibration_tokens(model, CalibrationOptions(None, 1, 32, 0))
     tensors = [t for t in linear_weights(model.module)]
     sens = measure_sensitivity(module, rotated, samples, tensors)
     assert all(sens.probe_kld[t] > 1e-5 for t in tensors), sens.probe_kld
@@ -108,18 +108,21 @@ def test_search_auto_then_compile_applies_the_rotation(shared_data, tmp_path):
     choices = report["rotation_choices"]
     assert set(choices) == {"none", "hadamard"}
     best = min(choices, key=lambda k: choices[k]["kld_meas"])
-    assert report["rotation"] == {"kind": best, "seed": 0} and report["predicted"] == {**report["predicted"],
+    assert (report["rotation"]["kind"], report["rotation"]["seed"]) == (best, 0) and report["predicted"] == {**report["predicted"],
                                                                                       **choices[best]}
     for kind in choices:  # equal bits per searched weight; the rotated model's untied lm_head is extra fixed bytes
         assert choices[kind]["bpw"] <= 4.5 + 1e-9
     hadamard = run_search(source, SearchOptions(**{**opts.__dict__, "rotate": "hadamard"}), tmp_path / "rot.json")
     assert hadamard["rotation"]["kind"] == "hadamard" and hadamard["weights"]["lm_head.weight"] == "16"
-    assert json.loads((tmp_path / "rot.json").read_text())["rotation"] == {"kind": "hadamard", "seed": 0}
+    recorded = json.loads((tmp_path / "rot.json").read_text())["rotation"]
+    assert (recorded["kind"], recorded["seed"]) == ("hadamard", 0)
     result = CliRunner().invoke(main, ["compile", str(source), "--plan", str(tmp_path / "rot.json"), "--target", "none",
                                        "--gate", "none", "-o", str(tmp_path / "art")])
     assert result.exit_code == 0, result.output
     meta = load_artifact(tmp_path / "art").manifest["ir"]["meta"]
     assert {"r1", "r2", "ffn", "keys"} <= set(meta["rotation"])
+    # the compile found the outlier channels the search rotated around (same calibration tokens)
+    assert (meta["rotation"].get("outliers", {}).get("channels") or None) == recorded.get("outliers"), meta["rotation"]
     for name, scheme in hadamard["weights"].items():
         got = meta["precision_plan"].get(name)
         if scheme == "16":
@@ -127,3 +130,25 @@ def test_search_auto_then_compile_applies_the_rotation(shared_data, tmp_path):
         else:
             want = parse_scheme(scheme)
             assert (got["bits"], got["group_size"], got["method"]) == (want.bits, want.group_size, want.method), name
+
+
+def test_auto_keeps_the_rotation_that_fits_the_budget(shared_data, tmp_path, monkeypatch):
+    """--rotate auto: a rotation that cannot meet the budget (a tied model's untied lm_head) is reported and the other
+    plan kept; --rotate hadamard alone raises it."""
+    import bitsmith.search.run as run
+
+    def fake_search(model, kind, opts, *args, **kwargs):
+        if kind == "hadamard":
+            raise BitsmithError("the budget cannot hold the rotated model", where="search")
+        point = {"bytes": 1000, "bpw": 4.0, "kld_pred": 0.1, "kld_meas": 0.2, "latency_pred_ms": 1.0}
+        return {"format": run.PLAN_FORMAT, "rotation": {"kind": kind, "seed": 0}, "weights": {}, "spearman": None,
+                "pareto": [{**point, "plan": {}}], "predicted": point}
+
+    monkeypatch.setattr(run, "search_rotation", fake_search)
+    opts = run.SearchOptions(memory=1, calib_samples=1, calib_seqlen=16, rotate="auto")
+    report = run.run_search(shared_data / "tinystories-656k", opts, tmp_path / "plan.json")
+    assert report["rotation"]["kind"] == "none" and "cannot hold" in report["rotation_choices"]["hadamard"]["refused"]
+    assert "--rotate hadamard: search: the budget cannot hold" in run.format_pareto(report)
+    with pytest.raises(BitsmithError, match="cannot hold the rotated"):
+        run.run_search(shared_data / "tinystories-656k", run.SearchOptions(**{**opts.__dict__, "rotate": "hadamard"}),
+                       tmp_path / "plan2.json")
