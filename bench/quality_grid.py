@@ -123,10 +123,8 @@ def grid(model_key: str, args) -> list[RowSpec]:
         unrotated = ["int8 per-channel", "int4 g64"] + (["int4 g128"] if model_key == "tinystories" else [])
     else:
         rotated, unrotated = [s.strip() for s in args.schemes.split(",") if s.strip()], []
-    specs = [row(m, r, s) for s in unrotated for m in methods for r in rotations if r == "none"]
-    specs += [row(m, r, s) for s in rotated for m in methods for r in rotations]
-    if model_key == "smollm2" and "rtn" in methods and "none" in rotations and args.schemes == "default":
-        specs.append(row("rtn", "none", "int4 g32 asym (sanity)"))  # reproduces the GGUF's Q4_1 grid exactly
+    # measured in this order (the rows first, so an interrupted run has those); the report sorts by scheme
+    specs = [row(m, r, s) for s in rotated for m in methods for r in rotations]
     if args.kv_rows:
         weights = [("none", "16-bit")] + ([("gptq", "int4 g32")] if "gptq" in methods else [])
         for method, scheme in weights:
@@ -137,6 +135,9 @@ def grid(model_key: str, args) -> list[RowSpec]:
     if args.act_rows:
         specs += [row(m, r, s, activations="int8") for s in ACT_SCHEMES for m in methods if m in ("rtn", "gptq")
                   for r in rotations]
+    specs += [row(m, r, s) for s in unrotated for m in methods for r in rotations if r == "none"]
+    if model_key == "smollm2" and "rtn" in methods and "none" in rotations and args.schemes == "default":
+        specs.append(row("rtn", "none", "int4 g32 asym (sanity)"))  # reproduces the GGUF's Q4_1 grid exactly
     return specs
 
 
