@@ -105,9 +105,19 @@ def score(paths: list[Path], specs: list[RowSpec], text: str, tokens: int, ctx: 
         by_options.setdefault(tuple(sorted(score_options(spec).items())), []).append(i)
     for options, indices in by_options.items():
         # --target none artifacts have no kernels: they are scored on the numpy reference executor
-        res = evaluate_many([paths[i] for i in indices], text, tokens, ctx, reference=source_path,
-                            executor="reference", **dict(options))
-        for i, r in zip(indices, res):
+        def run(group: list[int]) -> list:
+            return evaluate_many([paths[i] for i in group], text, tokens, ctx, reference=source_path,
+                                 executor="reference", **dict(options))
+        try:
+            scored = list(zip(indices, run(indices)))
+        except Exception:  # one artifact the scorer refuses must not cost the batch: score them one by one
+            scored = []
+            for i in indices:
+                try:
+                    scored.append((i, run([i])[0]))
+                except Exception as exc:  # the row records why; the grid goes on
+                    results[i] = {"error": f"scoring failed: {type(exc).__name__}: {str(exc)[:300]}"}
+        for i, r in scored:
             results[i] = {"ref_ppl": r.ref_ppl, "tokens": r.tokens,
                           **{k: getattr(r, k) for k in ("ppl", "kld_mean", "kld_p99", "top1_agree")}}
     return results
