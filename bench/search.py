@@ -70,7 +70,9 @@ def decode_ms(plan_path: Path, source, work: Path, context: int) -> float:
 
     keep, schemes = plan_to_overrides(plan_path)
     kind, seed = plan_rotation(plan_path)
-    out = compile_model(source, work / "chosen", CompileOptions(
+    # a directory per plan: the kernel library of an artifact compiled earlier at the same path would be the one
+    # loaded (dlopen returns the library already open under that name)
+    out = compile_model(source, work / f"chosen-{plan_path.stem}", CompileOptions(
         quant=QuantOptions("rtn", keep_default=False, keep=keep, schemes=schemes, requantize=kind != "none"),
         memory=MemoryOptions(context=min(context, 512), concurrency=1), rotation=RotationOptions(kind, seed)))
     session = CompiledSession(load_artifact(out))
