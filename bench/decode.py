@@ -155,7 +155,10 @@ def rotation_cost(model: Path | None, tokens: int, rounds: int, activations: str
     kernels = {rotate: changed_kernels_us(ours) for rotate, ours in sessions.items()}
     plain, rotated = median(runs["none"]), median(runs["hadamard"])
     return {"activations": activations, "none_tok_s": round(plain, 1), "hadamard_tok_s": round(rotated, 1),
-            "ratio": round(rotated / plain, 3), "none_rounds": [round(v, 1) for v in runs["none"]],
+            "ratio": round(rotated / plain, 3),
+            # each round's rotated / unrotated (run back to back): drift between rounds cancels
+            "paired_ratio": round(median([h / n for n, h in zip(runs["none"], runs["hadamard"])]), 3),
+            "none_rounds": [round(v, 1) for v in runs["none"]],
             "hadamard_rounds": [round(v, 1) for v in runs["hadamard"]],
             "none_kernels_us": round(kernels["none"][0], 1), "none_kernel_calls": kernels["none"][1],
             "hadamard_kernels_us": round(kernels["hadamard"][0], 1), "hadamard_kernel_calls": kernels["hadamard"][1],
@@ -164,17 +167,19 @@ def rotation_cost(model: Path | None, tokens: int, rounds: int, activations: str
 
 def rotation_section(name: str, args: argparse.Namespace, host: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [ROTATION_HEADING, "",
-             f"`python bench/decode.py --rotation{'' if args.model is None else ' --model ' + str(args.model)}` "
+             f"`python bench/decode.py --rotation --tokens {args.tokens} --rounds {args.rounds} --activations "
+             f"{args.activations}{'' if args.model is None else ' --model ' + str(args.model)}` "
              f"({name}; int4 g32 RTN, every linear, `--requantize`; {args.tokens} greedy tokens, {args.rounds} rounds "
              "of one unrotated and one rotated run, both loaded; medians). The rotated artifact adds an online "
              "Hadamard before each down_proj (fused into the silu*up kernel) and on q and k after RoPE (fused into "
              "the RoPE kernel); the last columns time those kernels of one decode step alone.", "",
              f"- {host_line(host)}", "",
-             "| activations | unrotated tok/s | rotated tok/s | rotated / unrotated | silu*up + RoPE us/token "
-             "(calls) | fused Hadamard versions us/token (calls) |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| activations | unrotated tok/s | rotated tok/s | rotated / unrotated | median of per-round ratios | "
+             "silu*up + RoPE us/token (calls) | fused Hadamard versions us/token (calls) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['activations']} | {r['none_tok_s']} | {r['hadamard_tok_s']} | {r['ratio']:.3f} | "
+                     f"{r['paired_ratio']:.3f} | "
                      f"{r['none_kernels_us']} ({r['none_kernel_calls']}) | "
                      f"{r['hadamard_kernels_us']} ({r['hadamard_kernel_calls']}) |")
     return "\n".join(lines) + "\n"
