@@ -8,7 +8,7 @@ disjoint from the scored tokens (stated in the table).
     python bench/quality.py [--json] [--models tinystories,smollm2] [--methods rtn,gptq,awq,hqq]
                             [--rotations none,hadamard,learned] [--schemes "int4 per-channel,int3 g32"]
                             [--kv-rows] [--act-rows] [--peer none,spinquant,spinquant-learned]
-                            [--reuse-json bench/quality.json] [--jobs 1] [--tokens N] [--peer-venv DIR]
+                            [--reuse-json bench/quality.json] [--work DIR] [--jobs 1] [--tokens N]
 
 The grid is methods x rotations x schemes; the default schemes are the issue's four (int4 per-channel, int4
 g32, int3 g32, int2 g32) under every rotation plus the earlier table's others (int8 per-channel, int4 g64, and
@@ -131,6 +131,7 @@ class ModelBench:
 
         self.key, self.model, self.tokens, self.work, self.args = key, MODELS[key], tokens, work, args
         self.text = self.model.text.read_text(encoding="utf-8")
+        work.mkdir(parents=True, exist_ok=True)
         self.calib = work / f"{key}-calib.txt"
         self.calib.write_text(self.text[slice(*self.model.calib_chars)])
         self.source_path = default_model_path() if self.model.source == "default" else Path(self.model.source)
@@ -259,6 +260,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reuse-json", type=Path, default=None, help="take rows with identical settings from it")
     parser.add_argument("--json-out", type=Path, default=None, help="JSON rewritten as rows land "
                         "(default bench/quality.json; none in --smoke)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep the artifacts here (default: a temporary folder); one an earlier run compiled "
+                             "with the same settings is used again, so a resumed grid does not compile twice")
     parser.add_argument("--peer-venv", type=Path,
                         default=Path(os.environ.get("BITSMITH_PEER_VENV", Path.home() / ".cache/bitsmith/peer-venv")))
     parser.add_argument("--out", type=Path, default=None, help="markdown to write (default bench/quality.md)")
@@ -291,7 +295,7 @@ def main() -> None:
 
         for key in keys:
             tokens = args.smollm2_tokens if key == "smollm2" and args.smollm2_tokens else args.tokens
-            bench = ModelBench(key, tokens, Path(tmp), args, reused, update)
+            bench = ModelBench(key, tokens, args.work or Path(tmp), args, reused, update)
             report[key] = bench.report
             bench.run()
             update()
