@@ -11,6 +11,8 @@ from bitsmith.compiler.ops import OPS, RefContext, bind
 from bitsmith.errors import BitsmithError
 from bitsmith.runtime.safetensors_io import StoredTensor
 
+ACTIVATIONS = ("float32", "int8")  # what qlinear inputs the reference computes with (run_function)
+
 
 def upcast_weights(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """float32 copies of float weights (once, so no step pays the conversion); file-backed ones are read."""
@@ -39,9 +41,19 @@ def bind_dims(fn: Function, inputs: Mapping[str, np.ndarray]) -> dict[str, int]:
     return dims
 
 
-def run_function(fn: Function, weights: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """Execute `fn` with numpy; frees each value after its last use."""
-    ctx = RefContext(weights, bind_dims(fn, inputs))
+def check_activations(activations: str) -> str:
+    """`activations` if it is one of ACTIVATIONS, else a BitsmithError naming them."""
+    if activations not in ACTIVATIONS:
+        raise BitsmithError(f"unknown activations {activations!r}", where="reference executor",
+                            fix=f"use one of {', '.join(ACTIVATIONS)}")
+    return activations
+
+
+def run_function(fn: Function, weights: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray],
+                 activations: str = "float32") -> list[np.ndarray]:
+    """Execute `fn` with numpy; frees each value after its last use. activations "int8": every qlinear the
+    int8-activation kernels would run rounds its input as they do (ops/quant.py round_int8_activations)."""
+    ctx = RefContext(weights, bind_dims(fn, inputs), check_activations(activations))
     last_use: dict[str, int] = {}
     for i, node in enumerate(fn.nodes):
         for v in node.inputs:
@@ -69,8 +81,10 @@ def run_function(fn: Function, weights: Mapping[str, np.ndarray], inputs: Mappin
 class ReferenceSession:
     """One sequence's state (KV cache + position) driven through `prefill` and `decode` by the reference."""
 
-    def __init__(self, module: Module, weights: Mapping[str, np.ndarray], max_context: int):
+    def __init__(self, module: Module, weights: Mapping[str, np.ndarray], max_context: int,
+                 activations: str = "float32"):
         self.module = module
+        self.activations = check_activations(activations)  # "int8": emulate the int8-activation kernels
         self.weights = upcast_weights(weights)
         cache_type = module["prefill"].inputs[2][1]
         self.max_context = max_context
@@ -92,6 +106,7 @@ class ReferenceSession:
         logits, self.kv_cache = run_function(
             self.module[entry], self.weights,
             {"tokens": np.asarray(tokens, dtype=np.int64), "positions": positions, "kv_cache": self.kv_cache},
+            self.activations,
         )
         self.position += n
         return logits

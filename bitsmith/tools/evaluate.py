@@ -11,8 +11,8 @@ from tqdm import tqdm
 from bitsmith.compiler.analysis import dead_code_elimination
 from bitsmith.compiler.ir import Module, Node, TensorType
 from bitsmith.compiler.loader import load_model
-from bitsmith.compiler.ops.quant import dequantize_packed, qlinear_input_names
-from bitsmith.compiler.reference import ReferenceSession, upcast_weights
+from bitsmith.compiler.ops.quant import dequantize_packed, qlinear_input_names, reads_int8_activations
+from bitsmith.compiler.reference import ReferenceSession, check_activations, upcast_weights
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.canonicalize import canonical_model
 from bitsmith.passes.plan_kv_cache import with_kv_dtypes
@@ -54,10 +54,11 @@ def windows_of(ids: list[int], ctx: int, bos: int | None) -> list[list[int]]:
 
 class Scorer:
     """log-probabilities of windows under one model on the reference executor; packed weights are dequantized
-    once, up front."""
+    once, up front. activations "int8": the inputs of the qlinears an int8-activation build runs on int8 GEMVs
+    are rounded as those kernels round them (the artifact need not have kernels: --target none is fine)."""
 
-    def __init__(self, module: Module, weights):
-        self.module, self.weights = densify(module, upcast_weights(weights))
+    def __init__(self, module: Module, weights, activations: str = "float32"):
+        self.module, self.weights = densify(module, upcast_weights(weights), check_activations(activations))
 
     def logprobs(self, tokens: list[int]) -> np.ndarray:
         """[len(tokens) - 1, vocab] for predicting tokens[1:]."""
@@ -77,8 +78,9 @@ class CompiledScorer:
         return log_softmax(self.session.prefill(tokens)[:-1])
 
 
-def densify(module: Module, weights: dict) -> tuple[Module, dict]:
-    """Replace every qlinear by a linear over its dequantized float32 matrix (the same arithmetic)."""
+def densify(module: Module, weights: dict, activations: str = "float32") -> tuple[Module, dict]:
+    """Replace every qlinear by a linear over its dequantized float32 matrix (the same arithmetic); activations
+    "int8": an `int8_activations` node before each linear whose qlinear reads int8 activations (its rounding)."""
     weights = dict(weights)
     new_types = dict(module.weights)
     functions = {}
@@ -104,7 +106,12 @@ def densify(module: Module, weights: dict) -> tuple[Module, dict]:
             nodes.append(Node("weight", (), (value,), {"name": dense}))
             types[value] = new_types[dense]
             bias = node.inputs[-1:] if node.attrs.get("has_bias") else ()
-            nodes.append(Node("linear", (node.inputs[0], value, *bias), node.outputs, {}))
+            x = node.inputs[0]
+            if activations == "int8" and reads_int8_activations(node.attrs):
+                x = f"{node.outputs[0]}.x_int8"
+                nodes.append(Node("int8_activations", (node.inputs[0],), (x,), {}))
+                types[x] = types[node.inputs[0]]
+            nodes.append(Node("linear", (x, value, *bias), node.outputs, {}))
         functions[key] = dead_code_elimination(fn.replace(nodes=tuple(nodes), types=types))
     return module.replace(functions=functions, weights=new_types), weights
 
@@ -131,21 +138,28 @@ def _reference_model(artifact: Artifact, reference: str | Path | None, always: b
 
 
 
-def evaluate(path: str | Path, text: str, tokens: int | None, ctx: int,
-             reference: str | Path | None = None, executor: str = "compiled") -> EvalResult:
-    return evaluate_many([path], text, tokens, ctx, reference, executor)[0]
+def evaluate(path: str | Path, text: str, tokens: int | None, ctx: int, reference: str | Path | None = None,
+             executor: str = "compiled", activations: str = "float32") -> EvalResult:
+    return evaluate_many([path], text, tokens, ctx, reference, executor, activations)[0]
 
 
 def evaluate_many(paths: list[str | Path], text: str, tokens: int | None, ctx: int,
-                  reference: str | Path | None = None, executor: str = "compiled") -> list[EvalResult]:
+                  reference: str | Path | None = None, executor: str = "compiled",
+                  activations: str = "float32") -> list[EvalResult]:
     """Score several artifacts of one model on the same windows; the reference runs once per window.
 
     Tokenizer, context and (without `reference`) the reference model come from the first artifact. `executor`
     scores the artifacts: "compiled" (their kernels; one without kernels is an error) or "reference" (numpy on
-    their dequantized weights); the reference model always runs on the reference executor.
+    their dequantized weights); the reference model always runs on the reference executor. `activations` "int8"
+    (reference executor only) scores the artifacts as their int8-activation build would compute (Scorer); the
+    reference model keeps float32 activations.
     """
     if executor not in EXECUTORS:
         raise BitsmithError(f"unknown executor {executor!r}", fix=f"use one of {', '.join(EXECUTORS)}")
+    if activations != "float32" and executor != "reference":
+        raise BitsmithError(f"activations {activations!r} are emulated on the reference executor only",
+                            where="evaluate", fix="pass executor='reference' (compiled artifacts use their own "
+                                                  "kernels' activations: compile with --activations int8)")
     artifacts = [load_artifact(p) for p in paths]
     tokenizer = artifacts[0].tokenizer()
     ids = tokenizer.encode(text, add_bos=False)
@@ -160,7 +174,7 @@ def evaluate_many(paths: list[str | Path], text: str, tokens: int | None, ctx: i
         raise BitsmithError(f"the text has {len(ids)} tokens, fewer than one window of {ctx}",
                             fix="pass a longer text or a smaller --ctx")
     scorers = [CompiledScorer(a, len(windows[0])) if executor == "compiled"
-               else Scorer(Module.from_json(a.manifest["ir"]), a.weights) for a in artifacts]
+               else Scorer(Module.from_json(a.manifest["ir"]), a.weights, activations) for a in artifacts]
     ref_model = _reference_model(artifacts[0], reference, always=len(paths) > 1)
     ref = Scorer(*ref_model) if ref_model is not None else None
     stats = [{"nll": [], "ref_nll": [], "kld": [], "agree": []} for _ in scorers]

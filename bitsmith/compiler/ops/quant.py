@@ -1,4 +1,4 @@
-"""Quantized IR ops: `qlinear`, a linear whose weight is packed b-bit codes with group scales (zeros, offsets)."""
+"""Quantized IR ops: `qlinear` (packed b-bit codes with group scales, zeros, offsets) and `int8_activations`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from bitsmith.runtime.packed_layout import packed_shape, unpack
 #   layout of qweight: bitsmith.runtime.packed_layout
 
 DEFAULTS = {"offset": False, "super_group": 0, "has_perm": False, "has_bias": False}
+ACTIVATION_BLOCK = 32  # int8-activation kernels: one scale per 32 consecutive input values of a row
+INT8_ACTIVATION_BITS = (4, 8)  # codegen/gemv_int8.py I8_BITS: the code widths those kernels read
 
 
 def qlinear_input_names(attrs: dict) -> list[str]:
@@ -85,6 +87,32 @@ def dequantize_packed(qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray
     return (q - z) * s
 
 
+def reads_int8_activations(attrs: dict) -> bool:
+    """Whether the int8-activation build quantizes this qlinear's input: 4/8-bit codes in a form other than the
+    imported ones (groups of 16, min form, two-level scales), as lower_linear decides with
+    codegen/spec_checks.imported_form_problems (the others keep float32 activations)."""
+    a = DEFAULTS | attrs
+    return (a["bits"] in INT8_ACTIVATION_BITS and a["group_size"] != 16 and not a["offset"]
+            and not a["super_group"])
+
+
+def round_int8_activations(x: np.ndarray) -> np.ndarray:
+    """float32 x [..., in] as the int8-activation GEMVs see it (gemv_int8_tir.py, gemv_x16.py, gemv_int8_neon.py):
+    per row and per block of 32 values (the last one partial), amax = max|x|, xq = clip(rint(x * (127 / amax)),
+    -127, 127) in float32 (0 when amax = 0), and the value xq * (amax / 127). The kernels multiply the codes xq
+    in integers and scale the block's sum once; this is the same product up to float32 summation order."""
+    x = as_float(x)
+    n_in = x.shape[-1]
+    pad = -n_in % ACTIVATION_BLOCK
+    xb = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]) if pad else x
+    xb = xb.reshape(*x.shape[:-1], -1, ACTIVATION_BLOCK)  # [..., blocks, 32]; zero padding leaves amax alone
+    amax = np.abs(xb).max(axis=-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), np.float32(0.0)).astype(np.float32)
+    codes = np.clip(np.rint(xb * inv), -127, 127)
+    out = codes * (amax / np.float32(127.0))
+    return out.reshape(*x.shape[:-1], n_in + pad)[..., :n_in]
+
+
 def _qlinear_ref(xs, attrs, ctx):
     inputs = dict(zip(qlinear_input_names(attrs), xs[1:]))
     w = dequantize_packed(inputs["qweight"], inputs["scales"], inputs.get("zeros"), attrs,
@@ -92,6 +120,8 @@ def _qlinear_ref(xs, attrs, ctx):
     x = as_float(xs[0])
     if "perm" in inputs:  # act-order: stored column c is original column perm[c]
         x = x[..., np.asarray(inputs["perm"], dtype=np.int64)]
+    if ctx.activations == "int8" and reads_int8_activations(attrs):  # after the gather, as the kernels do
+        x = round_int8_activations(x)
     y = x @ w.T
     if "bias" in inputs:
         y = y + as_float(inputs["bias"])
@@ -99,3 +129,13 @@ def _qlinear_ref(xs, attrs, ctx):
 
 
 register("qlinear", (3, 8), _qlinear_infer, _qlinear_ref)
+
+
+# int8_activations(x[..., in]) -> [..., in], attrs {}: round_int8_activations as an explicit node, for modules whose
+# qlinears were replaced by dense linears (tools/evaluate.py densify) and that still score int8 activations;
+# never lowered to kernels (the int8 GEMVs do this inside)
+def _same_type_infer(in_types, attrs, weights):
+    return [TensorType(in_types[0].shape, COMPUTE_DTYPE)]
+
+
+register("int8_activations", (1, 1), _same_type_infer, lambda xs, attrs, ctx: [round_int8_activations(xs[0])])

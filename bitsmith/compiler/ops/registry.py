@@ -20,6 +20,9 @@ class RefContext:
 
     weights: Any  # Mapping[str, np.ndarray]
     dims: dict[str, int]
+    # "int8": qlinear rounds its input as the int8-activation kernels do (ops/quant.py round_int8_activations);
+    # "float32": exact (the default)
+    activations: str = "float32"
 
 
 InferFn = Callable[[list[TensorType], dict[str, Any], dict[str, TensorType]], list[TensorType]]
