@@ -4,6 +4,8 @@ executor's logits."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -92,19 +94,35 @@ def test_rows_beyond_gpu_shared_memory_are_refused_at_lowering():
         lower_function(fn.replace(nodes=nodes, types=big), 1, _kv(CONFIG), {}, {}, target="cuda")
 
 
+def _tiny_llama_with_tokenizer(directory):
+    """The tiny random Llama in HF layout with a character-level tokenizer.json (a..z, space; ids < its vocab of
+    96), so that rotate passes that read calibration text have tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from conftest import save_tiny_hf_model
+
+    save_tiny_hf_model(directory, "llama")
+    vocab = {chr(97 + i): i + 3 for i in range(26)} | {"<unk>": 0, " ": 29, "</s>": 2}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.save(str(directory / "tokenizer.json"))
+    return directory
+
+
 @pytest.mark.slow
-def test_rotated_int4_artifact_kernels_equal_the_reference(tiny_artifact):
+def test_rotated_int4_artifact_kernels_equal_the_reference(tmp_path):
     """--rotate hadamard, int4 g32 RTN on the tiny Llama: the compiled kernels (fused hadamards) against the numpy
     reference executor of the same artifact, prefill in two chunks and three decode steps."""
     from bitsmith.options import RotationOptions
-    from bitsmith.pipeline import CompileOptions, MemoryOptions, QuantOptions
+    from bitsmith.pipeline import CompileOptions, MemoryOptions, QuantOptions, compile_model
     from bitsmith.runtime.artifact import load_artifact
     from bitsmith.runtime.session import CompiledSession
     from bitsmith.tools.run import reference_session
 
     options = CompileOptions(quant=QuantOptions("rtn", bits=4, group_size=32, sym=False, keep_default=False),
                              memory=MemoryOptions(context=64), rotation=RotationOptions("hadamard"))
-    art = load_artifact(tiny_artifact(options))
+    model = _tiny_llama_with_tokenizer(tmp_path / "model")
+    art = load_artifact(compile_model(model, tmp_path / "art", options))
     kernels = [c[0] for c in art.manifest["kernels"]["schedules"]["rows1"]["calls"]]
     assert any(k.startswith("silu_mul_hadamard") for k in kernels) and any("_hadamard_" in k for k in kernels)
     compiled, ref = CompiledSession(art), reference_session(art, 64)
@@ -114,3 +132,30 @@ def test_rotated_int4_artifact_kernels_equal_the_reference(tiny_artifact):
     assert np.abs(got - want).max() <= 2e-4 * scale
     for token in (8, 90, 1):
         assert np.abs(compiled.decode(token) - ref.decode(token)).max() <= 2e-4 * scale
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not installed")
+def test_rotated_artifact_builds_for_cuda(tmp_path):
+    """`compile --target cuda --rotate hadamard`: the fused Hadamard kernels are in the sm_90a library (no GPU
+    needed to build; bench/gpu_check.sh runs artifacts on a lent GPU)."""
+    from click.testing import CliRunner
+
+    from bitsmith.cli import main
+    from bitsmith.codegen.gpu.cuda_build import fatbin_archs
+    from bitsmith.runtime.artifact import load_artifact
+    from bitsmith.runtime.step_runner import kernel_plan
+
+    model = _tiny_llama_with_tokenizer(tmp_path / "model")
+    result = CliRunner().invoke(main, ["compile", str(model), "-o", str(tmp_path / "art"), "--target", "cuda",
+                                       "--method", "rtn", "--bits", "4", "--group", "32", "--rotate", "hadamard",
+                                       "--context", "64", "--concurrency", "2", "--gate", "none"])
+    assert result.exit_code == 0, result.output
+    art = load_artifact(tmp_path / "art")
+    plan = kernel_plan(art)
+    kernels = {c.kernel for s in plan.schedules.values() for c in s.calls}
+    fused = {k for k in kernels if "hadamard" in k}
+    assert any(k.startswith("silu_mul_hadamard") for k in fused) and any(k.startswith("rope_") for k in fused)
+    library = art.directory / plan.library
+    assert fatbin_archs(library) == {"sm_90a"}
+    assert all(name.encode() in library.read_bytes() for name in fused)
