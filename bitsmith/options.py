@@ -93,6 +93,8 @@ class RotationOptions:
     heads: bool = True  # R2: a per-head rotation folded into v_proj rows and o_proj columns
     ffn: bool = True  # R4: an online Hadamard before down_proj (its columns rotated to match)
     keys: bool = True  # R3: an online Hadamard on q and k after RoPE, so the KV cache stores rotated keys
+    # find_outlier_channels: residual channels whose mean square exceeds this times the median's stay unrotated
+    outlier_ratio: float = 100.0
     learn_steps: int = 100  # learned: Cayley optimiser steps
     learn_lr: float = 1.5  # learned: the Cayley step size
 

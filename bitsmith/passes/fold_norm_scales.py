@@ -19,7 +19,7 @@ EMBED_TABLE = "embed_tokens.weight"
 @dataclass(frozen=True)
 class FoldNormScales(Pass):
     """rmsnorm(x) * g feeding W equals rmsnorm(x) feeding W diag(g): the linears' input columns take g and the
-    norm's scale becomes ones (kept as a weight, so AWQ can still fold its scales there later). Only a unit-scale
+    norm's scale becomes ones except on find_outlier_channels' channels, which R1 leaves alone (kept as a weight, so AWQ can still fold its scales there later). Only a unit-scale
     RMSNorm commutes with an orthogonal R (||x R|| = ||x||), which is what rotate_residual needs.
 
     A tied lm_head reads the last norm: when that norm's scale is not all ones the head is untied first, since
@@ -32,19 +32,24 @@ class FoldNormScales(Pass):
 
     def run(self, module: Module, ctx: PassContext) -> Module:
         refuse_imported(module, ctx, self.name)
+        kept = ctx.rotations.get("outliers", np.zeros(0, dtype=np.int64))  # find_outlier_channels: not rotated
         sites = find_residual_sites(module["prefill"])
         tables = set(sites.embeddings)
         gamma_of = {lin.weight: gamma for gamma, linears in sites.norms for lin in linears}
-        if any(w in tables and g is not None and not _all_ones(ctx, g) for w, g in gamma_of.items()):
+        if any(w in tables and g is not None and not _all_ones(_folded_part(ctx, g, kept)) for w, g in gamma_of.items()):
             module = with_rotation_meta(untie_head(module, ctx, sites.embeddings[0]), "untied_head", LM_HEAD)
             sites = find_residual_sites(module["prefill"])
         for gamma, linears in sites.norms:
-            if gamma is None or _all_ones(ctx, gamma):
+            if gamma is None:
                 continue
-            g = np.asarray(ctx.weights[gamma], dtype=np.float32)
+            g = _folded_part(ctx, gamma, kept)
+            if _all_ones(g):
+                continue
             for lin in linears:
                 ctx.weights[lin.weight] = np.asarray(ctx.weights[lin.weight], dtype=np.float32) * g[None, :]
-            ctx.weights[gamma] = np.ones_like(g)
+            kept_scale = np.ones_like(g)
+            kept_scale[kept] = np.asarray(ctx.weights[gamma], dtype=np.float32)[kept]
+            ctx.weights[gamma] = kept_scale  # 1, or the kept (outlier) channels' own scale
         return module
 
 
@@ -68,8 +73,15 @@ def untie_head(module: Module, ctx: PassContext, table: str) -> Module:
     return module.replace(functions=functions, weights={**module.weights, EMBED_TABLE: module.weights[LM_HEAD]})
 
 
-def _all_ones(ctx: PassContext, name: str) -> bool:
-    return bool(np.all(np.asarray(ctx.weights[name], dtype=np.float32) == 1))
+def _folded_part(ctx: PassContext, gamma: str, kept: np.ndarray) -> np.ndarray:
+    """The norm scale with the kept (outlier) channels set to 1: what moves into the readers."""
+    g = np.array(ctx.weights[gamma], dtype=np.float32)
+    g[kept] = 1
+    return g
+
+
+def _all_ones(g: np.ndarray) -> bool:
+    return bool(np.all(g == 1))
 
 
 def refuse_imported(module: Module, ctx: PassContext, where: str) -> None:

@@ -47,6 +47,7 @@ class ResidualSites:
     norms: tuple[tuple[str | None, tuple[Linear, ...]], ...]  # (rmsnorm weight or None, the linears reading it)
     writers: tuple[Linear, ...]  # linears whose output is added into the stream
     heads: tuple[HeadPair, ...]
+    norm_inputs: tuple[str, ...] = ()  # the stream values the norms read (this function's names)
 
 
 def _refuse(fn: Function, node: Node, why: str) -> BitsmithError:
@@ -77,7 +78,7 @@ def find_residual_sites(fn: Function) -> ResidualSites:
             if value is None or value.size != 1 or node.inputs[0] != stream:
                 raise _refuse(fn, node, "the embedding is scaled by something other than a scalar constant")
             stream = node.outputs[0]
-    norms, writers, seen_norms = [], [], set()
+    norms, writers, seen_norms, norm_inputs = [], [], set(), []
     while True:
         next_stream, readers = None, []
         for node in users.get(stream, []):
@@ -90,6 +91,7 @@ def find_residual_sites(fn: Function) -> ResidualSites:
                 next_stream = node.outputs[0]
             elif node.op == "rmsnorm":
                 readers.append(node)
+                norm_inputs.append(stream)
             else:
                 raise _refuse(fn, node, "the residual stream feeds an op other than rmsnorm or add")
         for norm in readers:
@@ -111,7 +113,8 @@ def find_residual_sites(fn: Function) -> ResidualSites:
     if not norms:
         raise BitsmithError("cannot rotate this model: no norm reads the residual stream",
                             where=f"rotate passes, {fn.name}", fix="compile without --rotate")
-    return ResidualSites((weight_of[embeds[0].inputs[0]],), tuple(norms), tuple(writers), find_head_pairs(fn))
+    return ResidualSites((weight_of[embeds[0].inputs[0]],), tuple(norms), tuple(writers), find_head_pairs(fn),
+                         tuple(dict.fromkeys(norm_inputs)))
 
 
 def find_head_pairs(fn: Function) -> tuple[HeadPair, ...]:

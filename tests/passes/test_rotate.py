@@ -12,6 +12,7 @@ from bitsmith.options import CompileOptions, MemoryOptions, QuantOptions, Rotati
 from bitsmith.pipeline import compile_model, describe_pipeline
 from bitsmith.runtime.artifact import load_artifact
 from tests.family_zoo import zoo_model
+from tests.tools.test_gate import char_tokenizer
 
 EXACT = dict(dtype="float32", memory=MemoryOptions(kv_dtype="float32"), target=TargetOptions("none"))
 TOKENS = [5, 17, 3, 88, 41, 9, 60, 2, 33, 71, 12, 50]
@@ -27,6 +28,7 @@ def logits_of(path) -> np.ndarray:
 def compile_pair(tmp_path, family: str, rotation: RotationOptions, quant: QuantOptions = QuantOptions(), **overrides):
     directory = tmp_path / "model"
     zoo_model(family, **overrides).save_pretrained(directory)
+    char_tokenizer(directory)  # outlier channels are measured on calibration text
     plain = compile_model(directory, tmp_path / "plain", CompileOptions(quant=quant, **EXACT))
     rotated = compile_model(directory, tmp_path / "rotated", CompileOptions(quant=quant, rotation=rotation, **EXACT))
     return plain, rotated
@@ -77,6 +79,7 @@ def test_untied_head_stays_16_bit_when_everything_else_is_quantized(tmp_path):
 def test_unsupported_shapes_are_refused_by_name(tmp_path, family, why):
     directory = tmp_path / "model"
     zoo_model(family).save_pretrained(directory)
+    char_tokenizer(directory)
     with pytest.raises(BitsmithError, match=f"cannot rotate this model.*{why}"):
         compile_model(directory, tmp_path / "out", CompileOptions(rotation=RotationOptions("hadamard"), **EXACT))
     assert not (tmp_path / "out").exists()
@@ -84,5 +87,26 @@ def test_unsupported_shapes_are_refused_by_name(tmp_path, family, why):
 
 def test_pass_list_shows_the_rotate_phase():
     text = describe_pipeline(CompileOptions(rotation=RotationOptions("hadamard")))
-    assert "fold_norm_scales, choose_rotations, rotate_residual, rotate_heads, rotate_ffn_online" in text
+    assert ("rotate         find_outlier_channels, fold_norm_scales, choose_rotations, rotate_residual,\n"
+            "                 rotate_heads, rotate_ffn_online, rotate_keys_online") in text
     assert "rotate" not in describe_pipeline(CompileOptions())
+
+
+def test_outlier_channels_stay_unrotated_and_the_rewrite_stays_exact(tmp_path):
+    # ratio 1: the most energetic hidden/32 channels count as outliers even in a random model
+    plain, rotated = compile_pair(tmp_path, "llama", RotationOptions("hadamard", outlier_ratio=1.0))
+    ref, got = logits_of(plain), logits_of(rotated)
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    channels = load_artifact(rotated).manifest["ir"]["meta"]["rotation"]["outliers"]["channels"]
+    assert len(channels) == 2  # 64 / 32
+    a, b = load_artifact(plain).weights, load_artifact(rotated).weights
+    gamma = "layers.1.input_layernorm.weight"
+    assert np.allclose(b[gamma][channels], a[gamma][channels]) and np.delete(b[gamma], channels).max() == 1
+
+
+def test_rotation_without_calibration_text_is_refused(tmp_path):
+    zoo_model("llama").save_pretrained(tmp_path / "model")  # no tokenizer: no calibration tokens
+    with pytest.raises(BitsmithError, match="outlier channels needs calibration tokens"):
+        compile_model(tmp_path / "model", tmp_path / "out", CompileOptions(rotation=RotationOptions("hadamard"), **EXACT))
+    compile_model(tmp_path / "model", tmp_path / "out",  # outlier_ratio 0: every channel rotated, no text needed
+                  CompileOptions(rotation=RotationOptions("hadamard", outlier_ratio=0), **EXACT))
