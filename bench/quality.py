@@ -266,6 +266,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--peer-venv", type=Path,
                         default=Path(os.environ.get("BITSMITH_PEER_VENV", Path.home() / ".cache/bitsmith/peer-venv")))
     parser.add_argument("--out", type=Path, default=None, help="markdown to write (default bench/quality.md)")
+    parser.add_argument("--render", type=Path, default=None, help="only write the markdown of this JSON report")
     parser.add_argument("--smoke", action="store_true", help="TinyStories, RTN int4 g32, 2048 tokens, no file")
     args = parser.parse_args()
     if args.smoke:
@@ -277,6 +278,12 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.render is not None:  # markdown from a finished (or merged) JSON, nothing measured
+        saved = json.loads(args.render.read_text())
+        out = args.out or HERE / "quality.md"
+        write_markdown({k: v for k, v in saved.items() if k in MODELS}, out, saved["host"])
+        print(out.read_text())
+        return
     if not DATA.is_dir():
         raise SystemExit(f"error: {DATA} not found (real models and text live in ../shared/data)")
     reused = Reuse(args.reuse_json)
