@@ -2,7 +2,8 @@
 
 Layout and definition as bitsmith.runtime.hadamard (n = p * m, M an m x m factor, absent when m = 1):
 
-    x0     the row's input: x, silu(gate) * up (HadamardSpec gate="silu"), or rope(x) (RopeHadamardSpec)
+    x0     the row's input: x, act(gate) * up (HadamardSpec gate="silu"/"gelu"/"gelu_tanh"), or rope(x)
+           (RopeHadamardSpec)
     dense  t[a*m + d] = sum_b x0[a*m + b] * M[b, d]                          (m > 1 only; n*m multiply-adds)
     bfly_s log2(p) stages, stride s_k = m * 2^k: i in the first half of its block of 2 s_k -> u + v,
            else u - v, with (u, v) = (t[i], t[i + s_k]) or (t[i - s_k], t[i]); the last stage times 1/sqrt(p)
@@ -34,7 +35,8 @@ from bitsmith.codegen.target import Target
 from bitsmith.runtime.hadamard import is_power_of_two
 
 UNROLLED_FACTOR = 64  # dense factors up to this order are written out as m products (vectorized), larger ones reduce
-GATES = ("", "silu")  # HadamardSpec.gate: "" reads x; "silu" reads silu(gate) * up (the SwiGLU before down_proj)
+# HadamardSpec.gate: "" reads x; an activation reads act(gate) * up (SwiGLU / GeGLU, the input of down_proj)
+GATES = ("", "silu", "gelu", "gelu_tanh")
 
 
 def _size_problems(problems: list[str], n: int, factor: int, factor_dtype: str) -> None:
@@ -49,8 +51,8 @@ def _factor_token(factor: int, factor_dtype: str) -> str:
 
 @dataclass(frozen=True)
 class HadamardSpec:
-    """y[rows, n] = hadamard(x0) with x0 = x, or silu(gate) * up when gate = "silu"; the factor [m, m] (m =
-    `factor` > 1) is float32, float16 or bfloat16 (args: x | gate, up; [factor]; y)."""
+    """y[rows, n] = hadamard(x0) with x0 = x, or act(gate) * up for gate silu, gelu (erf) or gelu_tanh; the factor
+    [m, m] (m = `factor` > 1) is float32, float16 or bfloat16 (args: x | gate, up; [factor]; y)."""
 
     rows: int
     n: int

@@ -1,5 +1,5 @@
-"""Lowering of the online `hadamard` op (part of lower_to_kernels): one kernel per node, fused with the SwiGLU
-(silu * up) or the RoPE that produces its input when that value has no other reader."""
+"""Lowering of the online `hadamard` op (part of lower_to_kernels): one kernel per node, fused with the SwiGLU or
+GeGLU (silu/gelu(gate) * up) or the RoPE that produces its input when that value has no other reader."""
 
 from __future__ import annotations
 
@@ -24,17 +24,39 @@ def hadamard_prologues(st: Any) -> dict[int, int]:
         if producer is None or len(st.users.get(value, [])) != 1 or value in st.fn.outputs:
             continue
         source = st.fn.nodes[producer]
-        fusable = (source.op == "rope" and len(st.shape(value)) == 3) or \
-            (source.op == "mul" and st.silu_partner(source) is not None)
-        if fusable:
+        gate = _gate_partner(st, source) if source.op == "mul" else None
+        if (source.op == "rope" and len(st.shape(value)) == 3) or gate is not None:
             prologues[index] = producer
             st.fused.add(producer)
+            if gate is not None:
+                st.fused.add(gate)  # a gelu (a silu is fused with its mul already)
     return prologues
 
 
+def _gate_partner(st: Any, mul: Node) -> int | None:
+    """The silu or gelu whose output only this mul reads, of the mul's shape (SwiGLU / GeGLU): its index."""
+    silu = st.silu_partner(mul)
+    if silu is not None:
+        return silu
+    for value in mul.inputs:
+        producer = st.producer.get(value)
+        if (producer is not None and st.fn.nodes[producer].op == "gelu" and len(st.users.get(value, [])) == 1
+                and st.shape(value) == st.shape(mul.outputs[0]) and value not in st.fn.outputs
+                and len(set(mul.inputs)) == 2):
+            return producer
+    return None
+
+
+def _gate_kind(node: Node) -> str:
+    """HadamardSpec.gate of a silu or gelu node."""
+    if node.op == "gelu":
+        return "gelu_tanh" if node.attrs.get("approximate", "none") == "tanh" else "gelu"
+    return node.op
+
+
 def lower_hadamard(st: Any, index: int, node: Node) -> None:
-    """Emit the node's kernel: RopeHadamardSpec or HadamardSpec(gate="silu") with its fused producer, else
-    HadamardSpec over every row of the last axis."""
+    """Emit the node's kernel: RopeHadamardSpec, or HadamardSpec with gate silu/gelu/gelu_tanh, with its fused
+    producer; else HadamardSpec over every row of the last axis."""
     ins, out = node.inputs, node.outputs[0]
     shape = st.shape(ins[0])
     n = shape[-1]
@@ -55,11 +77,11 @@ def lower_hadamard(st: Any, index: int, node: Node) -> None:
     rows = 1
     for d in shape[:-1]:
         rows *= d
-    if source is not None:  # silu(gate) * up
-        silu = st.fn.nodes[st.silu_partner(source)]
-        gate = silu.inputs[0]
-        up = next(v for v in source.inputs if v != silu.outputs[0])
-        spec = _spec(st, node, k.HadamardSpec, rows, n, m, dtype, "silu")
+    if source is not None:  # act(gate) * up
+        act = st.fn.nodes[_gate_partner(st, source)]
+        gate = act.inputs[0]
+        up = next(v for v in source.inputs if v != act.outputs[0])
+        spec = _spec(st, node, k.HadamardSpec, rows, n, m, dtype, _gate_kind(act))
         args = [st.arg(gate, (rows, n)), st.arg(up, (rows, n))]
     else:
         spec = _spec(st, node, k.HadamardSpec, rows, n, m, dtype)

@@ -3,7 +3,8 @@ two, mixed p * m, several row counts, the SwiGLU and RoPE prologues; the GPU def
 CUDA schedule's limits and (with nvcc) an ahead-of-time CUDA build.
 
 Tolerance: rtol 1e-5 of max|y| (float32 butterflies and an m-term dense sum, in the reference's order but
-contracted to FMAs), 1e-4 with the silu prologue (its exp is a polynomial, TRANSCENDENTAL in test_elementwise).
+contracted to FMAs), 1e-4 with a silu/gelu prologue (exp, tanh and erf differ from numpy's by a few ulp, as
+TRANSCENDENTAL in test_elementwise).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ SPECS = [HadamardSpec(rows, n, m) for n, m in SIZES for rows in (1, 5)]
 SPECS += [HadamardSpec(64, 1536, 12), HadamardSpec(17, 4096), HadamardSpec(3, 96, 3, "float16"),
           HadamardSpec(2, 384, 12, "bfloat16"), HadamardSpec(3, 260, 65)]  # 65 > UNROLLED_FACTOR: a reduction
 GATED = [HadamardSpec(1, 1536, 12, gate="silu"), HadamardSpec(64, 1536, 12, gate="silu"),
-         HadamardSpec(3, 384, 12, gate="silu"), HadamardSpec(2, 64, gate="silu")]
+         HadamardSpec(3, 384, 12, gate="silu"), HadamardSpec(2, 64, gate="silu"), HadamardSpec(3, 384, 12, gate="gelu"),
+         HadamardSpec(2, 96, 3, gate="gelu_tanh")]
 ROPED = [RopeHadamardSpec(1, 9, 64, 64), RopeHadamardSpec(64, 3, 64, 64), RopeHadamardSpec(3, 2, 64, 32, "interleaved"),
          RopeHadamardSpec(2, 4, 80, 80, "half", 5), RopeHadamardSpec(5, 1, 16, 8, "half")]
 
@@ -74,13 +76,19 @@ def test_hadamard_matches_numpy(spec, library):
 
 
 @pytest.mark.parametrize("spec", GATED, ids=lambda s: s.name)
-def test_silu_mul_hadamard_matches_numpy(spec, library):
+def test_gated_hadamard_matches_numpy(spec, library):
     rng = np.random.default_rng(spec.n + spec.rows)
     gate, up = (rng.standard_normal((2, spec.rows, spec.n)) * 3).astype(np.float32)
     factor = _factor(spec, rng)
     y = call_kernel(spec, [gate, up] + ([] if factor is None else [factor]), [_out(spec.rows, spec.n)], library)[0]
-    swiglu = OPS["mul"].ref([OPS["silu"].ref([gate], {}, None)[0], up], {}, None)[0]
-    assert_close_to_scale(y, hadamard_transform(swiglu, factor), SILU_RTOL)
+    assert_close_to_scale(y, hadamard_transform(_glu(spec.gate, gate, up), factor), SILU_RTOL)
+
+
+def _glu(kind: str, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """act(gate) * up by the IR ops' numpy references (kind: HadamardSpec.gate)."""
+    op, attrs = ("gelu", {"approximate": "tanh" if kind == "gelu_tanh" else "none"}) if "gelu" in kind else ("silu", {})
+    with np.errstate(over="ignore"):  # silu's exp(-x) overflows to inf for x < -88, as intended
+        return OPS["mul"].ref([OPS[op].ref([gate], attrs, None)[0], up], {}, None)[0]
 
 
 def _rope_case(spec, seed: int = 0):
@@ -128,8 +136,8 @@ def test_bad_descriptions_are_refused():
         HadamardSpec(1, 24)
     with pytest.raises(BitsmithError, match="size 40 with factor 3"):
         HadamardSpec(1, 40, 3)
-    with pytest.raises(BitsmithError, match="gate 'gelu'"):
-        HadamardSpec(1, 64, gate="gelu")
+    with pytest.raises(BitsmithError, match="gate 'relu'"):
+        HadamardSpec(1, 64, gate="relu")
     with pytest.raises(BitsmithError, match="factor dtype 'int8'"):
         HadamardSpec(1, 96, 3, "int8")
     with pytest.raises(BitsmithError, match="rotary_dim 65"):
@@ -145,7 +153,7 @@ def test_kernels_compile_for_aarch64():
 
 # --------------------------------------------------------------------------------- GPU
 
-GPU_SPECS = [HadamardSpec(1, 1536, 12, gate="silu"), HadamardSpec(4, 4096), HadamardSpec(3, 9, 9), HadamardSpec(2, 1),
+GPU_SPECS = [HadamardSpec(1, 1536, 12, gate="silu"), HadamardSpec(2, 384, 12, gate="gelu_tanh"), HadamardSpec(4, 4096), HadamardSpec(3, 9, 9), HadamardSpec(2, 1),
              HadamardSpec(16, 384, 12), RopeHadamardSpec(16, 9, 64, 64), RopeHadamardSpec(2, 3, 64, 32, "interleaved"),
              RopeHadamardSpec(2, 2, 80, 80, "half", 5)]
 
@@ -169,7 +177,7 @@ def test_gpu_definition_matches_numpy(spec):
     else:
         factor = _factor(spec, rng)
         x = rng.standard_normal((2 if spec.gate else 1, spec.rows, spec.n)).astype(np.float32)
-        x0 = x[0] / (1 + np.exp(-x[0])) * x[1] if spec.gate else x[0]
+        x0 = _glu(spec.gate, x[0], x[1]) if spec.gate else x[0]
         inputs = list(x) + ([] if factor is None else [factor])
         expected, shape, rtol = hadamard_transform(x0, factor), (spec.rows, spec.n), SILU_RTOL if spec.gate else RTOL
     assert_close_to_scale(_gpu_definition_on_cpu(spec, inputs, shape), expected, rtol)

@@ -58,6 +58,21 @@ def test_hadamard_fuses_with_swiglu_and_rope(target):
         assert (spec.rows, spec.n, spec.factor, spec.gate) == (rows, CONFIG.intermediate_size, 5, "silu")
 
 
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_hadamard_fuses_with_geglu(approximate):
+    """The silu of the random model swapped for a gelu: gelu(gate) * up and the Hadamard are one kernel."""
+    fn = _rotated("decode", "ffn")
+    nodes = tuple(Node("gelu", n.inputs, n.outputs, {"approximate": approximate}) if n.op == "silu" else n
+                  for n in fn.nodes)
+    specs: dict = {}
+    schedule = lower_function(fn.replace(nodes=nodes), 1, _kv(CONFIG), specs, {})
+    gate = "gelu_tanh" if approximate == "tanh" else "gelu"
+    fused = [specs[c.kernel] for c in schedule.calls if c.kernel.startswith(f"{gate}_mul_hadamard")]
+    assert len(fused) == CONFIG.num_layers and all(s.gate == gate for s in fused)
+    assert not any(c.kernel.startswith(("unary_", "gelu_", "mul_n")) and "hadamard" not in c.kernel
+                   for c in schedule.calls)
+
+
 def test_hadamard_without_a_fusable_producer_runs_alone():
     """v comes from a reshape: one HadamardSpec over rows * kv_heads rows of head_dim."""
     specs: dict = {}
