@@ -126,6 +126,9 @@ from bitsmith.tools.package import package as package_bundle
                    "learned: R1/R2 optimised on the calibration text (Cayley updates). Needs dense weights: add "
                    "--requantize for GGUF/GPTQ sources.")
 @click.option("--rotate-seed", default=0, show_default=True, type=int, help="Seed of the randomized Hadamard signs.")
+@click.option("--rotate-outliers", default=100.0, show_default=True, type=click.FloatRange(min=0),
+              help="Residual channels whose mean square on the calibration text exceeds this times the median "
+                   "channel's (massive activations) stay out of R1; 0: rotate every channel (needs no text).")
 @friendly_errors
 def compile(model: Path | None, output: Path | None, dtype: str | None, tokenizer: Path | None, verify: bool,
             dump_ir: Path | None, print_passes: bool, method: str | None, bits: str, group_size: str, sym: bool,
@@ -134,7 +137,7 @@ def compile(model: Path | None, output: Path | None, dtype: str | None, tokenize
             context: int | None,
             memory: str | None, concurrency: int, kv_dtype: str, block_size: str, activations: str,
             plan_path: Path | None, device: str | None, gate_spec: str, gate_tokens: int, gate_limit: int,
-            no_ladder: bool, rotate: str, rotate_seed: int) -> None:
+            no_ladder: bool, rotate: str, rotate_seed: int, rotate_outliers: float) -> None:
     """Compile MODEL into an artifact directory, optionally quantizing its weights.
 
     The default (`bitsmith compile -o DIR`, no MODEL) keeps SmolLM2's Q4_1 codes exactly (int4-g32-min:
@@ -180,7 +183,7 @@ def compile(model: Path | None, output: Path | None, dtype: str | None, tokenize
                                                                    if f.strip())),
         gate=GateOptions(None if gate_spec.strip().lower() == "none" else gate_spec, gate_tokens, gate_limit,
                          ladder=not no_ladder),
-        rotation=RotationOptions(rotate, rotate_seed),
+        rotation=RotationOptions(rotate, rotate_seed, outlier_ratio=rotate_outliers),
     )
     parse_gate(DEFAULT_GATE if options.gate.spec == "auto" else options.gate.spec)  # a bad spec fails before work
     if device is not None:
@@ -292,6 +295,9 @@ def package(artifact: Path, output: Path, target: str | None, offline: bool, dev
                    "auto: search it unrotated and rotated and keep the plan with the lower measured KLD. The plan "
                    "records the rotation and `compile --plan` applies it.")
 @click.option("--rotate-seed", default=0, show_default=True, type=int, help="Seed of the randomized Hadamard signs.")
+@click.option("--rotate-outliers", default=100.0, show_default=True, type=click.FloatRange(min=0),
+              help="Residual channels whose mean square on the calibration text exceeds this times the median "
+                   "channel's (massive activations) stay out of R1; 0: rotate every channel (needs no text).")
 @click.option("--methods", default=",".join(SEARCH_DEFAULT_METHODS), show_default=True, metavar="M1,M2",
               help="Quantizers a tensor may get (calibration-free: rtn, hqq); each adds its variant of every "
                    "candidate scheme (int4-g32-hqq: same bytes and kernels, HQQ's scales and zeros).")

@@ -38,7 +38,7 @@ class FindOutlierChannels(Pass):
             return module
         if ctx.calibration is None:
             raise BitsmithError("finding outlier channels needs calibration tokens", where=f"pass {self.name}",
-                                fix="compile a model with a tokenizer (or set RotationOptions.outlier_ratio=0)")
+                                fix="compile a model with a tokenizer, or pass --rotate-outliers 0 (rotate every channel)")
         fn = module["prefill"]
         watched = set(find_residual_sites(fn).norm_inputs)
         sums: dict[str, np.ndarray] = {}
