@@ -295,9 +295,6 @@ def package(artifact: Path, output: Path, target: str | None, offline: bool, dev
                    "auto: search it unrotated and rotated and keep the plan with the lower measured KLD. The plan "
                    "records the rotation and `compile --plan` applies it.")
 @click.option("--rotate-seed", default=0, show_default=True, type=int, help="Seed of the randomized Hadamard signs.")
-@click.option("--rotate-outliers", default=100.0, show_default=True, type=click.FloatRange(min=0),
-              help="Residual channels whose mean square on the calibration text exceeds this times the median "
-                   "channel's (massive activations) stay out of R1; 0: rotate every channel (needs no text).")
 @click.option("--methods", default=",".join(SEARCH_DEFAULT_METHODS), show_default=True, metavar="M1,M2",
               help="Quantizers a tensor may get (calibration-free: rtn, hqq); each adds its variant of every "
                    "candidate scheme (int4-g32-hqq: same bytes and kernels, HQQ's scales and zeros).")
