@@ -127,7 +127,9 @@ def measure_sensitivity(module: Module, weights: dict[str, np.ndarray], samples:
         errors = {}
         for scheme in dict.fromkeys(schemes + (PROBE,)):
             delta = (w - roundtrip(w, scheme)).astype(np.float64)
-            errors[scheme] = float(np.einsum("ij,jk,ik->", delta, h, delta) if h is not None else (delta ** 2).sum())
+            # trace(D H D^T) as sum((D H) * D): one BLAS product (np.einsum of three operands loops in C without BLAS,
+            # 1.7 s against 0.07 s for a 1536 x 576 tensor)
+            errors[scheme] = float(((delta @ h) * delta).sum() if h is not None else (delta ** 2).sum())
         probe_kld[tensor] = max(kld_with(tensor, roundtrip(w, PROBE)), 0.0)
         scale = probe_kld[tensor] / errors[PROBE] if errors[PROBE] > 0 else 0.0
         kld[tensor] = {s: scale * errors[s] for s in schemes} | {KEEP16: 0.0}
