@@ -130,7 +130,7 @@ def model_section(r: dict) -> list[str]:
     kv = [x for x in measured if x.get("kv", "auto") != "auto" or (x["method"] == "none")]
     act = [x for x in measured if x.get("activations", "float32") != "float32"]
     plain = [x for x in plain if x["method"] != "none"]
-    lines += _table(plain, ref_ppl) + [""]
+    lines += (_table(plain, ref_ppl) if plain else ["No weight-quantized rows measured in this report."]) + [""]
     if kv:
         lines += ["KV cache (16-bit weights unless the scheme says otherwise; the reference keeps a float16 KV):", ""]
         lines += _table(kv, ref_ppl, ("KV",), lambda x: (x.get("kv", "auto").replace("auto", "float16"),)) + [""]
