@@ -57,8 +57,11 @@ class HqqOptions:
 def shrink_lp(x: np.ndarray, beta: float, p: float) -> np.ndarray:
     """Generalized soft threshold sign(x) max(|x| - |x|^(p-1) / beta, 0), the proximal step of |x|^p / beta."""
     ax = np.abs(x)
-    threshold = np.power(ax + 1e-8, p - 1.0) / beta
-    return np.sign(x) * np.maximum(ax - threshold, 0.0)
+    shrunk = np.power(ax + 1e-8, p - 1.0)
+    shrunk /= -beta
+    shrunk += ax
+    np.maximum(shrunk, 0.0, out=shrunk)
+    return np.copysign(shrunk, x, out=shrunk)
 
 
 def _codes(w: np.ndarray, s: np.ndarray, z: np.ndarray, qmax: int) -> np.ndarray:
@@ -69,55 +72,64 @@ def _codes(w: np.ndarray, s: np.ndarray, z: np.ndarray, qmax: int) -> np.ndarray
     return np.clip(q, 0, qmax, out=q)
 
 
-def _mean_abs_error(w: np.ndarray, q: np.ndarray, s: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """[R, G]: mean |w - (q - z) s| over each group."""
-    return np.abs(w - (q - z[:, :, None]) * s[:, :, None]).mean(axis=-1)
+def _error(w: np.ndarray, q: np.ndarray, s: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """[R, G, g]: w - (q - z) s."""
+    e = q - z[:, :, None]
+    e *= s[:, :, None]
+    return np.subtract(w, e, out=e)
 
 
 def _as_fp16(v: np.ndarray) -> np.ndarray:
     return v.astype(np.float16).astype(np.float32)
 
 
-def _fit_scale_zero(q: np.ndarray, target: np.ndarray, s: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _fit_scale(q: np.ndarray, target: np.ndarray, s: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Sym step (b): s = sum(t (q - z)) / sum((q - z)^2) per group, fp16; a group whose fit is not positive (or whose
+    codes all sit on z) keeps its s."""
+    centred = q - z[:, :, None]
+    den = np.einsum("rgk,rgk->rg", centred, centred)
+    num = np.einsum("rgk,rgk->rg", target, centred)
+    fitted = _as_fp16(num / np.where(den > 0, den, 1.0))
+    return np.where((den > 0) & (fitted > 0), fitted, s)
+
+
+def _fit_scale_zero(q: np.ndarray, target: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Asym step (b): least-squares line target ~ q s + m per group (codes fixed), z = -m / s, both fp16.
-    A group whose codes are all equal, or whose fit gives s <= 0, keeps its s and gets z alone."""
+    A group whose codes are all equal, or whose fit is not positive, keeps its s and gets z alone."""
     q_mean, t_mean = q.mean(axis=-1), target.mean(axis=-1)
     q_dev = q - q_mean[:, :, None]
     var = np.einsum("rgk,rgk->rg", q_dev, q_dev)
     cov = np.einsum("rgk,rgk->rg", q_dev, target)
-    fitted = cov / np.where(var > 0, var, 1.0)
-    s = np.where((var > 0) & (fitted > 0), _as_fp16(fitted), s)
-    s = np.where(s > 0, s, 1.0)  # fp16 underflow of a tiny fitted scale
+    fitted = _as_fp16(cov / np.where(var > 0, var, 1.0))
+    s = np.where((var > 0) & (fitted > 0), fitted, s)
     return s, _as_fp16(q_mean - t_mean / s)
 
 
 def _solve_groups(w: np.ndarray, s: np.ndarray, z: np.ndarray, scheme: QuantScheme,
                   opts: HqqOptions) -> tuple[np.ndarray, np.ndarray]:
-    """The half-quadratic iterations on w float32 [R, G, g] from RTN's fp16 s, z [R, G]: the best s, z seen."""
-    step = s.copy()  # RTN's step: the unit the shrink threshold is measured in
+    """The half-quadratic iterations on w float32 [R, G, g] from RTN's fp16 s, z [R, G]: the best s, z seen.
+    A group that stopped improving keeps iterating with the rest (cheaper than compacting), its best frozen."""
+    step = s[:, :, None].copy()  # RTN's step: the unit the shrink threshold is measured in
     q = _codes(w, s, z, scheme.qmax)
-    best_err = _mean_abs_error(w, q, s, z)
+    e = _error(w, q, s, z)
+    best_err = np.abs(e).mean(axis=-1)
     best_s, best_z = s.copy(), z.copy()
     active = np.ones(best_err.shape, dtype=bool)
     beta = opts.beta
     for _ in range(opts.iters):
-        e = w - (q - z[:, :, None]) * s[:, :, None]
-        e /= step[:, :, None]
-        target = w - shrink_lp(e, beta, opts.lp_norm) * step[:, :, None]  # t = w - e, e shrunk
+        e /= step
+        target = shrink_lp(e, beta, opts.lp_norm)
+        target *= step
+        np.subtract(w, target, out=target)  # t = w - shrink(e): what (q - z) s should reproduce
         if scheme.sym:
-            centred = q - z[:, :, None]
-            den = np.einsum("rgk,rgk->rg", centred, centred)
-            num = np.einsum("rgk,rgk->rg", target, centred)
-            ok = den > 0
-            new_s = np.where(ok, num / np.where(ok, den, 1.0), s)
-            # fp16 round-to-nearest; a scale that collapses to <= 0 keeps its previous value
-            s = np.where(new_s > 0, _as_fp16(np.abs(new_s)), s)
-            s = np.where(s > 0, s, step)
+            s = _fit_scale(q, target, s, z)
         else:
-            s, z = _fit_scale_zero(q, target, s, z)
+            s, z = _fit_scale_zero(q, target, s)
+        del target
         beta *= opts.kappa
         q = _codes(w, s, z, scheme.qmax)
-        err = _mean_abs_error(w, q, s, z)
+        e = _error(w, q, s, z)
+        err = np.abs(e).mean(axis=-1)
         better = active & (err < best_err)
         best_err = np.where(better, err, best_err)
         best_s = np.where(better, s, best_s)
@@ -125,9 +137,6 @@ def _solve_groups(w: np.ndarray, s: np.ndarray, z: np.ndarray, scheme: QuantSche
         active = better
         if not active.any():
             break
-        # groups that stopped keep iterating from their best (cheaper than compacting; their result is frozen)
-        s, z = np.where(active, s, best_s), np.where(active, z, best_z)
-        q = _codes(w, s, z, scheme.qmax)
     return best_s, best_z
 
 
