@@ -47,9 +47,9 @@ class FoldNormScales(Pass):
                 continue
             for lin in linears:
                 ctx.weights[lin.weight] = np.asarray(ctx.weights[lin.weight], dtype=np.float32) * g[None, :]
-            kept_scale = np.ones_like(g)
-            kept_scale[kept] = np.asarray(ctx.weights[gamma], dtype=np.float32)[kept]
-            ctx.weights[gamma] = kept_scale  # 1, or the kept (outlier) channels' own scale
+            left = np.ones_like(g)
+            left[kept] = np.asarray(ctx.weights[gamma], dtype=np.float32)[kept] / g[kept]
+            ctx.weights[gamma] = left  # 1, or what the kept (outlier) channels keep of their own scale
         return module
 
 
@@ -74,9 +74,16 @@ def untie_head(module: Module, ctx: PassContext, table: str) -> Module:
 
 
 def _folded_part(ctx: PassContext, gamma: str, kept: np.ndarray) -> np.ndarray:
-    """The norm scale with the kept (outlier) channels set to 1: what moves into the readers."""
+    """What moves into the readers' columns: the norm scale g, except on the kept (outlier) channels, which take
+    the rms of the other channels' g and leave the rest of their own g in the norm. Why that and not 1: per-channel
+    and per-group scales are set by a row's largest values, so a kept column left at the raw weight's magnitude
+    beside columns multiplied by g (SmolLM2 layer 0: mean |g| 0.027) sets every row's step and rounds the rest
+    to zero (RTN int4 per-channel KLD 6.1 when they took 1)."""
     g = np.array(ctx.weights[gamma], dtype=np.float32)
-    g[kept] = 1
+    if len(kept):
+        rest = np.delete(g, kept)
+        rms = float(np.sqrt(np.mean(np.square(rest, dtype=np.float64)))) if len(rest) else 0.0
+        g[kept] = rms if rms > 0 else 1.0  # never 0: the norm keeps g / this
     return g
 
 
