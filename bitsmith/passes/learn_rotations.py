@@ -14,7 +14,7 @@ from bitsmith.errors import BitsmithError
 from bitsmith.passes.assign_precision import AssignPrecision
 from bitsmith.passes.base import PassContext
 from bitsmith.passes.calibrate import CALIBRATION_THREADS, initial_envs, layer_index, run_samples, split_by_layer
-from bitsmith.passes.choose_rotations import rotation_sizes
+from bitsmith.passes.choose_rotations import residual_rotation, rotation_sizes
 from bitsmith.passes.manager import Pass
 from bitsmith.passes.quant.learned_rotation import Objective, Term, learn_rotations
 from bitsmith.passes.quant.rotation import check_orthogonal, online_factor, random_hadamard
@@ -48,7 +48,8 @@ class LearnRotations(Pass):
 
     def run(self, module: Module, ctx: PassContext) -> Module:
         hidden, head_dim = rotation_sizes(module, ctx)
-        start = {"r1": random_hadamard(hidden, self.seed)}
+        outliers = ctx.rotations.get("outliers", np.zeros(0, dtype=np.int64))  # R1 stays the identity there
+        start = {"r1": residual_rotation(hidden, outliers, self.seed)}
         if head_dim is not None:
             start["r2"] = random_hadamard(head_dim, self.seed + 1)
         if ctx.calibration is None:
@@ -68,7 +69,7 @@ class LearnRotations(Pass):
         with tqdm(total=self.steps, desc="learning rotations", unit="step", leave=False,
                   disable=not sys.stderr.isatty()) as bar:
             learned, report = learn_rotations(objective, learnable, self.steps, self.lr, self.layers_per_step,
-                                              self.seed, bar.update)
+                                              self.seed, bar.update, fixed={"r1": outliers})
         for key in start:
             ctx.rotations[key] = learned.get(key, start[key])
             report[f"{key}_orthogonality"] = check_orthogonal(ctx.rotations[key], 1e-5)

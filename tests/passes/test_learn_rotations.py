@@ -3,6 +3,7 @@ stays exact, and --rotate learned composes with RTN and GPTQ."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -185,3 +186,23 @@ def test_tinystories_learned_fp32_logits_equal_the_original(tmp_path):
     learned = compile_model(source, tmp_path / "learned", CompileOptions(rotation=LEARNED, **EXACT))
     ref, got = logits_of(plain), logits_of(learned)
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_cayley_step_leaves_fixed_channels_alone():
+    rng = np.random.default_rng(0)
+    r = np.eye(8)
+    r[2:, 2:] = np.linalg.qr(rng.standard_normal((6, 6)))[0]
+    stepped = cayley_step(r, rng.standard_normal((8, 8)), 0.5, fixed=np.array([0, 1]))
+    assert np.allclose(stepped[:2], np.eye(8)[:2]) and np.allclose(stepped[:, :2], np.eye(8)[:, :2])
+    assert np.abs(stepped @ stepped.T - np.eye(8)).max() < 1e-10 and not np.allclose(stepped, r)
+
+
+def test_learned_rotation_keeps_outlier_channels_exact(tiny_llama, tmp_path):
+    # ratio 1: the two most energetic channels are outliers; R1 must stay the identity there (their norm scale is
+    # partly unfolded), or the rewrite is no longer exact
+    plain = compile_model(tiny_llama, tmp_path / "plain", CompileOptions(**EXACT))
+    learned = compile_model(tiny_llama, tmp_path / "learned",
+                            CompileOptions(rotation=dataclasses.replace(LEARNED, outlier_ratio=1.0), **EXACT))
+    ref, got = logits_of(plain), logits_of(learned)
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert len(load_artifact(learned).manifest["ir"]["meta"]["rotation"]["outliers"]["channels"]) == 2

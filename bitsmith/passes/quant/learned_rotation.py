@@ -151,12 +151,16 @@ class Objective:
             return self.errors(rots, list(range(len(self.terms)))).double().numpy()
 
 
-def cayley_step(r: np.ndarray, grad: np.ndarray, lr: float) -> np.ndarray:
+def cayley_step(r: np.ndarray, grad: np.ndarray, lr: float, fixed: np.ndarray | None = None) -> np.ndarray:
     """One Cayley step on the orthogonal group: A = G R^T - R G^T (skew), R <- (I + a/2 A)^-1 (I - a/2 A) R.
 
     Its tangent at a = 0 is -A R, a descent direction (<G, A R> >= 0 for orthogonal R), and the Cayley transform
-    of a skew matrix is orthogonal, so R stays orthogonal up to rounding (float64 here)."""
+    of a skew matrix is orthogonal, so R stays orthogonal up to rounding (float64 here). `fixed` channels have
+    zero rows and columns in A, so an R that is the identity on them stays so."""
     a = grad @ r.T - r @ grad.T
+    if fixed is not None and len(fixed):  # channels R leaves alone (outliers): no rotation mixes them in
+        a[fixed, :] = 0
+        a[:, fixed] = 0
     eye = np.eye(r.shape[0])
     return np.linalg.solve(eye + lr / 2 * a, (eye - lr / 2 * a) @ r)
 
@@ -172,7 +176,8 @@ def reorthogonalize(r: np.ndarray) -> tuple[np.ndarray, float]:
 
 def learn_rotations(objective: Objective, start: dict[str, np.ndarray], steps: int, lr: float,
                     batches_per_step: int, seed: int,
-                    progress: Callable[[int], object] | None = None) -> tuple[dict[str, np.ndarray], dict]:
+                    progress: Callable[[int], object] | None = None,
+                    fixed: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """Cayley SGD from `start` ({"r1": ..., "r2": ...}, float64 orthogonal): each step draws `batches_per_step`
     batches (layers), normalises their error by its value at the start (so `lr` does not depend on the model's
     error level) and takes one Cayley step per matrix, the step size decaying linearly from `lr` to 0. Returns the
@@ -183,13 +188,14 @@ def learn_rotations(objective: Objective, start: dict[str, np.ndarray], steps: i
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # these matrices are small: two threads that wait on each other cost 4-60x on a busy host
     try:
-        return _cayley_sgd(objective, start, steps, lr, batches_per_step, seed, progress)
+        return _cayley_sgd(objective, start, steps, lr, batches_per_step, seed, progress, fixed or {})
     finally:
         torch.set_num_threads(threads)
 
 
 def _cayley_sgd(objective: Objective, start: dict[str, np.ndarray], steps: int, lr: float, batches_per_step: int,
-                seed: int, progress: Callable[[int], object] | None) -> tuple[dict[str, np.ndarray], dict]:
+                seed: int, progress: Callable[[int], object] | None,
+                fixed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
     import torch  # noqa: PLC0415
 
     rng = np.random.default_rng(seed)
@@ -210,7 +216,8 @@ def _cayley_sgd(objective: Objective, start: dict[str, np.ndarray], steps: int, 
         (loss / len(batches)).backward()
         for key, r in rots.items():
             if r.grad is not None:
-                rots64[key], drift = reorthogonalize(cayley_step(rots64[key], r.grad.double().numpy(), rate))
+                rots64[key], drift = reorthogonalize(cayley_step(rots64[key], r.grad.double().numpy(), rate,
+                                                                        fixed.get(key)))
                 max_drift = max(max_drift, drift)
         if step + 1 in checkpoints:  # the steps are stochastic and the rounding makes the objective rugged
             trace.append(float(objective.term_errors(rots64).mean()))
