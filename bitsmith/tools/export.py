@@ -83,6 +83,12 @@ class ExportReport:
                              "max_abs_error": t.max_abs_error} for t in self.tensors]}
 
 
+def online_rotations(artifact: Artifact) -> str:
+    """The artifact's online rotations (rotate_ffn_online / rotate_keys_online), as text; '' when it has none."""
+    meta = artifact.manifest["ir"].get("meta", {}).get("rotation", {})
+    return ", ".join(f"{kind}: {meta[kind]}" for kind in ("ffn", "keys") if kind in meta)
+
+
 def format_report(report: ExportReport) -> str:
     """The per-tensor table, then one line of totals and the notes."""
     width = max([len(t.name) for t in report.tensors] + [6])
@@ -115,7 +121,12 @@ def export(artifact: str | Path, out: str | Path, options: ExportOptions) -> Exp
     """Export `artifact` to `out` (a file or a directory, as the format writes): the exporter writes into a temp
     directory beside `out`, which is renamed into place only when it succeeded, so a failure leaves nothing."""
     artifact, out = Path(artifact), Path(out)
-    load_artifact(artifact)  # validated (manifest, sizes, hashes) before anything is written
+    online = online_rotations(load_artifact(artifact))  # validated (manifest, sizes, hashes) before anything is written
+    if online:
+        raise BitsmithError(f"{artifact} was compiled with --rotate: its online Hadamard ops ({online}) have no "
+                            f"{options.format} form, and the folded rotations need them", where="bitsmith export",
+                            fix="export an artifact compiled without --rotate, or with --rotate and "
+                                "RotationOptions(ffn=False, keys=False) (folded rotations only)")
     if out.is_dir() and any(out.iterdir()):
         raise BitsmithError(f"{out} exists and is a non-empty directory", where="bitsmith export",
                             fix="choose another -o or remove it")
