@@ -393,7 +393,10 @@ def build_qgemv_i8(spec: Any) -> Any:
                         outs = [ob * OB + oi2 * OP + i for i in range(OP)]
                         chunks = tirx.floordiv(tirx.max(tirx.min(count, nchunk * CHUNK_BLOCKS - kb0), 0), CHUNK_BLOCKS)
                         with T.serial(0, batch // tile) as nb:
-                            for acc in accs:
+                            # no full block (in < BK): acc is never read, so it gets no zeroing store either: TVM's
+                            # StorageRewrite gave ybuf the storage of that write-only acc, and the store zeroed ybuf
+                            # per output row (y was 0 but for the last output of every 16; issue 20)
+                            for acc in accs if full else []:
                                 T.buffer_store(acc, tirx.Broadcast(f32(0.0), tile * LANES), [tirx.Ramp(0, 1, tile * LANES)])
                             first_block, blocks = kb0, count
                             if nchunk:  # the pass's chunks (passes start on a chunk), then its other blocks

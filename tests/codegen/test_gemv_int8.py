@@ -50,6 +50,13 @@ SPECS += [
     *[QGemvI8Spec(n, k, 4, g, sym, bs) for n, k, g, bs in ((192, 576, 32, 2), (48, 576, 64, 16), (32, 160, 32, 4),
                                                            (16, 576, 128, 64)) for sym in (True, False)],
 ]
+# in < 128 (int4: no full block, tail only) with outputs in blocks of 16: the tail's sums once reached y as
+# zeros (issue 20: 64x112, 16x96, 16x80, per-channel 16x48 at 1..4 rows); sym and asym, vector and scalar tails
+NARROW_SPECS = [QGemvI8Spec(n, k, 4, g, sym, bs) for n, k, g, bs in (
+    (64, 112, 32, 1), (64, 112, 32, 2), (64, 112, 32, 4), (16, 96, 32, 1), (16, 96, 32, 3), (16, 80, 32, 1),
+    (16, 48, -1, 1), (16, 32, 32, 1), (32, 64, 64, 8)) for sym in (True, False)]
+NARROW_SPECS += [QGemvI8Spec(16, 48, 8, -1, True, 1), QGemvI8Spec(16, 112, 8, 32, False, 2)]  # int8: 1 full block
+SPECS += NARROW_SPECS
 
 
 @pytest.fixture(scope="module")
