@@ -55,7 +55,8 @@ SPECS += [
 NARROW_SPECS = [QGemvI8Spec(n, k, 4, g, sym, bs) for n, k, g, bs in (
     (64, 112, 32, 1), (64, 112, 32, 2), (64, 112, 32, 4), (16, 96, 32, 1), (16, 96, 32, 3), (16, 80, 32, 1),
     (16, 48, -1, 1), (16, 32, 32, 1), (32, 64, 64, 8)) for sym in (True, False)]
-NARROW_SPECS += [QGemvI8Spec(16, 48, 8, -1, True, 1), QGemvI8Spec(16, 112, 8, 32, False, 2)]  # int8: 1 full block
+# int8 (64-value blocks): 48 has none (it failed too), 112 one block and a scalar tail
+NARROW_SPECS += [QGemvI8Spec(16, 48, 8, -1, True, 1), QGemvI8Spec(16, 112, 8, 32, False, 2)]
 SPECS += NARROW_SPECS
 
 
