@@ -28,6 +28,7 @@ from bitsmith.passes.expert_usage import MeasureExpertUsage, has_experts
 from bitsmith.passes.find_outlier_channels import FindOutlierChannels
 from bitsmith.passes.fold_norm_scales import FoldNormScales
 from bitsmith.passes.kv_plan import KVPlanOptions, parse_bytes
+from bitsmith.passes.learn_rotations import LearnRotations
 from bitsmith.passes.lower_to_kernels import LowerToKernels
 from bitsmith.passes.manager import Pass, is_traced, run_passes
 from bitsmith.passes.pack_weights import PackWeights
@@ -63,6 +64,8 @@ CONDITIONS: dict[str, Callable[[CompileOptions, LoadedModel], bool]] = {
     "quantizing": lambda o, m: o.quant.enabled or bool(imported_schemes(o, m)),
     "kernels": lambda o, m: o.target.name != "none",
     "rotating": lambda o, m: o.rotation.enabled,
+    "rotating (hadamard)": lambda o, m: o.rotation.kind == "hadamard",
+    "rotating (learned)": lambda o, m: o.rotation.kind == "learned",
     "rotating heads": lambda o, m: o.rotation.enabled and o.rotation.heads,
     "rotating ffn": lambda o, m: o.rotation.enabled and o.rotation.ffn,
     "rotating keys": lambda o, m: o.rotation.enabled and o.rotation.keys,
@@ -79,15 +82,11 @@ def _assign_precision(o: CompileOptions, m: LoadedModel) -> Pass:
                            quantize_rest=o.quant.enabled and (o.quant.method is not None or not imported_schemes(o, m)))
 
 
-def choose_rotations(o: CompileOptions, m: LoadedModel) -> Pass:
-    """R1/R2: randomized Hadamard matrices, or (--rotate learned) those optimised on the calibration tokens against
-    the RTN error of what the precision plan will quantize."""
-    if o.rotation.kind == "learned":
-        from bitsmith.passes.learn_rotations import LearnRotations  # noqa: PLC0415 (lands with the learned variant)
-
-        return LearnRotations(o.rotation.seed, o.rotation.learn_steps, o.rotation.learn_lr, _assign_precision(o, m),
-                              ffn_online=o.rotation.ffn, heads=o.rotation.heads)
-    return ChooseRotations(o.rotation.seed)
+def _learn_rotations(o: CompileOptions, m: LoadedModel) -> Pass:
+    """--rotate learned: R1/R2 optimised on the calibration tokens against the RTN error of what the precision plan
+    will quantize (the plan is computed here as assign_precision will)."""
+    return LearnRotations(o.rotation.seed, o.rotation.learn_steps, o.rotation.learn_lr, _assign_precision(o, m),
+                          ffn_online=o.rotation.ffn, heads=o.rotation.heads)
 
 
 def _plan_kv_cache(o: CompileOptions, m: LoadedModel) -> Pass:
@@ -107,7 +106,8 @@ PIPELINE: tuple[Step, ...] = (
     Step("canonicalize", EliminateDeadCode, "canonical input"),
     Step("rotate", FindOutlierChannels, "rotating", lambda o, m: FindOutlierChannels(o.rotation.outlier_ratio)),
     Step("rotate", FoldNormScales, "rotating"),
-    Step("rotate", ChooseRotations, "rotating", choose_rotations),
+    Step("rotate", ChooseRotations, "rotating (hadamard)", lambda o, m: ChooseRotations(o.rotation.seed)),
+    Step("rotate", LearnRotations, "rotating (learned)", _learn_rotations),
     Step("rotate", RotateResidual, "rotating"),
     Step("rotate", RotateHeads, "rotating heads"),
     Step("rotate", RotateFFNOnline, "rotating ffn", lambda o, m: RotateFFNOnline(o.rotation.seed)),

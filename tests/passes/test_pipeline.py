@@ -66,7 +66,8 @@ def test_the_pipeline_prints_by_phase():
 
 def test_options_serialise_nested_by_concern():
     data = GPTQ_LM_HEAD.to_json()
-    assert set(data) == {"dtype", "tokenizer", "verify", "dump_ir", "quant", "memory", "target", "gate"}
+    assert set(data) == {"dtype", "tokenizer", "verify", "dump_ir", "quant", "memory", "target", "gate", "rotation"}
+    assert data["rotation"]["kind"] == "none"  # rotations are asked for
     assert data["quant"]["method"] == "gptq" and data["quant"]["schemes"] == (("lm_head", "int8"),)
     assert data["memory"]["kv_dtype"] == "auto" and data["target"] == {"name": "host", "arch": None,
                                                                          "activations": "float32", "cpu": None,
