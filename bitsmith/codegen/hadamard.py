@@ -29,7 +29,7 @@ from bitsmith.codegen.elementwise import activation
 from bitsmith.codegen.gpu.compute import activation as gpu_activation
 from bitsmith.codegen.gpu.hadamard import schedule_hadamard
 from bitsmith.codegen.gpu.schedule import te_func
-from bitsmith.codegen.norm_rope import ROPE_STYLES
+from bitsmith.codegen.norm_rope import ROPE_STYLES, rope_element
 from bitsmith.codegen.spec_checks import PARAM_DTYPES, check_param_dtype, check_positive, refuse
 from bitsmith.codegen.target import Target
 from bitsmith.runtime.hadamard import is_power_of_two
@@ -153,30 +153,10 @@ class RopeHadamardSpec:
             cos_t = te.compute((rows, half), lambda r, i: tirx.cos(angle[r, i]), name="cos")
             sin_t = te.compute((rows, half), lambda r, i: tirx.sin(angle[r, i]), name="sin")
             cos, sin = (lambda r, i: cos_t[r, i]), (lambda r, i: sin_t[r, i])
-        x0 = te.compute((rows, heads, hd), lambda r, h, d: _rope_element(self, x, cos, sin, r, h, d), name="x0")
+        x0 = te.compute((rows, heads, hd), lambda r, h, d: rope_element(x, cos, sin, r, h, d, hd, self.rotary_dim,
+                                                                            self.style == "interleaved"), name="x0")
         factor = weight_placeholder((self.factor, self.factor), self.factor_dtype, "factor") if self.factor > 1 else None
         return [x, pos, inv] + ([factor] if factor is not None else []) + [hadamard_stages(x0, hd, self.factor, factor)]
-
-
-def _rope_element(spec: RopeHadamardSpec, x: Any, cos: Callable, sin: Callable, r: Any, h: Any, d: Any) -> Any:
-    """Element d of head h of row r after RoPE: the pair formulas of norm_rope.py (indices clamped so that both
-    sides of every Select stay in bounds)."""
-    hd, rot, half = spec.head_dim, spec.rotary_dim, spec.rotary_dim // 2
-
-    def clamp(e: Any, hi: int) -> Any:
-        return tirx.max(tirx.min(e, hi), 0)
-
-    if spec.style == "interleaved":  # pair (2i, 2i + 1)
-        first = tirx.floormod(d, 2) == 0
-        i = clamp(tirx.floordiv(d, 2), half - 1)
-        partner = clamp(tirx.Select(first, d + 1, d - 1), hd - 1)
-    else:  # pair (i, i + rot/2)
-        first = d < half
-        i = clamp(tirx.Select(first, d, d - half), half - 1)
-        partner = clamp(tirx.Select(first, d + half, d - half), hd - 1)
-    xv, other, c, s = x[r, h, d], x[r, h, partner], cos(r, i), sin(r, i)
-    rotated = tirx.Select(first, xv * c - other * s, xv * c + other * s)
-    return rotated if rot == hd else tirx.Select(d < rot, rotated, xv)
 
 
 def hadamard_stages(x0: Any, n: int, m: int, factor: Any | None) -> Any:

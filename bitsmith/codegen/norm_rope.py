@@ -38,6 +38,29 @@ def _norm_checks(family: str, rows: int, dim: int, weight_dtype: str, eps: float
     refuse(problems, family)
 
 
+def rope_element(x: Any, cos: Any, sin: Any, r: Any, h: Any, d: Any, head_dim: int, rotary_dim: int,
+                 interleaved: bool) -> Any:
+    """Element d of head h of row r of x[rows, heads, head_dim] after RoPE; cos(r, i) / sin(r, i) give pair i's
+    angle. Pairs (2i, 2i + 1) when interleaved, else (i, i + rot/2); dims past rotary_dim pass through. Indices
+    are clamped so that both sides of every Select stay in bounds."""
+    half = rotary_dim // 2
+
+    def clamp(e: Any, hi: int) -> Any:
+        return tirx.max(tirx.min(e, hi), 0)
+
+    if interleaved:  # pair (2i, 2i + 1): d even is the pair's first element
+        first = tirx.floormod(d, 2) == 0
+        i = clamp(tirx.floordiv(d, 2), half - 1)
+        partner = clamp(tirx.Select(first, d + 1, d - 1), head_dim - 1)
+    else:  # pair (i, i + rot/2)
+        first = d < half
+        i = clamp(tirx.Select(first, d, d - half), half - 1)
+        partner = clamp(tirx.Select(first, d + half, d - half), head_dim - 1)
+    xv, other, c, s = x[r, h, d], x[r, h, partner], cos(r, i), sin(r, i)
+    rotated = tirx.Select(first, xv * c - other * s, xv * c + other * s)
+    return rotated if rotary_dim == head_dim else tirx.Select(d < rotary_dim, rotated, xv)
+
+
 @dataclass(frozen=True)
 class RmsNormSpec:
     """y[rows, dim] = rmsnorm(x) * w, w[dim] float32, float16 or bfloat16 (args: x, w, y)."""
@@ -195,22 +218,8 @@ class RopeSpec:
         sin = te.compute((rows, half), lambda r, i: tirx.sin(angle[r, i]), name="sin")
         interleaved = self.style == "interleaved"
 
-        def clamp(e: Any, hi: int) -> Any:  # indices stay in bounds on both sides of every Select
-            return tirx.max(tirx.min(e, hi), 0)
-
         def body(r: Any, h: Any, d: Any) -> Any:
-            xv = x[r, h, d]
-            if interleaved:  # pair (2i, 2i + 1): d even is the pair's first element
-                first = tirx.floormod(d, 2) == 0
-                i = clamp(tirx.floordiv(d, 2), half - 1)
-                partner = clamp(tirx.Select(first, d + 1, d - 1), hd - 1)
-            else:  # pair (i, i + rot/2)
-                first = d < half
-                i = clamp(tirx.Select(first, d, d - half), half - 1)
-                partner = clamp(tirx.Select(first, d + half, d - half), hd - 1)
-            c, s, other = cos[r, i], sin[r, i], x[r, h, partner]
-            rotated = tirx.Select(first, xv * c - other * s, xv * c + other * s)
-            return rotated if rot == hd else tirx.Select(d < rot, rotated, xv)
+            return rope_element(x, lambda r_, i: cos[r_, i], lambda r_, i: sin[r_, i], r, h, d, hd, rot, interleaved)
 
         y = te.compute((rows, heads, hd), body, name="y")
         func = te.create_prim_func([x, pos, inv, y])
