@@ -24,6 +24,7 @@ from bitsmith.pipeline import compile_model
 from bitsmith.runtime.artifact import load_artifact
 from bitsmith.runtime.quant_scheme import QuantScheme, dequantize
 from tests.family_zoo import zoo_model
+from tests.tools.test_gate import char_tokenizer
 
 EXACT = dict(dtype="float32", memory=MemoryOptions(kv_dtype="float32"), target=TargetOptions("none"))
 TOKENS = [5, 17, 3, 88, 41, 9, 60, 2, 33, 71, 12, 50]
@@ -114,16 +115,6 @@ def test_learning_that_does_not_help_keeps_the_start():
     if not report["kept"]:
         assert np.array_equal(learned["r1"], start["r1"]) and report["after"] == report["before"]
     assert report["after"] <= report["before"]
-
-
-def char_tokenizer(directory: Path) -> None:
-    """A character-level tokenizer.json (a..z -> 3..28, space 29, EOS 2): calibration needs one."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {chr(97 + i): i + 3 for i in range(26)} | {"<unk>": 0, " ": 29, "</s>": 2}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.save(str(directory / "tokenizer.json"))
 
 
 @pytest.fixture(scope="module")
