@@ -74,6 +74,7 @@ def sysroot(python: str = "3.11") -> Path:
                             fix="apt-get install mmdebstrap")
     partial = root.with_name(root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    root.parent.mkdir(parents=True, exist_ok=True)  # mmdebstrap cannot resolve a target whose parent is missing
     command = [MMDEBSTRAP, "--variant=extract", "--arch=arm64", "--include=" + ",".join(SYSROOT_PACKAGES),
                SUITES[python], str(partial)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
