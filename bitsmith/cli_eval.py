@@ -9,6 +9,8 @@ import click
 
 from bitsmith.cli_common import _log, friendly_errors, main
 from bitsmith.errors import BitsmithError
+from bitsmith.runtime.artifact import load_artifact
+from bitsmith.tools.evaluate import EVAL_ACTIVATIONS, resolve_activations
 from bitsmith.tools.run import EXECUTORS
 from bitsmith.tools.suites import SUITE_MODULES, SuiteOptions, SuiteResult, run_suites, save_results
 
@@ -83,10 +85,14 @@ def parse_suites(value: str) -> list[str]:
               help="What runs ARTIFACT: compiled: its kernels (an artifact without kernels for this machine is an "
                    "error); reference: the numpy reference executor on its dequantized weights (ppl only). The "
                    "ppl reference model always runs on the reference executor.")
+@click.option("--activations", type=click.Choice(EVAL_ACTIVATIONS), default="auto", show_default=True,
+              help="What the quantized matmuls' inputs are: auto: what the artifact's kernels use (int8 when it was "
+                   "compiled with --activations int8 or auto on a target with int8 dot products); int8 / float32 on "
+                   "the reference executor: emulated (ppl only; other suites run the kernels and must match them).")
 @friendly_errors
 def eval_command(artifact: Path, suites: str, text_file: Path | None, tokens: int | None, ctx: int,
                  reference: Path | None, golden_file: Path | None, limit: int | None, needle_lengths: str | None,
-                 concurrency: str, as_json: bool, no_save: bool, executor: str) -> None:
+                 concurrency: str, as_json: bool, no_save: bool, executor: str, activations: str) -> None:
     """Compare ARTIFACT with its unquantized reference, suite by suite, and save the results in evals.json.
 
     ppl: perplexity, KL divergence and top-1 agreement on a text. The text is tokenized without
@@ -114,7 +120,11 @@ def eval_command(artifact: Path, suites: str, text_file: Path | None, tokens: in
     options = SuiteOptions(text=str(text_file) if text_file else None,
                            tokens=tokens if tokens or text_file else SuiteOptions.tokens, ctx=ctx,
                            golden=str(golden_file) if golden_file else None, limit=limit, needle_lengths=lengths,
-                           concurrency=levels, executor=executor)
+                           concurrency=levels, executor=executor,
+                           activations=resolve_activations(load_artifact(artifact, check_hashes=False).manifest,
+                                                           activations))
+    if not as_json:
+        _log(f"eval {artifact}  suites={','.join(names)} executor={executor} activations={options.activations}")
     results = run_suites(artifact, names, reference, options, log=None if as_json else _log)
     if not no_save:
         path = save_results(artifact, results)
@@ -140,4 +150,5 @@ def eval_command(artifact: Path, suites: str, text_file: Path | None, tokens: in
 def _former_ppl_json(result: SuiteResult) -> dict:
     m, d = result.metrics, result.details
     return {"ppl": m["ppl"], "ref_ppl": m["ref_ppl"], "kld_mean": m["kld"], "kld_p99": m["kld_p99"],
-            "top1_agree": m["top1"], "tokens": d["tokens"], "windows": d["windows"], "ctx": d["ctx"], "bos": d["bos"]}
+            "top1_agree": m["top1"], "tokens": d["tokens"], "windows": d["windows"], "ctx": d["ctx"], "bos": d["bos"],
+            "activations": d["activations"]}

@@ -21,6 +21,33 @@ from bitsmith.runtime.session import CompiledSession
 from bitsmith.tools.run import EXECUTORS
 
 
+EVAL_ACTIVATIONS = ("auto", "float32", "int8")  # `bitsmith eval --activations`; auto: what the artifact's kernels do
+
+
+def kernel_activations(manifest: dict) -> str:
+    """What an artifact's quantized matmuls compute on: "int8" when it was compiled with --activations int8 (also
+    with --target none, whose scoring then emulates them), with auto where the lowering chose them (its target has
+    int8 dot products: pipeline.use_int8_activations); "float32" otherwise."""
+    target = (manifest.get("compile") or {}).get("target") or {}
+    asked = target.get("activations", "float32")
+    if asked != "auto":
+        return asked
+    from bitsmith.options import CompileOptions, TargetOptions  # lazy: the pipeline imports TVM
+    from bitsmith.pipeline import use_int8_activations
+
+    known = {k: v for k, v in target.items() if k in TargetOptions.__dataclass_fields__}
+    options = TargetOptions(**{**known, "features": tuple(known.get("features") or ())})
+    return "int8" if use_int8_activations(CompileOptions(target=options)) else "float32"
+
+
+def resolve_activations(manifest: dict, activations: str) -> str:
+    """`activations` (one of EVAL_ACTIVATIONS) with auto replaced by the artifact's kernel_activations."""
+    if activations not in EVAL_ACTIVATIONS:
+        raise BitsmithError(f"unknown activations {activations!r}", where="eval",
+                            fix=f"use one of {', '.join(EVAL_ACTIVATIONS)}")
+    return kernel_activations(manifest) if activations == "auto" else activations
+
+
 @dataclass(frozen=True)
 class EvalResult:
     ppl: float

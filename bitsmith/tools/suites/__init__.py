@@ -51,6 +51,7 @@ class SuiteOptions:
     needle_depths: tuple[float, ...] = (0.1, 0.5, 0.9)  # needle: where the fact sits, as a share of the filler
     concurrency: tuple[int, ...] = (1, 4, 16)  # serve: levels
     executor: str = "compiled"  # what runs the artifact: compiled | reference
+    activations: str = "auto"  # auto (the artifact's kernels') | float32 | int8: int8 emulated on the reference executor
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -95,7 +96,28 @@ def run_suites(artifact: str | Path, names: list[str] | tuple[str, ...], referen
                ) -> dict[str, SuiteResult]:
     """Run the named suites in order (each checked before any runs) and return {name: result}."""
     runners = [(name, suite(name)) for name in names]
-    return {name: run(artifact, reference, options, log) for name, run in runners}
+    activations = {name: honoured_activations(artifact, name, options) for name in names}
+    results = {name: run(artifact, reference, options, log) for name, run in runners}
+    for name, result in results.items():
+        result.details.setdefault("activations", activations[name])
+    return results
+
+
+def honoured_activations(artifact: str | Path, name: str, options: SuiteOptions) -> str:
+    """options.activations resolved against the artifact (auto: its kernels'), or a BitsmithError where suite `name`
+    cannot compute with them: only ppl on the reference executor emulates activations other than the kernels'."""
+    from bitsmith.runtime.artifact import load_artifact
+    from bitsmith.tools.evaluate import kernel_activations, resolve_activations
+
+    manifest = load_artifact(artifact, check_hashes=False).manifest
+    activations = resolve_activations(manifest, options.activations)
+    kernels = kernel_activations(manifest)
+    if activations != kernels and not (name == "ppl" and options.executor == "reference"):
+        raise BitsmithError(f"suite {name} runs the artifact's kernels, which compute with {kernels} activations, "
+                            f"not {activations}", where="eval --activations",
+                            fix="use --activations auto, or --suite ppl --executor reference to emulate "
+                                f"{activations} activations")
+    return activations
 
 
 def save_results(artifact: str | Path, results: dict[str, SuiteResult]) -> Path:
