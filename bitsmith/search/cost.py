@@ -62,6 +62,24 @@ def _time_kernel(spec) -> float:
     return statistics.median(runs)
 
 
+def online_rotation_bytes(module, batch: int) -> int:
+    """Bytes one decode step's online rotations move: the `hadamard` ops rotate_ffn_online puts before down_proj
+    and rotate_keys_online on q/k after RoPE (none in an unrotated model). Each reads and writes its activation once
+    per sequence of the step (`batch` of them) and reads its factor weight, if any, once."""
+    fn = module["decode"]
+    total = 0
+    for node in fn.nodes:
+        if node.op != "hadamard":
+            continue
+        x = fn.types[node.inputs[0]]
+        per_token = int(np.prod(x.shape[1:])) * np.dtype(x.dtype).itemsize  # axis 0: the decode step's row
+        total += 2 * batch * per_token
+        if len(node.inputs) == 2:
+            factor = fn.types[node.inputs[1]]
+            total += int(np.prod(factor.shape)) * np.dtype(factor.dtype).itemsize
+    return total
+
+
 class LatencyTable:
     """seconds per GEMV call, measured once per (shape, scheme, batch) and target CPU, cached as JSON."""
 
@@ -79,6 +97,11 @@ class LatencyTable:
             self.table[key] = _time_kernel(spec)
             self._save()
         return self.table[key]
+
+    def bytes_per_second(self, out_f: int, in_f: int) -> float:
+        """The bandwidth a one-row 16-bit GEMV of that shape reaches (its weight bytes over its measured time): what
+        bytes moved outside the GEMVs cost per second."""
+        return tensor_bytes(out_f, in_f, KEEP16) / self.seconds(out_f, in_f, KEEP16, 1)
 
     def _save(self) -> None:
         if self.path is None:

@@ -21,7 +21,7 @@ from bitsmith.passes.canonicalize import canonical_model
 from bitsmith.passes.kv_plan import KVPlanOptions, plan_kv_cache
 from bitsmith.passes.plan_kv_cache import peak_activation_bytes
 from bitsmith.runtime.quant_scheme import QUANTIZER_METHODS, parse_scheme
-from bitsmith.search.cost import LatencyTable, tensor_bytes
+from bitsmith.search.cost import LatencyTable, online_rotation_bytes, tensor_bytes
 from bitsmith.passes.expert_usage import measure_usage
 from bitsmith.search.experts import active_experts, expand, expert_choice, roundtrip, tie, units
 from bitsmith.search.rotation import rotate_model, rotation_kinds
@@ -206,8 +206,7 @@ def search_rotation(model, kind: str, opts: SearchOptions, samples: np.ndarray, 
     latency = LatencyTable(cache)
     usage = measure_usage(module, weights, samples) if expert_weights(module) else {}
     sm = build_search_model(module, weights, opts, sens, latency, usage, searched)
-    if overhead_s is None:  # non-GEMV work per step: lm_head (a dense GEMV), attention, norms, ... (estimated)
-        overhead_s = _overhead_estimate(module, weights, opts, latency)
+    overhead_s = step_overhead(module, weights, opts, latency, overhead_s)
     budget = opts.memory - sm.fixed_bytes
     if opts.bpw is not None:
         budget = min(budget, opts.bpw * sm.params / 8)
@@ -233,7 +232,20 @@ def search_rotation(model, kind: str, opts: SearchOptions, samples: np.ndarray, 
     return {"format": PLAN_FORMAT, "version": 1, "model_hash": model_hash(model.source), "method": "rtn",
             "rotation": {"kind": kind, "seed": opts.rotate_seed, **({"outliers": outliers} if outliers else {})}, "methods": list(opts.methods), "weights": plan,
             "options": asdict(opts), "predicted": stats, "pareto": pareto, "spearman": _spearman(pareto),
-            "fixed_bytes": sm.fixed_bytes, "kv_bytes": sm.kv_bytes, **({"expert_usage": usage} if usage else {})}
+            "fixed_bytes": sm.fixed_bytes, "kv_bytes": sm.kv_bytes,
+            "online_rotation_bytes": online_rotation_bytes(module, opts.batch), **({"expert_usage": usage} if usage else {})}
+
+
+def step_overhead(module, weights, opts: SearchOptions, latency: LatencyTable, overhead_s: float | None = None) -> float:
+    """Predicted seconds per decode step outside the searched GEMVs: `overhead_s` (default _overhead_estimate: the
+    lm_head, attention, norms, ...) plus a rotated model's online Hadamards, their bytes at the lm_head's bandwidth."""
+    if overhead_s is None:
+        overhead_s = _overhead_estimate(module, weights, opts, latency)
+    moved = online_rotation_bytes(module, opts.batch)
+    if not moved:  # unrotated: nothing to measure
+        return overhead_s
+    vocab, hidden = weights["embed_tokens.weight"].shape
+    return overhead_s + moved / latency.bytes_per_second(vocab, hidden)
 
 
 def _overhead_estimate(module, weights, opts: SearchOptions, latency: LatencyTable) -> float:
