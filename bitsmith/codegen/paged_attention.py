@@ -223,11 +223,16 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
         if not int4:
             return
         step, low = scales[pb, half, slot, kh, 0], scales[pb, half, slot, kh, 1]
-        W = L // 2  # bytes per chunk (L >= 4: `key_group_scores` already needs that)
+        W = L // 2  # bytes per chunk (L >= 2: head_dim is even)
         for d0 in range(DO):
-            raw = cache[pb, half, slot, kh, tirx.Ramp(d0 * W, 1, W)]
-            nibbles = [raw & tirx.const(15, f"uint8x{W}"), raw >> tirx.const(4, f"uint8x{W}")]
-            codes = tirx.Shuffle(nibbles, [i // 2 + (i % 2) * W for i in range(L)])  # [lo0, hi0, lo1, hi1, ...]
+            if W == 1:  # head_dim = 2 mod 4: one byte, its two nibbles by a vector shift
+                raw = tirx.Broadcast(cache[pb, half, slot, kh, d0], 2)
+                shifts = tirx.Ramp(tirx.const(0, "uint8"), tirx.const(4, "uint8"), 2)  # [lo, hi]
+                codes = (raw >> shifts) & tirx.const(15, "uint8x2")
+            else:
+                raw = cache[pb, half, slot, kh, tirx.Ramp(d0 * W, 1, W)]
+                nibbles = [raw & tirx.const(15, f"uint8x{W}"), raw >> tirx.const(4, f"uint8x{W}")]
+                codes = tirx.Shuffle(nibbles, [i // 2 + (i % 2) * W for i in range(L)])  # [lo0, hi0, lo1, hi1, ...]
             vec = tirx.Cast(f"float32x{L}", codes) * tirx.Broadcast(step, L) + tirx.Broadcast(low, L)
             IB.buffer_store(row4, vec, [tirx.Ramp(d0 * L, 1, L)])
 
@@ -296,9 +301,21 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
         """sc[hh, col + u] = the lane sum of part[u, hh, :] (times the key's int8 scale) for the QP positions
         u of a group: one pairing tree for all QP x HG sums (~3 ops per sum) and a QP-lane store per head,
         where summing each vector alone (scores_sum) takes 2 ops per halving step and a store per sum."""
-        vectors = [part[tirx.Ramp((u * HG + hh) * L, 1, L)] for u in range(QP) for hh in range(HG)]
-        folded, order = fold_rows(vectors, L)
+        vectors = [part[tirx.Ramp((u * HG + hh) * L, 1, L) if L > 1 else u * HG + hh]
+                   for u in range(QP) for hh in range(HG)]
+        # a tree folds at most L vectors: more (QP = 1 and HG > L, narrow lanes) go as several trees
+        # (odd head_dim: L = 1, each "vector" a scalar, its own sum)
+        trees = [fold_rows(vectors[first:first + L], L) if L > 1 else (vectors[first], [0])
+                 for first in range(0, len(vectors), L)]
         for hh in range(HG):
+            if QP == 1:  # one score: a lane of its tree (a scalar already when the tree has one lane)
+                folded, order = trees[hh // L]
+                score = folded if len(order) == 1 else tirx.Shuffle([folded], [order.index(hh % L)])
+                if quant:
+                    score = score * scales[pb, 0, slot, kh]
+                IB.buffer_store(sc, score, [hh * B + col])
+                continue
+            (folded, order), = trees  # (QP > 1 only when QP * HG <= L: one tree)
             scores = tirx.Shuffle([folded], [order.index(u * HG + hh) for u in range(QP)])
             if quant:
                 scores = scores * tirx.Shuffle([scales[pb, 0, slot + u, kh] for u in range(QP)], list(range(QP)))

@@ -385,6 +385,28 @@ def test_scheduled_kernels_fit_the_gpu(spec):
     assert tvm.s_tir.analysis.verify_gpu_code(lowered[spec.name], limits)
 
 
+# head_dim = 2 mod 4 and odd (keys read an element at a time: VEC needs head_dim % 4 == 0), and one query head
+# per kv head (its softmax step in two phases, see `_softmax_step`), the last as in an MHA model
+ODD_BUILD_SPECS = [PagedAttentionSpec(16, 9, 3, 18, 16, 128, 32, 0.25, None, "int4"),
+                   PagedAttentionSpec(4, 8, 2, 34, 16, 128, 32, 0.17, 8, "float16"),
+                   PagedAttentionSpec(1, 4, 4, 6, 16, 128, 32, 0.4, None, "int8"),
+                   PagedAttentionSpec(5, 9, 3, 7, 16, 128, 32, 0.38, None, "float32"),
+                   PagedAttentionSpec(16, 32, 32, 128, 16, 256, 64, 0.088, None, "float16")]
+
+
+@pytest.mark.parametrize("spec", ODD_BUILD_SPECS, ids=lambda s: s.name)
+def test_odd_shapes_fit_the_gpu(spec):
+    test_scheduled_kernels_fit_the_gpu(spec)
+
+
+@needs_nvcc
+def test_cuda_library_builds_odd_shapes(fresh_kernel_cache):
+    report = build_kernel_library(ODD_BUILD_SPECS, "cuda_sm_90a", fresh_kernel_cache / "odd.so")
+    assert report.kernels == report.built == len(ODD_BUILD_SPECS)
+    symbols = (fresh_kernel_cache / "odd.so").read_bytes()
+    assert all(spec.name.encode() in symbols for spec in ODD_BUILD_SPECS)
+
+
 def test_missing_nvcc_is_explained(fresh_kernel_cache, monkeypatch):
     monkeypatch.setenv("PATH", str(fresh_kernel_cache))
     with pytest.raises(BitsmithError, match="nvcc is not on PATH.*fix: install the CUDA toolkit"):

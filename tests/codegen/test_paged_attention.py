@@ -15,6 +15,7 @@ from bitsmith.runtime.kv_layout import int4_dequantize, int4_quantize, pack_int4
 
 TOL = 1e-5
 DTYPES = ("float32", "float16", "int8")
+KV_DTYPES = (*DTYPES, "int4")
 HEADS = ((9, 3), (4, 4), (8, 2))  # (query heads, kv heads)
 SHAPES = ((16, 16), (64, 32))  # (head_dim, block_size)
 MAX_BLOCKS, NUM_BLOCKS = 6, 128
@@ -42,6 +43,16 @@ SPECS += [_spec(5, 8, 2, 16, 16, 8, "int4"), _spec(1, 9, 3, 64, 16, None, "int4"
 # Gemma 2's attention-logit soft-cap (0.7: most random scores are capped hard), with and without a window
 SPECS += [_spec(5, 8, 2, 16, 16, 8, "float32", softcap=0.7), _spec(1, 9, 3, 64, 16, None, "int8", softcap=0.7),
           _spec(16, 4, 4, 32, 8, None, "float16", softcap=0.7)]
+# head_dim = 2 mod 4 (vectors of 2 lanes; int4: one byte, two codes, per vector): every dtype meets 6, 18 and 34,
+# decode (1 row), mixed (5) and prefill (16) rows, one head per task (two keys a tree), three (trees of 2 + 1
+# vectors) and four; then odd head_dims (scalar "vectors", int4 refused below) and head_dim 20 with three heads a
+# task (one tree of 3 vectors of 4 lanes)
+NARROW_SPECS = [_spec((1, 5, 16)[(i + t) % 3], *((4, 4), (9, 3), (8, 2))[(i + t) % 3], d, (16, 8, 32)[i],
+                      (None, 8)[i % 2], dtype) for t, dtype in enumerate(KV_DTYPES) for i, d in enumerate((6, 18, 34))]
+NARROW_SPECS += [_spec(5, 9, 3, 7, 16, 8, "float32"), _spec(1, 8, 2, 9, 16, None, "int8"),
+                 _spec(16, 4, 4, 7, 8, None, "float16"), _spec(5, 9, 3, 20, 16, None, "int4"),
+                 _spec(16, 8, 2, 18, 16, 8, "int8", softcap=0.7)]
+SPECS += NARROW_SPECS
 
 
 def _store(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:

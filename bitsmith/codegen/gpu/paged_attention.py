@@ -367,13 +367,25 @@ def _softmax_step(spec: Any, loops: Loops, s: _Shared, count: Any) -> None:
     `_accumulate` with s.corr), turn the scores into probabilities and add their sum."""
     G = spec.group
     reduce_threads("tile_max", "max", s.sc, s.red, G, NT, loops)
-    with loops.threads(NT) as t:
-        with T.If(t < G):
-            with T.Then():
-                new = T.alloc_buffer((1,), "float32", scope="local")
-                T.buffer_store(new, tirx.max(s.m[t], s.red[t]), [0])
-                T.buffer_store(s.corr, tirx.exp2(s.m[t] - new[0]), [t])
-                T.buffer_store(s.m, new[0], [t])
+    if G == 1:
+        # one head: `t < 1` lets TVM rewrite m[t] as m[0], and ThreadSync then wants a barrier between
+        # reading and writing m inside the branch (refused); as two phases the barrier falls between them
+        with loops.threads(NT) as t:
+            with T.If(t < G):
+                with T.Then():
+                    T.buffer_store(s.corr, tirx.exp2(s.m[t] - tirx.max(s.m[t], s.red[t])), [t])
+        with loops.threads(NT) as t:
+            with T.If(t < G):
+                with T.Then():
+                    T.buffer_store(s.m, tirx.max(s.m[t], s.red[t]), [t])
+    else:
+        with loops.threads(NT) as t:
+            with T.If(t < G):
+                with T.Then():
+                    new = T.alloc_buffer((1,), "float32", scope="local")
+                    T.buffer_store(new, tirx.max(s.m[t], s.red[t]), [0])
+                    T.buffer_store(s.corr, tirx.exp2(s.m[t] - new[0]), [t])
+                    T.buffer_store(s.m, new[0], [t])
     with loops.threads(NT) as t:
         with T.unroll(0, G) as g:
             prob = tirx.Select(t < count, tirx.exp2(s.sc[g * NT + t] - s.m[g]), fconst(0.0))
