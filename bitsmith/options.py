@@ -97,6 +97,8 @@ class RotationOptions:
     outlier_ratio: float = 100.0
     learn_steps: int = 100  # learned: Cayley optimiser steps
     learn_lr: float = 1.5  # learned: the Cayley step size
+    # learned: each linear input's X^T X is kept as a rank <= this factor (+ an isotropic tail): in * rank floats
+    learn_rank: int = 512
 
     @property
     def enabled(self) -> bool:

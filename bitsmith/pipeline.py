@@ -86,7 +86,7 @@ def _learn_rotations(o: CompileOptions, m: LoadedModel) -> Pass:
     """--rotate learned: R1/R2 optimised on the calibration tokens against the RTN error of what the precision plan
     will quantize (the plan is computed here as assign_precision will)."""
     return LearnRotations(o.rotation.seed, o.rotation.learn_steps, o.rotation.learn_lr, _assign_precision(o, m),
-                          ffn_online=o.rotation.ffn, heads=o.rotation.heads)
+                          ffn_online=o.rotation.ffn, heads=o.rotation.heads, max_rank=o.rotation.learn_rank)
 
 
 def _plan_kv_cache(o: CompileOptions, m: LoadedModel) -> Pass:

@@ -7,20 +7,98 @@ for each quantized linear l with calibration inputs X_l (unrotated basis) and we
 
 (Rin: the rotation its input takes, Rout: the one its output takes; Q: the scheme's round-to-nearest), averaged
 over the linears. The denominator is rotation-invariant, so e_l is the relative output error of linear l. With the
-Hessian S_l = X_l^T X_l the numerator is tr(E Rin^T S_l Rin E^T): only S_l is kept, not X_l. Rounding goes
-through a straight-through estimator, so the gradient reaches R through the group scales (their max/min) and
-through Rin^T S Rin (which directions of X the error lands in).
+Hessian S_l = X_l^T X_l the numerator is tr(E Rin^T S_l Rin E^T). Rounding goes through a straight-through
+estimator, so the gradient reaches R through the group scales (their max/min) and through Rin^T S Rin (which
+directions of X the error lands in).
+
+S_l is kept as a low-rank factor plus an isotropic tail, S ~= F F^T + t I with F [in, k], k = min(in, tokens, cap)
+(LowRankHessian): then tr(E Rin^T S Rin E^T) = ||E (Rin^T F)||^2 + t ||E||^2, so memory is in * k floats per input
+instead of in^2 (an 8B Llama's ffn input: 14336 x 512 instead of 14336^2), rotating costs in^2 k instead of in^3,
+and the form is exact when k >= rank(S) (t = 0). Under a cap, t spreads the dropped eigenvalues' sum evenly over
+the dropped directions, so tr(S) is kept and an error spread evenly over directions (what RTN gives) is still
+weighted right.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 ORTHOGONALITY_TOL = 1e-5  # re-orthogonalize (QR) when max |R R^T - I| drifts past this
 CHECKPOINTS = 4  # full-objective evaluations during learning; the best of them and the start is returned
+OVERSAMPLE = 16  # extra directions of the randomized subspace iteration (top_eigen) beyond the k it keeps
+POWER_STEPS = 4  # its power iterations: the top k directions separate from the next ones as (l_k / l_p)^(2q+1)
+
+
+@dataclass(frozen=True)
+class LowRankHessian:
+    """S ~= factor factor^T + tail * I: factor [in, k] float32 (the top k eigen-directions of S, each scaled by
+    sqrt(eigenvalue - tail)), tail >= 0 the mean of the dropped eigenvalues (0: exact)."""
+
+    factor: np.ndarray
+    tail: float = 0.0
+
+    @property
+    def rank(self) -> int:
+        return self.factor.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.factor.nbytes)
+
+
+def top_eigen(s: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(eigenvalues [k] descending, eigenvectors [n, k]) of a symmetric PSD s, float64. Exact (eigh) when k is
+    close to n; otherwise a randomized subspace iteration on k + OVERSAMPLE directions (n^2 k work, not n^3),
+    which is exact too when rank(s) <= k + OVERSAMPLE (its range is then found whole)."""
+    s = np.asarray(s, dtype=np.float64)
+    n = s.shape[0]
+    if k + OVERSAMPLE >= n // 2:
+        values, vectors = np.linalg.eigh(s)
+        return values[::-1][:k], vectors[:, ::-1][:, :k]
+    basis = np.random.default_rng(seed).standard_normal((n, k + OVERSAMPLE))
+    for _ in range(POWER_STEPS):  # re-orthonormalized each time: the powers would otherwise collapse to one
+        basis = np.linalg.qr(s @ basis)[0]
+    values, small = np.linalg.eigh(basis.T @ s @ basis)  # Rayleigh-Ritz on the found subspace
+    return values[::-1][:k], (basis @ small)[:, ::-1][:, :k]
+
+
+def _spread_tail(values: np.ndarray, trace: float, n: int) -> tuple[np.ndarray, float]:
+    """(sqrt(kept eigenvalues - tail), tail): tail = the dropped eigenvalues' sum over the n - k dropped directions,
+    so factor factor^T + tail I has the trace of S."""
+    values = np.maximum(values, 0.0)
+    k = len(values)
+    tail = max(trace - float(values.sum()), 0.0) / (n - k) if k < n else 0.0
+    return np.sqrt(np.maximum(values - tail, 0.0)), tail
+
+
+def factor_hessian(s: np.ndarray, cap: int | None = None, tokens: int | None = None) -> LowRankHessian:
+    """S [in, in] (= X^T X over `tokens` rows, when known) as F F^T + t I with k = min(in, tokens, cap)."""
+    n = s.shape[0]
+    k = min(n, tokens or n, cap or n)
+    values, vectors = top_eigen(s, k)
+    scales, tail = _spread_tail(values, float(np.trace(s, dtype=np.float64)), n)
+    return LowRankHessian((vectors * scales).astype(np.float32), tail)
+
+
+def factor_activations(x: np.ndarray, cap: int | None = None) -> LowRankHessian:
+    """X^T X for activations x [tokens, in] as F F^T + t I, k = min(in, tokens, cap), never forming an [in, in]
+    matrix when tokens < in: X^T itself when it fits the cap (exact), else the top eigen-directions of the
+    [tokens, tokens] Gram X X^T (X^T u / sqrt(l) are X^T X's eigenvectors for X X^T's (l, u)). Products in
+    float32 (as the Hessians were accumulated before), eigen-solves in float64."""
+    x = np.asarray(x, dtype=np.float32)
+    tokens, n = x.shape
+    if tokens > n:
+        return factor_hessian(x.T @ x, cap, tokens)
+    if cap is None or tokens <= cap:
+        return LowRankHessian(np.ascontiguousarray(x.T))
+    gram = (x @ x.T).astype(np.float64)
+    values, vectors = top_eigen(gram, cap)
+    scales, tail = _spread_tail(values, float(np.trace(gram)), n)
+    directions = (x.T @ vectors.astype(np.float32)) / np.sqrt(np.maximum(values, 1e-30)).astype(np.float32)
+    return LowRankHessian((directions * scales.astype(np.float32)).astype(np.float32), tail)
 
 
 @dataclass(frozen=True)
@@ -29,7 +107,7 @@ class Term:
     of its input already applied to `weight` and to its Hessian)."""
 
     weight: np.ndarray  # [out, in] float32
-    hessian: str  # key of X^T X [in, in] (float32) of its input
+    hessian: str  # key of its input's X^T X [in, in] (stored as a LowRankHessian)
     rows: str | None  # the rotation of its output: "r1" (writes the residual: R1^T W), "r2" (v_proj: R2^T W_h)
     cols: str | None  # the rotation of its input: "r1" (reads the residual: W R1), "r2" (o_proj: W[:, h] R2)
     group: int  # group size along `in` (in: one scale per output channel)
@@ -95,47 +173,54 @@ def rotate_cols(w, kind: str | None, rots: dict):
     return (w.reshape(w.shape[0], -1, d) @ r2).reshape(w.shape)
 
 
-def rotate_hessian(s, kind: str | None, rots: dict):
-    """Rin^T S Rin for S [in, in] (per head blocks for R2)."""
-    if kind is None:
-        return s
-    if kind == "r1":
-        return rots["r1"].T @ s @ rots["r1"]
-    import torch  # noqa: PLC0415
-
-    r2 = rots["r2"]
-    d = r2.shape[0]
-    h = s.shape[0] // d
-    return torch.einsum("ai,hagb,bk->higk", r2, s.reshape(h, d, h, d), r2).reshape(s.shape)
+def rotate_factor(f, kind: str | None, rots: dict):
+    """Rin^T F for F [in, k]: Rin^T S Rin = (Rin^T F)(Rin^T F)^T (+ the tail, which any rotation leaves)."""
+    return rotate_rows(f, kind, rots)
 
 
 class Objective:
-    """The mean relative RTN output error over a set of terms, differentiable in R1/R2 (torch float32)."""
+    """The mean relative RTN output error over a set of terms, differentiable in R1/R2 (torch float32).
 
-    def __init__(self, terms: list[Term], hessians: dict[str, np.ndarray]):
+    `hessians`: each key's S as a LowRankHessian (a dense array is factored exactly). `signals`: each term's
+    || X W^T ||^2, rotation-invariant, so computed once (from the exact S before it was factored, when given;
+    else from the factor)."""
+
+    def __init__(self, terms: list[Term], hessians: Mapping[str, LowRankHessian | np.ndarray],
+                 signals: Sequence[float] | None = None):
         import torch  # noqa: PLC0415
 
         self.terms = terms
         self.weights = [torch.from_numpy(np.ascontiguousarray(t.weight, dtype=np.float32)) for t in terms]
-        self.hessians = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in hessians.items()}
-        # || X W^T ||^2 = tr(W S W^T): the same under any rotation
-        self.signal = [float(((w @ self.hessians[t.hessian]) * w).sum()) for t, w in zip(terms, self.weights)]
+        lowrank = {k: v if isinstance(v, LowRankHessian) else factor_hessian(v) for k, v in hessians.items()}
+        self.factors = {k: torch.from_numpy(np.ascontiguousarray(v.factor, dtype=np.float32))
+                        for k, v in lowrank.items()}
+        self.tails = {k: float(v.tail) for k, v in lowrank.items()}
+        self.bytes = sum(v.nbytes for v in lowrank.values())  # what the stored factors hold
+        if signals is None:  # || X W^T ||^2 = tr(W S W^T): the same under any rotation
+            signals = [self._quadratic(w, self.factors[t.hessian], self.tails[t.hessian])
+                       for t, w in zip(terms, self.weights)]
+        self.signal = [float(v) for v in signals]
         self.batches = sorted({t.batch for t in terms})
+
+    @staticmethod
+    def _quadratic(e, factor, tail: float):
+        """tr(E (F F^T + t I) E^T)."""
+        return ((e @ factor) ** 2).sum() + tail * (e ** 2).sum()
 
     def errors(self, rots: dict, indices: list[int]):
         """Relative error of each term in `indices` (a torch vector)."""
         import torch  # noqa: PLC0415
 
-        rotated_hessians: dict[tuple[str, str | None], object] = {}
+        rotated: dict[tuple[str, str | None], object] = {}  # each input's factor rotated once per call
         out = []
         for i in indices:
             term, w = self.terms[i], self.weights[i]
             y = rotate_cols(rotate_rows(w, term.rows, rots), term.cols, rots)
             key = (term.hessian, term.cols)
-            if key not in rotated_hessians:
-                rotated_hessians[key] = rotate_hessian(self.hessians[term.hessian], term.cols, rots)
+            if key not in rotated:
+                rotated[key] = rotate_factor(self.factors[term.hessian], term.cols, rots)
             err = rtn_error(y, term.group, term.bits, term.sym)
-            out.append(((err @ rotated_hessians[key]) * err).sum() / max(self.signal[i], 1e-30))
+            out.append(self._quadratic(err, rotated[key], self.tails[term.hessian]) / max(self.signal[i], 1e-30))
         return torch.stack(out)
 
     def indices_of(self, batches) -> list[int]:
