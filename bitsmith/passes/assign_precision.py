@@ -82,9 +82,10 @@ class AssignPrecision(Pass):
             is_edge = layer_index(name) in edge or layer_index(name) is None  # lm_head has no layer
             keep = not self.quantize_rest or (self.keep_default and (is_edge or name in routers))
             plan[name] = KEEP if keep else self.default
-        untied = module.meta.get("rotation", {}).get("untied_head")
-        if untied in plan:  # a head fold_norm_scales untied was the embedding table: 16-bit unless a --scheme says
-            plan[untied] = KEEP
+        rotation = module.meta.get("rotation", {})
+        for kept in (rotation.get("untied_head"), rotation.get("head_norm")):
+            if kept in plan:  # fold_norm_scales' untied head (was the 16-bit table) or its tied head's norm scale
+                plan[kept] = KEEP
         for name, scheme in self.imported:
             if name not in plan:
                 raise BitsmithError(f"the source gave codes for {name!r}, which is not a linear weight of the IR",

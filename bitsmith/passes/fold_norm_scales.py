@@ -6,14 +6,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bitsmith.compiler.ir import Module, Node
+from bitsmith.compiler.ir import Function, Module, Node, TensorType
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.base import PassContext
 from bitsmith.passes.manager import Pass
+from bitsmith.passes.rewrite import FunctionRewriter, map_functions
 from bitsmith.passes.rotation_sites import find_residual_sites, with_rotation_meta
 from bitsmith.passes.untie_lm_head import LM_HEAD, UntieLmHead
 
 EMBED_TABLE = "embed_tokens.weight"
+HEAD_NORM = "head_norm.weight"  # the last norm's scale for a head that stays tied (insert_head_norm)
 
 
 @dataclass(frozen=True)
@@ -22,9 +24,10 @@ class FoldNormScales(Pass):
     norm's scale becomes ones except on find_outlier_channels' channels, which R1 leaves alone (kept as a weight, so AWQ can still fold its scales there later). Only a unit-scale
     RMSNorm commutes with an orthogonal R (||x R|| = ||x||), which is what rotate_residual needs.
 
-    A tied lm_head reads the last norm: when that norm's scale is not all ones the head is untied first, since
-    the embedding table must not take the scale; precision assignment keeps it 16-bit as the tied table was
-    (module.meta["rotation"]["untied_head"]) unless a --scheme names it."""
+    A tied lm_head reads the last norm: when that norm's scale is not all ones the scale cannot go into the
+    table (the embedding lookup reads it too), so it goes into a small 16-bit linear between the norm and the
+    head (insert_head_norm; module.meta["rotation"]["head_norm"]). Only where the last norm feeds more than the
+    head is the head untied instead (module.meta["rotation"]["untied_head"]), kept 16-bit as the table was."""
 
     name = "fold_norm_scales"
     requires = frozenset({"canonical"})
@@ -37,7 +40,10 @@ class FoldNormScales(Pass):
         tables = set(sites.embeddings)
         gamma_of = {lin.weight: gamma for gamma, linears in sites.norms for lin in linears}
         if any(w in tables and g is not None and not _all_ones(_folded_part(ctx, g, kept)) for w, g in gamma_of.items()):
-            module = with_rotation_meta(untie_head(module, ctx, sites.embeddings[0]), "untied_head", LM_HEAD)
+            if all(len(linears) == 1 for _, linears in sites.norms if any(lin.weight in tables for lin in linears)):
+                module = with_rotation_meta(insert_head_norm(module, ctx, sites.embeddings[0]), "head_norm", HEAD_NORM)
+            else:  # the last norm feeds more than the head: give the head its own copy instead
+                module = with_rotation_meta(untie_head(module, ctx, sites.embeddings[0]), "untied_head", LM_HEAD)
             sites = find_residual_sites(module["prefill"])
         for gamma, linears in sites.norms:
             if gamma is None:
@@ -51,6 +57,30 @@ class FoldNormScales(Pass):
             left[kept] = np.asarray(ctx.weights[gamma], dtype=np.float32)[kept] / g[kept]
             ctx.weights[gamma] = left  # 1, or what the kept (outlier) channels keep of their own scale
         return module
+
+
+def insert_head_norm(module: Module, ctx: PassContext, table: str) -> Module:
+    """Keep a tied head tied: an identity linear `head_norm.weight` [hidden, hidden] goes between the last norm and
+    the head, so the loop below folds the norm's scale into it (diag(g)) and rotate_residual makes it
+    R1^T diag(g) R1. One hidden x hidden 16-bit matrix (SmolLM2: 0.66 MB) instead of a second vocab x hidden table
+    (57 MB), and the head still reads the rotated table E R1."""
+    hidden = module.weights[table].shape[1]
+    ctx.weights[HEAD_NORM] = np.eye(hidden, dtype=np.float32)
+    module = module.replace(weights={**module.weights, HEAD_NORM: TensorType((hidden, hidden),
+                                                                             module.weights[table].dtype)})
+
+    def rewrite(fn: Function, module: Module) -> Function:
+        weight_of = {n.outputs[0]: n.attrs["name"] for n in fn.nodes if n.op == "weight"}
+        rw = FunctionRewriter(fn, module.weights)
+        for node in fn.nodes:
+            if node.op == "linear" and weight_of.get(node.inputs[1]) == table:
+                scaled = rw.emit("linear", [node.inputs[0], rw.emit("weight", [], HEAD_NORM, name=HEAD_NORM)],
+                                 "head_norm")
+                node = Node(node.op, (scaled, *node.inputs[1:]), node.outputs, node.attrs)
+            rw.keep(node)
+        return rw.finish()
+
+    return map_functions(module, rewrite)
 
 
 def untie_head(module: Module, ctx: PassContext, table: str) -> Module:

@@ -39,6 +39,9 @@ class RotateResidual(Pass):
                 if lin.weight not in done:  # a tied head is the table, rotated once
                     ctx.weights[lin.weight] = rotate_columns(ctx.weights[lin.weight], r1)
                     done.add(lin.weight)
+        head_norm = module.meta.get("rotation", {}).get("head_norm")
+        if head_norm is not None:  # read as a reader above (W R1); it also writes the head's rotated input
+            ctx.weights[head_norm] = rotate_rows(ctx.weights[head_norm], r1)
         for lin in sites.writers:
             ctx.weights[lin.weight] = rotate_rows(ctx.weights[lin.weight], r1)
             if lin.bias is not None:

@@ -109,14 +109,21 @@ def test_rows_beyond_gpu_shared_memory_are_refused_at_lowering():
         lower_function(fn.replace(nodes=nodes, types=big), 1, _kv(CONFIG), {}, {}, target="cuda")
 
 
-def _tiny_llama_with_tokenizer(directory):
+def _tiny_llama_with_tokenizer(directory, tie: bool = False):
     """The tiny random Llama in HF layout with a character-level tokenizer.json (a..z, space; ids < its vocab of
-    96), so that rotate passes that read calibration text have tokens."""
+    96), so that rotate passes that read calibration text have tokens. Its norm scales are random (not the init's
+    ones), so fold_norm_scales has something to fold (for a tied head: into head_norm)."""
+    import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from conftest import save_tiny_hf_model
+    from conftest import make_tiny_hf_model
 
-    save_tiny_hf_model(directory, "llama")
+    model = make_tiny_hf_model("llama", tie, 0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+    model.save_pretrained(directory)
     vocab = {chr(97 + i): i + 3 for i in range(26)} | {"<unk>": 0, " ": 29, "</s>": 2}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
@@ -125,9 +132,11 @@ def _tiny_llama_with_tokenizer(directory):
 
 
 @pytest.mark.slow
-def test_rotated_int4_artifact_kernels_equal_the_reference(tmp_path):
+@pytest.mark.parametrize("tie", [False, True])
+def test_rotated_int4_artifact_kernels_equal_the_reference(tmp_path, tie):
     """--rotate hadamard, int4 g32 RTN on the tiny Llama: the compiled kernels (fused hadamards) against the numpy
-    reference executor of the same artifact, prefill in two chunks and three decode steps."""
+    reference executor of the same artifact, prefill in two chunks and three decode steps. Tied: the head stays
+    tied and reads head_norm's output."""
     from bitsmith.options import RotationOptions
     from bitsmith.pipeline import CompileOptions, MemoryOptions, QuantOptions, compile_model
     from bitsmith.runtime.artifact import load_artifact
@@ -136,8 +145,10 @@ def test_rotated_int4_artifact_kernels_equal_the_reference(tmp_path):
 
     options = CompileOptions(quant=QuantOptions("rtn", bits=4, group_size=32, sym=False, keep_default=False),
                              memory=MemoryOptions(context=64), rotation=RotationOptions("hadamard"))
-    model = _tiny_llama_with_tokenizer(tmp_path / "model")
+    model = _tiny_llama_with_tokenizer(tmp_path / "model", tie)
     art = load_artifact(compile_model(model, tmp_path / "art", options))
+    assert ("head_norm.weight" in art.weights) == tie
+    assert any(k.startswith("lm_head.weight") for k in art.weights) != tie  # untied: quantized, its codes
     kernels = [c[0] for c in art.manifest["kernels"]["schedules"]["rows1"]["calls"]]
     assert any(k.startswith("silu_mul_hadamard") for k in kernels) and any("_hadamard_" in k for k in kernels)
     compiled, ref = CompiledSession(art), reference_session(art, 64)

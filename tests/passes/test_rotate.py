@@ -64,11 +64,19 @@ def test_only_the_chosen_online_rotations_are_inserted(tmp_path):
     assert "hadamard" not in ops
 
 
-def test_untied_head_stays_16_bit_when_everything_else_is_quantized(tmp_path):
+def test_a_tied_head_stays_tied_and_its_norm_scale_stays_16_bit(tmp_path):
+    """The last norm's scale goes into a hidden x hidden head_norm linear, not into a second copy of the table."""
     quant = QuantOptions("rtn", 4, 32, keep_default=False)
-    _, rotated = compile_pair(tmp_path, "llama", RotationOptions("hadamard"), quant, tie_word_embeddings=True)
-    plan = load_artifact(rotated).manifest["ir"]["meta"]["precision_plan"]
-    assert plan["lm_head.weight"] is None and plan["layers.0.mlp.down_proj.weight"] is not None
+    plain, rotated = compile_pair(tmp_path, "llama", RotationOptions("hadamard"), quant, tie_word_embeddings=True)
+    art = load_artifact(rotated)
+    plan = art.manifest["ir"]["meta"]["precision_plan"]
+    assert plan["head_norm.weight"] is None and plan["layers.0.mlp.down_proj.weight"] is not None
+    assert "lm_head.weight" not in art.weights and art.manifest["ir"]["meta"]["rotation"]["head_norm"]
+    head_norm = np.asarray(art.weights["head_norm.weight"], dtype=np.float32)
+    assert head_norm.shape == (64, 64) and np.allclose(head_norm, head_norm.T, atol=1e-2)  # R1^T diag(g) R1
+    extra = sum(np.asarray(w).nbytes for w in art.weights.values()) - sum(
+        np.asarray(w).nbytes for w in load_artifact(plain).weights.values())
+    assert extra <= 64 * 64 * 4 + 2 * 64 * 64  # the head_norm and the online factors, never a vocab x hidden table
 
 
 @pytest.mark.parametrize("family, why", [
