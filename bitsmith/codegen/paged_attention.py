@@ -157,10 +157,17 @@ class PagedAttentionSpec:
 
 
 def _lanes(head_dim: int, target: Target) -> int:
-    """Widest power-of-two vector (at most one register, at most 16 lanes) dividing head_dim."""
-    lanes = min(16, target.lanes(4))
+    """Widest power-of-two vector (at most one register, at most 16 lanes) dividing head_dim. Where that is
+    under 4 lanes (head_dim = 2 mod 4, or odd): the widest of at most 8 lanes not over head_dim, the last
+    head_dim % lanes elements of a row then going as one shorter vector (on AVX-512, head_dim 6/18/34/66, one
+    thread: 0.75-1.0x the time of 2-lane vectors, int4 at 66 0.53x; 16 lanes were slower than 8)."""
+    widest = lanes = min(16, target.lanes(4))
     while lanes > 1 and head_dim % lanes:
         lanes //= 2
+    if lanes < 4:
+        lanes = min(widest, 8)
+        while lanes > head_dim:
+            lanes //= 2
     return lanes
 
 
@@ -187,7 +194,9 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
     HG = heads_per_task(spec, target)  # query heads per task
     NG = G // HG  # tasks per (row, kv head)
     L = _lanes(D, target)
-    DO = D // L
+    DO = D // L  # whole vectors of a head
+    TL = D - DO * L  # then a tail of TL elements (0 where L divides D: every head_dim = 0 mod 4)
+    TAIL = TL > 0  # (a Python bool: the macros' `if` is resolved when they are parsed)
     B = TILE
     SPB = min(BS, B)  # slots of one block inside one tile
     CTX = MB * BS  # positions a block table can address
@@ -218,23 +227,23 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
 
     def unpack_int4(cache: Any, scales: Any, row4: Any, pb: Any, half: int, slot: Any, kh: Any) -> None:
         """int4 only: row4[:D] = min + code * step of the row at (pb, half, slot, kh), L elements at a time from
-        L / 2 contiguous bytes, low and high nibbles interleaved by a shuffle (indexing the pool with d // 2 inside
-        a vectorized loop would gather byte by byte)."""
+        L / 2 contiguous bytes (then the tail's TL), low and high nibbles interleaved by a shuffle (indexing the
+        pool with d // 2 inside a vectorized loop would gather byte by byte)."""
         if not int4:
             return
         step, low = scales[pb, half, slot, kh, 0], scales[pb, half, slot, kh, 1]
-        W = L // 2  # bytes per chunk (L >= 2: head_dim is even)
-        for d0 in range(DO):
-            if W == 1:  # head_dim = 2 mod 4: one byte, its two nibbles by a vector shift
-                raw = tirx.Broadcast(cache[pb, half, slot, kh, d0], 2)
+        for d, n in [(d0 * L, L) for d0 in range(DO)] + ([(DO * L, TL)] if TAIL else []):
+            W = n // 2  # bytes of the chunk (n is even: so is head_dim)
+            if W == 1:  # one byte, its two nibbles by a vector shift
+                raw = tirx.Broadcast(cache[pb, half, slot, kh, d // 2], 2)
                 shifts = tirx.Ramp(tirx.const(0, "uint8"), tirx.const(4, "uint8"), 2)  # [lo, hi]
                 codes = (raw >> shifts) & tirx.const(15, "uint8x2")
             else:
-                raw = cache[pb, half, slot, kh, tirx.Ramp(d0 * W, 1, W)]
+                raw = cache[pb, half, slot, kh, tirx.Ramp(d // 2, 1, W)]
                 nibbles = [raw & tirx.const(15, f"uint8x{W}"), raw >> tirx.const(4, f"uint8x{W}")]
-                codes = tirx.Shuffle(nibbles, [i // 2 + (i % 2) * W for i in range(L)])  # [lo0, hi0, lo1, hi1, ...]
-            vec = tirx.Cast(f"float32x{L}", codes) * tirx.Broadcast(step, L) + tirx.Broadcast(low, L)
-            IB.buffer_store(row4, vec, [tirx.Ramp(d0 * L, 1, L)])
+                codes = tirx.Shuffle(nibbles, [i // 2 + (i % 2) * W for i in range(n)])  # [lo0, hi0, lo1, hi1, ...]
+            vec = tirx.Cast(f"float32x{n}", codes) * tirx.Broadcast(step, n) + tirx.Broadcast(low, n)
+            IB.buffer_store(row4, vec, [tirx.Ramp(d, 1, n)])
 
     def int4_code(x: Any, low: Any, step: Any) -> Any:
         return tirx.Cast("uint8", T.max(T.min(T.nearbyint((x - low) / step), T.float32(INT4_MAX)), T.float32(0)))
@@ -296,6 +305,11 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
                 for l in T.vectorized(L):
                     part[(u * HG + hh) * L + l] = part[(u * HG + hh) * L + l] + qs[hh * D + d0 * L + l] * element(
                         cache, row4, pb, 0, slot, kh, d0 * L + l)
+        if TAIL:  # into the first TL lanes
+            for hh in T.unroll(HG):
+                for l in T.vectorized(TL):
+                    part[(u * HG + hh) * L + l] = part[(u * HG + hh) * L + l] + qs[hh * D + DO * L + l] * element(
+                        cache, row4, pb, 0, slot, kh, DO * L + l)
 
     def key_group_scores(part, sc, scales, col, pb, slot, kh):
         """sc[hh, col + u] = the lane sum of part[u, hh, :] (times the key's int8 scale) for the QP positions
@@ -401,6 +415,12 @@ def _lower(spec: PagedAttentionSpec, target: Target) -> Any:
                                             acc[hh * D + d0 * L + l] = acc[hh * D + d0 * L + l] + sc[
                                                 hh * B + s1 - a + j] * value_scale(scales, pb, base + j, kh) * element(
                                                 cache, row4, pb, 1, base + j, kh, d0 * L + l)
+                                if TAIL:
+                                    for hh in T.unroll(HG):
+                                        for l in T.vectorized(TL):
+                                            acc[hh * D + DO * L + l] = acc[hh * D + DO * L + l] + sc[
+                                                hh * B + s1 - a + j] * value_scale(scales, pb, base + j, kh) * element(
+                                                cache, row4, pb, 1, base + j, kh, DO * L + l)
                     finish(out, r, h0, acc, st)
 
     # parameter buffer types (one object per parameter: a shared one would alias the parameters)

@@ -43,15 +43,17 @@ SPECS += [_spec(5, 8, 2, 16, 16, 8, "int4"), _spec(1, 9, 3, 64, 16, None, "int4"
 # Gemma 2's attention-logit soft-cap (0.7: most random scores are capped hard), with and without a window
 SPECS += [_spec(5, 8, 2, 16, 16, 8, "float32", softcap=0.7), _spec(1, 9, 3, 64, 16, None, "int8", softcap=0.7),
           _spec(16, 4, 4, 32, 8, None, "float16", softcap=0.7)]
-# head_dim = 2 mod 4 (vectors of 2 lanes; int4: one byte, two codes, per vector): every dtype meets 6, 18 and 34,
-# decode (1 row), mixed (5) and prefill (16) rows, one head per task (two keys a tree), three (trees of 2 + 1
-# vectors) and four; then odd head_dims (scalar "vectors", int4 refused below) and head_dim 20 with three heads a
-# task (one tree of 3 vectors of 4 lanes)
+# head_dim = 2 mod 4 (vectors of 4 or 16 lanes, then a tail of 2; int4: the tail one byte): every dtype meets 6,
+# 18 and 34, decode (1 row), mixed (5) and prefill (16) rows, one, three and four heads per task; then odd head_dims
+# (tails of 3 and 1; int4 refused below), head_dim 20 with three heads a task (one tree of 3 vectors of 4 lanes),
+# and tiny ones whose task has more heads than lanes (several trees): 2 (int4: one byte a vector), 3 (a tail of 1)
+# and 1 (scalar "vectors")
 NARROW_SPECS = [_spec((1, 5, 16)[(i + t) % 3], *((4, 4), (9, 3), (8, 2))[(i + t) % 3], d, (16, 8, 32)[i],
                       (None, 8)[i % 2], dtype) for t, dtype in enumerate(KV_DTYPES) for i, d in enumerate((6, 18, 34))]
 NARROW_SPECS += [_spec(5, 9, 3, 7, 16, 8, "float32"), _spec(1, 8, 2, 9, 16, None, "int8"),
                  _spec(16, 4, 4, 7, 8, None, "float16"), _spec(5, 9, 3, 20, 16, None, "int4"),
-                 _spec(16, 8, 2, 18, 16, 8, "int8", softcap=0.7)]
+                 _spec(16, 8, 2, 18, 16, 8, "int8", softcap=0.7), _spec(5, 8, 2, 2, 16, None, "int4"),
+                 _spec(1, 12, 2, 3, 16, 8, "float32"), _spec(16, 8, 2, 1, 16, None, "int8")]
 SPECS += NARROW_SPECS
 
 
