@@ -12,8 +12,8 @@ from bitsmith.compiler.printer import print_module
 from bitsmith.cli_common import _log, friendly_errors, main
 from bitsmith.errors import BitsmithError
 from bitsmith.codegen.target import CUDA_ARCHS
-from bitsmith.options import (ACTIVATIONS, KV_DTYPE_CHOICES, ROTATIONS, TARGETS, CompileOptions, GateOptions,
-                              MemoryOptions, QuantOptions, RotationOptions, TargetOptions)
+from bitsmith.options import (ACTIVATIONS, CLIP_MODES, KV_DTYPE_CHOICES, ROTATIONS, TARGETS, CompileOptions,
+                              GateOptions, MemoryOptions, QuantOptions, RotationOptions, TargetOptions)
 from bitsmith.tools.gate import DEFAULT_GATE, format_attempts, format_size, parse_gate
 from bitsmith.passes.cast_weights import STORAGE_DTYPES
 from bitsmith.passes.kv_plan import BLOCK_SIZES, parse_bytes
@@ -63,6 +63,10 @@ from bitsmith.tools.package import package as package_bundle
                    "by default; this dequantizes them and quantizes again with --method/--scheme (a second rounding).")
 @click.option("--no-keep-default", is_flag=True,
               help="Quantize lm_head and the first and last decoder layers too (kept 16-bit by default).")
+@click.option("--clip", type=click.Choice(CLIP_MODES), default="none", show_default=True,
+              help="mse: each group's range (per-channel: each row's) is shrunk to the ratio in 1.0..0.5 that "
+                   "minimises its own rounding error, for rtn and gptq (awq searches its own clip, hqq fits its "
+                   "own scales); no data needed.")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="Calibration text: plain text, or .jsonl with a 'text' field (default: built-in text).")
 @click.option("--calib-samples", default=32, show_default=True, type=click.IntRange(min=1),
@@ -132,7 +136,8 @@ from bitsmith.tools.package import package as package_bundle
 @friendly_errors
 def compile(model: Path | None, output: Path | None, dtype: str | None, tokenizer: Path | None, verify: bool,
             dump_ir: Path | None, print_passes: bool, method: str | None, bits: str, group_size: str, sym: bool,
-            keep: tuple[str, ...], schemes: tuple[str, ...], requantize: bool, no_keep_default: bool, calib: Path | None,
+            keep: tuple[str, ...], schemes: tuple[str, ...], requantize: bool, no_keep_default: bool, clip: str,
+            calib: Path | None,
             calib_samples: int, calib_seqlen: int, target: str, arch: str | None, cpu: str | None, features: str,
             context: int | None,
             memory: str | None, concurrency: int, kv_dtype: str, block_size: str, activations: str,
@@ -176,7 +181,7 @@ def compile(model: Path | None, output: Path | None, dtype: str | None, tokenize
         dtype=dtype, tokenizer=str(tokenizer) if tokenizer else None, verify=verify,
         dump_ir=str(dump_ir) if dump_ir else None,
         quant=QuantOptions(method, int(bits), int(group_size), sym, keep_default=not no_keep_default, keep=keep,
-                           schemes=tuple(overrides), requantize=requantize,
+                           schemes=tuple(overrides), requantize=requantize, clip=clip,
                            calibration=CalibrationOptions(str(calib) if calib else None, calib_samples, calib_seqlen)),
         memory=MemoryOptions(context, memory, concurrency, kv_dtype, int(block_size)),
         target=TargetOptions(target, arch, activations, cpu, tuple(f.strip().lstrip("+") for f in features.split(",")

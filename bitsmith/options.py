@@ -10,12 +10,14 @@ from dataclasses import dataclass
 
 from bitsmith.codegen.target import SUPPORTED_TARGETS
 from bitsmith.compiler.calibration_data import CalibrationOptions
+from bitsmith.errors import BitsmithError
 from bitsmith.passes.kv_plan import KV_DTYPES
 from bitsmith.runtime.quant_scheme import QuantScheme
 
 KV_DTYPE_CHOICES = ("auto", *KV_DTYPES)  # auto: float16 unless the budget needs int8, then int4
 TARGETS = (*SUPPORTED_TARGETS, "cuda", "none")  # none: the reference executor only
 ACTIVATIONS = ("float32", "int8", "auto")  # inputs of the quantized GEMVs
+CLIP_MODES = ("none", "mse")  # QuantOptions.clip
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,12 @@ class QuantOptions:
     schemes: tuple[tuple[str, str], ...] = ()  # (pattern, scheme string) overrides, e.g. ("mlp.down_proj", "int8")
     calibration: CalibrationOptions = CalibrationOptions()
     requantize: bool = False  # pre-quantized sources: dequantize and quantize again instead of keeping the codes
+    clip: str = "none"  # "mse": RTN/GPTQ group ranges clipped where that lowers the weight's rounding error
+
+    def __post_init__(self) -> None:
+        if self.clip not in CLIP_MODES:
+            raise BitsmithError(f"unknown clip mode {self.clip!r}", where="quant options",
+                                fix=f"use one of {CLIP_MODES}")
 
     @property
     def enabled(self) -> bool:

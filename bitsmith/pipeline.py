@@ -115,7 +115,7 @@ PIPELINE: tuple[Step, ...] = (
     Step("precision", UntieLmHead, "lm_head quantized"),
     Step("precision", MeasureExpertUsage, "quantizing experts"),
     Step("precision", AssignPrecision, "quantizing", _assign_precision),
-    Step("quantize/pack", QuantizeWeights, "quantizing"),
+    Step("quantize/pack", QuantizeWeights, "quantizing", lambda o, m: QuantizeWeights(clip=o.quant.clip)),
     Step("quantize/pack", CastWeights, "always", lambda o, m: CastWeights(storage_dtype(o, m))),
     Step("quantize/pack", PackWeights, "quantizing"),
     Step("memory plan", PlanKVCache, "always", _plan_kv_cache),

@@ -10,7 +10,7 @@ from bitsmith.passes.base import PassContext, QuantizedInfo
 from bitsmith.passes.quant.gptq import HessianAccumulator, gptq_factor, quantize_gptq
 from bitsmith.passes.quant.hqq import quantize_calibration_free
 from bitsmith.passes.quant.packing import pack
-from bitsmith.passes.quant.rtn import quantize_rtn
+from bitsmith.passes.quant.rtn import quantize_rtn, search_mse_clip
 from bitsmith.runtime.quant_scheme import QuantizedWeight, QuantScheme, dequantize
 
 # Stored as the stacked packed parts (names from quantize_weights.packed_names):
@@ -34,11 +34,11 @@ def refuse_awq(names: list[str], plan: dict[str, QuantScheme]) -> None:
 
 
 def quantize_experts_rtn(ctx: PassContext, name: str, scheme: QuantScheme, names: tuple[str, str, str],
-                         standin: bool = False) -> None:
+                         standin: bool = False, mse_clip: bool = False) -> None:
     """RTN (or HQQ, by the scheme) of every expert slice of `name`, stored by store_experts (`names`: qweight,
     scales, zeros)."""
     experts = ctx.weights.shape(name)[0]
-    slices = [quantize_calibration_free(np.asarray(ctx.weights[name][e], dtype=np.float32), scheme)
+    slices = [quantize_calibration_free(np.asarray(ctx.weights[name][e], dtype=np.float32), scheme, mse_clip)
               for e in range(experts)]
     store_experts(ctx, name, slices, scheme, names, standin)
 
@@ -107,7 +107,8 @@ class ExpertHessians:
             acc_gu[e].add(rows)
             acc_dn[e].add(g[:, :inter] / (1 + np.exp(-g[:, :inter])) * g[:, inter:])
 
-    def quantize(self, ctx: PassContext, plan: dict[str, QuantScheme], names_of, damp: float, act_order: bool) -> None:
+    def quantize(self, ctx: PassContext, plan: dict[str, QuantScheme], names_of, damp: float, act_order: bool,
+                 mse_clip: bool = False) -> None:
         """GPTQ each planned expert slice on its own Hessian; an expert no calibration token reached has none
         (GPTQ would zero its weights as dead inputs) and gets RTN instead."""
         for name, accs in self.hessians.items():
@@ -118,9 +119,9 @@ class ExpertHessians:
             for e, acc in enumerate(accs):
                 w = np.asarray(ctx.weights[name][e], dtype=np.float32)
                 if acc.n == 0:
-                    slices.append(quantize_rtn(w, scheme))
+                    slices.append(quantize_rtn(w, scheme, search_mse_clip(w, scheme) if mse_clip else 1.0))
                     continue
                 factor = gptq_factor(acc.result(), damp, act_order, where=f"pass quantize_weights, {name}[{e}]")
-                slices.append(quantize_gptq(w, None, scheme, factor=factor))
+                slices.append(quantize_gptq(w, None, scheme, factor=factor, mse_clip=mse_clip))
             store_experts(ctx, name, slices, scheme, names_of(name), standin=True)
         self.hessians.clear()

@@ -142,9 +142,14 @@ class QuantizeWeights(Pass):
 
     damp: float = 0.01
     act_order: bool = True
+    clip: str = "none"  # "mse": RTN and GPTQ ranges clipped per group by search_mse_clip
     name = "quantize_weights"
     requires = frozenset({"precision_planned"})
     provides = frozenset({"quantized"})
+
+    @property
+    def mse_clip(self) -> bool:
+        return self.clip == "mse"
 
     def run(self, module: Module, ctx: PassContext) -> Module:
         plan = {k: QuantScheme.from_json(v) for k, v in module.meta.get("precision_plan", {}).items() if v}
@@ -165,14 +170,14 @@ class QuantizeWeights(Pass):
                 for name, scheme in tqdm(plan.items(), desc=f"quantizing ({methods})", leave=False,
                                          disable=len(plan) < 16):
                     if name in experts:
-                        quantize_experts_rtn(ctx, name, scheme, packed_names(name))
+                        quantize_experts_rtn(ctx, name, scheme, packed_names(name), mse_clip=self.mse_clip)
                     else:
-                        quantize_rtn_streamed(ctx, name, scheme, pool)
+                        quantize_rtn_streamed(ctx, name, scheme, pool, self.mse_clip)
             return module
         refuse_awq(experts, plan)
         # RTN/HQQ experts first: their dequantized stand-ins serve while the layers calibrate
         for name in [n for n in experts if plan[n].method in CALIBRATION_FREE_METHODS]:
-            quantize_experts_rtn(ctx, name, plan.pop(name), packed_names(name), standin=True)
+            quantize_experts_rtn(ctx, name, plan.pop(name), packed_names(name), standin=True, mse_clip=self.mse_clip)
         if not plan:
             for name in experts:
                 del ctx.weights[name]
@@ -198,7 +203,7 @@ class QuantizeWeights(Pass):
                 run_samples(fn, seg, envs, weights, observe, set(targets.values()) | hessians.observed)
                 del weights
                 self._quantize_segment(fn, targets, plan, stats, ctx)
-                hessians.quantize(ctx, plan, packed_names, self.damp, self.act_order)
+                hessians.quantize(ctx, plan, packed_names, self.damp, self.act_order, self.mse_clip)
             weights = SegmentWeights(ctx.weights, dense)
             envs = run_samples(fn, seg, envs, weights)
             del weights
@@ -230,11 +235,11 @@ class QuantizeWeights(Pass):
             for weight in weights:
                 scheme, w = plan[weight], ctx.weights[weight]
                 if scheme.method == "gptq":
-                    qw = quantize_gptq(w, None, scheme, factor=factor)
+                    qw = quantize_gptq(w, None, scheme, factor=factor, mse_clip=self.mse_clip)
                 elif scheme.method == "awq":
                     qw = quantize_awq(w, stats.sample(value), scheme, awq_scales[weight])
                 else:  # rtn, hqq
-                    qw = quantize_calibration_free(w, scheme)
+                    qw = quantize_calibration_free(w, scheme, self.mse_clip)
                 del w
                 if not np.isfinite(qw.scales.astype(np.float32)).all():
                     raise BitsmithError("quantization produced non-finite scales", where=f"pass {self.name}, "
@@ -314,7 +319,8 @@ def _row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
     return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
-def quantize_rtn_streamed(ctx: PassContext, name: str, scheme: QuantScheme, pool: ThreadPoolExecutor | None) -> None:
+def quantize_rtn_streamed(ctx: PassContext, name: str, scheme: QuantScheme, pool: ThreadPoolExecutor | None,
+                          mse_clip: bool = False) -> None:
     """RTN or HQQ of one weight a chunk of rows at a time (both treat rows independently): read, quantize, pack
     and write each chunk, so memory holds a few chunks, never the whole weight in fp32; drops the float weight."""
     out, cols = ctx.weights.shape(name)
@@ -322,7 +328,7 @@ def quantize_rtn_streamed(ctx: PassContext, name: str, scheme: QuantScheme, pool
     where = f"pass quantize_weights, weight {name}"
 
     def work(span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        qw = quantize_calibration_free(ctx.weights.read_rows(name, *span), scheme)
+        qw = quantize_calibration_free(ctx.weights.read_rows(name, *span), scheme, mse_clip)
         if not np.isfinite(qw.scales.astype(np.float32)).all():
             raise BitsmithError("quantization produced non-finite scales", where=where,
                                 fix="check the weight for inf/nan values")

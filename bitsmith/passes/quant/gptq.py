@@ -11,7 +11,7 @@ from threadpoolctl import threadpool_limits
 
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.quant.rtn import (
-    as_weight, group_params, quantize_codes, scale_zero_from_range, zero_points)
+    as_weight, group_params, quantize_codes, scale_zero_from_range, search_mse_clip, zero_points)
 from bitsmith.runtime.quant_scheme import PER_CHANNEL, QuantizedWeight, QuantScheme, group_index
 
 
@@ -151,7 +151,7 @@ def _row_spans(rows: int, threads: int) -> list[tuple[int, int]]:
 
 def quantize_gptq(w: np.ndarray, hessian: np.ndarray | None, scheme: QuantScheme, damp: float = 0.01,
                   act_order: bool = True, block_size: int = 128, factor: GptqFactor | None = None,
-                  threads: int = SWEEP_THREADS) -> QuantizedWeight:
+                  threads: int = SWEEP_THREADS, mse_clip: bool = False) -> QuantizedWeight:
     """GPTQ-quantize w [out, in] given the input Hessian [in, in] (see `accumulate_hessian`), or its
     `factor` (from `gptq_factor`, already damped and ordered: hessian, damp and act_order are then unused).
 
@@ -169,6 +169,8 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray | None, scheme: QuantScheme
       needs no g_idx permutation. Without act_order (and with groups), each group's parameters are
       taken from its already error-updated columns when the sweep reaches it (plain GPTQ).
       Per-channel schemes always use parameters from the original row.
+    - mse_clip: those static parameters come from ranges clipped per group by `search_mse_clip` (the weight's
+      own rounding error, no data); the sweep then spreads the clipped values' error like any other.
     """
     where = f"quantize_gptq {scheme.name}"
     w = as_weight(w, where)
@@ -193,8 +195,11 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray | None, scheme: QuantScheme
         w = w.copy()
         w[:, factor.dead] = 0.0
     inner = INNER_BLOCK
+    if mse_clip and not static:
+        raise BitsmithError("mse_clip needs static group parameters", where=where,
+                            fix="use act_order=True or a per-channel scheme with mse_clip")
     if static:
-        scales, zeros = group_params(w, scheme)
+        scales, zeros = group_params(w, scheme, search_mse_clip(w, scheme) if mse_clip else 1.0)
         s_rows = scales.T.astype(np.float32)  # [groups, out]: a group's parameters are one contiguous row
         z_rows = zero_points(None if zeros is None else zeros.T, s_rows.shape, scheme)
     else:

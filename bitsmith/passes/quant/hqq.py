@@ -11,6 +11,7 @@ from bitsmith.passes.quant.rtn import (
     as_weight,
     group_params,
     quantize_rtn,
+    search_mse_clip,
     quantize_with_params,
     round_up_fp16,
     zero_points,
@@ -170,11 +171,12 @@ def quantize_hqq(w: np.ndarray, scheme: QuantScheme, opts: HqqOptions = HqqOptio
     return quantize_with_params(w, np.concatenate(scales), None if scheme.sym else np.concatenate(zeros), scheme)
 
 
-def quantize_calibration_free(w: np.ndarray, scheme: QuantScheme) -> QuantizedWeight:
-    """w [out, in] by the scheme's method when it needs no calibration data: RTN or HQQ."""
+def quantize_calibration_free(w: np.ndarray, scheme: QuantScheme, mse_clip: bool = False) -> QuantizedWeight:
+    """w [out, in] by the scheme's method when it needs no calibration data: RTN (its ranges clipped by
+    search_mse_clip when `mse_clip`) or HQQ (which fits its own scales and zeros)."""
     if scheme.method == "hqq":
         return quantize_hqq(w, scheme)
     if scheme.method == "rtn":
-        return quantize_rtn(w, scheme)
+        return quantize_rtn(w, scheme, search_mse_clip(w, scheme) if mse_clip else 1.0)
     raise BitsmithError(f"method {scheme.method!r} needs calibration data", where=f"quantize {scheme.name}",
                         fix=f"use one of {CALIBRATION_FREE_METHODS} here, or quantize it with calibration tokens")
