@@ -56,7 +56,7 @@ def compile_one(source: str, out: Path, spec: RowSpec, calib: Path, samples: int
         "--method", spec.method, "--bits", str(spec.bits), "--group", str(spec.group),
         "--sym" if spec.sym else "--asym", "--no-keep-default"]
     extra = (["--rotate", spec.rotation] if spec.rotation != "none" else []) + (
-        ["--kv-dtype", spec.kv] if spec.kv != "auto" else [])
+        ["--kv-dtype", spec.kv] if spec.kv != "auto" else []) + (["--clip", spec.clip] if spec.clip != "none" else [])
     if source == "default" or source.endswith(".gguf"):
         # the built-in SmolLM2 is a Q4_1 GGUF whose codes an import keeps: every row starts from its dequantized
         # weights instead (as the reference does), and a rotation needs them anyway
@@ -246,6 +246,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--schemes", default="default",
                         help="comma-separated labels (int8 per-channel, int4 per-channel, int4 g32/g64/g128, "
                              "int3 g32, int2 g32); default: the issue's four rotated, the earlier others unrotated")
+    parser.add_argument("--clips", default="none",
+                        help="subset of none,mse: mse adds each RTN/GPTQ row again with `compile --clip mse`")
     parser.add_argument("--kv-rows", action="store_true", help="int8-KV (unrotated) and int4-KV (each rotation) rows")
     parser.add_argument("--act-rows", action="store_true", help="RTN/GPTQ int4 rows scored with int8 activations")
     parser.add_argument("--peer", default="none,spinquant,spinquant-learned",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -12,6 +12,7 @@ DATA = Path(os.environ.get("BITSMITH_DATA", HERE.parents[1] / "shared" / "data")
 SEQLEN = 256  # tokens per calibration sample
 METHOD_ORDER = ("none", "rtn", "gptq", "awq", "hqq")
 ROTATION_ORDER = ("none", "hadamard", "learned")
+CLIPS = ("none", "mse")  # --clip choices; mse rows are added to the RTN/GPTQ rows of the grid
 PEER_ROTATION_ORDER = ("none", "spinquant", "spinquant-learned", "quip")
 # label -> (bits, group, sym); group -1 is one scale per output channel
 SCHEMES = {
@@ -62,15 +63,16 @@ class RowSpec:
     sym: bool
     kv: str = "auto"  # --kv-dtype: auto is float16 here
     activations: str = "float32"  # float32 | int8 (scored with the int8-activation emulation)
+    clip: str = "none"  # --clip: none | mse (RTN and GPTQ only)
 
     @property
     def key(self) -> tuple:
-        return (self.method, self.rotation, self.scheme, self.kv, self.activations)
+        return (self.method, self.rotation, self.scheme, self.kv, self.activations, self.clip)
 
     @staticmethod
     def key_of(row: dict) -> tuple:
         return (row["method"], row.get("rotation", "none"), row["scheme"], row.get("kv", "auto"),
-                row.get("activations", "float32"))
+                row.get("activations", "float32"), row.get("clip", "none"))
 
     @staticmethod
     def order_of(row: dict, model_key: str) -> tuple:
@@ -78,22 +80,25 @@ class RowSpec:
         section = 2 if row.get("activations", "float32") != "float32" else 1 if row.get("kv", "auto") != "auto" else 0
         schemes = list(SCHEMES)
         return (section, schemes.index(row["scheme"]) if row["scheme"] in schemes else len(schemes),
-                row.get("kv", "auto"), _index(METHOD_ORDER, row["method"]),
+                row.get("kv", "auto"), _index(METHOD_ORDER, row["method"]), row.get("clip", "none"),
                 _index(ROTATION_ORDER, row.get("rotation", "none")))
 
     @property
     def artifact_name(self) -> str:
         # the activations are a scoring option: rows that differ only there share one artifact
-        return f"{self.method}-{self.rotation}-{self.bits}-{self.group}-{'s' if self.sym else 'a'}-kv{self.kv}"
+        clip = f"-clip{self.clip}" if self.clip != "none" else ""
+        return f"{self.method}-{self.rotation}-{self.bits}-{self.group}-{'s' if self.sym else 'a'}-kv{self.kv}{clip}"
 
     @property
     def label(self) -> str:
         extra = (f", kv {self.kv}" if self.kv != "auto" else "") + (
-            f", act {self.activations}" if self.activations != "float32" else "")
+            f", act {self.activations}" if self.activations != "float32" else "") + (
+            f", clip {self.clip}" if self.clip != "none" else "")
         return f"{self.method} {self.scheme} rot {self.rotation}{extra}"
 
     def json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k in ("method", "rotation", "scheme", "kv", "activations")}
+        keys = ("method", "rotation", "scheme", "kv", "activations") + (("clip",) if self.clip != "none" else ())
+        return {k: v for k, v in asdict(self).items() if k in keys}
 
 
 def _index(order: tuple, value: str) -> int:
@@ -125,6 +130,8 @@ def grid(model_key: str, args) -> list[RowSpec]:
         rotated, unrotated = [s.strip() for s in args.schemes.split(",") if s.strip()], []
     # measured in this order (the rows first, so an interrupted run has those); the report sorts by scheme
     specs = [row(m, r, s) for s in rotated for m in methods for r in rotations]
+    clips = [c for c in _split(getattr(args, "clips", "none"), CLIPS, "clip") if c != "none"]
+    specs += [replace(spec, clip=c) for c in clips for spec in list(specs) if spec.method in ("rtn", "gptq")]
     if args.kv_rows:
         weights = [("none", "16-bit")] + ([("gptq", "int4 g32")] if "gptq" in methods else [])
         for method, scheme in weights:
@@ -188,7 +195,8 @@ def missing_piece(spec: RowSpec, choices: dict[str, tuple]) -> str | None:
     checks = [("--rotate", spec.rotation) if spec.rotation != "none" else None,
               ("--method", spec.method) if spec.method != "none" else None,
               ("--bits", str(spec.bits)) if spec.method != "none" else None,
-              ("--kv-dtype", spec.kv) if spec.kv != "auto" else None]
+              ("--kv-dtype", spec.kv) if spec.kv != "auto" else None,
+              ("--clip", spec.clip) if spec.clip != "none" else None]
     for check in filter(None, checks):
         if (why := lacks(*check)) is not None:
             return why

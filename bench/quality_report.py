@@ -11,11 +11,11 @@ TARGET_SCHEMES = ("int4 per-channel", "int3 g32")  # where rotation + GPTQ must 
 
 
 def find(rows: list[dict], method: str, rotation: str, scheme: str, kv: str = "auto",
-         activations: str = "float32") -> dict | None:
+         activations: str = "float32", clip: str = "none") -> dict | None:
     """The measured row with these settings, or None."""
     for r in rows:
-        if (r["method"], r.get("rotation", "none"), r["scheme"], r.get("kv", "auto"),
-                r.get("activations", "float32")) == (method, rotation, scheme, kv, activations) and "ppl" in r:
+        if (r["method"], r.get("rotation", "none"), r["scheme"], r.get("kv", "auto"), r.get("activations", "float32"),
+                r.get("clip", "none")) == (method, rotation, scheme, kv, activations, clip) and "ppl" in r:
             return r
     return None
 
@@ -26,7 +26,8 @@ def _f(value, digits: int = 4) -> str:
 
 def _row_line(r: dict, ref_ppl: float | None, extra: tuple = ()) -> str:
     delta = f"{r['ppl'] - ref_ppl:+.3f}" if ref_ppl is not None else "–"
-    cells = (r["scheme"], r["method"], r.get("rotation", "none"), *extra, f"{r['ppl']:.3f}", delta,
+    method = r["method"] + (f" + clip {r['clip']}" if r.get("clip", "none") != "none" else "")
+    cells = (r["scheme"], method, r.get("rotation", "none"), *extra, f"{r['ppl']:.3f}", delta,
              _f(r["kld_mean"]), _f(r["kld_p99"]), _f(r["top1_agree"]), f"{r['weight_bytes'] / 2**20:.2f}",
              r["seconds"], r["peak_rss_mib"])
     return "| " + " | ".join(str(c) for c in cells) + " |"
@@ -52,10 +53,11 @@ def _ratio(num: dict | None, den: dict | None) -> str:
     return f"{num['kld_mean']:.4f} / {den['kld_mean']:.4f} = **{num['kld_mean'] / den['kld_mean']:.2f}**"
 
 
-def _listed(rows: list[dict], method: str, rotation: str, scheme: str, kv: str = "auto") -> bool:
+def _listed(rows: list[dict], method: str, rotation: str, scheme: str, kv: str = "auto", clip: str = "none") -> bool:
     """Whether the grid had this row (measured or not): targets of rows never asked for are left out."""
     return any((x["method"], x.get("rotation", "none"), x["scheme"], x.get("kv", "auto"),
-                x.get("activations", "float32")) == (method, rotation, scheme, kv, "float32") for x in rows)
+                x.get("activations", "float32"), x.get("clip", "none")) == (method, rotation, scheme, kv, "float32", clip)
+               for x in rows)
 
 
 def targets(r: dict) -> list[str]:
@@ -67,6 +69,11 @@ def targets(r: dict) -> list[str]:
         lines += [f"- rotation + GPTQ halves GPTQ's KLD, {scheme}, {rot}: GPTQ+{rot} / GPTQ = "
                   f"{_ratio(find(rows, 'gptq', rot, scheme), base)} (target ≤ 0.50)"
                   for rot in ("hadamard", "learned") if _listed(rows, "gptq", rot, scheme)]
+        clipped = find(rows, "gptq", "none", scheme, clip="mse")
+        lines += [f"- with --clip mse on both sides, {scheme}, {rot}: GPTQ+clip+{rot} / GPTQ+clip = "
+                  f"{_ratio(find(rows, 'gptq', rot, scheme, clip='mse'), clipped)}; against plain GPTQ: "
+                  f"{_ratio(find(rows, 'gptq', rot, scheme, clip='mse'), base)} (target ≤ 0.50)"
+                  for rot in ("hadamard", "learned") if _listed(rows, "gptq", rot, scheme, clip="mse")]
     for method, scheme in (("none", "16-bit"), ("gptq", "int4 g32")):
         base = find(rows, method, "none", scheme, kv="int8")
         lines += [f"- int4 KV + {rot} rotation vs int8 KV unrotated, weights {scheme}: "

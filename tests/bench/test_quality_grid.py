@@ -82,3 +82,19 @@ def test_targets_state_the_measured_ratios():
     assert "int3 g32, learned: GPTQ+learned / GPTQ = not measured" in text
     assert "ours GPTQ+hadamard vs peer GPTQ+spinquant, int4 per-channel: 0.1000 / 0.2000 = **0.50**" in text
     assert "KV" not in text  # no KV rows in the grid: no KV target line
+
+
+def test_clip_rows_double_the_rtn_and_gptq_rows_and_state_their_targets():
+    specs = grid("smollm2", grid_args(schemes="int4 per-channel", clips="none,mse", methods="rtn,gptq,awq"))
+    clipped = [s for s in specs if s.clip == "mse"]
+    assert {(s.method, s.rotation) for s in clipped} == {(m, r) for m in ("rtn", "gptq") for r in ("none", "hadamard")}
+    assert len({s.key for s in specs}) == len(specs) == 6 + 4
+    assert len({s.artifact_name for s in specs}) == len(specs)
+    assert "no --clip" in missing_piece(clipped[0], {"--method": ("rtn", "gptq"), "--bits": ("4",)})
+    report = _report(1024)
+    report["rows"] += [{**row("gptq", "none", "int4 per-channel").json(), "clip": "mse", "ppl": 29.0, "kld_mean": 0.2},
+                       {**row("gptq", "hadamard", "int4 per-channel").json(), "clip": "mse", "ppl": 28.0,
+                        "kld_mean": 0.05}]
+    text = "\n".join(targets(report))
+    assert ("with --clip mse on both sides, int4 per-channel, hadamard: GPTQ+clip+hadamard / GPTQ+clip = 0.0500 / "
+            "0.2000 = **0.25**; against plain GPTQ: 0.0500 / 0.4000 = **0.12**") in text
