@@ -174,7 +174,7 @@ def run_search(source: str | Path | None, opts: SearchOptions, out: Path,
     for kind in rotation_kinds(opts.rotate):
         try:
             reports.append(search_rotation(model, kind, opts, samples, held_out, cache, log, overhead_s))
-        except BitsmithError as exc:  # auto: a rotation that cannot meet the budget (its untied lm_head) loses
+        except BitsmithError as exc:  # auto: a rotation that cannot meet the budget (its extra 16-bit weights) loses
             if opts.rotate != "auto" or kind == "hadamard" and not reports:
                 raise
             refused[kind] = str(exc)
@@ -192,8 +192,8 @@ def run_search(source: str | Path | None, opts: SearchOptions, out: Path,
 def search_rotation(model, kind: str, opts: SearchOptions, samples: np.ndarray, held_out: np.ndarray, cache: Path,
                     log: Callable[[str], None] | None = None, overhead_s: float | None = None) -> dict[str, Any]:
     """One search of `model` rotated by `kind` (none | hadamard): sensitivities, latencies and KLDs are all the
-    rotated model's. The tensors searched are the unrotated model's linears (rotation unties a tied lm_head: the
-    new copy stays 16-bit, as the tied table does, and counts in the fixed bytes)."""
+    rotated model's. The tensors searched are the unrotated model's linears; what the rotation adds (a tied head's
+    16-bit head_norm, or an untied copy of the head where the last norm feeds more) counts in the fixed bytes."""
     searched = linear_weights(model.module)
     module, weights = rotate_model(model.module, upcast_weights(model.weights), kind, opts.rotate_seed,
                                    compile_calibration(model, opts))

@@ -110,10 +110,11 @@ def test_search_auto_then_compile_applies_the_rotation(shared_data, tmp_path):
     best = min(choices, key=lambda k: choices[k]["kld_meas"])
     assert (report["rotation"]["kind"], report["rotation"]["seed"]) == (best, 0) and report["predicted"] == {**report["predicted"],
                                                                                       **choices[best]}
-    for kind in choices:  # equal bits per searched weight; the rotated model's untied lm_head is extra fixed bytes
+    for kind in choices:  # equal bits per searched weight; the rotated model's head_norm is extra fixed bytes
         assert choices[kind]["bpw"] <= 4.5 + 1e-9
     hadamard = run_search(source, SearchOptions(**{**opts.__dict__, "rotate": "hadamard"}), tmp_path / "rot.json")
-    assert hadamard["rotation"]["kind"] == "hadamard" and hadamard["weights"]["lm_head.weight"] == "16"
+    assert hadamard["rotation"]["kind"] == "hadamard" and hadamard["weights"]["head_norm.weight"] == "16"
+    assert "lm_head.weight" not in hadamard["weights"]  # the tied head stays tied
     recorded = json.loads((tmp_path / "rot.json").read_text())["rotation"]
     assert (recorded["kind"], recorded["seed"]) == ("hadamard", 0)
     result = CliRunner().invoke(main, ["compile", str(source), "--plan", str(tmp_path / "rot.json"), "--target", "none",
