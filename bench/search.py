@@ -9,8 +9,8 @@ heuristic (v_proj and down_proj at int8 in the first and last eighth of the laye
 int4-g32 elsewhere, like Q4_K_M's Q6_K choices); each plan's KLD is measured against the 16-bit model on held-out
 calibration windows (reference executor; the uniform and heuristic plans RTN, on the same rotated model). JSON
 keys: searched_kld_at_uniform_bpw, searched_kld_at_heuristic_bpw, each also `..._rotated`, next to
-uniform_int4_kld / heuristic_kld (and `_rotated`). A rotated tied model stores an untied lm_head (16-bit): it is
-outside the bits per weight, in fixed_bytes_rotated. The plans at the uniform bpw are compiled with kernels and
+uniform_int4_kld / heuristic_kld (and `_rotated`). A rotated tied model stores a 16-bit hidden x hidden head_norm (its
+head stays tied): it is outside the bits per weight, in fixed_bytes_rotated. The plans at the uniform bpw are compiled with kernels and
 their decode latency measured next to the prediction. The first search is timed cold (empty cache), the second
 warm. Writes bench/search.md, headed by the host line (bench/hostinfo.py: CPU, flags, streaming read bandwidth;
 --json has it under "host"), since search seconds and latencies depend on it.
@@ -110,7 +110,7 @@ def reference_plans(model, base, cache: Path, keep_default: bool) -> tuple[dict,
 
 
 def measured(model, plans: dict[str, dict], held: np.ndarray, kind: str, base) -> dict[str, float]:
-    """RTN KLD of each fixed plan on the model rotated by `kind` (the untied lm_head of a rotated tied model: 16-bit)."""
+    """RTN KLD of each fixed plan on the model rotated by `kind` (a rotated tied model's head_norm: 16-bit)."""
     from bitsmith.compiler.reference import upcast_weights
     from bitsmith.search.rotation import rotate_model
     from bitsmith.search.run import PlanScorer, compile_calibration
