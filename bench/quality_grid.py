@@ -80,7 +80,7 @@ class RowSpec:
         section = 2 if row.get("activations", "float32") != "float32" else 1 if row.get("kv", "auto") != "auto" else 0
         schemes = list(SCHEMES)
         return (section, schemes.index(row["scheme"]) if row["scheme"] in schemes else len(schemes),
-                row.get("kv", "auto"), _index(METHOD_ORDER, row["method"]), row.get("clip", "none"),
+                row.get("kv", "auto"), _index(METHOD_ORDER, row["method"]), row.get("clip", "none") != "none",
                 _index(ROTATION_ORDER, row.get("rotation", "none")))
 
     @property
