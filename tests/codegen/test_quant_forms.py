@@ -16,7 +16,7 @@ from bitsmith.codegen.kernel import call_kernel
 from bitsmith.codegen.moe import MoeSpec
 from bitsmith.codegen.scalar_slice import GatherSpec
 from bitsmith.compiler.ops.quant import dequantize_packed
-from bitsmith.compiler.ops.registry import OPS
+from bitsmith.compiler.ops.registry import OPS, RefContext
 from bitsmith.errors import BitsmithError
 from bitsmith.passes.quant.packing import pack
 from bitsmith.runtime.quant_scheme import QuantizedWeight, QuantScheme, dequantize
@@ -160,7 +160,7 @@ def test_act_order_gather_and_reference():
     x = rng.standard_normal((3, 576)).astype(np.float32)
     attrs = {"bits": 4, "group_size": 32, "in_features": 576, "sym": False, "offset": True, "has_perm": True}
     parts = kernel_inputs(qw)
-    y_ref = OPS["qlinear"].ref([x, *parts, qw.perm], attrs, None)[0]
+    y_ref = OPS["qlinear"].ref([x, *parts, qw.perm], attrs, RefContext({}, {}))[0]
     assert_close_to_scale(y_ref.astype(np.float32), x @ dequantize(qw).T, 1e-5)
     gathered = call_kernel(GatherSpec(3, 576), [x, qw.perm], [np.empty_like(x)])[0]
     np.testing.assert_array_equal(gathered, x[:, qw.perm])

@@ -120,7 +120,7 @@ def _qlinear_ref(xs, attrs, ctx):
     x = as_float(xs[0])
     if "perm" in inputs:  # act-order: stored column c is original column perm[c]
         x = x[..., np.asarray(inputs["perm"], dtype=np.int64)]
-    if getattr(ctx, "activations", "float32") == "int8" and reads_int8_activations(attrs):  # after the gather, as the kernels do
+    if ctx.activations == "int8" and reads_int8_activations(attrs):  # after the gather, as the kernels do
         x = round_int8_activations(x)
     y = x @ w.T
     if "bias" in inputs:
