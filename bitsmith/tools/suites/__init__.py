@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -96,28 +96,31 @@ def run_suites(artifact: str | Path, names: list[str] | tuple[str, ...], referen
                ) -> dict[str, SuiteResult]:
     """Run the named suites in order (each checked before any runs) and return {name: result}."""
     runners = [(name, suite(name)) for name in names]
-    activations = {name: honoured_activations(artifact, name, options) for name in names}
+    options = with_honoured_activations(artifact, names, options)
     results = {name: run(artifact, reference, options, log) for name, run in runners}
-    for name, result in results.items():
-        result.details.setdefault("activations", activations[name])
+    for result in results.values():
+        result.details.setdefault("activations", options.activations)
     return results
 
 
-def honoured_activations(artifact: str | Path, name: str, options: SuiteOptions) -> str:
-    """options.activations resolved against the artifact (auto: its kernels'), or a BitsmithError where suite `name`
-    cannot compute with them: only ppl on the reference executor emulates activations other than the kernels'."""
+def with_honoured_activations(artifact: str | Path, names: list[str] | tuple[str, ...],
+                              options: SuiteOptions) -> SuiteOptions:
+    """`options` with activations resolved against the artifact (auto: its kernels'), or a BitsmithError where a
+    suite of `names` cannot compute with them: only ppl on the reference executor emulates activations other than
+    the kernels'."""
     from bitsmith.runtime.artifact import load_artifact
     from bitsmith.tools.evaluate import kernel_activations, resolve_activations
 
     manifest = load_artifact(artifact, check_hashes=False).manifest
     activations = resolve_activations(manifest, options.activations)
     kernels = kernel_activations(manifest)
-    if activations != kernels and not (name == "ppl" and options.executor == "reference"):
-        raise BitsmithError(f"suite {name} runs the artifact's kernels, which compute with {kernels} activations, "
-                            f"not {activations}", where="eval --activations",
-                            fix="use --activations auto, or --suite ppl --executor reference to emulate "
-                                f"{activations} activations")
-    return activations
+    for name in names:
+        if activations != kernels and not (name == "ppl" and options.executor == "reference"):
+            raise BitsmithError(f"suite {name} runs the artifact's kernels, which compute with {kernels} activations, "
+                                f"not {activations}", where="eval --activations",
+                                fix="use --activations auto, or --suite ppl --executor reference to emulate "
+                                    f"{activations} activations")
+    return replace(options, activations=activations)
 
 
 def save_results(artifact: str | Path, results: dict[str, SuiteResult]) -> Path:

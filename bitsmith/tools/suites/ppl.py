@@ -9,7 +9,7 @@ from typing import Callable
 
 from bitsmith.errors import BitsmithError
 from bitsmith.tools.evaluate import evaluate
-from bitsmith.tools.suites import SUITES, SuiteOptions, SuiteResult, honoured_activations
+from bitsmith.tools.suites import SUITES, SuiteOptions, SuiteResult
 
 
 def suite_text(options: SuiteOptions) -> tuple[str, str]:
@@ -28,14 +28,13 @@ def run_ppl(artifact: str | Path, reference: str | Path | None, options: SuiteOp
             log: Callable[[str], None] | None = None) -> SuiteResult:
     start = time.perf_counter()
     text, where = suite_text(options)
-    activations = honoured_activations(artifact, "ppl", options)
-    # the compiled executor computes as its kernels do (honoured_activations checked they are `activations`)
+    # run_suites resolved options.activations and checked the compiled executor's kernels compute with them
     r = evaluate(artifact, text, options.tokens, options.ctx, reference, options.executor,
-                 activations if options.executor == "reference" else "float32")
+                 options.activations if options.executor == "reference" else "float32")
     metrics = {"ppl": r.ppl, "ref_ppl": r.ref_ppl, "kld": r.kld_mean, "kld_p99": r.kld_p99, "top1": r.top1_agree,
                "ppl_increase": r.ppl / r.ref_ppl - 1 if r.ref_ppl else 0.0}
     details = {"text": where, "tokens": r.tokens, "windows": r.windows, "ctx": r.ctx, "bos": r.bos,
-               "activations": activations}
+               "activations": options.activations}
     return SuiteResult("ppl", metrics, details, time.perf_counter() - start,
                        str(reference) if reference else "the artifact's 16-bit source")
 
