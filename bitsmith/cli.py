@@ -65,8 +65,8 @@ from bitsmith.tools.package import package as package_bundle
               help="Quantize lm_head and the first and last decoder layers too (kept 16-bit by default).")
 @click.option("--clip", type=click.Choice(CLIP_MODES), default="none", show_default=True,
               help="mse: each group's range (per-channel: each row's) is shrunk to the ratio in 1.0..0.5 that "
-                   "minimises its own rounding error, for rtn and gptq (awq searches its own clip, hqq fits its "
-                   "own scales); no data needed.")
+                   "minimises its own rounding error, for rtn and gptq (refused with awq, which searches its own "
+                   "clip, and hqq, which fits its own scales); no data needed.")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="Calibration text: plain text, or .jsonl with a 'text' field (default: built-in text).")
 @click.option("--calib-samples", default=32, show_default=True, type=click.IntRange(min=1),

@@ -18,6 +18,7 @@ KV_DTYPE_CHOICES = ("auto", *KV_DTYPES)  # auto: float16 unless the budget needs
 TARGETS = (*SUPPORTED_TARGETS, "cuda", "none")  # none: the reference executor only
 ACTIVATIONS = ("float32", "int8", "auto")  # inputs of the quantized GEMVs
 CLIP_MODES = ("none", "mse")  # QuantOptions.clip
+CLIPPED_METHODS = ("rtn", "gptq")  # the methods --clip mse acts on
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,11 @@ class QuantOptions:
         if self.clip not in CLIP_MODES:
             raise BitsmithError(f"unknown clip mode {self.clip!r}", where="quant options",
                                 fix=f"use one of {CLIP_MODES}")
+        if self.clip != "none" and self.method not in CLIPPED_METHODS:
+            # awq searches its own clip and hqq fits its own scales: a clip they ignore must not pass silently
+            raise BitsmithError(f"--clip {self.clip} applies to --method {' or '.join(CLIPPED_METHODS)}, "
+                                f"not {self.method or 'no --method'}", where="quant options",
+                                fix=f"drop --clip, or quantize with --method {' or '.join(CLIPPED_METHODS)}")
 
     @property
     def enabled(self) -> bool:

@@ -77,6 +77,9 @@ def test_mse_clip_needs_static_group_parameters_and_a_known_mode():
         quantize_gptq(w, np.eye(64), QuantScheme(4, 32, True, "gptq"), act_order=False, mse_clip=True)
     with pytest.raises(BitsmithError, match="unknown clip mode"):
         QuantOptions("gptq", clip="minmax")
+    for method in ("awq", "hqq", None):  # they would ignore it: refused, not silently dropped
+        with pytest.raises(BitsmithError, match="--clip mse applies to --method rtn or gptq"):
+            QuantOptions(method, clip="mse")
 
 
 def test_compile_clip_mse_is_recorded_and_lowers_each_weights_rounding_error(tmp_path):
